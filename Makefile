@@ -1,0 +1,31 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo lint bench clean
+
+install: $(STAMP)
+
+# Reinstall only when the dependency list changes, so a second `make install` is quick.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	bash scripts/demo.sh
+
+lint: install
+	$(BIN)/ruff check la_seg tests benchmarks
+	$(BIN)/ruff format --check la_seg tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/throughput.py --config demo.yaml --json benchmarks/results/cpu_demo.json
+
+clean:
+	rm -rf $(VENV) runs demo_data *.egg-info

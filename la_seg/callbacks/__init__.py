@@ -1,0 +1,7 @@
+"""Lightning callbacks: metrics and test report, TensorBoard images, NIfTI prediction writer."""
+
+from la_seg.callbacks.images import TensorBoardImages
+from la_seg.callbacks.metrics import SegmentationMetrics
+from la_seg.callbacks.writer import NiftiPredictionWriter
+
+__all__ = ["NiftiPredictionWriter", "SegmentationMetrics", "TensorBoardImages"]

@@ -1,0 +1,241 @@
+"""Find the cases of a data set on disk, whatever release layout it came in.
+
+Public data sets ship in several folder conventions and their top-level folder names change between
+releases, so every layout here searches for the files that define a case rather than for fixed parents.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from la_seg.data.io import DataError
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image (and its label, if any) with an optional spacing that overrides the file header."""
+
+    case_id: str
+    image_path: Path
+    label_path: Path | None = None
+    spacing: tuple[float, float, float] | None = None  # Utah 2018 headers say 1 mm; the truth is 0.625 mm
+
+
+LAYOUTS = ("auto", "lascarqs", "utah2018", "msd", "nnunet", "files")
+
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+UTAH_SPACING = (0.625, 0.625, 0.625)
+
+_LASCARQS_IMAGE = "enhanced.nii.gz"
+_LASCARQS_LABEL = "atriumSegImgMO.nii.gz"
+_UTAH_IMAGE = "lgemri.nrrd"
+_UTAH_LABEL = "laendo.nrrd"
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+# What each layout looks for; quoted in the error when nothing matches, so a user sees what to fix.
+PATTERNS = {
+    "nnunet": "imagesTr/<case>_0000.nii.gz with labelsTr/<case>.nii.gz (nnU-Net raw)",
+    "msd": "imagesTr/<case>.nii.gz with labelsTr/<case>.nii.gz (Medical Segmentation Decathlon)",
+    "lascarqs": f"<case>/{_LASCARQS_IMAGE} with <case>/{_LASCARQS_LABEL} at any depth (LAScarQS 2022)",
+    "utah2018": f"<ID>/{_UTAH_IMAGE} with <ID>/{_UTAH_LABEL} at any depth (Utah 2018 LA challenge)",
+    "files": "*.nii, *.nii.gz or *.nrrd files directly in the folder, or one such file",
+}
+
+
+def find_cases(root: str | Path, layout: str = "auto", require_labels: bool = False) -> list[Case]:
+    """The cases under `root`, sorted by case_id; with `require_labels` a missing label is an error."""
+    root = Path(root).expanduser()
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if not root.exists():
+        raise DataError(f"data root does not exist: {root}")
+    if root.is_dir() and not any(root.iterdir()):
+        raise DataError(f"data root is an empty folder: {root}")
+    if layout == "auto":
+        layout = _detect(root)
+    cases = _FINDERS[layout](root)
+    if not cases:
+        raise DataError(f"no cases of layout {layout!r} under {root}; looked for {PATTERNS[layout]}")
+    counts = Counter(case.case_id for case in cases)
+    clashes = sorted(case_id for case_id, n in counts.items() if n > 1)
+    if clashes:
+        paths = [str(case.image_path) for case in cases if case.case_id in clashes]
+        raise DataError(f"case ids {clashes} occur more than once under {root}: {paths}")
+    if require_labels:
+        unlabelled = [str(case.image_path) for case in cases if case.label_path is None]
+        if unlabelled:
+            raise DataError(f"labels are required but {len(unlabelled)} case(s) have none: {unlabelled[:5]}")
+    return sorted(cases, key=lambda case: case.case_id)
+
+
+def _detect(root: Path) -> str:
+    """Pick the layout from what is on disk, most specific first."""
+    if root.is_file():
+        return "files"
+    if _dataset_dirs(root):
+        return "nnunet" if _is_nnunet(_single_dataset_dir(root)) else "msd"
+    if _search(root, _LASCARQS_IMAGE):
+        return "lascarqs"
+    if _search(root, _UTAH_IMAGE):
+        return "utah2018"
+    if _volume_files(root):
+        return "files"
+    looked_for = "; ".join(f"{name}: {pattern}" for name, pattern in PATTERNS.items())
+    raise DataError(f"no known data layout under {root}. Looked for {looked_for}")
+
+
+def _split_ext(name: str) -> tuple[str, str] | None:
+    """Split a volume file name into (stem, extension), or None if it is not a volume file."""
+    lower = name.lower()
+    for ext in VOLUME_EXTENSIONS:
+        if lower.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)], name[-len(ext) :]
+    return None
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    """macOS archives add `._*` twins and `__MACOSX` folders; dot files are never data."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
+
+
+def _search(root: Path, name: str) -> list[Path]:
+    """All visible files called `name` under root, at any depth."""
+    return sorted(p for p in root.rglob(name) if p.is_file() and not _hidden(p, root))
+
+
+def _unique_ids(folders: list[Path], root: Path) -> list[str]:
+    """Folder names as ids; where two clash, prefix parents until they differ (task1/train_1 vs task2/...)."""
+    parts = [folder.relative_to(root).parts or (folder.name,) for folder in folders]
+    depth = [1] * len(folders)
+    while True:
+        ids = ["_".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
+        counts = Counter(ids)
+        growing = [i for i, case_id in enumerate(ids) if counts[case_id] > 1 and depth[i] < len(parts[i])]
+        if not growing:
+            return ids
+        for i in growing:
+            depth[i] += 1
+
+
+def _folder_cases(root: Path, image_name: str, label_name: str, spacing=None) -> list[Case]:
+    """Cases that are folders holding a fixed image file name and, optionally, a fixed label file name."""
+    images = _search(root, image_name)
+    folders = [image.parent for image in images]
+    cases = []
+    for case_id, folder, image in zip(_unique_ids(folders, root), folders, images, strict=True):
+        label = folder / label_name
+        cases.append(Case(case_id, image, label if label.is_file() else None, spacing))
+    return cases
+
+
+def _find_lascarqs(root: Path) -> list[Case]:
+    if root.is_file():
+        raise DataError(f"layout 'lascarqs' needs a folder, got the file {root}")
+    return _folder_cases(root, _LASCARQS_IMAGE, _LASCARQS_LABEL)
+
+
+def _find_utah(root: Path) -> list[Case]:
+    if root.is_file():
+        raise DataError(f"layout 'utah2018' needs a folder, got the file {root}")
+    return _folder_cases(root, _UTAH_IMAGE, _UTAH_LABEL, UTAH_SPACING)
+
+
+def _volume_files(folder: Path) -> list[Path]:
+    """Visible volume files directly in `folder` (no recursion, so label sub-folders stay out)."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _split_ext(p.name)
+    )
+
+
+def _dataset_dirs(root: Path) -> list[Path]:
+    """Folders holding an imagesTr folder with a volume file in it: root, its parent, or below root."""
+    if root.is_file():
+        return []
+    if root.name == "imagesTr":
+        candidates = [root.parent]
+    elif (root / "imagesTr").is_dir():
+        candidates = [root]
+    else:
+        candidates = sorted(p.parent for p in root.rglob("imagesTr") if p.is_dir() and not _hidden(p, root))
+    return [c for c in candidates if _volume_files(c / "imagesTr")]
+
+
+def _single_dataset_dir(root: Path) -> Path:
+    dirs = _dataset_dirs(root)
+    if not dirs:
+        raise DataError(f"no imagesTr folder with images under {root}; looked for {PATTERNS['nnunet']}")
+    if len(dirs) > 1:
+        found = [str(d) for d in dirs]
+        raise DataError(f"several data sets with imagesTr under {root}: {found}; point the root at one")
+    return dirs[0]
+
+
+def _is_nnunet(dataset: Path) -> bool:
+    """nnU-Net names images <case>_0000; the Decathlon release does not."""
+    for image in _volume_files(dataset / "imagesTr"):
+        stem, _ = _split_ext(image.name)
+        if _CHANNEL.match(stem):
+            return True
+    return False
+
+
+def _label_for(labels_dir: Path, case: str, ext: str) -> Path | None:
+    """The label with the image's extension, else with any volume extension."""
+    for suffix in (ext, *VOLUME_EXTENSIONS):
+        label = labels_dir / f"{case}{suffix}"
+        if label.is_file():
+            return label
+    return None
+
+
+def _find_msd(root: Path) -> list[Case]:
+    dataset = _single_dataset_dir(root)
+    cases = []
+    for image in _volume_files(dataset / "imagesTr"):
+        stem, ext = _split_ext(image.name)
+        cases.append(Case(stem, image, _label_for(dataset / "labelsTr", stem, ext)))
+    return cases
+
+
+def _find_nnunet(root: Path) -> list[Case]:
+    dataset = _single_dataset_dir(root)
+    cases = []
+    for image in _volume_files(dataset / "imagesTr"):
+        stem, ext = _split_ext(image.name)
+        match = _CHANNEL.match(stem)
+        if match and match["channel"] == "0000":  # further channels (_0001, ...) belong to the same case
+            cases.append(Case(match["case"], image, _label_for(dataset / "labelsTr", match["case"], ext)))
+    return cases
+
+
+def _find_files(root: Path) -> list[Case]:
+    if root.is_file():
+        split = _split_ext(root.name)
+        if split is None:
+            raise DataError(f"{root} is not a volume file; expected one of {', '.join(VOLUME_EXTENSIONS)}")
+        files = [root]
+    else:
+        files = _volume_files(root)
+    stems = {_split_ext(f.name)[0] for f in files}
+    cases = []
+    for image in files:
+        stem = _split_ext(image.name)[0]
+        match = _CHANNEL.match(stem)
+        if match and match["channel"] != "0000" and f"{match['case']}_0000" in stems:
+            continue  # an extra channel of an nnU-Net style case: only _0000 is the LGE image
+        case_id = match["case"] if match and match["channel"] == "0000" else stem
+        cases.append(Case(case_id, image))
+    return cases
+
+
+_FINDERS: dict[str, Callable[[Path], list[Case]]] = {
+    "lascarqs": _find_lascarqs,
+    "utah2018": _find_utah,
+    "msd": _find_msd,
+    "nnunet": _find_nnunet,
+    "files": _find_files,
+}

@@ -1,0 +1,202 @@
+"""LGE-MRI-like phantoms of the left atrium, written as a LAScarQS task-2 tree, for the demo and the tests.
+
+Each case has a bright LA blood pool (body, four pulmonary veins, an appendage) inside a dark myocardial
+wall with patchy enhancement, next to equally bright chambers and vessels (LV, RV, RA, both aortas), so a
+model must use shape and position, not intensity, to find the LA. Pose and size vary per case, and Rician
+noise, a smooth bias field, blur and anisotropic slices make it look like an acquisition. The anatomy is
+laid out in mm for a 100 mm field of view and scaled to the actual one, so small test volumes still hold a
+whole heart. Everything is vectorised numpy, and the same seed gives the same bytes on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from la_seg.data.io import DataError, Volume, write_nifti
+
+LA_LABEL = 420  # the LAScarQS atriumSegImgMO value
+_FOV_MM = 100.0
+_SEPTUM_MM = 3.0  # the field of view the anatomy below is laid out for
+_SIGNAL_SCALE = 600.0  # blood pool grey value, roughly a scanner's range
+# Grey values relative to blood (1.0) at the inversion time of an LGE scan: healthy myocardium nulled,
+# blood bright, enhanced (fibrotic) wall brighter still.
+_BLOOD, _MYOCARDIUM, _ENHANCED, _TISSUE, _LUNG = 1.0, 0.12, 1.4, 0.35, 0.06
+
+
+def synthesize_case(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int] = (160, 160, 40),
+    spacing: tuple[float, float, float] = (0.625, 0.625, 2.5),
+) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom on a `shape` grid of `spacing` mm: image int16 (X, Y, Z) and label uint16 (LA = 420)."""
+    shape, spacing = _check_grid(shape, spacing)
+    fov = np.array(shape) * np.array(spacing)
+    scale = float(fov.min()) / _FOV_MM * rng.uniform(0.85, 1.15)  # per-case heart size
+    rotation = _rotation(np.deg2rad(rng.uniform([-10, -10, -20], [10, 10, 20])))
+    shift = rng.uniform([-0.12, -0.12, -0.08], [0.12, 0.12, 0.08]) * fov
+    world = _world_grid(shape, spacing)
+    # Anatomy coordinates (mm, 100 mm FOV): x right, y posterior, z superior; pose = rotate, scale, shift.
+    local = [
+        sum(rotation[row, col] * (world[row] - shift[row]) for row in range(3)) / scale for col in range(3)
+    ]
+
+    def jitter(low: float = 0.85, high: float = 1.15) -> float:
+        return float(rng.uniform(low, high))
+
+    # Left atrium: body, four pulmonary veins leaving posterior-laterally, appendage anterior-left.
+    la_centre = np.array([0.0, 10.0, 0.0]) + rng.uniform(-3, 3, 3)
+    la_axes = np.array([19.0, 13.0, 13.0]) * rng.uniform(0.85, 1.15, 3)
+    d_la = _ellipsoid(local, la_centre, la_axes)
+    for side in (-1.0, 1.0):
+        for level in (-1.0, 1.0):
+            start = la_centre + la_axes * np.array([0.55 * side, 0.35, 0.4 * level])
+            direction = np.array([side, 0.6 * jitter(0.6, 1.4), 0.35 * level * jitter(0.5, 1.5)])
+            end = start + 18.0 * jitter(0.8, 1.25) * direction / np.linalg.norm(direction)
+            radius = 4.2 * jitter()
+            d_la = np.minimum(d_la, _tube(local, start, end, radius, radius))
+    laa_start = la_centre + la_axes * np.array([-0.7, -0.55, 0.35])
+    laa_end = laa_start + 13.0 * jitter() * np.array([-0.6, -0.7, 0.3]) / np.linalg.norm([-0.6, -0.7, 0.3])
+    d_la = np.minimum(d_la, _tube(local, laa_start, laa_end, 5.0 * jitter(), 2.5 * jitter()))
+    la_wall = 2.5 * jitter()
+
+    # Other blood pools as (distance, wall thickness), as bright as the LA: LV, RV, RA, ascending and
+    # descending aorta.
+    others = [
+        (_ellipsoid(local, [-14.0, -34.0, -20.0], np.array([22.0, 20.0, 28.0]) * jitter()), 8.0),
+        (_ellipsoid(local, [18.0, -52.0, -14.0], np.array([22.0, 10.0, 22.0]) * jitter()), 3.5),
+        (_ellipsoid(local, [31.0, -6.0, -2.0], np.array([15.0, 15.0, 17.0]) * jitter()), 2.5),
+        (_tube(local, [2.0, -20.0, -2.0], [4.0, -14.0, 60.0], 13.0 * jitter(), 12.0), 2.0),
+        (_tube(local, [-18.0, 38.0, -60.0], [-18.0, 36.0, 60.0], 10.0 * jitter(), 10.0), 2.0),
+    ]
+
+    image = _TISSUE * (1.0 + 0.25 * _smooth_field(rng, local, wavelength=(15.0, 40.0)))
+    for side in (-1.0, 1.0):  # lungs, lateral and posterior
+        lung = _ellipsoid(local, [40.0 * side, 18.0, 0.0], [16.0, 30.0, 70.0]) < 0
+        image[lung] = _LUNG
+    myocardium = d_la < la_wall
+    for distance, wall in others:
+        myocardium |= distance < wall
+    image[myocardium] = _MYOCARDIUM
+    # Blood where one chamber holds the voxel and the others are a septum away; the LA wall always
+    # separates the LA from its neighbours.
+    nearest = np.partition(np.stack([distance for distance, _ in others]), 1, axis=0)
+    image[(nearest[0] < 0) & (nearest[1] >= _SEPTUM_MM) & (d_la >= la_wall)] = _BLOOD
+    la = d_la < 0
+    image[la] = _BLOOD
+    wall = (d_la >= 0) & (d_la < la_wall)
+    enhanced = np.zeros_like(wall)  # patchy fibrosis: a smooth field thresholded, evaluated on the wall only
+    field = _smooth_field(rng, [axis[wall] for axis in local], wavelength=(8.0, 20.0))
+    enhanced[wall] = field > rng.uniform(0.1, 0.4)
+    image[enhanced] = _ENHANCED * jitter(0.9, 1.1)
+
+    image = gaussian_filter(image, sigma=(0.7, 0.7, 0.3), mode="nearest")
+    image *= _bias_field(rng, world, fov)
+    noise = np.float32(rng.uniform(0.03, 0.07))
+    real = image + noise * rng.standard_normal(shape, dtype=np.float32)
+    image = np.hypot(real, noise * rng.standard_normal(shape, dtype=np.float32))  # Rician magnitude
+    image = np.clip(np.rint(image * _SIGNAL_SCALE * jitter(0.8, 1.2)), 0, np.iinfo(np.int16).max)
+    return image.astype(np.int16), la.astype(np.uint16) * LA_LABEL
+
+
+def write_dataset(
+    out: str | Path,
+    cases: int,
+    seed: int,
+    shape: tuple[int, int, int] = (160, 160, 40),
+    spacing: tuple[float, float, float] = (0.625, 0.625, 2.5),
+) -> list[Path]:
+    """Write `cases` phantoms as out/train_1..train_N/{enhanced,atriumSegImgMO}.nii.gz and return the folders.
+
+    Case i depends only on (seed, i), so a larger data set extends a smaller one. Existing non-empty case
+    folders are refused rather than overwritten.
+    """
+    out = Path(out)
+    if cases < 1:
+        raise DataError(f"number of synthetic cases must be at least 1, got {cases}")
+    shape, spacing = _check_grid(shape, spacing)
+    folders = [out / f"train_{i}" for i in range(1, cases + 1)]
+    occupied = [str(f) for f in folders if f.is_dir() and any(f.iterdir())]
+    if occupied:
+        raise DataError(f"refusing to overwrite non-empty case folders: {occupied[:5]}")
+    origin = -(np.array(shape) - 1) / 2 * np.array(spacing)  # grid centred on the world origin
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(spacing)
+    affine[:3, 3] = origin
+    for i, folder in enumerate(folders, start=1):
+        image, label = synthesize_case(np.random.default_rng([seed, i]), shape, spacing)
+        reference = Volume(image, affine, spacing, folder)
+        write_nifti(folder / "enhanced.nii.gz", image, reference)
+        write_nifti(folder / "atriumSegImgMO.nii.gz", label, reference)
+    return folders
+
+
+def _check_grid(shape, spacing) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    shape = tuple(int(n) for n in shape)
+    spacing = tuple(float(s) for s in spacing)
+    if len(shape) != 3 or min(shape) < 1:
+        raise DataError(f"synthetic shape must be three positive sizes, got {shape}")
+    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise DataError(f"synthetic spacing must be three positive numbers in mm, got {spacing}")
+    return shape, spacing
+
+
+def _world_grid(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> list[np.ndarray]:
+    """Broadcastable world coordinates (mm) of the voxel centres, centred on 0."""
+    axes = [(np.arange(n, dtype=np.float32) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)]
+    return [
+        axes[0][:, None, None] + np.zeros(shape, np.float32),
+        axes[1][None, :, None] + np.zeros(shape, np.float32),
+        axes[2][None, None, :] + np.zeros(shape, np.float32),
+    ]
+
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return (rz @ ry @ rx).astype(np.float32)
+
+
+def _ellipsoid(p: list[np.ndarray], centre, axes) -> np.ndarray:
+    """Approximate signed distance (mm, negative inside) to an ellipsoid: first-order f / |grad f|."""
+    u = [(p[i] - np.float32(centre[i])) / np.float32(axes[i]) for i in range(3)]
+    f = u[0] ** 2 + u[1] ** 2 + u[2] ** 2 - 1.0
+    grad = 2.0 * np.sqrt(sum((u[i] / np.float32(axes[i])) ** 2 for i in range(3))) + 1e-6
+    return f / grad
+
+
+def _tube(p: list[np.ndarray], start, end, r_start: float, r_end: float) -> np.ndarray:
+    """Signed distance (mm) to a capsule from start to end whose radius tapers from r_start to r_end."""
+    start, end = np.asarray(start, np.float32), np.asarray(end, np.float32)
+    axis = end - start
+    length2 = float(axis @ axis)
+    rel = [p[i] - start[i] for i in range(3)]
+    t = np.clip(sum(rel[i] * axis[i] for i in range(3)) / length2, 0.0, 1.0)
+    dist = np.sqrt(sum((rel[i] - t * axis[i]) ** 2 for i in range(3)))
+    return dist - (r_start + (r_end - r_start) * t)
+
+
+def _smooth_field(rng: np.random.Generator, p: list[np.ndarray], wavelength: tuple[float, float]):
+    """A smooth random field of zero mean and unit variance: a sum of random plane waves."""
+    waves = 6
+    field = np.zeros(p[0].shape, np.float32)
+    for _ in range(waves):
+        direction = rng.normal(size=3)
+        k = 2 * np.pi / rng.uniform(*wavelength) * direction / np.linalg.norm(direction)
+        phase = rng.uniform(0, 2 * np.pi)
+        field += np.cos(sum(np.float32(k[i]) * p[i] for i in range(3)) + np.float32(phase))
+    return field * np.float32(np.sqrt(2.0 / waves))
+
+
+def _bias_field(rng: np.random.Generator, world: list[np.ndarray], fov: np.ndarray) -> np.ndarray:
+    """Smooth multiplicative coil-sensitivity shading, about 0.7 to 1.4 across the field of view."""
+    u = [world[i] / np.float32(fov[i] / 2) for i in range(3)]  # -1..1 over the FOV
+    linear = rng.uniform(-0.2, 0.2, 3)
+    quadratic = rng.uniform(-0.15, 0.15, 3)
+    log_bias = sum(np.float32(linear[i]) * u[i] + np.float32(quadratic[i]) * u[i] ** 2 for i in range(3))
+    return np.exp(log_bias).astype(np.float32)

@@ -1,0 +1,116 @@
+"""Training augmentation of resized slices (albumentations 2.x API).
+
+Transforms run on the (S, S, 3) float32 image in [0, 1] and the (S, S) uint8 mask *after* the slice has been
+resized to the model input size, so geometric parameters mean the same thing for every source resolution.
+Geometric transforms move the mask with the image (nearest-neighbour for the mask); intensity transforms touch
+the image only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# albumentations asks PyPI for a newer version on import (a network call and a warning on offline machines).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+
+# Elastic deformation strength (pixels of the resized slice) and smoothness: mild, local warps of a few pixels
+# at 448 px, which keep the atrium plausible.
+ELASTIC_ALPHA = 100.0
+ELASTIC_SIGMA = 10.0
+
+
+@dataclass(frozen=True)
+class AugmentationConfig:
+    """Random augmentation of training slices; every transform fires independently with probability `p`.
+
+    Attributes:
+        enabled: apply augmentation at all (False: training slices are only resized).
+        rotate_limit: maximum in-plane rotation in degrees (uniform in [-limit, limit]); 0 disables.
+        scale_limit: maximum relative zoom, scale drawn from [1 - limit, 1 + limit]; 0 disables.
+        shift_limit: maximum translation as a fraction of the slice size, per axis; 0 disables.
+        elastic: mild elastic deformation (a smooth random displacement field of a few pixels).
+        brightness_contrast: maximum relative brightness and contrast change; 0 disables.
+        gamma: range of the random gamma correction in percent, e.g. (80, 120) = gamma 0.8 to 1.2;
+            (100, 100) disables.
+        noise: additive Gaussian noise (standard deviation 1 to 5 % of the intensity range).
+        blur: Gaussian blur (sigma 0.1 to 1 pixel), mimicking lower in-plane resolution.
+        hflip: random left-right flip. Off by default: it mirrors the anatomy (the LA sits on one side of the
+            heart), which the test data never shows.
+        p: probability of each enabled transform.
+    """
+
+    enabled: bool = True
+    rotate_limit: float = 15.0
+    scale_limit: float = 0.1
+    shift_limit: float = 0.0625
+    elastic: bool = True
+    brightness_contrast: float = 0.2
+    gamma: tuple[float, float] = (80.0, 120.0)
+    noise: bool = True
+    blur: bool = True
+    hflip: bool = False
+    p: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("rotate_limit", "scale_limit", "shift_limit", "brightness_contrast"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"augmentation.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.scale_limit < 1.0:
+            raise ValueError(f"augmentation.scale_limit must be in [0, 1), got {self.scale_limit}")
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"augmentation.p must be in [0, 1], got {self.p}")
+        gamma = tuple(self.gamma)
+        if len(gamma) != 2 or not 0 < gamma[0] <= gamma[1]:
+            raise ValueError(
+                f"augmentation.gamma must be (low, high) percent with 0 < low <= high, got {self.gamma}"
+            )
+        object.__setattr__(self, "gamma", (float(gamma[0]), float(gamma[1])))
+
+
+def build_train_transform(cfg: AugmentationConfig) -> A.Compose | None:
+    """The training transform described by `cfg`; None when augmentation is disabled or every part is off."""
+    if not cfg.enabled:
+        return None
+    border = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}
+    transforms: list[A.BasicTransform] = []
+    if cfg.hflip:
+        transforms.append(A.HorizontalFlip(p=cfg.p))
+    if cfg.rotate_limit > 0 or cfg.scale_limit > 0 or cfg.shift_limit > 0:
+        transforms.append(
+            A.Affine(
+                scale=(1.0 - cfg.scale_limit, 1.0 + cfg.scale_limit),
+                translate_percent=(-cfg.shift_limit, cfg.shift_limit),
+                rotate=(-cfg.rotate_limit, cfg.rotate_limit),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                p=cfg.p,
+                **border,
+            )
+        )
+    if cfg.elastic:
+        transforms.append(
+            A.ElasticTransform(
+                alpha=ELASTIC_ALPHA,
+                sigma=ELASTIC_SIGMA,
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                p=cfg.p,
+                **border,
+            )
+        )
+    # Gamma before anything that can push values outside [0, 1] (a power of a negative value is NaN).
+    if cfg.gamma != (100.0, 100.0):
+        transforms.append(A.RandomGamma(gamma_limit=cfg.gamma, p=cfg.p))
+    if cfg.brightness_contrast > 0:
+        limit = (-cfg.brightness_contrast, cfg.brightness_contrast)
+        transforms.append(A.RandomBrightnessContrast(brightness_limit=limit, contrast_limit=limit, p=cfg.p))
+    if cfg.noise:
+        # One noise field for all channels: with repeated grey channels they are one image.
+        transforms.append(A.GaussNoise(std_range=(0.01, 0.05), per_channel=False, p=cfg.p))
+    if cfg.blur:
+        transforms.append(A.GaussianBlur(sigma_limit=(0.1, 1.0), p=cfg.p))
+    return A.Compose(transforms) if transforms else None

@@ -1,0 +1,97 @@
+"""Volumetric and slice-wise metrics of a binary LA mask against its reference.
+
+Everything is computed on the 3D volume in its original geometry, with the voxel spacing from the
+header, so that numbers compare with nnU-Net's and the challenge's. Overlap scores come from
+torchmetrics, surface distances from MONAI.
+
+Stated rules for empty masks:
+- 3D Dice/IoU: both masks empty counts as 1 (perfect agreement), one empty as 0.
+- HD95/ASSD: undefined (NaN) when either mask is empty; summaries average the defined cases and
+  report how many there were.
+- Slice-wise Dice/IoU: slices where both reference and prediction are empty are left out (they
+  would inflate the mean with trivial 1s); a slice where only one is empty scores 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+from torchmetrics.functional.classification import binary_f1_score, binary_jaccard_index
+
+Spacing = Sequence[float]
+
+
+def overlap_3d(pred: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Dice and IoU of two binary volumes of the same shape."""
+    if not pred.any() and not ref.any():
+        return 1.0, 1.0
+    p, r = pred.reshape(-1).int(), ref.reshape(-1).int()
+    return float(binary_f1_score(p, r)), float(binary_jaccard_index(p, r))
+
+
+def overlap_per_slice(pred: torch.Tensor, ref: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Dice and IoU of every axial slice (last axis) that is non-empty in the prediction or the reference."""
+    p = pred.movedim(-1, 0).reshape(pred.shape[-1], -1).int()
+    r = ref.movedim(-1, 0).reshape(ref.shape[-1], -1).int()
+    keep = (p.sum(1) + r.sum(1)) > 0
+    if not keep.any():
+        return [], []
+    p, r = p[keep], r[keep]
+    dice = binary_f1_score(p, r, multidim_average="samplewise")
+    inter = (p & r).sum(1).float()
+    iou = inter / ((p | r).sum(1).float())
+    return dice.reshape(-1).tolist(), iou.reshape(-1).tolist()
+
+
+def surface_distances(pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing) -> tuple[float, float]:
+    """HD95 and symmetric ASSD in mm; NaN where either mask is empty."""
+    if not pred.any() or not ref.any():
+        return math.nan, math.nan
+    p, r = pred[None, None].float(), ref[None, None].float()
+    spacing = [float(s) for s in spacing]
+    hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
+    assd = compute_average_surface_distance(p, r, include_background=True, symmetric=True, spacing=spacing)
+    return float(hd95), float(assd)
+
+
+def volume_ml(mask: torch.Tensor, spacing: Spacing) -> float:
+    """Volume of a binary mask in millilitres (1 mL = 1000 mm^3)."""
+    return float(mask.sum()) * math.prod(float(s) for s in spacing) / 1000.0
+
+
+def case_metrics(pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing, surface: bool = True) -> dict:
+    """All per-case figures of the test report (surface distances optional: they cost the most)."""
+    pred, ref = pred.bool(), ref.bool()
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from reference shape {tuple(ref.shape)}")
+    dice, iou = overlap_3d(pred, ref)
+    slice_dice, slice_iou = overlap_per_slice(pred, ref)
+    row = {"dice": dice, "iou": iou, "slice_dice": slice_dice, "slice_iou": slice_iou}
+    if surface:
+        row["hd95_mm"], row["assd_mm"] = surface_distances(pred, ref, spacing)
+        row["volume_pred_ml"] = volume_ml(pred, spacing)
+        row["volume_ref_ml"] = volume_ml(ref, spacing)
+    return row
+
+
+def summarise(rows: list[dict], keys: Sequence[str]) -> dict:
+    """Mean, sd and count of each key over cases (NaN cases left out), plus pooled slice-wise Dice/IoU."""
+    summary: dict[str, dict] = {}
+    for key in keys:
+        values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
+        t = torch.tensor(values, dtype=torch.float64)
+        summary[key] = {
+            "mean": float(t.mean()) if values else math.nan,
+            "sd": float(t.std(unbiased=True)) if len(values) > 1 else (0.0 if values else math.nan),
+            "n": len(values),
+        }
+    for key in ("slice_dice", "slice_iou"):
+        pooled = [v for r in rows for v in r.get(key, [])]
+        summary[key] = {
+            "mean": sum(pooled) / len(pooled) if pooled else math.nan,
+            "n": len(pooled),
+        }
+    return summary

@@ -1,0 +1,67 @@
+"""The full network: DINOv2 backbone -> block fusion -> image-guided decoder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from la_seg.models.backbone import DINOv2Backbone
+from la_seg.models.decoder import ImageGuidedDecoder
+from la_seg.models.fusion import BlockFusion
+
+
+@dataclass
+class SegmenterConfig:
+    """Every model switch of the paper and its ablations, as one config-file section."""
+
+    backbone: str = "vit_giant_patch14_dinov2"
+    pretrained: bool = True
+    weights: str | None = None
+    img_size: int = 448
+    trainable_blocks: int = 0
+    indices: list[int] | None = None
+    backbone_kwargs: dict | None = None
+    fusion: str = "softmax"
+    fusion_groups: int = 4
+    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32])
+    image_guidance: bool = True
+    stem_channels: int = 16
+
+
+class LASegmenter(nn.Module):
+    """(B, 3, H, W) slices in [0, 1] -> (B, 1, H, W) LA logits, for any H, W that are multiples of 14."""
+
+    def __init__(self, config: SegmenterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = DINOv2Backbone(
+            name=config.backbone,
+            pretrained=config.pretrained,
+            weights=config.weights,
+            img_size=config.img_size,
+            trainable_blocks=config.trainable_blocks,
+            indices=config.indices,
+            model_kwargs=config.backbone_kwargs,
+        )
+        self.fusion = BlockFusion(self.backbone.num_blocks, groups=config.fusion_groups, mode=config.fusion)
+        self.decoder = ImageGuidedDecoder(
+            self.backbone.embed_dim,
+            num_levels=config.fusion_groups,
+            channels=tuple(config.decoder_channels),
+            image_channels=3,
+            image_guidance=config.image_guidance,
+            stem_channels=config.stem_channels,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.fusion(self.backbone(x)), x)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters the optimiser should see (a frozen backbone contributes none)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def fusion_weights(self) -> list[Tensor]:
+        """Per-group block weights (detached), for logging."""
+        return self.fusion.weights()

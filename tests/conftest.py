@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random ViTs and small synthetic LGE trees, so everything runs on CPU in seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from la_seg.data.synthetic import write_dataset
+from la_seg.models.segmenter import SegmenterConfig
+
+torch.set_num_threads(2)
+
+TINY_VIT = {"depth": 4, "embed_dim": 32, "num_heads": 2}
+
+
+@pytest.fixture
+def tiny_net() -> SegmenterConfig:
+    return SegmenterConfig(
+        backbone="vit_small_patch14_dinov2",
+        pretrained=False,
+        img_size=56,
+        backbone_kwargs=dict(TINY_VIT),
+        decoder_channels=[32, 16, 16, 8],
+        stem_channels=4,
+    )
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """Six small synthetic LAScarQS-style cases, written once per test session."""
+    root = tmp_path_factory.mktemp("synth")
+    write_dataset(root, cases=6, seed=0, shape=(64, 60, 24), spacing=(1.6, 1.6, 4.0))
+    return root

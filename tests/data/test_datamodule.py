@@ -1,0 +1,240 @@
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import RandomSampler
+
+from la_seg.data.datamodule import LADataModule, split_cases
+from la_seg.data.datasets import first_item
+from la_seg.data.io import DataError
+from la_seg.data.synthetic import write_dataset
+
+IDS = [f"case_{i:03d}" for i in range(130)]
+
+
+# --------------------------------------------------------------------------------------------- split_cases
+def test_split_fractions_match_paper():
+    split = split_cases(IDS, (0.7, 0.1, 0.2), seed=42)
+    assert [len(split[p]) for p in ("train", "val", "test")] == [91, 13, 26]
+    assert sorted(split["train"] + split["val"] + split["test"]) == IDS  # no overlap, nothing lost
+
+
+def test_split_is_deterministic_and_seeded():
+    a = split_cases(IDS, seed=1)
+    assert a == split_cases(list(reversed(IDS)), seed=1)  # input order does not matter
+    assert a != split_cases(IDS, seed=2)
+    assert all(part == sorted(part) for part in a.values())
+
+
+def test_split_small_sets():
+    assert [len(v) for v in split_cases(["a", "b", "c"]).values()] == [1, 1, 1]
+    assert [len(v) for v in split_cases(list("abcdefghij")).values()] == [7, 1, 2]
+    assert split_cases(["a", "b"], (0.9, 0.1, 0.0))["test"] == []
+    with pytest.raises(DataError, match="too few"):
+        split_cases(["a", "b"])
+
+
+@pytest.mark.parametrize("bad", [(0.5, 0.1, 0.1), (0.7, 0.3), (1.2, -0.1, -0.1), (0.0, 0.5, 0.5)])
+def test_split_fraction_errors(bad):
+    with pytest.raises(DataError, match="split"):
+        split_cases(IDS, bad)
+    with pytest.raises(DataError, match="split"):
+        LADataModule(root="x", split=bad)
+
+
+# ---------------------------------------------------------------------------------------------- datamodule
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dm")
+    write_dataset(base / "train", cases=6, seed=0, shape=(40, 36, 6))
+    write_dataset(base / "heldout", cases=2, seed=1, shape=(36, 40, 5))
+    return base / "train", base / "heldout"
+
+
+def _dm(root, **kwargs) -> LADataModule:
+    kwargs = {"img_size": 28, "batch_size": 4, "num_workers": 0, "cache": "none", **kwargs}
+    return LADataModule(root=str(root), **kwargs)
+
+
+def test_setup_fit_and_loaders(roots):
+    dm = _dm(roots[0])
+    dm.setup("fit")
+    assert [len(dm.split[p]) for p in ("train", "val", "test")] == [4, 1, 1]
+    assert set(sum(dm.split.values(), [])) == {f"train_{i}" for i in range(1, 7)}
+    train = dm.train_dataloader()
+    assert isinstance(train.sampler, RandomSampler) and not train.drop_last and train.batch_size == 4
+    batch = next(iter(train))
+    assert batch["image"].shape == (4, 3, 28, 28) and batch["label"].shape == (4, 1, 28, 28)
+    val = dm.val_dataloader()
+    assert val.batch_size == 1 and val.collate_fn is first_item
+    item = next(iter(val))
+    assert item["case_id"] == dm.split["val"][0] and item["image"].shape == (40, 36, 6)
+    assert item["label"].dtype == torch.uint8
+    dm.setup("test")
+    assert [c.case_id for c in dm.cases("test")] == dm.split["test"]
+
+
+def test_loader_worker_options(roots):
+    dm = _dm(roots[0], num_workers=2)
+    dm.setup("fit")
+    assert dm.train_dataloader().persistent_workers
+    val = dm.val_dataloader()
+    assert val.num_workers == 1 and val.persistent_workers  # one val case: no idle worker
+
+
+def test_split_identical_across_instances(roots):
+    a, b = _dm(roots[0], seed=5), _dm(roots[0], seed=5)
+    a.setup("fit")
+    b.setup("fit")
+    assert a.split == b.split
+
+
+def test_missing_root_errors(roots, tmp_path):
+    with pytest.raises(DataError, match="data.root"):
+        LADataModule(img_size=28).setup("fit")
+    with pytest.raises(DataError, match="data.root"):
+        _dm(tmp_path / "nowhere").setup("fit")
+    with pytest.raises(DataError, match="data.predict_root"):
+        _dm(roots[0]).setup("predict")
+    with pytest.raises(DataError, match="img_size"):
+        _dm(roots[0], img_size=30)
+
+
+def test_split_file(roots, tmp_path):
+    path = tmp_path / "split.json"
+    wanted = {"train": ["train_1", "train_2", "train_3"], "val": ["train_4"], "test": ["train_5", "train_6"]}
+    path.write_text(json.dumps(wanted))
+    dm = _dm(roots[0], split_file=str(path))
+    dm.setup("fit")
+    assert dm.split == wanted
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ({"train": ["train_1", "nope_7", "nope_8"], "val": ["train_2"]}, r"split\.json.*nope_7.*nope_8"),
+        ({"train": ["train_1", "train_2"], "val": ["train_2"]}, "train_2"),
+        ({"train": ["train_1"], "valid": ["train_2"]}, "keys"),
+        ({"train": [], "val": ["train_2"]}, "no training"),
+        ("not json {", "cannot read"),
+    ],
+)
+def test_split_file_errors(roots, tmp_path, content, match):
+    path = tmp_path / "split.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(DataError, match=match):
+        _dm(roots[0], split_file=str(path)).setup("fit")
+
+
+def test_test_root(roots):
+    dm = _dm(roots[0], test_root=str(roots[1]))
+    dm.setup("fit")
+    assert dm.split["test"] == ["train_1", "train_2"]  # the held-out folder's cases
+    assert [len(dm.split["train"]), len(dm.split["val"])] == [5, 1]  # 0.7/0.1 renormalised over 6 cases
+    dm.setup("test")
+    item = next(iter(dm.test_dataloader()))
+    assert item["image"].shape == (36, 40, 5)  # from the held-out folder
+    alone = LADataModule(test_root=str(roots[1]), img_size=28, num_workers=0)
+    alone.setup("test")
+    assert alone.split["test"] == ["train_1", "train_2"] and len(alone.test_dataloader()) == 2
+
+
+def test_predict_root_file_or_folder(roots):
+    dm = _dm(roots[0], predict_root=str(roots[1]))
+    dm.setup("predict")
+    loader = dm.predict_dataloader()
+    assert len(loader) == 2
+    item = next(iter(loader))
+    assert "label" not in item and item["image"].shape == (36, 40, 5)
+    single = LADataModule(predict_root=str(roots[1] / "train_2" / "enhanced.nii.gz"), num_workers=0)
+    single.setup("predict")
+    assert len(single.predict_dataloader()) == 1
+
+
+def test_state_dict_round_trip(roots):
+    dm = _dm(roots[0], seed=1)
+    dm.setup("fit")
+    other = _dm(roots[0], seed=2)
+    other.setup("fit")
+    assert other.split != dm.split
+    other.load_state_dict(dm.state_dict())
+    assert other.split == dm.split
+    assert [c.case_id for c in other.cases("val")] == dm.split["val"]
+    assert LADataModule().state_dict() == {}
+
+
+def test_stored_split_unknown_cases(roots):
+    dm = _dm(roots[0])
+    dm.setup("fit")
+    dm.load_state_dict({"split": {"train": ["ghost"], "val": [], "test": []}})
+    with pytest.raises(DataError, match="ghost"):
+        dm.train_dataloader()
+
+
+# ---------------------------------------------------------------------------------- with a Lightning trainer
+class _Stub(L.LightningModule):
+    """The smallest module that trains on slice batches and records which cases it evaluated."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[str] = []
+
+    def training_step(self, batch, batch_idx):
+        return ((batch["image"].mean() * self.weight - batch["label"].mean()) ** 2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.seen.append(batch["case_id"])
+
+    def test_step(self, batch, batch_idx):
+        self.seen.append(batch["case_id"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(tmp_path, name, **kwargs):
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        logger=TensorBoardLogger(tmp_path, name=name),
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kwargs,
+    )
+
+
+def test_split_json_written_in_log_dir(roots, tmp_path):
+    trainer = _trainer(tmp_path, "manual")
+    dm = _dm(roots[0])
+    dm.trainer = trainer
+    dm.setup("fit")
+    written = json.loads((tmp_path / "manual" / "version_0" / "split.json").read_text())
+    assert written == dm.split
+    again = _dm(roots[0], seed=99, split_file=str(tmp_path / "manual" / "version_0" / "split.json"))
+    again.setup("fit")
+    assert again.split == dm.split  # the written file is a valid split_file
+
+
+def test_fit_checkpoint_then_test_and_resume_use_stored_split(roots, tmp_path):
+    dm = _dm(roots[0], seed=1)
+    trainer = _trainer(tmp_path, "fit", max_steps=1, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(_Stub(), datamodule=dm)
+    assert json.loads((tmp_path / "fit" / "version_0" / "split.json").read_text()) == dm.split
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    tester = _dm(roots[0], seed=2)  # would split differently on its own
+    module = _Stub()
+    _trainer(tmp_path, "test").test(module, datamodule=tester, ckpt_path=str(ckpt))
+    assert tester.split == dm.split and module.seen == dm.split["test"]
+
+    resumed = _dm(roots[0], seed=3)
+    trainer = _trainer(tmp_path, "resume", max_steps=2, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(_Stub(), datamodule=resumed, ckpt_path=str(ckpt))
+    assert resumed.split == dm.split
+    assert json.loads((tmp_path / "resume" / "version_0" / "split.json").read_text()) == dm.split

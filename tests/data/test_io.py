@@ -1,0 +1,256 @@
+"""Reading and writing volumes: geometry kept, labels binarised, bad files refused with the file named."""
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+
+from la_seg.data import Case, DataError, Volume, find_cases, read_case, read_image, read_label, write_nifti
+
+AFFINE = np.array(
+    [
+        [0.0, -0.625, 0.0, 120.5],
+        [0.625, 0.0, 0.0, -80.25],
+        [0.0, 0.0, 2.5, 33.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+
+
+def _save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def _pair(tmp_path: Path, label_shape=(6, 5, 4), label_affine=AFFINE) -> Case:
+    image = _save(tmp_path / "enhanced.nii.gz", np.arange(120, dtype=np.int16).reshape(6, 5, 4))
+    label = np.zeros(label_shape, np.uint16)
+    label[2:4, 1:3, 1:3] = 420
+    return Case("c", image, _save(tmp_path / "atriumSegImgMO.nii.gz", label, label_affine))
+
+
+def test_read_image_keeps_geometry_and_casts_to_float32(tmp_path):
+    data = np.arange(120, dtype=np.int16).reshape(6, 5, 4)
+    volume = read_image(_save(tmp_path / "img.nii.gz", data))
+    assert volume.data.dtype == np.float32
+    np.testing.assert_array_equal(volume.data, data)
+    np.testing.assert_allclose(volume.affine, AFFINE)
+    assert volume.affine.dtype == np.float64
+    assert volume.spacing == pytest.approx((0.625, 0.625, 2.5))
+    assert volume.path == tmp_path / "img.nii.gz"
+
+
+def test_read_image_keeps_nan(tmp_path):
+    data = np.ones((3, 3, 2), np.float64)
+    data[1, 1, 1] = np.nan
+    volume = read_image(_save(tmp_path / "nan.nii", data))
+    assert np.isnan(volume.data[1, 1, 1]) and np.isnan(volume.data).sum() == 1
+
+
+def test_read_label_binarises(tmp_path):
+    data = np.array([0, 1, 255, 420], np.uint16).reshape(2, 2, 1)
+    volume = read_label(_save(tmp_path / "lab.nii.gz", data))
+    assert volume.data.dtype == np.uint8
+    np.testing.assert_array_equal(volume.data.ravel(), [0, 1, 1, 1])
+
+
+def test_spacing_override_rescales_affine(tmp_path):
+    path = _save(tmp_path / "img.nii.gz", np.zeros((3, 3, 3), np.float32))
+    volume = read_image(path, spacing=(1.0, 2.0, 3.0))
+    assert volume.spacing == (1.0, 2.0, 3.0)
+    np.testing.assert_allclose(np.linalg.norm(volume.affine[:3, :3], axis=0), [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(volume.affine[:3, 3], AFFINE[:3, 3])  # origin kept
+    np.testing.assert_allclose(volume.affine[:3, 0] / 1.0, AFFINE[:3, 0] / 0.625)  # direction kept
+
+
+def test_truncated_nifti_names_the_file(tmp_path):
+    path = _save(tmp_path / "enhanced.nii.gz", np.random.default_rng(0).normal(size=(20, 20, 10)))
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError, match="enhanced.nii.gz"):
+        read_image(path)
+
+
+def test_garbage_file_names_the_file(tmp_path):
+    path = tmp_path / "broken.nii.gz"
+    path.write_bytes(b"this is not gzip at all")
+    with pytest.raises(DataError, match="broken.nii.gz"):
+        read_image(path)
+    raw = tmp_path / "broken.nii"
+    raw.write_bytes(b"\x00" * 10)
+    with pytest.raises(DataError, match="broken.nii"):
+        read_label(raw)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*ghost.nii.gz"):
+        read_image(tmp_path / "ghost.nii.gz")
+
+
+def test_2d_array_refused(tmp_path):
+    path = _save(tmp_path / "slice.nii.gz", np.zeros((8, 8), np.float32))
+    with pytest.raises(DataError, match=r"slice.nii.gz is 2D \(shape \(8, 8\)\)"):
+        read_image(path)
+
+
+def test_4d_series_refused(tmp_path):
+    path = _save(tmp_path / "cine.nii.gz", np.zeros((4, 4, 3, 5), np.float32))
+    with pytest.raises(DataError, match=r"cine.nii.gz is 4D.*\(4, 4, 3, 5\)"):
+        read_image(path)
+
+
+def test_trailing_singleton_squeezed(tmp_path):
+    data = np.arange(48, dtype=np.float32).reshape(4, 4, 3, 1)
+    volume = read_image(_save(tmp_path / "vol.nii.gz", data))
+    assert volume.data.shape == (4, 4, 3)
+    np.testing.assert_array_equal(volume.data, data[..., 0])
+    assert volume.spacing == pytest.approx((0.625, 0.625, 2.5))
+
+
+def test_read_case_pair(tmp_path):
+    image, label = read_case(_pair(tmp_path))
+    assert image.data.shape == label.data.shape == (6, 5, 4)
+    assert label.data.sum() == 8 and label.data.max() == 1
+
+
+def test_read_case_without_label(tmp_path):
+    case = _pair(tmp_path)
+    image, label = read_case(Case("c", case.image_path))
+    assert label is None and image.data.shape == (6, 5, 4)
+
+
+def test_read_case_shape_mismatch_names_both_files(tmp_path):
+    with pytest.raises(DataError, match=r"enhanced.nii.gz.*\(6, 5, 4\).*atriumSegImgMO.nii.gz.*\(6, 5, 3\)"):
+        read_case(_pair(tmp_path, label_shape=(6, 5, 3)))
+
+
+def test_read_case_affine_mismatch_names_both_files(tmp_path):
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 1.0
+    with pytest.raises(DataError, match="enhanced.nii.gz and label .*atriumSegImgMO.nii.gz have different"):
+        read_case(_pair(tmp_path, label_affine=shifted))
+
+
+def test_read_case_tolerates_float_noise_in_affine(tmp_path):
+    nudged = AFFINE.copy()
+    nudged[:3, 3] += 1e-5
+    read_case(_pair(tmp_path, label_affine=nudged))
+
+
+def test_nrrd_affine_from_lps_header(tmp_path):
+    path = tmp_path / "lgemri.nrrd"
+    directions = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    header = {"space": "LPS", "space directions": directions, "space origin": [10.0, 20.0, 30.0]}
+    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    nrrd.write(str(path), data, header)
+    volume = read_image(path)
+    np.testing.assert_array_equal(volume.data, data)  # (X, Y, Z) order like nibabel
+    expected = np.array([[-1.0, 0, 0, -10.0], [0, -1.0, 0, -20.0], [0, 0, 2.0, 30.0], [0, 0, 0, 1]])
+    np.testing.assert_allclose(volume.affine, expected)  # LPS -> RAS
+    assert volume.spacing == (1.0, 1.0, 2.0)
+
+
+def test_nrrd_without_directions_uses_spacings(tmp_path):
+    path = tmp_path / "laendo.nrrd"
+    nrrd.write(str(path), np.full((3, 3, 2), 255, np.uint8), {"spacings": [0.5, 0.5, 1.5]})
+    volume = read_label(path)
+    np.testing.assert_allclose(volume.affine, np.diag([0.5, 0.5, 1.5, 1.0]))
+    assert volume.spacing == (0.5, 0.5, 1.5) and volume.data.min() == 1
+
+
+def test_utah_case_gets_true_spacing(tmp_path):
+    header = {"space": "left-posterior-superior", "space directions": np.eye(3), "space origin": [0.0] * 3}
+    folder = tmp_path / "Training Set" / "ABC"
+    folder.mkdir(parents=True)
+    nrrd.write(str(folder / "lgemri.nrrd"), np.ones((4, 4, 2), np.uint8), header)
+    nrrd.write(str(folder / "laendo.nrrd"), np.full((4, 4, 2), 255, np.uint8), header)
+    image, label = read_case(find_cases(tmp_path)[0])
+    assert image.spacing == label.spacing == (0.625, 0.625, 0.625)
+    np.testing.assert_allclose(np.abs(np.diag(image.affine)), [0.625, 0.625, 0.625, 1.0])
+    assert label.data.min() == 1
+
+
+def test_corrupt_nrrd_names_the_file(tmp_path):
+    path = tmp_path / "lgemri.nrrd"
+    path.write_text("NRRD0004\ntype: what\n\n")
+    with pytest.raises(DataError, match="lgemri.nrrd"):
+        read_image(path)
+
+
+def test_write_nifti_roundtrip(tmp_path):
+    reference = read_image(_save(tmp_path / "in.nii.gz", np.zeros((6, 5, 4), np.float32)))
+    mask = np.zeros((6, 5, 4), np.uint8)
+    mask[1:3, 2, 0] = 1
+    out = tmp_path / "out" / "nested" / "mask.nii.gz"
+    write_nifti(out, mask, reference)
+    image = nib.load(out)
+    assert image.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asanyarray(image.dataobj), mask)
+    np.testing.assert_allclose(image.affine, AFFINE)
+    assert int(image.header["qform_code"]) == 1 and int(image.header["sform_code"]) == 1
+    np.testing.assert_allclose(image.get_qform(), AFFINE, atol=1e-5)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mask.nii.gz"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint16, np.float64])
+def test_write_nifti_keeps_dtype(tmp_path, dtype):
+    reference = Volume(np.zeros((3, 3, 2), np.float32), np.eye(4), (1.0, 1.0, 1.0), tmp_path / "ref.nii.gz")
+    data = np.arange(18).reshape(3, 3, 2).astype(dtype)
+    write_nifti(tmp_path / "x.nii", data, reference)
+    image = nib.load(tmp_path / "x.nii")
+    assert image.get_data_dtype() == dtype
+    np.testing.assert_array_equal(np.asanyarray(image.dataobj), data)
+
+
+def test_write_nifti_bool_becomes_uint8(tmp_path):
+    reference = Volume(np.zeros((3, 3, 2), np.float32), np.eye(4), (1.0, 1.0, 1.0), tmp_path / "ref.nii.gz")
+    write_nifti(tmp_path / "b.nii.gz", np.ones((3, 3, 2), bool), reference)
+    assert nib.load(tmp_path / "b.nii.gz").get_data_dtype() == np.uint8
+
+
+def test_write_nifti_is_reproducible_and_replaces(tmp_path):
+    reference = Volume(np.zeros((3, 3, 2), np.float32), AFFINE, (0.625, 0.625, 2.5), tmp_path / "ref.nii.gz")
+    first, second = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    write_nifti(first, np.ones((3, 3, 2), np.uint8), reference)
+    os.utime(first, (0, 0))
+    write_nifti(second, np.ones((3, 3, 2), np.uint8), reference)
+    assert first.read_bytes() == second.read_bytes()
+    write_nifti(first, np.zeros((3, 3, 2), np.uint8), reference)
+    assert np.asanyarray(nib.load(first).dataobj).max() == 0
+
+
+def test_write_nifti_from_nrrd_reference(tmp_path):
+    nrrd.write(str(tmp_path / "lgemri.nrrd"), np.zeros((4, 4, 2), np.int16), {"spacings": [1.0, 1.0, 1.0]})
+    reference = read_image(tmp_path / "lgemri.nrrd", spacing=(0.625, 0.625, 0.625))
+    write_nifti(tmp_path / "pred.nii.gz", np.ones((4, 4, 2), np.uint8), reference)
+    written = nib.load(tmp_path / "pred.nii.gz")
+    np.testing.assert_allclose(written.header.get_zooms(), (0.625, 0.625, 0.625))
+    np.testing.assert_allclose(written.affine, reference.affine)
+
+
+def test_write_nifti_refuses_bad_targets(tmp_path):
+    source = _save(tmp_path / "in.nii.gz", np.zeros((3, 3, 2), np.float32))
+    reference = read_image(source)
+    before = source.read_bytes()
+    with pytest.raises(DataError, match="overwrite the input"):
+        write_nifti(source, np.ones((3, 3, 2), np.uint8), reference)
+    assert source.read_bytes() == before
+    with pytest.raises(DataError, match="must end with .nii"):
+        write_nifti(tmp_path / "out.nrrd", np.ones((3, 3, 2), np.uint8), reference)
+    with pytest.raises(DataError, match="does not match the reference grid"):
+        write_nifti(tmp_path / "out.nii.gz", np.ones((3, 3, 3), np.uint8), reference)
+
+
+def test_write_nifti_failure_leaves_no_temp_file(tmp_path, monkeypatch):
+    reference = Volume(np.zeros((3, 3, 2), np.float32), np.eye(4), (1.0, 1.0, 1.0), tmp_path / "ref.nii.gz")
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_nifti(tmp_path / "out" / "x.nii.gz", np.zeros((3, 3, 2), np.uint8), reference)
+    assert list((tmp_path / "out").iterdir()) == []

@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+
+from la_seg.data.io import DataError
+from la_seg.data.preprocess import labels_to_input, normalize_intensity, restore_geometry, slices_to_input
+
+
+def _blob(shape=(30, 28, 6)) -> torch.Tensor:
+    """A smooth ellipsoid label, the kind of shape resizing should preserve."""
+    x, y, z = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    inside = ((x - 14) / 9) ** 2 + ((y - 13) / 7) ** 2 + ((z - 2.5) / 2.6) ** 2 <= 1
+    return torch.from_numpy(inside.astype(np.uint8))
+
+
+def test_normalize_range_and_robust_clip():
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 10, (20, 20, 5)).astype(np.float32)
+    data[0, 0, 0] = 1e6  # one hot outlier must not squash the rest
+    out = normalize_intensity(data)
+    assert out.dtype == np.float32 and out.shape == data.shape
+    assert out.min() == 0.0 and out.max() == 1.0
+    assert 0.3 < np.median(out) < 0.7
+
+
+@pytest.mark.parametrize("value", [0.0, 7.5, -3.0])
+def test_normalize_constant_volume_is_zero(value):
+    out = normalize_intensity(np.full((4, 5, 3), value, dtype=np.float32))
+    assert np.array_equal(out, np.zeros((4, 5, 3), dtype=np.float32))
+
+
+def test_normalize_non_finite_voxels():
+    data = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    data[0, 0, 0], data[1, 1, 1], data[2, 2, 2] = np.nan, np.inf, -np.inf
+    out = normalize_intensity(data)
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    assert out[0, 0, 0] == out[1, 1, 1] == out[2, 2, 2] == 0
+    assert normalize_intensity(np.full((2, 2, 2), np.nan)).tolist() == np.zeros((2, 2, 2)).tolist()
+
+
+def test_normalize_mostly_zero_volume_keeps_contrast():
+    data = np.zeros((10, 10, 10), dtype=np.float32)
+    data[0, 0, :3] = [1, 2, 3]  # 99.7 % zeros: percentiles coincide, the full range is used instead
+    out = normalize_intensity(data)
+    assert out.max() == 1.0 and out[0, 0, 1] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("shape", [(30, 28, 6), (28, 28, 4), (17, 40, 3)])
+@pytest.mark.parametrize("context", [False, True])
+def test_slices_to_input_shapes_and_range(shape, context):
+    volume = torch.rand(shape)
+    out = slices_to_input(volume, 56, slice_context=context)
+    assert out.shape == (shape[2], 3, 56, 56) and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    if not context:
+        assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])
+
+
+def test_slice_context_channels_are_neighbours():
+    volume = torch.rand(28, 28, 5)
+    grey = slices_to_input(volume, 28)[:, 0]  # same size: slices unchanged
+    assert torch.allclose(grey, volume.permute(2, 0, 1))
+    ctx = slices_to_input(volume, 28, slice_context=True)
+    for k in range(5):
+        assert torch.equal(ctx[k, 1], grey[k])
+        assert torch.equal(ctx[k, 0], grey[max(k - 1, 0)])
+        assert torch.equal(ctx[k, 2], grey[min(k + 1, 4)])
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_chunked_index_equals_full(context):
+    volume = torch.rand(30, 28, 7)
+    full = slices_to_input(volume, 28, slice_context=context)
+    starts = range(0, 7, 3)
+    chunks = [slices_to_input(volume, 28, slice_context=context, index=slice(a, a + 3)) for a in starts]
+    assert torch.equal(torch.cat(chunks), full)
+    label = _blob((30, 28, 7))
+    label_chunks = [labels_to_input(label, 28, index=slice(a, a + 3)) for a in starts]
+    assert torch.equal(torch.cat(label_chunks), labels_to_input(label, 28))
+
+
+def test_labels_to_input_binary():
+    out = labels_to_input(_blob(), 56)
+    assert out.shape == (6, 1, 56, 56) and out.dtype == torch.float32
+    assert set(out.unique().tolist()) == {0.0, 1.0}
+
+
+ROUND_TRIPS = [((30, 28, 6), 28), ((30, 28, 6), 56), ((40, 25, 6), 28), ((28, 28, 6), 56)]
+
+
+@pytest.mark.parametrize("shape,size", ROUND_TRIPS)
+def test_restore_geometry_round_trip(shape, size):
+    label = _blob(shape)
+    restored = restore_geometry(labels_to_input(label, size)[:, 0], label.shape)
+    assert restored.shape == label.shape
+    pred = restored > 0.5
+    truth = label.bool()
+    dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    assert dice > 0.97
+
+
+def test_restore_geometry_of_smooth_input_is_near_identity():
+    x, y, z = torch.meshgrid(torch.arange(30.0), torch.arange(22.0), torch.arange(4.0), indexing="ij")
+    volume = 0.5 + 0.4 * torch.sin(x / 5) * torch.cos(y / 4 + z)
+    for size in (28, 56):
+        restored = restore_geometry(slices_to_input(volume, size)[:, 0], volume.shape)
+        assert restored.shape == (30, 22, 4)
+        assert (restored - volume).abs().max() < 0.05  # aligned: no shift, no transposition
+
+
+@pytest.mark.parametrize("size", [0, 30, 100, -14])
+def test_img_size_must_be_multiple_of_patch(size):
+    with pytest.raises(DataError, match="img_size"):
+        slices_to_input(torch.rand(8, 8, 2), size)
+    with pytest.raises(DataError, match="img_size"):
+        labels_to_input(torch.zeros(8, 8, 2), size)
+
+
+def test_restore_geometry_checks_depth():
+    with pytest.raises(DataError, match="slices"):
+        restore_geometry(torch.rand(5, 28, 28), (30, 28, 6))

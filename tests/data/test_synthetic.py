@@ -1,0 +1,106 @@
+"""Synthetic LGE phantoms: a readable LAScarQS tree, reproducible to the byte, not solvable by intensity."""
+
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from la_seg.data import DataError, find_cases, read_case, write_dataset
+from la_seg.data.synthetic import synthesize_case
+
+SMALL = (64, 64, 16)
+
+
+def _files(folders):
+    return {f"{f.name}/{p.name}": p.read_bytes() for f in folders for p in sorted(f.iterdir())}
+
+
+def test_default_case_looks_like_lge():
+    start = time.perf_counter()
+    image, label = synthesize_case(np.random.default_rng(0))
+    assert time.perf_counter() - start < 5.0  # well under a second unloaded; generous for shared CI
+    assert image.shape == label.shape == (160, 160, 40)
+    assert image.dtype == np.int16 and label.dtype == np.uint16
+    assert set(np.unique(label)) == {0, 420}
+    la = label > 0
+    assert 0.005 < la.mean() < 0.06
+    assert image.min() >= 0  # magnitude image
+    # Other chambers are as bright as the LA blood pool ...
+    blood = np.median(image[la])
+    bright_elsewhere = (image > 0.7 * blood) & ~la
+    assert bright_elsewhere.sum() > 2 * la.sum()
+    assert 0.8 < np.median(image[bright_elsewhere]) / blood < 1.25
+    # ... so no intensity threshold segments the LA well.
+    best = max(
+        2 * (la & (image > t)).sum() / (la.sum() + (image > t).sum())
+        for t in np.percentile(image, np.arange(50, 100, 0.5))
+    )
+    assert best < 0.5
+    # The LA only occupies some slices, as in a real scan.
+    assert 0 < la.any(axis=(0, 1)).sum() < label.shape[2]
+
+
+def test_write_dataset_is_a_readable_lascarqs_tree(tmp_path):
+    folders = write_dataset(tmp_path / "demo", cases=3, seed=1, shape=SMALL)
+    assert folders == [tmp_path / "demo" / f"train_{i}" for i in (1, 2, 3)]
+    cases = find_cases(tmp_path / "demo", require_labels=True)
+    assert [c.case_id for c in cases] == ["train_1", "train_2", "train_3"]
+    for case in cases:
+        raw = nib.load(case.label_path)
+        assert raw.get_data_dtype() == np.uint16
+        assert set(np.unique(np.asanyarray(raw.dataobj))) == {0, 420}
+        assert nib.load(case.image_path).get_data_dtype() == np.int16
+        image, label = read_case(case)
+        assert image.data.shape == SMALL
+        assert image.spacing == pytest.approx((0.625, 0.625, 2.5))
+        np.testing.assert_allclose(np.diag(image.affine), [0.625, 0.625, 2.5, 1.0])
+        np.testing.assert_allclose(image.affine[:3, 3], -(np.array(SMALL) - 1) / 2 * [0.625, 0.625, 2.5])
+        assert 0.002 < label.data.mean() < 0.1
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    first = _files(write_dataset(tmp_path / "a", cases=2, seed=7, shape=SMALL))
+    again = _files(write_dataset(tmp_path / "b", cases=2, seed=7, shape=SMALL))
+    other = _files(write_dataset(tmp_path / "c", cases=2, seed=8, shape=SMALL))
+    assert first == again
+    assert first.keys() == other.keys()
+    assert all(first[name] != other[name] for name in first)
+
+
+def test_case_depends_on_seed_and_index_only(tmp_path):
+    two = _files(write_dataset(tmp_path / "a", cases=2, seed=3, shape=SMALL))
+    three = _files(write_dataset(tmp_path / "b", cases=3, seed=3, shape=SMALL))
+    assert {k: v for k, v in three.items() if not k.startswith("train_3/")} == two
+
+
+def test_la_pose_and_size_vary():
+    centres, sizes = [], []
+    for i in range(6):
+        _, label = synthesize_case(np.random.default_rng([5, i]), shape=SMALL)
+        la = np.argwhere(label > 0)
+        centres.append(la.mean(axis=0))
+        sizes.append(len(la))
+    centres = np.array(centres)
+    assert centres[:, :2].std(axis=0).max() > 2.0  # voxels in-plane: the LA is not always in the same place
+    assert np.ptp(sizes) / np.mean(sizes) > 0.15
+
+
+def test_write_dataset_refuses_to_overwrite(tmp_path):
+    (tmp_path / "train_1").mkdir()  # an empty case folder is fine
+    write_dataset(tmp_path, cases=1, seed=0, shape=SMALL)
+    before = (tmp_path / "train_1" / "enhanced.nii.gz").read_bytes()
+    with pytest.raises(DataError, match="train_1"):
+        write_dataset(tmp_path, cases=2, seed=1, shape=SMALL)
+    assert (tmp_path / "train_1" / "enhanced.nii.gz").read_bytes() == before
+    assert not (tmp_path / "train_2").exists()  # nothing written when refused
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"cases": 0}, "at least 1"), ({"shape": (8, 8)}, "shape"), ({"spacing": (1.0, 0.0, 1.0)}, "spacing")],
+)
+def test_write_dataset_bad_arguments(tmp_path, kwargs, message):
+    args = {"cases": 1, "seed": 0, "shape": SMALL} | kwargs
+    with pytest.raises(DataError, match=message):
+        write_dataset(tmp_path, **args)

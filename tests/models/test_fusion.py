@@ -1,0 +1,81 @@
+"""BlockFusion: grouping, softmax weights that learn, and the mean / last ablations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from la_seg.models import BlockFusion
+
+
+def features(n: int = 10, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 8, 3, 5, generator=generator) for _ in range(n)]
+
+
+def test_groups_are_contiguous_and_balanced():
+    assert BlockFusion(10, groups=4).group_indices == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert BlockFusion(40, groups=4).group_indices[3] == list(range(30, 40))
+    assert BlockFusion(4, groups=4).group_indices == [[0], [1], [2], [3]]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [((3, 4, "softmax"), "groups"), ((4, 4, "max"), "mode"), ((4, 0, "mean"), "groups")],
+)
+def test_bad_arguments_raise(args, message):
+    with pytest.raises(ValueError, match=message):
+        BlockFusion(*args)
+
+
+def test_softmax_starts_equal_and_sums_to_one_per_group():
+    fusion = BlockFusion(10, groups=4)
+    weights = fusion.weights()
+    assert [len(w) for w in weights] == [3, 3, 2, 2]
+    for w in weights:
+        torch.testing.assert_close(w, torch.full_like(w, 1 / len(w)))
+        assert not w.requires_grad
+    feats = features()
+    fused = fusion(feats)
+    assert len(fused) == 4 and all(f.shape == (2, 8, 3, 5) for f in fused)
+    torch.testing.assert_close(fused[0], torch.stack(feats[0:3]).mean(0))
+    torch.testing.assert_close(fused[3], torch.stack(feats[8:10]).mean(0))
+
+
+def test_softmax_weights_learn():
+    fusion = BlockFusion(10, groups=4)
+    feats = features()
+    optimiser = torch.optim.Adam(fusion.parameters(), lr=0.1)
+    for _ in range(5):
+        optimiser.zero_grad()
+        # Pull every group towards its deepest block.
+        pairs = zip(fusion(feats), fusion.group_indices, strict=True)
+        loss = sum((f - feats[idx[-1]]).square().mean() for f, idx in pairs)
+        loss.backward()
+        assert fusion.logits.grad is not None
+        optimiser.step()
+    for w in fusion.weights():
+        torch.testing.assert_close(w.sum(), torch.tensor(1.0))
+        assert w[-1] > 1 / len(w) + 0.05
+
+
+def test_mean_is_fixed_equal_weights():
+    fusion = BlockFusion(10, groups=4, mode="mean")
+    assert list(fusion.parameters()) == []
+    feats = features()
+    torch.testing.assert_close(fusion(feats)[1], torch.stack(feats[3:6]).mean(0))
+    assert all(torch.allclose(w.sum(), torch.tensor(1.0)) for w in fusion.weights())
+
+
+def test_last_feeds_the_deepest_block_to_every_group():
+    fusion = BlockFusion(10, groups=4, mode="last")
+    assert list(fusion.parameters()) == []
+    feats = features()
+    assert all(f is feats[-1] for f in fusion(feats))
+    assert fusion.group_indices == [[9]] * 4
+    assert [w.tolist() for w in fusion.weights()] == [[1.0]] * 4
+
+
+def test_feature_count_is_checked():
+    with pytest.raises(ValueError, match="expects 10"):
+        BlockFusion(10)(features(9))

@@ -1,0 +1,137 @@
+"""LASegmenter end to end: shapes, where gradients go, learning fusion weights, and the ablations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from la_seg.models import LASegmenter, SegmenterConfig
+
+# 2 blocks per fusion group; layer scale 1 (not timm's 1e-5 init) so that random blocks differ from each other
+TINY = dict(depth=8, embed_dim=32, num_heads=2, init_values=1.0)
+
+
+def config(**overrides) -> SegmenterConfig:
+    base = dict(
+        backbone="vit_small_patch14_dinov2",
+        pretrained=False,
+        img_size=56,
+        backbone_kwargs=TINY,
+        decoder_channels=[32, 16, 8, 8],
+    )
+    return SegmenterConfig(**{**base, **overrides})
+
+
+def build(seed: int = 0, **overrides) -> LASegmenter:
+    torch.manual_seed(seed)
+    return LASegmenter(config(**overrides))
+
+
+def batch(h: int = 56, w: int = 56, n: int = 2, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.rand(n, 3, h, w, generator=generator)
+    return image, (image[:, :1] > 0.5).float()
+
+
+def train_steps(model: LASegmenter, steps: int = 4) -> None:
+    optimiser = torch.optim.Adam(model.trainable_parameters(), lr=0.05)
+    image, target = batch()
+    model.train()
+    for _ in range(steps):
+        optimiser.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(image), target).backward()
+        optimiser.step()
+
+
+def test_config_defaults_follow_the_paper():
+    cfg = SegmenterConfig()
+    assert cfg.backbone == "vit_giant_patch14_dinov2" and cfg.pretrained and cfg.weights is None
+    assert cfg.img_size == 448 and cfg.trainable_blocks == 0 and cfg.indices is None
+    assert cfg.fusion == "softmax" and cfg.fusion_groups == 4 and cfg.decoder_channels == [256, 128, 64, 32]
+    assert cfg.image_guidance and cfg.stem_channels == 16 and cfg.backbone_kwargs is None
+    assert SegmenterConfig().decoder_channels is not cfg.decoder_channels
+    assert [f.name for f in dataclasses.fields(SegmenterConfig)][:3] == ["backbone", "pretrained", "weights"]
+
+
+@pytest.mark.parametrize(("size", "depth"), [((56, 56), 4), ((56, 84), 4), ((224, 224), 4), ((448, 448), 2)])
+def test_output_shapes(size, depth):
+    model = build(backbone_kwargs=dict(TINY, depth=depth), fusion_groups=2, decoder_channels=[16, 8]).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, *size)).shape == (1, 1, *size)
+
+
+def test_frozen_backbone_gets_no_gradient():
+    model = build()
+    model.train()
+    assert model.training and not model.backbone.vit.training
+    image, target = batch()
+    torch.nn.functional.binary_cross_entropy_with_logits(model(image), target).backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert model.fusion.logits.grad is not None
+    assert all(p.grad is not None for p in model.decoder.parameters())
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert not trainable & {id(p) for p in model.backbone.parameters()}
+    assert trainable == {id(p) for p in (*model.fusion.parameters(), *model.decoder.parameters())}
+
+
+def test_last_block_trainable():
+    model = build(trainable_blocks=1)
+    image, target = batch()
+    torch.nn.functional.binary_cross_entropy_with_logits(model(image), target).backward()
+    with_grad = {n for n, p in model.backbone.vit.named_parameters() if p.grad is not None}
+    names = [n for n, _ in model.backbone.vit.named_parameters()]
+    assert with_grad == {n for n in names if n.startswith(("blocks.7.", "norm."))}
+
+
+def test_fusion_weights_sum_to_one_and_move():
+    model = build()
+    before = model.fusion_weights()
+    assert len(before) == 4
+    train_steps(model)
+    after = model.fusion_weights()
+    for b, a in zip(before, after, strict=True):
+        torch.testing.assert_close(a.sum(), torch.tensor(1.0))
+        assert not torch.allclose(a, b)
+
+
+def outputs_with_weights_of(model: LASegmenter, **overrides) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output of ``model`` and of an ablated copy that shares every weight it has.
+
+    In train mode, so BatchNorm uses batch statistics: with the untrained running statistics of eval mode the
+    random decoder shrinks its input signal to ~1e-6 and every variant would look alike.
+    """
+    other = LASegmenter(dataclasses.replace(model.config, **overrides))
+    other.load_state_dict({k: v for k, v in model.state_dict().items() if k in other.state_dict()})
+    image, _ = batch(seed=1)
+    with torch.no_grad():
+        return model.train()(image), other.train()(image)
+
+
+def test_fusion_ablations_change_the_output():
+    model = build()
+    same, mean = outputs_with_weights_of(model, fusion="mean")
+    torch.testing.assert_close(same, mean)  # softmax starts at equal weights
+    _, last = outputs_with_weights_of(model, fusion="last")
+    assert not torch.allclose(same, last, atol=1e-4)
+    train_steps(model)
+    trained, mean = outputs_with_weights_of(model, fusion="mean")
+    assert not torch.allclose(trained, mean, atol=1e-4)
+    assert list(LASegmenter(config(fusion="mean")).fusion.parameters()) == []
+
+
+def test_image_guidance_ablation():
+    guided, plain = build(), build(image_guidance=False)
+    n_guided = sum(p.numel() for p in guided.parameters())
+    assert sum(p.numel() for p in plain.parameters()) < n_guided
+    image, _ = batch()
+    with torch.no_grad():
+        assert not torch.allclose(guided(image), plain(image), atol=1e-4)
+
+
+def test_fusion_groups_must_match_decoder_levels():
+    with pytest.raises(ValueError, match="one width per level"):
+        build(fusion_groups=3)
+    model = build(fusion_groups=3, decoder_channels=[16, 8, 8])
+    assert model(batch()[0]).shape == (2, 1, 56, 56)
