@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorBoardImages
 from la_seg.data.datamodule import LADataModule
+from la_seg.data.io import DataError
 from la_seg.data.synthetic import write_dataset
 from la_seg.module import LASegModule
 
@@ -107,25 +108,34 @@ def synth(out: Path, cases: int = 12, seed: int = 0, shape: tuple[int, int, int]
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point; bad input ends with its message and exit status 2 rather than a traceback."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "synth":
-        CLI(synth, args=argv[1:], as_positional=False)
-        return
-    subcommand = argv[0] if argv else ""
-    LASegCLI(
-        LASegModule,
-        LADataModule,
-        args=resolve_config_paths(argv),
-        # A test or predict run logs into the folder of the run it evaluates: keep that run's config.yaml.
-        save_config_kwargs={
-            "overwrite": True,
-            "config_filename": "config.yaml" if subcommand == "fit" else f"config_{subcommand}.yaml",
-        },
-        parser_kwargs={
-            "description": "la-seg: left-atrium segmentation from LGE MRI with a DINOv2 encoder. "
-            "Subcommands: fit, validate, test, predict (Lightning), and `la-seg synth` for synthetic data.",
-        },
-    )
+    try:
+        if argv and argv[0] == "synth":
+            CLI(synth, args=argv[1:], as_positional=False)
+            return
+        argv = resolve_config_paths(argv)
+        if from_command_line:  # DDP re-launches sys.argv: let it carry the resolved config paths
+            sys.argv[1:] = argv
+        subcommand = argv[0] if argv else ""
+        LASegCLI(
+            LASegModule,
+            LADataModule,
+            args=None if from_command_line else argv,
+            # A test or predict run logs into the folder of the run it evaluates: keep that run's config.yaml.
+            save_config_kwargs={
+                "overwrite": True,
+                "config_filename": "config.yaml" if subcommand == "fit" else f"config_{subcommand}.yaml",
+            },
+            parser_kwargs={
+                "description": "la-seg: left-atrium segmentation from LGE MRI with a DINOv2 encoder. "
+                "Subcommands: fit, validate, test, predict (Lightning), and `la-seg synth` for synthetic data.",
+            },
+        )
+    except (DataError, FileExistsError, FileNotFoundError) as error:
+        print(f"la-seg: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -78,14 +78,15 @@ def case_metrics(pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing, surfac
 
 
 def summarise(rows: list[dict], keys: Sequence[str]) -> dict:
-    """Mean, sd and count of each key over cases (NaN cases left out), plus pooled slice-wise Dice/IoU."""
+    """Mean, sample sd (NaN below two cases) and count of each key over cases (NaN cases left out),
+    plus pooled slice-wise Dice/IoU."""
     summary: dict[str, dict] = {}
     for key in keys:
         values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
         t = torch.tensor(values, dtype=torch.float64)
         summary[key] = {
             "mean": float(t.mean()) if values else math.nan,
-            "sd": float(t.std(unbiased=True)) if len(values) > 1 else (0.0 if values else math.nan),
+            "sd": float(t.std(unbiased=True)) if len(values) > 1 else math.nan,
             "n": len(values),
         }
     for key in ("slice_dice", "slice_iou"):

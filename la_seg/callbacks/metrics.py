@@ -40,8 +40,8 @@ class SegmentationMetrics(L.Callback):
         rows = gather_cases(self._rows)
         self._rows = []
         summary = summarise(rows, keys)
-        for key in ("dice", "iou"):
-            pl_module.log(f"{stage}/{key}", summary[key]["mean"], sync_dist=False)
+        pl_module.log(f"{stage}/dice", summary["dice"]["mean"], sync_dist=False, prog_bar=True)
+        pl_module.log(f"{stage}/iou", summary["iou"]["mean"], sync_dist=False)
         pl_module.log(f"{stage}/dice_slice", summary["slice_dice"]["mean"], sync_dist=False)
         pl_module.log(f"{stage}/iou_slice", summary["slice_iou"]["mean"], sync_dist=False)
         return rows, summary
@@ -69,8 +69,8 @@ class SegmentationMetrics(L.Callback):
         for key in ("hd95_mm", "assd_mm"):
             if summary[key]["n"]:
                 pl_module.log(f"test/{key}", summary[key]["mean"], sync_dist=False)
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call under DDP: every rank
         if trainer.is_global_zero:
-            out_dir = Path(trainer.log_dir or trainer.default_root_dir)
             write_report(rows, summary, out_dir)
             rank_zero_info(format_table(rows, summary) + f"\nReport written to {out_dir}/test_metrics.{{csv,json}}")
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from la_seg.atomic import atomic_path, atomic_write_text
 from la_seg.callbacks._distributed import gather_cases
-from la_seg.data.io import Volume, write_nifti
+from la_seg.data.io import DataError, Volume, write_nifti
 
 
 class NiftiPredictionWriter(BasePredictionWriter):
@@ -60,15 +60,17 @@ class NiftiPredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer, pl_module) -> None:
         if self.output_dir is None:
-            raise ValueError("--writer.output_dir is required for `la-seg predict`: the folder to write masks into")
-        dataset = trainer.predict_dataloaders.dataset
-        cases = getattr(dataset, "cases", [])
+            raise DataError("--writer.output_dir is required for `la-seg predict`: the folder to write masks into")
+        cases = getattr(trainer.predict_dataloaders.dataset, "cases", [])
         out = self.output_dir.resolve()
-        for case in cases:
-            source = Path(case.image_path).resolve().parent
+        inputs = {Path(c.image_path).resolve() for c in cases}
+        input_root = getattr(trainer.datamodule, "predict_root", None)
+        if input_root is not None and Path(input_root).is_dir():
+            inputs.add(Path(input_root).resolve())
+        for source in inputs:
             if out == source or source in out.parents:
-                raise ValueError(
-                    f"--writer.output_dir {self.output_dir} lies inside the input folder {source}; "
+                raise DataError(
+                    f"--writer.output_dir {self.output_dir} lies inside the input {source}; "
                     "la-seg never writes into its input: choose another folder"
                 )
         if not self.overwrite:

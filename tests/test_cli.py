@@ -1,0 +1,147 @@
+"""End-to-end: the `la-seg` command on small synthetic data (fit, resume, test report, predict, DDP)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from la_seg.cli import CONFIG_DIR, main, resolve_config_paths
+
+SHIPPED = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+ABLATIONS = sorted(f"ablations/{p.name}" for p in (CONFIG_DIR / "ablations").glob("*.yaml"))
+
+TINY = [
+    "--config", "demo.yaml",
+    "--data.img_size", "56",
+    "--data.num_workers", "0",
+    "--data.batch_size", "8",
+    "--model.net.backbone_kwargs", "{depth: 4, embed_dim: 32, num_heads: 2}",
+    "--model.net.decoder_channels", "[16, 16, 8, 8]",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("config", SHIPPED)
+def test_shipped_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert "img_size" not in printed["model"]["net"]  # linked from data.img_size, not repeated
+    if config != "demo.yaml":
+        assert printed["model"]["net"]["backbone"] == f"vit_{config[:-5]}_patch14_dinov2"
+        assert printed["trainer"]["precision"] == "bf16-mixed" and printed["data"]["img_size"] == 448
+
+
+@pytest.mark.parametrize("overlay", ABLATIONS)
+def test_ablation_overlays_change_the_paper_config(overlay, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "giant.yaml", "--config", overlay, "--print_config"])
+    net = yaml.safe_load(capsys.readouterr().out)["model"]["net"]
+    assert (net["fusion"], net["image_guidance"]) != ("softmax", True)
+
+
+def test_config_names_resolve_to_shipped_files(tmp_path):
+    local = tmp_path / "mine.yaml"
+    local.write_text("{}")
+    resolved = resolve_config_paths(["fit", "--config", "giant.yaml", f"--config={local}", "--config", "base"])
+    assert resolved[2] == str(CONFIG_DIR / "giant.yaml")
+    assert resolved[3] == f"--config={local}"
+    assert resolved[5] == str(CONFIG_DIR / "base.yaml")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, synth_root):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def read_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_fit_resume_test_and_predict(workdir, synth_root):
+    data = ["--data.root", str(synth_root)]
+    main(["fit", *TINY, *data, "--trainer.max_epochs", "1"])
+    run = workdir / "runs" / "demo" / "version_0"
+    assert {"config.yaml", "split.json", "hparams.yaml"} <= {p.name for p in run.iterdir()}
+    first_steps = read_ckpt(run / "checkpoints" / "last.ckpt")["global_step"]
+    split = json.loads((run / "split.json").read_text())
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert {"val/dice", "val/iou", "val/dice_slice", "fusion/group0/block0"} <= set(events.Tags()["scalars"])
+    assert {"val/slices", "fusion/weights"} <= set(events.Tags()["images"])
+
+    # resume where it stopped: same run folder, the epoch counter goes on
+    main(["fit", *TINY, *data, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert sorted(p.name for p in (workdir / "runs" / "demo").iterdir()) == ["version_0"]
+    assert read_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 2 * first_steps
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert len(events.Scalars("val/dice")) == 2  # one validation per epoch: epoch 0 was not run again
+
+    # test: that run's held-out cases, report beside the run
+    main(["test", *TINY, *data, "--ckpt_path", "best"])
+    with open(run / "test_metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["case_id"] for r in rows[:-2]] == split["test"]
+    assert [r["case_id"] for r in rows[-2:]] == ["mean", "sd"]
+    report = json.loads((run / "test_metrics.json").read_text())
+    assert set(report["cases"][0]) >= {"dice", "iou", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml"}
+    assert 0 <= report["summary"]["dice"]["mean"] <= 1
+    assert (run / "config.yaml").exists() and (run / "config_test.yaml").exists()
+
+    # predict: masks in the input's exact geometry, never over existing files
+    out = workdir / "masks"
+    predict = ["predict", *TINY, "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+               "--data.predict_root", str(synth_root), "--writer.output_dir", str(out)]  # fmt: skip
+    main(predict)
+    for case in sorted(synth_root.iterdir()):
+        source = nib.load(case / "enhanced.nii.gz")
+        mask = nib.load(out / f"{case.name}.nii.gz")
+        assert mask.shape == source.shape
+        assert np.array_equal(mask.affine, source.affine)
+        assert mask.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    with open(out / "volumes.csv") as handle:
+        volumes = list(csv.DictReader(handle))
+    assert len(volumes) == 6 and all(float(v["volume_ml"]) >= 0 for v in volumes)
+    before = (out / "train_1.nii.gz").stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exit_info:
+        main(predict)
+    assert exit_info.value.code == 2
+    assert (out / "train_1.nii.gz").stat().st_mtime_ns == before
+    main([*predict, "--writer.overwrite", "true"])
+
+    with pytest.raises(SystemExit):  # never into the input folder
+        main([*predict[:-1], str(synth_root / "masks")])
+    assert not (synth_root / "masks").exists()
+
+
+def test_ddp_two_processes_fit_and_test(tmp_path, synth_root):
+    """A real 2-process DDP run (gloo on CPU): training, validation and test must count each case once."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    la_seg = [sys.executable, "-m", "la_seg.cli"]
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    common = [*TINY, *ddp, "--data.root", str(synth_root), "--data.split", "[0.34, 0.16, 0.5]"]
+    fit = subprocess.run([*la_seg, "fit", *common, "--trainer.max_epochs", "1"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    test = subprocess.run([*la_seg, "test", *common, "--ckpt_path", "best"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert test.returncode == 0, test.stderr[-3000:]
+    run = Path(tmp_path, "runs", "demo", "version_0")
+    split = json.loads((run / "split.json").read_text())
+    report = json.loads((run / "test_metrics.json").read_text())
+    assert len(split["test"]) == 3  # odd: the distributed sampler pads one rank with a repeated case
+    assert [c["case_id"] for c in report["cases"]] == split["test"]
