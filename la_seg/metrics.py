@@ -15,6 +15,7 @@ Stated rules for empty masks:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -52,8 +53,10 @@ def surface_distances(pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing) -
         return math.nan, math.nan
     p, r = pred[None, None].float(), ref[None, None].float()
     spacing = [float(s) for s in spacing]
-    hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
-    assd = compute_average_surface_distance(p, r, include_background=True, symmetric=True, spacing=spacing)
+    with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal use of a deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
+        assd = compute_average_surface_distance(p, r, include_background=True, symmetric=True, spacing=spacing)
     return float(hd95), float(assd)
 
 

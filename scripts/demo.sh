@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LA_SEG=.venv/bin/la-seg
-[ -d demo_data ] || "$LA_SEG" synth --out demo_data --cases 12 --seed 0
+[ -d demo_data ] || "$LA_SEG" synth --out demo_data --cases 16 --seed 0
 "$LA_SEG" fit --config demo.yaml --data.root demo_data
 "$LA_SEG" test --config demo.yaml --data.root demo_data --ckpt_path best

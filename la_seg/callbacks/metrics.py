@@ -72,7 +72,7 @@ class SegmentationMetrics(L.Callback):
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call under DDP: every rank
         if trainer.is_global_zero:
             write_report(rows, summary, out_dir)
-            rank_zero_info(format_table(rows, summary) + f"\nReport written to {out_dir}/test_metrics.{{csv,json}}")
+            rank_zero_info("\n" + format_table(rows, summary) + f"\nReport written to {out_dir}/test_metrics.{{csv,json}}")
 
 
 def write_report(rows: list[dict], summary: dict, out_dir: Path) -> None:
