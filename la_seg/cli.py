@@ -92,8 +92,13 @@ def _shipped_config(name: str) -> str:
     return name
 
 
-def synth(out: Path, cases: int = 12, seed: int = 0, shape: tuple[int, int, int] = (160, 160, 40),
-          spacing: tuple[float, float, float] = (0.625, 0.625, 2.5)) -> None:
+def synth(
+    out: Path,
+    cases: int = 12,
+    seed: int = 0,
+    shape: tuple[int, int, int] = (160, 160, 40),
+    spacing: tuple[float, float, float] = (0.625, 0.625, 2.5),
+) -> None:
     """Write a LAScarQS-task-2-style tree of synthetic LGE-like volumes (LA label 420).
 
     Args:
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             },
             parser_kwargs={
                 "description": "la-seg: left-atrium segmentation from LGE MRI with a DINOv2 encoder. "
-                "Subcommands: fit, validate, test, predict (Lightning), and `la-seg synth` for synthetic data.",
+                "Subcommands: fit, validate, test, predict (Lightning), and `la-seg synth` (synthetic data).",
             },
         )
     except (DataError, FileExistsError, FileNotFoundError) as error:

@@ -56,7 +56,9 @@ def surface_distances(pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing) -
     with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal use of a deprecated argument
         warnings.simplefilter("ignore", FutureWarning)
         hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
-        assd = compute_average_surface_distance(p, r, include_background=True, symmetric=True, spacing=spacing)
+        assd = compute_average_surface_distance(
+            p, r, include_background=True, symmetric=True, spacing=spacing
+        )
     return float(hd95), float(assd)
 
 
@@ -69,7 +71,9 @@ def case_metrics(pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing, surfac
     """All per-case figures of the test report (surface distances optional: they cost the most)."""
     pred, ref = pred.bool(), ref.bool()
     if pred.shape != ref.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from reference shape {tuple(ref.shape)}")
+        raise ValueError(
+            f"prediction shape {tuple(pred.shape)} differs from reference shape {tuple(ref.shape)}"
+        )
     dice, iou = overlap_3d(pred, ref)
     slice_dice, slice_iou = overlap_per_slice(pred, ref)
     row = {"dice": dice, "iou": iou, "slice_dice": slice_dice, "slice_iou": slice_iou}

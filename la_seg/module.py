@@ -44,7 +44,7 @@ class LASegModule(L.LightningModule):
 
     def __init__(
         self,
-        net: SegmenterConfig = SegmenterConfig(),
+        net: SegmenterConfig = SegmenterConfig(),  # noqa: B008 (never mutated; jsonargparse shows its fields)
         slice_context: bool = False,
         loss: Literal["bce", "dice_bce"] = "bce",
         optimizer: Literal["adam", "adamw"] = "adam",
@@ -70,7 +70,9 @@ class LASegModule(L.LightningModule):
             self.loss_fn = DiceCELoss(sigmoid=True)
         else:
             raise ValueError(f"model.loss must be 'bce' or 'dice_bce', got {loss!r}")
-        self.largest_component = KeepLargestConnectedComponent() if postprocess == "largest_component" else None
+        self.largest_component = (
+            KeepLargestConnectedComponent() if postprocess == "largest_component" else None
+        )
         if compile:
             self.net.backbone.compile()
             self.net.decoder.compile()
@@ -176,10 +178,9 @@ class LASegModule(L.LightningModule):
         if current["fingerprint"] != record["fingerprint"]:
             raise RuntimeError(
                 "The checkpoint does not contain the frozen backbone; it was trained with "
-                f"{record['name']} (weights: {record['weights'] or ('hub' if record['pretrained'] else 'random')}, "
-                f"fingerprint {record['fingerprint']}), but the backbone built now "
-                f"({current['name']}, weights: {current['weights'] or ('hub' if current['pretrained'] else 'random')}) "
-                f"has fingerprint {current['fingerprint']}. Point model.net.weights at the same weights file, "
+                f"{record['name']} (weights: {_source(record)}, fingerprint {record['fingerprint']}), but"
+                f" the backbone built now ({current['name']}, weights: {_source(current)}) has fingerprint "
+                f"{current['fingerprint']}. Point model.net.weights at the same weights file, "
                 "or train with model.save_backbone: true for a self-contained checkpoint."
             )
         backbone_state = {BACKBONE_PREFIX + k: v for k, v in self.net.backbone.state_dict().items()}
@@ -201,6 +202,10 @@ class LASegModule(L.LightningModule):
             net = dataclasses.replace(net, pretrained=False, weights=None)
         with _hub_offline():
             return super().load_from_checkpoint(checkpoint_path, map_location=map_location, net=net, **kwargs)
+
+
+def _source(record: dict) -> str:
+    return record["weights"] or ("hub" if record["pretrained"] else "random")
 
 
 def locals_without_self(scope: dict) -> dict:

@@ -54,7 +54,9 @@ def test_ablation_overlays_change_the_paper_config(overlay, capsys):
 def test_config_names_resolve_to_shipped_files(tmp_path):
     local = tmp_path / "mine.yaml"
     local.write_text("{}")
-    resolved = resolve_config_paths(["fit", "--config", "giant.yaml", f"--config={local}", "--config", "base"])
+    resolved = resolve_config_paths(
+        ["fit", "--config", "giant.yaml", f"--config={local}", "--config", "base"]
+    )
     assert resolved[2] == str(CONFIG_DIR / "giant.yaml")
     assert resolved[3] == f"--config={local}"
     assert resolved[5] == str(CONFIG_DIR / "base.yaml")

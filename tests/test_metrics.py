@@ -2,7 +2,14 @@ import math
 
 import torch
 
-from la_seg.metrics import case_metrics, overlap_3d, overlap_per_slice, summarise, surface_distances, volume_ml
+from la_seg.metrics import (
+    case_metrics,
+    overlap_3d,
+    overlap_per_slice,
+    summarise,
+    surface_distances,
+    volume_ml,
+)
 
 
 def box(shape, lo, hi):

@@ -53,7 +53,9 @@ def test_only_trainable_parameters_reach_the_optimiser(tiny_net):
 
 def weights_file(path, seed, kwargs):
     torch.manual_seed(seed)
-    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56, num_classes=0, **kwargs)
+    model = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, img_size=56, num_classes=0, **kwargs
+    )
     torch.save(model.state_dict(), path)
     return str(path)
 
@@ -66,7 +68,9 @@ def save(module, path):
 
 
 def test_lean_checkpoint_reloads_identically_and_is_small(tiny_net, tmp_path):
-    net = dataclasses.replace(tiny_net, weights=weights_file(tmp_path / "vit.pth", 1, tiny_net.backbone_kwargs))
+    net = dataclasses.replace(
+        tiny_net, weights=weights_file(tmp_path / "vit.pth", 1, tiny_net.backbone_kwargs)
+    )
     module = LASegModule(net=net).eval()
     lean = save(module, tmp_path / "lean.ckpt")
     full = save(LASegModule(net=net, save_backbone=True).eval(), tmp_path / "full.ckpt")

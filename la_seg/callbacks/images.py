@@ -35,7 +35,9 @@ class TensorBoardImages(L.Callback):
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._panels = []
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         if batch_idx < self.num_cases and self._active(trainer):
             self._panels.append(overlay_row(batch["image"], outputs["label"], outputs["pred"]))
 
@@ -67,7 +69,7 @@ def overlay_row(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) ->
 
 
 def bar_chart(weights: list[torch.Tensor], height: int = 64, bar: int = 12, gap: int = 4) -> torch.Tensor:
-    """(3, H, W) picture of the fusion weights: one row per group, bar height relative to the largest weight."""
+    """(3, H, W) picture of the fusion weights: a row of bars per group, heights relative to the largest."""
     scale = max(float(w.max()) for w in weights) or 1.0
     width = max(len(w) for w in weights) * (bar + gap) + gap
     canvas = torch.ones(3, len(weights) * (height + gap) + gap, width)

@@ -50,7 +50,9 @@ class SegmentationMetrics(L.Callback):
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._rows = []
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         self._collect(outputs, surface=self.surface_metrics_in_validation)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -72,7 +74,11 @@ class SegmentationMetrics(L.Callback):
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call under DDP: every rank
         if trainer.is_global_zero:
             write_report(rows, summary, out_dir)
-            rank_zero_info("\n" + format_table(rows, summary) + f"\nReport written to {out_dir}/test_metrics.{{csv,json}}")
+            rank_zero_info(
+                "\n"
+                + format_table(rows, summary)
+                + f"\nReport written to {out_dir}/test_metrics.{{csv,json}}"
+            )
 
 
 def write_report(rows: list[dict], summary: dict, out_dir: Path) -> None:

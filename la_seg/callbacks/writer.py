@@ -8,7 +8,6 @@ import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
@@ -60,7 +59,9 @@ class NiftiPredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer, pl_module) -> None:
         if self.output_dir is None:
-            raise DataError("--writer.output_dir is required for `la-seg predict`: the folder to write masks into")
+            raise DataError(
+                "--writer.output_dir is required for `la-seg predict`: the folder to write masks into"
+            )
         cases = getattr(trainer.predict_dataloaders.dataset, "cases", [])
         out = self.output_dir.resolve()
         inputs = {Path(c.image_path).resolve() for c in cases}
@@ -87,9 +88,13 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self._pool = ThreadPoolExecutor(max_workers=2)
         self._pending, self._rows = [], []
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ):
         reference = Volume(
-            data=prediction["mask"], affine=prediction["affine"], spacing=prediction["spacing"],
+            data=prediction["mask"],
+            affine=prediction["affine"],
+            spacing=prediction["spacing"],
             path=Path(prediction["image_path"]),
         )
         volume_ml = float(prediction["mask"].sum()) * math.prod(prediction["spacing"]) / 1000.0
@@ -103,7 +108,9 @@ class NiftiPredictionWriter(BasePredictionWriter):
         case_id = prediction["case_id"]
         write_nifti(self.output_dir / f"{case_id}.nii.gz", prediction["mask"].astype(np.uint8), reference)
         if self.save_probabilities:
-            write_nifti(self.output_dir / f"{case_id}_prob.nii.gz", prediction["prob"].astype(np.float32), reference)
+            write_nifti(
+                self.output_dir / f"{case_id}_prob.nii.gz", prediction["prob"].astype(np.float32), reference
+            )
         if self.save_png:
             with atomic_path(self.output_dir / f"{case_id}.png", suffix=".png") as tmp:
                 mid_slices_picture(image, prediction["mask"]).save(tmp)
@@ -124,7 +131,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
 
 
 def mid_slices_picture(image: np.ndarray, mask: np.ndarray) -> Image.Image:
-    """Axial, coronal and sagittal slices through the mask's centre: the normalised image in grey, the mask red."""
+    """Axial, coronal and sagittal slices through the mask's centre: the image in grey, the mask in red."""
     centre = np.argwhere(mask).mean(0).round().astype(int) if mask.any() else np.array(mask.shape) // 2
     views = [
         (image[:, :, centre[2]], mask[:, :, centre[2]]),
