@@ -98,15 +98,17 @@ def write_report(rows: list[dict], summary: dict, out_dir: Path) -> None:
 
 
 def format_table(rows: list[dict], summary: dict) -> str:
-    header = f"{'case':<20}{'Dice':>8}{'IoU':>8}{'HD95mm':>9}{'ASSDmm':>9}{'V_pred mL':>11}{'V_ref mL':>10}"
+    """The per-case table printed after `la-seg test`; the case column fits the longest id."""
+    width = max([len("case"), *(len(str(r["case_id"])) for r in rows)]) + 2
+    header = f"{'case':<{width}}{'Dice':>8}{'IoU':>8}{'HD95mm':>9}{'ASSDmm':>9}{'V_pred mL':>11}{'V_ref mL':>10}"
     lines = [header, "-" * len(header)]
 
     def line(name: str, values: list[float]) -> str:
         d, i, h, a, vp, vr = (_fmt(v) for v in values)
-        return f"{name:<20}{d:>8}{i:>8}{h:>9}{a:>9}{vp:>11}{vr:>10}"
+        return f"{name:<{width}}{d:>8}{i:>8}{h:>9}{a:>9}{vp:>11}{vr:>10}"
 
     for row in rows:
-        lines.append(line(str(row["case_id"])[:19], [row[k] for k in REPORT_COLUMNS[1:]]))
+        lines.append(line(str(row["case_id"]), [row[k] for k in REPORT_COLUMNS[1:]]))
     lines.append("-" * len(header))
     for stat in ("mean", "sd"):
         lines.append(line(stat, [summary[k][stat] for k in REPORT_COLUMNS[1:]]))

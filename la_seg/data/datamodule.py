@@ -157,8 +157,8 @@ class LADataModule(L.LightningDataModule):
             return
         if self.test_root is not None:
             self._test_cases = _by_id(_find(self.test_root, "data.test_root", self.layout, stage, True))
-        if stage == TrainerFn.TESTING and self.root is None and self._test_cases is not None:
-            self._cases = {}  # testing on a held-out folder alone needs no training data
+        if stage == TrainerFn.TESTING and self._test_cases is not None:
+            self._cases = {}  # testing on a held-out folder needs no training data, wherever data.root points
             if self.split is None:
                 self.split = {"train": [], "val": [], "test": sorted(self._test_cases)}
             return
