@@ -100,18 +100,19 @@ def write_report(rows: list[dict], summary: dict, out_dir: Path) -> None:
 def format_table(rows: list[dict], summary: dict) -> str:
     """The per-case table printed after `la-seg test`; the case column fits the longest id."""
     width = max([len("case"), *(len(str(r["case_id"])) for r in rows)]) + 2
-    header = f"{'case':<{width}}{'Dice':>8}{'IoU':>8}{'HD95mm':>9}{'ASSDmm':>9}{'V_pred mL':>11}{'V_ref mL':>10}"
+    titles, widths = ("Dice", "IoU", "HD95mm", "ASSDmm", "V_pred mL", "V_ref mL"), (8, 8, 9, 9, 11, 10)
+
+    def line(name: str, cells) -> str:
+        return f"{name:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+
+    header = line("case", titles)
     lines = [header, "-" * len(header)]
 
-    def line(name: str, values: list[float]) -> str:
-        d, i, h, a, vp, vr = (_fmt(v) for v in values)
-        return f"{name:<{width}}{d:>8}{i:>8}{h:>9}{a:>9}{vp:>11}{vr:>10}"
-
     for row in rows:
-        lines.append(line(str(row["case_id"]), [row[k] for k in REPORT_COLUMNS[1:]]))
+        lines.append(line(str(row["case_id"]), [_fmt(row[k]) for k in REPORT_COLUMNS[1:]]))
     lines.append("-" * len(header))
     for stat in ("mean", "sd"):
-        lines.append(line(stat, [summary[k][stat] for k in REPORT_COLUMNS[1:]]))
+        lines.append(line(stat, [_fmt(summary[k][stat]) for k in REPORT_COLUMNS[1:]]))
     lines.append(
         f"slice-wise Dice {_fmt(summary['slice_dice']['mean'])}, IoU {_fmt(summary['slice_iou']['mean'])} "
         f"over {summary['slice_dice']['n']} slices; {len(rows)} cases"
