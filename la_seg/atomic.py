@@ -18,6 +18,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs should read like any other file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

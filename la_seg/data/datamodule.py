@@ -9,8 +9,6 @@ datasets are built in the *_dataloader methods from `self.split`.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
+from la_seg.atomic import atomic_write_text
 from la_seg.data.datasets import CACHE_MODES, SliceDataset, VolumeDataset, first_item
 from la_seg.data.io import DataError
 from la_seg.data.layouts import LAYOUTS, Case, find_cases
@@ -225,17 +224,7 @@ class LADataModule(L.LightningDataModule):
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if log_dir is None or not self.trainer.is_global_zero:
             return
-        path = Path(log_dir) / "split.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".split.json.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self.split, handle, indent=2)
-                handle.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(Path(log_dir) / "split.json", json.dumps(self.split, indent=2) + "\n")
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:

@@ -9,16 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from la_seg.atomic import atomic_path, atomic_write_text
 from la_seg.data.io import DataError, read_case, read_image
 from la_seg.data.layouts import Case
 from la_seg.data.preprocess import check_img_size, labels_to_input, normalize_intensity, slices_to_input
@@ -101,7 +101,7 @@ class VolumeCache:
         if label_file is not None:
             _save_npy(label_file, entry.label)
         meta = {"image_path": str(case.image_path), "affine": entry.affine.tolist(), "spacing": entry.spacing}
-        _atomic_write(meta_file, lambda handle: handle.write(json.dumps(meta).encode()))
+        atomic_write_text(meta_file, json.dumps(meta))
         return entry
 
 
@@ -127,20 +127,10 @@ def _file_key(path: Path, *extra: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write via a temp file and rename, so concurrent ranks and workers never read half a cache file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False))
+    """Concurrent ranks and workers must never read half a cache file: write it atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
 
 
 class SliceDataset(Dataset):

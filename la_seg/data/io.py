@@ -7,8 +7,6 @@ with pynrrd and given a NIfTI-style RAS affine, so everything downstream sees on
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,8 @@ import nibabel as nib
 import nrrd
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+
+from la_seg.atomic import atomic_path
 
 if TYPE_CHECKING:
     from la_seg.data.layouts import Case
@@ -102,20 +102,12 @@ def write_nifti(path: str | Path, data: np.ndarray, reference: Volume) -> None:
     image.set_sform(affine, code=1)
     payload = image.to_bytes()
     compress = path.name.lower().endswith(".gz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            if compress:
-                with gzip.GzipFile(filename="", mode="wb", fileobj=handle, compresslevel=6, mtime=0) as gz:
-                    gz.write(payload)
-            else:
-                handle.write(payload)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        if compress:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=handle, compresslevel=6, mtime=0) as gz:
+                gz.write(payload)
+        else:
+            handle.write(payload)
 
 
 def _read(path: Path, spacing: tuple[float, float, float] | None) -> Volume:
