@@ -103,3 +103,13 @@ def test_random_or_trained_backbone_is_always_stored(tiny_net, tmp_path):
         x = torch.rand(1, 3, 56, 56)
         with torch.no_grad():
             assert torch.equal(module(x), reloaded(x))
+
+
+def test_compile_gives_the_same_outputs(tiny_net):
+    torch.manual_seed(0)
+    eager = LASegModule(net=tiny_net).eval()
+    compiled = LASegModule(net=tiny_net, compile=True).eval()
+    compiled.load_state_dict(eager.state_dict())  # compiling in place keeps the checkpoint keys
+    x = torch.rand(2, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
