@@ -18,6 +18,10 @@ from la_seg.data.preprocess import restore_geometry, slices_to_input
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
 
 BACKBONE_PREFIX = "net.backbone."
+# Largest chunk segment_volume runs on CPU. A CPU forward is compute-bound from a few slices on; bigger chunks
+# only add GB-sized activations that the allocator maps and page-faults afresh for every op (base at 448 px,
+# bf16: 64-slice chunks 2.56 s/slice, 4-slice chunks 1.92 s/slice; see benchmarks/README.md).
+CPU_EVAL_CHUNK = 4
 
 
 class LASegModule(L.LightningModule):
@@ -114,6 +118,8 @@ class LASegModule(L.LightningModule):
         """Probability map and binary mask, both (X, Y, Z) in the volume's original geometry."""
         depth = image.shape[-1]
         chunk = self.hparams.eval_batch_size
+        if image.device.type == "cpu":
+            chunk = min(chunk, CPU_EVAL_CHUNK)
         probs = []
         for start in range(0, depth, chunk):
             index = slice(start, min(depth, start + chunk))

@@ -10,12 +10,36 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
-TINY = ["--config", "demo.yaml", "--device", "cpu", "--img-size", "56", "--batch-size", "4", "--steps", "2",
-        "--volumes", "1", "--volume-shape", "64", "64", "8", "--num-workers", "0", "--threads", "1"]
+TINY = [
+    "--config",
+    "demo.yaml",
+    "--device",
+    "cpu",
+    "--img-size",
+    "56",
+    "--batch-size",
+    "4",
+    "--steps",
+    "2",
+    "--volumes",
+    "1",
+    "--volume-shape",
+    "64",
+    "64",
+    "8",
+    "--num-workers",
+    "0",
+    "--threads",
+    "1",
+]
 RATES = ("backbone_slices_per_s", "train_slices_per_s", "predict_slices_per_s")
 FLOPS = ("backbone_flops_per_slice", "train_flops_per_slice", "flops_per_slice")
-TARGETS = ("cpu_predict_vs_backbone", "cpu_train_step_time_vs_backbone", "gpu_train_vs_backbone",
-           "gpu_peak_memory_gb")
+TARGETS = (
+    "cpu_predict_vs_backbone",
+    "cpu_train_step_time_vs_backbone",
+    "gpu_train_vs_backbone",
+    "gpu_peak_memory_gb",
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +51,9 @@ def throughput():
 
 
 def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +66,22 @@ def report(throughput, tmp_path_factory):
 
 
 def test_report_has_every_figure(report):
-    for key in ("config", "device", "torch", "timm", "img_size", "batch_size", "precision", "peak_memory_bytes",
-                "train_ratio", "predict_ratio", "train_step_time_ratio", "targets", "fast_path", "details"):
+    for key in (
+        "config",
+        "device",
+        "torch",
+        "timm",
+        "img_size",
+        "batch_size",
+        "precision",
+        "peak_memory_bytes",
+        "train_ratio",
+        "predict_ratio",
+        "train_step_time_ratio",
+        "targets",
+        "fast_path",
+        "details",
+    ):
         assert key in report, key
     assert report["img_size"] == 56 and report["batch_size"] == 4
     assert report["device_type"] == "cpu" and report["device"].startswith("cpu")
@@ -94,7 +134,8 @@ def test_fast_path_checks(report):
     checks = report["fast_path"]
     assert checks["train_cache"] == "memory" and checks["train_volumes_cached"] == checks["train_cases"]
     assert checks["predict_resize_on_device"] is True
-    assert checks["predict_forwards_per_case"] == 1  # 8 slices, eval_batch_size 64: one chunk
+    assert checks["predict_eval_chunk"] <= checks["predict_eval_batch_size"] == 64
+    assert checks["predict_forwards_per_case"] == math.ceil(8 / checks["predict_eval_chunk"])
     assert checks["sdpa_ops"], "the backbone should run PyTorch SDPA"
     assert checks["unfused_softmax_in_backbone"] is False
 
@@ -104,8 +145,9 @@ def test_frozen_backbone_keeps_no_graph(throughput, tmp_path):
     config = tmp_path / "frozen.yaml"
     text = (Path(throughput.REPO) / "la_seg" / "configs" / "demo.yaml").read_text()
     config.write_text(text.replace("trainable_blocks: -1", "trainable_blocks: 0"))
-    report = throughput.main(["--config", str(config), *TINY[2:], "--steps", "1", "--warmup", "1",
-                              "--workdir", str(tmp_path)])
+    report = throughput.main(
+        ["--config", str(config), *TINY[2:], "--steps", "1", "--warmup", "1", "--workdir", str(tmp_path)]
+    )
     checks = report["fast_path"]
     assert checks["backbone_frozen"] is True
     assert checks["backbone_trainable_params"] == 0
