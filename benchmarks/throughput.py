@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -289,14 +288,6 @@ def build_module(config: dict, args: argparse.Namespace, img_size: int, device: 
     return module
 
 
-def make_optimizer(module) -> torch.optim.Optimizer:
-    """As LASegModule.configure_optimizers builds it (its LR schedule changes no cost and needs a trainer)."""
-    hp = module.hparams
-    params = [p for p in module.parameters() if p.requires_grad]
-    cls = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=hp.lr, weight_decay=hp.weight_decay)
-
-
 def bench_backbone(module, batch: int, img_size: int, steps: int, warmup: int, autocast, device, timer, out):
     backbone = module.net.backbone
     module.train()  # as during training: a frozen ViT must stay in eval mode regardless
@@ -391,7 +382,7 @@ def bench_train(
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
-    optimizer = make_optimizer(module)
+    optimizer = module.build_optimizer()
     module.train()
     checks = {
         "train_cache": dataset.cache.mode,
@@ -439,6 +430,7 @@ def bench_train(
 
 
 def bench_predict(module, cases, volume_shape, workers, autocast, device, timer, out, out_dir: Path):
+    from la_seg.callbacks.writer import NiftiPredictionWriter
     from la_seg.data.datasets import VolumeDataset, first_item
     from la_seg.data.io import Volume, write_nifti
     from la_seg.data.preprocess import restore_geometry, slices_to_input
@@ -453,10 +445,7 @@ def bench_predict(module, cases, volume_shape, workers, autocast, device, timer,
     with torch.inference_mode(), counter, recorder, autocast():
         module.segment_volume(warm)
     resize_ops = [d for n, d in recorder.ops if "upsample" in n or "interpolate" in n]
-    chunk = hp.eval_batch_size
-    cpu_cap = getattr(sys.modules[type(module).__module__], "CPU_EVAL_CHUNK", None)
-    if device.type == "cpu" and cpu_cap:
-        chunk = min(chunk, cpu_cap)  # segment_volume caps its chunks on CPU
+    chunk = module.eval_chunk(device)
     checks = {
         "predict_eval_batch_size": hp.eval_batch_size,
         "predict_eval_chunk": chunk,
@@ -478,8 +467,8 @@ def bench_predict(module, cases, volume_shape, workers, autocast, device, timer,
         num_workers=loader_workers,
         pin_memory=device.type == "cuda",
     )
-    pool = ThreadPoolExecutor(max_workers=2)  # as NiftiPredictionWriter
-    pending = []
+    writer = NiftiPredictionWriter(output_dir=str(out_dir))  # the writer `la-seg predict` uses
+    writer.open()
     wait_data = segment = 0.0
     slices = 0
     start = timer.now()
@@ -490,28 +479,13 @@ def bench_predict(module, cases, volume_shape, workers, autocast, device, timer,
         batch["image"] = batch["image"].to(device, non_blocking=True)
         with torch.inference_mode(), autocast():
             prediction = module.predict_step(batch, i)
-        reference = Volume(
-            data=prediction["mask"],
-            affine=prediction["affine"],
-            spacing=prediction["spacing"],
-            path=Path(prediction["image_path"]),
-        )
-        pending.append(
-            pool.submit(
-                write_nifti,
-                out_dir / f"{prediction['case_id']}.nii.gz",
-                prediction["mask"].astype(np.uint8),
-                reference,
-            )
-        )
+        writer.submit(prediction, batch)
         slices += int(prediction["mask"].shape[-1])
         t_prev = time.perf_counter()
         segment += t_prev - t_got
     t_loop = time.perf_counter()
-    for future in pending:
-        future.result()
+    writer.close()
     total = timer.now() - start
-    pool.shutdown()
     written = sorted(out_dir.glob("*.nii.gz"))
     if len(written) != len(cases):
         raise RuntimeError(f"predict wrote {len(written)} masks for {len(cases)} volumes")
@@ -532,6 +506,9 @@ def bench_predict(module, cases, volume_shape, workers, autocast, device, timer,
         restore_geometry(inputs[:, 0], tuple(volume.shape))
     stages["resize_out_s"] = timer.now() - t0
     t0 = time.perf_counter()
+    reference = Volume(
+        prediction["mask"], prediction["affine"], prediction["spacing"], Path(prediction["image_path"])
+    )
     write_nifti(out_dir / "stage_probe.nii.gz", prediction["mask"].astype(np.uint8), reference)
     stages["write_mask_s"] = time.perf_counter() - t0
     details = {

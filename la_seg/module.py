@@ -91,10 +91,14 @@ class LASegModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
-    def configure_optimizers(self):
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimiser over the trainable parameters only (a frozen backbone contributes none)."""
         params = [p for p in self.parameters() if p.requires_grad]
         cls = torch.optim.Adam if self.hparams.optimizer == "adam" else torch.optim.AdamW
-        optimizer = cls(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return cls(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def configure_optimizers(self):
+        optimizer = self.build_optimizer()
         if self.hparams.scheduler == "none" and self.hparams.warmup_epochs == 0:
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -113,13 +117,16 @@ class LASegModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- whole-volume evaluation --------------------------------------------------------------------
+    def eval_chunk(self, device: torch.device) -> int:
+        """Slices per forward pass in segment_volume on `device`."""
+        chunk = self.hparams.eval_batch_size
+        return min(chunk, CPU_EVAL_CHUNK) if device.type == "cpu" else chunk
+
     @torch.no_grad()
     def segment_volume(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Probability map and binary mask, both (X, Y, Z) in the volume's original geometry."""
         depth = image.shape[-1]
-        chunk = self.hparams.eval_batch_size
-        if image.device.type == "cpu":
-            chunk = min(chunk, CPU_EVAL_CHUNK)
+        chunk = self.eval_chunk(image.device)
         probs = []
         for start in range(0, depth, chunk):
             index = slice(start, min(depth, start + chunk))

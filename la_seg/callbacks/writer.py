@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from PIL import Image
 from la_seg.atomic import atomic_path, atomic_write_text
 from la_seg.callbacks._distributed import gather_cases
 from la_seg.data.io import DataError, Volume, write_nifti
+from la_seg.metrics import volume_ml
 
 
 class NiftiPredictionWriter(BasePredictionWriter):
@@ -84,6 +84,10 @@ class NiftiPredictionWriter(BasePredictionWriter):
                     f"{len(existing)} output file(s) exist already ({shown}); "
                     "pass --writer.overwrite true to replace them, or choose another --writer.output_dir"
                 )
+        self.open()
+
+    def open(self) -> None:
+        """Start the background writer (the callback hooks call open / submit / close; so can other code)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=2)
         self._pending, self._rows = [], []
@@ -91,15 +95,22 @@ class NiftiPredictionWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ):
+        self.submit(prediction, batch)
+
+    def submit(self, prediction: dict, batch: dict) -> None:
+        """Queue one case's outputs for writing; returns at once."""
         reference = Volume(
             data=prediction["mask"],
             affine=prediction["affine"],
             spacing=prediction["spacing"],
             path=Path(prediction["image_path"]),
         )
-        volume_ml = float(prediction["mask"].sum()) * math.prod(prediction["spacing"]) / 1000.0
         self._rows.append(
-            {"case_id": prediction["case_id"], "volume_ml": volume_ml, "image_path": prediction["image_path"]}
+            {
+                "case_id": prediction["case_id"],
+                "volume_ml": volume_ml(prediction["mask"], prediction["spacing"]),
+                "image_path": prediction["image_path"],
+            }
         )
         image = batch["image"].float().cpu().numpy() if self.save_png else None
         self._pending.append(self._pool.submit(self._write_case, prediction, reference, image))
@@ -115,11 +126,15 @@ class NiftiPredictionWriter(BasePredictionWriter):
             with atomic_path(self.output_dir / f"{case_id}.png", suffix=".png") as tmp:
                 mid_slices_picture(image, prediction["mask"]).save(tmp)
 
-    def on_predict_end(self, trainer, pl_module) -> None:
+    def close(self) -> list[dict]:
+        """Wait for every queued write (re-raising any write error) and return this process's volume rows."""
         for future in self._pending:
-            future.result()  # re-raises any write error here
+            future.result()
         self._pool.shutdown()
-        rows = gather_cases(self._rows)
+        return self._rows
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        rows = gather_cases(self.close())
         if trainer.is_global_zero:
             buffer = io.StringIO()
             writer = csv.writer(buffer)

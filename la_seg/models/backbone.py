@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +136,8 @@ class DINOv2Backbone(nn.Module):
         if x.shape[-2] % PATCH_SIZE or x.shape[-1] % PATCH_SIZE:
             raise ValueError(f"H and W must be multiples of {PATCH_SIZE}, got {tuple(x.shape[-2:])}")
         x = (x - self.mean) / self.std
-        if self.frozen:
-            with torch.no_grad():
-                return self._in_autocast_dtype(self._features(x))
-        return self._in_autocast_dtype(self._features(x))
+        with torch.no_grad() if self.frozen else nullcontext():
+            return self._in_autocast_dtype(self._features(x))
 
     @staticmethod
     def _in_autocast_dtype(features: list[Tensor]) -> list[Tensor]:
