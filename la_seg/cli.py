@@ -11,8 +11,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorBoardImages
 from la_seg.data.datamodule import LADataModule
-from la_seg.data.io import DataError
 from la_seg.data.synthetic import write_dataset
+from la_seg.errors import DataError
 from la_seg.module import LASegModule
 
 CONFIG_DIR = Path(__file__).parent / "configs"

@@ -14,7 +14,8 @@ from PIL import Image
 
 from la_seg.atomic import atomic_path, atomic_write_text
 from la_seg.callbacks._distributed import gather_cases
-from la_seg.data.io import DataError, Volume, write_nifti
+from la_seg.data.io import Volume, write_nifti
+from la_seg.errors import DataError
 from la_seg.metrics import volume_ml
 
 

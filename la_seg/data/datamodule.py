@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 
 from la_seg.atomic import atomic_write_text
 from la_seg.data.datasets import CACHE_MODES, SliceDataset, VolumeDataset, first_item
-from la_seg.data.io import DataError
 from la_seg.data.layouts import LAYOUTS, Case, find_cases
 from la_seg.data.preprocess import check_img_size
 from la_seg.data.transforms import AugmentationConfig, build_train_transform
+from la_seg.errors import DataError
 
 PARTS = ("train", "val", "test")
 _SUM_TOLERANCE = 1e-6

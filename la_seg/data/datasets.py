@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import Dataset
 
 from la_seg.atomic import atomic_path, atomic_write_text
-from la_seg.data.io import DataError, read_case, read_image
+from la_seg.data.io import read_case, read_image
 from la_seg.data.layouts import Case
 from la_seg.data.preprocess import check_img_size, labels_to_input, normalize_intensity, slices_to_input
+from la_seg.errors import DataError
 
 if TYPE_CHECKING:
     import albumentations as A

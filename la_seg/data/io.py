@@ -18,6 +18,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from la_seg.atomic import atomic_path
+from la_seg.errors import DataError
 
 if TYPE_CHECKING:
     from la_seg.data.layouts import Case
@@ -28,10 +29,6 @@ _READ_ERRORS = (OSError, EOFError, zlib.error, ImageFileError, nrrd.NRRDError, V
 # NRRD space axis names and their sign in RAS; LPS data (the ITK default) flips x and y.
 _RAS_SIGN = {"left": -1, "right": 1, "posterior": -1, "anterior": 1, "inferior": -1, "superior": 1}
 _RAS_LETTER = {"L": "left", "R": "right", "P": "posterior", "A": "anterior", "I": "inferior", "S": "superior"}
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file or field and what is wrong with it."""
 
 
 @dataclass(eq=False)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from la_seg.data.io import DataError
+from la_seg.errors import DataError
 
 
 @dataclass(frozen=True)

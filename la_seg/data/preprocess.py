@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from la_seg.data.io import DataError
+from la_seg.errors import DataError
 
 PATCH_SIZE = 14  # DINOv2 patch size: the input side must be a whole number of patches
 

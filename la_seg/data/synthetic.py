@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from la_seg.data.io import DataError, Volume, write_nifti
+from la_seg.data.io import Volume, write_nifti
+from la_seg.errors import DataError
 
 LA_LABEL = 420  # the LAScarQS atriumSegImgMO value
 _FOV_MM = 100.0

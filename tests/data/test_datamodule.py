@@ -8,8 +8,8 @@ from torch.utils.data import RandomSampler
 
 from la_seg.data.datamodule import LADataModule, split_cases
 from la_seg.data.datasets import first_item
-from la_seg.data.io import DataError
 from la_seg.data.synthetic import write_dataset
+from la_seg.errors import DataError
 
 IDS = [f"case_{i:03d}" for i in range(130)]
 

@@ -9,10 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from la_seg.data.datasets import SliceDataset, VolumeDataset, first_item
-from la_seg.data.io import DataError
 from la_seg.data.layouts import find_cases
 from la_seg.data.preprocess import normalize_intensity, slices_to_input
 from la_seg.data.transforms import AugmentationConfig, build_train_transform
+from la_seg.errors import DataError
 
 SHAPE = (30, 28, 6)
 AFFINE = np.diag([0.625, 0.625, 2.5, 1.0])

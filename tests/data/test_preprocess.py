@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from la_seg.data.io import DataError
 from la_seg.data.preprocess import labels_to_input, normalize_intensity, restore_geometry, slices_to_input
+from la_seg.errors import DataError
 
 
 def _blob(shape=(30, 28, 6)) -> torch.Tensor:
