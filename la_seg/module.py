@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, TypedDict
 
 import lightning as L
 import torch
@@ -14,6 +14,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
+from la_seg.data.io import Geometry
 from la_seg.data.preprocess import restore_geometry, slices_to_input
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
 
@@ -22,6 +23,24 @@ BACKBONE_PREFIX = "net.backbone."
 # only add GB-sized activations that the allocator maps and page-faults afresh for every op (base at 448 px,
 # bf16: 64-slice chunks 2.56 s/slice, 4-slice chunks 1.92 s/slice; see benchmarks/README.md).
 CPU_EVAL_CHUNK = 4
+
+
+class EvalOutput(TypedDict):
+    """What validation_step and test_step hand to the callbacks: one case, arrays slices last."""
+
+    case_id: str
+    pred: torch.Tensor  # bool (X', Y', Z'), thresholded and post-processed
+    label: torch.Tensor  # bool, same layout
+    geometry: Geometry
+
+
+class PredictOutput(TypedDict):
+    """What predict_step hands to the writer: tensors, slices last; the writer turns them into files."""
+
+    case_id: str
+    mask: torch.Tensor  # bool (X', Y', Z')
+    prob: torch.Tensor  # float32, same layout
+    geometry: Geometry
 
 
 class LASegModule(L.LightningModule):

@@ -12,14 +12,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from la_seg.atomic import atomic_path, atomic_write_text
-from la_seg.data.io import read_case, read_image
+from la_seg.data.io import Geometry, read_case, read_image
 from la_seg.data.layouts import Case
 from la_seg.data.preprocess import check_img_size, labels_to_input, normalize_intensity, slices_to_input
 from la_seg.errors import DataError
@@ -215,6 +215,15 @@ class SliceDataset(Dataset):
         if self._seeded_pid != os.getpid():
             self.transform.set_random_seed(torch.initial_seed() % 2**32)
             self._seeded_pid = os.getpid()
+
+
+class VolumeItem(TypedDict, total=False):
+    """One evaluation or prediction case as VolumeDataset yields it; arrays slices last."""
+
+    case_id: str
+    image: torch.Tensor  # float32 (X', Y', Z') in [0, 1]
+    label: torch.Tensor  # uint8 {0, 1}, same layout (only with labels)
+    geometry: Geometry
 
 
 class VolumeDataset(Dataset):

@@ -10,7 +10,7 @@ import gzip
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import nibabel as nib
 import nrrd
@@ -23,12 +23,50 @@ from la_seg.errors import DataError
 if TYPE_CHECKING:
     from la_seg.data.layouts import Case
 
+ArrayT = TypeVar("ArrayT")
 NRRD_EXTENSIONS = (".nrrd", ".nhdr")
 AFFINE_TOLERANCE_MM = 1e-3
 _READ_ERRORS = (OSError, EOFError, zlib.error, ImageFileError, nrrd.NRRDError, ValueError, TypeError)
 # NRRD space axis names and their sign in RAS; LPS data (the ITK default) flips x and y.
 _RAS_SIGN = {"left": -1, "right": 1, "posterior": -1, "anterior": 1, "inferior": -1, "superior": 1}
 _RAS_LETTER = {"L": "left", "R": "right", "P": "posterior", "A": "anterior", "I": "inferior", "S": "superior"}
+
+
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """Where a volume's voxels lie and how it is cut into slices; every stage passes it on unchanged.
+
+    `affine` is the file's own, so a written mask overlays its image in any viewer; `spacing` is the one used
+    for mm and mL figures (it can differ from the header's, as for Utah 2018). The model sees volumes with the
+    through-plane `slice_axis` moved last ("slices last"); `to_slices_last` / `from_slices_last` convert arrays
+    (numpy or torch) between that layout and the file's.
+    """
+
+    shape: tuple[int, int, int]  # the file's array shape
+    affine: np.ndarray  # (4, 4) float64, voxel index -> world mm (RAS), as in the file
+    spacing: tuple[float, float, float]  # mm per voxel along the file's array axes
+    source: Path
+    slice_axis: int = 2  # the through-plane axis of the file's array
+
+    @property
+    def slices_last_spacing(self) -> tuple[float, float, float]:
+        """`spacing` in the slices-last layout."""
+        order = [a for a in range(3) if a != self.slice_axis] + [self.slice_axis]
+        return tuple(self.spacing[a] for a in order)  # type: ignore[return-value]
+
+    def to_slices_last(self, array: ArrayT) -> ArrayT:
+        return _moveaxis(array, self.slice_axis, 2)
+
+    def from_slices_last(self, array: ArrayT) -> ArrayT:
+        return _moveaxis(array, 2, self.slice_axis)
+
+
+def _moveaxis(array, source: int, target: int):
+    if source == target:
+        return array
+    if isinstance(array, np.ndarray):
+        return np.moveaxis(array, source, target)
+    return array.movedim(source, target)  # torch.Tensor
 
 
 @dataclass(eq=False)
