@@ -37,9 +37,9 @@ class Geometry:
     """Where a volume's voxels lie and how it is cut into slices; every stage passes it on unchanged.
 
     `affine` is the file's own, so a written mask overlays its image in any viewer; `spacing` is the one used
-    for mm and mL figures (it can differ from the header's, as for Utah 2018). The model sees volumes with the
-    through-plane `slice_axis` moved last ("slices last"); `to_slices_last` / `from_slices_last` convert arrays
-    (numpy or torch) between that layout and the file's.
+    for mm and mL figures (it can differ from the header's, as for Utah 2018). The model sees volumes with
+    the through-plane `slice_axis` moved last ("slices last"); `to_slices_last` / `from_slices_last` convert
+    arrays (numpy or torch) between that layout and the file's.
     """
 
     shape: tuple[int, int, int]  # the file's array shape
