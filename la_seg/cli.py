@@ -13,7 +13,9 @@ from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorB
 from la_seg.data.datamodule import LADataModule
 from la_seg.data.synthetic import write_dataset
 from la_seg.errors import DataError
+from la_seg.evaluate import evaluate
 from la_seg.module import LASegModule
+from la_seg.nnunet import export_nnunet
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv and argv[0] == "synth":
             CLI(synth, args=argv[1:], as_positional=False)
+            return
+        if argv and argv[0] in ("export-nnunet", "evaluate"):
+            CLI(export_nnunet if argv[0] == "export-nnunet" else evaluate, args=argv[1:], as_positional=False)
             return
         argv = resolve_config_paths(argv)
         if from_command_line:  # DDP re-launches sys.argv: let it carry the resolved config paths

@@ -1,0 +1,195 @@
+"""`la-seg evaluate`: score any folder of masks (nnU-Net's, la-seg's) with the report of `la-seg test`.
+
+Predictions are `<case>.nii.gz` (or .nii/.nrrd) files; references are found under --ref by la-seg's layouts
+and matched by case id. `--ref` is a labelled data set (its labels are the references) or a folder of masks
+such as an export's labelsTs. Spacing comes from the reference as `la-seg test` takes it (Utah's override
+included); every prediction must lie on its reference's voxel grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from la_seg.callbacks.metrics import REPORT_COLUMNS, format_table, write_report
+from la_seg.data.io import AFFINE_TOLERANCE_MM, Geometry, Volume, read_image, read_label
+from la_seg.data.layouts import find_cases
+from la_seg.errors import DataError
+from la_seg.metrics import case_metrics, summarise
+from la_seg.nnunet import LayoutName
+
+PROBABILITY_SUFFIX = "_prob"  # `la-seg predict --writer.save_probabilities` companions, not masks
+REPORT_FILES = ("test_metrics.csv", "test_metrics.json")
+
+
+@dataclass(frozen=True)
+class EvaluationMetrics:
+    """How undefined figures are reported.
+
+    Args:
+        empty_distance: HD95/ASSD when a mask is empty: `nan` (left out of the mean, counted as failed) or
+            `max` (the diagonal of the reference's field of view in mm, the worst distance possible).
+    """
+
+    empty_distance: Literal["nan", "max"] = "nan"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference mask file and the spacing la-seg measures it with (None: the header's)."""
+
+    path: Path
+    spacing: tuple[float, float, float] | None = None
+
+
+def evaluate(
+    pred: Path,
+    ref: Path,
+    ref_layout: LayoutName = "auto",
+    out: Path | None = None,
+    metrics: EvaluationMetrics = EvaluationMetrics(),  # noqa: B008 (frozen, so sharing is safe)
+    label: int | None = None,
+    missing: Literal["error", "fail"] = "error",
+    overwrite: bool = False,
+) -> tuple[list[dict], dict]:
+    """Score a folder of masks against references, writing test_metrics.{csv,json} and printing the table.
+
+    Args:
+        pred: folder of predicted masks named `<case>.nii.gz` (e.g. nnUNetv2_predict's or la-seg predict's).
+        ref: labelled data set (any layout) or folder of reference masks (e.g. an export's labelsTs).
+        ref_layout: layout of --ref; `auto` detects it.
+        out: report folder; default `<pred>_evaluation` beside the predictions.
+        metrics: --metrics.empty_distance (nan or max).
+        label: the prediction value that marks the LA in multi-label masks; default: every value > 0.
+        missing: a reference without a prediction: `error` refuses, `fail` scores it as an empty mask.
+        overwrite: replace an earlier report in --out.
+    """
+    pred, ref = Path(pred).expanduser(), Path(ref).expanduser()
+    if label is not None and label < 1:
+        raise DataError(f"--label must be a mask value >= 1, got {label}")
+    predictions = find_predictions(pred)
+    references = find_references(ref, ref_layout)
+    pairs = match_cases(predictions, references, missing, pred, ref)
+    out_dir = Path(out).expanduser() if out is not None else pred.with_name(f"{pred.name}_evaluation")
+    _check_out(out_dir, (pred, ref), overwrite)
+    rows = [
+        score_case(case_id, path, references[case_id], label, metrics.empty_distance)
+        for case_id, path in pairs.items()
+    ]
+    summary = summarise(rows, REPORT_COLUMNS[1:])
+    write_report(rows, summary, out_dir)
+    unmatched = [case_id for case_id, path in pairs.items() if path is None]
+    print(format_table(rows, summary))
+    if unmatched:
+        print(f"{len(unmatched)} reference(s) without a prediction scored as empty masks: {unmatched}")
+    print(f"Report written to {out_dir}/test_metrics.{{csv,json}}")
+    return rows, summary
+
+
+def find_predictions(pred: Path) -> dict[str, Path]:
+    """Case id -> mask file; `<case>_prob` probability maps beside `<case>` masks are skipped."""
+    found = {case.case_id: case.image_path for case in find_cases(pred, "files")}
+    return {
+        case_id: path
+        for case_id, path in found.items()
+        if not (case_id.endswith(PROBABILITY_SUFFIX) and case_id.removesuffix(PROBABILITY_SUFFIX) in found)
+    }
+
+
+def find_references(ref: Path, layout: str) -> dict[str, Reference]:
+    """Case id -> reference: the labels of a labelled data set, or the files of a folder of masks."""
+    cases = find_cases(ref, layout)
+    if any(case.label_path is not None for case in cases):
+        cases = find_cases(ref, layout, require_labels=True)
+        return {case.case_id: Reference(case.label_path, case.spacing) for case in cases}
+    images = [str(c.image_path) for c in cases if not c.image_path.name.startswith(f"{c.case_id}.")]
+    if images:
+        raise DataError(
+            f"--ref {ref} holds images named <case>_0000 and no labels ({images[:3]}); point --ref at the "
+            "labels (e.g. the export's labelsTs) or at a labelled data set"
+        )
+    return {case.case_id: Reference(case.image_path, case.spacing) for case in cases}
+
+
+def match_cases(
+    predictions: dict[str, Path], references: dict[str, Reference], missing: str, pred: Path, ref: Path
+) -> dict[str, Path | None]:
+    """Pair predictions with references by case id (None: no prediction, scored as an empty mask)."""
+    orphans = sorted(set(predictions) - set(references))
+    if orphans:
+        files = [str(predictions[case_id]) for case_id in orphans]
+        raise DataError(f"{len(orphans)} prediction(s) in {pred} have no reference under {ref}: {files[:10]}")
+    absent = sorted(set(references) - set(predictions))
+    if absent and missing == "error":
+        files = [str(references[case_id].path) for case_id in absent]
+        raise DataError(
+            f"{len(absent)} reference(s) under {ref} have no prediction in {pred}: {files[:10]}; "
+            "pass --missing fail to score them as empty masks"
+        )
+    return {case_id: predictions.get(case_id) for case_id in sorted(references)}
+
+
+def score_case(
+    case_id: str, pred_path: Path | None, reference: Reference, label: int | None, empty_distance: str
+) -> dict:
+    """One report row: the prediction against its reference on the reference's grid and spacing."""
+    truth = read_label(reference.path)  # the file's own grid, as predictions are written on it
+    geometry = Geometry(truth.data.shape, truth.affine, reference.spacing or truth.spacing, truth.path)
+    if pred_path is None:
+        mask = np.zeros(truth.data.shape, dtype=bool)
+    else:
+        prediction = read_image(pred_path)
+        check_same_grid(prediction, truth)
+        mask = binarise_prediction(prediction, label)
+    row = case_metrics(
+        torch.from_numpy(geometry.to_slices_last(mask)),
+        torch.from_numpy(geometry.to_slices_last(truth.data.astype(bool))),
+        geometry.slices_last_spacing,
+    )
+    if empty_distance == "max":
+        diagonal = math.dist((0.0, 0.0, 0.0), np.multiply(geometry.shape, geometry.spacing))
+        row.update({key: diagonal for key in ("hd95_mm", "assd_mm") if math.isnan(row[key])})
+    return {"case_id": case_id, **row}
+
+
+def check_same_grid(prediction: Volume, reference: Volume) -> None:
+    """A mask on another grid cannot be scored voxel by voxel: refuse it rather than resample silently."""
+    if prediction.data.shape != reference.data.shape:
+        raise DataError(
+            f"prediction {prediction.path} has shape {prediction.data.shape} but its reference "
+            f"{reference.path} has shape {reference.data.shape}; predictions must be on the reference's grid"
+        )
+    if not np.allclose(prediction.affine, reference.affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
+        raise DataError(
+            f"prediction {prediction.path} and its reference {reference.path} have different affines "
+            f"(tolerance {AFFINE_TOLERANCE_MM} mm):\n{prediction.affine}\nvs\n{reference.affine}"
+        )
+
+
+def binarise_prediction(prediction: Volume, label: int | None) -> np.ndarray:
+    """The LA mask of a label map: value `label`, or every value > 0; probability maps are refused."""
+    data = prediction.data
+    if not np.isfinite(data).all() or (data < 0).any() or (data != np.round(data)).any():
+        raise DataError(
+            f"prediction {prediction.path} is not a label mask: it holds negative, fractional or non-finite "
+            "values (a probability map? threshold it first)"
+        )
+    return data > 0 if label is None else data == label
+
+
+def _check_out(out_dir: Path, inputs: tuple[Path, Path], overwrite: bool) -> None:
+    """The report never goes into the inputs, nor over an earlier report unless asked."""
+    for source in inputs:
+        folder = source if source.is_dir() else source.parent
+        if out_dir.resolve().is_relative_to(folder.resolve()):
+            raise DataError(f"report folder {out_dir} lies inside the input {source}; choose another --out")
+    if out_dir.is_file():
+        raise DataError(f"--out {out_dir} is a file; give a folder")
+    existing = [str(out_dir / name) for name in REPORT_FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise DataError(f"report files exist: {existing}; pass --overwrite true or choose another --out")

@@ -1,0 +1,247 @@
+"""`la-seg export-nnunet`: a data set la-seg reads, written as an nnU-Net v2 raw data set with its split.
+
+A fair comparison trains and tests nnU-Net on exactly the cases la-seg used: the train/val cases of a la-seg
+run's split.json become imagesTr/labelsTr and splits_final.json, its test cases go to imagesTs/labelsTs, which
+nnU-Net never trains on. Images keep their voxels and la-seg's geometry (the spacing la-seg measures with,
+e.g. Utah's true 0.625 mm, is written into the header, since nnU-Net plans from the header); labels are
+binarised as la-seg reads them.
+
+Case ids become nnU-Net identifiers: characters other than letters, digits, `_` and `-` turn into `_`, and a
+trailing `_NNNN` (which reads as an nnU-Net channel suffix) becomes `-NNNN`. `case_ids.json` maps every
+exported id back to la-seg's; two ids that would collide are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from la_seg.atomic import atomic_write_text
+from la_seg.data.io import Volume, read_case, write_nifti
+from la_seg.data.layouts import Case, find_cases
+from la_seg.errors import DataError
+
+LayoutName = Literal["auto", "lascarqs", "utah2018", "msd", "nnunet", "files"]
+FILE_ENDING = ".nii.gz"
+CASE_IDS_FILE = (
+    "case_ids.json"  # also marks a folder as written by export-nnunet (so --overwrite may replace it)
+)
+SPLITS_FILE = "splits_final.json"
+DATASET_JSON = {
+    "channel_names": {"0": "LGE-MRI"},  # any name but "CT" gives nnU-Net's per-case z-score normalisation
+    "labels": {"background": 0, "left_atrium": 1},
+    "file_ending": FILE_ENDING,
+}
+_DATASET_NAME = re.compile(r"^Dataset\d{3}_[A-Za-z0-9_-]+$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
+
+
+@dataclass(frozen=True)
+class ExportData:
+    """The data set to export, as `la-seg fit` takes it.
+
+    Args:
+        root: data set folder (any layout la-seg reads); every case needs a label.
+        layout: the folder convention; `auto` detects it.
+    """
+
+    root: Path
+    layout: LayoutName = "auto"
+
+
+@dataclass(frozen=True)
+class NnunetSplit:
+    """la-seg's split in nnU-Net's terms: one {"train", "val"} per fold, and the held-out test cases."""
+
+    folds: list[dict[str, list[str]]]
+    test: list[str]
+
+    @property
+    def training(self) -> list[str]:
+        """Every case nnU-Net may see (train or val of some fold): imagesTr."""
+        return sorted({case for fold in self.folds for part in fold.values() for case in part})
+
+
+def nnunet_case_ids(case_ids: list[str]) -> dict[str, str]:
+    """la-seg id -> nnU-Net identifier (see the module docstring); refuses ids that collide."""
+    mapping = {}
+    for case_id in case_ids:
+        safe = _CHANNEL_SUFFIX.sub(r"-\1", _UNSAFE.sub("_", case_id))
+        if not safe.strip("_-"):
+            raise DataError(
+                f"case id {case_id!r} has no letters or digits to build an nnU-Net identifier from"
+            )
+        mapping[case_id] = safe
+    seen: dict[str, str] = {}
+    for case_id, safe in mapping.items():
+        if safe in seen:
+            raise DataError(
+                f"case ids {seen[safe]!r} and {case_id!r} both become the nnU-Net identifier {safe!r}; "
+                "rename one of them"
+            )
+        seen[safe] = case_id
+    return mapping
+
+
+def read_split(path: Path, known: set[str]) -> NnunetSplit:
+    """A la-seg split.json ({"train", "val", "test"}, or {"folds": [{"train", "val"}, ...], "test"})."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read the split file {path}: {error}") from error
+    if not isinstance(document, dict):
+        raise DataError(f"split file {path} must be a JSON object, got {type(document).__name__}")
+    folds = document.get("folds", [{"train": document.get("train"), "val": document.get("val")}])
+    if not isinstance(folds, list) or not folds:
+        raise DataError(f"split file {path}: 'folds' must be a non-empty list of {{'train', 'val'}} objects")
+    split = NnunetSplit(
+        folds=[{part: _case_list(fold, part, path) for part in ("train", "val")} for fold in folds],
+        test=_case_list(document, "test", path, required=False),
+    )
+    for index, fold in enumerate(split.folds):
+        if not fold["train"] or not fold["val"]:
+            raise DataError(
+                f"split file {path}: fold {index} needs training and validation cases for nnU-Net"
+            )
+        _refuse_overlap(path, f"fold {index} train", fold["train"], f"fold {index} val", fold["val"])
+    _refuse_overlap(path, "test", split.test, "train/val", split.training)
+    unknown = sorted((set(split.training) | set(split.test)) - known)
+    if unknown:
+        raise DataError(
+            f"split file {path} names {len(unknown)} case(s) not found in the data: {unknown[:10]}"
+        )
+    return split
+
+
+def _case_list(document, part: str, path: Path, required: bool = True) -> list[str]:
+    ids = document.get(part) if isinstance(document, dict) else None
+    if ids is None and not required:
+        return []
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise DataError(f"split file {path}: {part!r} must be a list of case id strings")
+    if len(set(ids)) != len(ids):
+        raise DataError(f"split file {path}: {part!r} lists cases more than once")
+    return sorted(ids)
+
+
+def _refuse_overlap(path: Path, name_a: str, a: list[str], name_b: str, b: list[str]) -> None:
+    both = sorted(set(a) & set(b))
+    if both:
+        raise DataError(f"split file {path}: cases in both {name_a} and {name_b}: {both[:10]}")
+
+
+def export_nnunet(
+    data: ExportData,
+    out: Path,
+    split: Path | None = None,
+    dataset_name: str = "Dataset501_LA",
+    overwrite: bool = False,
+) -> Path:
+    """Write the labelled cases of a data set as the nnU-Net v2 raw data set OUT/DATASET_NAME.
+
+    Args:
+        data: the data set to export (--data.root, --data.layout).
+        out: nnU-Net's raw folder ($nnUNet_raw); the data set goes into out/dataset_name.
+        split: a la-seg run's split.json: its train/val cases become imagesTr and splits_final.json, its test
+            cases imagesTs + labelsTs; other cases are left out. Without it every case goes to imagesTr.
+        dataset_name: DatasetXXX_Name, as nnU-Net requires (XXX is the id given to nnUNetv2_* -d).
+        overwrite: replace an earlier export of the same name.
+    """
+    if not _DATASET_NAME.match(dataset_name):
+        raise DataError(
+            f"--dataset_name must look like Dataset501_LA (DatasetXXX_Name), got {dataset_name!r}"
+        )
+    cases = {case.case_id: case for case in find_cases(data.root, data.layout, require_labels=True)}
+    ids = nnunet_case_ids(list(cases))
+    plan = read_split(split, set(cases)) if split is not None else NnunetSplit([], [])
+    training = plan.training if split is not None else sorted(cases)
+    target = Path(out).expanduser() / dataset_name
+    _check_target(target, Path(data.root).expanduser(), overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{dataset_name}."))
+    try:
+        for case_id in training:
+            write_case(cases[case_id], staging / "imagesTr", staging / "labelsTr", ids[case_id])
+        for case_id in plan.test:
+            write_case(cases[case_id], staging / "imagesTs", staging / "labelsTs", ids[case_id])
+        exported = {ids[case_id]: case_id for case_id in (*training, *plan.test)}
+        _write_metadata(staging, exported, plan, ids, len(training), data)
+        _replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    left_out = len(cases) - len(training) - len(plan.test)
+    print(
+        f"Wrote {len(training)} training and {len(plan.test)} test cases to {target}"
+        + (f"; {left_out} case(s) not in {split} left out" if left_out else "")
+        + ("" if split else "; no split given: nnU-Net will make its own 5 folds")
+    )
+    return target
+
+
+def write_case(case: Case, images: Path, labels: Path, nnunet_id: str) -> None:
+    """Image as `<id>_0000`, label as uint8 0/1 `<id>`, both on the image's grid with la-seg's spacing."""
+    image, label = read_case(case)
+    grid = Volume(image.data, _affine_with_spacing(image), image.spacing, image.path)
+    write_nifti(images / f"{nnunet_id}_0000{FILE_ENDING}", _lossless_int16(image.data), grid)
+    write_nifti(labels / f"{nnunet_id}{FILE_ENDING}", label.data.astype(np.uint8), grid)
+
+
+def _affine_with_spacing(volume: Volume) -> np.ndarray:
+    """The affine with its columns scaled to the spacing la-seg measures with (a no-op unless overridden)."""
+    affine = np.array(volume.affine, dtype=np.float64)
+    norms = np.linalg.norm(affine[:3, :3], axis=0)
+    affine[:3, :3] *= np.asarray(volume.spacing) / np.where(norms > 0, norms, 1.0)
+    return affine
+
+
+def _lossless_int16(data: np.ndarray) -> np.ndarray:
+    """int16 where that keeps every value (scanner data: half the size of float32), else float32."""
+    as_int = data.astype(np.int16)
+    return as_int if np.array_equal(as_int, data) else data.astype(np.float32)
+
+
+def _write_metadata(
+    folder: Path, exported: dict[str, str], plan: NnunetSplit, ids: dict[str, str], n_training: int, data
+) -> None:
+    """dataset.json (what nnU-Net requires), case_ids.json (nnU-Net id -> la-seg id), splits_final.json."""
+    dataset = {**DATASET_JSON, "numTraining": n_training, "description": f"la-seg export of {data.root}"}
+    atomic_write_text(folder / "dataset.json", json.dumps(dataset, indent=2) + "\n")
+    mapping = {"source": str(data.root), "layout": data.layout, "cases": dict(sorted(exported.items()))}
+    atomic_write_text(folder / CASE_IDS_FILE, json.dumps(mapping, indent=2) + "\n")
+    if plan.folds:
+        folds = [{part: [ids[c] for c in fold[part]] for part in ("train", "val")} for fold in plan.folds]
+        atomic_write_text(folder / SPLITS_FILE, json.dumps(folds, indent=2) + "\n")
+
+
+def _check_target(target: Path, root: Path, overwrite: bool) -> None:
+    """Never write into the input, nor over anything but an earlier export (and that only with overwrite)."""
+    target_abs, root_abs = target.resolve(), root.resolve()
+    if target_abs.is_relative_to(root_abs) or root_abs.is_relative_to(target_abs):
+        raise DataError(f"export folder {target} overlaps the input {root}; choose an --out outside it")
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    if not overwrite:
+        raise DataError(f"{target} exists and is not empty; pass --overwrite true or choose another --out")
+    if not (target / CASE_IDS_FILE).is_file():
+        raise DataError(f"refusing to replace {target}: it was not written by la-seg export-nnunet")
+
+
+def _replace(staging: Path, target: Path) -> None:
+    """Move the finished export into place; an earlier export is removed only once the new one is complete."""
+    staging.chmod(0o755)  # mkdtemp creates 0700
+    if not target.exists():
+        staging.rename(target)
+        return
+    retired = target.with_name(f".{target.name}.replaced")
+    shutil.rmtree(retired, ignore_errors=True)
+    target.rename(retired)
+    staging.rename(target)
+    shutil.rmtree(retired)
