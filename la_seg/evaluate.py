@@ -75,7 +75,7 @@ def evaluate(
     predictions = find_predictions(pred)
     references = find_references(ref, ref_layout)
     pairs = match_cases(predictions, references, missing, pred, ref)
-    out_dir = Path(out).expanduser() if out is not None else pred.with_name(f"{pred.name}_evaluation")
+    out_dir = Path(out).expanduser() if out is not None else _beside(pred)
     _check_out(out_dir, (pred, ref), overwrite)
     rows = [
         score_case(case_id, path, references[case_id], label, metrics.empty_distance)
@@ -180,6 +180,12 @@ def binarise_prediction(prediction: Volume, label: int | None) -> np.ndarray:
             "values (a probability map? threshold it first)"
         )
     return data > 0 if label is None else data == label
+
+
+def _beside(pred: Path) -> Path:
+    """`<pred>_evaluation` next to the predictions folder (also for `--pred .`)."""
+    folder = pred.resolve()
+    return folder.with_name(f"{folder.name}_evaluation")
 
 
 def _check_out(out_dir: Path, inputs: tuple[Path, Path], overwrite: bool) -> None:

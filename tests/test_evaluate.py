@@ -43,8 +43,9 @@ def read_report(folder):
     return {row["case_id"]: row for row in document["cases"]}, document["summary"]
 
 
-def test_references_against_themselves_score_dice_1_and_hd95_0(synth_root, pred, capsys):
-    main(["evaluate", "--pred", str(pred), "--ref", str(synth_root)])
+def test_references_against_themselves_score_dice_1_and_hd95_0(synth_root, pred, capsys, monkeypatch):
+    monkeypatch.chdir(pred)
+    main(["evaluate", "--pred", ".", "--ref", str(synth_root)])
     out = pred.with_name("pred_evaluation")
     rows, summary = read_report(out)
     assert sorted(rows) == [c.case_id for c in find_cases(synth_root)]
