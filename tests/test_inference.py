@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from la_seg.metrics import volume_ml
 from la_seg.models.segmenter import LASegmenter
 from la_seg.module import LASegModule
 
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "ensemble.py"
 CHUNK = 4
 DEPTH = 6  # two chunks
 
@@ -137,9 +141,9 @@ def test_tta_with_shared_ensemble_shares_each_flipped_pass(tiny_net, image):
     first = make_net(tiny_net, 0)
     second = make_net(tiny_net, 1, weights_from=first)
     ensemble = Ensemble([EnsembleMember("a", first), EnsembleMember("b", second)]).eval()
-    calls = count_calls(first.backbone)
+    calls, unused = count_calls(first.backbone), count_calls(second.backbone)
     result = ensemble.segment_volume(image, chunk=CHUNK, tta="flips")
-    assert calls[0] == 4 * 2  # members share every flipped pass
+    assert (calls[0], unused[0]) == (4 * 2, 0)  # members share every flipped pass
     per_member = [torch.stack(flipped_runs(net, image)).mean(0) for net in (first, second)]
     torch.testing.assert_close(result.prob, (per_member[0] + per_member[1]) / 2, atol=1e-5, rtol=0)
     # Several members: the members (each averaged over its flips) are the voters.
@@ -220,3 +224,21 @@ def test_bad_input_is_a_clear_error(tiny_net, image):
         ensemble.add(EnsembleMember("a", net))
     with pytest.raises(DataError, match="no members"):
         Ensemble().segment_volume(image)
+
+
+@pytest.mark.slow
+def test_ensemble_benchmark_quick(tmp_path):
+    spec = importlib.util.spec_from_file_location("la_seg_benchmark_ensemble", BENCHMARK)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "ensemble.json"
+    report = benchmark.main(["--quick", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    flops, timing = report["flops"], report["timing"]
+    assert flops["members"] == timing["members"] == 5
+    one, head = flops["one_model_flops_per_slice"], flops["head_flops_per_slice"]
+    assert flops["ensemble_flops_per_slice"] == flops["backbone_flops_per_slice"] + 5 * head
+    assert flops["ratio"] == pytest.approx(1 + 4 * head / one) == timing["flops_ratio"]
+    assert not flops["target"]["applicable"]  # the target is about giant at 448 px
+    assert timing["one_model_s_per_volume"] > 0 and timing["ensemble_s_per_volume"] > 0
+    assert timing["volume_shape"] == [64, 64, 8] and timing["chunk"] == 4
