@@ -275,7 +275,7 @@ class Ensemble(nn.Module):
             voter = torch.cat(stack) if len(stack) > 1 else stack[0]
             stack.clear()
             if several and len(flips) > 1:
-                voter = voter / len(flips)
+                voter = voter.div_(len(flips))  # a sum made here, not a caller's tensor
             prob = restore_geometry(voter, tuple(image.shape))
             if len(voter_names) > 1:
                 masks.append(prob > threshold)
