@@ -1,0 +1,244 @@
+"""Ensembles sharing a backbone pass, test-time flips and uncertainty (la_seg/inference.py), tiny ViTs."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from la_seg.data.preprocess import restore_geometry, slices_to_input
+from la_seg.errors import DataError
+from la_seg.inference import FLIP_DIMS, Ensemble, EnsembleMember, case_agreement
+from la_seg.metrics import volume_ml
+from la_seg.models.segmenter import LASegmenter
+from la_seg.module import LASegModule
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "ensemble.py"
+CHUNK = 4
+DEPTH = 6  # two chunks
+
+
+@pytest.fixture
+def image() -> torch.Tensor:
+    return torch.rand(40, 36, DEPTH, generator=torch.Generator().manual_seed(0))
+
+
+def make_net(config, seed: int, weights_from: LASegmenter | None = None) -> LASegmenter:
+    """A tiny segmenter with its own random heads; `weights_from` copies another's backbone weights."""
+    torch.manual_seed(seed)
+    net = LASegmenter(config)
+    if weights_from is not None:
+        net.backbone.load_state_dict(weights_from.backbone.state_dict())
+    return net.eval()
+
+
+def reference_prob(net: LASegmenter, image: torch.Tensor, slice_context: bool = False) -> torch.Tensor:
+    """One model on the whole volume, written out independently of la_seg.inference."""
+    with torch.no_grad():
+        probs = [
+            torch.sigmoid(
+                net(slices_to_input(image, net.config.img_size, slice_context, index=slice(s, s + CHUNK)))
+            )
+            for s in range(0, image.shape[-1], CHUNK)
+        ]
+    return restore_geometry(torch.cat(probs)[:, 0], tuple(image.shape))
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def flops(fn, *args) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def test_shared_frozen_backbone_runs_once_per_chunk(tiny_net, image):
+    first = make_net(tiny_net, 0)
+    nets = [first] + [make_net(tiny_net, seed, weights_from=first) for seed in (1, 2)]
+    ensemble = Ensemble([EnsembleMember(f"fold{i}", net) for i, net in enumerate(nets)]).eval()
+    assert list(ensemble.backbones.values()) == [first.backbone]  # held once
+    assert len(ensemble.passes) == 1
+    calls = count_calls(first.backbone)
+    result = ensemble.segment_volume(image, chunk=CHUNK)
+    assert calls[0] == 2  # one pass per chunk, not one per member
+    expected = torch.stack([reference_prob(net, image) for net in nets]).mean(0)
+    assert result.prob.shape == image.shape and result.prob.dtype == torch.float32
+    torch.testing.assert_close(result.prob, expected, atol=1e-6, rtol=0)
+    assert torch.equal(result.mask, result.prob > 0.5)
+    assert result.voter_names == ["fold0", "fold1", "fold2"] and len(result.voter_masks) == 3
+
+
+def test_members_with_different_backbones_or_inputs_run_separately(tiny_net, image):
+    first = make_net(tiny_net, 0)
+    other = make_net(tiny_net, 1)  # other backbone weights
+    context = make_net(tiny_net, 2, weights_from=first)  # same weights, 2.5D input
+    members = [EnsembleMember("a", first), EnsembleMember("b", other), EnsembleMember("c", context, True)]
+    ensemble = Ensemble(members).eval()
+    assert list(ensemble.backbones.values()) == [first.backbone, other.backbone]
+    assert [p["members"] for p in ensemble.describe()["passes"]] == [["a"], ["b"], ["c"]]
+    first_calls, other_calls = count_calls(first.backbone), count_calls(other.backbone)
+    result = ensemble.segment_volume(image, chunk=CHUNK)
+    assert (first_calls[0], other_calls[0]) == (4, 2)  # the 2.5D member needs its own pass of the same ViT
+    expected = (
+        reference_prob(first, image) + reference_prob(other, image) + reference_prob(context, image, True)
+    ) / 3
+    torch.testing.assert_close(result.prob, expected, atol=1e-6, rtol=0)
+
+
+def test_trained_backbones_are_never_shared(tiny_net):
+    first = make_net(tiny_net, 0)
+    trained = make_net(dataclasses.replace(tiny_net, trainable_blocks=-1), 1, weights_from=first)
+    assert trained.backbone.fingerprint() == first.backbone.fingerprint()
+    ensemble = Ensemble([EnsembleMember("frozen", first), EnsembleMember("trained", trained)])
+    assert len(ensemble.backbones) == 2 and len(ensemble.passes) == 2
+
+
+def test_single_member_equals_module_segment_volume(tiny_net, image):
+    module = LASegModule(net=tiny_net, eval_batch_size=CHUNK).eval()
+    prob, mask = module.segment_volume(image)
+    ensemble = Ensemble([EnsembleMember("model", module.net)]).eval()
+    result = ensemble.segment_volume(
+        image, threshold=module.hparams.threshold, chunk=module.eval_chunk(image.device)
+    )
+    assert torch.equal(result.prob, prob) and torch.equal(result.mask, mask)
+    assert result.uncertainty is None and result.voter_masks == []
+    assert result.agreement(spacing=(1.0, 1.0, 1.0)) is None
+
+
+def flipped_runs(net: LASegmenter, image: torch.Tensor) -> list[torch.Tensor]:
+    """The model on the volume flipped in X, Y, both (original geometry), each flipped back."""
+    runs = []
+    for dims in ((), (0,), (1,), (0, 1)):
+        flipped = image.flip(dims) if dims else image
+        prob = reference_prob(net, flipped)
+        runs.append(prob.flip(dims) if dims else prob)
+    return runs
+
+
+def test_tta_flips_average_the_four_flipped_runs(tiny_net, image):
+    net = make_net(tiny_net, 0)
+    ensemble = Ensemble([EnsembleMember("model", net)]).eval()
+    calls = count_calls(net.backbone)
+    result = ensemble.segment_volume(image, chunk=CHUNK, tta="flips")
+    assert calls[0] == 4 * 2  # a backbone pass per flip and chunk
+    runs = torch.stack(flipped_runs(net, image))
+    torch.testing.assert_close(result.prob, runs.mean(0), atol=1e-5, rtol=0)
+    # One model: its flips are the voters.
+    assert result.voter_names == list(FLIP_DIMS) and len(result.voter_masks) == 4
+    torch.testing.assert_close(result.uncertainty, runs.var(0, unbiased=False), atol=1e-6, rtol=0)
+
+
+def test_tta_with_shared_ensemble_shares_each_flipped_pass(tiny_net, image):
+    first = make_net(tiny_net, 0)
+    second = make_net(tiny_net, 1, weights_from=first)
+    ensemble = Ensemble([EnsembleMember("a", first), EnsembleMember("b", second)]).eval()
+    calls, unused = count_calls(first.backbone), count_calls(second.backbone)
+    result = ensemble.segment_volume(image, chunk=CHUNK, tta="flips")
+    assert (calls[0], unused[0]) == (4 * 2, 0)  # members share every flipped pass
+    per_member = [torch.stack(flipped_runs(net, image)).mean(0) for net in (first, second)]
+    torch.testing.assert_close(result.prob, (per_member[0] + per_member[1]) / 2, atol=1e-5, rtol=0)
+    # Several members: the members (each averaged over its flips) are the voters.
+    assert result.voter_names == ["a", "b"]
+    torch.testing.assert_close(
+        result.uncertainty, ((per_member[0] - per_member[1]) / 2) ** 2, atol=1e-6, rtol=0
+    )
+
+
+def test_uncertainty_is_zero_where_members_agree(tiny_net, image):
+    net = make_net(tiny_net, 0)
+    single = Ensemble([EnsembleMember("one", net)]).eval().segment_volume(image, chunk=CHUNK)
+    copies = Ensemble([EnsembleMember(name, net) for name in "abc"]).eval()
+    assert len(copies.backbones) == 1
+    result = copies.segment_volume(image, chunk=CHUNK)
+    assert torch.count_nonzero(result.uncertainty) == 0
+    assert torch.equal(result.prob, single.prob)
+    agreement = result.agreement(spacing=(1.0, 1.0, 2.0))
+    assert agreement["mean_pairwise_dice"] == 1.0 and agreement["volume_spread_ml"] == 0.0
+    assert not agreement["review"]
+
+
+def test_uncertainty_is_positive_where_members_differ(tiny_net, image):
+    nets = [make_net(tiny_net, 0), make_net(tiny_net, 1)]
+    probs = [reference_prob(net, image) for net in nets]
+    threshold = float(probs[0].median())  # masks that are neither empty nor full
+    ensemble = Ensemble([EnsembleMember("a", nets[0]), EnsembleMember("b", nets[1])]).eval()
+    result = ensemble.segment_volume(image, threshold=threshold, chunk=CHUNK)
+    differ = (probs[0] - probs[1]).abs() > 1e-5
+    assert differ.any() and (result.uncertainty[differ] > 0).all()
+    assert result.uncertainty.dtype == torch.float32 and result.uncertainty.shape == image.shape
+    spacing = (1.0, 1.5, 2.0)
+    agreement = result.agreement(spacing)
+    expected = [volume_ml(p > threshold, spacing) for p in probs]
+    assert agreement["volumes_ml"] == pytest.approx(expected, abs=1e-3)
+    assert agreement["voters"] == ["a", "b"]
+
+
+def test_case_agreement_on_hand_made_masks():
+    shape, spacing = (4, 5, 2), (1.0, 2.0, 0.5)  # 1 mm^3 voxels
+    a, b, empty = (torch.zeros(40, dtype=torch.bool) for _ in range(3))
+    a[:10] = True
+    b[5:15] = True  # 10 voxels, 5 shared with a
+    masks = [m.reshape(shape) for m in (a, b, empty)]
+    agreement = case_agreement(masks, ["a", "b", "empty"], spacing)
+    dice_ab = 2 * 5 / (10 + 10)
+    assert agreement["mean_pairwise_dice"] == pytest.approx((dice_ab + 0.0 + 0.0) / 3)
+    assert agreement["volumes_ml"] == pytest.approx([10 / 1000, 10 / 1000, 0.0])
+    assert agreement["volume_spread_ml"] == pytest.approx(10 / 1000)
+    assert agreement["review"] is True
+    assert case_agreement(masks, ["a", "b", "empty"], spacing, review_below=0.1)["review"] is False
+    both_empty = case_agreement([masks[2], masks[2]], ["x", "y"], spacing)
+    assert both_empty["mean_pairwise_dice"] == 1.0 and not both_empty["review"]
+
+
+def test_flops_of_shared_ensemble(tiny_net):
+    """k members cost one backbone and k heads: 1 + (k-1) * head / (backbone + head) of one model."""
+    first = make_net(tiny_net, 0)
+    nets = [first] + [make_net(tiny_net, seed, weights_from=first) for seed in (1, 2, 3)]
+    x = torch.rand(2, 3, tiny_net.img_size, tiny_net.img_size)
+    inputs = {(tiny_net.img_size, False): x}
+    one = flops(Ensemble([EnsembleMember("a", first)]), inputs)
+    four = flops(Ensemble([EnsembleMember(str(i), net) for i, net in enumerate(nets)]), inputs)
+    backbone = flops(first.backbone, x)
+    head = flops(lambda: first.decoder(first.fusion(first.backbone(x)), x)) - backbone
+    assert one == backbone + head and four == backbone + 4 * head
+    assert four / one == pytest.approx(1 + 3 * head / (backbone + head))
+
+
+def test_bad_input_is_a_clear_error(tiny_net, image):
+    net = make_net(tiny_net, 0)
+    ensemble = Ensemble([EnsembleMember("a", net)])
+    with pytest.raises(DataError, match="tta"):
+        ensemble.segment_volume(image, tta="rot90")
+    with pytest.raises(DataError, match="chunk"):
+        ensemble.segment_volume(image, chunk=0)
+    with pytest.raises(DataError, match="used twice"):
+        ensemble.add(EnsembleMember("a", net))
+    with pytest.raises(DataError, match="no members"):
+        Ensemble().segment_volume(image)
+
+
+@pytest.mark.slow
+def test_ensemble_benchmark_quick(tmp_path):
+    spec = importlib.util.spec_from_file_location("la_seg_benchmark_ensemble", BENCHMARK)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "ensemble.json"
+    report = benchmark.main(["--quick", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    flops, timing = report["flops"], report["timing"]
+    assert flops["members"] == timing["members"] == 5
+    one, head = flops["one_model_flops_per_slice"], flops["head_flops_per_slice"]
+    assert flops["ensemble_flops_per_slice"] == flops["backbone_flops_per_slice"] + 5 * head
+    assert flops["ratio"] == pytest.approx(1 + 4 * head / one) == timing["flops_ratio"]
+    assert not flops["target"]["applicable"]  # the target is about giant at 448 px
+    assert timing["one_model_s_per_volume"] > 0 and timing["ensemble_s_per_volume"] > 0
+    assert timing["volume_shape"] == [64, 64, 8] and timing["chunk"] == 4
