@@ -6,40 +6,15 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import RandomSampler
 
-from la_seg.data.datamodule import LADataModule, split_cases
+from la_seg.data.datamodule import LADataModule
 from la_seg.data.datasets import first_item
+from la_seg.data.split import PARTS
 from la_seg.data.synthetic import write_dataset
 from la_seg.errors import DataError
-
-IDS = [f"case_{i:03d}" for i in range(130)]
-
-
-# --------------------------------------------------------------------------------------------- split_cases
-def test_split_fractions_match_paper():
-    split = split_cases(IDS, (0.7, 0.1, 0.2), seed=42)
-    assert [len(split[p]) for p in ("train", "val", "test")] == [91, 13, 26]
-    assert sorted(split["train"] + split["val"] + split["test"]) == IDS  # no overlap, nothing lost
-
-
-def test_split_is_deterministic_and_seeded():
-    a = split_cases(IDS, seed=1)
-    assert a == split_cases(list(reversed(IDS)), seed=1)  # input order does not matter
-    assert a != split_cases(IDS, seed=2)
-    assert all(part == sorted(part) for part in a.values())
-
-
-def test_split_small_sets():
-    assert [len(v) for v in split_cases(["a", "b", "c"]).values()] == [1, 1, 1]
-    assert [len(v) for v in split_cases(list("abcdefghij")).values()] == [7, 1, 2]
-    assert split_cases(["a", "b"], (0.9, 0.1, 0.0))["test"] == []
-    with pytest.raises(DataError, match="too few"):
-        split_cases(["a", "b"])
 
 
 @pytest.mark.parametrize("bad", [(0.5, 0.1, 0.1), (0.7, 0.3), (1.2, -0.1, -0.1), (0.0, 0.5, 0.5)])
 def test_split_fraction_errors(bad):
-    with pytest.raises(DataError, match="split"):
-        split_cases(IDS, bad)
     with pytest.raises(DataError, match="split"):
         LADataModule(root="x", split=bad)
 
@@ -168,9 +143,8 @@ def test_state_dict_round_trip(roots):
 def test_stored_split_unknown_cases(roots):
     dm = _dm(roots[0])
     dm.setup("fit")
-    dm.load_state_dict({"split": {"train": ["ghost"], "val": [], "test": []}})
-    with pytest.raises(DataError, match="ghost"):
-        dm.train_dataloader()
+    with pytest.raises(DataError, match=r"checkpoint.*'train'.*ghost"):  # found when adopted, not when used
+        dm.load_state_dict({"split": {"train": ["ghost"], "val": [], "test": []}})
 
 
 # ---------------------------------------------------------------------------------- with a Lightning trainer
@@ -195,6 +169,12 @@ class _Stub(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def _parts(split_json) -> dict:
+    """The train/val/test lists of a written split.json (which also holds its summary)."""
+    record = json.loads(split_json.read_text())
+    return {part: record[part] for part in PARTS}
+
+
 def _trainer(tmp_path, name, **kwargs):
     return L.Trainer(
         default_root_dir=tmp_path,
@@ -213,7 +193,7 @@ def test_split_json_written_in_log_dir(roots, tmp_path):
     dm = _dm(roots[0])
     dm.trainer = trainer
     dm.setup("fit")
-    written = json.loads((tmp_path / "manual" / "version_0" / "split.json").read_text())
+    written = _parts(tmp_path / "manual" / "version_0" / "split.json")
     assert written == dm.split
     again = _dm(roots[0], seed=99, split_file=str(tmp_path / "manual" / "version_0" / "split.json"))
     again.setup("fit")
@@ -224,7 +204,7 @@ def test_fit_checkpoint_then_test_and_resume_use_stored_split(roots, tmp_path):
     dm = _dm(roots[0], seed=1)
     trainer = _trainer(tmp_path, "fit", max_steps=1, limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(_Stub(), datamodule=dm)
-    assert json.loads((tmp_path / "fit" / "version_0" / "split.json").read_text()) == dm.split
+    assert _parts(tmp_path / "fit" / "version_0" / "split.json") == dm.split
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
 
@@ -237,4 +217,4 @@ def test_fit_checkpoint_then_test_and_resume_use_stored_split(roots, tmp_path):
     trainer = _trainer(tmp_path, "resume", max_steps=2, limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(_Stub(), datamodule=resumed, ckpt_path=str(ckpt))
     assert resumed.split == dm.split
-    assert json.loads((tmp_path / "resume" / "version_0" / "split.json").read_text()) == dm.split
+    assert _parts(tmp_path / "resume" / "version_0" / "split.json") == dm.split
