@@ -1,4 +1,4 @@
-"""LightningDataModule: patient-level split, slice loaders for training, one-volume loaders for evaluation.
+"""LightningDataModule: finds the cases, asks la_seg.data.split for the split, builds datasets and loaders.
 
 The split is a property of the experiment, not of the run: it is written to <log_dir>/split.json and stored in
 checkpoints, so a resumed fit or `test --ckpt_path` evaluates exactly the cases that were held out, on every
@@ -9,64 +9,40 @@ datasets are built in the *_dataloader methods from `self.split`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
-import numpy as np
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from la_seg.atomic import atomic_write_text
-from la_seg.data.datasets import CACHE_MODES, SliceDataset, VolumeDataset, first_item
-from la_seg.data.layouts import LAYOUTS, Case, find_cases
+from la_seg.data.datasets import SliceDataset, VolumeDataset, first_item
+from la_seg.data.layouts import Case, find_cases
 from la_seg.data.preprocess import check_img_size
+from la_seg.data.split import (
+    DataSplit,
+    check_folds,
+    check_fractions,
+    check_known,
+    check_patients_kept_together,
+    parse_split,
+    read_groups,
+    split_cases,
+)
 from la_seg.data.transforms import AugmentationConfig, build_train_transform
 from la_seg.errors import DataError
 
-PARTS = ("train", "val", "test")
-_SUM_TOLERANCE = 1e-6
-
-
-def check_fractions(split: Sequence[float]) -> tuple[float, float, float]:
-    """(train, val, test) fractions: three numbers >= 0 summing to 1, train > 0."""
-    values = tuple(float(f) for f in split)
-    if len(values) != 3 or any(not np.isfinite(f) or f < 0 for f in values):
-        raise DataError(f"data.split must be three fractions (train, val, test) >= 0, got {tuple(split)}")
-    if abs(sum(values) - 1.0) > _SUM_TOLERANCE:
-        raise DataError(f"data.split fractions must sum to 1, got {values} (sum {sum(values):.6g})")
-    if values[0] <= 0:
-        raise DataError(f"data.split needs a training fraction > 0, got {values}")
-    return values
-
-
-def split_cases(case_ids: Sequence[str], split: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 42) -> dict:
-    """Random patient-level split of `case_ids` into {"train", "val", "test"} (each part sorted).
-
-    Deterministic: depends only on the set of ids, the fractions and `seed` (sorted ids permuted by
-    numpy's Generator), so every DDP rank and every rerun gets the same split. A part with a fraction > 0
-    gets at least one case; val and test get round(n * fraction) cases and train the rest.
-    """
-    fractions = check_fractions(split)
-    ids = sorted(case_ids)
-    if len(set(ids)) != len(ids):
-        raise DataError(f"case ids are not unique: {sorted({i for i in ids if ids.count(i) > 1})}")
-    n = len(ids)
-    n_val, n_test = (max(1, int(np.floor(n * f + 0.5))) if f > 0 else 0 for f in fractions[1:])
-    n_train = n - n_val - n_test
-    if n_train < 1:
-        needed = 1 + sum(f > 0 for f in fractions[1:])
-        raise DataError(
-            f"{n} case(s) are too few for data.split={fractions}: every part with a fraction > 0 needs "
-            f"at least one case, so at least {needed} cases are needed"
-        )
-    shuffled = [ids[i] for i in np.random.default_rng(seed).permutation(n)]
-    return {
-        "train": sorted(shuffled[:n_train]),
-        "val": sorted(shuffled[n_train : n_train + n_val]),
-        "test": sorted(shuffled[n_train + n_val :]),
-    }
+# Literal twins of layouts.LAYOUTS and datasets.CACHE_MODES (a test keeps them equal), so that jsonargparse
+# validates data.layout / data.cache and --help lists the choices.
+Layout = Literal["auto", "lascarqs", "utah2018", "msd", "nnunet", "files"]
+CacheMode = Literal["memory", "disk", "none"]
+SliceAxis = Literal["auto", 0, 1, 2]
+# Volumes each evaluation worker reads ahead, so the accelerator never waits on gzip.
+EVAL_PREFETCH = 2
 
 
 class LADataModule(L.LightningDataModule):
@@ -78,54 +54,73 @@ class LADataModule(L.LightningDataModule):
         img_size: model input side in pixels, a multiple of 14.
         slice_context: feed slices k-1, k, k+1 as the three channels instead of the grey value repeated.
         batch_size: training slices per batch (evaluation always takes one volume per step).
-        num_workers: DataLoader worker processes.
-        split: (train, val, test) fractions of the cases in `root`, summing to 1. With `test_root` the test
-            fraction is ignored and train/val are renormalised over train + val.
+        num_workers: DataLoader worker processes (evaluation loaders never start more than they have cases).
+        split: (train, val, test) fractions of the patients in `root`, summing to 1; validation and test get
+            round-half-up(n * fraction) patients (at least one if the fraction is > 0), training the rest.
+            With `test_root` the test fraction is ignored and train/val are renormalised over train + val;
+            with `folds` > 1 the val fraction is ignored.
         seed: seed of the random split and of the choice of slices without LA.
+        groups: which cases belong to one patient, so that a patient's cases (e.g. LAScarQS pre- and
+            post-ablation scans) never straddle train/val/test: "regex:PATTERN" searched in each case id (the
+            first capture group, or the whole match, is the patient; e.g. "regex:^(P\\d+)_"), or the path of
+            a .csv file with the header case_id,patient_id and one row per case of `root`. None: every case is
+            its own patient.
+        folds: k > 1 for k-fold cross-validation; 1: none. The test part is the same for every fold; the other
+            patients are cut into k parts, and fold i validates on the i-th and trains on the rest.
+        fold: which fold (0-based, < folds) this run trains; run `la-seg fit` once per fold.
         split_file: JSON {"train": [...], "val": [...], "test": [...]} of case ids, replacing the random split
             (the split.json written by a previous run works). With `test_root`, "test" names cases there (all
-            of them if "test" is missing or empty).
+            of them if "test" is missing or empty). With `groups`, no patient may straddle its parts.
         test_root: a separate held-out folder of labelled cases used as the test set.
         predict_root: a folder or single file of images to segment (layout "auto"; labels not needed).
         empty_slice_fraction: fraction of the training slices without LA that are kept (1 = all).
         augmentation: training augmentation.
-        cache: "memory", "disk" or "none": where decoded, normalised volumes are kept (see VolumeCache).
-            Test and predict volumes are read once, so they are cached only with "disk".
+        cache: where decoded, normalised volumes are kept (see VolumeCache). Test and predict volumes are read
+            once, so they are cached only with "disk".
         cache_dir: folder for cache="disk" (default $XDG_CACHE_HOME/la-seg or ~/.cache/la-seg).
+        slice_axis: the through-plane axis the volumes are sliced along: "auto" (the axis of largest spacing,
+            from the affine) or an array axis 0, 1, 2.
+        label_values: label values that mean LA (e.g. [420] for LAScarQS); None: any value > 0.
 
     Attributes:
         split: {"train": [...], "val": [...], "test": [...]} case ids, None until setup() / load_state_dict().
+        data_split: the same with how it was made (patients, fold), a DataSplit.
     """
 
     def __init__(
         self,
         root: str | None = None,
-        layout: str = "auto",
+        layout: Layout = "auto",
         img_size: int = 448,
         slice_context: bool = False,
         batch_size: int = 32,
         num_workers: int = 4,
         split: tuple[float, float, float] = (0.7, 0.1, 0.2),
         seed: int = 42,
+        groups: str | None = None,
+        folds: int = 1,
+        fold: int = 0,
         split_file: str | None = None,
         test_root: str | None = None,
         predict_root: str | None = None,
         empty_slice_fraction: float = 1.0,
         augmentation: AugmentationConfig = AugmentationConfig(),  # noqa: B008 (frozen, so sharing is safe)
-        cache: str = "memory",
+        cache: CacheMode = "memory",
         cache_dir: str | None = None,
+        slice_axis: SliceAxis = "auto",
+        label_values: list[int] | None = None,
     ) -> None:
         super().__init__()
-        if layout not in LAYOUTS:
-            raise DataError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-        if cache not in CACHE_MODES:
-            raise DataError(f"data.cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
         if batch_size < 1:
             raise DataError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise DataError(f"data.num_workers must be >= 0, got {num_workers}")
-        if not 0.0 <= empty_slice_fraction <= 1.0:
-            raise DataError(f"data.empty_slice_fraction must be in [0, 1], got {empty_slice_fraction}")
+        check_folds(folds, fold)
+        if folds > 1 and split_file is not None:
+            raise DataError(
+                f"data.split_file fixes the split, so data.folds must be 1, got {folds}: "
+                "write one split file per fold, or drop data.split_file"
+            )
         self.root = root
         self.layout = layout
         self.img_size = check_img_size(img_size)
@@ -134,6 +129,9 @@ class LADataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.split_fractions = check_fractions(split)
         self.seed = seed
+        self.groups = groups
+        self.folds = folds
+        self.fold = fold
         self.split_file = split_file
         self.test_root = test_root
         self.predict_root = predict_root
@@ -141,129 +139,148 @@ class LADataModule(L.LightningDataModule):
         self.augmentation = augmentation
         self.cache = cache
         self.cache_dir = cache_dir
-        self.split: dict[str, list[str]] | None = None
+        self.slice_axis = slice_axis
+        self.label_values = label_values
+        self.data_split: DataSplit | None = None
         self._cases: dict[str, Case] = {}
         self._test_cases: dict[str, Case] | None = None
         self._predict_cases: list[Case] = []
+
+    @property
+    def split(self) -> dict[str, list[str]] | None:
+        return self.data_split.parts if self.data_split is not None else None
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
         """Find the cases and fix the split (a split already held, e.g. restored, is kept)."""
         if stage == TrainerFn.PREDICTING:
-            self._predict_cases = _find(
-                self.predict_root, "data.predict_root", "auto", stage, require_labels=False
-            )
+            self._predict_cases = _find(self.predict_root, "data.predict_root", "auto", stage, False)
             return
         if self.test_root is not None:
             self._test_cases = _by_id(_find(self.test_root, "data.test_root", self.layout, stage, True))
         if stage == TrainerFn.TESTING and self._test_cases is not None:
             self._cases = {}  # testing on a held-out folder needs no training data, wherever data.root points
-            if self.split is None:
-                self.split = {"train": [], "val": [], "test": sorted(self._test_cases)}
+            if self.data_split is None:
+                parts = {"train": [], "val": [], "test": sorted(self._test_cases)}
+                self._adopt(DataSplit(parts, separate_test=True), "data.test_root")
             return
         self._cases = _by_id(_find(self.root, "data.root", self.layout, stage, True))
-        if self.split is None:
-            self.split = self._read_split_file() if self.split_file is not None else self._random_split()
+        if self.data_split is None:
+            if self.split_file is not None:
+                self._adopt(self._read_split_file(), f"data.split_file {self.split_file}")
+            else:
+                self._adopt(self._random_split(), "the random split")
         if stage == TrainerFn.FITTING:
+            self._require_validation()
             self._write_split()
 
-    def _random_split(self) -> dict[str, list[str]]:
-        if self._test_cases is None:
-            return split_cases(list(self._cases), self.split_fractions, self.seed)
-        train, val, _ = self.split_fractions
-        parts = split_cases(list(self._cases), (train / (train + val), val / (train + val), 0.0), self.seed)
-        parts["test"] = sorted(self._test_cases)
-        return parts
+    def _random_split(self) -> DataSplit:
+        patients = read_groups(self.groups, self._cases) if self.groups is not None else None
+        fractions = self.split_fractions
+        if self._test_cases is not None:
+            train, val, _ = fractions
+            fractions = (train / (train + val), val / (train + val), 0.0)
+        parts = split_cases(self._cases, fractions, self.seed, patients, self.folds, self.fold)
+        if self._test_cases is not None:
+            parts["test"] = sorted(self._test_cases)
+        return DataSplit(parts, patients, self.folds, self.fold, separate_test=self._test_cases is not None)
 
-    def _read_split_file(self) -> dict[str, list[str]]:
+    def _read_split_file(self) -> DataSplit:
         path = Path(self.split_file).expanduser()
+        source = f"data.split_file {path}"
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as error:
-            raise DataError(f"cannot read data.split_file {path}: {error}") from error
-        if not isinstance(data, dict) or set(data) - set(PARTS):
-            keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise DataError(f"data.split_file {path} must be a JSON object with keys {PARTS}, got {keys}")
-        split: dict[str, list[str]] = {}
-        for part in PARTS:
-            ids = data.get(part, [])
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                raise DataError(f"data.split_file {path}: {part!r} must be a list of case id strings")
-            repeated = sorted({i for i in ids if ids.count(i) > 1})
-            if repeated:
-                raise DataError(f"data.split_file {path}: {part!r} lists cases more than once: {repeated}")
-            split[part] = sorted(ids)
-        if self._test_cases is not None and not split["test"]:
-            split["test"] = sorted(self._test_cases)
-        # Ids name cases of one folder; with test_root the test ids live in another folder (own namespace).
-        same_root = PARTS if self._test_cases is None else ("train", "val")
-        for a, b in ((a, b) for i, a in enumerate(same_root) for b in same_root[i + 1 :]):
-            overlap = sorted(set(split[a]) & set(split[b]))
-            if overlap:
-                raise DataError(f"data.split_file {path}: cases in both {a!r} and {b!r}: {overlap}")
-        for part in PARTS:
-            lookup, root = self._lookup(part)
-            unknown = [i for i in split[part] if i not in lookup]
-            if unknown:
-                raise DataError(
-                    f"data.split_file {path}: {part!r} names cases not found under {root}: {unknown}"
-                )
-        if not split["train"]:
-            raise DataError(f"data.split_file {path} has no training cases")
+            raise DataError(f"cannot read {source}: {error}") from error
+        split = parse_split(data, source, separate_test=self._test_cases is not None)
+        if self._test_cases is not None and not split.parts["test"]:
+            split.parts["test"] = sorted(self._test_cases)
+        if self.groups is not None:
+            split.patients = read_groups(self.groups, self._cases)
+            check_patients_kept_together(split, f"{source} with data.groups={self.groups!r}")
         return split
+
+    def _adopt(self, split: DataSplit, source: str) -> None:
+        """Hold `split` once every case it names in the loaded folders exists (the one unknown-case check)."""
+        known = {}
+        for part in split.parts:
+            lookup, root = self._lookup(part)
+            if lookup:  # a folder not loaded for this stage (e.g. data.root when testing on test_root)
+                known[part] = (lookup, root)
+        check_known(split, known, source)
+        self.data_split = split
+        rank_zero_info(split.describe())
 
     def _lookup(self, part: str) -> tuple[dict[str, Case], str | None]:
         if part == "test" and self._test_cases is not None:
             return self._test_cases, self.test_root
         return self._cases, self.root
 
+    def _require_validation(self) -> None:
+        """Refuse to fit without validation cases when callbacks need val/* metrics; otherwise warn."""
+        if self.data_split.parts["val"]:
+            return
+        where = (
+            f"data.split_file {self.split_file}" if self.split_file else f"data.split={self.split_fractions}"
+        )
+        reason = f"{where} leaves no validation cases of the {len(self._cases)} cases under data.root"
+        callbacks = self.trainer.callbacks if self.trainer is not None else []
+        monitors = [
+            f"{type(cb).__name__}(monitor={cb.monitor!r})"
+            for cb in callbacks
+            if isinstance(cb, (ModelCheckpoint, EarlyStopping)) and str(cb.monitor or "").startswith("val/")
+        ]
+        if monitors:
+            raise DataError(
+                f"{reason}, but {', '.join(monitors)} monitor validation metrics: give the validation "
+                "part cases (a val fraction > 0 in data.split, or 'val' ids in data.split_file) or drop "
+                "those callbacks"
+            )
+        rank_zero_warn(f"{reason}: validation is off, the model is trained without being validated")
+
     def _write_split(self) -> None:
-        """Write the split to <trainer.log_dir>/split.json (rank zero, atomically); usable as a split_file."""
+        """Write the record to <trainer.log_dir>/split.json (rank zero, atomically); a valid split_file."""
         if self.trainer is None:
             return
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if log_dir is None or not self.trainer.is_global_zero:
             return
-        atomic_write_text(Path(log_dir) / "split.json", json.dumps(self.split, indent=2) + "\n")
+        atomic_write_text(
+            Path(log_dir) / "split.json", json.dumps(self.data_split.to_record(), indent=2) + "\n"
+        )
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
-        """The split, so that resuming or testing from a checkpoint uses the same cases."""
-        return {"split": {part: list(ids) for part, ids in self.split.items()}} if self.split else {}
+        """The split record, so that resuming or testing from a checkpoint uses the same cases."""
+        return {"split": self.data_split.to_record()} if self.data_split is not None else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Adopt a stored split. With test_root given now, the test part chosen in setup() is kept."""
         stored = state_dict.get("split")
         if not stored:
             return
-        split = {part: sorted(stored.get(part, [])) for part in PARTS}
+        source = "the split stored in the checkpoint"
+        split = parse_split(stored, source, separate_test=self._test_cases is not None)
         if self._test_cases is not None:
-            split["test"] = list(self.split["test"]) if self.split else sorted(self._test_cases)
-        changed = split != self.split
-        self.split = split
-        if changed and self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            split.parts["test"] = list(self.split["test"]) if self.split else sorted(self._test_cases)
+        if split == self.data_split:
+            return
+        self._adopt(split, f"{source} (of another data set?)")
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             self._write_split()
 
     # ----------------------------------------------------------------------------------------- dataloaders
     def cases(self, part: str) -> list[Case]:
         """The cases of one part of the split ("train", "val" or "test"); after setup()."""
-        if self.split is None:
+        if self.data_split is None:
             raise DataError("LADataModule.setup() must run before the split is used")
-        lookup, root = self._lookup(part)
-        unknown = [i for i in self.split[part] if i not in lookup]
-        if unknown:
-            raise DataError(
-                f"the {part} split names cases not found under {root}: {unknown} "
-                "(a split restored from a checkpoint or split_file of another data set?)"
-            )
-        return [lookup[i] for i in self.split[part]]
+        lookup, _ = self._lookup(part)
+        return [lookup[case_id] for case_id in self.data_split.parts[part]]
 
     def train_dataloader(self) -> DataLoader:
-        cases = self.cases("train")
-        if not cases:
-            raise DataError("the split has no training cases")
+        # MERGE: pass slice_axis=self.slice_axis once SliceDataset takes it (geom helper).
         dataset = SliceDataset(
-            cases,
+            self.cases("train"),
             self.img_size,
             slice_context=self.slice_context,
             transform=build_train_transform(self.augmentation),
@@ -283,29 +300,24 @@ class LADataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        dataset = VolumeDataset(
-            self.cases("val"), with_labels=True, cache=self.cache, cache_dir=self.cache_dir
-        )
-        return self._eval_loader(dataset, persistent=True)
+        """Volumes of the validation cases; workers persist, as validation runs every epoch."""
+        return self._eval_loader(self.cases("val"), with_labels=True, single_pass=False)
 
     def test_dataloader(self) -> DataLoader:
-        dataset = VolumeDataset(
-            self.cases("test"), with_labels=True, cache=self._single_pass_cache, cache_dir=self.cache_dir
-        )
-        return self._eval_loader(dataset, persistent=False)
+        return self._eval_loader(self.cases("test"), with_labels=True, single_pass=True)
 
     def predict_dataloader(self) -> DataLoader:
-        dataset = VolumeDataset(
-            self._predict_cases, with_labels=False, cache=self._single_pass_cache, cache_dir=self.cache_dir
-        )
-        return self._eval_loader(dataset, persistent=False)
+        return self._eval_loader(self._predict_cases, with_labels=False, single_pass=True)
 
-    @property
-    def _single_pass_cache(self) -> str:
-        """Volumes read once per run gain nothing from a memory cache; a disk cache helps the next run."""
-        return "disk" if self.cache == "disk" else "none"
+    def _eval_loader(self, cases: list[Case], with_labels: bool, single_pass: bool) -> DataLoader:
+        """One volume per step, read and normalised in workers that prefetch (never more workers than cases).
 
-    def _eval_loader(self, dataset: VolumeDataset, persistent: bool) -> DataLoader:
+        Single-pass loaders (test, predict) cache in memory for nothing and gain from a disk cache only on the
+        next run; their workers are not persistent, so the run ends without a slow teardown.
+        """
+        cache = ("disk" if self.cache == "disk" else "none") if single_pass else self.cache
+        # MERGE: pass slice_axis=self.slice_axis once VolumeDataset takes it (geom helper).
+        dataset = VolumeDataset(cases, with_labels=with_labels, cache=cache, cache_dir=self.cache_dir)
         workers = min(self.num_workers, len(dataset))
         return DataLoader(
             dataset,
@@ -313,13 +325,15 @@ class LADataModule(L.LightningDataModule):
             shuffle=False,
             collate_fn=first_item,
             num_workers=workers,
+            prefetch_factor=EVAL_PREFETCH if workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=persistent and workers > 0,
+            persistent_workers=not single_pass and workers > 0,
         )
 
 
 def _find(path: str | None, field: str, layout: str, stage: str, require_labels: bool) -> list[Case]:
     """find_cases with errors that name the option to fix."""
+    # MERGE: pass label_values=self.label_values to find_cases once it takes it (geom helper).
     if path is None:
         raise DataError(f"{field} is required for {stage}: set --{field}")
     if not Path(path).expanduser().exists():

@@ -1,45 +1,24 @@
 import json
+from typing import get_args
 
 import lightning as L
 import pytest
 import torch
+from jsonargparse import ArgumentError, ArgumentParser
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import RandomSampler
 
-from la_seg.data.datamodule import LADataModule, split_cases
-from la_seg.data.datasets import first_item
+from la_seg.data.datamodule import EVAL_PREFETCH, CacheMode, LADataModule, Layout
+from la_seg.data.datasets import CACHE_MODES, first_item
+from la_seg.data.layouts import LAYOUTS
+from la_seg.data.split import PARTS
 from la_seg.data.synthetic import write_dataset
 from la_seg.errors import DataError
-
-IDS = [f"case_{i:03d}" for i in range(130)]
-
-
-# --------------------------------------------------------------------------------------------- split_cases
-def test_split_fractions_match_paper():
-    split = split_cases(IDS, (0.7, 0.1, 0.2), seed=42)
-    assert [len(split[p]) for p in ("train", "val", "test")] == [91, 13, 26]
-    assert sorted(split["train"] + split["val"] + split["test"]) == IDS  # no overlap, nothing lost
-
-
-def test_split_is_deterministic_and_seeded():
-    a = split_cases(IDS, seed=1)
-    assert a == split_cases(list(reversed(IDS)), seed=1)  # input order does not matter
-    assert a != split_cases(IDS, seed=2)
-    assert all(part == sorted(part) for part in a.values())
-
-
-def test_split_small_sets():
-    assert [len(v) for v in split_cases(["a", "b", "c"]).values()] == [1, 1, 1]
-    assert [len(v) for v in split_cases(list("abcdefghij")).values()] == [7, 1, 2]
-    assert split_cases(["a", "b"], (0.9, 0.1, 0.0))["test"] == []
-    with pytest.raises(DataError, match="too few"):
-        split_cases(["a", "b"])
 
 
 @pytest.mark.parametrize("bad", [(0.5, 0.1, 0.1), (0.7, 0.3), (1.2, -0.1, -0.1), (0.0, 0.5, 0.5)])
 def test_split_fraction_errors(bad):
-    with pytest.raises(DataError, match="split"):
-        split_cases(IDS, bad)
     with pytest.raises(DataError, match="split"):
         LADataModule(root="x", split=bad)
 
@@ -168,9 +147,8 @@ def test_state_dict_round_trip(roots):
 def test_stored_split_unknown_cases(roots):
     dm = _dm(roots[0])
     dm.setup("fit")
-    dm.load_state_dict({"split": {"train": ["ghost"], "val": [], "test": []}})
-    with pytest.raises(DataError, match="ghost"):
-        dm.train_dataloader()
+    with pytest.raises(DataError, match=r"checkpoint.*'train'.*ghost"):  # found when adopted, not when used
+        dm.load_state_dict({"split": {"train": ["ghost"], "val": [], "test": []}})
 
 
 # ---------------------------------------------------------------------------------- with a Lightning trainer
@@ -195,7 +173,14 @@ class _Stub(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def _parts(split_json) -> dict:
+    """The train/val/test lists of a written split.json (which also holds its summary)."""
+    record = json.loads(split_json.read_text())
+    return {part: record[part] for part in PARTS}
+
+
 def _trainer(tmp_path, name, **kwargs):
+    options = {"enable_checkpointing": "callbacks" in kwargs, **kwargs}
     return L.Trainer(
         default_root_dir=tmp_path,
         logger=TensorBoardLogger(tmp_path, name=name),
@@ -203,8 +188,7 @@ def _trainer(tmp_path, name, **kwargs):
         devices=1,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
-        **kwargs,
+        **options,
     )
 
 
@@ -213,7 +197,7 @@ def test_split_json_written_in_log_dir(roots, tmp_path):
     dm = _dm(roots[0])
     dm.trainer = trainer
     dm.setup("fit")
-    written = json.loads((tmp_path / "manual" / "version_0" / "split.json").read_text())
+    written = _parts(tmp_path / "manual" / "version_0" / "split.json")
     assert written == dm.split
     again = _dm(roots[0], seed=99, split_file=str(tmp_path / "manual" / "version_0" / "split.json"))
     again.setup("fit")
@@ -224,7 +208,7 @@ def test_fit_checkpoint_then_test_and_resume_use_stored_split(roots, tmp_path):
     dm = _dm(roots[0], seed=1)
     trainer = _trainer(tmp_path, "fit", max_steps=1, limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(_Stub(), datamodule=dm)
-    assert json.loads((tmp_path / "fit" / "version_0" / "split.json").read_text()) == dm.split
+    assert _parts(tmp_path / "fit" / "version_0" / "split.json") == dm.split
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
 
@@ -237,4 +221,119 @@ def test_fit_checkpoint_then_test_and_resume_use_stored_split(roots, tmp_path):
     trainer = _trainer(tmp_path, "resume", max_steps=2, limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(_Stub(), datamodule=resumed, ckpt_path=str(ckpt))
     assert resumed.split == dm.split
-    assert json.loads((tmp_path / "resume" / "version_0" / "split.json").read_text()) == dm.split
+    assert _parts(tmp_path / "resume" / "version_0" / "split.json") == dm.split
+
+
+# ------------------------------------------------------------------------------- patients, folds, validation
+def _pairs_csv(tmp_path):
+    """train_1..6 as three patients of two scans each (train_1 + train_2, ...)."""
+    path = tmp_path / "patients.csv"
+    path.write_text("case_id,patient_id\n" + "".join(f"train_{i},P{(i + 1) // 2}\n" for i in range(1, 7)))
+    return path
+
+
+def test_groups_keep_patients_together_and_are_reported(roots, tmp_path, caplog):
+    groups = str(_pairs_csv(tmp_path))
+    for seed in range(5):
+        dm = _dm(roots[0], groups=groups, seed=seed, split=(0.34, 0.33, 0.33))
+        dm.setup("fit")
+        patients = [{(int(c.split("_")[1]) + 1) // 2 for c in dm.split[p]} for p in PARTS]
+        assert [len(p) for p in patients] == [1, 1, 1]  # three patients, one each
+        assert [len(dm.split[p]) for p in PARTS] == [2, 2, 2]  # with both their scans
+    trainer = _trainer(tmp_path, "groups")
+    dm = _dm(roots[0], groups=groups, split=(0.34, 0.33, 0.33))
+    dm.trainer = trainer
+    with caplog.at_level("INFO"):
+        dm.setup("fit")
+    assert "train 1 patients / 2 cases, val 1 patients / 2 cases, test 1 patients / 2 cases" in caplog.text
+    record = json.loads((tmp_path / "groups" / "version_0" / "split.json").read_text())
+    assert record["summary"]["val"] == {"patients": 1, "cases": 2}
+    assert record["patients"]["train_3"] == record["patients"]["train_4"] == "P2"
+    again = _dm(roots[0], split_file=str(tmp_path / "groups" / "version_0" / "split.json"))
+    again.setup("fit")  # the richer split.json still works as data.split_file
+    assert again.split == dm.split and again.data_split.summary() == dm.data_split.summary()
+
+
+def test_groups_errors_name_the_option(roots, tmp_path):
+    with pytest.raises(DataError, match=r"data\.groups regex.*'train_1'"):
+        _dm(roots[0], groups=r"regex:^case(\d+)").setup("fit")
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({"train": ["train_1", "train_3", "train_5"], "val": ["train_2"]}))
+    with pytest.raises(DataError, match=r"split\.json with data\.groups.*'P1'"):
+        _dm(roots[0], groups=str(_pairs_csv(tmp_path)), split_file=str(split_file)).setup("fit")
+
+
+def test_folds(roots, tmp_path):
+    splits = []
+    for fold in range(3):
+        dm = _dm(roots[0], folds=3, fold=fold, split=(0.8, 0.0, 0.2))
+        dm.trainer = _trainer(tmp_path, f"fold{fold}")
+        dm.setup("fit")
+        record = json.loads((tmp_path / f"fold{fold}" / "version_0" / "split.json").read_text())
+        assert (record["folds"], record["fold"]) == (3, fold)
+        splits.append(dm.split)
+    assert all(split["test"] == splits[0]["test"] for split in splits)
+    non_test = sorted({f"train_{i}" for i in range(1, 7)} - set(splits[0]["test"]))
+    assert sorted(c for split in splits for c in split["val"]) == non_test
+    with pytest.raises(DataError, match=r"data\.fold must be in 0\.\.2"):
+        _dm(roots[0], folds=3, fold=3)
+    with pytest.raises(DataError, match=r"data\.split_file fixes the split"):
+        _dm(roots[0], folds=3, split_file="split.json")
+    with pytest.raises(DataError, match=r"data\.folds=6 needs at least 6"):
+        _dm(roots[0], folds=6).setup("fit")
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [ModelCheckpoint(monitor="val/dice", mode="max"), EarlyStopping(monitor="val/dice", mode="max")],
+    ids=["checkpoint", "early_stopping"],
+)
+def test_no_validation_cases_refused_when_callbacks_monitor_val(roots, tmp_path, callback):
+    dm = _dm(roots[0], split=(0.8, 0.0, 0.2))
+    trainer = _trainer(tmp_path, "noval", max_steps=1, callbacks=[callback])
+    with pytest.raises(DataError, match=rf"data\.split=.*no validation cases.*{type(callback).__name__}"):
+        trainer.fit(_Stub(), datamodule=dm)
+
+
+def test_no_validation_cases_warn_without_val_monitors(roots, tmp_path):
+    dm = _dm(roots[0], split=(0.8, 0.0, 0.2))
+    module = _Stub()
+    trainer = _trainer(tmp_path, "noval", max_steps=1, callbacks=[ModelCheckpoint(tmp_path / "ck")])
+    with pytest.warns(UserWarning, match="validation is off"):
+        trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 1 and module.seen == []
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+def test_eval_loaders_read_in_prefetching_workers(roots):
+    dm = _dm(roots[0], num_workers=3, predict_root=str(roots[1]))
+    dm.setup("fit")
+    dm.setup("test")
+    dm.setup("predict")
+    val, test, predict = dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()
+    assert (val.num_workers, test.num_workers, predict.num_workers) == (1, 1, 2)  # never more than cases
+    assert val.persistent_workers and not test.persistent_workers and not predict.persistent_workers
+    assert all(loader.prefetch_factor == EVAL_PREFETCH for loader in (val, test, predict))
+    assert all(loader.pin_memory == torch.cuda.is_available() for loader in (val, test, predict))
+    assert next(iter(predict))["case_id"] == "train_1"  # read in a worker process
+    inline = _dm(roots[0], num_workers=0)
+    inline.setup("test")
+    loader = inline.test_dataloader()
+    assert loader.num_workers == 0 and loader.prefetch_factor is None
+    assert next(iter(loader))["case_id"] == inline.split["test"][0]
+
+
+# ------------------------------------------------------------------------------------------ config fields
+def test_choices_are_literals_that_jsonargparse_validates():
+    assert get_args(Layout) == LAYOUTS and get_args(CacheMode) == CACHE_MODES
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(LADataModule, "data")
+    config = parser.parse_args(
+        ["--data.layout", "msd", "--data.slice_axis", "1", "--data.label_values", "[420]"]
+    )
+    assert (config.data.layout, config.data.slice_axis, config.data.label_values) == ("msd", 1, [420])
+    for field, value in (("layout", "lascarq"), ("cache", "ram"), ("slice_axis", "3")):
+        with pytest.raises(ArgumentError, match=field):
+            parser.parse_args([f"--data.{field}", value])
+    dm = parser.instantiate_classes(config).data
+    assert (dm.slice_axis, dm.label_values) == (1, [420])

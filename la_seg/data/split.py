@@ -1,0 +1,298 @@
+"""The experiment's train/val/test split: fractions, patient groups, cross-validation folds, split files.
+
+Pure functions and one small record class, no Lightning. LADataModule finds the cases, asks here for the split
+and stores the record (`DataSplit.to_record`) in split.json and in checkpoints.
+
+Rules:
+- Fractions apply to patients (to cases when no groups are given). Validation and test get round-half-up
+  (n * fraction) patients, at least one when their fraction is > 0; training gets the rest.
+- The sorted patient ids are permuted by numpy's Generator(seed); test takes the last patients of that order,
+  validation the ones before, training the rest. So the test part depends only on the patients, the fractions
+  and the seed, never on the fold, and the split is identical on every DDP rank and every rerun.
+- Cross-validation (folds = k > 1): the patients outside the test part are cut into k contiguous parts of that
+  order (sizes differ by at most one); fold i validates on the i-th and trains on the others. The validation
+  fraction is then ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from la_seg.errors import DataError
+
+PARTS = ("train", "val", "test")
+GROUPS_REGEX_PREFIX = "regex:"
+GROUPS_CSV_HEADER = ("case_id", "patient_id")
+# Written beside the parts in split.json; read back so that a split.json used as data.split_file keeps them.
+_RECORD_KEYS = ("summary", "patients", "folds", "fold")
+_SUM_TOLERANCE = 1e-6
+_SHOWN = 10  # ids quoted in an error message before "... (N more)"
+
+
+def check_fractions(split: Sequence[float]) -> tuple[float, float, float]:
+    """(train, val, test) fractions: three numbers >= 0 summing to 1, train > 0."""
+    values = tuple(float(f) for f in split)
+    if len(values) != 3 or any(not np.isfinite(f) or f < 0 for f in values):
+        raise DataError(f"data.split must be three fractions (train, val, test) >= 0, got {tuple(split)}")
+    if abs(sum(values) - 1.0) > _SUM_TOLERANCE:
+        raise DataError(f"data.split fractions must sum to 1, got {values} (sum {sum(values):.6g})")
+    if values[0] <= 0:
+        raise DataError(f"data.split needs a training fraction > 0, got {values}")
+    return values
+
+
+def check_folds(folds: int, fold: int) -> None:
+    """folds >= 1 (1 = no cross-validation) and 0 <= fold < folds."""
+    if folds < 1:
+        raise DataError(f"data.folds must be >= 1 (1 = no cross-validation), got {folds}")
+    if not 0 <= fold < folds:
+        raise DataError(
+            f"data.fold must be in 0..{folds - 1} (0-based, below data.folds={folds}), got {fold}"
+        )
+
+
+def listing(ids: Sequence[str]) -> str:
+    """Ids for an error message: the first few, then how many more."""
+    shown = ", ".join(map(repr, ids[:_SHOWN]))
+    return f"[{shown}{f', ... ({len(ids) - _SHOWN} more)' if len(ids) > _SHOWN else ''}]"
+
+
+# ------------------------------------------------------------------------------------------------- groups
+def read_groups(spec: str, case_ids: Collection[str]) -> dict[str, str]:
+    """case id -> patient id for every case in `case_ids`, from the data.groups option.
+
+    `spec` is either `regex:PATTERN`, searched in each case id (the first capture group of the first match is
+    the patient, or the whole match if the pattern has no group), or the path of a CSV file whose header is
+    `case_id,patient_id` and which has one row per case of the data set.
+    """
+    if spec.startswith(GROUPS_REGEX_PREFIX):
+        return _groups_from_regex(spec[len(GROUPS_REGEX_PREFIX) :], case_ids)
+    if spec.lower().endswith(".csv"):
+        return _groups_from_csv(Path(spec).expanduser(), case_ids)
+    raise DataError(
+        f"data.groups must be '{GROUPS_REGEX_PREFIX}PATTERN' (a regular expression on the case id) or the "
+        f"path of a .csv file with the header {','.join(GROUPS_CSV_HEADER)}, got {spec!r}"
+    )
+
+
+def _groups_from_regex(pattern: str, case_ids: Collection[str]) -> dict[str, str]:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise DataError(f"data.groups: {pattern!r} is not a valid regular expression: {error}") from error
+    patients, unmatched = {}, []
+    for case_id in sorted(case_ids):
+        match = compiled.search(case_id)
+        patient = match and (match.group(1) if compiled.groups else match.group(0))
+        if patient:
+            patients[case_id] = patient
+        else:
+            unmatched.append(case_id)
+    if unmatched:
+        raise DataError(
+            f"data.groups regex {pattern!r} finds no patient id in the case ids {listing(unmatched)}; "
+            "the first capture group (or the whole match) must be a non-empty patient id"
+        )
+    return patients
+
+
+def _groups_from_csv(path: Path, case_ids: Collection[str]) -> dict[str, str]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets write a BOM
+            rows = [[cell.strip() for cell in row] for row in csv.reader(handle)]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"cannot read data.groups file {path}: {error}") from error
+    if not rows or tuple(rows[0]) != GROUPS_CSV_HEADER:
+        found = ",".join(rows[0]) if rows else "an empty file"
+        raise DataError(
+            f"data.groups file {path} must start with the header {','.join(GROUPS_CSV_HEADER)}, got {found!r}"
+        )
+    patients: dict[str, str] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(row):
+            continue
+        if len(row) != 2 or not all(row):
+            raise DataError(f"data.groups file {path}, line {line}: expected case_id,patient_id, got {row}")
+        case_id, patient = row
+        if patients.setdefault(case_id, patient) != patient:
+            raise DataError(
+                f"data.groups file {path}, line {line}: case {case_id!r} is given two patients, "
+                f"{patients[case_id]!r} and {patient!r}"
+            )
+    unknown = sorted(set(patients) - set(case_ids))
+    if unknown:
+        raise DataError(
+            f"data.groups file {path} names cases that are not in the data set: {listing(unknown)}"
+        )
+    missing = sorted(set(case_ids) - set(patients))
+    if missing:
+        raise DataError(
+            f"data.groups file {path} has no patient for the cases {listing(missing)}: add a row each"
+        )
+    return patients
+
+
+# ------------------------------------------------------------------------------------------ random split
+def split_cases(
+    case_ids: Iterable[str],
+    split: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 42,
+    patients: Mapping[str, str] | None = None,
+    folds: int = 1,
+    fold: int = 0,
+) -> dict[str, list[str]]:
+    """Random split of the (unique) `case_ids` into {"train", "val", "test"}, each part sorted.
+
+    `patients` maps every case id to its patient (see read_groups); all cases of a patient go to one part.
+    Without it every case is its own patient. See the module docstring for the rules.
+    """
+    fractions = check_fractions(split)
+    check_folds(folds, fold)
+    cases_of: dict[str, list[str]] = {}
+    for case_id in sorted(case_ids):
+        cases_of.setdefault(patients[case_id] if patients else case_id, []).append(case_id)
+    ordered = sorted(cases_of)
+    shuffled = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
+    unit = "patient(s)" if patients else "case(s)"
+    n_val, n_test = (_part_size(len(shuffled), f) for f in fractions[1:])
+    outside_test = shuffled[: len(shuffled) - n_test]
+    if folds > 1:
+        if len(outside_test) < folds:
+            raise DataError(
+                f"data.folds={folds} needs at least {folds} {unit} outside the test part, but "
+                f"{len(shuffled)} {unit} with data.split={fractions} leave {len(outside_test)}"
+            )
+        held_out = set(np.array_split(np.arange(len(outside_test)), folds)[fold].tolist())
+        val = [patient for i, patient in enumerate(outside_test) if i in held_out]
+        train = [patient for i, patient in enumerate(outside_test) if i not in held_out]
+    else:
+        if len(outside_test) - n_val < 1:
+            needed = 1 + sum(f > 0 for f in fractions[1:])
+            raise DataError(
+                f"{len(shuffled)} {unit} are too few for data.split={fractions}: every part with a fraction "
+                f"> 0 needs at least one, so at least {needed} are needed"
+            )
+        train, val = outside_test[: len(outside_test) - n_val], outside_test[len(outside_test) - n_val :]
+    test = shuffled[len(outside_test) :]
+    return {
+        part: sorted(c for p in chosen for c in cases_of[p])
+        for part, chosen in zip(PARTS, (train, val, test), strict=True)
+    }
+
+
+def _part_size(n: int, fraction: float) -> int:
+    """round-half-up(n * fraction), at least 1 for a fraction > 0."""
+    return max(1, int(np.floor(n * fraction + 0.5))) if fraction > 0 else 0
+
+
+# ---------------------------------------------------------------------------------------- the split record
+@dataclass
+class DataSplit:
+    """The split of one experiment and how it was made; written to split.json and stored in checkpoints.
+
+    Attributes:
+        parts: {"train": [...], "val": [...], "test": [...]} sorted case ids.
+        patients: case id -> patient id (data.groups), or None: every case is its own patient.
+        folds, fold: the cross-validation fold this split is (1, 0: no cross-validation).
+        separate_test: the test part names cases of data.test_root, a namespace of its own (they are neither
+            checked for overlap with train/val nor grouped into patients).
+    """
+
+    parts: dict[str, list[str]]
+    patients: dict[str, str] | None = None
+    folds: int = 1
+    fold: int = 0
+    separate_test: bool = field(default=False, compare=False)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """{part: {"patients": n, "cases": m}}."""
+        return {
+            part: {"patients": len({self.patient_of(part, c) for c in ids}), "cases": len(ids)}
+            for part, ids in self.parts.items()
+        }
+
+    def patient_of(self, part: str, case_id: str) -> str:
+        """The patient of a case of `part` (the case itself without groups or in a separate test folder)."""
+        if self.patients is None or (part == "test" and self.separate_test):
+            return case_id
+        return self.patients.get(case_id, case_id)
+
+    def describe(self) -> str:
+        """One log line: patients and cases per part (and the fold)."""
+        counts = ", ".join(
+            f"{p} {s['patients']} patients / {s['cases']} cases" for p, s in self.summary().items()
+        )
+        return f"data split: {counts}" + (f" (fold {self.fold} of {self.folds})" if self.folds > 1 else "")
+
+    def to_record(self) -> dict:
+        """JSON-able: the parts (what data.split_file reads), then the summary, folds and patients."""
+        record: dict = {**self.parts, "summary": self.summary(), "folds": self.folds, "fold": self.fold}
+        if self.patients is not None:
+            record["patients"] = dict(sorted(self.patients.items()))
+        return record
+
+
+def parse_split(data: object, source: str, separate_test: bool = False) -> DataSplit:
+    """A DataSplit from a record (to_record's, or just the parts); errors start with `source`."""
+    allowed = (*PARTS, *_RECORD_KEYS)
+    if not isinstance(data, dict) or set(data) - set(allowed):
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise DataError(
+            f"{source} must be a JSON object with the keys {PARTS} (and {_RECORD_KEYS}), got {keys}"
+        )
+    parts: dict[str, list[str]] = {}
+    for part in PARTS:
+        ids = data.get(part, [])
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise DataError(f"{source}: {part!r} must be a list of case id strings")
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise DataError(f"{source}: {part!r} lists cases more than once: {listing(repeated)}")
+        parts[part] = sorted(ids)
+    # With test_root the test ids name cases of another folder (their own namespace).
+    same_namespace = ("train", "val") if separate_test else PARTS
+    for i, a in enumerate(same_namespace):
+        for b in same_namespace[i + 1 :]:
+            overlap = sorted(set(parts[a]) & set(parts[b]))
+            if overlap:
+                raise DataError(f"{source}: cases in both {a!r} and {b!r}: {listing(overlap)}")
+    if not parts["train"]:
+        raise DataError(f"{source} has no training cases")
+    patients = data.get("patients")
+    if patients is not None and not (
+        isinstance(patients, dict) and all(isinstance(v, str) for v in (*patients, *patients.values()))
+    ):
+        raise DataError(f"{source}: 'patients' must map case ids to patient id strings")
+    folds, fold = data.get("folds", 1), data.get("fold", 0)
+    if not (isinstance(folds, int) and isinstance(fold, int)):
+        raise DataError(f"{source}: 'folds' and 'fold' must be integers, got {folds!r}, {fold!r}")
+    return DataSplit(parts, patients, folds, fold, separate_test)
+
+
+def check_patients_kept_together(split: DataSplit, source: str) -> None:
+    """Every patient's cases lie in one part (test excluded when it is a separate folder)."""
+    parts_of: dict[str, set[str]] = {}
+    for part, ids in split.parts.items():
+        if part == "test" and split.separate_test:
+            continue
+        for case_id in ids:
+            parts_of.setdefault(split.patient_of(part, case_id), set()).add(part)
+    straddling = sorted(p for p, parts in parts_of.items() if len(parts) > 1)
+    if straddling:
+        raise DataError(
+            f"{source} puts cases of one patient into several parts; patients {listing(straddling)}"
+        )
+
+
+def check_known(split: DataSplit, known: Mapping[str, tuple[Collection[str], str]], source: str) -> None:
+    """Every case of the parts in `known` ({part: (ids found, where)}) exists; other parts are not checked."""
+    for part, (ids, where) in known.items():
+        unknown = [case_id for case_id in split.parts[part] if case_id not in ids]
+        if unknown:
+            raise DataError(f"{source}: {part!r} names cases not found under {where}: {listing(unknown)}")
