@@ -59,11 +59,13 @@ def test_stale_temp_files_of_dead_processes_are_removed_live_ones_kept(tmp_path)
 
 def test_json_writes_nan_as_null(tmp_path):
     write_json(tmp_path / "r.json", {"a": [1.0, math.nan], "b": {"c": math.nan}, "p": tmp_path})
-    assert json.loads((tmp_path / "r.json").read_text()) == {"a": [1.0, None], "b": {"c": None}, "p": str(tmp_path)}
+    expected = {"a": [1.0, None], "b": {"c": None}, "p": str(tmp_path)}
+    assert json.loads((tmp_path / "r.json").read_text()) == expected
 
 
 def test_csv_comments_lead_and_rows_follow(tmp_path):
     write_csv(tmp_path / "t.csv", ["k", "v"], [["a", 1], ["b", 2]], comments={"checkpoint": "x.ckpt"})
     lines = (tmp_path / "t.csv").read_text().splitlines()
     assert lines[0] == "# checkpoint: x.ckpt"
-    assert list(csv.reader(line for line in lines if not line.startswith("#"))) == [["k", "v"], ["a", "1"], ["b", "2"]]
+    body = [line for line in lines if not line.startswith("#")]
+    assert list(csv.reader(body)) == [["k", "v"], ["a", "1"], ["b", "2"]]
