@@ -132,7 +132,11 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self.submit(prediction, batch)
 
     def submit(self, prediction: dict, batch: dict) -> None:
-        """Queue one case's outputs (a PredictOutput, slices last) for writing; returns at once."""
+        """Queue one case's outputs (a PredictOutput, slices last) for writing; returns at once, after
+        re-raising the error of any write that has failed meanwhile (so a full disk stops the run early)."""
+        for _, done in self._pending:
+            if done.done() and done.exception() is not None:
+                raise done.exception()
         geometry: Geometry = prediction["geometry"]
         mask = prediction["mask"].detach().cpu()
         row = {

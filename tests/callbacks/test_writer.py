@@ -182,3 +182,21 @@ def test_a_killed_runs_temp_files_are_removed_at_the_next_run(tmp_path):
     assert not leftover.exists()
     writer.close()
     writer.release()
+
+
+def test_a_failed_write_stops_the_run_at_the_next_case(tmp_path, monkeypatch):
+    geometry = input_image(tmp_path / "in", "c1")
+    writer = NiftiPredictionWriter(str(tmp_path / "out"))
+    trainer = trainer_for([Case("c1", geometry.source)])
+
+    def no_permission(path, data, reference):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(writer_module, "write_nifti", no_permission)
+    writer.on_predict_start(trainer, None)
+    output, batch = prediction(geometry, "c1", file_mask())
+    writer.write_on_batch_end(trainer, None, output, [0], batch, 0, 0)
+    writer._pending[0][1].exception()  # wait for the first case's write to fail
+    with pytest.raises(DataError, match="could not write .*c1.nii.gz: Permission denied"):
+        writer.write_on_batch_end(trainer, None, output, [1], batch, 1, 0)
+    writer.on_exception(trainer, None, RuntimeError())
