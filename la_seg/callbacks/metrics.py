@@ -52,7 +52,7 @@ class SegmentationMetrics(L.Callback):
                 "case_id": outputs["case_id"],
                 **row,
                 "slice_axis": geometry.slice_axis,
-                "spacing_source": getattr(geometry, "spacing_source", "header"),
+                "spacing_source": getattr(geometry, "spacing_source", "unrecorded"),
             }
         )
 
@@ -118,12 +118,14 @@ def report_header(
 ) -> dict[str, Any]:
     """What the report's numbers were computed with: checkpoint, version, inference, network and data."""
     ckpt_path = getattr(trainer, "ckpt_path", None)
+    hparams = getattr(pl_module, "hparams", {})
     return {
         "checkpoint": str(ckpt_path) if ckpt_path else None,
         "la_seg_version": la_seg.__version__,
         "inference": inference_settings(pl_module),
-        "network": getattr(pl_module, "hparams", {}).get("net"),
+        "network": hparams.get("net"),
         "data": {
+            "slice_context": hparams.get("slice_context"),
             "slice_axes": sorted({row["slice_axis"] for row in rows}),
             "spacing_sources": sorted({str(row["spacing_source"]) for row in rows}),
         },
@@ -161,13 +163,14 @@ def format_table(rows: list[dict], summary: dict, header: dict[str, Any]) -> str
     lines.append("-" * len(title))
     lines += [line(stat, [_fmt(summary[k][stat]) for k in METRIC_KEYS]) for stat in ("mean", "sd")]
     lines.append(line("n", [summary[k]["n"] for k in METRIC_KEYS]))
-    failed_rule = "left out of their means" if header["empty_distance"] == "nan" else "the image diagonal"
+    rule = header.get("empty_distance", "nan")
+    failed_rule = "left out of their means" if rule == "nan" else "the image diagonal"
     cases = summary["cases"]
     lines += [
         f"slice-wise Dice {_fmt(summary['slice_dice']['mean'])}, IoU {_fmt(summary['slice_iou']['mean'])} "
         f"over {summary['slice_dice']['n']} slices",
         f"failed (empty prediction or reference): {cases['failed']}; their HD95/ASSD: {failed_rule}",
-        f"checkpoint: {header['checkpoint']}",
+        f"checkpoint: {header.get('checkpoint')}",
         f"n = {cases['n']} cases, failed = {cases['failed']}",
     ]
     return "\n".join(lines)

@@ -103,7 +103,14 @@ def test_report_counts_failures_and_records_its_settings(tmp_path):
         "tta": False,
     }
     assert header["network"] == {"backbone": "tiny"}
-    assert header["data"] == {"slice_axes": [SLICE_AXIS], "spacing_sources": ["header"]}
+    source = getattr(
+        geometry("any"), "spacing_source", "unrecorded"
+    )  # a Geometry field once the data stage has it
+    assert header["data"] == {
+        "slice_context": None,
+        "slice_axes": [SLICE_AXIS],
+        "spacing_sources": [str(source)],
+    }
     assert (header["n"], header["failed"], header["empty_distance"]) == (3, 1, "nan")
     assert summary["cases"] == {"n": 3, "failed": 1}
     assert summary["dice"]["n"] == 3 and summary["hd95_mm"]["n"] == 2  # the failure has no HD95
