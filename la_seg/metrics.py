@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 from torchmetrics.functional.classification import binary_f1_score, binary_jaccard_index
 
@@ -127,3 +128,45 @@ def summarise(rows: list[dict], keys: Sequence[str]) -> dict:
             "n": len(pooled),
         }
     return summary
+
+
+class CumulativeCaseMetrics:
+    """`case_metrics` accumulated over cases, in the style of MONAI's cumulative metrics: `update` per case,
+    `aggregate` over every process's cases (each once, under DDP too), `reset` between epochs."""
+
+    def __init__(self, surface: bool = True, empty_distance: EmptyDistance = "nan") -> None:
+        self.surface = surface
+        self.empty_distance = empty_distance
+        self._rows: list[dict] = []
+
+    def update(self, case_id: str, pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing, **extra) -> dict:
+        """Score one case; `extra` fields (e.g. its slice axis) are kept in its row."""
+        row = {
+            "case_id": case_id,
+            **case_metrics(pred, ref, spacing, self.surface, self.empty_distance),
+            **extra,
+        }
+        self._rows.append(row)
+        return row
+
+    def aggregate(self, keys: Sequence[str]) -> tuple[list[dict], dict]:
+        """Every process's rows (sorted by case id) and their `summarise`; a collective call under DDP."""
+        rows = gather_cases(self._rows)
+        return rows, summarise(rows, keys)
+
+    def reset(self) -> None:
+        self._rows = []
+
+
+def gather_cases(rows: list[dict]) -> list[dict]:
+    """All ranks' rows, de-duplicated by `case_id` and sorted.
+
+    Lightning's distributed sampler pads validation and test sets by repeating cases, so a plain
+    gather would count those twice.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+    unique = {row["case_id"]: row for row in rows}
+    return [unique[key] for key in sorted(unique)]

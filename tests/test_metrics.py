@@ -3,6 +3,7 @@ import math
 import torch
 
 from la_seg.metrics import (
+    CumulativeCaseMetrics,
     case_metrics,
     overlap_3d,
     overlap_per_slice,
@@ -89,3 +90,16 @@ def test_max_rule_penalises_a_failure_with_the_image_diagonal():
     assert both_empty["hd95_mm"] == 0.0 and both_empty["dice"] == 1.0
     summary = summarise([case_metrics(ref, ref, spacing), row], ("hd95_mm",))
     assert summary["hd95_mm"]["n"] == 2 and math.isclose(summary["hd95_mm"]["mean"], diagonal / 2)
+
+
+def test_cumulative_metrics_count_each_case_once_and_keep_extra_fields():
+    ref = box((20, 20, 6), (4, 4, 1), (14, 14, 5))
+    cases = CumulativeCaseMetrics(surface=False)
+    for case_id in ("b", "a", "b"):  # the distributed sampler pads with a repeated case
+        cases.update(case_id, ref if case_id == "a" else torch.zeros_like(ref), ref, (1, 1, 1), slice_axis=2)
+    rows, summary = cases.aggregate(("dice",))
+    assert [r["case_id"] for r in rows] == ["a", "b"] and rows[0]["slice_axis"] == 2
+    assert summary["cases"] == {"n": 2, "failed": 1} and summary["dice"]["mean"] == 0.5
+    assert "hd95_mm" not in rows[0]
+    cases.reset()
+    assert cases.aggregate(("dice",))[0] == []

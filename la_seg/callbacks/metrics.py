@@ -12,8 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import la_seg
 from la_seg.atomic import remove_stale_temp_files, write_csv, write_json
-from la_seg.callbacks._distributed import gather_cases
-from la_seg.metrics import EmptyDistance, case_metrics, summarise
+from la_seg.metrics import CumulativeCaseMetrics, EmptyDistance
 
 REPORT_COLUMNS = ("case_id", "dice", "iou", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml")
 METRIC_KEYS = REPORT_COLUMNS[1:]
@@ -40,26 +39,25 @@ class SegmentationMetrics(L.Callback):
     ) -> None:
         self.surface_metrics_in_validation = surface_metrics_in_validation
         self.empty_distance = empty_distance
-        self._rows: list[dict] = []
+        self._cases = CumulativeCaseMetrics(surface_metrics_in_validation, empty_distance)
 
-    def _collect(self, outputs: dict, surface: bool) -> None:
+    def _start(self, surface: bool) -> None:
+        self._cases = CumulativeCaseMetrics(surface, self.empty_distance)
+
+    def _collect(self, outputs: dict) -> None:
         geometry = outputs["geometry"]
-        row = case_metrics(
-            outputs["pred"], outputs["label"], geometry.slices_last_spacing, surface, self.empty_distance
-        )
-        self._rows.append(
-            {
-                "case_id": outputs["case_id"],
-                **row,
-                "slice_axis": geometry.slice_axis,
-                "spacing_source": getattr(geometry, "spacing_source", "unrecorded"),
-            }
+        self._cases.update(
+            outputs["case_id"],
+            outputs["pred"],
+            outputs["label"],
+            geometry.slices_last_spacing,
+            slice_axis=geometry.slice_axis,
+            spacing_source=getattr(geometry, "spacing_source", "unrecorded"),
         )
 
     def _publish(self, pl_module: L.LightningModule, stage: str, keys: tuple[str, ...]) -> tuple[list, dict]:
-        rows = gather_cases(self._rows)
-        self._rows = []
-        summary = summarise(rows, keys)
+        rows, summary = self._cases.aggregate(keys)
+        self._cases.reset()
         pl_module.log(f"{stage}/dice", summary["dice"]["mean"], sync_dist=False, prog_bar=True)
         pl_module.log(f"{stage}/iou", summary["iou"]["mean"], sync_dist=False)
         pl_module.log(f"{stage}/dice_slice", summary["slice_dice"]["mean"], sync_dist=False)
@@ -69,12 +67,12 @@ class SegmentationMetrics(L.Callback):
 
     # validation
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._rows = []
+        self._start(surface=self.surface_metrics_in_validation)
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        self._collect(outputs, surface=self.surface_metrics_in_validation)
+        self._collect(outputs)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._publish(
@@ -83,10 +81,10 @@ class SegmentationMetrics(L.Callback):
 
     # test
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._rows = []
+        self._start(surface=True)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(outputs, surface=True)
+        self._collect(outputs)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         rows, summary = self._publish(pl_module, "test", METRIC_KEYS)

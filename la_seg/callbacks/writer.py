@@ -14,11 +14,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
 from la_seg.atomic import atomic_path, remove_stale_temp_files, write_csv
-from la_seg.callbacks._distributed import gather_cases
 from la_seg.callbacks.images import PANEL, overlay
 from la_seg.data.io import Geometry, write_nifti
 from la_seg.errors import DataError
-from la_seg.metrics import volume_ml
+from la_seg.metrics import gather_cases, volume_ml
 
 VOLUMES_CSV = "volumes.csv"
 LOCK_NAME = ".la-seg.lock"
