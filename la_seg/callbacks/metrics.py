@@ -138,7 +138,7 @@ def write_report(rows: list[dict], summary: dict, out_dir: Path, header: dict[st
     `test_metrics.json` (header, cases, summary), both written atomically; `la-seg evaluate` reuses it."""
     out_dir = Path(out_dir)
     remove_stale_temp_files(out_dir)
-    comments = {key: value if isinstance(value, str) else json.dumps(value) for key, value in header.items()}
+    comments = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in header.items()}
     body = [[row["case_id"], *(_fmt(row[k]) for k in METRIC_KEYS), int(row["failed"])] for row in rows]
     stats = [[stat, *(_fmt(summary[k][stat]) for k in METRIC_KEYS), ""] for stat in ("mean", "sd")]
     counts = [["n", *(summary[k]["n"] for k in METRIC_KEYS), summary["cases"]["failed"]]]
