@@ -1,20 +1,37 @@
-"""Atomic output: write beside the target, then rename, so a crash never leaves a half-written file."""
+"""Atomic output: write beside the target, then rename, so a crash never leaves a half-written file.
+
+Temp files are named `.<target name>.<pid>.<random>.la-seg-tmp`: recognisable as la-seg's, and carrying the
+writing process id, so that `remove_stale_temp_files` can delete those a killed run left behind.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+TEMP_SUFFIX = ".la-seg-tmp"
+_TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)\.[^.]+" + re.escape(TEMP_SUFFIX) + "$")
 
 
 @contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it onto `path` only if the block succeeds."""
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; rename it onto `path` only if the block succeeds.
+
+    The temp name does not end like the target, so writers that guess a format from the name must be
+    told it (e.g. PIL's `format="PNG"`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -28,3 +45,64 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_json(path: str | Path, document: Any) -> None:
+    """Write `document` as indented JSON, atomically; NaN (not JSON) becomes null."""
+    atomic_write_text(path, json.dumps(json_safe(document), indent=2, default=str) + "\n")
+
+
+def write_csv(
+    path: str | Path,
+    header: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    comments: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a CSV atomically, led by one `# key: value` line per comment (read it with comment="#")."""
+    buffer = io.StringIO()
+    for key, value in (comments or {}).items():
+        buffer.write(f"# {key}: {value}\n")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN float replaced by None, through dicts, lists and tuples."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete la-seg temp files in `folder` whose writing process is gone (a killed run's leftovers).
+
+    Temp files of live processes (another run writing there now) are kept. Returns what was removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match and entry.is_file() and not _process_alive(int(match["pid"])):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

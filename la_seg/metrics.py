@@ -6,8 +6,10 @@ torchmetrics, surface distances from MONAI.
 
 Stated rules for empty masks:
 - 3D Dice/IoU: both masks empty counts as 1 (perfect agreement), one empty as 0.
-- HD95/ASSD: undefined (NaN) when either mask is empty; summaries average the defined cases and
-  report how many there were.
+- A case whose prediction or reference is empty is `failed`; summaries count the failures.
+- HD95/ASSD of a failed case: with `empty_distance="nan"` (default) undefined, left out of the mean (each
+  mean states its n); with `"max"` the image diagonal in mm (0 when both masks are empty), as challenges
+  penalise a missed structure.
 - Slice-wise Dice/IoU: slices where both reference and prediction are empty are left out (they
   would inflate the mean with trivial 1s); a slice where only one is empty scores 0.
 """
@@ -17,12 +19,15 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+import torch.distributed as dist
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 from torchmetrics.functional.classification import binary_f1_score, binary_jaccard_index
 
 Spacing = Sequence[float]
+EmptyDistance = Literal["nan", "max"]
 
 
 def overlap_3d(pred: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -47,10 +52,15 @@ def overlap_per_slice(pred: torch.Tensor, ref: torch.Tensor) -> tuple[list[float
     return dice.reshape(-1).tolist(), iou.reshape(-1).tolist()
 
 
-def surface_distances(pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing) -> tuple[float, float]:
-    """HD95 and symmetric ASSD in mm; NaN where either mask is empty."""
+def surface_distances(
+    pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing, empty_distance: EmptyDistance = "nan"
+) -> tuple[float, float]:
+    """HD95 and symmetric ASSD in mm; where a mask is empty, NaN or (`"max"`) the image diagonal."""
     if not pred.any() or not ref.any():
-        return math.nan, math.nan
+        if empty_distance == "nan":
+            return math.nan, math.nan
+        penalty = 0.0 if not pred.any() and not ref.any() else image_diagonal_mm(pred.shape, spacing)
+        return penalty, penalty
     p, r = pred[None, None].float(), ref[None, None].float()
     spacing = [float(s) for s in spacing]
     with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal use of a deprecated argument
@@ -62,13 +72,27 @@ def surface_distances(pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing) -
     return float(hd95), float(assd)
 
 
+def image_diagonal_mm(shape: Sequence[int], spacing: Spacing) -> float:
+    """Length of the volume's diagonal in mm: the largest distance two of its voxels can have."""
+    return math.hypot(*(n * float(s) for n, s in zip(shape, spacing, strict=True)))
+
+
 def volume_ml(mask: torch.Tensor, spacing: Spacing) -> float:
     """Volume of a binary mask in millilitres (1 mL = 1000 mm^3)."""
     return float(mask.sum()) * math.prod(float(s) for s in spacing) / 1000.0
 
 
-def case_metrics(pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing, surface: bool = True) -> dict:
-    """All per-case figures of the test report (surface distances optional: they cost the most)."""
+def case_metrics(
+    pred: torch.Tensor,
+    ref: torch.Tensor,
+    spacing: Spacing,
+    surface: bool = True,
+    empty_distance: EmptyDistance = "nan",
+) -> dict:
+    """All per-case figures of the test report (surface distances optional: they cost the most).
+
+    `failed` marks an empty prediction or reference; `empty_distance` is the rule for its HD95/ASSD.
+    """
     pred, ref = pred.bool(), ref.bool()
     if pred.shape != ref.shape:
         raise ValueError(
@@ -76,18 +100,19 @@ def case_metrics(pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing, surfac
         )
     dice, iou = overlap_3d(pred, ref)
     slice_dice, slice_iou = overlap_per_slice(pred, ref)
-    row = {"dice": dice, "iou": iou, "slice_dice": slice_dice, "slice_iou": slice_iou}
+    failed = not pred.any() or not ref.any()
+    row = {"dice": dice, "iou": iou, "failed": failed, "slice_dice": slice_dice, "slice_iou": slice_iou}
     if surface:
-        row["hd95_mm"], row["assd_mm"] = surface_distances(pred, ref, spacing)
+        row["hd95_mm"], row["assd_mm"] = surface_distances(pred, ref, spacing, empty_distance)
         row["volume_pred_ml"] = volume_ml(pred, spacing)
         row["volume_ref_ml"] = volume_ml(ref, spacing)
     return row
 
 
 def summarise(rows: list[dict], keys: Sequence[str]) -> dict:
-    """Mean, sample sd (NaN below two cases) and count of each key over cases (NaN cases left out),
-    plus pooled slice-wise Dice/IoU."""
-    summary: dict[str, dict] = {}
+    """Mean, sample sd (NaN below two cases) and count n of each key over cases (NaN cases left out),
+    pooled slice-wise Dice/IoU, and `cases`: how many cases there were and how many `failed`."""
+    summary: dict[str, dict] = {"cases": {"n": len(rows), "failed": sum(bool(r.get("failed")) for r in rows)}}
     for key in keys:
         values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
         t = torch.tensor(values, dtype=torch.float64)
@@ -103,3 +128,45 @@ def summarise(rows: list[dict], keys: Sequence[str]) -> dict:
             "n": len(pooled),
         }
     return summary
+
+
+class CumulativeCaseMetrics:
+    """`case_metrics` accumulated over cases, in the style of MONAI's cumulative metrics: `update` per case,
+    `aggregate` over every process's cases (each once, under DDP too), `reset` between epochs."""
+
+    def __init__(self, surface: bool = True, empty_distance: EmptyDistance = "nan") -> None:
+        self.surface = surface
+        self.empty_distance = empty_distance
+        self._rows: list[dict] = []
+
+    def update(self, case_id: str, pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing, **extra) -> dict:
+        """Score one case; `extra` fields (e.g. its slice axis) are kept in its row."""
+        row = {
+            "case_id": case_id,
+            **case_metrics(pred, ref, spacing, self.surface, self.empty_distance),
+            **extra,
+        }
+        self._rows.append(row)
+        return row
+
+    def aggregate(self, keys: Sequence[str]) -> tuple[list[dict], dict]:
+        """Every process's rows (sorted by case id) and their `summarise`; a collective call under DDP."""
+        rows = gather_cases(self._rows)
+        return rows, summarise(rows, keys)
+
+    def reset(self) -> None:
+        self._rows = []
+
+
+def gather_cases(rows: list[dict]) -> list[dict]:
+    """All ranks' rows, de-duplicated by `case_id` and sorted.
+
+    Lightning's distributed sampler pads validation and test sets by repeating cases, so a plain
+    gather would count those twice.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+    unique = {row["case_id"]: row for row in rows}
+    return [unique[key] for key in sorted(unique)]

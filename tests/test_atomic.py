@@ -1,6 +1,20 @@
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
 import pytest
 
-from la_seg.atomic import atomic_path, atomic_write_text
+from la_seg.atomic import (
+    TEMP_SUFFIX,
+    atomic_path,
+    atomic_write_text,
+    remove_stale_temp_files,
+    write_csv,
+    write_json,
+)
 
 
 def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
@@ -18,3 +32,40 @@ def test_write_replaces_and_creates_folders(tmp_path):
     atomic_write_text(target, "new")
     assert target.read_text() == "new"
     assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_temp_name_is_recognisable_and_carries_the_pid(tmp_path):
+    with atomic_path(tmp_path / "mask.nii.gz") as tmp:
+        assert tmp.name.startswith(f".mask.nii.gz.{os.getpid()}.") and tmp.name.endswith(TEMP_SUFFIX)
+        tmp.write_text("x")
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_stale_temp_files_of_dead_processes_are_removed_live_ones_kept(tmp_path):
+    stale = tmp_path / f".case.nii.gz.{dead_pid()}.k2j4_x{TEMP_SUFFIX}"
+    live = tmp_path / f".other.nii.gz.{os.getpid()}.ab12cd{TEMP_SUFFIX}"
+    foreign = tmp_path / ".case.nii.gz.abc123"  # not ours (e.g. another tool's temp): never touched
+    for path in (stale, live, foreign):
+        path.write_bytes(b"")
+    assert remove_stale_temp_files(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, foreign.name])
+    assert remove_stale_temp_files(tmp_path / "missing") == []
+
+
+def test_json_writes_nan_as_null(tmp_path):
+    write_json(tmp_path / "r.json", {"a": [1.0, math.nan], "b": {"c": math.nan}, "p": tmp_path})
+    expected = {"a": [1.0, None], "b": {"c": None}, "p": str(tmp_path)}
+    assert json.loads((tmp_path / "r.json").read_text()) == expected
+
+
+def test_csv_comments_lead_and_rows_follow(tmp_path):
+    write_csv(tmp_path / "t.csv", ["k", "v"], [["a", 1], ["b", 2]], comments={"checkpoint": "x.ckpt"})
+    lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert lines[0] == "# checkpoint: x.ckpt"
+    body = [line for line in lines if not line.startswith("#")]
+    assert list(csv.reader(body)) == [["k", "v"], ["a", "1"], ["b", "2"]]

@@ -94,10 +94,10 @@ def test_fit_resume_test_and_predict(workdir, synth_root):
 
     # test: that run's held-out cases, report beside the run
     main(["test", *TINY, *data, "--ckpt_path", "best"])
-    with open(run / "test_metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [r["case_id"] for r in rows[:-2]] == split["test"]
-    assert [r["case_id"] for r in rows[-2:]] == ["mean", "sd"]
+    with open(run / "test_metrics.csv") as handle:  # header lines are `# key: value` comments
+        rows = list(csv.DictReader(line for line in handle if not line.startswith("#")))
+    assert [r["case_id"] for r in rows[:-3]] == split["test"]
+    assert [r["case_id"] for r in rows[-3:]] == ["mean", "sd", "n"]
     report = json.loads((run / "test_metrics.json").read_text())
     assert set(report["cases"][0]) >= {"dice", "iou", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml"}
     assert 0 <= report["summary"]["dice"]["mean"] <= 1

@@ -3,6 +3,7 @@ import math
 import torch
 
 from la_seg.metrics import (
+    CumulativeCaseMetrics,
     case_metrics,
     overlap_3d,
     overlap_per_slice,
@@ -64,3 +65,41 @@ def test_case_metrics_and_summary():
     assert math.isclose(summary["dice"]["mean"], (1.0 + rows[1]["dice"]) / 2)
     assert summary["dice"]["n"] == 2 and summary["dice"]["sd"] > 0
     assert summary["slice_dice"]["n"] == 8  # 4 LA slices per case, pooled
+
+
+def test_empty_prediction_is_a_counted_failure_left_out_of_distance_means():
+    ref = box((20, 20, 6), (4, 4, 1), (14, 14, 5))
+    empty = torch.zeros_like(ref)
+    rows = [case_metrics(ref, ref, (1, 1, 1)), case_metrics(empty, ref, (1, 1, 1))]
+    assert [r["failed"] for r in rows] == [False, True]
+    summary = summarise(rows, ("dice", "hd95_mm"))
+    assert summary["cases"] == {"n": 2, "failed": 1}
+    assert summary["dice"]["n"] == 2 and summary["hd95_mm"]["n"] == 1
+    assert summary["hd95_mm"]["mean"] == 0.0  # only the good case
+
+
+def test_max_rule_penalises_a_failure_with_the_image_diagonal():
+    shape, spacing = (20, 16, 6), (0.625, 0.625, 2.5)
+    ref = box(shape, (4, 4, 1), (14, 14, 5))
+    empty = torch.zeros_like(ref)
+    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing, strict=True)))
+    row = case_metrics(empty, ref, spacing, empty_distance="max")
+    assert row["failed"]
+    assert math.isclose(row["hd95_mm"], diagonal) and math.isclose(row["assd_mm"], diagonal)
+    both_empty = case_metrics(empty, empty, spacing, empty_distance="max")
+    assert both_empty["hd95_mm"] == 0.0 and both_empty["dice"] == 1.0
+    summary = summarise([case_metrics(ref, ref, spacing), row], ("hd95_mm",))
+    assert summary["hd95_mm"]["n"] == 2 and math.isclose(summary["hd95_mm"]["mean"], diagonal / 2)
+
+
+def test_cumulative_metrics_count_each_case_once_and_keep_extra_fields():
+    ref = box((20, 20, 6), (4, 4, 1), (14, 14, 5))
+    cases = CumulativeCaseMetrics(surface=False)
+    for case_id in ("b", "a", "b"):  # the distributed sampler pads with a repeated case
+        cases.update(case_id, ref if case_id == "a" else torch.zeros_like(ref), ref, (1, 1, 1), slice_axis=2)
+    rows, summary = cases.aggregate(("dice",))
+    assert [r["case_id"] for r in rows] == ["a", "b"] and rows[0]["slice_axis"] == 2
+    assert summary["cases"] == {"n": 2, "failed": 1} and summary["dice"]["mean"] == 0.5
+    assert "hd95_mm" not in rows[0]
+    cases.reset()
+    assert cases.aggregate(("dice",))[0] == []

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
 
 PANEL = 192  # pixels per panel side in the grid
 
@@ -16,7 +17,7 @@ class TensorBoardImages(L.Callback):
     For each of the first `num_cases` validation cases, the slice with the largest reference area is
     shown twice: the image alone, and the image with the reference in green and the prediction in
     red (overlap looks yellow). Fusion weights go in as scalars (`fusion/group{g}/block{i}`) and as a
-    bar-chart image, one row of bars per decoder level. Does nothing without a TensorBoard logger.
+    bar chart (`fusion/weights`, one panel per fusion group). Does nothing without a TensorBoard logger.
     """
 
     def __init__(self, every_n_epochs: int = 1, num_cases: int = 4) -> None:
@@ -53,33 +54,45 @@ class TensorBoardImages(L.Callback):
             for i, w in enumerate(group.tolist()):
                 writer.add_scalar(f"fusion/group{g}/block{i}", w, step)
         if weights:
-            writer.add_image("fusion/weights", bar_chart(weights), step, dataformats="CHW")
+            writer.add_figure(
+                "fusion/weights", fusion_figure(weights, trainer.current_epoch), step, close=True
+            )
+
+
+def overlay(
+    grey: torch.Tensor, ref: torch.Tensor | None = None, pred: torch.Tensor | None = None, size: int = PANEL
+) -> torch.Tensor:
+    """(3, size, size) float picture of a 2D slice (values in [0, 1]) with the reference in green and the
+    prediction in red: the one overlay renderer of TensorBoard pictures and the writer's PNGs."""
+    planes = [grey.float()] + [(m if m is not None else torch.zeros_like(grey)).float() for m in (ref, pred)]
+    planes = F.interpolate(torch.stack(planes)[None].cpu(), size=(size, size), mode="nearest")[0]
+    grey, ref_plane, pred_plane = planes.clamp(0, 1)
+    return torch.stack([grey * 0.6 + 0.4 * pred_plane, grey * 0.6 + 0.4 * ref_plane, grey * 0.6]).clamp(0, 1)
 
 
 def overlay_row(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    """(3, PANEL, 2*PANEL) float image: the slice alone, then with reference (green) and prediction (red)."""
+    """(3, PANEL, 2*PANEL): the slice with the largest reference area alone, then with the overlay."""
     areas = label.reshape(-1, label.shape[-1]).sum(0)
     k = int(areas.argmax()) if areas.any() else label.shape[-1] // 2
-    planes = torch.stack([image[..., k].float(), label[..., k].float(), pred[..., k].float()])
-    planes = F.interpolate(planes[None], size=(PANEL, PANEL), mode="nearest")[0].cpu()
-    grey, ref, prd = planes
-    plain = grey.expand(3, -1, -1)
-    overlay = torch.stack([grey * 0.6 + 0.4 * prd, grey * 0.6 + 0.4 * ref, grey * 0.6])
-    return torch.cat([plain, overlay], dim=2).clamp(0, 1)
+    grey = image[..., k].float().cpu().clamp(0, 1)
+    plain = F.interpolate(grey[None, None], size=(PANEL, PANEL), mode="nearest")[0].expand(3, -1, -1)
+    return torch.cat([plain, overlay(grey, label[..., k], pred[..., k])], dim=2)
 
 
-def bar_chart(weights: list[torch.Tensor], height: int = 64, bar: int = 12, gap: int = 4) -> torch.Tensor:
-    """(3, H, W) picture of the fusion weights: a row of bars per group, heights relative to the largest."""
-    scale = max(float(w.max()) for w in weights) or 1.0
-    width = max(len(w) for w in weights) * (bar + gap) + gap
-    canvas = torch.ones(3, len(weights) * (height + gap) + gap, width)
-    for g, group in enumerate(weights):
-        top = gap + g * (height + gap)
-        canvas[:, top + height - 1, :] = 0.0  # baseline
-        for i, w in enumerate(group.tolist()):
-            h = max(1, round(w / scale * (height - 2)))
-            left = gap + i * (bar + gap)
-            canvas[:, top + height - 1 - h : top + height - 1, left : left + bar] = torch.tensor(
-                [0.2, 0.4, 0.8]
-            )[:, None, None]
-    return canvas
+def fusion_figure(weights: list[torch.Tensor], epoch: int) -> Figure:
+    """The paper's figure: a bar chart of the learned block weights, one panel per fusion group."""
+    figure = Figure(figsize=(max(4.0, 0.35 * max(len(w) for w in weights) + 1.5), 2.6 * len(weights)))
+    axes = figure.subplots(len(weights), 1, squeeze=False)[:, 0]
+    offset = 0
+    for g, (ax, group) in enumerate(zip(axes, weights, strict=True)):
+        blocks = list(range(offset, offset + len(group)))
+        offset += len(group)
+        ax.bar(blocks, group.detach().float().cpu().tolist(), color="tab:blue")
+        ax.set_xticks(blocks)
+        ax.set_xlabel("encoder block")
+        ax.set_ylabel("weight")
+        if len(weights) > 1:
+            ax.set_title(f"fusion group {g}", fontsize="medium")
+    figure.suptitle(f"Block fusion weights, epoch {epoch}")
+    figure.tight_layout()
+    return figure

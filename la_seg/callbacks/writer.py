@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
-import csv
-import io
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
+from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
-from la_seg.atomic import atomic_path, atomic_write_text
-from la_seg.callbacks._distributed import gather_cases
-from la_seg.data.io import Volume, write_nifti
+from la_seg.atomic import atomic_path, remove_stale_temp_files, write_csv
+from la_seg.callbacks.images import PANEL, overlay
+from la_seg.data.io import Geometry, write_nifti
 from la_seg.errors import DataError
-from la_seg.metrics import volume_ml
+from la_seg.metrics import gather_cases, volume_ml
+
+VOLUMES_CSV = "volumes.csv"
+LOCK_NAME = ".la-seg.lock"
+VOLUME_COLUMNS = ("case_id", "volume_ml", "image_path", "spacing_mm")
 
 
 class NiftiPredictionWriter(BasePredictionWriter):
     """For each case writes `<output_dir>/<case_id>.nii.gz` (uint8 mask, the input's shape and affine)
-    and, at the end, `<output_dir>/volumes.csv` (case id, LA volume in mL, source image).
+    and, at the end, `<output_dir>/volumes.csv` (case id, LA volume in mL, source image, spacing used).
 
-    Writing runs in a background thread so the next case is segmented meanwhile. Refuses to write
-    into the input folder, and refuses to replace existing outputs unless `overwrite` is set; the
-    check runs before any case is segmented.
+    Writing runs in a background thread so the next case is segmented meanwhile. Before any case is
+    segmented, the writer refuses an output folder that holds or lies inside an input, reserves every
+    output name of every case (refusing two inputs that would write the same file, letter case ignored)
+    and takes a lock on the folder for the whole run, so that a second run into it fails at once.
+    Existing outputs are kept unless `overwrite` is set. Outputs appear only complete (atomic writes);
+    a failed write stops the run with the file's name, and no volumes.csv is written for a failed run.
 
     Args:
         output_dir: folder for the masks (required for `la-seg predict`).
@@ -47,16 +55,17 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self.save_probabilities = save_probabilities
         self.save_png = save_png
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: list[Future] = []
-        self._rows: list[dict] = []
+        self._pending: list[tuple[dict, Future]] = []
+        self._lock: FileLock | None = None
 
-    def _outputs_of(self, case_id: str) -> list[Path]:
+    def output_names(self, case_id: str) -> list[str]:
+        """Every file name this writer gives one case: the one list that reservations and writes share."""
         names = [f"{case_id}.nii.gz"]
         if self.save_probabilities:
             names.append(f"{case_id}_prob.nii.gz")
         if self.save_png:
             names.append(f"{case_id}.png")
-        return [self.output_dir / n for n in names]
+        return names
 
     def on_predict_start(self, trainer, pl_module) -> None:
         if self.output_dir is None:
@@ -64,34 +73,57 @@ class NiftiPredictionWriter(BasePredictionWriter):
                 "--writer.output_dir is required for `la-seg predict`: the folder to write masks into"
             )
         cases = getattr(trainer.predict_dataloaders.dataset, "cases", [])
-        out = self.output_dir.resolve()
-        inputs = {Path(c.image_path).resolve() for c in cases}
         input_root = getattr(trainer.datamodule, "predict_root", None)
-        if input_root is not None and Path(input_root).is_dir():
-            inputs.add(Path(input_root).resolve())
-        for source in inputs:
-            if out == source or source in out.parents:
-                raise DataError(
-                    f"--writer.output_dir {self.output_dir} lies inside the input {source}; "
-                    "la-seg never writes into its input: choose another folder"
-                )
+        refuse_writing_into_inputs(self.output_dir, [Path(c.image_path) for c in cases], input_root)
+        self.reserve_outputs((c.case_id, Path(c.image_path)) for c in cases)
+        self.open(lock=trainer.is_global_zero)
         if not self.overwrite:
-            existing = [p for c in cases for p in self._outputs_of(c.case_id) if p.exists()]
-            if (self.output_dir / "volumes.csv").exists():
-                existing.append(self.output_dir / "volumes.csv")
-            if existing:
-                shown = ", ".join(str(p) for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
-                raise FileExistsError(
-                    f"{len(existing)} output file(s) exist already ({shown}); "
-                    "pass --writer.overwrite true to replace them, or choose another --writer.output_dir"
-                )
-        self.open()
+            self._refuse_existing([c.case_id for c in cases])
+        elif trainer.is_global_zero:  # an old table would claim cases this run may fail to write
+            (self.output_dir / VOLUMES_CSV).unlink(missing_ok=True)
 
-    def open(self) -> None:
-        """Start the background writer (the callback hooks call open / submit / close; so can other code)."""
+    def reserve_outputs(self, cases: Iterable[tuple[str, Path]]) -> None:
+        """Refuse inputs whose outputs would share a name (case-insensitively, as on macOS and Windows)."""
+        owners: dict[str, tuple[str, Path | None]] = {VOLUMES_CSV: (VOLUMES_CSV, None)}
+        for case_id, source in cases:
+            for name in self.output_names(case_id):
+                taken = owners.setdefault(name.casefold(), (name, source))
+                if taken[1] == source and taken[0] == name:
+                    continue
+                other = f"input {taken[1]}'s {taken[0]}" if taken[1] else f"the run's {taken[0]}"
+                raise DataError(
+                    f"input {source} would write {self.output_dir / name}, which collides with {other} "
+                    "(names are compared ignoring letter case); rename one of the inputs"
+                )
+
+    def _refuse_existing(self, case_ids: list[str]) -> None:
+        candidates = [self.output_dir / n for c in case_ids for n in self.output_names(c)]
+        existing = [p for p in [*candidates, self.output_dir / VOLUMES_CSV] if p.exists()]
+        if existing:
+            self.release()
+            shown = ", ".join(str(p) for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
+            raise FileExistsError(
+                f"{len(existing)} output file(s) exist already ({shown}); "
+                "pass --writer.overwrite true to replace them, or choose another --writer.output_dir"
+            )
+
+    def open(self, lock: bool = True) -> None:
+        """Lock the output folder (`lock`), remove a killed run's temp files and start the background writer
+        (the callback hooks call open / submit / close / release; so can other code)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if lock:
+            self._lock = FileLock(self.output_dir / LOCK_NAME)
+            try:
+                self._lock.acquire(timeout=0)
+            except Timeout:
+                self._lock = None
+                raise DataError(
+                    f"--writer.output_dir {self.output_dir} is in use by another la-seg run (lock file "
+                    f"{self.output_dir / LOCK_NAME}); wait for it to finish or choose another folder"
+                ) from None
+        remove_stale_temp_files(self.output_dir)
         self._pool = ThreadPoolExecutor(max_workers=2)
-        self._pending, self._rows = [], []
+        self._pending = []
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
@@ -99,67 +131,127 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self.submit(prediction, batch)
 
     def submit(self, prediction: dict, batch: dict) -> None:
-        """Queue one case's outputs for writing; returns at once."""
-        reference = Volume(
-            data=prediction["mask"],
-            affine=prediction["affine"],
-            spacing=prediction["spacing"],
-            path=Path(prediction["image_path"]),
-        )
-        self._rows.append(
-            {
-                "case_id": prediction["case_id"],
-                "volume_ml": volume_ml(prediction["mask"], prediction["spacing"]),
-                "image_path": prediction["image_path"],
-            }
-        )
-        image = batch["image"].float().cpu().numpy() if self.save_png else None
-        self._pending.append(self._pool.submit(self._write_case, prediction, reference, image))
+        """Queue one case's outputs (a PredictOutput, slices last) for writing; returns at once, after
+        re-raising the error of any write that has failed meanwhile (so a full disk stops the run early)."""
+        for _, done in self._pending:
+            if done.done() and done.exception() is not None:
+                raise done.exception()
+        geometry: Geometry = prediction["geometry"]
+        mask = prediction["mask"].detach().cpu()
+        row = {
+            "case_id": prediction["case_id"],
+            "volume_ml": volume_ml(mask, geometry.slices_last_spacing),
+            "image_path": str(geometry.source),
+            "spacing_mm": "x".join(f"{s:g}" for s in geometry.spacing),
+        }
+        prob = prediction["prob"].detach().float().cpu().numpy() if self.save_probabilities else None
+        image = batch["image"].detach().float().cpu() if self.save_png else None
+        future = self._pool.submit(self._write_case, prediction["case_id"], geometry, mask, prob, image)
+        self._pending.append((row, future))
 
-    def _write_case(self, prediction: dict, reference: Volume, image: np.ndarray | None) -> None:
-        case_id = prediction["case_id"]
-        write_nifti(self.output_dir / f"{case_id}.nii.gz", prediction["mask"].astype(np.uint8), reference)
-        if self.save_probabilities:
-            write_nifti(
-                self.output_dir / f"{case_id}_prob.nii.gz", prediction["prob"].astype(np.float32), reference
+    def _write_case(
+        self,
+        case_id: str,
+        geometry: Geometry,
+        mask: torch.Tensor,
+        prob: np.ndarray | None,
+        image: torch.Tensor | None,
+    ) -> None:
+        mask_file = geometry.from_slices_last(mask.numpy().astype(np.uint8))
+        _write(self.output_dir / f"{case_id}.nii.gz", lambda p: write_nifti(p, mask_file, geometry))
+        if prob is not None:
+            prob_file = geometry.from_slices_last(prob)
+            _write(self.output_dir / f"{case_id}_prob.nii.gz", lambda p: write_nifti(p, prob_file, geometry))
+        if image is not None:
+            _write(
+                self.output_dir / f"{case_id}.png", lambda p: _save_png(p, mid_slices_picture(image, mask))
             )
-        if self.save_png:
-            with atomic_path(self.output_dir / f"{case_id}.png", suffix=".png") as tmp:
-                mid_slices_picture(image, prediction["mask"]).save(tmp)
 
     def close(self) -> list[dict]:
-        """Wait for every queued write (re-raising any write error) and return this process's volume rows."""
-        for future in self._pending:
-            future.result()
+        """Wait for every queued write and return the rows of the cases written; re-raises the first
+        write error once all writes have ended."""
+        errors, rows = [], []
+        for row, future in self._pending:
+            error = future.exception()
+            if error is None:
+                rows.append(row)
+            else:
+                errors.append(error)
         self._pool.shutdown()
-        return self._rows
+        self._pending = []
+        if errors:
+            raise errors[0]
+        return rows
+
+    def release(self) -> None:
+        """Give up the output folder's lock (if held)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        rows = gather_cases(self.close())
-        if trainer.is_global_zero:
-            buffer = io.StringIO()
-            writer = csv.writer(buffer)
-            writer.writerow(["case_id", "volume_ml", "image_path"])
-            for row in rows:
-                writer.writerow([row["case_id"], f"{row['volume_ml']:.3f}", row["image_path"]])
-            atomic_write_text(self.output_dir / "volumes.csv", buffer.getvalue())
-            rank_zero_info(f"Wrote {len(rows)} mask(s) and volumes.csv to {self.output_dir}")
+        try:
+            rows = gather_cases(self.close())
+            if trainer.is_global_zero:
+                write_csv(self.output_dir / VOLUMES_CSV, VOLUME_COLUMNS, _volume_table(rows))
+                rank_zero_info(f"Wrote {len(rows)} mask(s) and {VOLUMES_CSV} to {self.output_dir}")
+        finally:
+            self.release()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.release()
 
 
-def mid_slices_picture(image: np.ndarray, mask: np.ndarray) -> Image.Image:
-    """Axial, coronal and sagittal slices through the mask's centre: the image in grey, the mask in red."""
-    centre = np.argwhere(mask).mean(0).round().astype(int) if mask.any() else np.array(mask.shape) // 2
+def refuse_writing_into_inputs(output_dir: Path, image_paths: list[Path], input_root: str | None) -> None:
+    """la-seg never writes into its input: the output folder may not hold an input file, nor lie inside
+    the input folder."""
+    out = output_dir.resolve()
+    holding = {path.resolve().parent: path for path in image_paths}
+    if input_root is not None and Path(input_root).is_file():
+        holding[Path(input_root).resolve().parent] = Path(input_root)
+    if out in holding:
+        raise DataError(
+            f"--writer.output_dir {output_dir} is the folder holding the input {holding[out]}; "
+            "la-seg never writes into its input: choose another folder"
+        )
+    if input_root is not None and Path(input_root).is_dir():
+        root = Path(input_root).resolve()
+        if out == root or root in out.parents:
+            raise DataError(
+                f"--writer.output_dir {output_dir} lies inside the input folder {input_root}; "
+                "la-seg never writes into its input: choose another folder"
+            )
+
+
+def mid_slices_picture(image: torch.Tensor, mask: torch.Tensor) -> Image.Image:
+    """Slices through the mask's centre (slices last: axial, then the two others), the mask in red."""
+    centre = mask.nonzero().float().mean(0).round().long() if mask.any() else torch.tensor(mask.shape) // 2
+    low, high = image.min(), image.max()
+    grey = (image - low) / (high - low) if high > low else torch.zeros_like(image)
     views = [
-        (image[:, :, centre[2]], mask[:, :, centre[2]]),
-        (image[:, centre[1], :], mask[:, centre[1], :]),
-        (image[centre[0], :, :], mask[centre[0], :, :]),
+        (grey[:, :, centre[2]], mask[:, :, centre[2]]),
+        (grey[:, centre[1], :], mask[:, centre[1], :]),
+        (grey[centre[0], :, :], mask[centre[0], :, :]),
     ]
-    tiles = []
-    for p, m in views:
-        grey = (np.clip(p, 0, 1) * 200).astype(np.uint8)
-        rgb = np.stack([np.where(m > 0, 255, grey), grey, grey], axis=-1).astype(np.uint8)
-        tiles.append(Image.fromarray(rgb).resize((192, 192), Image.NEAREST))
-    canvas = Image.new("RGB", (192 * len(tiles), 192))
-    for i, tile in enumerate(tiles):
-        canvas.paste(tile, (192 * i, 0))
-    return canvas
+    tiles = torch.cat([overlay(g, pred=m, size=PANEL) for g, m in views], dim=2)
+    return Image.fromarray((tiles.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def _volume_table(rows: list[dict]) -> list[list]:
+    return [[r["case_id"], f"{r['volume_ml']:.3f}", r["image_path"], r["spacing_mm"]] for r in rows]
+
+
+def _save_png(path: Path, picture: Image.Image) -> None:
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+
+
+def _write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run one output's (atomic) `write`, turning a failure (disk full, permissions) into a DataError
+    naming the file."""
+    try:
+        write(path)
+    except OSError as error:
+        raise DataError(f"could not write {path}: {error.strerror or error}") from error

@@ -112,8 +112,9 @@ def read_case(case: Case) -> tuple[Volume, Volume | None]:
     return image, label
 
 
-def write_nifti(path: str | Path, data: np.ndarray, reference: Volume) -> None:
-    """Write `data` as NIfTI on the reference's voxel grid, atomically and byte-reproducibly.
+def write_nifti(path: str | Path, data: np.ndarray, reference: Volume | Geometry) -> None:
+    """Write `data` as NIfTI on the reference's voxel grid (a Volume's or a Geometry's), atomically and
+    byte-reproducibly.
 
     A temp file in the target folder is renamed over the target, so readers never see half a file; gzip
     is written with mtime 0 so equal data gives equal bytes.
@@ -121,13 +122,18 @@ def write_nifti(path: str | Path, data: np.ndarray, reference: Volume) -> None:
     path = Path(path)
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         raise DataError(f"write_nifti writes NIfTI; the output name must end with .nii or .nii.gz: {path}")
-    if path.exists() and path.resolve() == Path(reference.path).resolve():
+    source, grid = (
+        (reference.source, tuple(reference.shape))
+        if isinstance(reference, Geometry)
+        else (reference.path, reference.data.shape)
+    )
+    if path.exists() and path.resolve() == Path(source).resolve():
         raise DataError(f"refusing to overwrite the input volume {path}")
     data = np.asarray(data)
-    if data.shape[:3] != reference.data.shape:
+    if data.shape[:3] != grid:
         raise DataError(
-            f"cannot write {path}: data shape {data.shape} does not match the reference grid "
-            f"{reference.data.shape} of {reference.path}"
+            f"cannot write {path}: data shape {data.shape} does not match the reference grid {grid} "
+            f"of {source}"
         )
     if data.dtype == bool:
         data = data.astype(np.uint8)  # NIfTI has no boolean type

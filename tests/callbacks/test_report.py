@@ -1,0 +1,179 @@
+"""The test report: failures counted, every mean with its n, and a header saying what it was computed with."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+
+import la_seg
+from la_seg.callbacks.metrics import SegmentationMetrics, format_table
+from la_seg.data.io import Geometry
+from la_seg.metrics import summarise
+
+FILE_SHAPE, FILE_SPACING, SLICE_AXIS = (6, 20, 16), (2.5, 0.625, 0.625), 0  # through-plane axis first
+
+
+def geometry(case_id: str) -> Geometry:
+    return Geometry(
+        FILE_SHAPE, np.diag([*FILE_SPACING, 1.0]), FILE_SPACING, Path(f"{case_id}.nii.gz"), SLICE_AXIS
+    )
+
+
+def slices_last_box(lo: int, hi: int) -> torch.Tensor:
+    mask = torch.zeros(FILE_SHAPE, dtype=torch.bool)
+    mask[lo:hi, 4:14, 4:12] = True  # box along the file's slice axis
+    return geometry("any").to_slices_last(mask)
+
+
+REFERENCE = slices_last_box(1, 4)
+CASES = {
+    "good": REFERENCE,
+    "shifted": slices_last_box(2, 5),  # one slice further: HD95 = one slice spacing
+    "missed": torch.zeros_like(REFERENCE),
+}
+
+
+class HandBuiltOutputs(L.LightningModule):
+    """Its test_step returns EvalOutput dicts built by hand; fit only makes a checkpoint to test from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_hyperparameters({"net": {"backbone": "tiny"}, "threshold": 0.5, "postprocess": "none"})
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def inference_settings(self) -> dict:
+        return {"threshold": 0.5, "postprocess": "none", "eval_batch_size": 8, "tta": False}
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight**2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return [0]
+
+    def test_dataloader(self):
+        return list(CASES)
+
+    def test_step(self, case_id, batch_idx):
+        return {"case_id": case_id, "pred": CASES[case_id], "label": REFERENCE, "geometry": geometry(case_id)}
+
+
+def read_table(path: Path) -> dict[str, dict[str, float]]:
+    """The CSV as readers are told to read it: lines starting with # are comments."""
+    with path.open() as handle:
+        rows = csv.DictReader(line for line in handle if not line.startswith("#"))
+        return {row.pop("case_id"): {k: float(v) if v else math.nan for k, v in row.items()} for row in rows}
+
+
+def run_test(tmp_path: Path, empty_distance: str) -> tuple[dict, dict, Path, Path]:
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        callbacks=[SegmentationMetrics(empty_distance=empty_distance)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    module = HandBuiltOutputs()
+    trainer.fit(module)
+    trainer.test(module, ckpt_path="best", verbose=False)
+    log_dir = Path(trainer.log_dir)
+    document = json.loads((log_dir / "test_metrics.json").read_text())
+    table = read_table(log_dir / "test_metrics.csv")
+    return document, table, log_dir, Path(trainer.ckpt_path)
+
+
+def test_report_counts_failures_and_records_its_settings(tmp_path):
+    document, table, log_dir, ckpt = run_test(tmp_path, "nan")
+    header, summary = document["header"], document["summary"]
+    assert header["checkpoint"] == str(ckpt) and ckpt.is_file()
+    assert header["la_seg_version"] == la_seg.__version__
+    assert header["inference"] == {
+        "threshold": 0.5,
+        "postprocess": "none",
+        "eval_batch_size": 8,
+        "tta": False,
+    }
+    assert header["network"] == {"backbone": "tiny"}
+    source = getattr(
+        geometry("any"), "spacing_source", "unrecorded"
+    )  # a Geometry field once the data stage has it
+    assert header["data"] == {
+        "slice_context": None,
+        "slice_axes": [SLICE_AXIS],
+        "spacing_sources": [str(source)],
+    }
+    assert (header["n"], header["failed"], header["empty_distance"]) == (3, 1, "nan")
+    assert summary["cases"] == {"n": 3, "failed": 1}
+    assert summary["dice"]["n"] == 3 and summary["hd95_mm"]["n"] == 2  # the failure has no HD95
+    cases = {c["case_id"]: c for c in document["cases"]}
+    assert cases["missed"]["failed"] and cases["missed"]["hd95_mm"] is None
+    assert math.isclose(
+        cases["shifted"]["hd95_mm"], FILE_SPACING[SLICE_AXIS], rel_tol=1e-3
+    )  # geometry's spacing
+    # the CSV: same header as comments, per-case rows, mean / sd / n rows
+    comments = [
+        line for line in (log_dir / "test_metrics.csv").read_text().splitlines() if line.startswith("#")
+    ]
+    assert f"# checkpoint: {ckpt}" in comments and "# failed: 1" in comments and "# n: 3" in comments
+    assert table["n"]["hd95_mm"] == 2 and table["n"]["dice"] == 3 and table["n"]["failed"] == 1
+    assert math.isclose(table["mean"]["hd95_mm"], FILE_SPACING[SLICE_AXIS] / 2, rel_tol=1e-3)
+    assert table["missed"]["failed"] == 1 and math.isnan(table["missed"]["hd95_mm"])
+
+
+def test_max_rule_puts_the_diagonal_into_the_mean(tmp_path):
+    document, table, _, _ = run_test(tmp_path, "max")
+    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(FILE_SHAPE, FILE_SPACING, strict=True)))
+    assert document["header"]["empty_distance"] == "max"
+    assert math.isclose(table["missed"]["hd95_mm"], diagonal, rel_tol=1e-3)
+    assert table["n"]["hd95_mm"] == 3
+    mean = (0.0 + FILE_SPACING[SLICE_AXIS] + diagonal) / 3
+    assert math.isclose(table["mean"]["hd95_mm"], mean, rel_tol=1e-3)
+
+
+def test_printed_table_states_n_failed_and_checkpoint():
+    rows = [
+        {
+            "case_id": "a",
+            "dice": 1.0,
+            "iou": 1.0,
+            "hd95_mm": 0.0,
+            "assd_mm": 0.0,
+            "volume_pred_ml": 1.0,
+            "volume_ref_ml": 1.0,
+            "failed": False,
+        },
+        {
+            "case_id": "b",
+            "dice": 0.0,
+            "iou": 0.0,
+            "hd95_mm": math.nan,
+            "assd_mm": math.nan,
+            "volume_pred_ml": 0.0,
+            "volume_ref_ml": 1.0,
+            "failed": True,
+        },
+    ]
+    summary = summarise(rows, ("dice", "iou", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml"))
+    text = format_table(rows, summary, {"checkpoint": "runs/best.ckpt", "empty_distance": "nan"})
+    lines = text.splitlines()
+    n_row = next(line for line in lines if line.startswith("n "))
+    assert n_row.split()[1:] == ["2", "2", "1", "1", "2", "2"]
+    assert "failed (empty prediction or reference): 1" in text
+    assert lines[-2:] == ["checkpoint: runs/best.ckpt", "n = 2 cases, failed = 1"]
+
+
+def test_empty_distance_choices_are_validated_by_the_cli_parser():
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(SegmentationMetrics, "metrics")
+    assert parser.parse_args(["--metrics.empty_distance", "max"]).metrics.empty_distance == "max"
+    with pytest.raises(Exception, match="empty_distance"):
+        parser.parse_args(["--metrics.empty_distance", "median"])
