@@ -8,7 +8,6 @@ included); every prediction must lie on its reference's voxel grid.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,6 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+import la_seg
 from la_seg.callbacks.metrics import REPORT_COLUMNS, format_table, write_report
 from la_seg.data.io import AFFINE_TOLERANCE_MM, Geometry, Volume, read_image, read_label
 from la_seg.data.layouts import find_cases
@@ -82,9 +82,20 @@ def evaluate(
         for case_id, path in pairs.items()
     ]
     summary = summarise(rows, REPORT_COLUMNS[1:])
-    write_report(rows, summary, out_dir)
+    header = {
+        "checkpoint": None,
+        "la_seg_version": la_seg.__version__,
+        "predictions": str(pred),
+        "references": str(ref),
+        "label": label if label is not None else "> 0",
+        "missing": missing,
+        "empty_distance": metrics.empty_distance,
+        "n": summary["cases"]["n"],
+        "failed": summary["cases"]["failed"],
+    }
+    write_report(rows, summary, out_dir, header)
     unmatched = [case_id for case_id, path in pairs.items() if path is None]
-    print(format_table(rows, summary))
+    print(format_table(rows, summary, header))
     if unmatched:
         print(f"{len(unmatched)} reference(s) without a prediction scored as empty masks: {unmatched}")
     print(f"Report written to {out_dir}/test_metrics.{{csv,json}}")
@@ -150,10 +161,8 @@ def score_case(
         torch.from_numpy(geometry.to_slices_last(mask)),
         torch.from_numpy(geometry.to_slices_last(truth.data.astype(bool))),
         geometry.slices_last_spacing,
+        empty_distance=empty_distance,
     )
-    if empty_distance == "max":
-        diagonal = math.dist((0.0, 0.0, 0.0), np.multiply(geometry.shape, geometry.spacing))
-        row.update({key: diagonal for key in ("hd95_mm", "assd_mm") if math.isnan(row[key])})
     return {"case_id": case_id, **row}
 
 
