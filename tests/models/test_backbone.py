@@ -209,6 +209,23 @@ def test_weights_in_timm_format_load_bit_identically_without_random_init(tmp_pat
     assert all(torch.equal(t, reference[k]) for k, t in tensors.items())
 
 
+def test_hub_weights_load_the_same_way(monkeypatch):
+    """pretrained=True without a file: timm resolves the hub source; the download is replaced here."""
+    source = source_model(V3, seed=2, img_size=64, **SMALL_KWARGS)
+    requested = []
+
+    def fake_download(hub_id, *args, **kwargs):
+        requested.append(hub_id)
+        return source.state_dict()
+
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", fake_download)
+    rng = torch.random.get_rng_state()
+    backbone = DINOBackbone(V3, pretrained=True, img_size=64, model_kwargs=SMALL_KWARGS)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert requested == ["timm/vit_large_patch16_dinov3.lvd1689m"]
+    assert_same_outputs(backbone, source, torch.rand(1, 3, 64, 80))
+
+
 def to_original_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Renames a timm DINOv2 state dict the way the facebookresearch release stores it (inverse of
     timm's _convert_dinov2): SwiGLU fc1/fc2 are w12/w3, a mask_token is present, and with registers the

@@ -11,7 +11,7 @@ import yaml
 
 from la_seg.cli import CONFIG_DIR
 from la_seg.errors import DataError
-from la_seg.models import FUSION_MODES, LASegmenter, SegmenterConfig
+from la_seg.models import FUSION_MODES, ImageGuidedDecoder, LASegmenter, SegmenterConfig
 
 # 2 blocks per group with 4 fusion groups; layer scale 1 (not timm's 1e-5 init) so random blocks differ
 TINY = dict(depth=8, embed_dim=32, num_heads=2, init_values=1.0)
@@ -171,3 +171,18 @@ def test_demo_fusion_learns():
     # Four groups over the demo's four blocks would be four softmaxes over one block each: refused.
     with pytest.raises(DataError, match="net.fusion_groups=4 over 4 tapped blocks"):
         LASegmenter(dataclasses.replace(net, fusion_groups=4))
+
+
+def test_empty_backbone_is_filled_by_a_checkpoint_state_dict():
+    trained = build(seed=3)
+    train_steps(trained, steps=1)
+    rng = torch.random.get_rng_state()
+    empty = LASegmenter(trained.config, empty_backbone=True)
+    # Only the decoder drew random numbers (it equals one built alone from the same state): the ViT drew none.
+    torch.random.set_rng_state(rng)
+    alone = ImageGuidedDecoder(32, channels=trained.config.decoder_channels)
+    assert all(torch.equal(a, b) for a, b in zip(empty.decoder.parameters(), alone.parameters(), strict=True))
+    empty.load_state_dict(trained.state_dict())
+    image, _ = batch(seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(empty.eval()(image), trained.eval()(image), rtol=0, atol=0)
