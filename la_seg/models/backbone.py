@@ -148,7 +148,13 @@ class DINOBackbone(nn.Module):
         self.train(self.training)
 
     def _build(
-        self, name: str, pretrained: bool, weights: str | Path | None, kwargs: dict, empty: bool, device
+        self,
+        name: str,
+        pretrained: bool,
+        weights: str | Path | None,
+        kwargs: dict,
+        empty: bool,
+        device: torch.device,
     ) -> tuple[nn.Module, int]:
         """The timm ViT and its patch size: built on the meta device (so the patch size is checked before
         anything is computed), then loaded, left uninitialised (``empty``) or, without weights, random."""
