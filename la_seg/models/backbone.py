@@ -1,8 +1,10 @@
-"""DINOv2 encoder (timm) that returns one normalised feature map per tapped block."""
+"""DINOv2 / DINOv3 encoder (timm) that returns one normalised feature map per tapped block."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -10,29 +12,88 @@ from typing import Any
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import Tensor, nn
 
-PATCH_SIZE = 14
+from la_seg.errors import DataError
+
+# timm architectures this backbone accepts: DINOv2 (VisionTransformer, patch 14, with and without registers)
+# and DINOv3 (Eva, patch 16, RoPE, 4 registers; `_qkvb` variants keep the zero key bias of Meta's release).
+DINO_PATTERNS = (
+    "vit_*_patch14_dinov2",
+    "vit_*_patch14_reg4_dinov2",
+    "vit_*_patch16_dinov3",
+    "vit_*_patch16_dinov3_qkvb",
+)
 # Elements hashed per tensor by fingerprint(): enough to tell any two trained weight sets apart, while the
 # giant model (1.1 B parameters, ~4.4 GB) still hashes in well under a second instead of several seconds.
 _FINGERPRINT_SAMPLES = 1 << 14
-# Arguments that DINOv2Backbone sets itself; passing them again through model_kwargs would be ambiguous.
+# Arguments that DINOBackbone sets itself; passing them again through model_kwargs would be ambiguous.
 _RESERVED_KWARGS = ("pretrained", "img_size", "dynamic_img_size", "num_classes", "pretrained_cfg_overlay")
 
 
-def dinov2_model_names() -> list[str]:
-    """The timm DINOv2 patch-14 architectures (with and without registers) this backbone accepts."""
-    return sorted(timm.list_models("vit_*_patch14_dinov2") + timm.list_models("vit_*_patch14_reg4_dinov2"))
+def dino_model_names() -> list[str]:
+    """The timm DINOv2 and DINOv3 architectures this backbone accepts."""
+    return sorted(name for pattern in DINO_PATTERNS for name in timm.list_models(pattern))
 
 
-class DINOv2Backbone(nn.Module):
-    """Wraps a timm DINOv2 ViT so the decoder sees a plain list of (B, C, H/14, W/14) maps.
+def _checkpoint_filter(vit: nn.Module) -> Callable:
+    """timm's checkpoint filter of the model's family (vision_transformer or eva): it resamples position
+    embeddings and converts Meta's original DINOv2 / DINOv3 .pth layouts."""
+    return importlib.import_module(type(vit).__module__).checkpoint_filter_fn
 
-    The position embeddings are resampled once to ``img_size`` at construction and again on the fly for
-    other sizes (``dynamic_img_size``), so any H, W that are multiples of 14 work. ImageNet normalisation is
-    applied here so the data pipeline can stay in [0, 1]. With ``trainable_blocks=0`` (the paper's setting)
-    the ViT is frozen: it runs under ``no_grad`` (no activations are kept for backward) and stays in eval mode
-    whatever the trainer asks.
+
+def _load_pretrained_assigning(vit: nn.Module, device: torch.device) -> None:
+    """Loads the weights named by ``vit.pretrained_cfg`` (a local file or the hub) into a model built on the
+    meta device.
+
+    timm's own ``load_pretrained`` does the work (source, checkpoint filter, checks); only its final
+    ``load_state_dict`` is made to assign the loaded tensors (on ``device``, in the model's dtype) instead of
+    copying them into randomly initialised ones, which for the giant ViT took ~15 s of CPU time for nothing.
+    """
+
+    def assign(state_dict: dict[str, Tensor], strict: bool = True):
+        reference = vit.state_dict()  # meta tensors: the target dtypes
+        state = {
+            key: value.to(device=device, dtype=reference[key].dtype) if key in reference else value
+            for key, value in state_dict.items()
+        }
+        return nn.Module.load_state_dict(vit, state, strict=strict, assign=True)
+
+    vit.load_state_dict = assign
+    try:
+        timm.models.load_pretrained(vit, num_classes=0, filter_fn=_checkpoint_filter(vit))
+    finally:
+        del vit.load_state_dict
+
+
+def _materialise(vit: nn.Module, device: torch.device) -> None:
+    """Gives every tensor still on the meta device real, uninitialised storage on ``device``, then recomputes
+    the non-persistent buffers (RoPE periods, zero key biases) that no weights file holds."""
+    for module in vit.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_meta:
+                empty = torch.empty_like(tensor, device=device)
+                is_param = isinstance(tensor, nn.Parameter)
+                setattr(module, name, nn.Parameter(empty, tensor.requires_grad) if is_param else empty)
+    reinit_non_persistent_buffers(vit)
+
+
+class DINOBackbone(nn.Module):
+    """Wraps a timm DINOv2 or DINOv3 ViT so the decoder sees a plain list of (B, C, H/p, W/p) maps.
+
+    The patch size p comes from the model (14 for DINOv2, 16 for DINOv3); ``img_size`` and every input side
+    must be a multiple of it. Position embeddings are resampled once to ``img_size`` at construction and on
+    the fly for other sizes (``dynamic_img_size``; DINOv3's RoPE needs no resampling). ImageNet normalisation
+    is applied here so the data pipeline can stay in [0, 1]. With ``trainable_blocks=0`` (the paper's
+    setting) the ViT is frozen: it runs under ``no_grad`` (no activations are kept for backward) and stays in
+    eval mode whatever the trainer asks.
+
+    Weights (``weights`` file or ``pretrained`` hub weights) are loaded into a model built on the meta device,
+    with no random initialisation that they would overwrite. ``empty=True`` builds the ViT the same way but
+    loads nothing: its parameters are uninitialised memory, for when a checkpoint that holds the backbone is
+    loaded right after (``pretrained`` and ``weights`` are then only a record). ``device`` is where the ViT's
+    tensors are created (default CPU).
     """
 
     def __init__(
@@ -45,35 +106,24 @@ class DINOv2Backbone(nn.Module):
         indices: list[int] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         grad_checkpointing: bool = True,
+        empty: bool = False,
+        device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
-        valid = dinov2_model_names()
+        valid = dino_model_names()
         if name.split(".")[0] not in valid:
-            raise ValueError(f"backbone {name!r} is not a timm DINOv2 patch-14 model; valid names: {valid}")
-        if img_size <= 0 or img_size % PATCH_SIZE:
-            raise ValueError(f"img_size must be a positive multiple of {PATCH_SIZE}, got {img_size}")
+            raise ValueError(f"backbone {name!r} is not a timm DINOv2 / DINOv3 model; valid names: {valid}")
         if trainable_blocks < -1:
             raise ValueError(f"trainable_blocks must be -1 (all), 0 (frozen) or k > 0: {trainable_blocks}")
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
+            raise DataError(f"data.img_size must be a positive whole number of pixels, got {img_size!r}")
         model_kwargs = dict(model_kwargs or {})
         reserved = sorted(set(model_kwargs) & set(_RESERVED_KWARGS))
         if reserved:
-            raise ValueError(f"model_kwargs may not set {reserved}: DINOv2Backbone sets them itself")
-
+            raise ValueError(f"model_kwargs may not set {reserved}: DINOBackbone sets them itself")
+        device = torch.device(device or "cpu")
         kwargs: dict[str, Any] = dict(img_size=img_size, dynamic_img_size=True, num_classes=0, **model_kwargs)
-        if weights is not None:
-            path = Path(weights).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"backbone weights file not found: {path}")
-            # The file override goes through timm's checkpoint_filter_fn, which also converts the original
-            # facebookresearch DINOv2 .pth layout (checkpoint_path= would skip that conversion).
-            try:
-                self.vit = timm.create_model(
-                    name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
-                )
-            except RuntimeError as err:
-                raise RuntimeError(f"could not load {name} weights from {path}: {err}") from err
-        else:
-            self.vit = timm.create_model(name, pretrained=pretrained, **kwargs)
+        self.vit, self.patch_size = self._build(name, pretrained, weights, kwargs, empty, device)
 
         depth = len(self.vit.blocks)
         self.indices = self._check_indices(indices, depth)
@@ -88,9 +138,61 @@ class DINOv2Backbone(nn.Module):
 
         self.embed_dim: int = self.vit.embed_dim
         self.num_blocks: int = len(self.indices)
-        self.patch_size: int = PATCH_SIZE
         self.frozen: bool = n_trainable == 0
+        self._set_trainable(trainable_blocks, n_trainable, grad_checkpointing)
+        # Non-persistent: constants, not weights, so they stay out of checkpoints.
+        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        self.train(self.training)
 
+    def _build(
+        self,
+        name: str,
+        pretrained: bool,
+        weights: str | Path | None,
+        kwargs: dict,
+        empty: bool,
+        device: torch.device,
+    ) -> tuple[nn.Module, int]:
+        """The timm ViT and its patch size: built on the meta device (so the patch size is checked before
+        anything is computed), then loaded, left uninitialised (``empty``) or, without weights, random."""
+        path = None if weights is None or empty else Path(weights).expanduser()
+        if path is not None:
+            if not path.is_file():
+                raise FileNotFoundError(f"backbone weights file not found: {path}")
+            # A file override of the pretrained config: timm's checkpoint filter then also converts the
+            # original Meta .pth layouts (checkpoint_path= would skip that conversion).
+            kwargs = dict(kwargs, pretrained_cfg_overlay=dict(file=str(path)))
+        with torch.device("meta"):
+            vit = timm.create_model(name, pretrained=False, **kwargs)
+        patch_size = self._check_img_size(kwargs["img_size"], vit, name)
+        if not (empty or path is not None or pretrained):
+            with torch.device(device):
+                return timm.create_model(name, pretrained=False, **kwargs), patch_size
+        if not empty:
+            try:
+                _load_pretrained_assigning(vit, device)
+            except RuntimeError as err:
+                raise RuntimeError(f"could not load {name} weights from {path or 'the hub'}: {err}") from err
+        _materialise(vit, device)
+        return vit, patch_size
+
+    @staticmethod
+    def _check_img_size(img_size: int, vit: nn.Module, name: str) -> int:
+        """The model's patch size, once ``img_size`` is known to be a whole number of patches."""
+        patch = int(vit.patch_embed.patch_size[0])
+        if img_size % patch:
+            nearest = max(patch, round(img_size / patch) * patch)
+            raise DataError(
+                f"data.img_size={img_size} is not a multiple of the patch size {patch} of {name}; "
+                f"use e.g. {nearest}"
+            )
+        return patch
+
+    def _set_trainable(self, trainable_blocks: int, n_trainable: int, grad_checkpointing: bool) -> None:
+        depth = len(self.vit.blocks)
         self.vit.requires_grad_(trainable_blocks == -1)
         if 0 < n_trainable < depth:
             for block in self.vit.blocks[depth - n_trainable :]:
@@ -102,11 +204,6 @@ class DINOv2Backbone(nn.Module):
         for module in self.vit.modules():
             if hasattr(module, "fused_attn"):
                 module.fused_attn = True
-
-        # Non-persistent: constants, not weights, so they stay out of checkpoints.
-        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
-        self.train(self.training)
 
     @staticmethod
     def _check_indices(indices: list[int] | None, depth: int) -> list[int]:
@@ -122,7 +219,7 @@ class DINOv2Backbone(nn.Module):
             raise ValueError(f"indices {list(indices)} name a block twice")
         return normalised
 
-    def train(self, mode: bool = True) -> DINOv2Backbone:
+    def train(self, mode: bool = True) -> DINOBackbone:
         """Keeps a frozen ViT in eval mode (no dropout / drop-path) even when the trainer calls train()."""
         super().train(mode)
         if self.frozen:
@@ -130,11 +227,11 @@ class DINOv2Backbone(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """(B, 3, H, W) in [0, 1] -> one (B, embed_dim, H/14, W/14) map per tapped block, shallow to deep."""
+        """(B, 3, H, W) in [0, 1] -> one (B, embed_dim, H/p, W/p) map per tapped block, shallow to deep."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) image batch, got shape {tuple(x.shape)}")
-        if x.shape[-2] % PATCH_SIZE or x.shape[-1] % PATCH_SIZE:
-            raise ValueError(f"H and W must be multiples of {PATCH_SIZE}, got {tuple(x.shape[-2:])}")
+        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise ValueError(f"H and W must be multiples of {self.patch_size}, got {tuple(x.shape[-2:])}")
         x = (x - self.mean) / self.std
         with torch.no_grad() if self.frozen else nullcontext():
             return self._in_autocast_dtype(self._features(x))

@@ -1,4 +1,4 @@
-"""The full network: DINOv2 backbone -> block fusion -> image-guided decoder."""
+"""The full network: DINOv2/v3 backbone -> block fusion -> image-guided decoder."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from la_seg.models.backbone import DINOv2Backbone
+from la_seg.errors import DataError
+from la_seg.models.backbone import DINOBackbone
 from la_seg.models.decoder import ImageGuidedDecoder
-from la_seg.models.fusion import BlockFusion
+from la_seg.models.fusion import BlockFusion, FusionMode
 
 
 @dataclass
@@ -23,20 +24,30 @@ class SegmenterConfig:
     trainable_blocks: int = 0
     indices: list[int] | None = None
     backbone_kwargs: dict | None = None
-    fusion: str = "softmax"
-    fusion_groups: int = 4
+    fusion: FusionMode = "softmax"
+    fusion_groups: int = 1
     decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32])
     image_guidance: bool = True
     stem_channels: int = 16
 
 
 class LASegmenter(nn.Module):
-    """(B, 3, H, W) slices in [0, 1] -> (B, 1, H, W) LA logits, for any H, W that are multiples of 14."""
+    """(B, 3, H, W) slices in [0, 1] -> (B, 1, H, W) LA logits, for any H, W that are multiples of the patch.
 
-    def __init__(self, config: SegmenterConfig) -> None:
+    ``empty_backbone=True`` builds the backbone without weights or initialisation (see ``DINOBackbone``),
+    for when a checkpoint that holds them is loaded right after.
+    """
+
+    def __init__(self, config: SegmenterConfig, empty_backbone: bool = False) -> None:
         super().__init__()
+        levels = len(config.decoder_channels)
+        if config.fusion_groups not in (1, levels):
+            raise DataError(
+                f"net.fusion_groups must be 1 (one fused map, the paper) or {levels} (one per decoder level, "
+                f"len(net.decoder_channels)), got {config.fusion_groups}"
+            )
         self.config = config
-        self.backbone = DINOv2Backbone(
+        self.backbone = DINOBackbone(
             name=config.backbone,
             pretrained=config.pretrained,
             weights=config.weights,
@@ -44,11 +55,11 @@ class LASegmenter(nn.Module):
             trainable_blocks=config.trainable_blocks,
             indices=config.indices,
             model_kwargs=config.backbone_kwargs,
+            empty=empty_backbone,
         )
         self.fusion = BlockFusion(self.backbone.num_blocks, groups=config.fusion_groups, mode=config.fusion)
         self.decoder = ImageGuidedDecoder(
             self.backbone.embed_dim,
-            num_levels=config.fusion_groups,
             channels=tuple(config.decoder_channels),
             image_channels=3,
             image_guidance=config.image_guidance,
@@ -63,5 +74,5 @@ class LASegmenter(nn.Module):
         return (p for p in self.parameters() if p.requires_grad)
 
     def fusion_weights(self) -> list[Tensor]:
-        """Per-group block weights (detached), for logging."""
+        """Per-group block weights (detached), for logging: one tensor with the paper's single group."""
         return self.fusion.weights()

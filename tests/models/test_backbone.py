@@ -1,4 +1,5 @@
-"""DINOv2Backbone: shapes, freezing, partial training, local weight files (timm and original layout)."""
+"""DINOBackbone: DINOv2 and DINOv3 shapes, freezing, partial training, local weight files (timm and Meta's
+original layouts) loaded without a thrown-away random initialisation, and the empty build."""
 
 from __future__ import annotations
 
@@ -9,13 +10,21 @@ import timm
 import timm.layers.config
 import torch
 
-from la_seg.models import DINOv2Backbone, dinov2_model_names
+from la_seg.errors import DataError
+from la_seg.models import DINOBackbone, dino_model_names
 
 TINY = dict(depth=4, embed_dim=32, num_heads=2)
+SMALL_KWARGS = dict(depth=2, embed_dim=32, num_heads=2)
+V2, V3 = "vit_small_patch14_dinov2", "vit_large_patch16_dinov3"
+# A size each family's patch divides: 56 = 4 x 14, 64 = 4 x 16.
+SIDE = {V2: 56, V3: 64}
+PATCH = {V2: 14, V3: 16}
 
 
-def tiny(name: str = "vit_small_patch14_dinov2", img_size: int = 56, kwargs: dict | None = None, **options):
-    return DINOv2Backbone(name, pretrained=False, img_size=img_size, model_kwargs=kwargs or TINY, **options)
+def tiny(name: str = V2, img_size: int | None = None, kwargs: dict | None = None, **options):
+    if img_size is None:
+        img_size = 64 if "patch16" in name else 56
+    return DINOBackbone(name, pretrained=False, img_size=img_size, model_kwargs=kwargs or TINY, **options)
 
 
 def timm_reference(model, x: torch.Tensor) -> list[torch.Tensor]:
@@ -33,17 +42,34 @@ def source_model(name: str, seed: int, **kwargs):
     return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
 
 
+def loaded_the_old_way(name: str, path, img_size: int, kwargs: dict):
+    """The previous loading path: a randomly initialised timm model that the file then overwrites."""
+    overlay = dict(file=str(path))
+    return timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay=overlay, img_size=img_size, num_classes=0,
+        dynamic_img_size=True, **kwargs,
+    )  # fmt: skip
+
+
+def assert_same_outputs(backbone: DINOBackbone, model, x: torch.Tensor, exact: bool = True) -> None:
+    for got, want in zip(backbone.eval()(x), timm_reference(model, x), strict=True):
+        if exact:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_names_are_validated():
-    assert "vit_giant_patch14_dinov2" in dinov2_model_names()
-    assert "vit_small_patch14_reg4_dinov2" in dinov2_model_names()
+    names = set(dino_model_names())
+    assert {"vit_giant_patch14_dinov2", "vit_small_patch14_reg4_dinov2"} <= names
+    assert {"vit_large_patch16_dinov3", "vit_huge_plus_patch16_dinov3", "vit_small_patch16_dinov3"} <= names
     with pytest.raises(ValueError, match="vit_giant_patch14_dinov2"):
-        DINOv2Backbone("vit_base_patch16_224", pretrained=False)
+        DINOBackbone("vit_base_patch16_224", pretrained=False)
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(img_size=50), "multiple of 14"),
         (dict(trainable_blocks=-2), "trainable_blocks"),
         (dict(trainable_blocks=5), "exceeds"),
         (dict(indices=[0, 4]), "out of range"),
@@ -56,63 +82,90 @@ def test_bad_options_raise(options, message):
         tiny(**options)
 
 
+@pytest.mark.parametrize(
+    ("name", "size", "message"),
+    [
+        (V2, 50, r"data.img_size=50 is not a multiple of the patch size 14 .*use e.g. 56"),
+        (V3, 56, r"data.img_size=56 is not a multiple of the patch size 16 of vit_large_patch16_dinov3"),
+        (V3, 0, r"data.img_size must be a positive"),
+    ],
+)
+def test_img_size_must_fit_the_models_patch(name, size, message):
+    with pytest.raises(DataError, match=message):
+        tiny(name, img_size=size)
+
+
 def test_reserved_model_kwargs_raise():
     with pytest.raises(ValueError, match="img_size"):
         tiny(kwargs=dict(TINY, img_size=28))
 
 
-@pytest.mark.parametrize(("size", "depth"), [((56, 56), 4), ((56, 84), 4), ((224, 224), 4), ((448, 448), 2)])
-def test_output_shapes(size, depth):
-    backbone = tiny(kwargs=dict(TINY, depth=depth)).eval()
+@pytest.mark.parametrize(
+    ("name", "size", "depth"),
+    [
+        (V2, (56, 56), 4),
+        (V2, (56, 84), 4),
+        (V2, (448, 448), 2),
+        (V3, (64, 96), 4),
+        (V3, (448, 448), 2),
+    ],
+)
+def test_output_shapes(name, size, depth):
+    backbone = tiny(name, kwargs=dict(TINY, depth=depth)).eval()
     feats = backbone(torch.rand(1, 3, *size))
+    patch = PATCH[name]
     assert backbone.num_blocks == depth == len(feats)
-    assert backbone.embed_dim == 32 and backbone.patch_size == 14
+    assert backbone.embed_dim == 32 and backbone.patch_size == patch
     for f in feats:
-        assert f.shape == (1, 32, size[0] // 14, size[1] // 14)
+        assert f.shape == (1, 32, size[0] // patch, size[1] // patch)
 
 
-def test_input_is_checked():
-    backbone = tiny()
-    with pytest.raises(ValueError, match="multiples of 14"):
-        backbone(torch.rand(1, 3, 56, 60))
+@pytest.mark.parametrize("name", [V2, V3])
+def test_input_is_checked(name):
+    backbone = tiny(name)
+    with pytest.raises(ValueError, match=f"multiples of {PATCH[name]}"):
+        backbone(torch.rand(1, 3, SIDE[name], 60))
     with pytest.raises(ValueError, match="B, 3, H, W"):
-        backbone(torch.rand(1, 1, 56, 56))
+        backbone(torch.rand(1, 1, SIDE[name], SIDE[name]))
 
 
-def test_indices_select_blocks_and_normalisation_happens_inside():
-    backbone = tiny(indices=[-1, 1])
+@pytest.mark.parametrize("name", [V2, V3])
+def test_indices_select_blocks_and_normalisation_happens_inside(name):
+    backbone = tiny(name, indices=[-1, 1])
     assert backbone.indices == [1, 3] and backbone.num_blocks == 2
-    x = torch.rand(2, 3, 56, 70)
+    x = torch.rand(2, 3, SIDE[name], SIDE[name] + PATCH[name])
     reference = timm_reference(backbone.vit, x)
     for got, want in zip(backbone(x), [reference[1], reference[3]], strict=True):
         torch.testing.assert_close(got, want)
     assert "mean" not in backbone.state_dict() and "std" not in backbone.state_dict()
 
 
-def test_frozen_backbone_records_no_graph_and_stays_in_eval():
-    backbone = tiny()
+@pytest.mark.parametrize("name", [V2, V3])
+def test_frozen_backbone_records_no_graph_and_stays_in_eval(name):
+    backbone = tiny(name)
     assert backbone.frozen
     assert not any(p.requires_grad for p in backbone.parameters())
     backbone.train()
     assert backbone.training and not backbone.vit.training
     assert not any(m.training for m in backbone.vit.modules())
-    x = torch.rand(1, 3, 56, 56, requires_grad=True)
+    x = torch.rand(1, 3, SIDE[name], SIDE[name], requires_grad=True)
     with torch.enable_grad():
         feats = backbone(x)
     assert all(not f.requires_grad and f.grad_fn is None for f in feats)
 
 
-def test_last_block_trainable_gets_gradients():
-    backbone = tiny(trainable_blocks=1)
+@pytest.mark.parametrize("name", [V2, V3])
+def test_last_block_trainable_gets_gradients(name):
+    backbone = tiny(name, trainable_blocks=1)
     assert not backbone.frozen and backbone.vit.grad_checkpointing
     trainable = {n for n, p in backbone.vit.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("blocks.3.", "norm.")) for n in trainable)
     assert any(n.startswith("norm.") for n in trainable)
     backbone.train()
     assert backbone.vit.training
-    sum(f.square().mean() for f in backbone(torch.rand(2, 3, 56, 56))).backward()
-    for name, p in backbone.vit.named_parameters():
-        assert (p.grad is not None) == (name in trainable), name
+    sum(f.square().mean() for f in backbone(torch.rand(2, 3, SIDE[name], SIDE[name]))).backward()
+    for n, p in backbone.vit.named_parameters():
+        assert (p.grad is not None) == (n in trainable), n
 
 
 def test_all_blocks_trainable():
@@ -121,9 +174,10 @@ def test_all_blocks_trainable():
     assert not backbone.vit.grad_checkpointing
 
 
-def test_fused_attention_is_forced_on(monkeypatch):
+@pytest.mark.parametrize("name", [V2, V3])
+def test_fused_attention_is_forced_on(monkeypatch, name):
     monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", 0)
-    backbone = tiny()
+    backbone = tiny(name)
     flags = [m.fused_attn for m in backbone.vit.modules() if hasattr(m, "fused_attn")]
     assert len(flags) == 4 and all(flags)
 
@@ -134,15 +188,42 @@ def test_missing_weights_file_is_named(tmp_path):
         tiny(weights=missing)
 
 
-def test_weights_in_timm_format(tmp_path):
-    kwargs = dict(depth=2, embed_dim=32, num_heads=2)
-    source = source_model("vit_small_patch14_dinov2", seed=0, img_size=56, **kwargs)
+@pytest.mark.parametrize("name", [V2, "vit_small_patch14_reg4_dinov2", V3, "vit_small_patch16_dinov3_qkvb"])
+def test_weights_in_timm_format_load_bit_identically_without_random_init(tmp_path, name):
+    side = 64 if "patch16" in name else 56
+    source = source_model(name, seed=0, img_size=side, **SMALL_KWARGS)
     path = tmp_path / "timm.pth"
     torch.save(source.state_dict(), path)
-    backbone = tiny(kwargs=kwargs, weights=str(path)).eval()
-    x = torch.rand(2, 3, 56, 84)
-    for got, want in zip(backbone(x), timm_reference(source, x), strict=True):
-        torch.testing.assert_close(got, want)
+    rng = torch.random.get_rng_state()
+    backbone = tiny(name, img_size=side, kwargs=SMALL_KWARGS, weights=str(path))
+    assert torch.equal(rng, torch.random.get_rng_state())  # nothing was randomly initialised
+    old = loaded_the_old_way(name, path, side, SMALL_KWARGS)
+    x = torch.rand(2, 3, side, side + 2 * backbone.patch_size)
+    assert_same_outputs(backbone, old, x)
+    assert_same_outputs(backbone, source, x)
+    # Non-persistent buffers (RoPE periods, zero key biases) are computed, not left on the meta device.
+    tensors = dict(backbone.vit.named_parameters()) | dict(backbone.vit.named_buffers())
+    assert not any(t.is_meta for t in tensors.values())
+    reference = dict(old.named_parameters()) | dict(old.named_buffers())
+    assert tensors.keys() == reference.keys()
+    assert all(torch.equal(t, reference[k]) for k, t in tensors.items())
+
+
+def test_hub_weights_load_the_same_way(monkeypatch):
+    """pretrained=True without a file: timm resolves the hub source; the download is replaced here."""
+    source = source_model(V3, seed=2, img_size=64, **SMALL_KWARGS)
+    requested = []
+
+    def fake_download(hub_id, *args, **kwargs):
+        requested.append(hub_id)
+        return source.state_dict()
+
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", fake_download)
+    rng = torch.random.get_rng_state()
+    backbone = DINOBackbone(V3, pretrained=True, img_size=64, model_kwargs=SMALL_KWARGS)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert requested == ["timm/vit_large_patch16_dinov3.lvd1689m"]
+    assert_same_outputs(backbone, source, torch.rand(1, 3, 64, 80))
 
 
 def to_original_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -164,44 +245,103 @@ def to_original_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-@pytest.mark.parametrize("name", ["vit_giant_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
-def test_weights_in_original_dinov2_format(tmp_path, name):
-    kwargs = dict(depth=2, embed_dim=32, num_heads=2)
-    # The release's resolution (518 px: 37x37 position embeddings), resampled to img_size on load.
-    source = source_model(name, seed=1, img_size=518, **kwargs)
-    original = to_original_dinov2(source.state_dict())
+def to_original_dinov3(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Renames a timm DINOv3 (Eva) state dict the way Meta's release stores it (inverse of timm's eva
+    checkpoint filter): registers are storage_tokens, layer scales ls1/ls2.gamma, SwiGLU w1/w2/w3, one qkv
+    bias with a zero key part and its bias_mask, plus the pretraining-only mask_token and RoPE periods."""
+    renames = [
+        (r"^reg_token$", "storage_tokens"),
+        (r"\.gamma_1$", ".ls1.gamma"),
+        (r"\.gamma_2$", ".ls2.gamma"),
+        (r"\.mlp\.fc1_g\.", ".mlp.w1."),
+        (r"\.mlp\.fc1_x\.", ".mlp.w2."),
+        (r"(\.mlp\.fc2\.)", r".mlp.w3." if any(".fc1_g." in k for k in state) else r"\1"),
+    ]
+    out = {}
+    for key, value in state.items():
+        if key.endswith((".q_bias", ".v_bias")):
+            continue
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value.clone()
+    for key in [k for k in state if k.endswith(".q_bias")]:
+        q, v = state[key], state[key.replace("q_bias", "v_bias")]
+        out[key.replace("q_bias", "qkv.bias")] = torch.cat([q, torch.zeros_like(q), v])
+        out[key.replace("q_bias", "qkv.bias_mask")] = torch.ones(3 * q.numel())
+    dim = state["cls_token"].shape[-1]
+    out["mask_token"] = torch.zeros(1, dim)
+    out["rope_embed.periods"] = torch.ones(4)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "side"),
+    [
+        ("vit_giant_patch14_dinov2", 56),
+        ("vit_small_patch14_reg4_dinov2", 56),
+        ("vit_large_patch16_dinov3", 64),
+        ("vit_huge_plus_patch16_dinov3", 64),
+        ("vit_small_patch16_dinov3_qkvb", 64),
+    ],
+)
+def test_weights_in_original_meta_format(tmp_path, name, side):
+    is_v3 = "dinov3" in name
+    # DINOv2's release resolution (518 px: 37x37 position embeddings) is resampled to img_size on load.
+    source = source_model(name, seed=1, img_size=side if is_v3 else 518, **SMALL_KWARGS)
+    original = (to_original_dinov3 if is_v3 else to_original_dinov2)(source.state_dict())
     assert "mask_token" in original
-    if "giant" in name:
+    if is_v3:
+        assert "storage_tokens" in original and "blocks.0.ls1.gamma" in original
+        assert ("blocks.1.mlp.w3.weight" in original) == ("huge" in name)
+        assert ("blocks.0.attn.qkv.bias" in original) == name.endswith("qkvb")
+    elif "giant" in name:
         assert "blocks.0.mlp.w12.weight" in original and "blocks.1.mlp.w3.bias" in original
     else:
         assert "register_tokens" in original and original["pos_embed"].shape[1] == 37 * 37 + 1
-    path = tmp_path / "dinov2_pretrain.pth"
+    path = tmp_path / "meta_pretrain.pth"
     torch.save(original, path)
 
-    backbone = DINOv2Backbone(name, pretrained=False, weights=path, img_size=56, model_kwargs=kwargs).eval()
-    x = torch.rand(1, 3, 56, 56)
-    for got, want in zip(backbone(x), timm_reference(source, x), strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    backbone = DINOBackbone(name, pretrained=False, weights=path, img_size=side, model_kwargs=SMALL_KWARGS)
+    x = torch.rand(1, 3, side, side)
+    assert_same_outputs(backbone, loaded_the_old_way(name, path, side, SMALL_KWARGS), x)
+    assert_same_outputs(backbone, source, x, exact=False)
+
+
+@pytest.mark.parametrize("name", [V2, "vit_small_patch16_dinov3_qkvb"])
+def test_empty_build_takes_its_weights_from_a_state_dict(name):
+    trained = tiny(name, kwargs=SMALL_KWARGS)
+    rng = torch.random.get_rng_state()
+    empty = tiny(name, kwargs=SMALL_KWARGS, empty=True, weights="/not/read.pth")
+    assert torch.equal(rng, torch.random.get_rng_state())
+    tensors = [*empty.parameters(), *empty.buffers()]
+    assert tensors and not any(t.is_meta for t in tensors)
+    assert not any(p.requires_grad for p in empty.parameters())
+    empty.load_state_dict(trained.state_dict())  # a plain copying load, as Lightning's
+    side = 64 if "patch16" in name else 56
+    x = torch.rand(1, 3, side, side)
+    for got, want in zip(empty.eval()(x), trained.eval()(x), strict=True):
+        assert torch.equal(got, want)
+    assert empty.fingerprint() == trained.fingerprint()
 
 
 def test_wrong_architecture_file_names_the_file(tmp_path):
-    source = source_model("vit_small_patch14_dinov2", seed=0, img_size=56, depth=2, embed_dim=32, num_heads=2)
+    source = source_model(V2, seed=0, img_size=56, **SMALL_KWARGS)
     path = tmp_path / "small.pth"
     torch.save(source.state_dict(), path)
     with pytest.raises(RuntimeError, match="small.pth"):
         tiny(kwargs=dict(depth=2, embed_dim=48, num_heads=2), weights=path)
 
 
-def test_fingerprint_tracks_weights(tmp_path):
-    kwargs = dict(depth=2, embed_dim=32, num_heads=2)
-    source = source_model("vit_small_patch14_dinov2", seed=0, img_size=56, **kwargs)
+@pytest.mark.parametrize("name", [V2, V3])
+def test_fingerprint_tracks_weights(tmp_path, name):
+    source = source_model(name, seed=0, img_size=SIDE[name], **SMALL_KWARGS)
     path = tmp_path / "timm.pth"
     torch.save(source.state_dict(), path)
-    first, second = (tiny(kwargs=kwargs, weights=path) for _ in range(2))
+    first, second = (tiny(name, kwargs=SMALL_KWARGS, weights=path) for _ in range(2))
     assert re.fullmatch(r"[0-9a-f]{16}", first.fingerprint())
     assert first.fingerprint() == second.fingerprint() == first.fingerprint()
     torch.manual_seed(123)
-    assert tiny(kwargs=kwargs).fingerprint() != first.fingerprint()
+    assert tiny(name, kwargs=SMALL_KWARGS).fingerprint() != first.fingerprint()
     with torch.no_grad():
         second.vit.norm.weight[0] += 1.0
     assert second.fingerprint() != first.fingerprint()

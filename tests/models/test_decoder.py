@@ -1,18 +1,22 @@
-"""ImageGuidedDecoder: output size, image paths and the no-image ablation."""
+"""ImageGuidedDecoder: a pyramid from one fused map or one map per level, output size, image paths, the
+no-image ablation, and channels_last on CUDA."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
-from la_seg.models import ImageGuidedDecoder
+import la_seg.models.decoder as decoder_module
+from la_seg.models import DecoderBlock, ImageGuidedDecoder, SegmentationHead
 
 CHANNELS = (32, 16, 8, 8)
 
 
-def inputs(h: int = 56, w: int = 56, batch: int = 2, levels: int = 4, dim: int = 24):
+def inputs(h: int = 56, w: int = 56, batch: int = 2, maps: int = 1, dim: int = 24):
     generator = torch.Generator().manual_seed(0)
-    feats = [torch.randn(batch, dim, h // 14, w // 14, generator=generator) for _ in range(levels)]
+    feats = [torch.randn(batch, dim, h // 14, w // 14, generator=generator) for _ in range(maps)]
     return feats, torch.rand(batch, 3, h, w, generator=generator)
 
 
@@ -20,19 +24,40 @@ def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+@pytest.mark.parametrize("maps", [1, 4])
 @pytest.mark.parametrize(("h", "w"), [(56, 56), (56, 84), (112, 70)])
-def test_output_matches_image_size(h, w):
+def test_output_matches_image_size(h, w, maps):
     torch.manual_seed(0)
     decoder = ImageGuidedDecoder(24, channels=CHANNELS)
-    feats, image = inputs(h, w)
+    feats, image = inputs(h, w, maps=maps)
     assert decoder(feats, image).shape == (2, 1, h, w)
 
 
-def test_pyramid_resolutions():
+def test_pyramid_from_one_fused_map():
+    torch.manual_seed(0)
+    decoder = ImageGuidedDecoder(24, channels=CHANNELS).eval()
+    (fused,), image = inputs()
+    assert [level(fused).shape[-1] for level in decoder.pyramid] == [4, 8, 16, 32]
+    with torch.no_grad():  # the one map feeds every level, as if it were given once per level
+        torch.testing.assert_close(decoder([fused], image), decoder([fused] * 4, image))
+
+
+def test_one_map_per_level_is_used_deepest_first():
+    torch.manual_seed(0)
+    decoder = ImageGuidedDecoder(24, channels=CHANNELS).eval()
+    feats, image = inputs(maps=4)
+    with torch.no_grad():
+        out = decoder(feats, image)
+        assert not torch.allclose(out, decoder(feats[::-1], image))
+        assert not torch.allclose(out, decoder(feats[-1:], image))
+
+
+def test_named_blocks_and_head():
     decoder = ImageGuidedDecoder(24, channels=CHANNELS)
-    feats, _ = inputs()
-    sizes = [proj(f).shape[-1] for proj, f in zip(decoder.pyramid, reversed(feats), strict=True)]
-    assert sizes == [4, 8, 16, 32]
+    assert len(decoder.blocks) == decoder.num_levels == 4
+    assert all(isinstance(b, DecoderBlock) for b in decoder.blocks)
+    assert decoder.blocks[0].up is None and all(b.up is not None for b in decoder.blocks[1:])
+    assert isinstance(decoder.head, SegmentationHead) and decoder.head.logits.out_channels == 1
 
 
 def test_batch_of_one_trains_and_evaluates():
@@ -69,16 +94,43 @@ def test_raw_image_instead_of_stem():
     assert decoder(feats, image).shape == (2, 1, 56, 84)
 
 
-def test_other_level_counts():
-    decoder = ImageGuidedDecoder(24, num_levels=3, channels=(16, 8, 8))
-    feats, image = inputs(levels=3)
+@pytest.mark.parametrize("maps", [1, 3])
+def test_other_level_counts(maps):
+    decoder = ImageGuidedDecoder(24, channels=(16, 8, 8))
+    assert decoder.num_levels == 3
+    feats, image = inputs(maps=maps)
     assert decoder(feats, image).shape == (2, 1, 56, 56)
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match="one width per level"):
-        ImageGuidedDecoder(24, num_levels=4, channels=(16, 8))
+    with pytest.raises(ValueError, match="widths"):
+        ImageGuidedDecoder(24, channels=())
     decoder = ImageGuidedDecoder(24, channels=CHANNELS)
-    feats, image = inputs()
-    with pytest.raises(ValueError, match="expects 4"):
-        decoder(feats[:3], image)
+    feats, image = inputs(maps=3)
+    with pytest.raises(ValueError, match=r"1 fused map or one per level \(4\), got 3"):
+        decoder(feats, image)
+
+
+def test_channels_last_only_on_cuda():
+    assert decoder_module.prefers_channels_last(torch.device("cuda", 0))
+    assert not decoder_module.prefers_channels_last(torch.device("cpu"))
+    decoder = ImageGuidedDecoder(24, channels=CHANNELS).to("cpu")
+    assert all(p.is_contiguous() for p in decoder.parameters())
+
+
+def test_channels_last_moves_weights_and_activations_without_changing_the_output(monkeypatch):
+    """What a move to CUDA does, exercised on CPU by making the layout hook answer yes for it."""
+    torch.manual_seed(0)
+    standard = ImageGuidedDecoder(24, channels=CHANNELS).eval()
+    monkeypatch.setattr(decoder_module, "prefers_channels_last", lambda device: True)
+    nhwc = copy.deepcopy(standard).to("cpu")
+    kernels = [p for p in nhwc.parameters() if p.dim() == 4]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    assert not all(p.is_contiguous() for p in kernels)
+    seen = []
+    nhwc.blocks[0].conv[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    feats, image = inputs(56, 84)
+    with torch.no_grad():
+        out = nhwc(feats, image)
+        torch.testing.assert_close(out, standard(feats, image), atol=1e-5, rtol=1e-4)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()

@@ -1,10 +1,12 @@
-"""BlockFusion: grouping, softmax weights that learn, and the mean / last ablations."""
+"""BlockFusion: one softmax over all blocks (the paper), grouping, weights that learn, the refusal of a
+softmax over a single block, and the mean / last ablations."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from la_seg.errors import DataError
 from la_seg.models import BlockFusion
 
 
@@ -13,19 +15,37 @@ def features(n: int = 10, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(2, 8, 3, 5, generator=generator) for _ in range(n)]
 
 
+def test_default_is_one_softmax_over_all_blocks():
+    fusion = BlockFusion(10)
+    assert fusion.groups == 1 and fusion.group_indices == [list(range(10))]
+    feats = features()
+    (fused,) = fusion(feats)
+    torch.testing.assert_close(fused, torch.stack(feats).mean(0))
+    (weights,) = fusion.weights()
+    torch.testing.assert_close(weights, torch.full((10,), 0.1))
+
+
 def test_groups_are_contiguous_and_balanced():
     assert BlockFusion(10, groups=4).group_indices == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
     assert BlockFusion(40, groups=4).group_indices[3] == list(range(30, 40))
-    assert BlockFusion(4, groups=4).group_indices == [[0], [1], [2], [3]]
+    assert BlockFusion(4, groups=4, mode="mean").group_indices == [[0], [1], [2], [3]]
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [((3, 4, "softmax"), "groups"), ((4, 4, "max"), "mode"), ((4, 0, "mean"), "groups")],
+    [((3, 4, "softmax"), "exceeds"), ((4, 1, "max"), "mode"), ((4, 0, "mean"), "groups")],
 )
 def test_bad_arguments_raise(args, message):
     with pytest.raises(ValueError, match=message):
         BlockFusion(*args)
+
+
+@pytest.mark.parametrize(
+    ("blocks", "groups", "fix"), [(4, 4, "<= 2"), (5, 3, "<= 2"), (9, 5, "<= 4"), (1, 1, "tap at least 2")]
+)
+def test_a_softmax_over_one_block_is_refused(blocks, groups, fix):
+    with pytest.raises(DataError, match=rf"net.fusion_groups={groups} over {blocks} tapped blocks.*{fix}"):
+        BlockFusion(blocks, groups=groups)
 
 
 def test_softmax_starts_equal_and_sums_to_one_per_group():
@@ -42,8 +62,9 @@ def test_softmax_starts_equal_and_sums_to_one_per_group():
     torch.testing.assert_close(fused[3], torch.stack(feats[8:10]).mean(0))
 
 
-def test_softmax_weights_learn():
-    fusion = BlockFusion(10, groups=4)
+@pytest.mark.parametrize("groups", [1, 4])
+def test_softmax_weights_learn(groups):
+    fusion = BlockFusion(10, groups=groups)
     feats = features()
     optimiser = torch.optim.Adam(fusion.parameters(), lr=0.1)
     for _ in range(5):
@@ -52,7 +73,7 @@ def test_softmax_weights_learn():
         pairs = zip(fusion(feats), fusion.group_indices, strict=True)
         loss = sum((f - feats[idx[-1]]).square().mean() for f, idx in pairs)
         loss.backward()
-        assert fusion.logits.grad is not None
+        assert fusion.logits.grad is not None and (fusion.logits.grad != 0).all()
         optimiser.step()
     for w in fusion.weights():
         torch.testing.assert_close(w.sum(), torch.tensor(1.0))
@@ -67,13 +88,15 @@ def test_mean_is_fixed_equal_weights():
     assert all(torch.allclose(w.sum(), torch.tensor(1.0)) for w in fusion.weights())
 
 
-def test_last_feeds_the_deepest_block_to_every_group():
-    fusion = BlockFusion(10, groups=4, mode="last")
+@pytest.mark.parametrize("groups", [1, 4])
+def test_last_feeds_the_deepest_block_to_every_group(groups):
+    fusion = BlockFusion(10, groups=groups, mode="last")
     assert list(fusion.parameters()) == []
     feats = features()
-    assert all(f is feats[-1] for f in fusion(feats))
-    assert fusion.group_indices == [[9]] * 4
-    assert [w.tolist() for w in fusion.weights()] == [[1.0]] * 4
+    fused = fusion(feats)
+    assert len(fused) == groups and all(f is feats[-1] for f in fused)
+    assert fusion.group_indices == [[9]] * groups
+    assert [w.tolist() for w in fusion.weights()] == [[1.0]] * groups
 
 
 def test_feature_count_is_checked():

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 import torch
+import yaml
 
-from la_seg.models import LASegmenter, SegmenterConfig
+from la_seg.cli import CONFIG_DIR
+from la_seg.errors import DataError
+from la_seg.models import FUSION_MODES, ImageGuidedDecoder, LASegmenter, SegmenterConfig
 
-# 2 blocks per fusion group; layer scale 1 (not timm's 1e-5 init) so that random blocks differ from each other
+# 2 blocks per group with 4 fusion groups; layer scale 1 (not timm's 1e-5 init) so random blocks differ
 TINY = dict(depth=8, embed_dim=32, num_heads=2, init_values=1.0)
 
 
@@ -49,15 +53,26 @@ def test_config_defaults_follow_the_paper():
     cfg = SegmenterConfig()
     assert cfg.backbone == "vit_giant_patch14_dinov2" and cfg.pretrained and cfg.weights is None
     assert cfg.img_size == 448 and cfg.trainable_blocks == 0 and cfg.indices is None
-    assert cfg.fusion == "softmax" and cfg.fusion_groups == 4 and cfg.decoder_channels == [256, 128, 64, 32]
+    assert cfg.fusion == "softmax" and cfg.fusion_groups == 1 and cfg.decoder_channels == [256, 128, 64, 32]
     assert cfg.image_guidance and cfg.stem_channels == 16 and cfg.backbone_kwargs is None
     assert SegmenterConfig().decoder_channels is not cfg.decoder_channels
     assert [f.name for f in dataclasses.fields(SegmenterConfig)][:3] == ["backbone", "pretrained", "weights"]
+    # A Literal, so jsonargparse validates the choice and --help lists it.
+    assert typing.get_args(typing.get_type_hints(SegmenterConfig)["fusion"]) == FUSION_MODES
+
+
+@pytest.mark.parametrize(("size", "depth"), [((64, 64), 4), ((64, 96), 2)])
+def test_dinov3_backbone_end_to_end(size, depth):
+    kwargs = dict(TINY, depth=depth)
+    model = build(backbone="vit_small_patch16_dinov3", img_size=64, backbone_kwargs=kwargs).eval()
+    assert model.backbone.patch_size == 16
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, *size)).shape == (1, 1, *size)
 
 
 @pytest.mark.parametrize(("size", "depth"), [((56, 56), 4), ((56, 84), 4), ((224, 224), 4), ((448, 448), 2)])
 def test_output_shapes(size, depth):
-    model = build(backbone_kwargs=dict(TINY, depth=depth), fusion_groups=2, decoder_channels=[16, 8]).eval()
+    model = build(backbone_kwargs=dict(TINY, depth=depth), decoder_channels=[16, 8]).eval()
     with torch.no_grad():
         assert model(torch.rand(1, 3, *size)).shape == (1, 1, *size)
 
@@ -85,10 +100,11 @@ def test_last_block_trainable():
     assert with_grad == {n for n in names if n.startswith(("blocks.7.", "norm."))}
 
 
-def test_fusion_weights_sum_to_one_and_move():
-    model = build()
+@pytest.mark.parametrize("groups", [1, 4])
+def test_fusion_weights_sum_to_one_and_move(groups):
+    model = build(fusion_groups=groups)
     before = model.fusion_weights()
-    assert len(before) == 4
+    assert len(before) == groups and sum(len(w) for w in before) == 8
     train_steps(model)
     after = model.fusion_weights()
     for b, a in zip(before, after, strict=True):
@@ -130,8 +146,43 @@ def test_image_guidance_ablation():
         assert not torch.allclose(guided(image), plain(image), atol=1e-4)
 
 
-def test_fusion_groups_must_match_decoder_levels():
-    with pytest.raises(ValueError, match="one width per level"):
+def test_fusion_groups_must_be_one_or_one_per_decoder_level():
+    with pytest.raises(DataError, match=r"net.fusion_groups must be 1 .* or 4 .*got 3"):
         build(fusion_groups=3)
-    model = build(fusion_groups=3, decoder_channels=[16, 8, 8])
-    assert model(batch()[0]).shape == (2, 1, 56, 56)
+    for groups in (1, 3):
+        model = build(fusion_groups=groups, decoder_channels=[16, 8, 8])
+        assert model(batch()[0]).shape == (2, 1, 56, 56)
+
+
+def demo_net() -> SegmenterConfig:
+    """The `net` section of the shipped demo config, at its data.img_size (as the CLI links them)."""
+    config = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())
+    return SegmenterConfig(**config["model"]["net"], img_size=config["data"]["img_size"])
+
+
+def test_demo_fusion_learns():
+    net = demo_net()
+    torch.manual_seed(0)
+    model = LASegmenter(net)
+    image = torch.rand(2, 3, net.img_size, net.img_size)
+    target = (image[:, :1] > 0.5).float()
+    torch.nn.functional.binary_cross_entropy_with_logits(model.train()(image), target).backward()
+    assert model.fusion.logits.grad is not None and (model.fusion.logits.grad != 0).all()
+    # Four groups over the demo's four blocks would be four softmaxes over one block each: refused.
+    with pytest.raises(DataError, match="net.fusion_groups=4 over 4 tapped blocks"):
+        LASegmenter(dataclasses.replace(net, fusion_groups=4))
+
+
+def test_empty_backbone_is_filled_by_a_checkpoint_state_dict():
+    trained = build(seed=3)
+    train_steps(trained, steps=1)
+    rng = torch.random.get_rng_state()
+    empty = LASegmenter(trained.config, empty_backbone=True)
+    # Only the decoder drew random numbers (it equals one built alone from the same state): the ViT drew none.
+    torch.random.set_rng_state(rng)
+    alone = ImageGuidedDecoder(32, channels=trained.config.decoder_channels)
+    assert all(torch.equal(a, b) for a, b in zip(empty.decoder.parameters(), alone.parameters(), strict=True))
+    empty.load_state_dict(trained.state_dict())
+    image, _ = batch(seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(empty.eval()(image), trained.eval()(image), rtol=0, atol=0)
