@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from la_seg.data.io import Volume, write_nifti
+from la_seg.data.io import Geometry, write_nifti
 from la_seg.errors import DataError
 
 LA_LABEL = 420  # the LAScarQS atriumSegImgMO value
@@ -128,7 +128,7 @@ def write_dataset(
     affine[:3, 3] = origin
     for i, folder in enumerate(folders, start=1):
         image, label = synthesize_case(np.random.default_rng([seed, i]), shape, spacing)
-        reference = Volume(image, affine, spacing, folder)
+        reference = Geometry(shape, affine, spacing, folder / "enhanced.nii.gz")
         write_nifti(folder / "enhanced.nii.gz", image, reference)
         write_nifti(folder / "atriumSegImgMO.nii.gz", label, reference)
     return folders
