@@ -41,7 +41,16 @@ UTAH_FILE_NAMES = ("lgemri.nrrd", "laendo.nrrd")
 UTAH_SPACING = (0.625, 0.625, 0.625)
 UTAH_SPACING_SOURCE = "utah2018: headers say 1 mm, true 0.625 mm"
 LOGGER = logging.getLogger("la_seg")
-_READ_ERRORS = (OSError, EOFError, zlib.error, ImageFileError, nrrd.NRRDError, ValueError, TypeError, KeyError)
+_READ_ERRORS = (
+    OSError,  # includes gzip.BadGzipFile (CRC, length)
+    EOFError,
+    zlib.error,
+    ImageFileError,
+    nrrd.NRRDError,
+    ValueError,
+    TypeError,
+    KeyError,  # a header without a required field
+)
 _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a grey value or a label can be
 _SINGULAR_DETERMINANT = 1e-12
 # NRRD space axis names and their sign in RAS; LPS data (the ITK default) flips x and y.

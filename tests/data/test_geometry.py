@@ -48,7 +48,8 @@ def phantom(tmp_path):
 def test_transposed_copy_gives_the_same_items(phantom, order):
     root, image, label = phantom
     _write(root / "transposed", "train_1", *_permuted(order, image, label, AFFINE))
-    original, transposed = (find_cases(root / name, require_labels=True) for name in ("original", "transposed"))
+    original = find_cases(root / "original", require_labels=True)
+    transposed = find_cases(root / "transposed", require_labels=True)
     a, b = VolumeDataset(original, cache="none")[0], VolumeDataset(transposed, cache="none")[0]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
     assert a["label"].sum() > 0

@@ -108,7 +108,8 @@ def test_pooling_lascarqs_tasks_warns_naming_both_folders(tmp_path):
     with pytest.warns(UserWarning, match="same patients") as record:
         find_cases(release)
     message = str(record[0].message)
-    assert str(release / "task1" / "train_data") in message and str(release / "task2" / "train_data") in message
+    for task in ("task1", "task2"):
+        assert str(release / task / "train_data") in message
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         find_cases(release / "task2")  # one task alone: no warning
