@@ -52,10 +52,11 @@ def test_write_dataset_is_a_readable_lascarqs_tree(tmp_path):
         assert set(np.unique(np.asanyarray(raw.dataobj))) == {0, 420}
         assert nib.load(case.image_path).get_data_dtype() == np.int16
         image, label = read_case(case)
-        assert image.data.shape == SMALL
-        assert image.spacing == pytest.approx((0.625, 0.625, 2.5))
-        np.testing.assert_allclose(np.diag(image.affine), [0.625, 0.625, 2.5, 1.0])
-        np.testing.assert_allclose(image.affine[:3, 3], -(np.array(SMALL) - 1) / 2 * [0.625, 0.625, 2.5])
+        assert image.data.shape == image.geometry.shape == SMALL
+        assert image.geometry.spacing == pytest.approx((0.625, 0.625, 2.5))
+        np.testing.assert_allclose(np.diag(image.geometry.affine), [0.625, 0.625, 2.5, 1.0])
+        origin = -(np.array(SMALL) - 1) / 2 * [0.625, 0.625, 2.5]
+        np.testing.assert_allclose(image.geometry.affine[:3, 3], origin)
         assert 0.002 < label.data.mean() < 0.1
 
 
