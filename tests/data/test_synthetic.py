@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from la_seg.data import DataError, find_cases, read_case, write_dataset
+from la_seg.data import DataError, find_cases, read_case, synthetic, write_dataset
 from la_seg.data.synthetic import synthesize_case
 
 SMALL = (64, 64, 16)
@@ -105,3 +105,15 @@ def test_write_dataset_bad_arguments(tmp_path, kwargs, message):
     args = {"cases": 1, "seed": 0, "shape": SMALL} | kwargs
     with pytest.raises(DataError, match=message):
         write_dataset(tmp_path, **args)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_shapes_evaluated_in_boxes_equal_the_whole_grid(monkeypatch, seed):
+    """Shapes are evaluated only in a box around them (for speed); the phantom is the one the whole grid
+    gives, so the margin covers every wall and septum the distances are compared with."""
+    shape, spacing = (48, 44, 12), (2.2, 2.2, 8.0)  # a tight field of view: the boxes cut the most
+    image, label = synthesize_case(np.random.default_rng(seed), shape, spacing)
+    monkeypatch.setattr(synthetic, "_MARGIN_MM", 1e4)  # every box is the whole grid
+    image_full, label_full = synthesize_case(np.random.default_rng(seed), shape, spacing)
+    np.testing.assert_array_equal(label, label_full)
+    np.testing.assert_array_equal(image, image_full)
