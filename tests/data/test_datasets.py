@@ -1,5 +1,6 @@
 import os
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -244,3 +245,11 @@ def test_workers_draw_different_augmentations(tmp_path):
     ds = SliceDataset(find_cases(tmp_path), 28, transform=transform)
     first, second = list(DataLoader(ds, batch_size=1, num_workers=2, shuffle=False))[:2]  # one per worker
     assert not torch.equal(first["image"], second["image"])
+
+
+def test_datasets_that_need_labels_refuse_unlabelled_cases(cases):
+    unlabelled = [cases[0], replace(cases[1], label_path=None)]
+    for make in (lambda: SliceDataset(unlabelled, 28), lambda: VolumeDataset(unlabelled, with_labels=True)):
+        with pytest.raises(DataError, match=r"labels are required but 1 case\(s\) have none.*train_2"):
+            make()
+    assert "label" not in VolumeDataset(unlabelled, with_labels=False, cache="none")[1]

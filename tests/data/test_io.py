@@ -429,3 +429,14 @@ def test_utah_name_with_other_header_spacing_is_kept(tmp_path):
     nrrd.write(str(path), np.zeros((4, 4, 3), np.int16), {"spacings": [0.8, 0.8, 2.0]})
     geometry = read_image(path).geometry
     assert geometry.spacing == (0.8, 0.8, 2.0) and geometry.spacing_source == "header"
+
+
+def test_flipped_bytes_inside_gzip_nrrd_are_refused(tmp_path):
+    path = tmp_path / "lgemri.nrrd"
+    data = np.arange(4000, dtype=np.int16).reshape(20, 20, 10)
+    nrrd.write(str(path), data, {"encoding": "gzip", "spacings": [1.0, 1.0, 2.5]}, compression_level=0)
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="lgemri.nrrd.*incorrect data check"):
+        read_image(path)
