@@ -19,7 +19,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from la_seg.atomic import atomic_write_text
-from la_seg.data.datasets import CACHE_MODES, SliceDataset, VolumeDataset, first_item
+from la_seg.data.cache import CACHE_MODES
+from la_seg.data.datasets import SliceDataset, VolumeDataset, first_item
 from la_seg.data.layouts import LAYOUTS, Case, find_cases
 from la_seg.data.preprocess import check_img_size
 from la_seg.data.transforms import AugmentationConfig, build_train_transform
