@@ -179,8 +179,7 @@ def read_label(
     """
     geometry = check_header(path, spacing, slice_axis)
     data = _read_voxels(geometry.source)
-    finite = np.isfinite(data).all() if data.dtype.kind == "f" else True
-    if not finite or (data.dtype.kind == "f" and not np.array_equal(data, np.round(data))):
+    if data.dtype.kind == "f" and not (np.isfinite(data).all() and np.array_equal(data, np.round(data))):
         raise DataError(f"label {geometry.source} holds non-integer values ({data.dtype}); expected integers")
     if label_values is None:
         return Volume((data != 0).astype(np.uint8), geometry)

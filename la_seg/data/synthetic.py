@@ -48,34 +48,8 @@ def synthesize_case(
     # Anatomy coordinates (mm, 100 mm FOV): x right, y posterior, z superior; pose = rotate, scale, shift.
     frame = _Frame(shape, spacing, rotation, shift, scale)
 
-    def jitter(low: float = 0.85, high: float = 1.15) -> float:
-        return float(rng.uniform(low, high))
-
-    # Left atrium: body, four pulmonary veins leaving posterior-laterally, appendage anterior-left.
-    la_centre = np.array([0.0, 10.0, 0.0]) + rng.uniform(-3, 3, 3)
-    la_axes = np.array([19.0, 13.0, 13.0]) * rng.uniform(0.85, 1.15, 3)
-    d_la = _ellipsoid(frame, la_centre, la_axes)
-    for side in (-1.0, 1.0):
-        for level in (-1.0, 1.0):
-            start = la_centre + la_axes * np.array([0.55 * side, 0.35, 0.4 * level])
-            direction = np.array([side, 0.6 * jitter(0.6, 1.4), 0.35 * level * jitter(0.5, 1.5)])
-            end = start + 18.0 * jitter(0.8, 1.25) * direction / np.linalg.norm(direction)
-            radius = 4.2 * jitter()
-            d_la = np.minimum(d_la, _tube(frame, start, end, radius, radius))
-    laa_start = la_centre + la_axes * np.array([-0.7, -0.55, 0.35])
-    laa_end = laa_start + 13.0 * jitter() * np.array([-0.6, -0.7, 0.3]) / np.linalg.norm([-0.6, -0.7, 0.3])
-    d_la = np.minimum(d_la, _tube(frame, laa_start, laa_end, 5.0 * jitter(), 2.5 * jitter()))
-    la_wall = 2.5 * jitter()
-
-    # Other blood pools as (distance, wall thickness), as bright as the LA: LV, RV, RA, ascending and
-    # descending aorta.
-    others = [
-        (_ellipsoid(frame, [-14.0, -34.0, -20.0], np.array([22.0, 20.0, 28.0]) * jitter()), 8.0),
-        (_ellipsoid(frame, [18.0, -52.0, -14.0], np.array([22.0, 10.0, 22.0]) * jitter()), 3.5),
-        (_ellipsoid(frame, [31.0, -6.0, -2.0], np.array([15.0, 15.0, 17.0]) * jitter()), 2.5),
-        (_tube(frame, [2.0, -20.0, -2.0], [4.0, -14.0, 60.0], 13.0 * jitter(), 12.0), 2.0),
-        (_tube(frame, [-18.0, 38.0, -60.0], [-18.0, 36.0, 60.0], 10.0 * jitter(), 10.0), 2.0),
-    ]
+    d_la, la_wall = _left_atrium(rng, frame)
+    others = _other_blood_pools(rng, frame)
 
     image = _TISSUE * (1.0 + 0.25 * _smooth_field(rng, frame, wavelength=(15.0, 40.0)))
     for side in (-1.0, 1.0):  # lungs, lateral and posterior
@@ -95,14 +69,14 @@ def synthesize_case(
     enhanced = np.zeros_like(wall)  # patchy fibrosis: a smooth field thresholded, evaluated on the wall only
     field = _smooth_field(rng, frame, wavelength=(8.0, 20.0), voxels=np.nonzero(wall))
     enhanced[wall] = field > rng.uniform(0.1, 0.4)
-    image[enhanced] = _ENHANCED * jitter(0.9, 1.1)
+    image[enhanced] = _ENHANCED * _jitter(rng, 0.9, 1.1)
 
     image = gaussian_filter(image, sigma=(0.7, 0.7, 0.3), mode="nearest")
     image *= _bias_field(rng, frame, fov)
     noise = np.float32(rng.uniform(0.03, 0.07))
     real = image + noise * rng.standard_normal(shape, dtype=np.float32)
     image = np.hypot(real, noise * rng.standard_normal(shape, dtype=np.float32))  # Rician magnitude
-    image = np.clip(np.rint(image * _SIGNAL_SCALE * jitter(0.8, 1.2)), 0, np.iinfo(np.int16).max)
+    image = np.clip(np.rint(image * _SIGNAL_SCALE * _jitter(rng, 0.8, 1.2)), 0, np.iinfo(np.int16).max)
     return image.astype(np.int16), la.astype(np.uint16) * LA_LABEL
 
 
@@ -192,6 +166,42 @@ class _Frame:
         if all(s.stop > s.start for s in box):
             out[box] = signed_distance(self.coords(box))
         return out
+
+
+def _jitter(rng: np.random.Generator, low: float = 0.85, high: float = 1.15) -> float:
+    return float(rng.uniform(low, high))
+
+
+def _left_atrium(rng: np.random.Generator, frame: _Frame) -> tuple[np.ndarray, float]:
+    """The LA's signed distance and wall thickness: body, four pulmonary veins leaving posterior-laterally,
+    appendage anterior-left."""
+    la_centre = np.array([0.0, 10.0, 0.0]) + rng.uniform(-3, 3, 3)
+    la_axes = np.array([19.0, 13.0, 13.0]) * rng.uniform(0.85, 1.15, 3)
+    d_la = _ellipsoid(frame, la_centre, la_axes)
+    for side in (-1.0, 1.0):
+        for level in (-1.0, 1.0):
+            start = la_centre + la_axes * np.array([0.55 * side, 0.35, 0.4 * level])
+            direction = np.array([side, 0.6 * _jitter(rng, 0.6, 1.4), 0.35 * level * _jitter(rng, 0.5, 1.5)])
+            end = start + 18.0 * _jitter(rng, 0.8, 1.25) * direction / np.linalg.norm(direction)
+            radius = 4.2 * _jitter(rng)
+            d_la = np.minimum(d_la, _tube(frame, start, end, radius, radius))
+    laa_start = la_centre + la_axes * np.array([-0.7, -0.55, 0.35])
+    laa_direction = np.array([-0.6, -0.7, 0.3]) / np.linalg.norm([-0.6, -0.7, 0.3])
+    laa_end = laa_start + 13.0 * _jitter(rng) * laa_direction
+    d_la = np.minimum(d_la, _tube(frame, laa_start, laa_end, 5.0 * _jitter(rng), 2.5 * _jitter(rng)))
+    return d_la, 2.5 * _jitter(rng)
+
+
+def _other_blood_pools(rng: np.random.Generator, frame: _Frame) -> list[tuple[np.ndarray, float]]:
+    """(signed distance, wall thickness) of the pools as bright as the LA: LV, RV, RA, ascending and
+    descending aorta."""
+    return [
+        (_ellipsoid(frame, [-14.0, -34.0, -20.0], np.array([22.0, 20.0, 28.0]) * _jitter(rng)), 8.0),
+        (_ellipsoid(frame, [18.0, -52.0, -14.0], np.array([22.0, 10.0, 22.0]) * _jitter(rng)), 3.5),
+        (_ellipsoid(frame, [31.0, -6.0, -2.0], np.array([15.0, 15.0, 17.0]) * _jitter(rng)), 2.5),
+        (_tube(frame, [2.0, -20.0, -2.0], [4.0, -14.0, 60.0], 13.0 * _jitter(rng), 12.0), 2.0),
+        (_tube(frame, [-18.0, 38.0, -60.0], [-18.0, 36.0, 60.0], 10.0 * _jitter(rng), 10.0), 2.0),
+    ]
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
