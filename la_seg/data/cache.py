@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from la_seg.atomic import atomic_path, atomic_write_text
-from la_seg.data.io import Geometry, SliceAxis, read_case, read_image
+from la_seg.data.io import Geometry, SliceAxis, check_slice_axis, read_case, read_image
 from la_seg.data.layouts import Case
 from la_seg.data.preprocess import normalize_intensity
 from la_seg.errors import DataError
@@ -61,10 +61,8 @@ class VolumeCache:
     ) -> None:
         if mode not in CACHE_MODES:
             raise DataError(f"cache must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
-        if slice_axis not in ("auto", 0, 1, 2) or isinstance(slice_axis, bool):
-            raise DataError(f"slice_axis must be 'auto', 0, 1 or 2, got {slice_axis!r}")
         self.mode = mode
-        self.slice_axis = slice_axis
+        self.slice_axis = check_slice_axis(slice_axis)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self._memory: dict[str, CachedCase] = {}
 

@@ -124,6 +124,13 @@ def through_plane_axis(affine: np.ndarray, spacing: Sequence[float]) -> int:
     return int(coarse[np.argmax(superior[coarse])])
 
 
+def check_slice_axis(slice_axis: SliceAxis) -> SliceAxis:
+    """`slice_axis` itself, or a DataError naming the field when it is not 'auto', 0, 1 or 2."""
+    if slice_axis != "auto" and (isinstance(slice_axis, bool) or slice_axis not in (0, 1, 2)):
+        raise DataError(f"data.slice_axis must be 'auto', 0, 1 or 2, got {slice_axis!r}")
+    return slice_axis
+
+
 def check_header(
     path: str | Path, spacing: Sequence[float] | None = None, slice_axis: SliceAxis = "auto"
 ) -> Geometry:
@@ -147,12 +154,9 @@ def check_header(
         spacing, source = UTAH_SPACING, UTAH_SPACING_SOURCE
     else:
         spacing = header.spacing
-    if slice_axis == "auto":
+    axis = check_slice_axis(slice_axis)
+    if axis == "auto":
         axis = through_plane_axis(header.affine, spacing)
-    elif slice_axis in (0, 1, 2) and not isinstance(slice_axis, bool):
-        axis = int(slice_axis)
-    else:
-        raise DataError(f"slice_axis must be 'auto', 0, 1 or 2, got {slice_axis!r}")
     return Geometry(header.shape, header.affine, tuple(spacing), path, axis, source)
 
 
