@@ -17,11 +17,10 @@ import torch
 
 import la_seg
 from la_seg.callbacks.metrics import REPORT_COLUMNS, format_table, write_report
-from la_seg.data.io import AFFINE_TOLERANCE_MM, Geometry, Volume, read_image, read_label
-from la_seg.data.layouts import find_cases
+from la_seg.data.io import AFFINE_TOLERANCE_MM, Volume, read_image, read_label
+from la_seg.data.layouts import Layout, find_cases
 from la_seg.errors import DataError
 from la_seg.metrics import case_metrics, summarise
-from la_seg.nnunet import LayoutName
 
 PROBABILITY_SUFFIX = "_prob"  # `la-seg predict --writer.save_probabilities` companions, not masks
 REPORT_FILES = ("test_metrics.csv", "test_metrics.json")
@@ -41,16 +40,17 @@ class EvaluationMetrics:
 
 @dataclass(frozen=True)
 class Reference:
-    """A reference mask file and the spacing la-seg measures it with (None: the header's)."""
+    """A reference mask file, with the spacing and LA values la-seg reads it with (None: header / > 0)."""
 
     path: Path
     spacing: tuple[float, float, float] | None = None
+    label_values: tuple[int, ...] | None = None
 
 
 def evaluate(
     pred: Path,
     ref: Path,
-    ref_layout: LayoutName = "auto",
+    ref_layout: Layout = "auto",
     out: Path | None = None,
     metrics: EvaluationMetrics = EvaluationMetrics(),  # noqa: B008 (frozen, so sharing is safe)
     label: int | None = None,
@@ -117,7 +117,7 @@ def find_references(ref: Path, layout: str) -> dict[str, Reference]:
     cases = find_cases(ref, layout)
     if any(case.label_path is not None for case in cases):
         cases = find_cases(ref, layout, require_labels=True)
-        return {case.case_id: Reference(case.label_path, case.spacing) for case in cases}
+        return {case.case_id: Reference(case.label_path, case.spacing, case.label_values) for case in cases}
     images = [str(c.image_path) for c in cases if not c.image_path.name.startswith(f"{c.case_id}.")]
     if images:
         raise DataError(
@@ -149,8 +149,9 @@ def score_case(
     case_id: str, pred_path: Path | None, reference: Reference, label: int | None, empty_distance: str
 ) -> dict:
     """One report row: the prediction against its reference on the reference's grid and spacing."""
-    truth = read_label(reference.path)  # the file's own grid, as predictions are written on it
-    geometry = Geometry(truth.data.shape, truth.affine, reference.spacing or truth.spacing, truth.path)
+    # the file's own grid (predictions are written on it), la-seg's spacing and slice axis
+    truth = read_label(reference.path, reference.spacing, label_values=reference.label_values)
+    geometry = truth.geometry
     if pred_path is None:
         mask = np.zeros(truth.data.shape, dtype=bool)
     else:
@@ -168,15 +169,16 @@ def score_case(
 
 def check_same_grid(prediction: Volume, reference: Volume) -> None:
     """A mask on another grid cannot be scored voxel by voxel: refuse it rather than resample silently."""
-    if prediction.data.shape != reference.data.shape:
+    pred, ref = prediction.geometry, reference.geometry
+    if pred.shape != ref.shape:
         raise DataError(
-            f"prediction {prediction.path} has shape {prediction.data.shape} but its reference "
-            f"{reference.path} has shape {reference.data.shape}; predictions must be on the reference's grid"
+            f"prediction {pred.source} has shape {pred.shape} but its reference "
+            f"{ref.source} has shape {ref.shape}; predictions must be on the reference's grid"
         )
-    if not np.allclose(prediction.affine, reference.affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
+    if not np.allclose(pred.affine, ref.affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
         raise DataError(
-            f"prediction {prediction.path} and its reference {reference.path} have different affines "
-            f"(tolerance {AFFINE_TOLERANCE_MM} mm):\n{prediction.affine}\nvs\n{reference.affine}"
+            f"prediction {pred.source} and its reference {ref.source} have different affines "
+            f"(tolerance {AFFINE_TOLERANCE_MM} mm):\n{pred.affine}\nvs\n{ref.affine}"
         )
 
 
@@ -185,8 +187,8 @@ def binarise_prediction(prediction: Volume, label: int | None) -> np.ndarray:
     data = prediction.data
     if not np.isfinite(data).all() or (data < 0).any() or (data != np.round(data)).any():
         raise DataError(
-            f"prediction {prediction.path} is not a label mask: it holds negative, fractional or non-finite "
-            "values (a probability map? threshold it first)"
+            f"prediction {prediction.geometry.source} is not a label mask: it holds negative, fractional or "
+            "non-finite values (a probability map? threshold it first)"
         )
     return data > 0 if label is None else data == label
 

@@ -13,22 +13,21 @@ exported id back to la-seg's; two ids that would collide are refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from la_seg.atomic import atomic_write_text
-from la_seg.data.io import Volume, read_case, write_nifti
-from la_seg.data.layouts import Case, find_cases
+from la_seg.data.io import Geometry, read_case, write_nifti
+from la_seg.data.layouts import Case, Layout, find_cases
 from la_seg.errors import DataError
 
-LayoutName = Literal["auto", "lascarqs", "utah2018", "msd", "nnunet", "files"]
 FILE_ENDING = ".nii.gz"
 CASE_IDS_FILE = (
     "case_ids.json"  # also marks a folder as written by export-nnunet (so --overwrite may replace it)
@@ -54,7 +53,7 @@ class ExportData:
     """
 
     root: Path
-    layout: LayoutName = "auto"
+    layout: Layout = "auto"
 
 
 @dataclass(frozen=True)
@@ -189,16 +188,16 @@ def export_nnunet(
 def write_case(case: Case, images: Path, labels: Path, nnunet_id: str) -> None:
     """Image as `<id>_0000`, label as uint8 0/1 `<id>`, both on the image's grid with la-seg's spacing."""
     image, label = read_case(case)
-    grid = Volume(image.data, _affine_with_spacing(image), image.spacing, image.path)
+    grid = dataclasses.replace(image.geometry, affine=_affine_with_spacing(image.geometry))
     write_nifti(images / f"{nnunet_id}_0000{FILE_ENDING}", _lossless_int16(image.data), grid)
     write_nifti(labels / f"{nnunet_id}{FILE_ENDING}", label.data.astype(np.uint8), grid)
 
 
-def _affine_with_spacing(volume: Volume) -> np.ndarray:
+def _affine_with_spacing(geometry: Geometry) -> np.ndarray:
     """The affine with its columns scaled to the spacing la-seg measures with (a no-op unless overridden)."""
-    affine = np.array(volume.affine, dtype=np.float64)
+    affine = np.array(geometry.affine, dtype=np.float64)
     norms = np.linalg.norm(affine[:3, :3], axis=0)
-    affine[:3, :3] *= np.asarray(volume.spacing) / np.where(norms > 0, norms, 1.0)
+    affine[:3, :3] *= np.asarray(geometry.spacing) / np.where(norms > 0, norms, 1.0)
     return affine
 
 

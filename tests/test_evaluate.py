@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -34,8 +35,8 @@ def reference(synth_root, case_id: str) -> Volume:
 
 def overwrite_mask(path, data, like: Volume, affine=None) -> None:
     path.unlink()
-    grid = Volume(data, like.affine if affine is None else affine, like.spacing, like.path)
-    write_nifti(path, data, grid)
+    grid = like.geometry if affine is None else dataclasses.replace(like.geometry, affine=affine)
+    write_nifti(path, data, dataclasses.replace(grid, shape=data.shape))
 
 
 def read_report(folder):
@@ -65,27 +66,26 @@ def test_shifted_and_emptied_masks_give_lower_scores_and_one_failure(synth_root,
     overwrite_mask(pred / "train_1.nii.gz", np.roll(shifted.data, 2, axis=0), shifted)
     overwrite_mask(pred / "train_2.nii.gz", np.zeros_like(emptied.data), emptied)
     rows, summary = evaluate(pred, synth_root, out=tmp_path / "nan")
-    shift_mm = 2 * shifted.spacing[0]
+    shift_mm = 2 * shifted.geometry.spacing[0]
     assert 0 < rows[0]["dice"] < 1 and 0 < rows[0]["hd95_mm"] <= shift_mm + 1e-6
     assert rows[1]["dice"] == 0 and math.isnan(rows[1]["hd95_mm"]) and math.isnan(rows[1]["assd_mm"])
     assert summary["hd95_mm"]["n"] == len(rows) - 1  # the empty prediction is the one failure
     assert summary["dice"]["n"] == len(rows)
     rows, summary = evaluate(pred, synth_root, out=tmp_path / "max", metrics=EvaluationMetrics("max"))
-    diagonal = math.dist((0, 0, 0), np.multiply(emptied.data.shape, emptied.spacing))
+    diagonal = math.dist((0, 0, 0), np.multiply(emptied.data.shape, emptied.geometry.spacing))
     assert rows[1]["hd95_mm"] == rows[1]["assd_mm"] == pytest.approx(diagonal)
     assert summary["hd95_mm"]["n"] == len(rows)
 
 
 def test_prediction_on_another_grid_is_refused_naming_both_files(synth_root, pred):
     truth = reference(synth_root, "train_3")
-    moved = truth.affine.copy()
+    moved = truth.geometry.affine.copy()
     moved[0, 3] += 1.0
     overwrite_mask(pred / "train_3.nii.gz", truth.data, truth, affine=moved)
     with pytest.raises(DataError, match="different affines") as error:
         evaluate(pred, synth_root)
-    assert str(pred / "train_3.nii.gz") in str(error.value) and str(truth.path) in str(error.value)
-    cropped = Volume(truth.data[:-1], truth.affine, truth.spacing, truth.path)
-    overwrite_mask(pred / "train_3.nii.gz", cropped.data, cropped)
+    assert str(pred / "train_3.nii.gz") in str(error.value) and str(truth.geometry.source) in str(error.value)
+    overwrite_mask(pred / "train_3.nii.gz", truth.data[:-1], truth)
     with pytest.raises(DataError, match="has shape .* predictions must be on the reference's grid"):
         evaluate(pred, synth_root)
 
@@ -99,7 +99,7 @@ def test_unmatched_predictions_and_references(synth_root, pred, tmp_path, capsys
     (pred / "train_4.nii.gz").unlink()
     with pytest.raises(DataError, match="have no prediction.*--missing fail") as error:
         evaluate(pred, synth_root)
-    assert str(reference(synth_root, "train_4").path) in str(error.value)
+    assert str(reference(synth_root, "train_4").geometry.source) in str(error.value)
     rows, summary = evaluate(pred, synth_root, out=tmp_path / "report", missing="fail")
     missing = next(row for row in rows if row["case_id"] == "train_4")
     assert missing["dice"] == 0 and missing["volume_pred_ml"] == 0 and summary["hd95_mm"]["n"] == 5
@@ -125,7 +125,7 @@ def test_label_maps_take_a_label_value_and_probability_maps_are_refused(synth_ro
 
 def test_probability_companions_of_la_seg_predict_are_skipped(synth_root, pred, tmp_path):
     truth = reference(synth_root, "train_1")
-    write_nifti(pred / "train_1_prob.nii.gz", truth.data * np.float32(0.9), truth)
+    write_nifti(pred / "train_1_prob.nii.gz", truth.data * np.float32(0.9), truth.geometry)
     rows, _ = evaluate(pred, synth_root, out=tmp_path / "report")
     assert [row["case_id"] for row in rows] == [c.case_id for c in find_cases(synth_root)]
 

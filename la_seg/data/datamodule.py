@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
@@ -20,8 +19,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from la_seg.atomic import atomic_write_text
+from la_seg.data.cache import CacheMode
 from la_seg.data.datasets import SliceDataset, VolumeDataset, first_item
-from la_seg.data.layouts import Case, find_cases
+from la_seg.data.io import SliceAxis
+from la_seg.data.layouts import Case, Layout, find_cases
 from la_seg.data.preprocess import check_img_size
 from la_seg.data.split import (
     DataSplit,
@@ -36,11 +37,6 @@ from la_seg.data.split import (
 from la_seg.data.transforms import AugmentationConfig, build_train_transform
 from la_seg.errors import DataError
 
-# Literal twins of layouts.LAYOUTS and datasets.CACHE_MODES (a test keeps them equal), so that jsonargparse
-# validates data.layout / data.cache and --help lists the choices.
-Layout = Literal["auto", "lascarqs", "utah2018", "msd", "nnunet", "files"]
-CacheMode = Literal["memory", "disk", "none"]
-SliceAxis = Literal["auto", 0, 1, 2]
 # Volumes each evaluation worker reads ahead, so the accelerator never waits on gzip.
 EVAL_PREFETCH = 2
 
@@ -154,17 +150,17 @@ class LADataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         """Find the cases and fix the split (a split already held, e.g. restored, is kept)."""
         if stage == TrainerFn.PREDICTING:
-            self._predict_cases = _find(self.predict_root, "data.predict_root", "auto", stage, False)
+            self._predict_cases = self._find(self.predict_root, "data.predict_root", "auto", stage, False)
             return
         if self.test_root is not None:
-            self._test_cases = _by_id(_find(self.test_root, "data.test_root", self.layout, stage, True))
+            self._test_cases = _by_id(self._find(self.test_root, "data.test_root", self.layout, stage, True))
         if stage == TrainerFn.TESTING and self._test_cases is not None:
             self._cases = {}  # testing on a held-out folder needs no training data, wherever data.root points
             if self.data_split is None:
                 parts = {"train": [], "val": [], "test": sorted(self._test_cases)}
                 self._adopt(DataSplit(parts, separate_test=True), "data.test_root")
             return
-        self._cases = _by_id(_find(self.root, "data.root", self.layout, stage, True))
+        self._cases = _by_id(self._find(self.root, "data.root", self.layout, stage, True))
         if self.data_split is None:
             if self.split_file is not None:
                 self._adopt(self._read_split_file(), f"data.split_file {self.split_file}")
@@ -173,6 +169,14 @@ class LADataModule(L.LightningDataModule):
         if stage == TrainerFn.FITTING:
             self._require_validation()
             self._write_split()
+
+    def _find(self, path: str | None, field: str, layout: str, stage: str, labelled: bool) -> list[Case]:
+        """find_cases with errors that name the option to fix."""
+        if path is None:
+            raise DataError(f"{field} is required for {stage}: set --{field}")
+        if not Path(path).expanduser().exists():
+            raise DataError(f"{field} does not exist: {path}")
+        return find_cases(path, layout, require_labels=labelled, label_values=self.label_values)
 
     def _random_split(self) -> DataSplit:
         patients = read_groups(self.groups, self._cases) if self.groups is not None else None
@@ -278,11 +282,11 @@ class LADataModule(L.LightningDataModule):
         return [lookup[case_id] for case_id in self.data_split.parts[part]]
 
     def train_dataloader(self) -> DataLoader:
-        # MERGE: pass slice_axis=self.slice_axis once SliceDataset takes it (geom helper).
         dataset = SliceDataset(
             self.cases("train"),
             self.img_size,
             slice_context=self.slice_context,
+            slice_axis=self.slice_axis,
             transform=build_train_transform(self.augmentation),
             empty_slice_fraction=self.empty_slice_fraction,
             seed=self.seed,
@@ -316,8 +320,9 @@ class LADataModule(L.LightningDataModule):
         next run; their workers are not persistent, so the run ends without a slow teardown.
         """
         cache = ("disk" if self.cache == "disk" else "none") if single_pass else self.cache
-        # MERGE: pass slice_axis=self.slice_axis once VolumeDataset takes it (geom helper).
-        dataset = VolumeDataset(cases, with_labels=with_labels, cache=cache, cache_dir=self.cache_dir)
+        dataset = VolumeDataset(
+            cases, with_labels=with_labels, cache=cache, cache_dir=self.cache_dir, slice_axis=self.slice_axis
+        )
         workers = min(self.num_workers, len(dataset))
         return DataLoader(
             dataset,
@@ -329,16 +334,6 @@ class LADataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=not single_pass and workers > 0,
         )
-
-
-def _find(path: str | None, field: str, layout: str, stage: str, require_labels: bool) -> list[Case]:
-    """find_cases with errors that name the option to fix."""
-    # MERGE: pass label_values=self.label_values to find_cases once it takes it (geom helper).
-    if path is None:
-        raise DataError(f"{field} is required for {stage}: set --{field}")
-    if not Path(path).expanduser().exists():
-        raise DataError(f"{field} does not exist: {path}")
-    return find_cases(path, layout, require_labels=require_labels)
 
 
 def _by_id(cases: list[Case]) -> dict[str, Case]:

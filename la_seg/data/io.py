@@ -1,21 +1,29 @@
 """Read and write volumes, keeping the geometry that metrics in mm and written masks depend on.
 
-Arrays are (X, Y, Z) as nibabel returns them, axial slices on the last axis. NRRD files (Utah 2018) are read
-with pynrrd and given a NIfTI-style RAS affine, so everything downstream sees one convention.
+Arrays keep the file's axis order (X, Y, Z as nibabel returns them); each Volume carries its `Geometry`, which
+knows the through-plane axis and turns arrays into the model's "slices last" layout and back. NRRD files
+(Utah 2018) are read with pynrrd and given a NIfTI-style RAS affine, so everything downstream sees one
+convention. Headers are checked before any voxel is read, so a bad file fails fast and names itself.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
+import os
+import warnings
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import nibabel as nib
 import nrrd
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.openers import ImageOpener
+from nrrd.reader import _determine_datatype
 
 from la_seg.atomic import atomic_path
 from la_seg.errors import DataError
@@ -24,22 +32,41 @@ if TYPE_CHECKING:
     from la_seg.data.layouts import Case
 
 ArrayT = TypeVar("ArrayT")
+SliceAxis = Literal["auto", 0, 1, 2]
 NRRD_EXTENSIONS = (".nrrd", ".nhdr")
 AFFINE_TOLERANCE_MM = 1e-3
-_READ_ERRORS = (OSError, EOFError, zlib.error, ImageFileError, nrrd.NRRDError, ValueError, TypeError)
+ISOTROPY_TOLERANCE = 0.01  # spacings within 1 % of the largest count as equally coarse
+# Utah 2018 LA challenge files: their headers say 1 mm, the acquisition is 0.625 mm isotropic.
+UTAH_FILE_NAMES = ("lgemri.nrrd", "laendo.nrrd")
+UTAH_SPACING = (0.625, 0.625, 0.625)
+UTAH_SPACING_SOURCE = "utah2018: headers say 1 mm, true 0.625 mm"
+LOGGER = logging.getLogger("la_seg")
+_READ_ERRORS = (
+    OSError,  # includes gzip.BadGzipFile (CRC, length)
+    EOFError,
+    zlib.error,
+    ImageFileError,
+    nrrd.NRRDError,
+    ValueError,
+    TypeError,
+    KeyError,  # a header without a required field
+)
+_NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a grey value or a label can be
+_SINGULAR_DETERMINANT = 1e-12
 # NRRD space axis names and their sign in RAS; LPS data (the ITK default) flips x and y.
 _RAS_SIGN = {"left": -1, "right": 1, "posterior": -1, "anterior": 1, "inferior": -1, "superior": 1}
 _RAS_LETTER = {"L": "left", "R": "right", "P": "posterior", "A": "anterior", "I": "inferior", "S": "superior"}
 
 
-@dataclass(frozen=True, eq=False)
+# Not frozen: Lightning's batch transfer (apply_to_collection) rebuilds dataclasses and refuses frozen ones.
+@dataclass(eq=False)
 class Geometry:
     """Where a volume's voxels lie and how it is cut into slices; every stage passes it on unchanged.
 
     `affine` is the file's own, so a written mask overlays its image in any viewer; `spacing` is the one used
-    for mm and mL figures (it can differ from the header's, as for Utah 2018). The model sees volumes with
-    the through-plane `slice_axis` moved last ("slices last"); `to_slices_last` / `from_slices_last` convert
-    arrays (numpy or torch) between that layout and the file's.
+    for mm and mL figures (it can differ from the header's, as for Utah 2018; `spacing_source` says why). The
+    model sees volumes with the through-plane `slice_axis` moved last ("slices last"); `to_slices_last` /
+    `from_slices_last` convert arrays (numpy or torch) between that layout and the file's.
     """
 
     shape: tuple[int, int, int]  # the file's array shape
@@ -47,6 +74,7 @@ class Geometry:
     spacing: tuple[float, float, float]  # mm per voxel along the file's array axes
     source: Path
     slice_axis: int = 2  # the through-plane axis of the file's array
+    spacing_source: str = "header"
 
     @property
     def slices_last_spacing(self) -> tuple[float, float, float]:
@@ -71,50 +99,133 @@ def _moveaxis(array, source: int, target: int):
 
 @dataclass(eq=False)
 class Volume:
-    """A 3D array with the geometry needed to measure in mm and to write results back in place."""
+    """A 3D array in the file's axis order with the geometry to measure it in mm and write results back."""
 
-    data: np.ndarray  # (X, Y, Z)
-    affine: np.ndarray  # (4, 4) float64, voxel index -> world mm (RAS)
-    spacing: tuple[float, float, float]  # mm per voxel along X, Y, Z
-    path: Path
+    data: np.ndarray
+    geometry: Geometry
 
 
-def read_image(path: str | Path, spacing: tuple[float, float, float] | None = None) -> Volume:
-    """Read an image as float32 (NaN kept: normalisation deals with it); `spacing` overrides the header."""
-    volume = _read(Path(path), spacing)
-    volume.data = np.asarray(volume.data, dtype=np.float32)
-    return volume
+@dataclass(frozen=True)
+class _Header:
+    """What a file's header claims, read without touching the voxels."""
+
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
 
 
-def read_label(path: str | Path, spacing: tuple[float, float, float] | None = None) -> Volume:
-    """Read a label binarised to uint8 {0, 1}: LAScarQS marks the LA with 420, Utah with 255, MSD with 1."""
-    volume = _read(Path(path), spacing)
-    volume.data = (volume.data > 0).astype(np.uint8)
-    return volume
+def through_plane_axis(affine: np.ndarray, spacing: Sequence[float]) -> int:
+    """The array axis slices are cut across: the coarsest one; among equally coarse axes (isotropic
+    data), the one whose world direction is closest to the scanner's superior-inferior axis (RAS z)."""
+    spacing = np.asarray(spacing, dtype=np.float64)
+    coarse = np.flatnonzero(spacing >= spacing.max() * (1.0 - ISOTROPY_TOLERANCE))
+    directions = np.asarray(affine, dtype=np.float64)[:3, :3]
+    superior = np.abs(directions[2]) / np.linalg.norm(directions, axis=0)
+    return int(coarse[np.argmax(superior[coarse])])
 
 
-def read_case(case: Case) -> tuple[Volume, Volume | None]:
+def check_slice_axis(slice_axis: SliceAxis) -> SliceAxis:
+    """`slice_axis` itself, or a DataError naming the field when it is not 'auto', 0, 1 or 2."""
+    if slice_axis != "auto" and (isinstance(slice_axis, bool) or slice_axis not in (0, 1, 2)):
+        raise DataError(f"data.slice_axis must be 'auto', 0, 1 or 2, got {slice_axis!r}")
+    return slice_axis
+
+
+def check_header(
+    path: str | Path, spacing: Sequence[float] | None = None, slice_axis: SliceAxis = "auto"
+) -> Geometry:
+    """The file's Geometry from its header alone (no voxel is read), refusing what cannot be one usable
+    3D volume: unreadable header, non-numeric voxels, zero/negative/missing spacing, a degenerate affine,
+    or a size that cannot fit in memory. `spacing` overrides the header's (the affine is kept)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"volume file does not exist or is not a readable file: {path}")
+    try:
+        header = _nrrd_header(path) if _is_nrrd(path) else _nifti_header(path)
+    except DataError:
+        raise
+    except _READ_ERRORS as error:
+        raise DataError(f"cannot read the header of {path}: {type(error).__name__}: {error}") from error
+    _check_memory(header, path)
+    source = "header"
+    if spacing is not None:
+        spacing, source = _check_override(spacing, path), "override"
+    elif path.name.lower() in UTAH_FILE_NAMES and np.allclose(header.spacing, 1.0, rtol=ISOTROPY_TOLERANCE):
+        spacing, source = UTAH_SPACING, UTAH_SPACING_SOURCE
+    else:
+        spacing = header.spacing
+    axis = check_slice_axis(slice_axis)
+    if axis == "auto":
+        axis = through_plane_axis(header.affine, spacing)
+    return Geometry(header.shape, header.affine, tuple(spacing), path, axis, source)
+
+
+def read_image(
+    path: str | Path, spacing: Sequence[float] | None = None, slice_axis: SliceAxis = "auto"
+) -> Volume:
+    """Read an image as float32 (NaN kept: normalisation deals with it); `spacing` overrides the header's."""
+    geometry = check_header(path, spacing, slice_axis)
+    if geometry.slice_axis != 2:
+        LOGGER.info("slicing %s along array axis %d", geometry.source, geometry.slice_axis)
+    return Volume(_read_voxels(geometry.source).astype(np.float32, copy=False), geometry)
+
+
+def read_label(
+    path: str | Path,
+    spacing: Sequence[float] | None = None,
+    slice_axis: SliceAxis = "auto",
+    label_values: Sequence[int] | None = None,
+) -> Volume:
+    """Read a label as uint8 {0, 1}: voxels holding one of `label_values` (all non-zero ones when None).
+
+    Other non-zero values (scar, further structures) are left out with a warning; a label that holds none of
+    the selected values but others, or non-integer values, is refused.
+    """
+    geometry = check_header(path, spacing, slice_axis)
+    data = _read_voxels(geometry.source)
+    if data.dtype.kind == "f" and not (np.isfinite(data).all() and np.array_equal(data, np.round(data))):
+        raise DataError(f"label {geometry.source} holds non-integer values ({data.dtype}); expected integers")
+    if label_values is None:
+        return Volume((data != 0).astype(np.uint8), geometry)
+    present = np.unique(data)
+    selected = np.isin(present, label_values)
+    others = present[~selected & (present != 0)]
+    if others.size and not selected.any():
+        raise DataError(
+            f"label {geometry.source} holds none of the LA values {list(label_values)} but holds "
+            f"{others.tolist()}; set data.label_values to the LA value(s) of this data set"
+        )
+    if others.size:
+        warnings.warn(
+            f"label {geometry.source}: values {others.tolist()} are not LA values {list(label_values)} "
+            "and count as background (set data.label_values to include them)",
+            stacklevel=2,
+        )
+    return Volume(np.isin(data, label_values).astype(np.uint8), geometry)
+
+
+def read_case(case: Case, slice_axis: SliceAxis = "auto") -> tuple[Volume, Volume | None]:
     """Read a case's image and label, refusing pairs whose voxel grids disagree."""
-    image = read_image(case.image_path, case.spacing)
+    image = read_image(case.image_path, case.spacing, slice_axis)
     if case.label_path is None:
         return image, None
-    label = read_label(case.label_path, case.spacing)
-    if image.data.shape != label.data.shape:
+    label = read_label(case.label_path, case.spacing, image.geometry.slice_axis, case.label_values)
+    first, second = image.geometry, label.geometry
+    if first.shape != second.shape:
         raise DataError(
-            f"image {image.path} has shape {image.data.shape} "
-            f"but label {label.path} has shape {label.data.shape}"
+            f"image {first.source} has shape {first.shape} but label {second.source} has shape {second.shape}"
         )
-    if not np.allclose(image.affine, label.affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
+    if not np.allclose(first.affine, second.affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
         raise DataError(
-            f"image {image.path} and label {label.path} have different affines "
-            f"(tolerance {AFFINE_TOLERANCE_MM} mm):\n{image.affine}\nvs\n{label.affine}"
+            f"image {first.source} and label {second.source} have different affines "
+            f"(tolerance {AFFINE_TOLERANCE_MM} mm):\n{first.affine}\nvs\n{second.affine}"
         )
     return image, label
 
 
-def write_nifti(path: str | Path, data: np.ndarray, reference: Volume | Geometry) -> None:
-    """Write `data` as NIfTI on the reference's voxel grid (a Volume's or a Geometry's), atomically and
-    byte-reproducibly.
+def write_nifti(path: str | Path, data: np.ndarray, reference: Geometry) -> None:
+    """Write `data` (in the file's axis order) as NIfTI on the reference's grid, atomically and reproducibly.
 
     A temp file in the target folder is renamed over the target, so readers never see half a file; gzip
     is written with mtime 0 so equal data gives equal bytes.
@@ -122,18 +233,13 @@ def write_nifti(path: str | Path, data: np.ndarray, reference: Volume | Geometry
     path = Path(path)
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         raise DataError(f"write_nifti writes NIfTI; the output name must end with .nii or .nii.gz: {path}")
-    source, grid = (
-        (reference.source, tuple(reference.shape))
-        if isinstance(reference, Geometry)
-        else (reference.path, reference.data.shape)
-    )
-    if path.exists() and path.resolve() == Path(source).resolve():
+    if path.exists() and path.resolve() == Path(reference.source).resolve():
         raise DataError(f"refusing to overwrite the input volume {path}")
     data = np.asarray(data)
-    if data.shape[:3] != grid:
+    if data.shape[:3] != tuple(reference.shape):
         raise DataError(
-            f"cannot write {path}: data shape {data.shape} does not match the reference grid {grid} "
-            f"of {source}"
+            f"cannot write {path}: data shape {data.shape} does not match the reference grid "
+            f"{tuple(reference.shape)} of {reference.source}"
         )
     if data.dtype == bool:
         data = data.astype(np.uint8)  # NIfTI has no boolean type
@@ -151,57 +257,79 @@ def write_nifti(path: str | Path, data: np.ndarray, reference: Volume | Geometry
             handle.write(payload)
 
 
-def _read(path: Path, spacing: tuple[float, float, float] | None) -> Volume:
-    """Load a 3D volume with its affine and spacing, turning every library failure into a DataError."""
-    if not path.is_file():
-        raise DataError(f"volume file does not exist: {path}")
-    is_nrrd = path.name.lower().endswith(NRRD_EXTENSIONS)
+def _is_nrrd(path: Path) -> bool:
+    return path.name.lower().endswith(NRRD_EXTENSIONS)
+
+
+def _read_voxels(path: Path) -> np.ndarray:
+    """The voxels of a file whose header check_header accepted, as a 3D array in the file's axis order."""
     try:
-        data, affine, header_spacing = _load_nrrd(path) if is_nrrd else _load_nibabel(path)
-    except DataError:
-        raise
+        data = nrrd.read(str(path))[0] if _is_nrrd(path) else _nifti_voxels(path)
     except _READ_ERRORS as error:
         reason = f"{type(error).__name__}: {error}"
         raise DataError(f"cannot read {path} (corrupt or truncated?): {reason}") from error
-    data = _as_3d(data, path)
-    if spacing is None:
-        return Volume(data, affine, header_spacing, path)
-    spacing = _check_spacing(spacing, path)
-    return Volume(data, _rescale_affine(affine, spacing), spacing, path)
+    return np.asarray(data).reshape(data.shape[:3])
 
 
-def _load_nibabel(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    image = nib.load(path)
-    _check_shape(image.shape, path)  # before the read: a 4D series can be large
-    data = np.asanyarray(image.dataobj)  # forces the read here, so truncation surfaces inside the try
-    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
-    return data, np.asarray(image.affine, dtype=np.float64), zooms
+def _nifti_voxels(path: Path) -> np.ndarray:
+    """NIfTI voxels; a .gz is decompressed whole first, so gzip verifies its CRC and length (nibabel alone
+    stops at the end of the payload and would accept flipped bytes)."""
+    if not path.name.lower().endswith(".gz"):
+        return np.asanyarray(nib.load(path).dataobj)
+    raw = gzip.decompress(path.read_bytes())
+    nifti2 = int.from_bytes(raw[:4], "little") == 540 or int.from_bytes(raw[:4], "big") == 540
+    image = (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)
+    return np.asanyarray(image.dataobj)
 
 
-def _load_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    data, header = nrrd.read(str(path))  # Fortran index order: axes come out (X, Y, Z) like nibabel
-    _check_shape(data.shape, path)
+def _nifti_header(path: Path) -> _Header:
+    image = nib.load(path)  # lazy: reads the header only
+    if not isinstance(image, nib.Nifti1Image):  # Nifti2Image subclasses it
+        raise DataError(f"{path} is not a NIfTI file (nibabel read it as {type(image).__name__})")
+    with ImageOpener(path) as fileobj:  # nib.load silently turns zero or negative voxel sizes into 1 mm
+        header = type(image.header).from_fileobj(fileobj, check=False)
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        warnings.warn(
+            f"{path} has neither qform nor sform (both codes 0): its orientation is unknown; using nibabel's "
+            "fallback affine from the voxel sizes, so written masks may not overlay it in a viewer",
+            stacklevel=3,
+        )
+    shape = _spatial_shape(image.shape, path)
+    dtype = _check_dtype(header.get_data_dtype(), path)
+    zooms = tuple(float(z) for z in header.get_zooms()[:3])
+    affine = np.asarray(image.affine, dtype=np.float64)
+    _check_geometry(affine, zooms, path)
+    return _Header(shape, dtype, affine, zooms)  # type: ignore[arg-type]
+
+
+def _nrrd_header(path: Path) -> _Header:
+    header = nrrd.read_header(str(path))  # Fortran index order: axes come out (X, Y, Z) like nibabel
+    shape = _spatial_shape(tuple(int(n) for n in header["sizes"]), path)
+    if header.get("type") == "block":
+        raise DataError(f"{path} holds NRRD 'block' voxels; expected numbers")
+    dtype = _check_dtype(_determine_datatype(header), path)
     affine = np.eye(4)
     directions = header.get("space directions")
-    spatial = None
     if directions is not None:
-        rows = np.asarray([np.full(3, np.nan) if d is None else d for d in directions], dtype=np.float64)
-        if rows.ndim == 2 and rows.shape[1] == 3:
-            rows = rows[np.isfinite(rows).all(axis=1)]  # drop 'none' rows of non-spatial axes
-            spatial = rows if len(rows) == 3 else None
-    if spatial is not None:
-        affine[:3, :3] = spatial.T  # each row is the world step of one array axis
-        origin = header.get("space origin")
-        if origin is not None and np.isfinite(np.asarray(origin, dtype=np.float64)).all():
-            affine[:3, 3] = np.asarray(origin, dtype=np.float64)
-        sign = _ras_sign(header.get("space"))
-        affine[:3] *= sign[:, None]
+        rows = [np.asarray(d, dtype=np.float64) for d in directions if d is not None and not _is_none_row(d)]
+        if len(rows) != 3:
+            raise DataError(f"{path}: 'space directions' has {len(rows)} spatial axes, expected 3")
+        affine[:3, :3] = np.stack(rows).T  # each row is the world step of one array axis
+        origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+        affine[:3, 3] = np.where(np.isfinite(origin), origin, 0.0)
+        affine[:3] *= _ras_sign(header.get("space"))[:, None]
+    elif "spacings" in header:
+        affine[:3, :3] = np.diag(np.asarray(header["spacings"], dtype=np.float64)[:3])
     else:
-        spacings = np.asarray(header.get("spacings", [1.0, 1.0, 1.0]), dtype=np.float64)[:3]
-        spacings = np.where(np.isfinite(spacings) & (spacings > 0), spacings, 1.0)
-        affine[:3, :3] = np.diag(spacings)
-    zooms = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0))
-    return data, affine, zooms
+        raise DataError(f"{path} has neither 'space directions' nor 'spacings': its voxel size is unknown")
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    _check_geometry(affine, spacing, path)
+    return _Header(shape, dtype, affine, spacing)  # type: ignore[arg-type]
+
+
+def _is_none_row(direction) -> bool:
+    """pynrrd gives a non-spatial axis's 'none' direction as None or a row of NaN."""
+    return not np.isfinite(np.asarray(direction, dtype=np.float64)).any()
 
 
 def _ras_sign(space: str | None) -> np.ndarray:
@@ -216,36 +344,66 @@ def _ras_sign(space: str | None) -> np.ndarray:
     return np.array([_RAS_SIGN[name] for name in names])
 
 
-def _check_shape(shape: tuple[int, ...], path: Path) -> None:
-    """Accept (X, Y, Z) and (X, Y, Z, 1, ...); refuse 2D slices and real 4D series."""
+def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
+    """Accept (X, Y, Z) and (X, Y, Z, 1, ...); refuse 2D slices, real 4D series and RGB vectors."""
     spatial = list(shape)
     while len(spatial) > 3 and spatial[-1] == 1:
         spatial.pop()
     if len(spatial) != 3:
         kind = f"{len(shape)}D" if len(spatial) < 3 else f"{len(shape)}D with more than one volume"
         raise DataError(f"{path} is {kind} (shape {tuple(shape)}); expected one 3D volume (X, Y, Z)")
+    if min(spatial) < 1:
+        raise DataError(f"{path} has an empty axis (shape {tuple(shape)})")
+    return tuple(int(n) for n in spatial)  # type: ignore[return-value]
 
 
-def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
-    _check_shape(data.shape, path)
-    return np.asarray(data).reshape(data.shape[:3])
+def _check_dtype(dtype: np.dtype, path: Path) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None:
+        raise DataError(
+            f"{path} has voxel type {dtype} (RGB, complex or structured); expected one grey value per voxel"
+        )
+    return dtype
 
 
-def _check_spacing(spacing, path: Path) -> tuple[float, float, float]:
+def _check_geometry(affine: np.ndarray, spacing: Sequence[float], path: Path) -> None:
+    """Refuse zero, negative, non-finite spacing and singular or non-finite affines instead of guessing."""
+    values = np.asarray(spacing, dtype=np.float64)
+    if values.shape != (3,) or not (np.isfinite(values).all() and (values > 0).all()):
+        raise DataError(f"{path} has voxel spacing {values.tolist()} mm; every spacing must be positive")
+    if not np.isfinite(affine).all():
+        raise DataError(f"{path} has a non-finite affine:\n{affine}")
+    if abs(np.linalg.det(affine[:3, :3])) < _SINGULAR_DETERMINANT * float(np.prod(values)):
+        raise DataError(f"{path} has a degenerate (singular) affine, zero or parallel axes:\n{affine}")
+
+
+def _available_memory() -> int:
+    """Bytes of memory available now: MemAvailable (counts reclaimable cache) or free pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_memory(header: _Header, path: Path) -> None:
+    """Refuse a volume whose voxels (plus their float32 copy) cannot fit in memory, before allocating it."""
+    voxels = int(np.prod(header.shape, dtype=np.int64))
+    needed = voxels * (header.dtype.itemsize + 4)
+    available = _available_memory()
+    if needed > available:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        raise DataError(
+            f"{path} claims shape {header.shape} of {header.dtype} ({needed / 2**30:.1f} GiB to read), "
+            f"more than the {available / 2**30:.1f} GiB of memory available "
+            f"({total / 2**30:.1f} GiB installed): a corrupt header or not a single volume"
+        )
+
+
+def _check_override(spacing: Sequence[float], path: Path) -> tuple[float, float, float]:
     values = tuple(float(s) for s in spacing)
     if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
         raise DataError(f"spacing override for {path} must be three positive numbers, got {spacing!r}")
-    return values
-
-
-def _rescale_affine(affine: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """Scale the affine's columns to the override spacing, keeping direction and origin, as metrics use it."""
-    affine = affine.copy()
-    for axis, step in enumerate(spacing):
-        norm = np.linalg.norm(affine[:3, axis])
-        if norm > 0:
-            affine[:3, axis] *= step / norm
-        else:
-            affine[:3, axis] = 0.0
-            affine[axis, axis] = step
-    return affine
+    return values  # type: ignore[return-value]

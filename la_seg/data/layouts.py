@@ -6,34 +6,49 @@ releases, so every layout here searches for the files that define a case rather 
 
 from __future__ import annotations
 
+import os
 import re
+import warnings
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal, get_args
 
+from la_seg.data.io import check_header
 from la_seg.errors import DataError
 
 
 @dataclass(frozen=True)
 class Case:
-    """One image (and its label, if any) with an optional spacing that overrides the file header."""
+    """One image (and its label, if any); `spacing` overrides the header's, `label_values` are the label's LA
+    values (None: every non-zero voxel). Utah 2018's 0.625 mm is applied by file name when reading."""
 
     case_id: str
     image_path: Path
     label_path: Path | None = None
-    spacing: tuple[float, float, float] | None = None  # Utah 2018 headers say 1 mm; the truth is 0.625 mm
+    spacing: tuple[float, float, float] | None = None
+    label_values: tuple[int, ...] | None = None
 
 
-LAYOUTS = ("auto", "lascarqs", "utah2018", "msd", "nnunet", "files")
+Layout = Literal["auto", "lascarqs", "utah2018", "msd", "nnunet", "files"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
-UTAH_SPACING = (0.625, 0.625, 0.625)
+# The LA value of each layout's labels (LAScarQS also marks scar, with 1); plain files: any non-zero value.
+LA_VALUES: dict[str, tuple[int, ...] | None] = {
+    "lascarqs": (420,),
+    "utah2018": (255,),
+    "msd": (1,),
+    "nnunet": (1,),
+    "files": None,
+}
 
 _LASCARQS_IMAGE = "enhanced.nii.gz"
 _LASCARQS_LABEL = "atriumSegImgMO.nii.gz"
 _UTAH_IMAGE = "lgemri.nrrd"
 _UTAH_LABEL = "laendo.nrrd"
+_LASCARQS_SCAR = "scarSegImgM.nii.gz"  # only task 1 has it
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 # What each layout looks for; quoted in the error when nothing matches, so a user sees what to fix.
@@ -46,14 +61,21 @@ PATTERNS = {
 }
 
 
-def find_cases(root: str | Path, layout: str = "auto", require_labels: bool = False) -> list[Case]:
-    """The cases under `root`, sorted by case_id; with `require_labels` a missing label is an error."""
+def find_cases(
+    root: str | Path,
+    layout: Layout = "auto",
+    require_labels: bool = False,
+    label_values: Sequence[int] | None = None,
+) -> list[Case]:
+    """The cases under `root`, sorted by case_id, each header already checked (no voxel read), so bad
+    inputs fail before any case is processed. With `require_labels` a missing label is an error;
+    `label_values` replaces the layout's LA value(s)."""
     root = Path(root).expanduser()
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if not root.exists():
-        raise DataError(f"data root does not exist: {root}")
-    if root.is_dir() and not any(root.iterdir()):
+        raise DataError(f"data root does not exist (or is a broken link): {root}")
+    if root.is_dir() and not _listdir(root):
         raise DataError(f"data root is an empty folder: {root}")
     if layout == "auto":
         layout = _detect(root)
@@ -66,10 +88,29 @@ def find_cases(root: str | Path, layout: str = "auto", require_labels: bool = Fa
         paths = [str(case.image_path) for case in cases if case.case_id in clashes]
         raise DataError(f"case ids {clashes} occur more than once under {root}: {paths}")
     if require_labels:
-        unlabelled = [str(case.image_path) for case in cases if case.label_path is None]
-        if unlabelled:
-            raise DataError(f"labels are required but {len(unlabelled)} case(s) have none: {unlabelled[:5]}")
+        check_labelled(cases)
+    values = LA_VALUES[layout] if label_values is None else _check_label_values(label_values)
+    cases = [replace(case, label_values=values) for case in cases]
+    for case in cases:
+        for path in (case.image_path, case.label_path):
+            if path is not None:
+                check_header(path, case.spacing)
     return sorted(cases, key=lambda case: case.case_id)
+
+
+def check_labelled(cases: Sequence[Case]) -> None:
+    """The one check that labels are there where they are required."""
+    unlabelled = [str(case.image_path) for case in cases if case.label_path is None]
+    if unlabelled:
+        raise DataError(f"labels are required but {len(unlabelled)} case(s) have none: {unlabelled[:5]}")
+
+
+def _check_label_values(values: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(values, (str, int)) or not values:
+        raise DataError(f"data.label_values must be a non-empty list of integers, got {values!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v != 0 for v in values):
+        raise DataError(f"data.label_values must be non-zero integers (0 is background), got {list(values)}")
+    return tuple(values)
 
 
 def _detect(root: Path) -> str:
@@ -97,14 +138,36 @@ def _split_ext(name: str) -> tuple[str, str] | None:
     return None
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    """macOS archives add `._*` twins and `__MACOSX` folders; dot files are never data."""
-    return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
+def _walk(root: Path) -> list[tuple[Path, list[str], list[str]]]:
+    """os.walk over the visible part of root, following links; a folder that cannot be listed is an error
+    (Path.rglob would silently leave it, and every case in it, out)."""
+
+    def refuse(error: OSError) -> None:
+        raise DataError(f"cannot read folder {error.filename} under {root}: {error.strerror}") from error
+
+    entries = []
+    for folder, dirs, files in os.walk(root, onerror=refuse, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
+        entries.append((Path(folder), dirs, sorted(f for f in files if not f.startswith("."))))
+    return entries
+
+
+def _readable(path: Path) -> bool:
+    """Whether a data file is there; a broken link or an unreadable file is an error, not an absent file."""
+    if not os.path.lexists(path):
+        return False
+    if not path.is_file():
+        kind = "a broken link" if path.is_symlink() else "not a regular file"
+        raise DataError(f"{path} is {kind}; fix or remove it")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path} is not readable (permissions); fix its permissions or remove it")
+    return True
 
 
 def _search(root: Path, name: str) -> list[Path]:
     """All visible files called `name` under root, at any depth."""
-    return sorted(p for p in root.rglob(name) if p.is_file() and not _hidden(p, root))
+    found = [folder / name for folder, _, files in _walk(root) if name in files]
+    return [path for path in found if _readable(path)]
 
 
 def _unique_ids(folders: list[Path], root: Path) -> list[str]:
@@ -121,34 +184,56 @@ def _unique_ids(folders: list[Path], root: Path) -> list[str]:
             depth[i] += 1
 
 
-def _folder_cases(root: Path, image_name: str, label_name: str, spacing=None) -> list[Case]:
+def _folder_cases(root: Path, image_name: str, label_name: str) -> list[Case]:
     """Cases that are folders holding a fixed image file name and, optionally, a fixed label file name."""
     images = _search(root, image_name)
     folders = [image.parent for image in images]
     cases = []
     for case_id, folder, image in zip(_unique_ids(folders, root), folders, images, strict=True):
         label = folder / label_name
-        cases.append(Case(case_id, image, label if label.is_file() else None, spacing))
+        cases.append(Case(case_id, image, label if _readable(label) else None))
     return cases
 
 
 def _find_lascarqs(root: Path) -> list[Case]:
     if root.is_file():
         raise DataError(f"layout 'lascarqs' needs a folder, got the file {root}")
-    return _folder_cases(root, _LASCARQS_IMAGE, _LASCARQS_LABEL)
+    cases = _folder_cases(root, _LASCARQS_IMAGE, _LASCARQS_LABEL)
+    _warn_pooled_tasks(cases)
+    return cases
+
+
+def _warn_pooled_tasks(cases: list[Case]) -> None:
+    """LAScarQS task 1 (with scar labels) and task 2 share patients: pooled, splits leak cases."""
+    folders = [case.image_path.parent for case in cases]
+    task1 = [folder for folder in folders if (folder / _LASCARQS_SCAR).is_file()]
+    task2 = [folder for folder in folders if not (folder / _LASCARQS_SCAR).is_file()]
+    if task1 and task2:
+        warnings.warn(
+            f"LAScarQS task 1 cases (with {_LASCARQS_SCAR}, under {os.path.commonpath(task1)}) are pooled "
+            f"with task 2 cases (under {os.path.commonpath(task2)}); the same patients appear in both "
+            "tasks, so splits would leak: point data.root at one task",
+            stacklevel=4,
+        )
 
 
 def _find_utah(root: Path) -> list[Case]:
     if root.is_file():
         raise DataError(f"layout 'utah2018' needs a folder, got the file {root}")
-    return _folder_cases(root, _UTAH_IMAGE, _UTAH_LABEL, UTAH_SPACING)
+    return _folder_cases(root, _UTAH_IMAGE, _UTAH_LABEL)
+
+
+def _listdir(folder: Path) -> list[Path]:
+    """The entries of a folder, sorted; a folder that cannot be listed is an error, naming it."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as error:
+        raise DataError(f"cannot read folder {folder}: {error.strerror or error}") from error
 
 
 def _volume_files(folder: Path) -> list[Path]:
     """Visible volume files directly in `folder` (no recursion, so label sub-folders stay out)."""
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _split_ext(p.name)
-    )
+    return [p for p in _listdir(folder) if not p.name.startswith(".") and _split_ext(p.name) and _readable(p)]
 
 
 def _dataset_dirs(root: Path) -> list[Path]:
@@ -160,7 +245,7 @@ def _dataset_dirs(root: Path) -> list[Path]:
     elif (root / "imagesTr").is_dir():
         candidates = [root]
     else:
-        candidates = sorted(p.parent for p in root.rglob("imagesTr") if p.is_dir() and not _hidden(p, root))
+        candidates = [folder for folder, dirs, _ in _walk(root) if "imagesTr" in dirs]
     return [c for c in candidates if _volume_files(c / "imagesTr")]
 
 
@@ -187,7 +272,7 @@ def _label_for(labels_dir: Path, case: str, ext: str) -> Path | None:
     """The label with the image's extension, else with any volume extension."""
     for suffix in (ext, *VOLUME_EXTENSIONS):
         label = labels_dir / f"{case}{suffix}"
-        if label.is_file():
+        if _readable(label):
             return label
     return None
 

@@ -2,7 +2,8 @@
 
 The torch functions run on whatever device their tensor lives on (CPU in dataloader workers during training,
 the GPU during evaluation and prediction), so training, evaluation and prediction share one code path.
-Volumes are (X, Y, Z) with axial slices on the last axis; model inputs are slice stacks (Z, C, S, S).
+Volumes are slices last (X', Y', Z), as Geometry.to_slices_last lays them out; model inputs are slice stacks
+(Z, C, S, S).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from la_seg.errors import DataError
-
-PATCH_SIZE = 14  # DINOv2 patch size: the input side must be a whole number of patches
 
 
 def normalize_intensity(data: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
@@ -41,18 +40,19 @@ def normalize_intensity(data: np.ndarray, lower: float = 0.5, upper: float = 99.
     return out
 
 
-def check_img_size(img_size: int) -> int:
-    """`img_size` as an int, or a DataError when it is not a positive multiple of the ViT patch size."""
-    if isinstance(img_size, bool) or int(img_size) != img_size or img_size <= 0 or img_size % PATCH_SIZE:
-        raise DataError(
-            f"img_size must be a positive multiple of {PATCH_SIZE} (the DINOv2 patch size), got {img_size}"
-        )
+def check_img_size(img_size: int, name: str = "img_size") -> int:
+    """`img_size` as an int, or a DataError naming the field when it is not a positive integer.
+
+    Whether it is a whole number of patches is the backbone's rule: only it knows its patch size.
+    """
+    if isinstance(img_size, bool) or not isinstance(img_size, (int, np.integer)) or img_size <= 0:
+        raise DataError(f"{name} must be a positive integer, got {img_size!r}")
     return int(img_size)
 
 
 def _check_volume(volume: torch.Tensor, name: str) -> None:
     if volume.ndim != 3:
-        raise DataError(f"{name} must be a 3D (X, Y, Z) tensor, got shape {tuple(volume.shape)}")
+        raise DataError(f"{name} must be a 3D slices-last (X, Y, Z) tensor, got shape {tuple(volume.shape)}")
     if volume.shape[2] == 0:
         raise DataError(f"{name} has no slices (shape {tuple(volume.shape)})")
 
@@ -67,7 +67,7 @@ def _resize(slices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def slices_to_input(
     volume: torch.Tensor, img_size: int, slice_context: bool = False, index: slice | None = None
 ) -> torch.Tensor:
-    """Axial slices of an (X, Y, Z) volume in [0, 1] as a (Z', 3, S, S) float32 model input in [0, 1].
+    """The slices of a slices-last (X, Y, Z) volume in [0, 1] as a (Z', 3, S, S) float32 input in [0, 1].
 
     Channels are the grey value repeated (as in the paper), or with `slice_context` the slices k-1, k, k+1
     (edge-replicated at the first and last slice). `index` selects which slices are produced, so evaluation
@@ -93,7 +93,7 @@ def slices_to_input(
 
 
 def labels_to_input(label: torch.Tensor, img_size: int, index: slice | None = None) -> torch.Tensor:
-    """Axial slices of an (X, Y, Z) binary label as a (Z', 1, S, S) float32 target in {0, 1}.
+    """The slices of a slices-last (X, Y, Z) binary label as a (Z', 1, S, S) float32 target in {0, 1}.
 
     Resized like the image (bilinear, antialiased, as float) and thresholded at 0.5, so image and target stay
     aligned and restore_geometry is its inverse.
@@ -107,7 +107,7 @@ def labels_to_input(label: torch.Tensor, img_size: int, index: slice | None = No
 
 
 def restore_geometry(probs: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Map per-slice model outputs (Z, S, S) back to the original (X, Y, Z) geometry (float32).
+    """Map per-slice model outputs (Z, S, S) back to the slices-last (X, Y, Z) grid (float32).
 
     The exact inverse of the resize in slices_to_input / labels_to_input: bilinear (antialiased) back to
     (X, Y) and slices moved to the last axis. Works for probabilities or logits (interpolation is linear).

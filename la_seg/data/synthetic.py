@@ -5,22 +5,29 @@ wall with patchy enhancement, next to equally bright chambers and vessels (LV, R
 model must use shape and position, not intensity, to find the LA. Pose and size vary per case, and Rician
 noise, a smooth bias field, blur and anisotropic slices make it look like an acquisition. The anatomy is
 laid out in mm for a 100 mm field of view and scaled to the actual one, so small test volumes still hold a
-whole heart. Everything is vectorised numpy, and the same seed gives the same bytes on disk.
+whole heart. Everything is vectorised numpy: each shape is evaluated only in the box around it and the smooth
+fields are outer products of 1D waves, so large phantoms (640 x 640 x 44) take seconds; the same seed gives
+the same bytes on disk.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from la_seg.data.io import Volume, write_nifti
+from la_seg.data.io import Geometry, write_nifti
 from la_seg.errors import DataError
 
 LA_LABEL = 420  # the LAScarQS atriumSegImgMO value
 _FOV_MM = 100.0
-_SEPTUM_MM = 3.0  # the field of view the anatomy below is laid out for
+_SEPTUM_MM = 3.0  # the thinnest wall between two blood pools
+# Shapes are evaluated in a box this far (anatomy mm) around them: beyond every wall and septum their
+# distance is compared with, even as the ellipsoids' first-order distance underestimates. Elsewhere: _FAR.
+_MARGIN_MM = 12.0
+_FAR = np.float32(1e6)
 _SIGNAL_SCALE = 600.0  # blood pool grey value, roughly a scanner's range
 # Grey values relative to blood (1.0) at the inversion time of an LGE scan: healthy myocardium nulled,
 # blood bright, enhanced (fibrotic) wall brighter still.
@@ -38,67 +45,38 @@ def synthesize_case(
     scale = float(fov.min()) / _FOV_MM * rng.uniform(0.85, 1.15)  # per-case heart size
     rotation = _rotation(np.deg2rad(rng.uniform([-10, -10, -20], [10, 10, 20])))
     shift = rng.uniform([-0.12, -0.12, -0.08], [0.12, 0.12, 0.08]) * fov
-    world = _world_grid(shape, spacing)
     # Anatomy coordinates (mm, 100 mm FOV): x right, y posterior, z superior; pose = rotate, scale, shift.
-    local = [
-        sum(rotation[row, col] * (world[row] - shift[row]) for row in range(3)) / scale for col in range(3)
-    ]
+    frame = _Frame(shape, spacing, rotation, shift, scale)
 
-    def jitter(low: float = 0.85, high: float = 1.15) -> float:
-        return float(rng.uniform(low, high))
+    d_la, la_wall = _left_atrium(rng, frame)
+    others = _other_blood_pools(rng, frame)
 
-    # Left atrium: body, four pulmonary veins leaving posterior-laterally, appendage anterior-left.
-    la_centre = np.array([0.0, 10.0, 0.0]) + rng.uniform(-3, 3, 3)
-    la_axes = np.array([19.0, 13.0, 13.0]) * rng.uniform(0.85, 1.15, 3)
-    d_la = _ellipsoid(local, la_centre, la_axes)
-    for side in (-1.0, 1.0):
-        for level in (-1.0, 1.0):
-            start = la_centre + la_axes * np.array([0.55 * side, 0.35, 0.4 * level])
-            direction = np.array([side, 0.6 * jitter(0.6, 1.4), 0.35 * level * jitter(0.5, 1.5)])
-            end = start + 18.0 * jitter(0.8, 1.25) * direction / np.linalg.norm(direction)
-            radius = 4.2 * jitter()
-            d_la = np.minimum(d_la, _tube(local, start, end, radius, radius))
-    laa_start = la_centre + la_axes * np.array([-0.7, -0.55, 0.35])
-    laa_end = laa_start + 13.0 * jitter() * np.array([-0.6, -0.7, 0.3]) / np.linalg.norm([-0.6, -0.7, 0.3])
-    d_la = np.minimum(d_la, _tube(local, laa_start, laa_end, 5.0 * jitter(), 2.5 * jitter()))
-    la_wall = 2.5 * jitter()
-
-    # Other blood pools as (distance, wall thickness), as bright as the LA: LV, RV, RA, ascending and
-    # descending aorta.
-    others = [
-        (_ellipsoid(local, [-14.0, -34.0, -20.0], np.array([22.0, 20.0, 28.0]) * jitter()), 8.0),
-        (_ellipsoid(local, [18.0, -52.0, -14.0], np.array([22.0, 10.0, 22.0]) * jitter()), 3.5),
-        (_ellipsoid(local, [31.0, -6.0, -2.0], np.array([15.0, 15.0, 17.0]) * jitter()), 2.5),
-        (_tube(local, [2.0, -20.0, -2.0], [4.0, -14.0, 60.0], 13.0 * jitter(), 12.0), 2.0),
-        (_tube(local, [-18.0, 38.0, -60.0], [-18.0, 36.0, 60.0], 10.0 * jitter(), 10.0), 2.0),
-    ]
-
-    image = _TISSUE * (1.0 + 0.25 * _smooth_field(rng, local, wavelength=(15.0, 40.0)))
+    image = _TISSUE * (1.0 + 0.25 * _smooth_field(rng, frame, wavelength=(15.0, 40.0)))
     for side in (-1.0, 1.0):  # lungs, lateral and posterior
-        lung = _ellipsoid(local, [40.0 * side, 18.0, 0.0], [16.0, 30.0, 70.0]) < 0
-        image[lung] = _LUNG
+        image[_ellipsoid(frame, [40.0 * side, 18.0, 0.0], [16.0, 30.0, 70.0]) < 0] = _LUNG
     myocardium = d_la < la_wall
     for distance, wall in others:
         myocardium |= distance < wall
     image[myocardium] = _MYOCARDIUM
-    # Blood where one chamber holds the voxel and the others are a septum away; the LA wall always
-    # separates the LA from its neighbours.
-    nearest = np.partition(np.stack([distance for distance, _ in others]), 1, axis=0)
-    image[(nearest[0] < 0) & (nearest[1] >= _SEPTUM_MM) & (d_la >= la_wall)] = _BLOOD
+    # Blood where one chamber holds the voxel and the others are a septum away (no other distance below
+    # the septum); the LA wall always separates the LA from its neighbours.
+    near = sum((distance < _SEPTUM_MM).astype(np.uint8) for distance, _ in others)
+    inside = np.logical_or.reduce([distance < 0 for distance, _ in others])
+    image[inside & (near == 1) & (d_la >= la_wall)] = _BLOOD
     la = d_la < 0
     image[la] = _BLOOD
     wall = (d_la >= 0) & (d_la < la_wall)
     enhanced = np.zeros_like(wall)  # patchy fibrosis: a smooth field thresholded, evaluated on the wall only
-    field = _smooth_field(rng, [axis[wall] for axis in local], wavelength=(8.0, 20.0))
+    field = _smooth_field(rng, frame, wavelength=(8.0, 20.0), voxels=np.nonzero(wall))
     enhanced[wall] = field > rng.uniform(0.1, 0.4)
-    image[enhanced] = _ENHANCED * jitter(0.9, 1.1)
+    image[enhanced] = _ENHANCED * _jitter(rng, 0.9, 1.1)
 
     image = gaussian_filter(image, sigma=(0.7, 0.7, 0.3), mode="nearest")
-    image *= _bias_field(rng, world, fov)
+    image *= _bias_field(rng, frame, fov)
     noise = np.float32(rng.uniform(0.03, 0.07))
     real = image + noise * rng.standard_normal(shape, dtype=np.float32)
     image = np.hypot(real, noise * rng.standard_normal(shape, dtype=np.float32))  # Rician magnitude
-    image = np.clip(np.rint(image * _SIGNAL_SCALE * jitter(0.8, 1.2)), 0, np.iinfo(np.int16).max)
+    image = np.clip(np.rint(image * _SIGNAL_SCALE * _jitter(rng, 0.8, 1.2)), 0, np.iinfo(np.int16).max)
     return image.astype(np.int16), la.astype(np.uint16) * LA_LABEL
 
 
@@ -128,7 +106,7 @@ def write_dataset(
     affine[:3, 3] = origin
     for i, folder in enumerate(folders, start=1):
         image, label = synthesize_case(np.random.default_rng([seed, i]), shape, spacing)
-        reference = Volume(image, affine, spacing, folder)
+        reference = Geometry(shape, affine, spacing, folder / "enhanced.nii.gz")
         write_nifti(folder / "enhanced.nii.gz", image, reference)
         write_nifti(folder / "atriumSegImgMO.nii.gz", label, reference)
     return folders
@@ -144,13 +122,85 @@ def _check_grid(shape, spacing) -> tuple[tuple[int, int, int], tuple[float, floa
     return shape, spacing
 
 
-def _world_grid(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> list[np.ndarray]:
-    """Broadcastable world coordinates (mm) of the voxel centres, centred on 0."""
-    axes = [(np.arange(n, dtype=np.float32) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)]
+class _Frame:
+    """The anatomy coordinates of every voxel, kept as per-axis terms (anatomy = rotated, scaled world mm).
+
+    Each anatomy coordinate is a sum of one 1D term per grid axis, so any box of the grid is built from
+    three small arrays: shapes are evaluated only in the box around them, plane waves as outer products.
+    """
+
+    def __init__(self, shape, spacing, rotation: np.ndarray, shift: np.ndarray, scale: float) -> None:
+        self.shape, self.spacing = shape, spacing
+        self.rotation, self.shift, self.scale = rotation, shift, scale
+        self.world = world = [  # voxel centres in mm, centred on 0
+            (np.arange(n, dtype=np.float32) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)
+        ]
+        # terms[col][row]: what world axis `row` adds to anatomy coordinate `col`
+        self.terms = [
+            [np.float32(rotation[r, col] / scale) * (world[r] - np.float32(shift[r])) for r in range(3)]
+            for col in range(3)
+        ]
+
+    def coords(self, box: tuple[slice, slice, slice]) -> list[np.ndarray]:
+        """Anatomy coordinates on a box of the grid, each broadcast to the box's shape."""
+        return [
+            terms[0][box[0], None, None] + terms[1][None, box[1], None] + terms[2][None, None, box[2]]
+            for terms in self.terms
+        ]
+
+    def box(self, low: np.ndarray, high: np.ndarray) -> tuple[slice, slice, slice]:
+        """The grid box holding the anatomy-space box [low, high] (empty slices where it misses the grid)."""
+        corners = np.array(list(itertools.product(*zip(low, high, strict=True))))
+        world = self.shift + self.scale * corners @ self.rotation.T.astype(np.float64)
+        index_low = world.min(axis=0) / self.spacing + (np.array(self.shape) - 1) / 2
+        index_high = world.max(axis=0) / self.spacing + (np.array(self.shape) - 1) / 2
+        return tuple(  # type: ignore[return-value]
+            slice(int(np.clip(np.floor(lo), 0, n)), int(np.clip(np.ceil(hi) + 1, 0, n)))
+            for lo, hi, n in zip(index_low, index_high, self.shape, strict=True)
+        )
+
+    def distance(self, low, high, signed_distance) -> np.ndarray:
+        """A shape's signed distance in the box around it (plus a margin), _FAR elsewhere."""
+        out = np.full(self.shape, _FAR, np.float32)
+        box = self.box(np.asarray(low) - _MARGIN_MM, np.asarray(high) + _MARGIN_MM)
+        if all(s.stop > s.start for s in box):
+            out[box] = signed_distance(self.coords(box))
+        return out
+
+
+def _jitter(rng: np.random.Generator, low: float = 0.85, high: float = 1.15) -> float:
+    return float(rng.uniform(low, high))
+
+
+def _left_atrium(rng: np.random.Generator, frame: _Frame) -> tuple[np.ndarray, float]:
+    """The LA's signed distance and wall thickness: body, four pulmonary veins leaving posterior-laterally,
+    appendage anterior-left."""
+    la_centre = np.array([0.0, 10.0, 0.0]) + rng.uniform(-3, 3, 3)
+    la_axes = np.array([19.0, 13.0, 13.0]) * rng.uniform(0.85, 1.15, 3)
+    d_la = _ellipsoid(frame, la_centre, la_axes)
+    for side in (-1.0, 1.0):
+        for level in (-1.0, 1.0):
+            start = la_centre + la_axes * np.array([0.55 * side, 0.35, 0.4 * level])
+            direction = np.array([side, 0.6 * _jitter(rng, 0.6, 1.4), 0.35 * level * _jitter(rng, 0.5, 1.5)])
+            end = start + 18.0 * _jitter(rng, 0.8, 1.25) * direction / np.linalg.norm(direction)
+            radius = 4.2 * _jitter(rng)
+            d_la = np.minimum(d_la, _tube(frame, start, end, radius, radius))
+    laa_start = la_centre + la_axes * np.array([-0.7, -0.55, 0.35])
+    laa_direction = np.array([-0.6, -0.7, 0.3]) / np.linalg.norm([-0.6, -0.7, 0.3])
+    laa_end = laa_start + 13.0 * _jitter(rng) * laa_direction
+    d_la = np.minimum(d_la, _tube(frame, laa_start, laa_end, 5.0 * _jitter(rng), 2.5 * _jitter(rng)))
+    return d_la, 2.5 * _jitter(rng)
+
+
+def _other_blood_pools(rng: np.random.Generator, frame: _Frame) -> list[tuple[np.ndarray, float]]:
+    """(signed distance, wall thickness) of the pools as bright as the LA: LV, RV, RA, ascending and
+    descending aorta."""
     return [
-        axes[0][:, None, None] + np.zeros(shape, np.float32),
-        axes[1][None, :, None] + np.zeros(shape, np.float32),
-        axes[2][None, None, :] + np.zeros(shape, np.float32),
+        (_ellipsoid(frame, [-14.0, -34.0, -20.0], np.array([22.0, 20.0, 28.0]) * _jitter(rng)), 8.0),
+        (_ellipsoid(frame, [18.0, -52.0, -14.0], np.array([22.0, 10.0, 22.0]) * _jitter(rng)), 3.5),
+        (_ellipsoid(frame, [31.0, -6.0, -2.0], np.array([15.0, 15.0, 17.0]) * _jitter(rng)), 2.5),
+        (_tube(frame, [2.0, -20.0, -2.0], [4.0, -14.0, 60.0], 13.0 * _jitter(rng), 12.0), 2.0),
+        (_tube(frame, [-18.0, 38.0, -60.0], [-18.0, 36.0, 60.0], 10.0 * _jitter(rng), 10.0), 2.0),
     ]
 
 
@@ -163,41 +213,59 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return (rz @ ry @ rx).astype(np.float32)
 
 
-def _ellipsoid(p: list[np.ndarray], centre, axes) -> np.ndarray:
+def _ellipsoid(frame: _Frame, centre, axes) -> np.ndarray:
     """Approximate signed distance (mm, negative inside) to an ellipsoid: first-order f / |grad f|."""
-    u = [(p[i] - np.float32(centre[i])) / np.float32(axes[i]) for i in range(3)]
-    f = u[0] ** 2 + u[1] ** 2 + u[2] ** 2 - 1.0
-    grad = 2.0 * np.sqrt(sum((u[i] / np.float32(axes[i])) ** 2 for i in range(3))) + 1e-6
-    return f / grad
+    centre, axes = np.asarray(centre, np.float32), np.asarray(axes, np.float32)
+
+    def signed_distance(p: list[np.ndarray]) -> np.ndarray:
+        u = [(p[i] - centre[i]) / axes[i] for i in range(3)]
+        f = u[0] ** 2 + u[1] ** 2 + u[2] ** 2 - 1.0
+        grad = 2.0 * np.sqrt(sum((u[i] / axes[i]) ** 2 for i in range(3))) + 1e-6
+        return f / grad
+
+    return frame.distance(centre - axes, centre + axes, signed_distance)
 
 
-def _tube(p: list[np.ndarray], start, end, r_start: float, r_end: float) -> np.ndarray:
+def _tube(frame: _Frame, start, end, r_start: float, r_end: float) -> np.ndarray:
     """Signed distance (mm) to a capsule from start to end whose radius tapers from r_start to r_end."""
     start, end = np.asarray(start, np.float32), np.asarray(end, np.float32)
     axis = end - start
     length2 = float(axis @ axis)
-    rel = [p[i] - start[i] for i in range(3)]
-    t = np.clip(sum(rel[i] * axis[i] for i in range(3)) / length2, 0.0, 1.0)
-    dist = np.sqrt(sum((rel[i] - t * axis[i]) ** 2 for i in range(3)))
-    return dist - (r_start + (r_end - r_start) * t)
+
+    def signed_distance(p: list[np.ndarray]) -> np.ndarray:
+        rel = [p[i] - start[i] for i in range(3)]
+        t = np.clip(sum(rel[i] * axis[i] for i in range(3)) / length2, 0.0, 1.0)
+        dist = np.sqrt(sum((rel[i] - t * axis[i]) ** 2 for i in range(3)))
+        return dist - (r_start + (r_end - r_start) * t)
+
+    radius = max(r_start, r_end)
+    return frame.distance(np.minimum(start, end) - radius, np.maximum(start, end) + radius, signed_distance)
 
 
-def _smooth_field(rng: np.random.Generator, p: list[np.ndarray], wavelength: tuple[float, float]):
-    """A smooth random field of zero mean and unit variance: a sum of random plane waves."""
+def _smooth_field(rng: np.random.Generator, frame: _Frame, wavelength: tuple[float, float], voxels=None):
+    """A smooth random field of zero mean and unit variance: a sum of random plane waves, on the whole grid
+    or at the `voxels` (index arrays). On the grid each wave is an outer product of three 1D complex waves."""
     waves = 6
-    field = np.zeros(p[0].shape, np.float32)
+    field = np.zeros(frame.shape if voxels is None else voxels[0].shape, np.float32)
     for _ in range(waves):
         direction = rng.normal(size=3)
         k = 2 * np.pi / rng.uniform(*wavelength) * direction / np.linalg.norm(direction)
         phase = rng.uniform(0, 2 * np.pi)
-        field += np.cos(sum(np.float32(k[i]) * p[i] for i in range(3)) + np.float32(phase))
+        # the phase k . anatomy + phase, split into one term per grid axis
+        axis_phase = [sum(np.float32(k[col]) * frame.terms[col][row] for col in range(3)) for row in range(3)]
+        axis_phase[0] = axis_phase[0] + np.float32(phase)
+        if voxels is None:
+            x, y, z = (np.exp(1j * p).astype(np.complex64) for p in axis_phase)
+            field += ((x[:, None] * y[None, :])[:, :, None] * z[None, None, :]).real
+        else:
+            field += np.cos(sum(axis_phase[row][voxels[row]] for row in range(3)))
     return field * np.float32(np.sqrt(2.0 / waves))
 
 
-def _bias_field(rng: np.random.Generator, world: list[np.ndarray], fov: np.ndarray) -> np.ndarray:
+def _bias_field(rng: np.random.Generator, frame: _Frame, fov: np.ndarray) -> np.ndarray:
     """Smooth multiplicative coil-sensitivity shading, about 0.7 to 1.4 across the field of view."""
-    u = [world[i] / np.float32(fov[i] / 2) for i in range(3)]  # -1..1 over the FOV
+    u = [frame.world[i] / np.float32(fov[i] / 2) for i in range(3)]  # -1..1 over the FOV
     linear = rng.uniform(-0.2, 0.2, 3)
     quadratic = rng.uniform(-0.15, 0.15, 3)
-    log_bias = sum(np.float32(linear[i]) * u[i] + np.float32(quadratic[i]) * u[i] ** 2 for i in range(3))
-    return np.exp(log_bias).astype(np.float32)
+    x, y, z = (np.exp(np.float32(linear[i]) * u[i] + np.float32(quadratic[i]) * u[i] ** 2) for i in range(3))
+    return (x[:, None, None] * y[None, :, None] * z[None, None, :]).astype(np.float32)

@@ -1,5 +1,6 @@
 import os
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from la_seg.data.datasets import SliceDataset, VolumeDataset, first_item
+from la_seg.data.datasets import SliceDataset, VolumeDataset, VolumeItem, first_item
 from la_seg.data.layouts import find_cases
 from la_seg.data.preprocess import normalize_intensity, slices_to_input
 from la_seg.data.transforms import AugmentationConfig, build_train_transform
@@ -86,12 +87,13 @@ def test_slice_context_item_matches_full_volume(cases):
 def test_volume_dataset_items(cases):
     ds = VolumeDataset(cases)
     item = ds[1]
-    assert set(item) == {"case_id", "image", "label", "spacing", "affine", "image_path"}
-    assert item["case_id"] == "train_2" and item["image_path"] == str(cases[1].image_path)
+    assert set(item) == set(VolumeItem.__annotations__)
+    geometry = item["geometry"]
+    assert item["case_id"] == "train_2" and geometry.source == cases[1].image_path
     assert item["image"].shape == SHAPE and item["image"].dtype == torch.float32
     assert item["label"].shape == SHAPE and item["label"].dtype == torch.uint8
-    assert item["spacing"] == pytest.approx((0.625, 0.625, 2.5))
-    assert np.allclose(item["affine"], AFFINE)
+    assert geometry.slices_last_spacing == pytest.approx((0.625, 0.625, 2.5)) and geometry.slice_axis == 2
+    assert geometry.shape == SHAPE and np.allclose(geometry.affine, AFFINE)
     raw = nib.load(cases[1].image_path).get_fdata()
     assert np.allclose(item["image"].numpy(), normalize_intensity(raw), atol=1e-3)
     assert np.array_equal(item["label"].numpy(), nib.load(cases[1].label_path).get_fdata() > 0)
@@ -121,7 +123,14 @@ def test_caches_give_identical_items(cases, tmp_path):
     for other in volumes[1:]:
         for a, b in zip(volumes[0], other, strict=True):
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
-            assert a["spacing"] == b["spacing"] and np.array_equal(a["affine"], b["affine"])
+            first, second = a["geometry"], b["geometry"]
+            assert np.array_equal(first.affine, second.affine) and first.source == second.source
+            assert (first.shape, first.spacing, first.slice_axis, first.spacing_source) == (
+                second.shape,
+                second.spacing,
+                second.slice_axis,
+                second.spacing_source,
+            )
     # disk: a second dataset reads the .npy files memory-mapped instead of decoding again
     again = VolumeDataset(cases, cache="disk", cache_dir=tmp_path / "cache")
     assert isinstance(again.cache.get(cases[0], with_labels=True).image, np.memmap)
@@ -130,7 +139,7 @@ def test_caches_give_identical_items(cases, tmp_path):
 
 def test_memory_cache_is_filled_once_and_picklable(cases, monkeypatch):
     ds = SliceDataset(cases, 28, cache="memory")
-    monkeypatch.setattr("la_seg.data.datasets.read_case", lambda case: pytest.fail("decoded twice"))
+    monkeypatch.setattr("la_seg.data.cache.read_case", lambda *args: pytest.fail("decoded twice"))
     first = _items(ds)
     clone = pickle.loads(pickle.dumps(ds))
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, _items(clone), strict=True))
@@ -226,8 +235,8 @@ def test_slice_dataset_with_transform_in_workers(cases):
 def test_workers_draw_different_augmentations(tmp_path):
     """Forked workers inherit the transform's generator; each must reseed, or they augment in lockstep."""
     image = np.tile(np.random.default_rng(0).random((30, 28, 1), dtype=np.float32), (1, 1, 4))
-    label = np.zeros((30, 28, 4), dtype=np.uint8)
-    label[8:20, 6:18] = 1
+    label = np.zeros((30, 28, 4), dtype=np.uint16)
+    label[8:20, 6:18] = 420
     folder = tmp_path / "train_1"
     folder.mkdir()
     nib.save(nib.Nifti1Image(image, AFFINE), folder / "enhanced.nii.gz")
@@ -236,3 +245,11 @@ def test_workers_draw_different_augmentations(tmp_path):
     ds = SliceDataset(find_cases(tmp_path), 28, transform=transform)
     first, second = list(DataLoader(ds, batch_size=1, num_workers=2, shuffle=False))[:2]  # one per worker
     assert not torch.equal(first["image"], second["image"])
+
+
+def test_datasets_that_need_labels_refuse_unlabelled_cases(cases):
+    unlabelled = [cases[0], replace(cases[1], label_path=None)]
+    for make in (lambda: SliceDataset(unlabelled, 28), lambda: VolumeDataset(unlabelled, with_labels=True)):
+        with pytest.raises(DataError, match=r"labels are required but 1 case\(s\) have none.*train_2"):
+            make()
+    assert "label" not in VolumeDataset(unlabelled, with_labels=False, cache="none")[1]

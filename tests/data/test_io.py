@@ -8,7 +8,7 @@ import nrrd
 import numpy as np
 import pytest
 
-from la_seg.data import Case, DataError, Volume, find_cases, read_case, read_image, read_label, write_nifti
+from la_seg.data import Case, DataError, Geometry, find_cases, read_case, read_image, read_label, write_nifti
 
 AFFINE = np.array(
     [
@@ -37,10 +37,10 @@ def test_read_image_keeps_geometry_and_casts_to_float32(tmp_path):
     volume = read_image(_save(tmp_path / "img.nii.gz", data))
     assert volume.data.dtype == np.float32
     np.testing.assert_array_equal(volume.data, data)
-    np.testing.assert_allclose(volume.affine, AFFINE)
-    assert volume.affine.dtype == np.float64
-    assert volume.spacing == pytest.approx((0.625, 0.625, 2.5))
-    assert volume.path == tmp_path / "img.nii.gz"
+    np.testing.assert_allclose(volume.geometry.affine, AFFINE)
+    assert volume.geometry.affine.dtype == np.float64
+    assert volume.geometry.spacing == pytest.approx((0.625, 0.625, 2.5))
+    assert volume.geometry.source == tmp_path / "img.nii.gz"
 
 
 def test_read_image_keeps_nan(tmp_path):
@@ -57,13 +57,12 @@ def test_read_label_binarises(tmp_path):
     np.testing.assert_array_equal(volume.data.ravel(), [0, 1, 1, 1])
 
 
-def test_spacing_override_rescales_affine(tmp_path):
+def test_spacing_override_keeps_the_file_affine(tmp_path):
+    """Measurements use the override; the affine stays the file's so written masks overlay the image."""
     path = _save(tmp_path / "img.nii.gz", np.zeros((3, 3, 3), np.float32))
     volume = read_image(path, spacing=(1.0, 2.0, 3.0))
-    assert volume.spacing == (1.0, 2.0, 3.0)
-    np.testing.assert_allclose(np.linalg.norm(volume.affine[:3, :3], axis=0), [1.0, 2.0, 3.0])
-    np.testing.assert_allclose(volume.affine[:3, 3], AFFINE[:3, 3])  # origin kept
-    np.testing.assert_allclose(volume.affine[:3, 0] / 1.0, AFFINE[:3, 0] / 0.625)  # direction kept
+    assert volume.geometry.spacing == (1.0, 2.0, 3.0) and volume.geometry.spacing_source == "override"
+    np.testing.assert_allclose(volume.geometry.affine, AFFINE)
 
 
 def test_truncated_nifti_names_the_file(tmp_path):
@@ -107,12 +106,12 @@ def test_trailing_singleton_squeezed(tmp_path):
     volume = read_image(_save(tmp_path / "vol.nii.gz", data))
     assert volume.data.shape == (4, 4, 3)
     np.testing.assert_array_equal(volume.data, data[..., 0])
-    assert volume.spacing == pytest.approx((0.625, 0.625, 2.5))
+    assert volume.geometry.spacing == pytest.approx((0.625, 0.625, 2.5))
 
 
 def test_read_case_pair(tmp_path):
     image, label = read_case(_pair(tmp_path))
-    assert image.data.shape == label.data.shape == (6, 5, 4)
+    assert image.data.shape == label.data.shape == image.geometry.shape == (6, 5, 4)
     assert label.data.sum() == 8 and label.data.max() == 1
 
 
@@ -149,16 +148,16 @@ def test_nrrd_affine_from_lps_header(tmp_path):
     volume = read_image(path)
     np.testing.assert_array_equal(volume.data, data)  # (X, Y, Z) order like nibabel
     expected = np.array([[-1.0, 0, 0, -10.0], [0, -1.0, 0, -20.0], [0, 0, 2.0, 30.0], [0, 0, 0, 1]])
-    np.testing.assert_allclose(volume.affine, expected)  # LPS -> RAS
-    assert volume.spacing == (1.0, 1.0, 2.0)
+    np.testing.assert_allclose(volume.geometry.affine, expected)  # LPS -> RAS
+    assert volume.geometry.spacing == (1.0, 1.0, 2.0)
 
 
 def test_nrrd_without_directions_uses_spacings(tmp_path):
     path = tmp_path / "laendo.nrrd"
     nrrd.write(str(path), np.full((3, 3, 2), 255, np.uint8), {"spacings": [0.5, 0.5, 1.5]})
     volume = read_label(path)
-    np.testing.assert_allclose(volume.affine, np.diag([0.5, 0.5, 1.5, 1.0]))
-    assert volume.spacing == (0.5, 0.5, 1.5) and volume.data.min() == 1
+    np.testing.assert_allclose(volume.geometry.affine, np.diag([0.5, 0.5, 1.5, 1.0]))
+    assert volume.geometry.spacing == (0.5, 0.5, 1.5) and volume.data.min() == 1
 
 
 def test_utah_case_gets_true_spacing(tmp_path):
@@ -168,8 +167,9 @@ def test_utah_case_gets_true_spacing(tmp_path):
     nrrd.write(str(folder / "lgemri.nrrd"), np.ones((4, 4, 2), np.uint8), header)
     nrrd.write(str(folder / "laendo.nrrd"), np.full((4, 4, 2), 255, np.uint8), header)
     image, label = read_case(find_cases(tmp_path)[0])
-    assert image.spacing == label.spacing == (0.625, 0.625, 0.625)
-    np.testing.assert_allclose(np.abs(np.diag(image.affine)), [0.625, 0.625, 0.625, 1.0])
+    assert image.geometry.spacing == label.geometry.spacing == (0.625, 0.625, 0.625)
+    assert image.geometry.spacing_source.startswith("utah2018")
+    np.testing.assert_allclose(image.geometry.affine, np.diag([-1.0, -1.0, 1.0, 1.0]))  # the header's own
     assert label.data.min() == 1
 
 
@@ -185,7 +185,7 @@ def test_write_nifti_roundtrip(tmp_path):
     mask = np.zeros((6, 5, 4), np.uint8)
     mask[1:3, 2, 0] = 1
     out = tmp_path / "out" / "nested" / "mask.nii.gz"
-    write_nifti(out, mask, reference)
+    write_nifti(out, mask, reference.geometry)
     image = nib.load(out)
     assert image.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asanyarray(image.dataobj), mask)
@@ -197,7 +197,7 @@ def test_write_nifti_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint16, np.float64])
 def test_write_nifti_keeps_dtype(tmp_path, dtype):
-    reference = Volume(np.zeros((3, 3, 2), np.float32), np.eye(4), (1.0, 1.0, 1.0), tmp_path / "ref.nii.gz")
+    reference = Geometry((3, 3, 2), np.eye(4), (1.0, 1.0, 1.0), tmp_path / "ref.nii.gz")
     data = np.arange(18).reshape(3, 3, 2).astype(dtype)
     write_nifti(tmp_path / "x.nii", data, reference)
     image = nib.load(tmp_path / "x.nii")
@@ -206,13 +206,13 @@ def test_write_nifti_keeps_dtype(tmp_path, dtype):
 
 
 def test_write_nifti_bool_becomes_uint8(tmp_path):
-    reference = Volume(np.zeros((3, 3, 2), np.float32), np.eye(4), (1.0, 1.0, 1.0), tmp_path / "ref.nii.gz")
+    reference = Geometry((3, 3, 2), np.eye(4), (1.0, 1.0, 1.0), tmp_path / "ref.nii.gz")
     write_nifti(tmp_path / "b.nii.gz", np.ones((3, 3, 2), bool), reference)
     assert nib.load(tmp_path / "b.nii.gz").get_data_dtype() == np.uint8
 
 
 def test_write_nifti_is_reproducible_and_replaces(tmp_path):
-    reference = Volume(np.zeros((3, 3, 2), np.float32), AFFINE, (0.625, 0.625, 2.5), tmp_path / "ref.nii.gz")
+    reference = Geometry((3, 3, 2), AFFINE, (0.625, 0.625, 2.5), tmp_path / "ref.nii.gz")
     first, second = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
     write_nifti(first, np.ones((3, 3, 2), np.uint8), reference)
     os.utime(first, (0, 0))
@@ -222,18 +222,19 @@ def test_write_nifti_is_reproducible_and_replaces(tmp_path):
     assert np.asanyarray(nib.load(first).dataobj).max() == 0
 
 
-def test_write_nifti_from_nrrd_reference(tmp_path):
+def test_write_nifti_from_utah_reference_overlays_the_image(tmp_path):
+    """A mask written for a Utah image keeps the image's header affine, so viewers overlay the two."""
     nrrd.write(str(tmp_path / "lgemri.nrrd"), np.zeros((4, 4, 2), np.int16), {"spacings": [1.0, 1.0, 1.0]})
-    reference = read_image(tmp_path / "lgemri.nrrd", spacing=(0.625, 0.625, 0.625))
+    reference = read_image(tmp_path / "lgemri.nrrd").geometry
+    assert reference.spacing == (0.625, 0.625, 0.625)
     write_nifti(tmp_path / "pred.nii.gz", np.ones((4, 4, 2), np.uint8), reference)
     written = nib.load(tmp_path / "pred.nii.gz")
-    np.testing.assert_allclose(written.header.get_zooms(), (0.625, 0.625, 0.625))
-    np.testing.assert_allclose(written.affine, reference.affine)
+    np.testing.assert_allclose(written.affine, np.eye(4))
 
 
 def test_write_nifti_refuses_bad_targets(tmp_path):
     source = _save(tmp_path / "in.nii.gz", np.zeros((3, 3, 2), np.float32))
-    reference = read_image(source)
+    reference = read_image(source).geometry
     before = source.read_bytes()
     with pytest.raises(DataError, match="overwrite the input"):
         write_nifti(source, np.ones((3, 3, 2), np.uint8), reference)
@@ -245,7 +246,7 @@ def test_write_nifti_refuses_bad_targets(tmp_path):
 
 
 def test_write_nifti_failure_leaves_no_temp_file(tmp_path, monkeypatch):
-    reference = Volume(np.zeros((3, 3, 2), np.float32), np.eye(4), (1.0, 1.0, 1.0), tmp_path / "ref.nii.gz")
+    reference = Geometry((3, 3, 2), np.eye(4), (1.0, 1.0, 1.0), tmp_path / "ref.nii.gz")
 
     def fail(src, dst):
         raise OSError("disk full")
@@ -254,3 +255,188 @@ def test_write_nifti_failure_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_nifti(tmp_path / "out" / "x.nii.gz", np.zeros((3, 3, 2), np.uint8), reference)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# Bad data is refused up front, naming the file.
+
+
+def _stored_gzip(path: Path, image: nib.Nifti1Image) -> Path:
+    """A .nii.gz of stored (uncompressed) deflate blocks: a flipped payload byte stays valid deflate, so
+    only gzip's CRC can notice it."""
+    import gzip
+
+    path.write_bytes(gzip.compress(image.to_bytes(), compresslevel=0))
+    return path
+
+
+def test_flipped_bytes_inside_nii_gz_are_refused(tmp_path):
+    image = nib.Nifti1Image(np.arange(4000, dtype=np.int16).reshape(20, 20, 10), AFFINE)
+    path = _stored_gzip(tmp_path / "enhanced.nii.gz", image)
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    assert np.asanyarray(nib.load(path).dataobj).shape == (20, 20, 10)  # nibabel alone accepts it
+    with pytest.raises(DataError, match="enhanced.nii.gz.*CRC"):
+        read_image(path)
+
+
+def test_intact_stored_gzip_reads(tmp_path):
+    data = np.arange(4000, dtype=np.int16).reshape(20, 20, 10)
+    volume = read_image(_stored_gzip(tmp_path / "ok.nii.gz", nib.Nifti1Image(data, AFFINE)))
+    np.testing.assert_array_equal(volume.data, data)
+
+
+def test_nifti2_gz_reads(tmp_path):
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    path = tmp_path / "n2.nii.gz"
+    nib.save(nib.Nifti2Image(data, AFFINE), path)
+    volume = read_image(path)
+    np.testing.assert_array_equal(volume.data, data)
+    np.testing.assert_allclose(volume.geometry.affine, AFFINE)
+
+
+@pytest.mark.parametrize("pixdim", [[0.0, 1.0, 1.0], [1.0, -1.0, 1.0], [1.0, 1.0, np.nan]])
+def test_bad_nifti_voxel_size_refused(tmp_path, pixdim):
+    image = nib.Nifti1Image(np.zeros((4, 4, 3), np.int16), np.eye(4))
+    image.header["pixdim"][1:4] = pixdim
+    path = tmp_path / "bad.nii.gz"
+    nib.save(image, path)
+    with pytest.raises(DataError, match="bad.nii.gz has voxel spacing"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("column", [np.zeros(3), np.array([0.0, 0.0, np.inf])])
+def test_degenerate_sform_refused(tmp_path, column):
+    image = nib.Nifti1Image(np.zeros((4, 4, 3), np.int16), np.eye(4))
+    sform = np.eye(4)
+    sform[:3, 1] = column
+    image.set_sform(sform, code=1)
+    path = tmp_path / "sform.nii"
+    nib.save(image, path)
+    with pytest.raises(DataError, match="sform.nii has a (degenerate|non-finite)"):
+        read_image(path)
+
+
+def test_nifti_without_qform_or_sform_warns_naming_the_file(tmp_path):
+    image = nib.Nifti1Image(np.zeros((4, 4, 3), np.int16), None)
+    image.header.set_qform(None, code=0)
+    image.header.set_sform(None, code=0)
+    path = tmp_path / "noorient.nii.gz"
+    nib.save(image, path)
+    assert int(nib.load(path).header["qform_code"]) == int(nib.load(path).header["sform_code"]) == 0
+    with pytest.warns(UserWarning, match="noorient.nii.gz has neither qform nor sform"):
+        read_image(path)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"space": "RAS", "space directions": np.diag([1.0, 0.0, 1.0])},
+        {"space": "RAS", "space directions": np.array([[1.0, 0, 0], [2.0, 0, 0], [0, 0, 1.0]])},
+        {"spacings": [1.0, 0.0, 1.0]},
+        {},
+    ],
+    ids=["zero-direction", "parallel-directions", "zero-spacing", "no-spacing-info"],
+)
+def test_bad_nrrd_geometry_refused(tmp_path, header):
+    path = tmp_path / "scan.nrrd"
+    nrrd.write(str(path), np.zeros((4, 4, 3), np.int16), header)
+    with pytest.raises(DataError, match="scan.nrrd (has voxel spacing|has a degenerate|has neither)"):
+        read_image(path)
+
+
+def test_label_with_float_noise_refused(tmp_path):
+    path = _save(tmp_path / "noisy.nii.gz", np.full((4, 4, 3), 1e-6, np.float32))
+    with pytest.raises(DataError, match="noisy.nii.gz holds non-integer values"):
+        read_label(path)
+
+
+def test_float_label_with_integer_values_reads(tmp_path):
+    data = np.zeros((4, 4, 3), np.float32)
+    data[1, 1, 1] = 420.0
+    volume = read_label(_save(tmp_path / "float.nii.gz", data), label_values=[420])
+    assert volume.data.sum() == 1
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [np.complex64, np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])],
+    ids=["complex", "rgb"],
+)
+def test_non_scalar_voxels_refused(tmp_path, dtype):
+    path = tmp_path / "odd.nii"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 3), dtype), np.eye(4)), path)
+    with pytest.raises(DataError, match=r"odd.nii has voxel type .*(complex|\('R')"):
+        read_image(path)
+
+
+def test_huge_header_refused_before_allocating(tmp_path):
+    """A 24-byte payload whose header claims 30000^3 float32 voxels: refused from the header alone."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 30000))
+    header.set_data_dtype(np.float32)
+    header.set_sform(np.eye(4), code=1)
+    path = tmp_path / "huge.nii"
+    path.write_bytes(header.binaryblock + b"\x00" * 28)
+    with pytest.raises(DataError, match=r"huge.nii claims shape \(30000, 30000, 30000\).*GiB"):
+        read_image(path)
+
+
+def test_label_values_select_the_la_and_warn_about_the_rest(tmp_path):
+    data = np.zeros((4, 4, 3), np.uint16)
+    data[0, 0, 0], data[1, 1, 1], data[2, 2, 2] = 420, 420, 1  # LA and scar, as in LAScarQS task 1
+    path = _save(tmp_path / "multi.nii.gz", data)
+    with pytest.warns(UserWarning, match=r"multi.nii.gz: values \[1\] are not LA values \[420\]"):
+        assert read_label(path, label_values=[420]).data.sum() == 2
+    assert read_label(path, label_values=[420, 1]).data.sum() == 3
+    assert read_label(path).data.sum() == 3  # None: every non-zero value
+
+
+def test_label_without_the_selected_values_refused(tmp_path):
+    data = np.zeros((4, 4, 3), np.uint8)
+    data[1, 1, 1] = 1
+    path = _save(tmp_path / "ones.nii.gz", data)
+    with pytest.raises(DataError, match=r"ones.nii.gz holds none of the LA values \[420\].*label_values"):
+        read_label(path, label_values=[420])
+    assert read_label(_save(tmp_path / "empty.nii.gz", data * 0), label_values=[420]).data.sum() == 0
+
+
+def test_read_case_uses_the_case_label_values(tmp_path):
+    case = _pair(tmp_path)
+    label = nib.load(case.label_path).get_fdata()
+    _, binary = read_case(Case("c", case.image_path, case.label_path, label_values=(420,)))
+    np.testing.assert_array_equal(binary.data, label == 420)
+
+
+@pytest.mark.parametrize("name", ["lgemri.nrrd", "laendo.nrrd"])
+def test_utah_spacing_by_file_name_in_any_layout(tmp_path, name):
+    """A lone Utah file (files layout, or given directly) gets 0.625 mm, not its header's 1 mm."""
+    directions = np.diag([-1.0, -1.0, 1.0])
+    header = {"space": "left-posterior-superior", "space directions": directions, "space origin": [5.0, 6, 7]}
+    path = tmp_path / name
+    nrrd.write(str(path), np.full((4, 4, 3), 255, np.uint8), header)
+    (case,) = find_cases(path)
+    volume = read_label(case.image_path)
+    assert volume.geometry.spacing == (0.625, 0.625, 0.625)
+    assert "true 0.625 mm" in volume.geometry.spacing_source
+    ras = [[1, 0, 0, -5], [0, 1, 0, -6], [0, 0, 1, 7], [0, 0, 0, 1]]  # LPS header in RAS, not rescaled
+    np.testing.assert_allclose(volume.geometry.affine, ras)
+
+
+def test_utah_name_with_other_header_spacing_is_kept(tmp_path):
+    """Only the 1 mm headers of the challenge release are wrong; a resampled file keeps its own spacing."""
+    path = tmp_path / "lgemri.nrrd"
+    nrrd.write(str(path), np.zeros((4, 4, 3), np.int16), {"spacings": [0.8, 0.8, 2.0]})
+    geometry = read_image(path).geometry
+    assert geometry.spacing == (0.8, 0.8, 2.0) and geometry.spacing_source == "header"
+
+
+def test_flipped_bytes_inside_gzip_nrrd_are_refused(tmp_path):
+    path = tmp_path / "lgemri.nrrd"
+    data = np.arange(4000, dtype=np.int16).reshape(20, 20, 10)
+    nrrd.write(str(path), data, {"encoding": "gzip", "spacings": [1.0, 1.0, 2.5]}, compression_level=0)
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="lgemri.nrrd.*incorrect data check"):
+        read_image(path)

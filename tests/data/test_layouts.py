@@ -1,5 +1,7 @@
 """find_cases on tiny trees in every supported layout, including the messes real downloads contain."""
 
+import os
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 from la_seg.data import Case, DataError, find_cases
-from la_seg.data.layouts import LAYOUTS, UTAH_SPACING
+from la_seg.data.layouts import LA_VALUES, LAYOUTS
 
 
 def _nifti(path: Path, value: int = 1) -> Path:
@@ -19,7 +21,7 @@ def _nifti(path: Path, value: int = 1) -> Path:
 
 def _nrrd(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    nrrd.write(str(path), np.zeros((4, 4, 3), np.uint8))
+    nrrd.write(str(path), np.zeros((4, 4, 3), np.uint8), {"spacings": [1.0, 1.0, 1.0]})
     return path
 
 
@@ -83,7 +85,8 @@ def test_layout_names_match_contract():
 
 
 def test_lascarqs_nested_release_with_clashing_folder_names(tmp_path):
-    cases = find_cases(_lascarqs(tmp_path), "lascarqs", require_labels=True)
+    with pytest.warns(UserWarning, match="task 1"):
+        cases = find_cases(_lascarqs(tmp_path), "lascarqs", require_labels=True)
     ids = [c.case_id for c in cases]
     assert ids == sorted(ids)
     assert set(ids) == {
@@ -97,6 +100,19 @@ def test_lascarqs_nested_release_with_clashing_folder_names(tmp_path):
         assert case.image_path.name == "enhanced.nii.gz"
         assert case.label_path == case.image_path.parent / "atriumSegImgMO.nii.gz"
         assert case.spacing is None
+        assert case.label_values == (420,)
+
+
+def test_pooling_lascarqs_tasks_warns_naming_both_folders(tmp_path):
+    release = _lascarqs(tmp_path) / "LAScarQS2022_v2"
+    with pytest.warns(UserWarning, match="same patients") as record:
+        find_cases(release)
+    message = str(record[0].message)
+    for task in ("task1", "task2"):
+        assert str(release / task / "train_data") in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        find_cases(release / "task2")  # one task alone: no warning
 
 
 def test_lascarqs_single_task_keeps_folder_names(tmp_path):
@@ -117,16 +133,18 @@ def test_lascarqs_root_is_the_case_folder(tmp_path):
 def test_lascarqs_missing_label(tmp_path):
     _lascarqs(tmp_path)
     _nifti(tmp_path / "LAScarQS2022_v2" / "task2" / "test_data" / "test_9" / "enhanced.nii.gz")
-    by_id = {c.case_id: c for c in find_cases(tmp_path, "lascarqs")}
+    with pytest.warns(UserWarning, match="task 1"):
+        by_id = {c.case_id: c for c in find_cases(tmp_path, "lascarqs")}
     assert by_id["test_9"].label_path is None
-    with pytest.raises(DataError, match="test_9"):
+    with pytest.raises(DataError, match="test_9"), pytest.warns(UserWarning, match="task 1"):
         find_cases(tmp_path, "lascarqs", require_labels=True)
 
 
-def test_utah_skips_stray_files_and_overrides_spacing(tmp_path):
+def test_utah_skips_stray_files(tmp_path):
+    """The 0.625 mm correction is applied by file name when reading (test_io), not by the layout."""
     cases = find_cases(_utah(tmp_path), "utah2018", require_labels=True)
     assert [c.case_id for c in cases] == ["0RZDK210BSMWAA6467LU", "1D7CUD1955YZPGK8XHJX"]
-    assert all(c.spacing == UTAH_SPACING == (0.625, 0.625, 0.625) for c in cases)
+    assert all(c.spacing is None and c.label_values == (255,) for c in cases)
     assert all(c.label_path.name == "laendo.nrrd" for c in cases)
 
 
@@ -168,7 +186,7 @@ def test_several_datasets_are_ambiguous(tmp_path):
 def test_files_folder(tmp_path):
     cases = find_cases(_files(tmp_path), "files")
     assert [c.case_id for c in cases] == ["patient_a", "patient_b", "patient_c"]
-    assert all(c.label_path is None and c.spacing is None for c in cases)
+    assert all(c.label_path is None and c.spacing is None and c.label_values is None for c in cases)
     assert cases[1].image_path.name == "patient_b_0000.nii"
 
 
@@ -213,11 +231,76 @@ def test_files_require_labels(tmp_path):
         (_files, "files", "patient_a"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:LAScarQS task 1")
 def test_auto_detects_each_layout(tmp_path, make, layout, first):
     root = make(tmp_path)
     auto = find_cases(root)
     assert auto == find_cases(root, layout)
     assert auto[0].case_id == first
+    assert all(case.label_values == LA_VALUES[layout] for case in auto)
+
+
+@pytest.mark.parametrize("make", [_msd, _nnunet])
+def test_label_values_override_the_layout_default(tmp_path, make):
+    root = make(tmp_path)
+    assert {case.label_values for case in find_cases(root)} == {(1,)}
+    assert {case.label_values for case in find_cases(root, label_values=[2, 3])} == {(2, 3)}
+
+
+@pytest.mark.parametrize("values", [[], [0, 420], [1.5], "420"])
+def test_bad_label_values_are_refused(tmp_path, values):
+    with pytest.raises(DataError, match="label_values"):
+        find_cases(_msd(tmp_path), label_values=values)
+
+
+def test_broken_link_is_an_error_not_a_missing_case(tmp_path):
+    root = _msd(tmp_path)
+    (root / "Task02_Heart" / "imagesTr" / "la_009.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(DataError, match="la_009.nii.gz is a broken link"):
+        find_cases(root)
+
+
+def test_broken_link_label_is_an_error_not_an_unlabelled_case(tmp_path):
+    _nifti(tmp_path / "train_1" / "enhanced.nii.gz")
+    (tmp_path / "train_1" / "atriumSegImgMO.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(DataError, match="atriumSegImgMO.nii.gz is a broken link"):
+        find_cases(tmp_path)
+
+
+def test_unreadable_case_folder_is_an_error(tmp_path, monkeypatch):
+    """os.walk reports the folder it cannot list (rglob would skip it); scandir is patched because the
+    tests may run as root, which chmod cannot lock out."""
+    _nifti(tmp_path / "train_1" / "enhanced.nii.gz")
+    locked = tmp_path / "train_2"
+    _nifti(locked / "enhanced.nii.gz")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match="cannot read folder .*train_2.*Permission denied"):
+        find_cases(tmp_path)
+
+
+def test_unreadable_file_is_an_error(tmp_path, monkeypatch):
+    root = _files(tmp_path)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: "patient_c" not in str(p) and real_access(p, mode))
+    with pytest.raises(DataError, match="patient_c.nrrd is not readable"):
+        find_cases(root)
+
+
+def test_every_header_is_checked_before_any_case_is_read(tmp_path):
+    """A bad header in the last case fails find_cases itself, before a run segments the first ones."""
+    root = _msd(tmp_path)
+    bad = nib.Nifti1Image(np.zeros((4, 4, 3), np.uint16), np.eye(4))
+    bad.header["pixdim"][1:4] = [1.0, 0.0, 1.0]
+    nib.save(bad, root / "Task02_Heart" / "labelsTr" / "la_004.nii.gz")
+    with pytest.raises(DataError, match="labelsTr/la_004.nii.gz has voxel spacing"):
+        find_cases(root)
 
 
 def test_no_match_names_patterns_and_root(tmp_path):

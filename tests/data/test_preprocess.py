@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from la_seg.data.preprocess import labels_to_input, normalize_intensity, restore_geometry, slices_to_input
+from la_seg.data.preprocess import (
+    check_img_size,
+    labels_to_input,
+    normalize_intensity,
+    restore_geometry,
+    slices_to_input,
+)
 from la_seg.errors import DataError
 
 
@@ -108,12 +114,20 @@ def test_restore_geometry_of_smooth_input_is_near_identity():
         assert (restored - volume).abs().max() < 0.05  # aligned: no shift, no transposition
 
 
-@pytest.mark.parametrize("size", [0, 30, 100, -14])
-def test_img_size_must_be_multiple_of_patch(size):
-    with pytest.raises(DataError, match="img_size"):
+@pytest.mark.parametrize("size", [0, -14, 2.5, True, "56"])
+def test_img_size_must_be_a_positive_integer(size):
+    with pytest.raises(DataError, match="img_size must be a positive integer"):
         slices_to_input(torch.rand(8, 8, 2), size)
     with pytest.raises(DataError, match="img_size"):
         labels_to_input(torch.zeros(8, 8, 2), size)
+
+
+def test_patch_multiple_is_the_backbones_rule():
+    """preprocess knows no patch size (DINOv2 has 14, DINOv3 16): any positive size resizes."""
+    assert slices_to_input(torch.rand(8, 8, 2), 30).shape == (2, 3, 30, 30)
+    assert check_img_size(np.int64(32), name="model.img_size") == 32
+    with pytest.raises(DataError, match="model.img_size must be"):
+        check_img_size(0, name="model.img_size")
 
 
 def test_restore_geometry_checks_depth():

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from la_seg.data import DataError, find_cases, read_case, write_dataset
+from la_seg.data import DataError, find_cases, read_case, synthetic, write_dataset
 from la_seg.data.synthetic import synthesize_case
 
 SMALL = (64, 64, 16)
@@ -52,10 +52,11 @@ def test_write_dataset_is_a_readable_lascarqs_tree(tmp_path):
         assert set(np.unique(np.asanyarray(raw.dataobj))) == {0, 420}
         assert nib.load(case.image_path).get_data_dtype() == np.int16
         image, label = read_case(case)
-        assert image.data.shape == SMALL
-        assert image.spacing == pytest.approx((0.625, 0.625, 2.5))
-        np.testing.assert_allclose(np.diag(image.affine), [0.625, 0.625, 2.5, 1.0])
-        np.testing.assert_allclose(image.affine[:3, 3], -(np.array(SMALL) - 1) / 2 * [0.625, 0.625, 2.5])
+        assert image.data.shape == image.geometry.shape == SMALL
+        assert image.geometry.spacing == pytest.approx((0.625, 0.625, 2.5))
+        np.testing.assert_allclose(np.diag(image.geometry.affine), [0.625, 0.625, 2.5, 1.0])
+        origin = -(np.array(SMALL) - 1) / 2 * [0.625, 0.625, 2.5]
+        np.testing.assert_allclose(image.geometry.affine[:3, 3], origin)
         assert 0.002 < label.data.mean() < 0.1
 
 
@@ -104,3 +105,15 @@ def test_write_dataset_bad_arguments(tmp_path, kwargs, message):
     args = {"cases": 1, "seed": 0, "shape": SMALL} | kwargs
     with pytest.raises(DataError, match=message):
         write_dataset(tmp_path, **args)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_shapes_evaluated_in_boxes_equal_the_whole_grid(monkeypatch, seed):
+    """Shapes are evaluated only in a box around them (for speed); the phantom is the one the whole grid
+    gives, so the margin covers every wall and septum the distances are compared with."""
+    shape, spacing = (48, 44, 12), (2.2, 2.2, 8.0)  # a tight field of view: the boxes cut the most
+    image, label = synthesize_case(np.random.default_rng(seed), shape, spacing)
+    monkeypatch.setattr(synthetic, "_MARGIN_MM", 1e4)  # every box is the whole grid
+    image_full, label_full = synthesize_case(np.random.default_rng(seed), shape, spacing)
+    np.testing.assert_array_equal(label, label_full)
+    np.testing.assert_array_equal(image, image_full)
