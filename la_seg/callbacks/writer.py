@@ -100,6 +100,12 @@ class NiftiPredictionWriter(BasePredictionWriter):
 
     def submit(self, prediction: dict, batch: dict) -> None:
         """Queue one case's outputs for writing; returns at once."""
+        # MERGE(ckpt): predict_step returns tensors (PredictOutput); the report helper's writer replaces this.
+        prediction = {
+            **prediction,
+            "mask": prediction["mask"].cpu().numpy(),
+            "prob": prediction["prob"].cpu().numpy(),
+        }
         reference = Volume(
             data=prediction["mask"],
             affine=prediction["affine"],
