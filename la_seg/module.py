@@ -236,14 +236,13 @@ def warmup_cosine_schedule(
     """Linear warm-up over `warmup` steps (factor (step + 1) / warmup), then constant or cosine decay to zero
     at step `total`; stepped per batch."""
     schedules: list[torch.optim.lr_scheduler.LRScheduler] = []
-    if warmup > 1:
-        schedules.append(
-            torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, 1.0, total_iters=warmup - 1)
-        )
+    if warmup > 0:
+        ramp = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, 1.0, total_iters=max(1, warmup - 1))
+        schedules.append(ramp)
     if cosine:
         decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
         schedules.append(decay)
-    if not schedules:  # a warm-up of one step is no warm-up
+    if not schedules:
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     if len(schedules) == 1:
         return schedules[0]
