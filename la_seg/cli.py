@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from jsonargparse import CLI
+from jsonargparse import CLI, ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -30,6 +30,7 @@ from la_seg.models.segmenter import SegmenterConfig
 from la_seg.module import LASegModule
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class LASegCLI(LightningCLI):
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(argv: list[str], from_command_line: bool) -> None:
     """Parse `argv` and run its subcommand."""
     if argv and argv[0] == "synth":
-        CLI(synth, args=argv[1:], as_positional=False)
+        CLI(synth, args=argv[1:], as_positional=False, exit_on_error=False)
         return
     argv = resolve_config_paths(argv)
     if from_command_line:  # DDP re-launches sys.argv: let it carry the resolved config paths
@@ -222,14 +223,17 @@ def run(argv: list[str], from_command_line: bool) -> None:
             "overwrite": True,
             "config_filename": "config.yaml" if subcommand == "fit" else f"config_{subcommand}.yaml",
         },
+        # Argument errors raise (main prints them as one line) instead of printing the whole usage.
         parser_kwargs={
             "description": "la-seg: left-atrium segmentation from LGE MRI with a DINOv2 encoder. "
             "Subcommands: fit, validate, test, predict (Lightning), and `la-seg synth` (synthetic data).",
+            "exit_on_error": False,
+            **{name: {"exit_on_error": False} for name in SUBCOMMANDS},
         },
     )
 
 
-_EXPECTED = (DataError, ValueError, OSError)  # bad input, bad config values, files and disks
+_EXPECTED = (DataError, ValueError, OSError, ArgumentError)  # bad input, bad options or values, files, disks
 _WORKER_HEADER = re.compile(r"Caught \w+ in DataLoader worker process \d+")
 
 
