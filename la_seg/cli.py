@@ -65,6 +65,8 @@ class LASegCLI(LightningCLI):
             check_img_size(config.data.img_size)
         except DataError as error:
             raise DataError(f"data.img_size: {error}") from None
+        if self.subcommand == "predict":  # the writer writes each case; holding all outputs only costs memory
+            config.return_predictions = False
         ckpt = config.get("ckpt_path")
         if not ckpt:
             if self.subcommand != "fit" and not config.untrained:

@@ -9,8 +9,6 @@ from typing import Literal, TypedDict
 
 import lightning as L
 import torch
-from monai.losses import DiceCELoss
-from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
 from la_seg.checkpoints import (
@@ -92,21 +90,37 @@ class LASegModule(L.LightningModule):
         self.save_hyperparameters({**locals_without_self(locals()), "net": dataclasses.asdict(net)})
         self.net_config = net
         self.net = LASegmenter(net)
+        # MONAI is imported only where used: `la-seg predict --help` should not pay for it.
         if loss == "bce":
             self.loss_fn: nn.Module = nn.BCEWithLogitsLoss()
         elif loss == "dice_bce":
+            from monai.losses import DiceCELoss
+
             self.loss_fn = DiceCELoss(sigmoid=True)
         else:
             raise ValueError(f"model.loss must be 'bce' or 'dice_bce', got {loss!r}")
-        self.largest_component = (
-            KeepLargestConnectedComponent() if postprocess == "largest_component" else None
-        )
+        self.largest_component = None
+        if postprocess == "largest_component":
+            from monai.transforms import KeepLargestConnectedComponent
+
+            self.largest_component = KeepLargestConnectedComponent()
         if compile:
             self.net.backbone.compile()
             self.net.decoder.compile()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Move the tensors; pass a volume's Geometry through untouched (Lightning's apply_to_collection
+        refuses frozen dataclasses)."""
+        if not isinstance(batch, dict) or "geometry" not in batch:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        rest = {key: value for key, value in batch.items() if key != "geometry"}
+        return {
+            **super().transfer_batch_to_device(rest, device, dataloader_idx),
+            "geometry": batch["geometry"],
+        }
 
     # ---- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

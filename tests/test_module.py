@@ -194,3 +194,11 @@ def test_inference_settings_are_exposed(tiny_net):
         "eval_batch_size": 32,
         "weights": None,
     }
+
+
+def test_a_batch_with_geometry_moves_to_the_device(tiny_net, synth_root):
+    module = LASegModule(net=tiny_net)
+    batch = volume_batch(synth_root)
+    geometry = Geometry(shape=(1, 2, 3), affine=torch.eye(4).numpy(), spacing=(1.0, 1.0, 2.0), source="x.nii")
+    moved = module.transfer_batch_to_device({**batch, "geometry": geometry}, torch.device("cpu"), 0)
+    assert moved["geometry"] is geometry and torch.equal(moved["image"], batch["image"])
