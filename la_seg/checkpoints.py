@@ -175,7 +175,7 @@ def network_settings(checkpoint: dict) -> dict[str, Any]:
     """The network-defining settings a checkpoint was trained with, plus `slice_context`."""
     hparams = checkpoint["hyper_parameters"]
     net = hparams["net"]
-    settings = {field: net.get(field) for field in NETWORK_FIELDS}
+    settings = {field: net[field] for field in NETWORK_FIELDS if field in net}  # older ones may lack some
     settings["slice_context"] = bool(hparams.get("slice_context", False))
     return settings
 
@@ -187,6 +187,8 @@ def check_settings(checkpoint: dict, given: dict[str, tuple[str, Any, Any]]) -> 
     """
     settings = network_settings(checkpoint)
     for field, (option, value, default) in given.items():
+        if field not in settings:
+            continue
         trained = settings[field]
         if not _same(value, default) and not _same(value, trained):
             raise DataError(

@@ -115,8 +115,9 @@ def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]
         given[field] = (option, values[field], _NOT_A_DEFAULT if on_command_line else defaults[field])
     settings = check_settings(checkpoint, given)
     for field in NETWORK_FIELDS:
-        net[field] = settings[field]
-    config.data.img_size, config.data.slice_context = settings["img_size"], settings["slice_context"]
+        net[field] = settings.get(field, net.get(field))
+    config.data.img_size = net.img_size = settings.get("img_size", config.data.img_size)
+    config.data.slice_context = settings["slice_context"]
     config.model.slice_context = settings["slice_context"]
     record = checkpoint.get("backbone", {})
     if holds_backbone(checkpoint):  # the weights come from the checkpoint: no download, no weights file
