@@ -2,26 +2,45 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import inspect
+import os
+import re
 import sys
 from pathlib import Path
 
-import torch
-from jsonargparse import CLI
+from jsonargparse import CLI, ArgumentError
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorBoardImages
+from la_seg.checkpoints import (
+    NETWORK_FIELDS,
+    DataOnlyCheckpointIO,
+    check_settings,
+    find_run_checkpoint,
+    holds_backbone,
+    load_checkpoint,
+)
 from la_seg.data.datamodule import LADataModule
-from la_seg.data.synthetic import write_dataset
+from la_seg.data.preprocess import check_img_size
 from la_seg.errors import DataError
-from la_seg.evaluate import evaluate
+from la_seg.models.segmenter import SegmenterConfig
 from la_seg.module import LASegModule
-from la_seg.nnunet import export_nnunet
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class LASegCLI(LightningCLI):
-    """Links arguments that must agree and adds the callbacks every run needs."""
+    """Links arguments that must agree, adds the callbacks every run needs, and applies the checkpoint rule:
+    a run's network settings come from its checkpoint, read once and as data only (la_seg/checkpoints.py)."""
+
+    def __init__(self, *args, args_list: list[str] | None = None, **kwargs) -> None:
+        self.given_options = list(args_list or [])
+        self.preloaded: dict[str, dict] = {}
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.img_size", "model.net.img_size")
@@ -29,21 +48,90 @@ class LASegCLI(LightningCLI):
         parser.add_lightning_class_args(SegmentationMetrics, "metrics")
         parser.add_lightning_class_args(TensorBoardImages, "images")
         parser.add_lightning_class_args(NiftiPredictionWriter, "writer")
+        parser.add_argument(
+            "--untrained",
+            type=bool,
+            default=False,
+            help="validate / test / predict without --ckpt_path on purpose (untrained weights: smoke tests)",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Off: Lightning would overlay the checkpoint's hyper-parameters on the config (silently undoing e.g.
+        --model.threshold); before_instantiate_classes applies la-seg's rule to any --ckpt_path instead."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        try:
+            check_img_size(config.data.img_size)
+        except DataError as error:
+            raise DataError(f"data.img_size: {error}") from None
+        if self.subcommand == "predict":  # the writer writes each case; holding all outputs only costs memory
+            config.return_predictions = False
         ckpt = config.get("ckpt_path")
+        if not ckpt:
+            if self.subcommand != "fit" and not config.untrained:
+                raise DataError(
+                    f"{self.subcommand} needs --ckpt_path (a checkpoint file, or best / last of the "
+                    "configured run): without one the model's weights are untrained; pass --untrained true "
+                    "to do it anyway"
+                )
+            return
         run_dir = _logger_run_dir(config)
-        if ckpt in ("last", "best") and run_dir is not None:
-            found = find_run_checkpoint(run_dir, ckpt)
-            if found is not None:
-                config.ckpt_path = ckpt = str(found)
-        if ckpt and Path(ckpt).is_file():
-            _continue_run_of(config, Path(ckpt), run_dir)
-            if _checkpoint_holds_backbone(Path(ckpt)):
-                # The weights come from the checkpoint: building the backbone needs no download.
-                config.model.net.pretrained = False
-                config.model.net.weights = None
+        if ckpt in ("last", "best"):
+            found = find_run_checkpoint(run_dir, ckpt) if run_dir is not None else None
+            if found is None and self.subcommand == "fit":
+                return  # nothing to resume yet: Lightning starts afresh
+            if found is None:
+                where = f"{run_dir}/version_*/checkpoints" if run_dir else "(no logger save_dir configured)"
+                raise DataError(f"--ckpt_path {ckpt}: no {ckpt}.ckpt under {where}")
+            print(f"la-seg: --ckpt_path {ckpt}: using {found}", file=sys.stderr)
+            config.ckpt_path = ckpt = str(found)
+        checkpoint = load_checkpoint(ckpt)
+        self.preloaded[str(ckpt)] = checkpoint
+        _continue_run_of(config, Path(ckpt), run_dir)
+        apply_checkpoint_settings(config, checkpoint, self.given_options)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            self.trainer.strategy.checkpoint_io = DataOnlyCheckpointIO(self.preloaded)
+
+
+def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]) -> None:
+    """Build the network the checkpoint was trained with; a given setting that contradicts it is an error.
+
+    A setting counts as given when it differs from its default or its option is on the command line.
+    """
+    net = config.model.net
+    options = {field: f"model.net.{field}" for field in NETWORK_FIELDS}
+    options |= {"img_size": "data.img_size", "slice_context": "data.slice_context"}
+    values = {field: net.get(field) for field in NETWORK_FIELDS}
+    values |= {"img_size": config.data.img_size, "slice_context": config.data.slice_context}
+    defaults = {f.name: _default(f) for f in dataclasses.fields(SegmenterConfig)}
+    defaults |= {name: p.default for name, p in inspect.signature(LADataModule).parameters.items()}
+    given = {}
+    for field, option in options.items():
+        on_command_line = any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in given_options)
+        given[field] = (option, values[field], _NOT_A_DEFAULT if on_command_line else defaults[field])
+    settings = check_settings(checkpoint, given)
+    for field in NETWORK_FIELDS:
+        net[field] = settings.get(field, net.get(field))
+    config.data.img_size = net.img_size = settings.get("img_size", config.data.img_size)
+    config.data.slice_context = settings["slice_context"]
+    config.model.slice_context = settings["slice_context"]
+    record = checkpoint.get("backbone", {})
+    if holds_backbone(checkpoint):  # the weights come from the checkpoint: no download, no weights file
+        net.pretrained, net.weights = False, None
+    else:  # a lean checkpoint: the recorded source, or the weights file's new location (--model.net.weights)
+        net.pretrained = record.get("pretrained", net.pretrained)
+        net.weights = net.weights or record.get("weights")
+
+
+_NOT_A_DEFAULT = object()
+
+
+def _default(field: dataclasses.Field):
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def _logger_run_dir(config) -> Path | None:
@@ -55,23 +143,12 @@ def _logger_run_dir(config) -> Path | None:
     return Path(args.save_dir) / (args.get("name") or "lightning_logs")
 
 
-def find_run_checkpoint(run_dir: Path, which: str) -> Path | None:
-    """The newest `<run_dir>/version_*/checkpoints/<which>.ckpt`, or None."""
-    candidates = list(run_dir.glob(f"*/checkpoints/{which}.ckpt"))
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
-
-
 def _continue_run_of(config, ckpt: Path, run_dir: Path | None) -> None:
     """Log into the run that wrote `ckpt` (resume continues its curves; the test report lands beside it)."""
     version_dir = ckpt.resolve().parent.parent
     if run_dir is None or ckpt.parent.name != "checkpoints" or version_dir.parent != run_dir.resolve():
         return
     config.trainer.logger.init_args.version = version_dir.name
-
-
-def _checkpoint_holds_backbone(ckpt: Path) -> bool:
-    checkpoint = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
-    return checkpoint.get("backbone", {}).get("stored", True)
 
 
 def resolve_config_paths(argv: list[str]) -> list[str]:
@@ -110,42 +187,81 @@ def synth(
         shape: volume shape (X, Y, Z), slices on the last axis.
         spacing: voxel spacing in mm.
     """
+    from la_seg.data.synthetic import write_dataset  # only `synth` needs it
+
     folders = write_dataset(Path(out), cases, seed, shape=tuple(shape), spacing=tuple(spacing))
     print(f"Wrote {len(folders)} synthetic cases to {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point; bad input ends with its message and exit status 2 rather than a traceback."""
+    """Entry point; any failure ends with one `la-seg: error:` line and exit status 2 rather than a traceback
+    (LA_SEG_DEBUG=1 shows the traceback)."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "synth":
-            CLI(synth, args=argv[1:], as_positional=False)
-            return
-        if argv and argv[0] in ("export-nnunet", "evaluate"):
-            CLI(export_nnunet if argv[0] == "export-nnunet" else evaluate, args=argv[1:], as_positional=False)
-            return
-        argv = resolve_config_paths(argv)
-        if from_command_line:  # DDP re-launches sys.argv: let it carry the resolved config paths
-            sys.argv[1:] = argv
-        subcommand = argv[0] if argv else ""
-        LASegCLI(
-            LASegModule,
-            LADataModule,
-            args=None if from_command_line else argv,
-            # A test or predict run logs into the folder of the run it evaluates: keep that run's config.yaml.
-            save_config_kwargs={
-                "overwrite": True,
-                "config_filename": "config.yaml" if subcommand == "fit" else f"config_{subcommand}.yaml",
-            },
-            parser_kwargs={
-                "description": "la-seg: left-atrium segmentation from LGE MRI with a DINOv2 encoder. "
-                "Subcommands: fit, validate, test, predict (Lightning), and `la-seg synth` (synthetic data).",
-            },
-        )
-    except (DataError, FileExistsError, FileNotFoundError) as error:
-        print(f"la-seg: error: {error}", file=sys.stderr)
+        run(argv, from_command_line)
+    except Exception as error:
+        if os.environ.get("LA_SEG_DEBUG") == "1":
+            raise
+        print(f"la-seg: error: {describe_error(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run(argv: list[str], from_command_line: bool) -> None:
+    """Parse `argv` and run its subcommand."""
+    if argv and argv[0] == "synth":
+        CLI(synth, args=argv[1:], as_positional=False, exit_on_error=False)
+        return
+    if argv and argv[0] in ("export-nnunet", "evaluate"):  # imported here: fit/test/predict never need them
+        from la_seg.evaluate import evaluate
+        from la_seg.nnunet import export_nnunet
+
+        command = export_nnunet if argv[0] == "export-nnunet" else evaluate
+        CLI(command, args=argv[1:], as_positional=False, exit_on_error=False)
+        return
+    argv = resolve_config_paths(argv)
+    if from_command_line:  # DDP re-launches sys.argv: let it carry the resolved config paths
+        sys.argv[1:] = argv
+    subcommand = argv[0] if argv else ""
+    LASegCLI(
+        LASegModule,
+        LADataModule,
+        args=None if from_command_line else argv,
+        args_list=argv,
+        # A test or predict run logs into the folder of the run it evaluates: keep that run's config.yaml.
+        save_config_kwargs={
+            "overwrite": True,
+            "config_filename": "config.yaml" if subcommand == "fit" else f"config_{subcommand}.yaml",
+        },
+        # Argument errors raise (main prints them as one line) instead of printing the whole usage.
+        parser_kwargs={
+            "description": "la-seg: left-atrium segmentation from LGE MRI with a DINOv2 encoder. "
+            "Subcommands: fit, validate, test, predict (Lightning); `la-seg synth` (synthetic data), "
+            "`la-seg export-nnunet` and `la-seg evaluate` (side by side with nnU-Net).",
+            "exit_on_error": False,
+            **{name: {"exit_on_error": False} for name in SUBCOMMANDS},
+        },
+    )
+
+
+_EXPECTED = (DataError, ValueError, OSError, ArgumentError)  # bad input, bad options or values, files, disks
+_WORKER_HEADER = re.compile(r"Caught \w+ in DataLoader worker process \d+")
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for `error`: unwrapped from a DataLoader worker's re-raise, with a hint for the unexpected."""
+    message = str(error)
+    if _WORKER_HEADER.search(message):  # torch re-raises the worker's error with its traceback as message
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        message = re.sub(r"^[\w.]+: ", "", last.strip())
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" while writing {error.filename}" if error.filename else ""
+        message = f"no space left on device{where}: free some space and run again"
+    elif isinstance(error, PermissionError):
+        message = f"permission denied: {error.filename or message}"
+    elif not isinstance(error, _EXPECTED):
+        message = f"{type(error).__name__}: {message} (unexpected: LA_SEG_DEBUG=1 shows the traceback)"
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from contextlib import contextmanager
 from typing import Literal, TypedDict
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from monai.losses import DiceCELoss
-from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
+from la_seg.checkpoints import (
+    INFERENCE_FIELDS,
+    holds_backbone,
+    load_checkpoint,
+    read_backbone_record,
+    write_backbone_record,
+)
 from la_seg.data.io import Geometry
-from la_seg.data.preprocess import restore_geometry, slices_to_input
+from la_seg.data.preprocess import labels_to_input, restore_geometry, slices_to_input
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
 
-BACKBONE_PREFIX = "net.backbone."
 # Largest chunk segment_volume runs on CPU. A CPU forward is compute-bound from a few slices on; bigger chunks
 # only add GB-sized activations that the allocator maps and page-faults afresh for every op (base at 448 px,
 # bf16: 64-slice chunks 2.56 s/slice, 4-slice chunks 1.92 s/slice; see benchmarks/README.md).
@@ -87,15 +89,20 @@ class LASegModule(L.LightningModule):
         self.save_hyperparameters({**locals_without_self(locals()), "net": dataclasses.asdict(net)})
         self.net_config = net
         self.net = LASegmenter(net)
+        # MONAI is imported only where used: `la-seg predict --help` should not pay for it.
         if loss == "bce":
             self.loss_fn: nn.Module = nn.BCEWithLogitsLoss()
         elif loss == "dice_bce":
+            from monai.losses import DiceCELoss
+
             self.loss_fn = DiceCELoss(sigmoid=True)
         else:
             raise ValueError(f"model.loss must be 'bce' or 'dice_bce', got {loss!r}")
-        self.largest_component = (
-            KeepLargestConnectedComponent() if postprocess == "largest_component" else None
-        )
+        self.largest_component = None
+        if postprocess == "largest_component":
+            from monai.transforms import KeepLargestConnectedComponent
+
+            self.largest_component = KeepLargestConnectedComponent()
         if compile:
             self.net.backbone.compile()
             self.net.decoder.compile()
@@ -103,7 +110,6 @@ class LASegModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    # ---- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.net(batch["image"])
         loss = self.loss_fn(logits, batch["label"])
@@ -122,17 +128,9 @@ class LASegModule(L.LightningModule):
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(total * self.hparams.warmup_epochs / max(1, self.trainer.max_epochs or 1))
-        cosine = self.hparams.scheduler == "cosine"
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if not cosine:
-                return 1.0
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = warmup_cosine_schedule(
+            optimizer, warmup, total, cosine=self.hparams.scheduler == "cosine"
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- whole-volume evaluation --------------------------------------------------------------------
@@ -142,102 +140,110 @@ class LASegModule(L.LightningModule):
         return min(chunk, CPU_EVAL_CHUNK) if device.type == "cpu" else chunk
 
     @torch.no_grad()
-    def segment_volume(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probability map and binary mask, both (X, Y, Z) in the volume's original geometry."""
-        depth = image.shape[-1]
-        chunk = self.eval_chunk(image.device)
-        probs = []
+    def slice_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """(Z, S, S) float32 logits of every slice of an (X, Y, Z) volume, at the model's img_size."""
+        depth, chunk = image.shape[-1], self.eval_chunk(image.device)
+        logits = []
         for start in range(0, depth, chunk):
             index = slice(start, min(depth, start + chunk))
             x = slices_to_input(image, self.net_config.img_size, self.hparams.slice_context, index=index)
-            probs.append(torch.sigmoid(self.net(x).float())[:, 0])
-        prob = restore_geometry(torch.cat(probs), tuple(image.shape))
+            logits.append(self.net(x).float()[:, 0])
+        return torch.cat(logits)
+
+    def mask_from_logits(self, logits: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probability map and binary mask in the volume's `shape` from (Z, S, S) slice logits."""
+        prob = restore_geometry(torch.sigmoid(logits), tuple(shape))
         mask = prob > self.hparams.threshold
         if self.largest_component is not None and mask.any():
             mask = self.largest_component(mask[None]).squeeze(0).bool()
         return prob, mask
 
-    def _evaluate(self, batch: dict, stage: str) -> dict:
-        prob, mask = self.segment_volume(batch["image"])
-        label = batch["label"]
-        loss = F.binary_cross_entropy(prob.clamp(1e-6, 1 - 1e-6), label.float())
-        self.log(f"{stage}/loss", loss, batch_size=1, sync_dist=True)
-        return {"case_id": batch["case_id"], "pred": mask, "label": label.bool(), "spacing": batch["spacing"]}
+    def segment_volume(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probability map and binary mask, both (X, Y, Z) in the volume's original geometry."""
+        return self.mask_from_logits(self.slice_logits(image), tuple(image.shape))
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+    @torch.no_grad()
+    def eval_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """The training loss on a volume's slices: per chunk, weighted by slices, in fp32 outside autocast.
+
+        Autocast refuses some losses (BCE on probabilities) and would run others in low precision.
+        """
+        depth, chunk = logits.shape[0], self.eval_chunk(logits.device)
+        total = logits.new_zeros(())
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            for start in range(0, depth, chunk):
+                index = slice(start, min(depth, start + chunk))
+                target = labels_to_input(label, self.net_config.img_size, index=index)
+                total += self.loss_fn(logits[index, None].float(), target) * target.shape[0]
+        return total / depth
+
+    def _evaluate(self, batch: dict, stage: str) -> EvalOutput:
+        image, label = batch["image"], batch["label"]
+        logits = self.slice_logits(image)
+        self.log(f"{stage}/loss", self.eval_loss(logits, label), batch_size=1, sync_dist=True)
+        _, mask = self.mask_from_logits(logits, tuple(image.shape))
+        return EvalOutput(case_id=batch["case_id"], pred=mask, label=label.bool(), geometry=batch["geometry"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> EvalOutput:
         return self._evaluate(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> dict:
+    def test_step(self, batch: dict, batch_idx: int) -> EvalOutput:
         return self._evaluate(batch, "test")
 
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> PredictOutput:
         prob, mask = self.segment_volume(batch["image"])
-        return {
-            "case_id": batch["case_id"],
-            "mask": mask.to(torch.uint8).cpu().numpy(),
-            "prob": prob.cpu().numpy(),
-            "affine": batch["affine"],
-            "spacing": batch["spacing"],
-            "image_path": batch["image_path"],
-        }
+        return PredictOutput(case_id=batch["case_id"], mask=mask, prob=prob, geometry=batch["geometry"])
 
-    # ---- lean checkpoints ---------------------------------------------------------------------------
-    def _backbone_record(self) -> dict:
-        net = self.net_config
-        return {
-            "name": net.backbone,
-            "pretrained": net.pretrained,
-            "weights": net.weights,
-            "fingerprint": self.net.backbone.fingerprint(),
-        }
-
+    # ---- checkpoints (the format lives in la_seg/checkpoints.py) ------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["backbone"] = self._backbone_record()
-        has_source = self.net_config.pretrained or self.net_config.weights is not None
-        if self.net.backbone.frozen and has_source and not self.hparams.save_backbone:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith(BACKBONE_PREFIX)]:
-                del state[key]
-            checkpoint["backbone"]["stored"] = False
-        else:
-            checkpoint["backbone"]["stored"] = True
+        write_backbone_record(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        record = checkpoint.get("backbone")
-        if record is None or record.get("stored", True):
-            return
-        current = self._backbone_record()
-        if current["fingerprint"] != record["fingerprint"]:
-            raise RuntimeError(
-                "The checkpoint does not contain the frozen backbone; it was trained with "
-                f"{record['name']} (weights: {_source(record)}, fingerprint {record['fingerprint']}), but"
-                f" the backbone built now ({current['name']}, weights: {_source(current)}) has fingerprint "
-                f"{current['fingerprint']}. Point model.net.weights at the same weights file, "
-                "or train with model.save_backbone: true for a self-contained checkpoint."
-            )
-        backbone_state = {BACKBONE_PREFIX + k: v for k, v in self.net.backbone.state_dict().items()}
-        checkpoint["state_dict"].update(backbone_state)
+        read_backbone_record(self, checkpoint)
+
+    def inference_settings(self) -> dict:
+        """The choices that may differ from training (recorded in reports): threshold, post-processing, ..."""
+        settings = {field: self.hparams[field] for field in INFERENCE_FIELDS}
+        return {**settings, "weights": self.net_config.weights}
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, **kwargs):  # type: ignore[override]
-        """Rebuild the model from a checkpoint alone, without any download.
+        """Rebuild the model from a checkpoint alone (read once, as data), without any download.
 
         A self-contained checkpoint skips the hub entirely; a lean one rebuilds its backbone from the
         recorded source with the hub switched to offline, so only cached or local weights are used.
+        `kwargs` override hyper-parameters (e.g. `threshold`, or `net` with another weights path).
         """
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        record = checkpoint.get("backbone", {})
-        net = kwargs.pop("net", None) or SegmenterConfig(**checkpoint["hyper_parameters"]["net"])
-        if isinstance(net, dict):
-            net = SegmenterConfig(**net)
-        if record.get("stored", True):
+        checkpoint = load_checkpoint(checkpoint_path)
+        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+        net = kwargs.pop("net", None) or hparams["net"]
+        net = SegmenterConfig(**net) if isinstance(net, dict) else net
+        if holds_backbone(checkpoint):
             net = dataclasses.replace(net, pretrained=False, weights=None)
         with _hub_offline():
-            return super().load_from_checkpoint(checkpoint_path, map_location=map_location, net=net, **kwargs)
+            module = cls(**{**hparams, **kwargs, "net": net})
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module.to(map_location) if map_location is not None else module
 
 
-def _source(record: dict) -> str:
-    return record["weights"] or ("hub" if record["pretrained"] else "random")
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int, cosine: bool
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over `warmup` steps (factor (step + 1) / warmup), then constant or cosine decay to zero
+    at step `total`; stepped per batch."""
+    schedules: list[torch.optim.lr_scheduler.LRScheduler] = []
+    if warmup > 0:
+        ramp = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, 1.0, total_iters=max(1, warmup - 1))
+        schedules.append(ramp)
+    if cosine:
+        decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+        schedules.append(decay)
+    if not schedules:
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if len(schedules) == 1:
+        return schedules[0]
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, schedules, milestones=[warmup])
 
 
 def locals_without_self(scope: dict) -> dict:

@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from la_seg.data.synthetic import write_dataset
 from la_seg.models.segmenter import SegmenterConfig
@@ -14,6 +16,36 @@ from la_seg.models.segmenter import SegmenterConfig
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 TINY_VIT = {"depth": 4, "embed_dim": 32, "num_heads": 2}
+
+
+def _autocast_enabled() -> bool:
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+
+
+@pytest.fixture(autouse=True)
+def refuse_autocast_banned_ops(monkeypatch):
+    """Make CPU tests fail where CUDA autocast would: the ops on its banned list raise under any autocast.
+
+    CUDA autocast refuses binary_cross_entropy (and nn.BCELoss); CPU autocast runs it, so without this a
+    bf16-mixed CPU test passes while every GPU run crashes at its first validation.
+    """
+    original = F.binary_cross_entropy
+
+    def guarded(*args, **kwargs):
+        if _autocast_enabled():
+            raise RuntimeError("binary_cross_entropy is unsafe to autocast (refused by CUDA autocast)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "binary_cross_entropy", guarded)
+    monkeypatch.setattr(torch.nn.modules.loss.F, "binary_cross_entropy", guarded)
+    original_forward = nn.BCELoss.forward
+
+    def guarded_forward(self, *args, **kwargs):
+        if _autocast_enabled():
+            raise RuntimeError("nn.BCELoss is unsafe to autocast (refused by CUDA autocast)")
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.BCELoss, "forward", guarded_forward)
 
 
 @pytest.fixture

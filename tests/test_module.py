@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import lightning as L
 import pytest
@@ -6,9 +7,12 @@ import timm
 import torch
 
 from la_seg.data.datasets import SliceDataset
+from la_seg.data.io import Geometry
 from la_seg.data.layouts import find_cases
+from la_seg.data.preprocess import labels_to_input
+from la_seg.errors import DataError
 from la_seg.metrics import overlap_3d
-from la_seg.module import LASegModule
+from la_seg.module import LASegModule, warmup_cosine_schedule
 
 
 def slice_batch(root, img_size, n=8):
@@ -89,7 +93,7 @@ def test_lean_checkpoint_refuses_a_different_backbone(tiny_net, tmp_path):
     net = dataclasses.replace(tiny_net, weights=weights_file(path, 1, tiny_net.backbone_kwargs))
     lean = save(LASegModule(net=net), tmp_path / "lean.ckpt")
     weights_file(path, 2, tiny_net.backbone_kwargs)  # the weights file changed since training
-    with pytest.raises(RuntimeError, match="fingerprint"):
+    with pytest.raises(DataError, match=f"{lean}.*fingerprint"):
         LASegModule.load_from_checkpoint(lean)
 
 
@@ -113,3 +117,89 @@ def test_compile_gives_the_same_outputs(tiny_net):
     x = torch.rand(2, 3, 56, 56)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def old_lambda_factor(step, warmup, total, cosine):
+    """The hand-written LambdaLR factor that warmup_cosine_schedule replaces."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@pytest.mark.parametrize(
+    ("warmup", "total", "cosine"), [(5, 40, True), (5, 40, False), (0, 30, True), (1, 9, True)]
+)
+def test_schedule_matches_the_old_formula(warmup, total, cosine):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = warmup_cosine_schedule(optimizer, warmup, total, cosine)
+    for step in range(total):
+        lr = optimizer.param_groups[0]["lr"]
+        assert lr == pytest.approx(0.1 * old_lambda_factor(step, warmup, total, cosine), abs=1e-9), step
+        optimizer.step()
+        scheduler.step()
+
+
+def volume_batch(synth_root, with_label=True):
+    from la_seg.data.datasets import VolumeDataset
+
+    item = VolumeDataset(find_cases(synth_root)[:1], with_labels=with_label, cache="none")[0]
+    return {
+        **item,
+        "image": item["image"][:, :, :5],
+        **({"label": item["label"][:, :, :5]} if with_label else {}),
+    }
+
+
+@pytest.mark.parametrize("loss", ["bce", "dice_bce"])
+def test_eval_loss_is_the_training_loss_on_the_model_slices(tiny_net, synth_root, loss):
+    module = LASegModule(net=tiny_net, loss=loss, eval_batch_size=2).eval()  # 5 slices: chunks 2, 2, 1
+    batch = volume_batch(synth_root)
+    logits = module.slice_logits(batch["image"])
+    target = labels_to_input(batch["label"], tiny_net.img_size)
+    expected = module.loss_fn(logits[:, None], target)
+    torch.testing.assert_close(module.eval_loss(logits, batch["label"]), expected)
+
+
+def test_validation_runs_under_mixed_precision(tiny_net, synth_root):
+    """CUDA autocast refuses binary_cross_entropy; the conftest fixture makes any autocast refuse it too."""
+    module = LASegModule(net=tiny_net).eval()
+    batch = volume_batch(synth_root)
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.update({name: value})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = module.validation_step(batch, 0)
+    assert logged["val/loss"].dtype == torch.float32 and torch.isfinite(logged["val/loss"])
+    assert output["pred"].dtype == torch.bool and output["pred"].shape == batch["image"].shape
+    assert output["label"].dtype == torch.bool and isinstance(output["geometry"], Geometry)
+
+
+def test_predict_step_returns_tensors_and_passes_the_geometry_through(tiny_net, synth_root):
+    module = LASegModule(net=tiny_net).eval()
+    batch = volume_batch(synth_root, with_label=False)
+    geometry = Geometry(shape=(1, 2, 3), affine=torch.eye(4).numpy(), spacing=(1.0, 1.0, 2.0), source="x.nii")
+    output = module.predict_step({**batch, "geometry": geometry}, 0)
+    assert output["geometry"] is geometry and output["case_id"] == batch["case_id"]
+    assert output["mask"].dtype == torch.bool and output["prob"].dtype == torch.float32
+    assert output["mask"].shape == output["prob"].shape == batch["image"].shape
+
+
+def test_inference_settings_are_exposed(tiny_net):
+    module = LASegModule(net=tiny_net, threshold=0.7, postprocess="largest_component")
+    assert module.inference_settings() == {
+        "threshold": 0.7,
+        "postprocess": "largest_component",
+        "eval_batch_size": 32,
+        "weights": None,
+    }
+
+
+def test_a_batch_with_geometry_moves_to_the_device(tiny_net, synth_root):
+    module = LASegModule(net=tiny_net)
+    batch = volume_batch(synth_root)
+    geometry = Geometry(shape=(1, 2, 3), affine=torch.eye(4).numpy(), spacing=(1.0, 1.0, 2.0), source="x.nii")
+    moved = module.transfer_batch_to_device({**batch, "geometry": geometry}, torch.device("cpu"), 0)
+    assert torch.equal(moved["image"], batch["image"])
+    assert (moved["geometry"].shape, moved["geometry"].source) == (geometry.shape, geometry.source)
