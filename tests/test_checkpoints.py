@@ -84,7 +84,7 @@ def test_network_settings_come_from_the_checkpoint(monkeypatch, synth_root, cont
 @pytest.mark.parametrize(
     ("option", "value", "trained"),
     [("--data.slice_context", "false", "True"), ("--data.img_size", "70", "56"),
-     ("--model.net.fusion_groups", "2", "4")],
+     ("--model.net.fusion_groups", "4", "1")],
 )  # fmt: skip
 def test_a_contradicting_setting_is_an_error(capsys, synth_root, context_ckpt, option, value, trained):
     argv = ["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", str(context_ckpt), option, value]

@@ -39,7 +39,11 @@ def test_shipped_configs_parse(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert "img_size" not in printed["model"]["net"]  # linked from data.img_size, not repeated
     if config != "demo.yaml":
-        assert printed["model"]["net"]["backbone"] == f"vit_{config[:-5]}_patch14_dinov2"
+        size = config[:-5].removeprefix("dinov3_")
+        expected = {"huge": "huge_plus"}.get(size, size)
+        family = "patch16_dinov3" if config.startswith("dinov3_") else "patch14_dinov2"
+        assert printed["model"]["net"]["backbone"] == f"vit_{expected}_{family}"
+        assert printed["model"]["net"]["fusion_groups"] == 1  # the paper: one softmax over all blocks
         assert printed["trainer"]["precision"] == "bf16-mixed" and printed["data"]["img_size"] == 448
 
 
@@ -48,7 +52,7 @@ def test_ablation_overlays_change_the_paper_config(overlay, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", "giant.yaml", "--config", overlay, "--print_config"])
     net = yaml.safe_load(capsys.readouterr().out)["model"]["net"]
-    assert (net["fusion"], net["image_guidance"]) != ("softmax", True)
+    assert (net["fusion"], net["image_guidance"], net["fusion_groups"]) != ("softmax", True, 1)
 
 
 def test_config_names_resolve_to_shipped_files(tmp_path):
