@@ -1,0 +1,54 @@
+"""Random NIfTI headers: la-seg either reads a usable volume or refuses the file with a DataError."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from la_seg.data import read_image
+from la_seg.errors import DataError
+
+finite_or_not = st.one_of(
+    st.floats(min_value=-5, max_value=5, allow_nan=False),
+    st.sampled_from([0.0, math.nan, math.inf, -math.inf, 1e-30, 1e30]),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=5),
+    matrix=st.lists(finite_or_not, min_size=9, max_size=9),
+    codes=st.tuples(st.sampled_from([0, 1, 2, 4]), st.sampled_from([0, 1, 2, 4])),
+    pixdim=st.lists(finite_or_not, min_size=3, max_size=3),
+    dtype=st.sampled_from([np.int16, np.uint8, np.float32, np.float64, np.complex64, np.int64]),
+)
+def test_any_header_reads_sanely_or_is_refused(shape, matrix, codes, pixdim, dtype):
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(matrix, dtype=np.float64).reshape(3, 3)
+    data = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape).astype(dtype)
+    image = nib.Nifti1Image(data, None)
+    image.header["pixdim"][1:4] = pixdim
+    image.set_qform(affine if codes[0] else None, code=codes[0])
+    image.set_sform(affine if codes[1] else None, code=codes[1])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "random.nii.gz"
+        try:
+            nib.save(image, path)
+        except Exception:  # nibabel itself refuses to write some of these headers: nothing to read
+            return
+        try:
+            volume = read_image(path)
+        except DataError as error:
+            assert "random.nii.gz" in str(error)
+            return
+    spacing = np.asarray(volume.geometry.spacing)
+    assert volume.data.ndim == 3 and volume.data.dtype == np.float32
+    assert np.isfinite(spacing).all() and (spacing > 0).all(), spacing
+    assert np.isfinite(volume.geometry.affine).all()
+    assert abs(np.linalg.det(volume.geometry.affine[:3, :3])) > 0
