@@ -14,6 +14,7 @@ from la_seg.data.datamodule import LADataModule
 from la_seg.data.synthetic import write_dataset
 from la_seg.errors import DataError
 from la_seg.module import LASegModule
+from la_seg.runtime import apply_cpu_precision, configure_threads
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -28,8 +29,13 @@ class LASegCLI(LightningCLI):
         parser.add_lightning_class_args(TensorBoardImages, "images")
         parser.add_lightning_class_args(NiftiPredictionWriter, "writer")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self.command_line = list(sys.argv[1:] if args is None else args)  # to tell explicit options apart
+        super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        apply_cpu_precision(config.trainer, self.command_line)
         ckpt = config.get("ckpt_path")
         run_dir = _logger_run_dir(config)
         if ckpt in ("last", "best") and run_dir is not None:
@@ -114,6 +120,7 @@ def synth(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; bad input ends with its message and exit status 2 rather than a traceback."""
+    configure_threads()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
