@@ -108,7 +108,8 @@ def test_ratios_agree_with_figures(report):
     assert report["peak_memory_gb"] == max(report["peak_memory_by_phase_gb"].values())
     train = report["details"]["train"]
     assert 2 <= train["slices"] <= 2 * 4  # two timed steps of at most a batch each
-    assert report["train_slices_per_s"] == pytest.approx(train["slices"] / sum(train["step_times_s"]), rel=1e-4)
+    expected = train["slices"] / sum(train["step_times_s"])
+    assert report["train_slices_per_s"] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.slow
