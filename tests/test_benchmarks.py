@@ -5,6 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +140,25 @@ def test_frozen_backbone_keeps_no_graph(throughput, tmp_path):
     assert checks["backbone_frozen"] is True and checks["backbone_trainable_params"] == 0
     assert checks["backbone_output_has_grad_fn"] is False and checks["backbone_vit_in_train_mode"] is False
     assert _positive(report["train_slices_per_s"])
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_user_step(tmp_path):
+    """SMOKE=1 rehearses the GPU check on CPU: every step a user runs passes, in order, and is summarised."""
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        **{"SMOKE": "1", "OUT": str(out), "PY": sys.executable, "WHEELS": str(tmp_path / "no-wheels")},
+        "BUDGET_S": "900",
+    }
+    script = SCRIPT.parent / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-4000:]
+    summary = done.stdout.split("==== gpu_check summary")[1]
+    steps = re.findall(r"^(\w+) +ok +rc=0 +\d+s$", summary, re.M)
+    assert steps == ["weights", "synth", "fit", "kill", "resume", "test", "predict", "throughput"]
+    assert "killed mid-epoch: exit status 137" in (out / "kill.log").read_text()
+    assert re.search(r"resumed from epoch (\d+), now (\d+)", (out / "resume.log").read_text())
+    assert len(list((out / "masks").glob("*.nii.gz"))) == 2
+    assert json.loads((out / "throughput.json").read_text())["device_type"] == "cpu"
+    assert "throughput: cpu" in summary
