@@ -82,9 +82,9 @@ step() { # step NAME LIMIT_S COMMAND...: run it under a time limit, its output t
 }
 la_seg() { "$PY" -m la_seg.cli "$@"; }
 left() { echo $((BUDGET_S - SECONDS)); }
-last_epoch() { # the epoch stored in the newest last.ckpt of the run
+last_step() { # the global step stored in the newest last.ckpt of the run
     "$PY" -c "import glob, os, torch; p = max(glob.glob('runs/*/version_*/checkpoints/last.ckpt'), \
-key=os.path.getmtime); print(torch.load(p, map_location='cpu', weights_only=False)['epoch'])"
+key=os.path.getmtime); print(torch.load(p, map_location='cpu', weights_only=False)['global_step'])"
 }
 make_data() {
     la_seg synth --out data --cases 6 --shape "$SYNTH_SHAPE" &&
@@ -96,10 +96,10 @@ kill_mid_epoch() { # fit from last.ckpt, SIGKILL once a training batch of the re
     "$PY" -m la_seg.cli fit "${COMMON[@]}" --trainer.max_epochs 1000 --ckpt_path last &
     local pid=$!
     for _ in $(seq 1 1200); do
-        if grep -aqE '\| +[1-9][0-9]*/[0-9]+ \[' "$WORK/kill.log"; then
+        if grep -aqE 'Epoch [0-9]+: +[0-9]+%[^|]*\|[^|]*\| *[1-9][0-9]*/[0-9]+ \[' "$WORK/kill.log"; then
             kill -KILL "$pid"
             wait "$pid"
-            echo "killed mid-epoch: exit status $? (137 = SIGKILL); last.ckpt holds epoch $(last_epoch)"
+            echo "killed mid-epoch: exit status $? (137 = SIGKILL); last.ckpt holds step $(last_step)"
             return 0
         fi
         kill -0 "$pid" 2>/dev/null || { echo "the run ended before it could be killed"; return 1; }
@@ -109,13 +109,13 @@ kill_mid_epoch() { # fit from last.ckpt, SIGKILL once a training batch of the re
     echo "no training batch within 120 s"
     return 1
 }
-resume() { # resume from last.ckpt for one more epoch; the new last.ckpt must hold it
+resume() { # resume from last.ckpt for three more steps (one short epoch); the new last.ckpt must hold them
     local before
-    before=$(last_epoch) || return 1
-    timeout 150 "$PY" -m la_seg.cli fit "${COMMON[@]}" --ckpt_path last --trainer.max_epochs $((before + 2)) ||
+    before=$(last_step) || return 1
+    timeout 150 "$PY" -m la_seg.cli fit "${COMMON[@]}" --ckpt_path last --trainer.max_steps $((before + 3)) ||
         return 1
-    echo "resumed from epoch $before, now $(last_epoch)"
-    [ "$(last_epoch)" = $((before + 1)) ]
+    echo "resumed from step $before, now at step $(last_step)"
+    [ "$(last_step)" = $((before + 3)) ]
 }
 predict_masks() {
     la_seg predict "${COMMON[@]}" --ckpt_path best --data.predict_root predict --writer.output_dir masks &&
@@ -154,7 +154,7 @@ say "start kill (fit --ckpt_path last, SIGKILL after its first batch)"
 kill_mid_epoch >"$WORK/kill.log" 2>&1
 record kill $? $((SECONDS - start))
 start=$SECONDS
-say "start resume (fit --ckpt_path last, one more epoch)"
+say "start resume (fit --ckpt_path last, three more steps)"
 resume >"$WORK/resume.log" 2>&1
 record resume $? $((SECONDS - start))
 step test 120 "$PY" -m la_seg.cli test "${COMMON[@]}" --ckpt_path best
