@@ -53,12 +53,16 @@ done
 PYTHONPATH=$REPO "$PY" - "$OUT_JSON" "$LA_SEG_PATH" "${RESULTS[@]}" <<'PYEOF'
 import json, os, subprocess, sys
 from pathlib import Path
+
+# As the runs saw them (None: la-seg chooses); read before la_seg is imported, which sets a wait policy.
+thread_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
 from la_seg.runtime import describe_cpu
 
 out, checkout, *pairs = sys.argv[1:]
 seconds = {mode: float(value) for mode, value in (pair.split("=") for pair in pairs)}
 commit = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
 report = {"checkout": checkout, "commit": commit.strip(), "seconds": seconds, **describe_cpu(),
+          "thread_env": thread_env,
           "slowdown_vs_idle": {m: s / seconds["idle"] for m, s in seconds.items()} if "idle" in seconds else None,
           "load_average_after": list(os.getloadavg())}
 Path(out).parent.mkdir(parents=True, exist_ok=True)
