@@ -24,8 +24,11 @@ lint: install
 	$(BIN)/ruff check la_seg tests benchmarks
 	$(BIN)/ruff format --check la_seg tests benchmarks
 
+# Quick figures of this machine; the measurements of record are in benchmarks/README.md.
 bench: install
-	$(BIN)/python benchmarks/throughput.py --config demo.yaml --json benchmarks/results/cpu_demo.json
+	$(BIN)/python benchmarks/throughput.py --config demo.yaml --device cpu --json benchmarks/results/cpu_demo.json
+	$(BIN)/python benchmarks/startup.py --backbone vit_small_patch14_dinov2 \
+		--json benchmarks/results/startup_cpu_small.json
 
 clean:
 	rm -rf $(VENV) runs demo_data *.egg-info

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# GPU throughput check for la-seg (issue 5) on a lent H100 / H200: one prepared run, about 3-5 minutes.
+# GPU check of what a user runs (issue 8.2), on a lent H100 / H200, in at most 6 minutes including installs:
+#   random giant weights written once to a local file and passed as --model.net.weights (lean checkpoints,
+#   offline loading) -> la-seg synth (small volumes) -> la-seg fit --config giant.yaml, two short epochs ->
+#   a SIGKILL mid-epoch and `--ckpt_path last` resume -> la-seg test --ckpt_path best -> la-seg predict on
+#   640 x 640 x 44 volumes -> benchmarks/throughput.py (giant, 448 px, batch 32).
+# Each step prints one line with its wall time and exit status; a failing step does not stop the later ones;
+# a summary block ends the output. Exit status: 0 when every step passed.
 #
 # Lead, run it ONCE with the device tool (repo root is the working dir there):
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)
-# (kind left out: an H100 or H200 both do; the JSON names the card). Results come back in $OUT:
-#   gpu_giant_448.json (the figures), gpu_giant_448_channels_last.json (if time allowed), gpu_demo_smoke.json,
-#   gpu_check.log; the end of the output prints the giant JSON and a one-line summary per run.
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=420)
+# Results come back in $OUT: <step>.log per step, throughput.json, gpu_check.log.
 #
 # .whl/ (git-ignored, ~17 MB) holds what the device image lacks or may hold in another version, for Python 3.12
 # x86_64; la-seg itself travels with the tree and is used through PYTHONPATH. To rebuild it here:
@@ -19,83 +23,162 @@
 # Already on the image (KINDS.md): torch, lightning, torchmetrics, tensorboard, opencv-python-headless, scipy,
 # scikit-image, pillow, numpy, pyyaml, huggingface-hub, safetensors, torchvision.
 #
-# Environment overrides: PY (python, default python3), BUDGET_S (seconds for the whole script, default 330),
-# WHEELS (wheel folder, default .whl), SITE (install target, default /tmp/site), PYTHONPATH_PREFIX, and
-# DRY_RUN=1: CPU and the tiny config only, to rehearse this script on a machine without a GPU.
+# Environment overrides: PY (python, default python3), OUT (results, default /tmp/la-seg-gpu-check), WHEELS
+# (default .whl), SITE (install target, default /tmp/site), BUDGET_S (whole script, default 340), and
+#   SMOKE=1: CPU, demo.yaml with a tiny ViT, small volumes: rehearses every step on a machine without a GPU.
+#   CONFIG, EXTRA_ARGS (la-seg options added to fit/test/predict), WEIGHTS_MODEL, WEIGHTS_KWARGS (JSON timm
+#   kwargs of the random weights), WEIGHTS (the file), SYNTH_SHAPE, PREDICT_SHAPE, THROUGHPUT_ARGS.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1
 PY=${PY:-python3}
-BUDGET_S=${BUDGET_S:-330}
+BUDGET_S=${BUDGET_S:-340}
 WHEELS=${WHEELS:-.whl}
 SITE=${SITE:-/tmp/site}
-DEVICE=cuda
-[ "${DRY_RUN:-0}" = 1 ] && DEVICE=cpu
 OUT=${OUT:-/tmp/la-seg-gpu-check}
-mkdir -p "$OUT"
-LOG="$OUT/gpu_check.log"
+if [ "${SMOKE:-0}" = 1 ]; then
+    CONFIG=${CONFIG:-demo.yaml}
+    EXTRA_ARGS=${EXTRA_ARGS:-"--trainer.accelerator cpu --data.img_size 56 --data.batch_size 4 --data.num_workers 0"}
+    NET_ARGS=(--model.net.backbone_kwargs "{depth: 4, embed_dim: 32, num_heads: 2}" --model.net.trainable_blocks 0
+        --model.net.decoder_channels "[16, 16, 8, 8]")
+    WEIGHTS_MODEL=${WEIGHTS_MODEL:-vit_small_patch14_dinov2}
+    WEIGHTS_KWARGS=${WEIGHTS_KWARGS:-'{"depth": 4, "embed_dim": 32, "num_heads": 2}'}
+    SYNTH_SHAPE=${SYNTH_SHAPE:-[48, 48, 8]}
+    PREDICT_SHAPE=${PREDICT_SHAPE:-[64, 64, 8]}
+    THROUGHPUT_ARGS=${THROUGHPUT_ARGS:-"--device cpu --img-size 56 --batch-size 4 --steps 1 --warmup 0 --volumes 1
+        --volume-shape 64 64 8 --num-workers 0"}
+    WEIGHTS_DEVICE=cpu
+else
+    CONFIG=${CONFIG:-giant.yaml}
+    EXTRA_ARGS=${EXTRA_ARGS:-"--trainer.devices 1 --data.batch_size 8 --data.num_workers 4"}
+    NET_ARGS=()
+    WEIGHTS_MODEL=${WEIGHTS_MODEL:-vit_giant_patch14_dinov2}
+    WEIGHTS_KWARGS=${WEIGHTS_KWARGS:-'{}'}
+    SYNTH_SHAPE=${SYNTH_SHAPE:-[128, 128, 16]}
+    PREDICT_SHAPE=${PREDICT_SHAPE:-[640, 640, 44]}
+    THROUGHPUT_ARGS=${THROUGHPUT_ARGS:-"--device cuda --img-size 448 --batch-size 32 --steps 10 --warmup 3
+        --volumes 3 --volume-shape 640 640 44"}
+    WEIGHTS_DEVICE=cuda
+fi
+WORK=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+WEIGHTS=${WEIGHTS:-$WORK/random_$WEIGHTS_MODEL.safetensors}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+LOG="$WORK/gpu_check.log"
 : >"$LOG"
+SUMMARY=()
+FAILED=0
 say() { echo "[gpu_check ${SECONDS}s] $*" | tee -a "$LOG"; }
+record() { # record NAME RC SECONDS: the step's summary line
+    SUMMARY+=("$(printf '%-10s %-4s rc=%-3s %4ss' "$1" "$([ "$2" = 0 ] && echo ok || echo FAIL)" "$2" "$3")")
+    [ "$2" = 0 ] || FAILED=$((FAILED + 1))
+    say "step $1: rc=$2 in $3 s (log: $WORK/$1.log)"
+    [ "$2" = 0 ] || tail -15 "$WORK/$1.log" | sed 's/^/    /'
+}
+step() { # step NAME LIMIT_S COMMAND...: run it under a time limit, its output to $WORK/NAME.log
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    say "start $name (limit ${limit}s)"
+    timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+    record "$name" $? $((SECONDS - start))
+}
+la_seg() { "$PY" -m la_seg.cli "$@"; }
+left() { echo $((BUDGET_S - SECONDS)); }
+last_step() { # the global step stored in the newest last.ckpt of the run
+    "$PY" -c "import glob, os, torch; p = max(glob.glob('runs/*/version_*/checkpoints/last.ckpt'), \
+key=os.path.getmtime); print(torch.load(p, map_location='cpu', weights_only=False)['global_step'])"
+}
+make_data() {
+    la_seg synth --out data --cases 6 --shape "$SYNTH_SHAPE" &&
+        la_seg synth --out predict_src --cases 1 --shape "$PREDICT_SHAPE" && mkdir -p predict &&
+        cp predict_src/train_1/enhanced.nii.gz predict/case_1.nii.gz &&
+        cp predict_src/train_1/enhanced.nii.gz predict/case_2.nii.gz
+}
+kill_mid_epoch() { # fit from last.ckpt, SIGKILL once a training batch of the resumed run has finished
+    "$PY" -m la_seg.cli fit "${COMMON[@]}" --trainer.max_epochs 1000 --ckpt_path last &
+    local pid=$!
+    for _ in $(seq 1 1200); do
+        if grep -aqE 'Epoch [0-9]+: +[0-9]+%[^|]*\|[^|]*\| *[1-9][0-9]*/[0-9]+ \[' "$WORK/kill.log"; then
+            kill -KILL "$pid"
+            wait "$pid"
+            echo "killed mid-epoch: exit status $? (137 = SIGKILL); last.ckpt holds step $(last_step)"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || { echo "the run ended before it could be killed"; return 1; }
+        sleep 0.1
+    done
+    kill -KILL "$pid"
+    echo "no training batch within 120 s"
+    return 1
+}
+resume() { # resume from last.ckpt for three more steps (one short epoch); the new last.ckpt must hold them
+    local before
+    before=$(last_step) || return 1
+    timeout 150 "$PY" -m la_seg.cli fit "${COMMON[@]}" --ckpt_path last --trainer.max_steps $((before + 3)) ||
+        return 1
+    echo "resumed from step $before, now at step $(last_step)"
+    [ "$(last_step)" = $((before + 3)) ]
+}
+predict_masks() {
+    la_seg predict "${COMMON[@]}" --ckpt_path best --data.predict_root predict --writer.output_dir masks &&
+        ls masks/*.nii.gz && [ "$(ls masks/*.nii.gz | wc -l)" = 2 ]
+}
+export -f la_seg make_data predict_masks
+export PY SYNTH_SHAPE PREDICT_SHAPE WORK
 
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
     say "installing $(ls "$WHEELS"/*.whl | wc -l) carried wheels into $SITE"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
         "$WHEELS"/*.whl >>"$LOG" 2>&1 || { tail -30 "$LOG"; exit 1; }
-    export PYTHONPATH="${PYTHONPATH_PREFIX:-}$SITE:$PWD"
+    export PYTHONPATH="${PYTHONPATH_PREFIX:-}$SITE:$REPO"
 else
-    say "no $WHEELS/ carried: relying on the image's packages"
-    export PYTHONPATH="${PYTHONPATH_PREFIX:-}$PWD"
+    say "no $WHEELS/ carried: relying on the installed packages"
+    export PYTHONPATH="${PYTHONPATH_PREFIX:-}$REPO${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
-"$PY" -c "import torch, timm, lightning, monai, albumentations, jsonargparse, la_seg.cli; \
-print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU', \
-'| timm', timm.__version__, '| lightning', lightning.__version__)" 2>&1 | tee -a "$LOG" \
-    || { say "imports failed"; exit 1; }
+"$PY" -c "import torch, timm, lightning, la_seg.cli; print('torch', torch.__version__, \
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU', '| timm', timm.__version__, \
+'| lightning', lightning.__version__)" 2>&1 | tee -a "$LOG" || { say "imports failed"; exit 1; }
 
-bench() {  # bench NAME SECONDS ARGS...: one throughput.py run, JSON to $OUT/NAME.json, output to the log
-    local name=$1 limit=$2
-    shift 2
-    say "run $name (limit ${limit}s): $*"
-    timeout "$limit" "$PY" benchmarks/throughput.py --device "$DEVICE" --phantom-dir /tmp/la-seg-phantom \
-        --json "$OUT/$name.json" "$@" >>"$LOG" 2>&1
-    local rc=$?
-    say "$name finished with rc=$rc"
-    if [ $rc -ne 0 ]; then tail -40 "$LOG"; fi
-    return $rc
-}
+cd "$WORK" || exit 1 # the configs' loggers write runs/ here
+rm -rf runs data predict_src predict masks
+read -r -a EXTRA <<<"$EXTRA_ARGS"
+# la-seg options of fit / test / predict: the local weights file, the small data set, short epochs.
+COMMON=(--config "$CONFIG" --model.net.weights "$WEIGHTS" --data.root data --data.split "[0.5, 0.25, 0.25]"
+    --trainer.limit_train_batches 3 --trainer.limit_val_batches 2 "${NET_ARGS[@]}" "${EXTRA[@]}")
 
-# 1. Smoke test: the tiny demo ViT at 56 px (seconds); stops here if the pipeline is broken on this machine.
-bench gpu_demo_smoke 90 --config demo.yaml --img-size 56 --batch-size 8 --steps 2 --warmup 1 --volumes 1 \
-    --volume-shape 64 64 8 || exit 1
-
-# 2. The figure that matters: giant, frozen, bf16-mixed, 448 px, batch 32; predict on 640 x 640 x 44 volumes.
-GIANT=(--config giant.yaml --img-size 448 --batch-size 32 --steps 10 --warmup 3 --volumes 4 --volume-shape 640 640 44)
-if [ "${DRY_RUN:-0}" = 1 ]; then
-    GIANT=(--config demo.yaml --img-size 56 --batch-size 4 --steps 2 --warmup 1 --volumes 2 --volume-shape 64 64 8)
-fi
-bench gpu_giant_448 $((BUDGET_S - SECONDS - 10)) "${GIANT[@]}"
-giant_rc=$?
-
-# 3. If time is left: the same with a channels_last decoder (keep whichever wins).
-left=$((BUDGET_S - SECONDS - 10))
-if [ $giant_rc -eq 0 ] && [ $left -ge 90 ]; then
-    bench gpu_giant_448_channels_last "$left" "${GIANT[@]}" --channels-last
+step weights 150 "$PY" "$REPO/benchmarks/random_weights.py" "$WEIGHTS_MODEL" "$WEIGHTS" \
+    --model-kwargs "$WEIGHTS_KWARGS" --device "$WEIGHTS_DEVICE"
+step synth 150 bash -c make_data
+step fit 150 "$PY" -m la_seg.cli fit "${COMMON[@]}" --trainer.max_epochs 2
+start=$SECONDS
+say "start kill (fit --ckpt_path last, SIGKILL after its first batch)"
+kill_mid_epoch >"$WORK/kill.log" 2>&1
+record kill $? $((SECONDS - start))
+start=$SECONDS
+say "start resume (fit --ckpt_path last, three more steps)"
+resume >"$WORK/resume.log" 2>&1
+record resume $? $((SECONDS - start))
+step test 120 "$PY" -m la_seg.cli test "${COMMON[@]}" --ckpt_path best
+start=$SECONDS
+say "start predict (2 volumes of $PREDICT_SHAPE)"
+timeout 150 bash -c "$(declare -p COMMON); predict_masks" >"$WORK/predict.log" 2>&1
+record predict $? $((SECONDS - start))
+read -r -a THROUGHPUT <<<"$THROUGHPUT_ARGS"
+if [ "$(left)" -ge 45 ]; then
+    step throughput $(($(left) - 5)) "$PY" "$REPO/benchmarks/throughput.py" --config "$CONFIG" --weights "$WEIGHTS" \
+        "${THROUGHPUT[@]}" --phantom-dir "$WORK/phantom" --json "$WORK/throughput.json" -- "${NET_ARGS[@]}"
 else
-    say "skipping the channels_last run (${left}s left)"
+    say "no time left for throughput.py ($(left) s of ${BUDGET_S} s)"
+    record throughput skipped 0
 fi
 
-cat "$OUT/gpu_giant_448.json" 2>/dev/null
-"$PY" - "$OUT" <<'EOF'
-import json, pathlib, sys
-for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
-    r = json.loads(path.read_text())
-    t = r["targets"]
-    print(f"{path.stem}: {r['device']} {r['backbone']} S={r['img_size']} B={r['batch_size']} {r['precision']} | "
-          f"backbone {r['backbone_slices_per_s']:.1f} sl/s, train {r['train_slices_per_s']:.1f} "
-          f"({r['train_ratio']:.2f}x), predict {r['predict_slices_per_s']:.1f} ({r['predict_ratio']:.2f}x) | "
-          f"peak {r['peak_memory_gb']:.1f} GB (train {r['peak_memory_by_phase_gb']['train']:.1f}) | "
-          f"MFU train {r['mfu_train']} | GPU targets: train>=0.7x {t['gpu_train_vs_backbone']['met']}, "
-          f"mem<24GB {t['gpu_peak_memory_gb']['met']}")
-EOF
-say "done"
-exit $giant_rc
+echo "==== gpu_check summary ($SECONDS s, $FAILED failed; logs in $WORK) ====" | tee -a "$LOG"
+printf '%s\n' "${SUMMARY[@]}" | tee -a "$LOG"
+[ -f "$WORK/throughput.json" ] && "$PY" - "$WORK/throughput.json" <<'PYEOF' | tee -a "$LOG"
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"throughput: {r['device']} {r['backbone']} S={r['img_size']} B={r['batch_size']} {r['precision']} | "
+      f"backbone {r['backbone_slices_per_s']:.1f} sl/s, train {r['train_slices_per_s']:.1f} ({r['train_ratio']:.2f}x), "
+      f"predict {r['predict_slices_per_s']:.1f} ({r['predict_ratio']:.2f}x) | peak {r['peak_memory_gb']:.1f} GB | "
+      f"MFU {r['mfu']} | targets met: {[k for k, t in r['targets'].items() if t['applicable'] and t['met']]}")
+PYEOF
+exit $((FAILED > 0))

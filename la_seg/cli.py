@@ -28,6 +28,7 @@ from la_seg.data.preprocess import check_img_size
 from la_seg.errors import DataError
 from la_seg.models.segmenter import SegmenterConfig
 from la_seg.module import LASegModule
+from la_seg.runtime import apply_cpu_precision, configure_threads
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -38,7 +39,9 @@ class LASegCLI(LightningCLI):
     a run's network settings come from its checkpoint, read once and as data only (la_seg/checkpoints.py)."""
 
     def __init__(self, *args, args_list: list[str] | None = None, **kwargs) -> None:
-        self.given_options = list(args_list or [])
+        typed = args_list if args_list is not None else kwargs.get("args")
+        # The options as typed, to tell explicit ones from config-file values (run=False callers pass `args`).
+        self.given_options = list(typed) if isinstance(typed, list) else []
         self.preloaded: dict[str, dict] = {}
         super().__init__(*args, **kwargs)
 
@@ -60,7 +63,8 @@ class LASegCLI(LightningCLI):
         --model.threshold); before_instantiate_classes applies la-seg's rule to any --ckpt_path instead."""
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        apply_cpu_precision(config.trainer, self.given_options)
         try:
             check_img_size(config.data.img_size)
         except DataError as error:
@@ -196,6 +200,7 @@ def synth(
 def main(argv: list[str] | None = None) -> None:
     """Entry point; any failure ends with one `la-seg: error:` line and exit status 2 rather than a traceback
     (LA_SEG_DEBUG=1 shows the traceback)."""
+    configure_threads()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
