@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
 from jsonargparse import CLI, ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -167,12 +168,22 @@ def resolve_config_paths(argv: list[str]) -> list[str]:
 
 
 def _shipped_config(name: str) -> str:
-    if Path(name).is_file():
-        return name
-    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
         if candidate.is_file():
+            _check_yaml(candidate)
             return str(candidate)
     return name
+
+
+def _check_yaml(path: Path) -> None:
+    """A config that is not valid YAML: name the file and the place (jsonargparse names neither)."""
+    try:
+        yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise DataError(f"config {path} is not valid YAML{where}: {problem}") from None
 
 
 def synth(
@@ -250,6 +261,7 @@ def run(argv: list[str], from_command_line: bool) -> None:
 
 
 _EXPECTED = (DataError, ValueError, OSError, ArgumentError)  # bad input, bad options or values, files, disks
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Iteration): ")
 _WORKER_HEADER = re.compile(r"Caught \w+ in DataLoader worker process \d+")
 
 
@@ -257,8 +269,10 @@ def describe_error(error: BaseException) -> str:
     """One line for `error`: unwrapped from a DataLoader worker's re-raise, with a hint for the unexpected."""
     message = str(error)
     if _WORKER_HEADER.search(message):  # torch re-raises the worker's error with its traceback as message
-        last = [line for line in message.splitlines() if line.strip()][-1]
-        message = re.sub(r"^[\w.]+: ", "", last.strip())
+        lines = message.splitlines()
+        starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+        original = "\n".join(lines[starts[-1] :]) if starts else lines[-1]
+        message = _EXCEPTION_LINE.sub("", original.strip(), count=1)
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         where = f" while writing {error.filename}" if error.filename else ""
         message = f"no space left on device{where}: free some space and run again"

@@ -19,6 +19,7 @@ from la_seg.checkpoints import (
 )
 from la_seg.data.io import Geometry
 from la_seg.data.preprocess import labels_to_input, restore_geometry, slices_to_input
+from la_seg.errors import DataError
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
 
 # Largest chunk segment_volume runs on CPU. A CPU forward is compute-bound from a few slices on; bigger chunks
@@ -84,6 +85,10 @@ class LASegModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        if not 0.0 < threshold < 1.0:
+            raise DataError(f"model.threshold must lie strictly between 0 and 1, got {threshold}")
+        if eval_batch_size < 1:
+            raise DataError(f"model.eval_batch_size must be at least 1 slice, got {eval_batch_size}")
         if isinstance(net, dict):  # hparams read back from YAML
             net = SegmenterConfig(**net)
         self.save_hyperparameters({**locals_without_self(locals()), "net": dataclasses.asdict(net)})

@@ -43,6 +43,7 @@ UTAH_SPACING_SOURCE = "utah2018: headers say 1 mm, true 0.625 mm"
 LOGGER = logging.getLogger("la_seg")
 _READ_ERRORS = (
     OSError,  # includes gzip.BadGzipFile (CRC, length)
+    StopIteration,  # pynrrd on an empty file
     EOFError,
     zlib.error,
     ImageFileError,

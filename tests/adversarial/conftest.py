@@ -97,6 +97,7 @@ def assert_refused(result: Result, culprit: str, inputs_before: dict[str, str], 
     assert "Traceback" not in printed, printed[-3000:]
     assert result.code == 2, printed[-3000:]
     assert len(result.error_lines) == 1, printed[-3000:]
+    assert result.err.strip().splitlines()[-1] == result.error_lines[0], "the error must be one, final line"
     assert culprit in result.error_lines[0], result.error_lines[0]
     assert snapshot(*input_roots) == inputs_before, "an input file was changed"
     if output_dir is not None:

@@ -119,23 +119,37 @@ CORRUPT_CONTAINERS: dict[str, Maker] = {
 
 
 # ---- bad headers and geometry ------------------------------------------------------------------------
+def raw_nifti(path: Path, data: np.ndarray, **fields) -> Path:
+    """A .nii.gz whose header fields are set byte for byte: nibabel's writer would repair (or refuse) them."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(data.dtype)
+    header.set_sform(AFFINE, code=1)
+    header.set_qform(AFFINE, code=1)
+    header["vox_offset"] = 352
+    for name, value in fields.items():
+        header[name] = value
+    payload = header.binaryblock + b"\x00" * 4 + np.asarray(data).tobytes(order="F")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(payload, mtime=0))
+    return path
+
+
 def _with_affine(affine: np.ndarray) -> Maker:
+    """The affine as the only (sform) orientation."""
+
     def make(folder: Path) -> tuple[Path, str]:
-        path = save_nifti(folder / "case.nii.gz", phantom()[0], affine)
+        rows = {f"srow_{axis}": affine[i] for i, axis in enumerate("xyz")}
+        path = raw_nifti(folder / "case.nii.gz", phantom()[0], qform_code=0, sform_code=1, **rows)
         return path, path.name
 
     return make
 
 
 def _zero_pixdim_without_codes(folder: Path) -> tuple[Path, str]:
-    """qform and sform codes 0: nibabel falls back to pixdim, which says 0 mm."""
-    image = nib.Nifti1Image(phantom()[0], None)
-    image.set_qform(None, code=0)
-    image.set_sform(None, code=0)
-    image.header["pixdim"][1:4] = [1.6, 0.0, 4.0]
-    path = folder / "case.nii.gz"
-    folder.mkdir(parents=True, exist_ok=True)
-    nib.save(image, path)
+    """qform and sform codes 0: readers fall back to pixdim, which says 0 mm."""
+    pixdim = np.array([1.0, 1.6, 0.0, 4.0, 1.0, 1.0, 1.0, 1.0], dtype=np.float32)
+    path = raw_nifti(folder / "case.nii.gz", phantom()[0], qform_code=0, sform_code=0, pixdim=pixdim)
     return path, path.name
 
 
