@@ -7,11 +7,14 @@ not complete.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import TINY, assert_no_partial_outputs, assert_refused, la_seg_subprocess, snapshot
+from filelock import FileLock
 from hostile import (
     BAD_GEOMETRY,
     BAD_IMAGE_TYPES,
@@ -22,6 +25,9 @@ from hostile import (
     VALID_ODD_NAMES,
     valid_image,
 )
+
+from la_seg.atomic import TEMP_SUFFIX
+from la_seg.callbacks.writer import LOCK_NAME
 
 
 def predict(checkpoint: Path, source: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -236,3 +242,33 @@ def test_disk_full_while_writing_masks(trained_checkpoint, tmp_path):
         pytest.fail("could not mount a tmpfs (needs root and mount namespaces, as on CI)")
     assert_refused(result, str(out), before, inputs)
     assert_no_partial_outputs(copy)
+
+
+# ---- concurrent writers and a killed run's leftovers ----------------------------------------------------
+def test_second_run_into_a_busy_output_folder_is_refused(la_seg, trained_checkpoint, tmp_path):
+    """Another run holds the folder (its lock): this one must not mix its masks and volumes.csv in."""
+    image = valid_image(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(out / LOCK_NAME):  # what a running `la-seg predict` into `out` holds
+        result = la_seg(*predict(trained_checkpoint, image, out))
+    assert_refused(result, str(out), snapshot(tmp_path / "in"), tmp_path / "in", output_dir=out)
+    assert not list(out.glob("*.nii.gz")) and not (out / "volumes.csv").exists()
+
+
+def test_a_killed_runs_temp_files_are_removed_by_the_next_run(la_seg, trained_checkpoint, tmp_path):
+    image = valid_image(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    finished = subprocess.Popen(["true"])  # a process id that no longer runs
+    finished.wait()
+    dead_pid = finished.pid
+    stale = out / f".case.nii.gz.{dead_pid}.x1y2z3{TEMP_SUFFIX}"
+    live = out / f".volumes.csv.{os.getpid()}.a1b2c3{TEMP_SUFFIX}"
+    stale.write_bytes(b"")
+    live.write_bytes(b"")
+    result = la_seg(*predict(trained_checkpoint, image, out))
+    assert result.code == 0, result.err[-3000:]
+    assert not stale.exists(), "a dead run's temp file was left behind"
+    assert live.exists(), "a running process's temp file was removed"
+    assert_no_partial_outputs(out)
