@@ -117,26 +117,20 @@ class LADataModule(L.LightningDataModule):
                 f"data.split_file fixes the split, so data.folds must be 1, got {folds}: "
                 "write one split file per fold, or drop data.split_file"
             )
-        self.root = root
-        self.layout = layout
-        self.img_size = check_img_size(img_size)
-        self.slice_context = slice_context
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.split_fractions = check_fractions(split)
-        self.seed = seed
-        self.groups = groups
-        self.folds = folds
-        self.fold = fold
-        self.split_file = split_file
-        self.test_root = test_root
-        self.predict_root = predict_root
-        self.empty_slice_fraction = empty_slice_fraction
-        self.augmentation = augmentation
-        self.cache = cache
-        self.cache_dir = cache_dir
-        self.slice_axis = slice_axis
-        self.label_values = label_values
+        # where the cases are and how they are read
+        self.root, self.test_root, self.predict_root, self.layout = root, test_root, predict_root, layout
+        self.slice_axis, self.label_values = slice_axis, label_values
+        # how they are split
+        self.split_fractions, self.seed, self.split_file = check_fractions(split), seed, split_file
+        self.groups, self.folds, self.fold = groups, folds, fold
+        # how they are fed to the model
+        self.img_size, self.slice_context = check_img_size(img_size), slice_context
+        self.batch_size, self.num_workers, self.empty_slice_fraction = (
+            batch_size,
+            num_workers,
+            empty_slice_fraction,
+        )
+        self.augmentation, self.cache, self.cache_dir = augmentation, cache, cache_dir
         self.data_split: DataSplit | None = None
         self._cases: dict[str, Case] = {}
         self._test_cases: dict[str, Case] | None = None

@@ -278,22 +278,28 @@ def _label_for(labels_dir: Path, case: str, ext: str) -> Path | None:
 
 
 def _find_msd(root: Path) -> list[Case]:
-    dataset = _single_dataset_dir(root)
-    cases = []
-    for image in _volume_files(dataset / "imagesTr"):
-        stem, ext = _split_ext(image.name)
-        cases.append(Case(stem, image, _label_for(dataset / "labelsTr", stem, ext)))
-    return cases
+    return _images_tr_cases(root, lambda stem: stem)
 
 
 def _find_nnunet(root: Path) -> list[Case]:
+    """Only channel _0000 starts a case: further channels (_0001, ...) belong to the same case."""
+
+    def case_of(stem: str) -> str | None:
+        match = _CHANNEL.match(stem)
+        return match["case"] if match and match["channel"] == "0000" else None
+
+    return _images_tr_cases(root, case_of)
+
+
+def _images_tr_cases(root: Path, case_of: Callable[[str], str | None]) -> list[Case]:
+    """imagesTr/<file> with labelsTr/<case>.<ext>; `case_of` maps a file stem to its case (None: skip)."""
     dataset = _single_dataset_dir(root)
     cases = []
     for image in _volume_files(dataset / "imagesTr"):
         stem, ext = _split_ext(image.name)
-        match = _CHANNEL.match(stem)
-        if match and match["channel"] == "0000":  # further channels (_0001, ...) belong to the same case
-            cases.append(Case(match["case"], image, _label_for(dataset / "labelsTr", match["case"], ext)))
+        case_id = case_of(stem)
+        if case_id is not None:
+            cases.append(Case(case_id, image, _label_for(dataset / "labelsTr", case_id, ext)))
     return cases
 
 
