@@ -74,7 +74,7 @@ class LASegCLI(LightningCLI):
             config.return_predictions = False
         ckpt = config.get("ckpt_path")
         if not ckpt:
-            if self.subcommand != "fit" and not config.untrained:
+            if self.subcommand in ("validate", "test", "predict") and not config.untrained:
                 raise DataError(
                     f"{self.subcommand} needs --ckpt_path (a checkpoint file, or best / last of the "
                     "configured run): without one the model's weights are untrained; pass --untrained true "
