@@ -89,7 +89,6 @@ class LASegCLI(LightningCLI):
                     "several checkpoints (a list or a folder of runs) are an ensemble, for test and predict"
                 )
             print(f"la-seg: --ckpt_path {ckpt}: ensemble of {', '.join(members)}", file=sys.stderr)
-            self.member_paths = members
             config.ckpt_path = ckpt = members[0]
             if len(members) > 1 and run_dir is not None:  # not into one fold's run, nor a new version_*
                 config.trainer.logger.init_args.version = "ensemble"
@@ -102,6 +101,7 @@ class LASegCLI(LightningCLI):
                 raise DataError(f"--ckpt_path {ckpt}: no {ckpt}.ckpt under {where}")
             print(f"la-seg: --ckpt_path {ckpt}: using {found}", file=sys.stderr)
             config.ckpt_path = ckpt = str(found)
+        self.member_paths = [str(ckpt), *members[1:]]
         checkpoint = load_checkpoint(ckpt)
         self.preloaded[str(ckpt)] = checkpoint
         if len(self.member_paths) < 2:

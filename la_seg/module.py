@@ -316,8 +316,8 @@ def load_member(path: str | Path, weights: str | None = None) -> EnsembleMember:
     """Another checkpoint's network as an ensemble member named by its path, read as data (weights_only).
 
     A checkpoint that holds its backbone is built without initialising one (the state overwrites it); a lean
-    one rebuilds its frozen backbone offline from the recorded source, or from `weights` (the weights file's
-    new location), and must match the recorded fingerprint.
+    one rebuilds its frozen backbone offline from the recorded source (`weights` stands in for a recorded
+    weights file that is no longer there: the file's new location), and must match the recorded fingerprint.
     """
     checkpoint = load_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
@@ -326,7 +326,9 @@ def load_member(path: str | Path, weights: str | None = None) -> EnsembleMember:
     if stored:
         config = dataclasses.replace(config, pretrained=False, weights=None)
     else:
-        config = dataclasses.replace(config, weights=weights or checkpoint["backbone"].get("weights"))
+        recorded = checkpoint["backbone"].get("weights")
+        moved = recorded is not None and not Path(recorded).is_file() and weights is not None
+        config = dataclasses.replace(config, weights=weights if moved else recorded)
         _check_backbone_source(path, config)
     try:
         with _hub_offline():
