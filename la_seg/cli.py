@@ -88,7 +88,8 @@ class LASegCLI(LightningCLI):
                     f"--ckpt_path {ckpt}: {self.subcommand} takes a single checkpoint file (or best / last); "
                     "several checkpoints (a list or a folder of runs) are an ensemble, for test and predict"
                 )
-            print(f"la-seg: --ckpt_path {ckpt}: ensemble of {', '.join(members)}", file=sys.stderr)
+            chosen = f"ensemble of {', '.join(members)}" if len(members) > 1 else f"using {members[0]}"
+            print(f"la-seg: --ckpt_path {ckpt}: {chosen}", file=sys.stderr)
             config.ckpt_path = ckpt = members[0]
             if len(members) > 1 and run_dir is not None:  # not into one fold's run, nor a new version_*
                 config.trainer.logger.init_args.version = "ensemble"

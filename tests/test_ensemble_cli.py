@@ -3,6 +3,7 @@ uncertainty maps, agreement columns, a report naming every member, and one-line 
 
 import csv
 import gzip
+import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 from test_cli import TINY
 
 from la_seg.cli import main
+
+AGREEMENT_BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "agreement.py"
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +158,19 @@ def test_bad_checkpoint_lists_and_folders_end_with_one_line(tmp_path, monkeypatc
     error = fails(["fit", *TINY, "--data.root", str(synth_root), "--ckpt_path", "[a.ckpt, b.ckpt]"], capsys)
     assert "fit takes a single checkpoint" in error and "[a.ckpt, b.ckpt]" in error
     assert not Path(out).exists()
+
+
+@pytest.mark.slow
+def test_agreement_benchmark_quick_run_reports_spearman_with_n(tmp_path):
+    spec = importlib.util.spec_from_file_location("agreement", AGREEMENT_BENCHMARK)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    result_file = tmp_path / "agreement.json"
+    benchmark.main(["--quick", "--work-dir", str(tmp_path / "work"), "--json", str(result_file)])
+    result = json.loads(result_file.read_text())
+    heldout = [c for c in result["cases"] if c["set"] == "heldout"]
+    assert len(heldout) == 3 and result["per_set"]["heldout"]["n"] == 3
+    assert result["overall"]["n"] == len(result["cases"]) > 3
+    assert all(0 <= c["agreement"] <= 1 and 0 <= c["dice"] <= 1 for c in result["cases"])
+    ranked = [{"agreement": a, "dice": d} for a, d in [(0.2, 0.1), (0.5, 0.4), (0.9, 0.8), (0.7, 0.9)]]
+    assert benchmark.correlation(ranked)["spearman_rho"] == pytest.approx(0.8)
