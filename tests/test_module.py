@@ -258,3 +258,15 @@ def test_a_batch_with_geometry_moves_to_the_device(tiny_net, synth_root):
     moved = module.transfer_batch_to_device({**batch, "geometry": geometry}, torch.device("cpu"), 0)
     assert torch.equal(moved["image"], batch["image"])
     assert (moved["geometry"].shape, moved["geometry"].source) == (geometry.shape, geometry.source)
+
+
+def test_a_member_with_the_same_frozen_backbone_shares_the_module_s_copy(tiny_net):
+    module = LASegModule(net=tiny_net).eval()
+    torch.manual_seed(1)
+    other = LASegModule(net=tiny_net).eval()
+    other.net.backbone.load_state_dict(module.net.backbone.state_dict())
+    module.add_member(EnsembleMember("other", other.net))
+    ensemble = module.ensemble()
+    assert len(ensemble.passes) == 1 and len(ensemble.backbones) == 1
+    assert other.net.backbone is module.net.backbone  # its own copy is dropped
+    assert module.describe_ensemble()["passes"][0]["members"] == ["model", "other"]
