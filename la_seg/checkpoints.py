@@ -35,7 +35,7 @@ NETWORK_FIELDS = (
     "stem_channels",
 )
 # Choices that may change after training; they are recorded with the results instead.
-INFERENCE_FIELDS = ("threshold", "postprocess", "eval_batch_size")
+INFERENCE_FIELDS = ("threshold", "tta", "postprocess", "eval_batch_size")
 _LOAD_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
 
 

@@ -28,7 +28,7 @@ from la_seg.data.datamodule import LADataModule
 from la_seg.data.preprocess import check_img_size
 from la_seg.errors import DataError
 from la_seg.models.segmenter import SegmenterConfig
-from la_seg.module import LASegModule
+from la_seg.module import LASegModule, load_member
 from la_seg.runtime import apply_cpu_precision, configure_threads
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -44,6 +44,9 @@ class LASegCLI(LightningCLI):
         # The options as typed, to tell explicit ones from config-file values (run=False callers pass `args`).
         self.given_options = list(typed) if isinstance(typed, list) else []
         self.preloaded: dict[str, dict] = {}
+        self.member_paths: list[
+            str
+        ] = []  # test / predict: every ensemble member's checkpoint, first included
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -82,6 +85,18 @@ class LASegCLI(LightningCLI):
                 )
             return
         run_dir = _logger_run_dir(config)
+        members = checkpoint_list(str(ckpt))
+        if len(members) > 1 or members[0] != str(ckpt):
+            if self.subcommand in ("fit", "validate"):
+                raise DataError(
+                    f"--ckpt_path {ckpt}: {self.subcommand} takes a single checkpoint file (or best / last); "
+                    "several checkpoints (a list or a folder of runs) are an ensemble, for test and predict"
+                )
+            chosen = f"ensemble of {', '.join(members)}" if len(members) > 1 else f"using {members[0]}"
+            print(f"la-seg: --ckpt_path {ckpt}: {chosen}", file=sys.stderr)
+            config.ckpt_path = ckpt = members[0]
+            if len(members) > 1 and run_dir is not None:  # not into one fold's run, nor a new version_*
+                config.trainer.logger.init_args.version = "ensemble"
         if ckpt in ("last", "best"):
             found = find_run_checkpoint(run_dir, ckpt) if run_dir is not None else None
             if found is None and self.subcommand == "fit":
@@ -91,15 +106,64 @@ class LASegCLI(LightningCLI):
                 raise DataError(f"--ckpt_path {ckpt}: no {ckpt}.ckpt under {where}")
             print(f"la-seg: --ckpt_path {ckpt}: using {found}", file=sys.stderr)
             config.ckpt_path = ckpt = str(found)
+        self.member_paths = [str(ckpt), *members[1:]]
         checkpoint = load_checkpoint(ckpt)
         self.preloaded[str(ckpt)] = checkpoint
-        _continue_run_of(config, Path(ckpt), run_dir)
+        if len(self.member_paths) < 2:
+            _continue_run_of(config, Path(ckpt), run_dir)
         apply_checkpoint_settings(config, checkpoint, self.given_options)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = DataOnlyCheckpointIO(self.preloaded)
+        if self.member_paths:
+            self.model.member_name = self.member_paths[0]
+            weights = self.config[self.subcommand].model.net.weights
+            for path in self.member_paths[1:]:
+                self.model.add_member(load_member(path, weights))
+
+
+def checkpoint_list(ckpt: str) -> list[str]:
+    """The checkpoint files that `--ckpt_path` names: a YAML/JSON list of files, a folder of fold runs (each
+    `version_*/checkpoints/best.ckpt`, or the folder's own `checkpoints/best.ckpt`), or else `ckpt` itself
+    (a file, best or last)."""
+    if ckpt.lstrip().startswith("["):
+        try:
+            listed = yaml.safe_load(ckpt)
+        except yaml.YAMLError as error:
+            raise DataError(f"--ckpt_path {ckpt}: not a valid list ({error.problem})") from None
+        if not listed or not all(isinstance(item, str) for item in listed):
+            raise DataError(f"--ckpt_path {ckpt}: expected a non-empty list of checkpoint files")
+        for item in listed:
+            if not Path(item).is_file():
+                raise DataError(f"--ckpt_path: checkpoint {item} in the list does not exist")
+        return listed
+    if Path(ckpt).is_dir():
+        return [str(path) for path in run_folder_checkpoints(Path(ckpt))]
+    return [ckpt]
+
+
+def run_folder_checkpoints(folder: Path) -> list[Path]:
+    """Each fold run's best.ckpt in `folder` (its `version_*` folders that hold a `checkpoints` folder, by
+    number), or the folder's own checkpoints/best.ckpt when it is one run's version folder."""
+    if (folder / "checkpoints").is_dir():
+        runs = [folder]
+    else:
+        versions = [p for p in folder.glob("version_*") if re.fullmatch(r"version_\d+", p.name)]
+        runs = sorted((p for p in versions if (p / "checkpoints").is_dir()), key=lambda p: int(p.name[8:]))
+    if not runs:
+        raise DataError(
+            f"--ckpt_path {folder}: the folder holds no fold runs (no version_*/checkpoints folders, nor a "
+            "checkpoints folder of its own); pass a checkpoint file, a list of files, or a run folder"
+        )
+    missing = [run for run in runs if not (run / "checkpoints" / "best.ckpt").is_file()]
+    if missing:
+        raise DataError(
+            f"--ckpt_path {folder}: {missing[0] / 'checkpoints'} has no best.ckpt (was that run's training "
+            'interrupted?); list the checkpoints to use instead, e.g. --ckpt_path "[a.ckpt, b.ckpt]"'
+        )
+    return [run / "checkpoints" / "best.ckpt" for run in runs]
 
 
 def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from contextlib import contextmanager
-from typing import Literal, TypedDict
+from pathlib import Path
+from typing import Literal, NotRequired, TypedDict
 
 import lightning as L
 import torch
@@ -18,8 +20,9 @@ from la_seg.checkpoints import (
     write_backbone_record,
 )
 from la_seg.data.io import Geometry
-from la_seg.data.preprocess import labels_to_input, restore_geometry, slices_to_input
+from la_seg.data.preprocess import labels_to_input
 from la_seg.errors import DataError
+from la_seg.inference import TTA, TTA_FLIPS, Agreement, Ensemble, EnsembleMember, VolumeResult
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
 
 # Largest chunk segment_volume runs on CPU. A CPU forward is compute-bound from a few slices on; bigger chunks
@@ -35,6 +38,7 @@ class EvalOutput(TypedDict):
     pred: torch.Tensor  # bool (X', Y', Z'), thresholded and post-processed
     label: torch.Tensor  # bool, same layout
     geometry: Geometry
+    agreement: NotRequired[Agreement | None]  # with an ensemble or test-time flips: how far the voters agree
 
 
 class PredictOutput(TypedDict):
@@ -44,6 +48,8 @@ class PredictOutput(TypedDict):
     mask: torch.Tensor  # bool (X', Y', Z')
     prob: torch.Tensor  # float32, same layout
     geometry: Geometry
+    uncertainty: NotRequired[torch.Tensor | None]  # float32 voters' variance (ensemble or TTA), else None
+    agreement: NotRequired[Agreement | None]  # per-case agreement of the voters, else None
 
 
 class LASegModule(L.LightningModule):
@@ -60,6 +66,8 @@ class LASegModule(L.LightningModule):
         scheduler: `none` (constant, the paper) or `cosine` decay to zero after warm-up, stepped per batch.
         eval_batch_size: slices per forward pass when segmenting a whole volume.
         threshold: probability above which a voxel is LA.
+        tta: test-time augmentation at evaluation and prediction: `none` or `flips` (the mean over the
+            identity and the in-plane flips in X, Y and both; 4x the cost).
         postprocess: `none` or `largest_component` (keep the largest 3D connected component), applied
             the same way in validation, test and predict.
         save_backbone: store a frozen backbone's weights in every checkpoint (self-contained, but a
@@ -80,6 +88,7 @@ class LASegModule(L.LightningModule):
         scheduler: Literal["none", "cosine"] = "none",
         eval_batch_size: int = 32,
         threshold: float = 0.5,
+        tta: TTA = "none",
         postprocess: Literal["none", "largest_component"] = "none",
         save_backbone: bool = False,
         compile: bool = False,
@@ -111,6 +120,11 @@ class LASegModule(L.LightningModule):
         if compile:
             self.net.backbone.compile()
             self.net.decoder.compile()
+        # Further ensemble members (other checkpoints): a plain list, not submodules, so that they never
+        # enter this module's state_dict (its checkpoints); see add_member.
+        self.member_name = "model"
+        self.extra_members: list[EnsembleMember] = []
+        self._ensemble: list[Ensemble] = []  # built once per run (a list: not a submodule either)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -144,28 +158,83 @@ class LASegModule(L.LightningModule):
         chunk = self.hparams.eval_batch_size
         return min(chunk, CPU_EVAL_CHUNK) if device.type == "cpu" else chunk
 
-    @torch.no_grad()
-    def slice_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """(Z, S, S) float32 logits of every slice of an (X, Y, Z) volume, at the model's img_size."""
-        depth, chunk = image.shape[-1], self.eval_chunk(image.device)
-        logits = []
-        for start in range(0, depth, chunk):
-            index = slice(start, min(depth, start + chunk))
-            x = slices_to_input(image, self.net_config.img_size, self.hparams.slice_context, index=index)
-            logits.append(self.net(x).float()[:, 0])
-        return torch.cat(logits)
+    # ---- ensemble members ------------------------------------------------------------------------------
+    def add_member(self, member: EnsembleMember) -> None:
+        """Another model that votes at test / predict time (e.g. another fold's checkpoint)."""
+        self.extra_members.append(member)
+        self._ensemble.clear()
 
-    def mask_from_logits(self, logits: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probability map and binary mask in the volume's `shape` from (Z, S, S) slice logits."""
-        prob = restore_geometry(torch.sigmoid(logits), tuple(shape))
-        mask = prob > self.hparams.threshold
+    @property
+    def has_voters(self) -> bool:
+        """Whether inference has several voters (members or flips), hence uncertainty and agreement."""
+        return bool(self.extra_members) or self.hparams.tta != "none"
+
+    def ensemble(self) -> Ensemble:
+        """The module's own net plus the extra members, built on first use; members share a frozen
+        backbone's pass, and their duplicate copies of it are dropped (the ensemble holds one)."""
+        if not self._ensemble:
+            own = EnsembleMember(self.member_name, self.net, bool(self.hparams.slice_context))
+            members = [own, *self.extra_members]
+            ensemble = Ensemble(members)
+            for shared in ensemble.passes:
+                for index in shared.members:
+                    if index:  # the module's own net keeps its (registered) backbone
+                        members[index].net.backbone = ensemble.backbones[shared.backbone_key]
+            self._ensemble.append(ensemble)
+        return self._ensemble[0]
+
+    def _prepare_members(self) -> None:
+        """Extra members live outside the module, so Lightning does not move them: follow the module."""
+        for member in self.extra_members:
+            member.net.to(self.device).eval()
+        self._ensemble.clear()
+
+    def on_test_start(self) -> None:
+        self._prepare_members()
+
+    def on_predict_start(self) -> None:
+        self._prepare_members()
+
+    def describe_ensemble(self) -> dict:
+        """Members (checkpoint paths), test-time flips and backbone passes, for reports."""
+        return {**self.ensemble().describe(), "tta": self.hparams.tta}
+
+    # ---- whole-volume inference --------------------------------------------------------------------
+    def infer(self, image: torch.Tensor, own_logits: list[torch.Tensor] | None = None) -> VolumeResult:
+        """Whole-volume inference of the ensemble (one member: the module's net) with the configured flips;
+        the mask post-processed. `own_logits`, if given, receives the module's own net's unflipped (N, S, S)
+        float32 slice logits per chunk, as the ensemble computes them (for the evaluation loss)."""
+        ensemble = self.ensemble()
+        hook = None
+        if own_logits is not None:
+            flips = len(TTA_FLIPS[self.hparams.tta])
+            calls = itertools.count()  # the engine decodes each chunk's flips in order, the identity first
+
+            def keep_identity(_module, _inputs, logits: torch.Tensor) -> None:
+                if next(calls) % flips == 0:
+                    own_logits.append(logits.float()[:, 0])
+
+            hook = ensemble.heads[0].register_forward_hook(keep_identity)
+        try:
+            result = ensemble.segment_volume(
+                image, self.hparams.threshold, self.eval_chunk(image.device), self.hparams.tta
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        result.mask = self.postprocess(result.mask)
+        return result
+
+    def postprocess(self, mask: torch.Tensor) -> torch.Tensor:
+        """The configured post-processing of a binary (X, Y, Z) mask."""
         if self.largest_component is not None and mask.any():
-            mask = self.largest_component(mask[None]).squeeze(0).bool()
-        return prob, mask
+            return self.largest_component(mask[None]).squeeze(0).bool()
+        return mask
 
     def segment_volume(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Probability map and binary mask, both (X, Y, Z) in the volume's original geometry."""
-        return self.mask_from_logits(self.slice_logits(image), tuple(image.shape))
+        result = self.infer(image)
+        return result.prob, result.mask
 
     @torch.no_grad()
     def eval_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -183,11 +252,19 @@ class LASegModule(L.LightningModule):
         return total / depth
 
     def _evaluate(self, batch: dict, stage: str) -> EvalOutput:
-        image, label = batch["image"], batch["label"]
-        logits = self.slice_logits(image)
-        self.log(f"{stage}/loss", self.eval_loss(logits, label), batch_size=1, sync_dist=True)
-        _, mask = self.mask_from_logits(logits, tuple(image.shape))
-        return EvalOutput(case_id=batch["case_id"], pred=mask, label=label.bool(), geometry=batch["geometry"])
+        """The loss is the module's own net's (the first member, unflipped), whatever votes: it stays the
+        training loss on the model's slices, comparable with training and with single-model runs."""
+        image, label, geometry = batch["image"], batch["label"], batch["geometry"]
+        logits: list[torch.Tensor] = []
+        result = self.infer(image, own_logits=logits)
+        self.log(f"{stage}/loss", self.eval_loss(torch.cat(logits), label), batch_size=1, sync_dist=True)
+        return EvalOutput(
+            case_id=batch["case_id"],
+            pred=result.mask,
+            label=label.bool(),
+            geometry=geometry,
+            agreement=result.agreement(geometry.slices_last_spacing),
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> EvalOutput:
         return self._evaluate(batch, "val")
@@ -196,8 +273,15 @@ class LASegModule(L.LightningModule):
         return self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> PredictOutput:
-        prob, mask = self.segment_volume(batch["image"])
-        return PredictOutput(case_id=batch["case_id"], mask=mask, prob=prob, geometry=batch["geometry"])
+        result, geometry = self.infer(batch["image"]), batch["geometry"]
+        return PredictOutput(
+            case_id=batch["case_id"],
+            mask=result.mask,
+            prob=result.prob,
+            geometry=geometry,
+            uncertainty=result.uncertainty,
+            agreement=result.agreement(geometry.slices_last_spacing),
+        )
 
     # ---- checkpoints (the format lives in la_seg/checkpoints.py) ------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -230,6 +314,58 @@ class LASegModule(L.LightningModule):
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"])
         return module.to(map_location) if map_location is not None else module
+
+
+def load_member(path: str | Path, weights: str | None = None) -> EnsembleMember:
+    """Another checkpoint's network as an ensemble member named by its path, read as data (weights_only).
+
+    A checkpoint that holds its backbone is built without initialising one (the state overwrites it); a lean
+    one rebuilds its frozen backbone offline from the recorded source (`weights` stands in for a recorded
+    weights file that is no longer there: the file's new location), and must match the recorded fingerprint.
+    """
+    checkpoint = load_checkpoint(path)
+    hparams = checkpoint["hyper_parameters"]
+    config = SegmenterConfig(**hparams["net"])
+    stored = holds_backbone(checkpoint)
+    if stored:
+        config = dataclasses.replace(config, pretrained=False, weights=None)
+    else:
+        recorded = checkpoint["backbone"].get("weights")
+        moved = recorded is not None and not Path(recorded).is_file() and weights is not None
+        config = dataclasses.replace(config, weights=weights if moved else recorded)
+        _check_backbone_source(path, config)
+    try:
+        with _hub_offline():
+            holder = _NetHolder(config, empty_backbone=stored)
+    except OSError as error:
+        raise DataError(
+            f"checkpoint {path} does not contain its frozen backbone {config.backbone}, whose pretrained "
+            f"weights are not available offline ({error}); download them once, or pass --model.net.weights"
+        ) from None
+    holder.on_load_checkpoint(checkpoint)
+    holder.load_state_dict(checkpoint["state_dict"])
+    return EnsembleMember(str(path), holder.net.eval(), bool(hparams.get("slice_context", False)))
+
+
+def _check_backbone_source(path: str | Path, config: SegmenterConfig) -> None:
+    if config.weights is not None and not Path(config.weights).is_file():
+        raise DataError(
+            f"checkpoint {path} does not contain its frozen backbone: it needs the weights file "
+            f"{config.weights}, which does not exist; pass --model.net.weights with its new location"
+        )
+
+
+class _NetHolder(nn.Module):
+    """Just the network under the module's attribute names, so that an extra member's checkpoint is read by
+    the same functions as the module's (state keys `net.*`, backbone record, shape check)."""
+
+    def __init__(self, config: SegmenterConfig, empty_backbone: bool) -> None:
+        super().__init__()
+        self.net_config = config
+        self.net = LASegmenter(config, empty_backbone=empty_backbone)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        read_backbone_record(self, checkpoint)
 
 
 def warmup_cosine_schedule(

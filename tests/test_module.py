@@ -9,8 +9,9 @@ import torch
 from la_seg.data.datasets import SliceDataset
 from la_seg.data.io import Geometry
 from la_seg.data.layouts import find_cases
-from la_seg.data.preprocess import labels_to_input
+from la_seg.data.preprocess import labels_to_input, restore_geometry, slices_to_input
 from la_seg.errors import DataError
+from la_seg.inference import EnsembleMember
 from la_seg.metrics import overlap_3d
 from la_seg.module import LASegModule, warmup_cosine_schedule
 
@@ -153,14 +154,67 @@ def volume_batch(synth_root, with_label=True):
     }
 
 
+def reference_logits(module: LASegModule, image: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(Z, S, S) float32 slice logits of the module's net, chunk by chunk, as before the ensemble engine."""
+    with torch.no_grad():
+        return torch.cat(
+            [
+                module.net(
+                    slices_to_input(image, module.net_config.img_size, False, index=slice(s, s + chunk))
+                ).float()[:, 0]
+                for s in range(0, image.shape[-1], chunk)
+            ]
+        )
+
+
+def reference_mask(module: LASegModule, logits: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """The pre-ensemble mask: sigmoid, restored geometry, threshold, largest component."""
+    mask = restore_geometry(torch.sigmoid(logits), shape) > module.hparams.threshold
+    return module.largest_component(mask[None]).squeeze(0).bool() if mask.any() else mask
+
+
 @pytest.mark.parametrize("loss", ["bce", "dice_bce"])
 def test_eval_loss_is_the_training_loss_on_the_model_slices(tiny_net, synth_root, loss):
     module = LASegModule(net=tiny_net, loss=loss, eval_batch_size=2).eval()  # 5 slices: chunks 2, 2, 1
     batch = volume_batch(synth_root)
-    logits = module.slice_logits(batch["image"])
+    logits = reference_logits(module, batch["image"], chunk=2)
     target = labels_to_input(batch["label"], tiny_net.img_size)
     expected = module.loss_fn(logits[:, None], target)
     torch.testing.assert_close(module.eval_loss(logits, batch["label"]), expected)
+
+
+@pytest.mark.parametrize("tta", ["none", "flips"])
+def test_evaluation_through_the_engine_keeps_the_single_model_loss_and_mask(tiny_net, synth_root, tta):
+    """One member without flips: loss and mask bit for bit as the pre-ensemble path; with flips the loss is
+    still the model's own unflipped one, and the case gets the flips' agreement."""
+    module = LASegModule(net=tiny_net, eval_batch_size=2, postprocess="largest_component", tta=tta).eval()
+    batch = volume_batch(synth_root)
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.update({name: value})
+    output = module.test_step(batch, 0)
+    logits = reference_logits(module, batch["image"], chunk=2)
+    assert torch.equal(logged["test/loss"], module.eval_loss(logits, batch["label"]))
+    if tta == "none":
+        assert torch.equal(output["pred"], reference_mask(module, logits, tuple(batch["image"].shape)))
+        assert output["agreement"] is None
+    else:
+        assert output["agreement"]["voters"] == ["identity", "flip_x", "flip_y", "flip_xy"]
+
+
+def test_extra_members_vote_but_stay_out_of_the_state_dict(tiny_net, synth_root, tmp_path):
+    module = LASegModule(net=tiny_net, eval_batch_size=2).eval()
+    keys = set(module.state_dict())
+    torch.manual_seed(1)
+    other = LASegModule(net=tiny_net).eval()
+    module.add_member(EnsembleMember("other", other.net))
+    assert set(module.state_dict()) == keys and module.has_voters
+    batch = volume_batch(synth_root, with_label=False)
+    output = module.predict_step(batch, 0)
+    expected = module.ensemble().segment_volume(batch["image"], chunk=2).prob
+    assert torch.equal(output["prob"], expected)
+    assert output["uncertainty"].shape == batch["image"].shape
+    assert output["agreement"]["voters"] == ["model", "other"]
+    assert module.describe_ensemble()["members"] == ["model", "other"]
 
 
 def test_validation_runs_under_mixed_precision(tiny_net, synth_root):
@@ -190,6 +244,7 @@ def test_inference_settings_are_exposed(tiny_net):
     module = LASegModule(net=tiny_net, threshold=0.7, postprocess="largest_component")
     assert module.inference_settings() == {
         "threshold": 0.7,
+        "tta": "none",
         "postprocess": "largest_component",
         "eval_batch_size": 32,
         "weights": None,
@@ -203,3 +258,15 @@ def test_a_batch_with_geometry_moves_to_the_device(tiny_net, synth_root):
     moved = module.transfer_batch_to_device({**batch, "geometry": geometry}, torch.device("cpu"), 0)
     assert torch.equal(moved["image"], batch["image"])
     assert (moved["geometry"].shape, moved["geometry"].source) == (geometry.shape, geometry.source)
+
+
+def test_a_member_with_the_same_frozen_backbone_shares_the_module_s_copy(tiny_net):
+    module = LASegModule(net=tiny_net).eval()
+    torch.manual_seed(1)
+    other = LASegModule(net=tiny_net).eval()
+    other.net.backbone.load_state_dict(module.net.backbone.state_dict())
+    module.add_member(EnsembleMember("other", other.net))
+    ensemble = module.ensemble()
+    assert len(ensemble.passes) == 1 and len(ensemble.backbones) == 1
+    assert other.net.backbone is module.net.backbone  # its own copy is dropped
+    assert module.describe_ensemble()["passes"][0]["members"] == ["model", "other"]

@@ -12,11 +12,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import la_seg
 from la_seg.atomic import remove_stale_temp_files, write_csv, write_json
-from la_seg.metrics import CumulativeCaseMetrics, EmptyDistance
+from la_seg.metrics import CumulativeCaseMetrics, EmptyDistance, gather_cases
 
 REPORT_COLUMNS = ("case_id", "dice", "iou", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml")
 METRIC_KEYS = REPORT_COLUMNS[1:]
-INFERENCE_HPARAMS = ("threshold", "postprocess", "eval_batch_size")
+INFERENCE_HPARAMS = ("threshold", "tta", "postprocess", "eval_batch_size")
 
 
 class SegmentationMetrics(L.Callback):
@@ -25,7 +25,8 @@ class SegmentationMetrics(L.Callback):
 
     Each case is counted once under DDP. After `test`, writes `test_metrics.csv` and `test_metrics.json`
     (a header saying what the numbers were computed with, per-case rows, mean, sd and n) into the run's
-    log folder and prints the table.
+    log folder and prints the table. With an ensemble or test-time flips, each JSON case also carries its
+    voters' `agreement` (la_seg.inference.Agreement), and the header the ensemble's members and passes.
 
     Args:
         surface_metrics_in_validation: also compute HD95/ASSD during validation (slower).
@@ -40,12 +41,16 @@ class SegmentationMetrics(L.Callback):
         self.surface_metrics_in_validation = surface_metrics_in_validation
         self.empty_distance = empty_distance
         self._cases = CumulativeCaseMetrics(surface_metrics_in_validation, empty_distance)
+        self._agreements: list[dict] = []
 
     def _start(self, surface: bool) -> None:
         self._cases = CumulativeCaseMetrics(surface, self.empty_distance)
+        self._agreements = []
 
     def _collect(self, outputs: dict) -> None:
         geometry = outputs["geometry"]
+        if outputs.get("agreement") is not None:
+            self._agreements.append({"case_id": outputs["case_id"], "agreement": outputs["agreement"]})
         self._cases.update(
             outputs["case_id"],
             outputs["pred"],
@@ -92,9 +97,10 @@ class SegmentationMetrics(L.Callback):
             if summary[key]["n"]:
                 pl_module.log(f"test/{key}", summary[key]["mean"], sync_dist=False)
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call under DDP: every rank
+        agreements = {row["case_id"]: row["agreement"] for row in gather_cases(self._agreements)}
         if trainer.is_global_zero:
             header = report_header(trainer, pl_module, rows, summary, self.empty_distance)
-            write_report(rows, summary, out_dir, header)
+            write_report(rows, summary, out_dir, header, agreements)
             rank_zero_info(
                 "\n"
                 + format_table(rows, summary, header)
@@ -117,10 +123,12 @@ def report_header(
     """What the report's numbers were computed with: checkpoint, version, inference, network and data."""
     ckpt_path = getattr(trainer, "ckpt_path", None)
     hparams = getattr(pl_module, "hparams", {})
+    describe_ensemble = getattr(pl_module, "describe_ensemble", None)
     return {
         "checkpoint": str(ckpt_path) if ckpt_path else None,
         "la_seg_version": la_seg.__version__,
         "inference": inference_settings(pl_module),
+        "ensemble": describe_ensemble() if callable(describe_ensemble) else None,
         "network": hparams.get("net"),
         "data": {
             "slice_context": hparams.get("slice_context"),
@@ -133,9 +141,16 @@ def report_header(
     }
 
 
-def write_report(rows: list[dict], summary: dict, out_dir: Path, header: dict[str, Any]) -> None:
+def write_report(
+    rows: list[dict],
+    summary: dict,
+    out_dir: Path,
+    header: dict[str, Any],
+    agreements: dict[str, dict] | None = None,
+) -> None:
     """`test_metrics.csv` (header as `# key: value` lines, per-case rows, mean, sd and n rows) and
-    `test_metrics.json` (header, cases, summary), both written atomically; `la-seg evaluate` reuses it."""
+    `test_metrics.json` (header, cases, summary), both written atomically; `la-seg evaluate` reuses it.
+    `agreements` (case id -> the voters' Agreement) go into the JSON cases that have one."""
     out_dir = Path(out_dir)
     remove_stale_temp_files(out_dir)
     comments = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in header.items()}
@@ -144,6 +159,9 @@ def write_report(rows: list[dict], summary: dict, out_dir: Path, header: dict[st
     counts = [["n", *(summary[k]["n"] for k in METRIC_KEYS), summary["cases"]["failed"]]]
     write_csv(out_dir / "test_metrics.csv", [*REPORT_COLUMNS, "failed"], body + stats + counts, comments)
     cases = [{k: row[k] for k in (*REPORT_COLUMNS, "failed", "slice_dice", "slice_iou")} for row in rows]
+    for case in cases:
+        if case["case_id"] in (agreements or {}):
+            case["agreement"] = agreements[case["case_id"]]
     write_json(out_dir / "test_metrics.json", {"header": header, "cases": cases, "summary": summary})
 
 

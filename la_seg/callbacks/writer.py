@@ -17,11 +17,13 @@ from la_seg.atomic import atomic_path, remove_stale_temp_files, write_csv
 from la_seg.callbacks.images import PANEL, overlay
 from la_seg.data.io import Geometry, write_nifti
 from la_seg.errors import DataError
+from la_seg.inference import REVIEW_BELOW
 from la_seg.metrics import gather_cases, volume_ml
 
 VOLUMES_CSV = "volumes.csv"
 LOCK_NAME = ".la-seg.lock"
 VOLUME_COLUMNS = ("case_id", "volume_ml", "image_path", "spacing_mm")
+AGREEMENT_COLUMNS = ("volume_spread_ml", "mean_pairwise_dice", "review")  # only with several voters
 
 
 class NiftiPredictionWriter(BasePredictionWriter):
@@ -35,11 +37,17 @@ class NiftiPredictionWriter(BasePredictionWriter):
     Existing outputs are kept unless `overwrite` is set. Outputs appear only complete (atomic writes);
     a failed write stops the run with the file's name, and no volumes.csv is written for a failed run.
 
+    With several voters (an ensemble of checkpoints, or `model.tta: flips`) it also writes
+    `<case_id>_uncertainty.nii.gz` (float32 variance of the voters' probabilities, in [0, 0.25]) and adds
+    to volumes.csv the LA volume's spread across voters (mL), their mean pairwise Dice and a `review` flag;
+    a single model without flips writes neither (volumes.csv keeps its four columns).
+
     Args:
         output_dir: folder for the masks (required for `la-seg predict`).
         overwrite: replace existing outputs.
         save_probabilities: also write `<case_id>_prob.nii.gz` (float32 LA probability).
         save_png: also write `<case_id>.png`: axial, coronal and sagittal mid-LA slices with the mask in red.
+        review_below: with several voters, flag a case for review when their mean pairwise Dice is below this.
     """
 
     def __init__(
@@ -48,12 +56,15 @@ class NiftiPredictionWriter(BasePredictionWriter):
         overwrite: bool = False,
         save_probabilities: bool = False,
         save_png: bool = False,
+        review_below: float = REVIEW_BELOW,
     ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir) if output_dir else None
         self.overwrite = overwrite
         self.save_probabilities = save_probabilities
         self.save_png = save_png
+        self.review_below = review_below
+        self.save_uncertainty = False  # set at predict start: whether the model has several voters
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[tuple[dict, Future]] = []
         self._lock: FileLock | None = None
@@ -65,6 +76,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
             names.append(f"{case_id}_prob.nii.gz")
         if self.save_png:
             names.append(f"{case_id}.png")
+        if self.save_uncertainty:
+            names.append(f"{case_id}_uncertainty.nii.gz")
         return names
 
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -72,6 +85,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
             raise DataError(
                 "--writer.output_dir is required for `la-seg predict`: the folder to write masks into"
             )
+        self.save_uncertainty = bool(getattr(pl_module, "has_voters", False))
         cases = getattr(trainer.predict_dataloaders.dataset, "cases", [])
         input_root = getattr(trainer.datamodule, "predict_root", None)
         refuse_writing_into_inputs(self.output_dir, [Path(c.image_path) for c in cases], input_root)
@@ -144,24 +158,33 @@ class NiftiPredictionWriter(BasePredictionWriter):
             "image_path": str(geometry.source),
             "spacing_mm": "x".join(f"{s:g}" for s in geometry.spacing),
         }
-        prob = prediction["prob"].detach().float().cpu().numpy() if self.save_probabilities else None
+        agreement = prediction.get("agreement")
+        if agreement is not None:
+            row["volume_spread_ml"] = agreement["volume_spread_ml"]
+            row["mean_pairwise_dice"] = agreement["mean_pairwise_dice"]
+            row["review"] = agreement["mean_pairwise_dice"] < self.review_below
+        outputs = {"mask": mask}
+        if self.save_probabilities:
+            outputs["prob"] = prediction["prob"].detach().float().cpu()
+        if prediction.get("uncertainty") is not None:
+            outputs["uncertainty"] = prediction["uncertainty"].detach().float().cpu()
         image = batch["image"].detach().float().cpu() if self.save_png else None
-        future = self._pool.submit(self._write_case, prediction["case_id"], geometry, mask, prob, image)
+        future = self._pool.submit(self._write_case, prediction["case_id"], geometry, outputs, image)
         self._pending.append((row, future))
 
     def _write_case(
-        self,
-        case_id: str,
-        geometry: Geometry,
-        mask: torch.Tensor,
-        prob: np.ndarray | None,
-        image: torch.Tensor | None,
+        self, case_id: str, geometry: Geometry, outputs: dict[str, torch.Tensor], image: torch.Tensor | None
     ) -> None:
-        mask_file = geometry.from_slices_last(mask.numpy().astype(np.uint8))
-        _write(self.output_dir / f"{case_id}.nii.gz", lambda p: write_nifti(p, mask_file, geometry))
-        if prob is not None:
-            prob_file = geometry.from_slices_last(prob)
-            _write(self.output_dir / f"{case_id}_prob.nii.gz", lambda p: write_nifti(p, prob_file, geometry))
+        """`outputs`: the mask, and the float32 maps to write (`prob`, `uncertainty`), slices last."""
+        mask = outputs["mask"]
+        for kind, suffix in (("mask", ""), ("prob", "_prob"), ("uncertainty", "_uncertainty")):
+            if kind in outputs:
+                array = outputs[kind].numpy()
+                in_file = geometry.from_slices_last(array.astype(np.uint8) if kind == "mask" else array)
+                _write(
+                    self.output_dir / f"{case_id}{suffix}.nii.gz",
+                    lambda p, data=in_file: write_nifti(p, data, geometry),
+                )
         if image is not None:
             _write(
                 self.output_dir / f"{case_id}.png", lambda p: _save_png(p, mid_slices_picture(image, mask))
@@ -193,7 +216,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
         try:
             rows = gather_cases(self.close())
             if trainer.is_global_zero:
-                write_csv(self.output_dir / VOLUMES_CSV, VOLUME_COLUMNS, _volume_table(rows))
+                columns = VOLUME_COLUMNS + (AGREEMENT_COLUMNS if self.save_uncertainty else ())
+                write_csv(self.output_dir / VOLUMES_CSV, columns, _volume_table(rows, columns))
                 rank_zero_info(f"Wrote {len(rows)} mask(s) and {VOLUMES_CSV} to {self.output_dir}")
         finally:
             self.release()
@@ -239,8 +263,10 @@ def mid_slices_picture(image: torch.Tensor, mask: torch.Tensor) -> Image.Image:
     return Image.fromarray((tiles.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
-def _volume_table(rows: list[dict]) -> list[list]:
-    return [[r["case_id"], f"{r['volume_ml']:.3f}", r["image_path"], r["spacing_mm"]] for r in rows]
+def _volume_table(rows: list[dict], columns: tuple[str, ...]) -> list[list]:
+    """Volumes in mL with 3 decimals, Dice with 4."""
+    digits = {"volume_ml": 3, "volume_spread_ml": 3, "mean_pairwise_dice": 4}
+    return [[f"{r[c]:.{digits[c]}f}" if c in digits else r[c] for c in columns] for r in rows]
 
 
 def _save_png(path: Path, picture: Image.Image) -> None:

@@ -75,6 +75,38 @@ def test_masks_overlay_the_input_with_a_permuted_slice_axis(tmp_path):
     NiftiPredictionWriter(str(tmp_path / "out"), overwrite=True).open()  # the lock was given back
 
 
+def test_several_voters_add_an_uncertainty_map_and_agreement_columns(tmp_path):
+    geometry = input_image(tmp_path / "in", "c1")
+    writer = NiftiPredictionWriter(str(tmp_path / "out"), review_below=0.95)
+    trainer = trainer_for([Case("c1", geometry.source)], tmp_path / "in")
+    writer.on_predict_start(trainer, SimpleNamespace(has_voters=True))
+    output, batch = prediction(geometry, "c1", file_mask())
+    uncertainty_file = np.random.default_rng(1).random(SHAPE).astype(np.float32) / 4
+    agreement = {"voters": ["a", "b"], "volumes_ml": [1.0, 1.5], "volume_spread_ml": 0.5,
+                 "mean_pairwise_dice": 0.93, "review": False}  # fmt: skip
+    output |= {"uncertainty": torch.from_numpy(geometry.to_slices_last(uncertainty_file).copy()),
+               "agreement": agreement}  # fmt: skip
+    writer.write_on_batch_end(trainer, None, output, [0], batch, 0, 0)
+    writer.on_predict_end(trainer, None)
+    written = nib.load(tmp_path / "out" / "c1_uncertainty.nii.gz")  # the input's own layout and affine
+    assert written.get_data_dtype() == np.float32 and np.allclose(written.affine, geometry.affine)
+    assert np.array_equal(np.asarray(written.dataobj), uncertainty_file)
+    with (tmp_path / "out" / "volumes.csv").open() as handle:
+        row = next(csv.DictReader(handle))
+    assert (row["volume_spread_ml"], row["mean_pairwise_dice"]) == ("0.500", "0.9300")
+    assert row["review"] == "True"  # 0.93 < the writer's own review_below
+
+
+def test_uncertainty_names_are_reserved_with_several_voters_only(tmp_path):
+    cases = [Case(case_id, tmp_path / "in" / f"{case_id}.nii.gz") for case_id in ("c", "c_uncertainty")]
+    NiftiPredictionWriter(str(tmp_path / "single")).on_predict_start(trainer_for(cases), None)
+    with pytest.raises(DataError, match="collides") as error:
+        NiftiPredictionWriter(str(tmp_path / "out")).on_predict_start(
+            trainer_for(cases), SimpleNamespace(has_voters=True)
+        )
+    assert "c_uncertainty.nii.gz" in str(error.value)
+
+
 @pytest.mark.parametrize(
     ("ids", "save_probabilities", "clash"),
     [
