@@ -32,10 +32,12 @@ for path in (REPO, BENCHMARKS):  # `python benchmarks/ensemble.py` from a checko
 
 import timm  # noqa: E402
 import torch  # noqa: E402
-from throughput import autocast_dtype, load_config  # noqa: E402
+import yaml  # noqa: E402
+from throughput import compute_dtype  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from la_seg.cli import resolve_config_paths  # noqa: E402
 from la_seg.inference import Ensemble, EnsembleMember  # noqa: E402
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig  # noqa: E402
 from la_seg.module import CPU_EVAL_CHUNK  # noqa: E402
@@ -99,6 +101,19 @@ def fake_segmenters(net: SegmenterConfig, members: int, mode: FakeTensorMode) ->
     for other in nets[1:]:
         other.backbone = nets[0].backbone  # what Ensemble.add does for equal fingerprints
     return nets
+
+
+def load_config(name: str) -> tuple[Path, dict]:
+    """A config file, or one shipped with la-seg, as `la-seg --config NAME` finds it."""
+    path = Path(resolve_config_paths(["--config", name])[1])
+    if not path.is_file():
+        raise SystemExit(f"config {name} not found (neither a file nor shipped with la-seg)")
+    return path, yaml.safe_load(path.read_text()) or {}
+
+
+def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
+    """The dtype Lightning's `*-mixed` precision autocasts to, or None for full precision."""
+    return compute_dtype(precision) if "mixed" in str(precision) else None
 
 
 def count_flops(fn, *args) -> int:

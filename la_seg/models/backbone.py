@@ -93,7 +93,7 @@ class DINOBackbone(nn.Module):
     with no random initialisation that they would overwrite. ``empty=True`` builds the ViT the same way but
     loads nothing: its parameters are uninitialised memory, for when a checkpoint that holds the backbone is
     loaded right after (``pretrained`` and ``weights`` are then only a record). ``device`` is where the ViT's
-    tensors are created (default CPU).
+    tensors are created (default: torch's default device, the CPU unless set).
     """
 
     def __init__(
@@ -121,7 +121,7 @@ class DINOBackbone(nn.Module):
         reserved = sorted(set(model_kwargs) & set(_RESERVED_KWARGS))
         if reserved:
             raise ValueError(f"model_kwargs may not set {reserved}: DINOBackbone sets them itself")
-        device = torch.device(device or "cpu")
+        device = torch.device(device) if device is not None else torch.get_default_device()
         kwargs: dict[str, Any] = dict(img_size=img_size, dynamic_img_size=True, num_classes=0, **model_kwargs)
         self.vit, self.patch_size = self._build(name, pretrained, weights, kwargs, empty, device)
 
