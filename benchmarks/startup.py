@@ -80,8 +80,14 @@ def write_volume(path: Path, shape: tuple[int, int], slices: int) -> Path:
     return path
 
 
-def predict_command(args: argparse.Namespace, weights: Path, volume: Path, out_dir: Path) -> list[str]:
+def predict_command(
+    args: argparse.Namespace, checkout: Path, weights: Path, volume: Path, out_dir: Path
+) -> list[str]:
+    """The predict run: random decoder weights (no checkpoint, which older checkouts could not read), so a
+    checkout that refuses to predict without --ckpt_path is told --untrained true."""
     net = ["--model.net.backbone", args.backbone]
+    if "--untrained" in (checkout / "la_seg" / "cli.py").read_text():
+        net += ["--untrained", "true"]
     if args.backbone_kwargs:
         net += ["--model.net.backbone_kwargs", json.dumps(args.backbone_kwargs)]
     return [
@@ -97,7 +103,7 @@ def run_once(args, checkout: Path, weights: Path, volume: Path, workdir: Path, i
     """One `la-seg predict` process: its wall time, the forward time its callback saw, the difference."""
     probe = workdir / f"probe_{index}.json"
     env = {**os.environ, "PYTHONPATH": f"{checkout}{os.pathsep}{workdir}", "LA_SEG_STARTUP_PROBE": str(probe)}
-    command = predict_command(args, weights, volume, workdir / f"masks_{index}")
+    command = predict_command(args, checkout, weights, volume, workdir / f"masks_{index}")
     start = time.perf_counter()
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
