@@ -44,9 +44,8 @@ class LASegCLI(LightningCLI):
         # The options as typed, to tell explicit ones from config-file values (run=False callers pass `args`).
         self.given_options = list(typed) if isinstance(typed, list) else []
         self.preloaded: dict[str, dict] = {}
-        self.member_paths: list[
-            str
-        ] = []  # test / predict: every ensemble member's checkpoint, first included
+        # test / predict: every ensemble member's checkpoint, the first included
+        self.member_paths: list[str] = []
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

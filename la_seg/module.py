@@ -305,10 +305,13 @@ class LASegModule(L.LightningModule):
         """
         checkpoint = load_checkpoint(checkpoint_path)
         hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-        net = kwargs.pop("net", None) or hparams["net"]
-        net = SegmenterConfig(**net) if isinstance(net, dict) else net
-        if holds_backbone(checkpoint):
-            net = dataclasses.replace(net, pretrained=False, weights=None)
+        net = kwargs.pop("net", None)
+        if net is None:
+            net = offline_network(checkpoint)
+        else:
+            net = SegmenterConfig(**net) if isinstance(net, dict) else net
+            if holds_backbone(checkpoint):
+                net = dataclasses.replace(net, pretrained=False, weights=None)
         with _hub_offline():
             module = cls(**{**hparams, **kwargs, "net": net})
         module.on_load_checkpoint(checkpoint)
@@ -325,14 +328,9 @@ def load_member(path: str | Path, weights: str | None = None) -> EnsembleMember:
     """
     checkpoint = load_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
-    config = SegmenterConfig(**hparams["net"])
+    config = offline_network(checkpoint, weights)
     stored = holds_backbone(checkpoint)
-    if stored:
-        config = dataclasses.replace(config, pretrained=False, weights=None)
-    else:
-        recorded = checkpoint["backbone"].get("weights")
-        moved = recorded is not None and not Path(recorded).is_file() and weights is not None
-        config = dataclasses.replace(config, weights=weights if moved else recorded)
+    if not stored:
         _check_backbone_source(path, config)
     try:
         with _hub_offline():
@@ -345,6 +343,18 @@ def load_member(path: str | Path, weights: str | None = None) -> EnsembleMember:
     holder.on_load_checkpoint(checkpoint)
     holder.load_state_dict(checkpoint["state_dict"])
     return EnsembleMember(str(path), holder.net.eval(), bool(hparams.get("slice_context", False)))
+
+
+def offline_network(checkpoint: dict, weights: str | None = None) -> SegmenterConfig:
+    """The network a checkpoint was trained with, set up to be rebuilt without a download: a backbone the
+    checkpoint holds needs no source; a lean one comes from its recorded weights file (`weights` stands in for
+    a recorded file that is no longer there: its new location) or the hub cache."""
+    config = SegmenterConfig(**checkpoint["hyper_parameters"]["net"])
+    if holds_backbone(checkpoint):
+        return dataclasses.replace(config, pretrained=False, weights=None)
+    recorded = checkpoint["backbone"].get("weights")
+    moved = recorded is not None and not Path(recorded).is_file() and weights is not None
+    return dataclasses.replace(config, weights=weights if moved else recorded)
 
 
 def _check_backbone_source(path: str | Path, config: SegmenterConfig) -> None:
