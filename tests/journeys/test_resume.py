@@ -1,0 +1,26 @@
+"""fit -> killed -> fit --ckpt_path last: training continues after the last completed epoch, not the best."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.journeys.conftest import TINY
+
+
+def _epoch(path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+
+
+def test_last_holds_the_last_epoch_and_resume_continues_from_it(la_seg, journey_data, tmp_path):
+    # lr 0: val/dice never improves after the first epoch, so best.ckpt stays at epoch 0
+    common = [*TINY, "--data.root", journey_data, "--model.lr", "0", "--model.scheduler", "none"]
+    la_seg("fit", *common, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2")
+    checkpoints = tmp_path / "runs" / "demo" / "version_0" / "checkpoints"
+    assert _epoch(checkpoints / "best.ckpt") == 0
+    assert _epoch(checkpoints / "last.ckpt") == 2
+
+    _, err = la_seg("fit", *common, "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "2",
+                    "--ckpt_path", "last")  # fmt: skip
+    assert "last.ckpt" in err
+    assert _epoch(checkpoints / "last.ckpt") == 3
+    assert not (tmp_path / "runs" / "demo" / "version_1").exists(), "a resume logs into the run it resumes"
