@@ -8,7 +8,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """`best.ckpt` by the monitor and, with `save_last`, `last.ckpt` after every epoch whatever the monitor did.
+    """`best.ckpt` by the monitor and, with `save_last`, `last.ckpt` after every epoch, whatever the monitor.
 
     Lightning >= 2.5 rewrites last.ckpt only when a top-k checkpoint was saved at the same step, so a run
     preempted after its best epoch would resume from that best epoch and silently lose every later one.

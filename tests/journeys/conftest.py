@@ -38,7 +38,8 @@ class Shell:
         except SystemExit as exit_:
             code = exit_.code
         out, err = self.capfd.readouterr()
-        assert code == expect, f"la-seg {' '.join(map(str, argv))} exited {code}\n{out[-2000:]}\n{err[-3000:]}"
+        command = " ".join(map(str, argv))
+        assert code == expect, f"la-seg {command} exited {code}\n{out[-2000:]}\n{err[-3000:]}"
         return out, err
 
 
