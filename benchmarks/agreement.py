@@ -94,7 +94,7 @@ def test_ensemble(
     heldout = ["--data.test_root", str(test_root)] if test_root else []
     data = ["--data.root", str(work / "data"), "--data.folds", str(args.folds)]
     la_seg(["test", *MODEL, *logger, *heldout, *data, "--ckpt_path", str(runs)])
-    report = json.loads((work / "runs" / name / "ensemble" / "test_metrics.json").read_text())
+    report = json.loads((work / "runs" / name / "ensemble" / "test_heldout.json").read_text())
     members = report["header"]["ensemble"]["members"]
     if len(members) != args.folds:
         raise RuntimeError(f"expected a {args.folds}-member ensemble, the report names {members}")

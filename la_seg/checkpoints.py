@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from la_seg.errors import DataError
@@ -157,6 +158,107 @@ def check_state_shapes(module, checkpoint: dict) -> None:
 
 def _source(record: dict) -> str:
     return record["weights"] or ("hub" if record["pretrained"] else "random")
+
+
+# ---- the checkpoints that --ckpt_path names ---------------------------------------------------------------
+FOLD_RUN = re.compile(r"fold_(\d+)")
+DATAMODULE_KEY = "LADataModule"  # where Lightning stores the data module's state (its split) in a checkpoint
+
+
+def checkpoint_list(ckpt: str) -> list[str]:
+    """The checkpoint files that `--ckpt_path` names: a YAML/JSON list of files, a folder of fold runs (see
+    run_folder_checkpoints), or else `ckpt` itself (a file, best or last)."""
+    if ckpt.lstrip().startswith("["):
+        try:
+            listed = yaml.safe_load(ckpt)
+        except yaml.YAMLError as error:
+            raise DataError(f"--ckpt_path {ckpt}: not a valid list ({error.problem})") from None
+        if not listed or not all(isinstance(item, str) for item in listed):
+            raise DataError(f"--ckpt_path {ckpt}: expected a non-empty list of checkpoint files")
+        for item in listed:
+            if not Path(item).is_file():
+                raise DataError(f"--ckpt_path: checkpoint {item} in the list does not exist")
+        return listed
+    if Path(ckpt).is_dir():
+        return [str(path) for path in run_folder_checkpoints(Path(ckpt))]
+    return [ckpt]
+
+
+def run_folder_checkpoints(folder: Path) -> list[Path]:
+    """The best.ckpt of each run in `folder`: its cross-validation's `fold_N` folders (each fold's latest
+    `version_*` with a best.ckpt, by fold), else its `version_*` runs (by number), or the folder's own
+    checkpoints/best.ckpt when it is one run's version folder."""
+    if (folder / "checkpoints").is_dir():
+        runs = [folder]
+    else:
+        folds = sorted(
+            (p for p in folder.iterdir() if p.is_dir() and FOLD_RUN.fullmatch(p.name)),
+            key=lambda p: int(p.name[5:]),
+        )
+        if folds:
+            found = [find_run_checkpoint(fold, "best") for fold in folds]
+            missing = [fold for fold, path in zip(folds, found, strict=True) if path is None]
+            if missing:
+                raise DataError(
+                    f"--ckpt_path {folder}: {missing[0]} has no version_*/checkpoints/best.ckpt (was that "
+                    "fold's training interrupted?); list the checkpoints to use instead: "
+                    '--ckpt_path "[a.ckpt, b.ckpt]"'
+                )
+            return found
+        versions = [p for p in folder.glob("version_*") if re.fullmatch(r"version_\d+", p.name)]
+        runs = sorted((p for p in versions if (p / "checkpoints").is_dir()), key=lambda p: int(p.name[8:]))
+    if not runs:
+        raise DataError(
+            f"--ckpt_path {folder}: the folder holds no fold runs (no fold_*/version_* or "
+            "version_*/checkpoints folders, nor a checkpoints folder of its own); pass a checkpoint file, "
+            "a list of files, or a run folder"
+        )
+    missing = [run for run in runs if not (run / "checkpoints" / "best.ckpt").is_file()]
+    if missing:
+        raise DataError(
+            f"--ckpt_path {folder}: {missing[0] / 'checkpoints'} has no best.ckpt (was that run's training "
+            'interrupted?); list the checkpoints to use instead, e.g. --ckpt_path "[a.ckpt, b.ckpt]"'
+        )
+    return [run / "checkpoints" / "best.ckpt" for run in runs]
+
+
+def check_one_cross_validation(folder: str, checkpoints: list[dict]) -> None:
+    """The runs of a folder ensemble are the distinct folds of one cross-validation (same folds, seed and test
+    part) with one network; anything else is refused, naming the runs that differ."""
+    if len(checkpoints) < 2:
+        return
+
+    def fold_of(checkpoint: dict) -> tuple:
+        split = checkpoint.get(DATAMODULE_KEY, {}).get("split") or {}
+        return split.get("folds", 1), split.get("seed"), sorted(split.get("test", []))
+
+    first = checkpoints[0]
+    for other in checkpoints:
+        if fold_of(other)[0] < 2:
+            problem = f"{_run_name(other)} is not a cross-validation fold (it was trained with data.folds 1)"
+        elif fold_of(other) != fold_of(first):
+            problem = f"{_run_name(first)} and {_run_name(other)} are folds of different cross-validations"
+        elif network_settings(other) != network_settings(first):
+            problem = f"{_run_name(first)} and {_run_name(other)} were trained with different networks"
+        else:
+            continue
+        raise DataError(
+            f"--ckpt_path {folder}: {problem}; an ensemble from a folder combines the fold_N runs of one "
+            "`fit --data.folds k` loop: move other runs out, or list the checkpoints to combine"
+        )
+    folds = [checkpoint[DATAMODULE_KEY]["split"].get("fold") for checkpoint in checkpoints]
+    if len(set(folds)) != len(folds):
+        raise DataError(f"--ckpt_path {folder}: several runs of one fold ({folds}); keep one run per fold")
+
+
+def training_augmentation(checkpoint: dict) -> dict | None:
+    """The data.augmentation a checkpoint was trained with (None where it is not recorded)."""
+    return checkpoint.get(DATAMODULE_KEY, {}).get("augmentation")
+
+
+def _run_name(checkpoint: dict) -> str:
+    path = Path(checkpoint[SOURCE_KEY])
+    return str(path.parent.parent) if path.parent.name == "checkpoints" else str(path)
 
 
 # ---- finding a run's checkpoint ----------------------------------------------------------------------------

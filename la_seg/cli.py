@@ -19,17 +19,21 @@ from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorB
 from la_seg.checkpoints import (
     NETWORK_FIELDS,
     DataOnlyCheckpointIO,
+    check_one_cross_validation,
     check_settings,
+    checkpoint_list,
     find_run_checkpoint,
     holds_backbone,
     load_checkpoint,
+    training_augmentation,
 )
 from la_seg.data.datamodule import LADataModule
 from la_seg.data.preprocess import check_img_size
 from la_seg.errors import DataError
+from la_seg.inference import check_tta_trained
 from la_seg.models.segmenter import SegmenterConfig
 from la_seg.module import LASegModule, load_member
-from la_seg.runtime import apply_cpu_precision, configure_threads
+from la_seg.runtime import apply_cpu_precision, configure_threads, quiet_lightning
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -75,7 +79,12 @@ class LASegCLI(LightningCLI):
         if self.subcommand == "predict":  # the writer writes each case; holding all outputs only costs memory
             config.return_predictions = False
         ckpt = config.get("ckpt_path")
+        members = checkpoint_list(str(ckpt)) if ckpt else []
+        if len(members) < 2:  # an ensemble of folds is no fold's run
+            _name_fold_run(config)
         if not ckpt:
+            if self.subcommand == "fit":
+                check_tta_trained(config.model.tta, config.data.augmentation.as_dict(), "the model to train")
             if self.subcommand in ("validate", "test", "predict") and not config.untrained:
                 raise DataError(
                     f"{self.subcommand} needs --ckpt_path (a checkpoint file, or best / last of the "
@@ -84,7 +93,6 @@ class LASegCLI(LightningCLI):
                 )
             return
         run_dir = _logger_run_dir(config)
-        members = checkpoint_list(str(ckpt))
         if len(members) > 1 or members[0] != str(ckpt):
             if self.subcommand in ("fit", "validate"):
                 raise DataError(
@@ -92,6 +100,9 @@ class LASegCLI(LightningCLI):
                     "several checkpoints (a list or a folder of runs) are an ensemble, for test and predict"
                 )
             chosen = f"ensemble of {', '.join(members)}" if len(members) > 1 else f"using {members[0]}"
+            if Path(ckpt).is_dir():  # a folder's runs must be the folds of one cross-validation
+                self.preloaded = {member: load_checkpoint(member) for member in members}
+                check_one_cross_validation(str(ckpt), list(self.preloaded.values()))
             print(f"la-seg: --ckpt_path {ckpt}: {chosen}", file=sys.stderr)
             config.ckpt_path = ckpt = members[0]
             if len(members) > 1 and run_dir is not None:  # not into one fold's run, nor a new version_*
@@ -106,11 +117,25 @@ class LASegCLI(LightningCLI):
             print(f"la-seg: --ckpt_path {ckpt}: using {found}", file=sys.stderr)
             config.ckpt_path = ckpt = str(found)
         self.member_paths = [str(ckpt), *members[1:]]
-        checkpoint = load_checkpoint(ckpt)
+        checkpoint = self.preloaded.get(str(ckpt)) or load_checkpoint(ckpt)
         self.preloaded[str(ckpt)] = checkpoint
         if len(self.member_paths) < 2:
             _continue_run_of(config, Path(ckpt), run_dir)
         apply_checkpoint_settings(config, checkpoint, self.given_options)
+        check_tta_trained(config.model.tta, training_augmentation(checkpoint), f"checkpoint {ckpt}")
+
+    def before_test(self) -> None:
+        """la-seg's own table (printed by SegmentationMetrics) replaces Lightning's "Test metric" box."""
+        if not self._given("verbose"):
+            self.config_init[self.subcommand]["verbose"] = False
+
+    def after_fit(self) -> None:
+        """What a user needs next: the best score and its epoch, the checkpoint, the run, the test command."""
+        if self.trainer.is_global_zero and not self.trainer.interrupted:
+            print(fit_summary(self.trainer, self.given_options))
+
+    def _given(self, option: str) -> bool:
+        return any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in self.given_options)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -120,49 +145,28 @@ class LASegCLI(LightningCLI):
             self.model.member_name = self.member_paths[0]
             weights = self.config[self.subcommand].model.net.weights
             for path in self.member_paths[1:]:
-                self.model.add_member(load_member(path, weights))
+                checkpoint = self.preloaded.pop(path, None) or load_checkpoint(path)
+                augmentation = training_augmentation(checkpoint)
+                check_tta_trained(self.model.hparams.tta, augmentation, f"checkpoint {path}")
+                self.model.add_member(load_member(path, weights, checkpoint))
 
 
-def checkpoint_list(ckpt: str) -> list[str]:
-    """The checkpoint files that `--ckpt_path` names: a YAML/JSON list of files, a folder of fold runs (each
-    `version_*/checkpoints/best.ckpt`, or the folder's own `checkpoints/best.ckpt`), or else `ckpt` itself
-    (a file, best or last)."""
-    if ckpt.lstrip().startswith("["):
-        try:
-            listed = yaml.safe_load(ckpt)
-        except yaml.YAMLError as error:
-            raise DataError(f"--ckpt_path {ckpt}: not a valid list ({error.problem})") from None
-        if not listed or not all(isinstance(item, str) for item in listed):
-            raise DataError(f"--ckpt_path {ckpt}: expected a non-empty list of checkpoint files")
-        for item in listed:
-            if not Path(item).is_file():
-                raise DataError(f"--ckpt_path: checkpoint {item} in the list does not exist")
-        return listed
-    if Path(ckpt).is_dir():
-        return [str(path) for path in run_folder_checkpoints(Path(ckpt))]
-    return [ckpt]
-
-
-def run_folder_checkpoints(folder: Path) -> list[Path]:
-    """Each fold run's best.ckpt in `folder` (its `version_*` folders that hold a `checkpoints` folder, by
-    number), or the folder's own checkpoints/best.ckpt when it is one run's version folder."""
-    if (folder / "checkpoints").is_dir():
-        runs = [folder]
-    else:
-        versions = [p for p in folder.glob("version_*") if re.fullmatch(r"version_\d+", p.name)]
-        runs = sorted((p for p in versions if (p / "checkpoints").is_dir()), key=lambda p: int(p.name[8:]))
-    if not runs:
-        raise DataError(
-            f"--ckpt_path {folder}: the folder holds no fold runs (no version_*/checkpoints folders, nor a "
-            "checkpoints folder of its own); pass a checkpoint file, a list of files, or a run folder"
-        )
-    missing = [run for run in runs if not (run / "checkpoints" / "best.ckpt").is_file()]
-    if missing:
-        raise DataError(
-            f"--ckpt_path {folder}: {missing[0] / 'checkpoints'} has no best.ckpt (was that run's training "
-            'interrupted?); list the checkpoints to use instead, e.g. --ckpt_path "[a.ckpt, b.ckpt]"'
-        )
-    return [run / "checkpoints" / "best.ckpt" for run in runs]
+def fit_summary(trainer, given_options: list[str]) -> str:
+    """The lines printed after `fit`: best val/dice and its epoch, checkpoints, run folder, next command."""
+    lines = [f"la-seg: fit finished after {trainer.current_epoch} epoch(s); run folder {trainer.log_dir}"]
+    for callback in trainer.checkpoint_callbacks:
+        best, score = getattr(callback, "best_model_path", ""), getattr(callback, "best_model_score", None)
+        if best and score is not None:
+            epoch = getattr(callback, "best_epoch", None)
+            at = f" at epoch {epoch}" if epoch is not None else ""
+            lines.append(f"  best {callback.monitor} {float(score):.4f}{at}: {best}")
+        if getattr(callback, "last_model_path", ""):
+            lines.append(f"  last epoch: {callback.last_model_path}")
+        if best:
+            configs = [arg for i, arg in enumerate(given_options) if i and given_options[i - 1] == "--config"]
+            command = ["la-seg", "test", *(f"--config {c}" for c in configs), f"--ckpt_path {best}"]
+            lines.append("  next: " + " ".join(command) + " (add the --data options you gave fit)")
+    return "\n".join(lines)
 
 
 def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]) -> None:
@@ -211,12 +215,27 @@ def _logger_run_dir(config) -> Path | None:
     return Path(args.save_dir) / (args.get("name") or "lightning_logs")
 
 
+def _name_fold_run(config) -> None:
+    """Fold i of a cross-validation logs into `<save_dir>/<name>/fold_i/version_N`, as nnU-Net names its
+    folds: a user sees which run is which fold, `--ckpt_path last` resumes that fold, and
+    `--ckpt_path <save_dir>/<name>` finds the folds of one cross-validation."""
+    args = getattr(config.trainer.get("logger"), "init_args", None)
+    if config.data.folds > 1 and args is not None and args.get("save_dir") is not None:
+        args.name = f"{args.get('name') or 'lightning_logs'}/fold_{config.data.fold}"
+
+
 def _continue_run_of(config, ckpt: Path, run_dir: Path | None) -> None:
-    """Log into the run that wrote `ckpt` (resume continues its curves; the test report lands beside it)."""
-    version_dir = ckpt.resolve().parent.parent
-    if run_dir is None or ckpt.parent.name != "checkpoints" or version_dir.parent != run_dir.resolve():
+    """Log into the run folder that holds `ckpt` (resume continues its curves; the test report lands beside
+    it), whatever the configured name: no new version folder for a run that exists."""
+    version_dir = ckpt.parent.parent  # as given, not resolved: Lightning compares the paths it records
+    if run_dir is None or ckpt.parent.name != "checkpoints":
         return
-    config.trainer.logger.init_args.version = version_dir.name
+    args = config.trainer.logger.init_args
+    args.save_dir, args.name, args.version = (
+        str(version_dir.parent.parent),
+        version_dir.parent.name,
+        version_dir.name,
+    )
 
 
 def resolve_config_paths(argv: list[str]) -> list[str]:
@@ -275,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point; any failure ends with one `la-seg: error:` line and exit status 2 rather than a traceback
     (LA_SEG_DEBUG=1 shows the traceback)."""
     configure_threads()
+    quiet_lightning()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 
 import la_seg
-from la_seg.callbacks.metrics import REPORT_COLUMNS, format_table, write_report
+from la_seg.callbacks.writer import COMPANION_SUFFIXES
 from la_seg.data.io import AFFINE_TOLERANCE_MM, Volume, read_image, read_label
 from la_seg.data.layouts import Layout, find_cases
 from la_seg.errors import DataError
 from la_seg.metrics import case_metrics, summarise
+from la_seg.report import REPORT_COLUMNS, SUFFIXES, format_table, write_report
 
-PROBABILITY_SUFFIX = "_prob"  # `la-seg predict --writer.save_probabilities` companions, not masks
-REPORT_FILES = ("test_metrics.csv", "test_metrics.json")
+REPORT_STEM = "test_metrics"  # in a folder of its own (--out), replaced only with --overwrite
 
 
 @dataclass(frozen=True)
@@ -93,22 +93,23 @@ def evaluate(
         "n": summary["cases"]["n"],
         "failed": summary["cases"]["failed"],
     }
-    write_report(rows, summary, out_dir, header)
+    paths = write_report(rows, summary, out_dir, REPORT_STEM, header)
     unmatched = [case_id for case_id, path in pairs.items() if path is None]
     print(format_table(rows, summary, header))
     if unmatched:
         print(f"{len(unmatched)} reference(s) without a prediction scored as empty masks: {unmatched}")
-    print(f"Report written to {out_dir}/test_metrics.{{csv,json}}")
+    print(f"Report: {paths[0]} and {paths[1].name}")
     return rows, summary
 
 
 def find_predictions(pred: Path) -> dict[str, Path]:
-    """Case id -> mask file; `<case>_prob` probability maps beside `<case>` masks are skipped."""
+    """Case id -> mask file; the probability and uncertainty maps that `la-seg predict` writes beside a
+    `<case>` mask (`<case>_prob`, `<case>_uncertainty`) are skipped."""
     found = {case.case_id: case.image_path for case in find_cases(pred, "files")}
     return {
         case_id: path
         for case_id, path in found.items()
-        if not (case_id.endswith(PROBABILITY_SUFFIX) and case_id.removesuffix(PROBABILITY_SUFFIX) in found)
+        if not any(case_id.removesuffix(s) in found for s in COMPANION_SUFFIXES if case_id.endswith(s))
     }
 
 
@@ -207,6 +208,6 @@ def _check_out(out_dir: Path, inputs: tuple[Path, Path], overwrite: bool) -> Non
             raise DataError(f"report folder {out_dir} lies inside the input {source}; choose another --out")
     if out_dir.is_file():
         raise DataError(f"--out {out_dir} is a file; give a folder")
-    existing = [str(out_dir / name) for name in REPORT_FILES if (out_dir / name).exists()]
+    existing = [str(path) for path in (out_dir / f"{REPORT_STEM}{s}" for s in SUFFIXES) if path.exists()]
     if existing and not overwrite:
         raise DataError(f"report files exist: {existing}; pass --overwrite true or choose another --out")

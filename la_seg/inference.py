@@ -43,6 +43,13 @@ FLIP_DIMS: dict[str, tuple[int, ...]] = {
     "flip_xy": (-2, -1),
 }
 TTA_FLIPS: dict[str, tuple[str, ...]] = {"none": ("identity",), "flips": tuple(FLIP_DIMS)}
+# The training augmentation (data.augmentation fields) that makes a model invariant to each flip.
+FLIP_NEEDS: dict[str, tuple[str, ...]] = {
+    "identity": (),
+    "flip_x": ("vflip",),
+    "flip_y": ("hflip",),
+    "flip_xy": ("hflip", "vflip"),
+}
 # Mean pairwise Dice below which a case is flagged for review (writer.review_below).
 REVIEW_BELOW = 0.9
 
@@ -307,3 +314,25 @@ def _welford_update(mean: Tensor | None, m2: Tensor | None, value: Tensor, n: in
     mean += delta / n  # `mean` is the first voter's map, owned here
     term = delta.mul_(value - mean)
     return mean, term if m2 is None else m2.add_(term)
+
+
+def check_tta_trained(tta: str, augmentation: dict | None, model: str) -> None:
+    """Refuse test-time flips that `model` was not trained to be invariant to: a mirrored LGE slice puts the
+    LA where the model never saw it (Dice 0.87 -> 0.41 on the demo). `augmentation` is the training's
+    data.augmentation (None: not recorded, as in checkpoints of la-seg before 0.1.1)."""
+    needed = sorted({field for flip in _flips(tta) for field in FLIP_NEEDS[flip]})
+    if not needed:
+        return
+    if augmentation is None:
+        raise DataError(
+            f"model.tta {tta}: {model} does not record its training augmentation, so whether it was trained "
+            "with flips is unknown; use model.tta none"
+        )
+    enabled = augmentation.get("enabled", True)
+    missing = [field for field in needed if not (enabled and augmentation.get(field, False))]
+    if missing:
+        options = " and ".join(f"data.augmentation.{field} true" for field in missing)
+        raise DataError(
+            f"model.tta {tta}: {model} was trained without {', '.join(missing)} (a flipped slice shows it "
+            f"anatomy it never saw, which lowers Dice); use model.tta none, or train with {options}"
+        )

@@ -319,14 +319,17 @@ class LASegModule(L.LightningModule):
         return module.to(map_location) if map_location is not None else module
 
 
-def load_member(path: str | Path, weights: str | None = None) -> EnsembleMember:
+def load_member(
+    path: str | Path, weights: str | None = None, checkpoint: dict | None = None
+) -> EnsembleMember:
     """Another checkpoint's network as an ensemble member named by its path, read as data (weights_only).
 
     A checkpoint that holds its backbone is built without initialising one (the state overwrites it); a lean
     one rebuilds its frozen backbone offline from the recorded source (`weights` stands in for a recorded
     weights file that is no longer there: the file's new location), and must match the recorded fingerprint.
+    `checkpoint`: the file's contents when already read.
     """
-    checkpoint = load_checkpoint(path)
+    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
     config = offline_network(checkpoint, weights)
     stored = holds_backbone(checkpoint)

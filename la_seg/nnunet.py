@@ -26,6 +26,7 @@ import numpy as np
 from la_seg.atomic import atomic_write_text
 from la_seg.data.io import Geometry, read_case, write_nifti
 from la_seg.data.layouts import Case, Layout, find_cases
+from la_seg.data.split import cross_validation, listing, read_split_file
 from la_seg.errors import DataError
 
 FILE_ENDING = ".nii.gz"
@@ -91,50 +92,21 @@ def nnunet_case_ids(case_ids: list[str]) -> dict[str, str]:
 
 
 def read_split(path: Path, known: set[str]) -> NnunetSplit:
-    """A la-seg split.json ({"train", "val", "test"}, or {"folds": [{"train", "val"}, ...], "test"})."""
-    try:
-        document = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise DataError(f"cannot read the split file {path}: {error}") from error
-    if not isinstance(document, dict):
-        raise DataError(f"split file {path} must be a JSON object, got {type(document).__name__}")
-    folds = document.get("folds", [{"train": document.get("train"), "val": document.get("val")}])
-    if not isinstance(folds, list) or not folds:
-        raise DataError(f"split file {path}: 'folds' must be a non-empty list of {{'train', 'val'}} objects")
+    """The split.json of a la-seg run (la_seg.data.split reads it): its train/val, or with cross-validation
+    every fold of it, become nnU-Net's folds; its test cases stay out of training."""
+    source = f"split file {path}"
+    folds = cross_validation(read_split_file(path), source)
     split = NnunetSplit(
-        folds=[{part: _case_list(fold, part, path) for part in ("train", "val")} for fold in folds],
-        test=_case_list(document, "test", path, required=False),
+        folds=[{part: fold.parts[part] for part in ("train", "val")} for fold in folds],
+        test=folds[0].parts["test"],
     )
     for index, fold in enumerate(split.folds):
-        if not fold["train"] or not fold["val"]:
-            raise DataError(
-                f"split file {path}: fold {index} needs training and validation cases for nnU-Net"
-            )
-        _refuse_overlap(path, f"fold {index} train", fold["train"], f"fold {index} val", fold["val"])
-    _refuse_overlap(path, "test", split.test, "train/val", split.training)
+        if not fold["val"]:
+            raise DataError(f"{source}: fold {index} has no validation cases, which nnU-Net needs")
     unknown = sorted((set(split.training) | set(split.test)) - known)
     if unknown:
-        raise DataError(
-            f"split file {path} names {len(unknown)} case(s) not found in the data: {unknown[:10]}"
-        )
+        raise DataError(f"{source} names {len(unknown)} case(s) not found in the data: {listing(unknown)}")
     return split
-
-
-def _case_list(document, part: str, path: Path, required: bool = True) -> list[str]:
-    ids = document.get(part) if isinstance(document, dict) else None
-    if ids is None and not required:
-        return []
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise DataError(f"split file {path}: {part!r} must be a list of case id strings")
-    if len(set(ids)) != len(ids):
-        raise DataError(f"split file {path}: {part!r} lists cases more than once")
-    return sorted(ids)
-
-
-def _refuse_overlap(path: Path, name_a: str, a: list[str], name_b: str, b: list[str]) -> None:
-    both = sorted(set(a) & set(b))
-    if both:
-        raise DataError(f"split file {path}: cases in both {name_a} and {name_b}: {both[:10]}")
 
 
 def export_nnunet(

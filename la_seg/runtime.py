@@ -9,8 +9,10 @@ AMX. This module must not import torch at module level: `prefer_passive_openmp` 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -165,3 +167,23 @@ def apply_cpu_precision(trainer_config, argv: Sequence[str]) -> None:
     precision, why = choose_cpu_precision(configured, precision_on_command_line(argv), native_bf16_support())
     trainer_config.precision = precision
     print(f"la-seg: CPU precision {why}", file=sys.stderr, flush=True)
+
+
+# Lines Lightning prints on every run that say nothing about this run (advertising, library internals).
+_NOISE = ("💡 Tip:",)
+_NOISY_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(_NOISE)
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's output to what concerns the run: no tips, no deprecation notes of its internals."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+    for pattern in _NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)

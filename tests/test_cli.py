@@ -99,11 +99,10 @@ def test_fit_resume_test_and_predict(workdir, synth_root):
 
     # test: that run's held-out cases, report beside the run
     main(["test", *TINY, *data, "--ckpt_path", "best"])
-    with open(run / "test_metrics.csv") as handle:  # header lines are `# key: value` comments
-        rows = list(csv.DictReader(line for line in handle if not line.startswith("#")))
-    assert [r["case_id"] for r in rows[:-3]] == split["test"]
-    assert [r["case_id"] for r in rows[-3:]] == ["mean", "sd", "n"]
-    report = json.loads((run / "test_metrics.json").read_text())
+    with open(run / "test_heldout.csv") as handle:  # a plain table: one row per case
+        rows = list(csv.DictReader(handle))
+    assert [r["case_id"] for r in rows] == split["test"]
+    report = json.loads((run / "test_heldout.json").read_text())
     assert set(report["cases"][0]) >= {"dice", "iou", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml"}
     assert 0 <= report["summary"]["dice"]["mean"] <= 1
     assert (run / "config.yaml").exists() and (run / "config_test.yaml").exists()
@@ -150,7 +149,7 @@ def test_ddp_two_processes_fit_and_test(tmp_path, synth_root):
     assert test.returncode == 0, test.stderr[-3000:]
     run = Path(tmp_path, "runs", "demo", "version_0")
     split = json.loads((run / "split.json").read_text())
-    report = json.loads((run / "test_metrics.json").read_text())
+    report = json.loads((run / "test_heldout.json").read_text())
     assert len(split["test"]) == 3  # odd: the distributed sampler pads one rank with a repeated case
     assert [c["case_id"] for c in report["cases"]] == split["test"]
 

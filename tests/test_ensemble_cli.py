@@ -20,12 +20,13 @@ AGREEMENT_BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "agre
 
 @pytest.fixture(scope="module")
 def folds(tmp_path_factory, synth_root):
-    """Two fold runs of the tiny demo model (runs/demo/version_0 and version_1), trained once per module."""
+    """Two fold runs of the tiny demo model (runs/demo/fold_{0,1}/version_0), trained once per module."""
     root = tmp_path_factory.mktemp("folds")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         for fold in (0, 1):
             main(["fit", *TINY, "--data.root", str(synth_root), "--data.folds", "2", "--data.fold", str(fold),
+                  "--data.augmentation.hflip", "true", "--data.augmentation.vflip", "true",
                   "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])  # fmt: skip
     return root
 
@@ -37,7 +38,7 @@ def in_folds(folds, monkeypatch):
 
 
 def best(fold: int) -> str:
-    return f"runs/demo/version_{fold}/checkpoints/best.ckpt"
+    return f"runs/demo/fold_{fold}/version_0/checkpoints/best.ckpt"
 
 
 def predict(synth_root, out: Path, ckpt: str, *extra: str) -> list[str]:
@@ -84,7 +85,7 @@ def test_test_with_a_list_of_checkpoints_names_every_member(in_folds, synth_root
     main(["test", *TINY, "--data.root", str(synth_root), "--data.folds", "2",
           "--ckpt_path", f"[{best(0)}, {best(1)}]"])  # fmt: skip
     report_dir = in_folds / "runs" / "demo" / "ensemble"  # neither fold's run, nor a new version_*
-    report = json.loads((report_dir / "test_metrics.json").read_text())
+    report = json.loads((report_dir / "test_heldout.json").read_text())
     ensemble = report["header"]["ensemble"]
     assert ensemble["members"] == [best(0), best(1)] and ensemble["tta"] == "none"
     assert len(ensemble["passes"]) == 2  # trained backbones (demo: trainable_blocks -1) are not shared
@@ -92,16 +93,17 @@ def test_test_with_a_list_of_checkpoints_names_every_member(in_folds, synth_root
     for case in report["cases"]:
         assert case["agreement"]["voters"] == [best(0), best(1)]
         assert 0 <= case["agreement"]["mean_pairwise_dice"] <= 1
-    comments = [line for line in (report_dir / "test_metrics.csv").read_text().splitlines() if line[0] == "#"]
-    assert any(best(0) in line and best(1) in line for line in comments)
-    assert not (in_folds / "runs" / "demo" / "version_0" / "test_metrics.json").exists()
+    assert (report_dir / "test_heldout.csv").read_text().startswith("case_id,")
+    assert not (in_folds / "runs" / "demo" / "fold_0" / "version_0" / "test_heldout.json").exists()
 
 
 @pytest.mark.slow
 def test_flips_on_one_checkpoint_for_test_and_predict(in_folds, synth_root):
     main(["test", *TINY, "--data.root", str(synth_root), "--data.folds", "2", "--ckpt_path", best(0),
           "--model.tta", "flips"])  # fmt: skip
-    report = json.loads((in_folds / "runs" / "demo" / "version_0" / "test_metrics.json").read_text())
+    report = json.loads(
+        (in_folds / "runs" / "demo" / "fold_0" / "version_0" / "test_heldout.json").read_text()
+    )
     assert report["header"]["inference"]["tta"] == "flips"
     assert report["header"]["ensemble"]["members"] == [best(0)]
     assert all(

@@ -12,6 +12,7 @@ import pytest
 from la_seg.cli import main
 from la_seg.data.io import read_case, read_image, read_label
 from la_seg.data.layouts import Case, find_cases
+from la_seg.data.split import DataSplit, split_cases
 from la_seg.data.synthetic import write_dataset
 from la_seg.errors import DataError
 from la_seg.nnunet import ExportData, export_nnunet, nnunet_case_ids, write_case
@@ -24,10 +25,15 @@ def snapshot(root):
     return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def write_split(folder, split):
+def write_split(folder, record: dict):
+    """split.json as `fit` writes it: through the split module's own record (edited where a test says so)."""
     path = folder / "split.json"
-    path.write_text(json.dumps(split))
+    path.write_text(json.dumps(record))
     return path
+
+
+def record(split=SPLIT, **kwargs) -> dict:
+    return DataSplit({**split}, **kwargs).to_record()
 
 
 def test_export_round_trip_keeps_cases_voxels_and_geometry(synth_root, tmp_path):
@@ -60,7 +66,7 @@ def test_export_round_trip_keeps_cases_voxels_and_geometry(synth_root, tmp_path)
 def test_split_becomes_splits_final_and_test_cases_stay_out_of_training(synth_root, tmp_path):
     main(
         ["export-nnunet", "--data.root", str(synth_root), "--out", str(tmp_path / "raw"),
-         "--split", str(write_split(tmp_path, SPLIT)), "--dataset_name", "Dataset777_Atrium"]
+         "--split", str(write_split(tmp_path, record())), "--dataset_name", "Dataset777_Atrium"]
     )  # fmt: skip
     dataset = tmp_path / "raw" / "Dataset777_Atrium"
     assert json.loads((dataset / "splits_final.json").read_text()) == [
@@ -78,33 +84,35 @@ def test_split_becomes_splits_final_and_test_cases_stay_out_of_training(synth_ro
         np.testing.assert_array_equal(exported.data, read_label(original.label_path).data)
 
 
-def test_folds_give_one_nnunet_fold_each_and_unsplit_cases_are_left_out(synth_root, tmp_path):
-    folds = [
-        {"train": ["train_1", "train_2"], "val": ["train_3"]},
-        {"train": ["train_1", "train_3"], "val": ["train_2"]},
+def test_one_folds_record_exports_every_fold_of_its_cross_validation(synth_root, tmp_path):
+    case_ids = [f"train_{i}" for i in range(1, 7)]
+    folds = [DataSplit(split_cases(case_ids, (0.8, 0.0, 0.2), 3, None, 2, i), None, 2, i, seed=3,
+                       fractions=(0.8, 0.0, 0.2)) for i in range(2)]  # fmt: skip
+    target = export_nnunet(
+        ExportData(synth_root), tmp_path / "raw", split=write_split(tmp_path, folds[1].to_record())
+    )
+    assert json.loads((target / "splits_final.json").read_text()) == [
+        {"train": fold.parts["train"], "val": fold.parts["val"]} for fold in folds
     ]
-    split = write_split(tmp_path, {"folds": folds, "test": ["train_4"]})
-    target = export_nnunet(ExportData(synth_root), tmp_path / "raw", split=split)
-    assert json.loads((target / "splits_final.json").read_text()) == folds
-    assert [c.case_id for c in find_cases(target, "nnunet")] == ["train_1", "train_2", "train_3"]
-    assert sorted(json.loads((target / "case_ids.json").read_text())["cases"]) == [
-        f"train_{i}" for i in range(1, 5)
+    assert sorted(p.name for p in (target / "imagesTs").iterdir()) == [
+        f"{c}_0000.nii.gz" for c in folds[0].parts["test"]
     ]
 
 
 @pytest.mark.parametrize(
-    ("split", "message"),
+    ("edit", "message"),
     [
-        ({**SPLIT, "val": ["train_9"]}, "not found in the data"),
-        ({**SPLIT, "test": ["train_1"]}, "cases in both test and train/val"),
-        ({**SPLIT, "val": ["train_1"]}, "cases in both fold 0 train and fold 0 val"),
-        ({**SPLIT, "val": []}, "needs training and validation cases"),
-        ({"train": "train_1", "val": ["train_2"]}, "'train' must be a list of case id strings"),
-        ({"folds": []}, "non-empty list"),
+        ({"val": ["train_9"]}, "not found in the data"),
+        ({"test": ["train_1"]}, "cases in both 'train' and 'test'"),
+        ({"val": ["train_1"]}, "cases in both 'train' and 'val'"),
+        ({"val": []}, "no validation cases"),
+        ({"train": "train_1"}, "'train' must be a list of case id strings"),
+        ({"folds": 3, "fold": 1}, "records no seed and fractions"),
+        ({"folds": 2, "fold": 1, "seed": 0, "fractions": [0.7, 0.1, 0.2]}, "was it edited"),
     ],
 )
-def test_bad_split_files_are_refused_naming_the_file(synth_root, tmp_path, split, message):
-    path = write_split(tmp_path, split)
+def test_bad_split_files_are_refused_naming_the_file(synth_root, tmp_path, edit, message):
+    path = write_split(tmp_path, {**record(), **edit})
     with pytest.raises(DataError, match=message) as error:
         export_nnunet(ExportData(synth_root), tmp_path / "raw", split=path)
     assert str(path) in str(error.value)

@@ -15,11 +15,16 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     _last_written_step = -1
+    best_epoch: int | None = None  # the epoch that wrote best_model_path (for the summary after fit)
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:
             self._last_written_step = trainer.global_step
+
+    def _update_best_and_save(self, current, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+        self.best_epoch = trainer.current_epoch
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -11,22 +9,20 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 import la_seg
-from la_seg.atomic import remove_stale_temp_files, write_csv, write_json
+from la_seg.checkpoints import INFERENCE_FIELDS
 from la_seg.metrics import CumulativeCaseMetrics, EmptyDistance, gather_cases
-
-REPORT_COLUMNS = ("case_id", "dice", "iou", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml")
-METRIC_KEYS = REPORT_COLUMNS[1:]
-INFERENCE_HPARAMS = ("threshold", "tta", "postprocess", "eval_batch_size")
+from la_seg.report import METRIC_KEYS, format_table, report_stem, write_report
 
 
 class SegmentationMetrics(L.Callback):
     """Logs `{val,test}/dice`, `/iou` (means over cases, 3D), `/dice_slice`, `/iou_slice` (pooled slices)
     and `/failed` (cases with an empty prediction or reference).
 
-    Each case is counted once under DDP. After `test`, writes `test_metrics.csv` and `test_metrics.json`
-    (a header saying what the numbers were computed with, per-case rows, mean, sd and n) into the run's
-    log folder and prints the table. With an ensemble or test-time flips, each JSON case also carries its
-    voters' `agreement` (la_seg.inference.Agreement), and the header the ensemble's members and passes.
+    Each case is counted once under DDP. After `test`, writes the report (la_seg/report.py) into the run's
+    log folder, named after what it scored (`test_heldout.{csv,json}` for the split's test part,
+    `test_<folder>.{csv,json}` for data.test_root; never over an earlier one), and prints the table. With an
+    ensemble or test-time flips, each JSON case also carries its voters' `agreement`
+    (la_seg.inference.Agreement), and the header the ensemble's members and passes.
 
     Args:
         surface_metrics_in_validation: also compute HD95/ASSD during validation (slower).
@@ -100,12 +96,11 @@ class SegmentationMetrics(L.Callback):
         agreements = {row["case_id"]: row["agreement"] for row in gather_cases(self._agreements)}
         if trainer.is_global_zero:
             header = report_header(trainer, pl_module, rows, summary, self.empty_distance)
-            write_report(rows, summary, out_dir, header, agreements)
-            rank_zero_info(
-                "\n"
-                + format_table(rows, summary, header)
-                + f"\nReport written to {out_dir}/test_metrics.{{csv,json}}"
-            )
+            name, scored = _scored_data(trainer)
+            header["scored"] = scored
+            paths = write_report(rows, summary, out_dir, report_stem(out_dir, name), header, agreements)
+            table = format_table(rows, summary, header)
+            rank_zero_info(f"\n{table}\nReport: {paths[0]} and {paths[1].name} (scored {scored['what']})")
 
 
 def inference_settings(pl_module: L.LightningModule) -> dict[str, Any]:
@@ -114,7 +109,7 @@ def inference_settings(pl_module: L.LightningModule) -> dict[str, Any]:
     if callable(settings):
         return dict(settings())
     hparams = getattr(pl_module, "hparams", {})
-    return {key: hparams[key] for key in INFERENCE_HPARAMS if key in hparams}
+    return {key: hparams[key] for key in INFERENCE_FIELDS if key in hparams}
 
 
 def report_header(
@@ -141,56 +136,15 @@ def report_header(
     }
 
 
-def write_report(
-    rows: list[dict],
-    summary: dict,
-    out_dir: Path,
-    header: dict[str, Any],
-    agreements: dict[str, dict] | None = None,
-) -> None:
-    """`test_metrics.csv` (header as `# key: value` lines, per-case rows, mean, sd and n rows) and
-    `test_metrics.json` (header, cases, summary), both written atomically; `la-seg evaluate` reuses it.
-    `agreements` (case id -> the voters' Agreement) go into the JSON cases that have one."""
-    out_dir = Path(out_dir)
-    remove_stale_temp_files(out_dir)
-    comments = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in header.items()}
-    body = [[row["case_id"], *(_fmt(row[k]) for k in METRIC_KEYS), int(row["failed"])] for row in rows]
-    stats = [[stat, *(_fmt(summary[k][stat]) for k in METRIC_KEYS), ""] for stat in ("mean", "sd")]
-    counts = [["n", *(summary[k]["n"] for k in METRIC_KEYS), summary["cases"]["failed"]]]
-    write_csv(out_dir / "test_metrics.csv", [*REPORT_COLUMNS, "failed"], body + stats + counts, comments)
-    cases = [{k: row[k] for k in (*REPORT_COLUMNS, "failed", "slice_dice", "slice_iou")} for row in rows]
-    for case in cases:
-        if case["case_id"] in (agreements or {}):
-            case["agreement"] = agreements[case["case_id"]]
-    write_json(out_dir / "test_metrics.json", {"header": header, "cases": cases, "summary": summary})
-
-
-def format_table(rows: list[dict], summary: dict, header: dict[str, Any]) -> str:
-    """The per-case table printed after `la-seg test`; ends with the checkpoint and the n/failed counts."""
-    width = max([len("case"), *(len(str(r["case_id"])) for r in rows)]) + 2
-    titles, widths = ("Dice", "IoU", "HD95mm", "ASSDmm", "V_pred mL", "V_ref mL"), (8, 8, 9, 9, 11, 10)
-
-    def line(name: str, cells) -> str:
-        return f"{name:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
-
-    title = line("case", titles)
-    lines = [title, "-" * len(title)]
-    lines += [line(str(row["case_id"]), [_fmt(row[k]) for k in METRIC_KEYS]) for row in rows]
-    lines.append("-" * len(title))
-    lines += [line(stat, [_fmt(summary[k][stat]) for k in METRIC_KEYS]) for stat in ("mean", "sd")]
-    lines.append(line("n", [summary[k]["n"] for k in METRIC_KEYS]))
-    rule = header.get("empty_distance", "nan")
-    failed_rule = "left out of their means" if rule == "nan" else "the image diagonal"
-    cases = summary["cases"]
-    lines += [
-        f"slice-wise Dice {_fmt(summary['slice_dice']['mean'])}, IoU {_fmt(summary['slice_iou']['mean'])} "
-        f"over {summary['slice_dice']['n']} slices",
-        f"failed (empty prediction or reference): {cases['failed']}; their HD95/ASSD: {failed_rule}",
-        f"checkpoint: {header.get('checkpoint')}",
-        f"n = {cases['n']} cases, failed = {cases['failed']}",
-    ]
-    return "\n".join(lines)
-
-
-def _fmt(value: float) -> str:
-    return "nan" if value is None or math.isnan(value) else f"{value:.4f}"
+def _scored_data(trainer: L.Trainer) -> tuple[str, dict[str, Any]]:
+    """A name for the report and what it scored: the run's held-out part of data.root, or data.test_root."""
+    data = getattr(trainer, "datamodule", None)
+    test_root = getattr(data, "test_root", None)
+    if test_root is not None:
+        folder = Path(test_root).expanduser().resolve()
+        return folder.name, {"what": f"every case of data.test_root {folder}", "folder": str(folder)}
+    root = getattr(data, "root", None)
+    folder = str(Path(root).expanduser().resolve()) if root is not None else None
+    split = getattr(data, "data_split", None)
+    fold = f", fold {split.fold} of {split.folds}" if split is not None and split.folds > 1 else ""
+    return "heldout", {"what": f"the split's test part of data.root {folder}{fold}", "folder": folder}

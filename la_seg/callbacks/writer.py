@@ -22,6 +22,8 @@ from la_seg.metrics import gather_cases, volume_ml
 
 VOLUMES_CSV = "volumes.csv"
 LOCK_NAME = ".la-seg.lock"
+# Maps written beside `<case_id>.nii.gz` masks: `la-seg evaluate` skips them.
+COMPANION_SUFFIXES = ("_prob", "_uncertainty")
 VOLUME_COLUMNS = ("case_id", "volume_ml", "image_path", "spacing_mm")
 AGREEMENT_COLUMNS = ("volume_spread_ml", "mean_pairwise_dice", "review")  # only with several voters
 
@@ -73,11 +75,11 @@ class NiftiPredictionWriter(BasePredictionWriter):
         """Every file name this writer gives one case: the one list that reservations and writes share."""
         names = [f"{case_id}.nii.gz"]
         if self.save_probabilities:
-            names.append(f"{case_id}_prob.nii.gz")
+            names.append(f"{case_id}{COMPANION_SUFFIXES[0]}.nii.gz")
         if self.save_png:
             names.append(f"{case_id}.png")
         if self.save_uncertainty:
-            names.append(f"{case_id}_uncertainty.nii.gz")
+            names.append(f"{case_id}{COMPANION_SUFFIXES[1]}.nii.gz")
         return names
 
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -177,7 +179,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
     ) -> None:
         """`outputs`: the mask, and the float32 maps to write (`prob`, `uncertainty`), slices last."""
         mask = outputs["mask"]
-        for kind, suffix in (("mask", ""), ("prob", "_prob"), ("uncertainty", "_uncertainty")):
+        for kind, suffix in zip(("mask", "prob", "uncertainty"), ("", *COMPANION_SUFFIXES), strict=True):
             if kind in outputs:
                 array = outputs[kind].numpy()
                 in_file = geometry.from_slices_last(array.astype(np.uint8) if kind == "mask" else array)
@@ -207,9 +209,10 @@ class NiftiPredictionWriter(BasePredictionWriter):
         return rows
 
     def release(self) -> None:
-        """Give up the output folder's lock (if held)."""
+        """Give up the output folder's lock (if held) and remove its file: the folder keeps only outputs."""
         if self._lock is not None:
             self._lock.release()
+            Path(self._lock.lock_file).unlink(missing_ok=True)
             self._lock = None
 
     def on_predict_end(self, trainer, pl_module) -> None:

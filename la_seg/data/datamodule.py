@@ -8,6 +8,7 @@ datasets are built in the *_dataloader methods from `self.split`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from la_seg.data.split import (
     check_patients_kept_together,
     parse_split,
     read_groups,
+    read_split_file,
     split_cases,
 )
 from la_seg.data.transforms import AugmentationConfig, build_train_transform
@@ -77,6 +79,9 @@ class LADataModule(L.LightningDataModule):
         slice_axis: the through-plane axis the volumes are sliced along: "auto" (the axis of largest spacing,
             from the affine) or an array axis 0, 1, 2.
         label_values: label values that mean LA (e.g. [420] for LAScarQS); None: any value > 0.
+        spacing: voxel size in mm (file axis order) for every volume read, replacing the header's: for files
+            whose header holds none (recorded as the spacing's source, "data.spacing"). Utah 2018 files need
+            none: their 0.625 mm is applied by file name.
 
     Attributes:
         split: {"train": [...], "val": [...], "test": [...]} case ids, None until setup() / load_state_dict().
@@ -105,6 +110,7 @@ class LADataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         slice_axis: SliceAxis = "auto",
         label_values: list[int] | None = None,
+        spacing: tuple[float, float, float] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -119,7 +125,7 @@ class LADataModule(L.LightningDataModule):
             )
         # where the cases are and how they are read
         self.root, self.test_root, self.predict_root, self.layout = root, test_root, predict_root, layout
-        self.slice_axis, self.label_values = slice_axis, label_values
+        self.slice_axis, self.label_values, self.spacing = slice_axis, label_values, spacing
         # how they are split
         self.split_fractions, self.seed, self.split_file = check_fractions(split), seed, split_file
         self.groups, self.folds, self.fold = groups, folds, fold
@@ -170,7 +176,7 @@ class LADataModule(L.LightningDataModule):
             raise DataError(f"{field} is required for {stage}: set --{field}")
         if not Path(path).expanduser().exists():
             raise DataError(f"{field} does not exist: {path}")
-        return find_cases(path, layout, require_labels=labelled, label_values=self.label_values)
+        return find_cases(path, layout, labelled, self.label_values, self.spacing)
 
     def _random_split(self) -> DataSplit:
         patients = read_groups(self.groups, self._cases) if self.groups is not None else None
@@ -181,16 +187,14 @@ class LADataModule(L.LightningDataModule):
         parts = split_cases(self._cases, fractions, self.seed, patients, self.folds, self.fold)
         if self._test_cases is not None:
             parts["test"] = sorted(self._test_cases)
-        return DataSplit(parts, patients, self.folds, self.fold, separate_test=self._test_cases is not None)
+        separate_test = self._test_cases is not None
+        return DataSplit(
+            parts, patients, self.folds, self.fold, separate_test, self.seed, self.split_fractions
+        )
 
     def _read_split_file(self) -> DataSplit:
-        path = Path(self.split_file).expanduser()
-        source = f"data.split_file {path}"
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise DataError(f"cannot read {source}: {error}") from error
-        split = parse_split(data, source, separate_test=self._test_cases is not None)
+        source = f"data.split_file {self.split_file}"
+        split = read_split_file(self.split_file, separate_test=self._test_cases is not None)
         if self._test_cases is not None and not split.parts["test"]:
             split.parts["test"] = sorted(self._test_cases)
         if self.groups is not None:
@@ -249,13 +253,16 @@ class LADataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
-        """The split record, so that resuming or testing from a checkpoint uses the same cases."""
-        return {"split": self.data_split.to_record()} if self.data_split is not None else {}
+        """The split record, so that resuming or testing from a checkpoint uses the same cases, and the
+        training augmentation, which decides the test-time flips the model may use."""
+        state: dict = {"augmentation": dataclasses.asdict(self.augmentation)}
+        return state | ({"split": self.data_split.to_record()} if self.data_split is not None else {})
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Adopt a stored split. With test_root given now, the test part chosen in setup() is kept."""
         stored = state_dict.get("split")
-        if not stored:
+        predicting = self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING
+        if not stored or predicting:  # predict reads no split
             return
         source = "the split stored in the checkpoint"
         split = parse_split(stored, source, separate_test=self._test_cases is not None)

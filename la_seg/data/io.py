@@ -36,10 +36,11 @@ SliceAxis = Literal["auto", 0, 1, 2]
 NRRD_EXTENSIONS = (".nrrd", ".nhdr")
 AFFINE_TOLERANCE_MM = 1e-3
 ISOTROPY_TOLERANCE = 0.01  # spacings within 1 % of the largest count as equally coarse
-# Utah 2018 LA challenge files: their headers say 1 mm, the acquisition is 0.625 mm isotropic.
+# Utah 2018 LA challenge files: headers say 1 mm or hold no spacing; the acquisition is 0.625 mm isotropic.
 UTAH_FILE_NAMES = ("lgemri.nrrd", "laendo.nrrd")
 UTAH_SPACING = (0.625, 0.625, 0.625)
-UTAH_SPACING_SOURCE = "utah2018: headers say 1 mm, true 0.625 mm"
+UTAH_SPACING_SOURCE = "utah2018: header says 1 mm or nothing, true 0.625 mm"
+SPACING_OPTION = "data.spacing"  # the spacing given for files whose header lacks one (recorded as its source)
 LOGGER = logging.getLogger("la_seg")
 _READ_ERRORS = (
     OSError,  # includes gzip.BadGzipFile (CRC, length)
@@ -113,7 +114,7 @@ class _Header:
     shape: tuple[int, int, int]
     dtype: np.dtype
     affine: np.ndarray
-    spacing: tuple[float, float, float]
+    spacing: tuple[float, float, float] | None  # None: the header holds no voxel size (some NRRD files)
 
 
 def through_plane_axis(affine: np.ndarray, spacing: Sequence[float]) -> int:
@@ -150,10 +151,16 @@ def check_header(
         raise DataError(f"cannot read the header of {path}: {type(error).__name__}: {error}") from error
     _check_memory(header, path)
     source = "header"
+    utah_file = path.name.lower() in UTAH_FILE_NAMES
     if spacing is not None:
-        spacing, source = _check_override(spacing, path), "override"
-    elif path.name.lower() in UTAH_FILE_NAMES and np.allclose(header.spacing, 1.0, rtol=ISOTROPY_TOLERANCE):
+        spacing, source = _check_override(spacing, path), SPACING_OPTION
+    elif utah_file and (header.spacing is None or np.allclose(header.spacing, 1.0, rtol=ISOTROPY_TOLERANCE)):
         spacing, source = UTAH_SPACING, UTAH_SPACING_SOURCE
+    elif header.spacing is None:
+        raise DataError(
+            f"{path} has neither 'space directions' nor 'spacings': its voxel size is unknown; give it with "
+            f"--{SPACING_OPTION} '[x, y, z]' (mm, in the file's axis order)"
+        )
     else:
         spacing = header.spacing
     axis = check_slice_axis(slice_axis)
@@ -321,8 +328,8 @@ def _nrrd_header(path: Path) -> _Header:
         affine[:3] *= _ras_sign(header.get("space"))[:, None]
     elif "spacings" in header:
         affine[:3, :3] = np.diag(np.asarray(header["spacings"], dtype=np.float64)[:3])
-    else:
-        raise DataError(f"{path} has neither 'space directions' nor 'spacings': its voxel size is unknown")
+    else:  # no voxel size: check_header takes it from the file name (Utah 2018) or data.spacing, or refuses
+        return _Header(shape, dtype, affine, None)
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
     _check_geometry(affine, spacing, path)
     return _Header(shape, dtype, affine, spacing)  # type: ignore[arg-type]
@@ -406,5 +413,5 @@ def _check_memory(header: _Header, path: Path) -> None:
 def _check_override(spacing: Sequence[float], path: Path) -> tuple[float, float, float]:
     values = tuple(float(s) for s in spacing)
     if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
-        raise DataError(f"spacing override for {path} must be three positive numbers, got {spacing!r}")
+        raise DataError(f"{SPACING_OPTION} for {path} must be three positive numbers (mm), got {spacing!r}")
     return values  # type: ignore[return-value]

@@ -66,10 +66,11 @@ def find_cases(
     layout: Layout = "auto",
     require_labels: bool = False,
     label_values: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> list[Case]:
     """The cases under `root`, sorted by case_id, each header already checked (no voxel read), so bad
     inputs fail before any case is processed. With `require_labels` a missing label is an error;
-    `label_values` replaces the layout's LA value(s)."""
+    `label_values` replaces the layout's LA value(s), `spacing` every header's voxel size (data.spacing)."""
     root = Path(root).expanduser()
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -90,7 +91,8 @@ def find_cases(
     if require_labels:
         check_labelled(cases)
     values = LA_VALUES[layout] if label_values is None else _check_label_values(label_values)
-    cases = [replace(case, label_values=values) for case in cases]
+    given = tuple(float(s) for s in spacing) if spacing is not None else None
+    cases = [replace(case, label_values=values, spacing=given or case.spacing) for case in cases]
     for case in cases:
         for path in (case.image_path, case.label_path):
             if path is not None:

@@ -17,6 +17,7 @@ Rules:
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ PARTS = ("train", "val", "test")
 GROUPS_REGEX_PREFIX = "regex:"
 GROUPS_CSV_HEADER = ("case_id", "patient_id")
 # Written beside the parts in split.json; read back so that a split.json used as data.split_file keeps them.
-_RECORD_KEYS = ("summary", "patients", "folds", "fold")
+_RECORD_KEYS = ("summary", "patients", "folds", "fold", "seed", "fractions")
 _SUM_TOLERANCE = 1e-6
 _SHOWN = 10  # ids quoted in an error message before "... (N more)"
 
@@ -202,6 +203,8 @@ class DataSplit:
         folds, fold: the cross-validation fold this split is (1, 0: no cross-validation).
         separate_test: the test part names cases of data.test_root, a namespace of its own (they are neither
             checked for overlap with train/val nor grouped into patients).
+        seed, fractions: how a random split was drawn (None for a split file): with them one fold's record
+            rebuilds every fold of its cross-validation (`cross_validation`).
     """
 
     parts: dict[str, list[str]]
@@ -209,6 +212,8 @@ class DataSplit:
     folds: int = 1
     fold: int = 0
     separate_test: bool = field(default=False, compare=False)
+    seed: int | None = field(default=None, compare=False)
+    fractions: tuple[float, float, float] | None = field(default=None, compare=False)
 
     def summary(self) -> dict[str, dict[str, int]]:
         """{part: {"patients": n, "cases": m}}."""
@@ -233,6 +238,8 @@ class DataSplit:
     def to_record(self) -> dict:
         """JSON-able: the parts (what data.split_file reads), then the summary, folds and patients."""
         record: dict = {**self.parts, "summary": self.summary(), "folds": self.folds, "fold": self.fold}
+        if self.seed is not None and self.fractions is not None:
+            record |= {"seed": self.seed, "fractions": list(self.fractions)}
         if self.patients is not None:
             record["patients"] = dict(sorted(self.patients.items()))
         return record
@@ -270,9 +277,56 @@ def parse_split(data: object, source: str, separate_test: bool = False) -> DataS
     ):
         raise DataError(f"{source}: 'patients' must map case ids to patient id strings")
     folds, fold = data.get("folds", 1), data.get("fold", 0)
-    if not (isinstance(folds, int) and isinstance(fold, int)):
-        raise DataError(f"{source}: 'folds' and 'fold' must be integers, got {folds!r}, {fold!r}")
-    return DataSplit(parts, patients, folds, fold, separate_test)
+    if not (isinstance(folds, int) and isinstance(fold, int)) or not 0 <= fold < max(folds, 1):
+        raise DataError(
+            f"{source}: 'folds' and 'fold' must be integers with 0 <= fold < folds, got {folds!r}, {fold!r}"
+        )
+    seed, fractions = data.get("seed"), data.get("fractions")
+    if (seed is None) != (fractions is None) or (seed is not None and not isinstance(seed, int)):
+        raise DataError(
+            f"{source}: 'seed' (an integer) and 'fractions' come together, got {seed!r}, {fractions!r}"
+        )
+    if fractions is not None:
+        fractions = check_fractions(fractions) if isinstance(fractions, list) else fractions
+        if not isinstance(fractions, tuple):
+            raise DataError(f"{source}: 'fractions' must be a list of three numbers, got {fractions!r}")
+    return DataSplit(parts, patients, folds, fold, separate_test, seed, fractions)
+
+
+def read_split_file(path: str | Path, separate_test: bool = False) -> DataSplit:
+    """The split.json that `fit` writes (or any file of its parts), as a DataSplit; errors name the file."""
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read the split file {path}: {error}") from None
+    return parse_split(data, f"split file {path}", separate_test)
+
+
+def cross_validation(split: DataSplit, source: str) -> list[DataSplit]:
+    """Every fold of the cross-validation that `split` is one fold of ([split] without cross-validation).
+
+    The folds are drawn again from the record's cases, patients, seed and fractions by `split_cases`, and
+    must give back `split` itself for its own fold (else the record was edited or is not la-seg's).
+    """
+    if split.folds == 1:
+        return [split]
+    if split.seed is None or split.fractions is None:
+        raise DataError(
+            f"{source} is fold {split.fold} of {split.folds} but records no seed and fractions to rebuild "
+            "the other folds from (written by an older la-seg?): run fit again to rewrite it"
+        )
+    cases = [case for part in PARTS for case in split.parts[part]]
+    folds = []
+    for fold in range(split.folds):
+        parts = split_cases(cases, split.fractions, split.seed, split.patients, split.folds, fold)
+        folds.append(DataSplit(parts, split.patients, split.folds, fold, False, split.seed, split.fractions))
+    if folds[split.fold].parts != split.parts:
+        raise DataError(
+            f"{source}: its parts are not what its seed {split.seed} and fractions {list(split.fractions)} "
+            f"give for fold {split.fold} of {split.folds}: was it edited?"
+        )
+    return folds
 
 
 def check_patients_kept_together(split: DataSplit, source: str) -> None:

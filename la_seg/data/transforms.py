@@ -38,8 +38,10 @@ class AugmentationConfig:
             (100, 100) disables.
         noise: additive Gaussian noise (standard deviation 1 to 5 % of the intensity range).
         blur: Gaussian blur (sigma 0.1 to 1 pixel), mimicking lower in-plane resolution.
-        hflip: random left-right flip. Off by default: it mirrors the anatomy (the LA sits on one side of the
-            heart), which the test data never shows.
+        hflip: random flip of the slice's second axis (the volume's Y). Off by default: it mirrors the
+            anatomy (the LA sits on one side of the heart), which the test data never shows.
+        vflip: random flip of the slice's first axis (the volume's X). Off by default, as hflip. Test-time
+            flips (`model.tta: flips`) need a model trained with both, so that it is invariant to them.
         p: probability of each enabled transform.
     """
 
@@ -53,6 +55,7 @@ class AugmentationConfig:
     noise: bool = True
     blur: bool = True
     hflip: bool = False
+    vflip: bool = False
     p: float = 0.5
 
     def __post_init__(self) -> None:
@@ -79,6 +82,8 @@ def build_train_transform(cfg: AugmentationConfig) -> A.Compose | None:
     transforms: list[A.BasicTransform] = []
     if cfg.hflip:
         transforms.append(A.HorizontalFlip(p=cfg.p))
+    if cfg.vflip:
+        transforms.append(A.VerticalFlip(p=cfg.p))
     if cfg.rotate_limit > 0 or cfg.scale_limit > 0 or cfg.shift_limit > 0:
         transforms.append(
             A.Affine(

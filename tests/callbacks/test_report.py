@@ -12,9 +12,10 @@ import torch
 from jsonargparse import ArgumentParser
 
 import la_seg
-from la_seg.callbacks.metrics import SegmentationMetrics, format_table
+from la_seg.callbacks.metrics import SegmentationMetrics
 from la_seg.data.io import Geometry
 from la_seg.metrics import summarise
+from la_seg.report import format_table, report_stem
 
 FILE_SHAPE, FILE_SPACING, SLICE_AXIS = (6, 20, 16), (2.5, 0.625, 0.625), 0  # through-plane axis first
 
@@ -67,9 +68,9 @@ class HandBuiltOutputs(L.LightningModule):
 
 
 def read_table(path: Path) -> dict[str, dict[str, float]]:
-    """The CSV as readers are told to read it: lines starting with # are comments."""
+    """The CSV as any reader reads it: a plain table, one row per case."""
     with path.open() as handle:
-        rows = csv.DictReader(line for line in handle if not line.startswith("#"))
+        rows = csv.DictReader(handle)
         return {row.pop("case_id"): {k: float(v) if v else math.nan for k, v in row.items()} for row in rows}
 
 
@@ -86,8 +87,8 @@ def run_test(tmp_path: Path, empty_distance: str) -> tuple[dict, dict, Path, Pat
     trainer.fit(module)
     trainer.test(module, ckpt_path="best", verbose=False)
     log_dir = Path(trainer.log_dir)
-    document = json.loads((log_dir / "test_metrics.json").read_text())
-    table = read_table(log_dir / "test_metrics.csv")
+    document = json.loads((log_dir / "test_heldout.json").read_text())
+    table = read_table(log_dir / "test_heldout.csv")
     return document, table, log_dir, Path(trainer.ckpt_path)
 
 
@@ -119,14 +120,12 @@ def test_report_counts_failures_and_records_its_settings(tmp_path):
     assert math.isclose(
         cases["shifted"]["hd95_mm"], FILE_SPACING[SLICE_AXIS], rel_tol=1e-3
     )  # geometry's spacing
-    # the CSV: same header as comments, per-case rows, mean / sd / n rows
-    comments = [
-        line for line in (log_dir / "test_metrics.csv").read_text().splitlines() if line.startswith("#")
-    ]
-    assert f"# checkpoint: {ckpt}" in comments and "# failed: 1" in comments and "# n: 3" in comments
-    assert table["n"]["hd95_mm"] == 2 and table["n"]["dice"] == 3 and table["n"]["failed"] == 1
-    assert math.isclose(table["mean"]["hd95_mm"], FILE_SPACING[SLICE_AXIS] / 2, rel_tol=1e-3)
+    # the CSV: a plain table of the cases (provenance and summary are in the JSON)
+    assert (log_dir / "test_heldout.csv").read_text().startswith("case_id,dice,iou,")
+    assert sorted(table) == sorted(cases)
+    assert math.isclose(summary["hd95_mm"]["mean"], FILE_SPACING[SLICE_AXIS] / 2, rel_tol=1e-3)
     assert table["missed"]["failed"] == 1 and math.isnan(table["missed"]["hd95_mm"])
+    assert header["scored"]["what"].startswith("the split's test part")
 
 
 def test_max_rule_puts_the_diagonal_into_the_mean(tmp_path):
@@ -134,9 +133,17 @@ def test_max_rule_puts_the_diagonal_into_the_mean(tmp_path):
     diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(FILE_SHAPE, FILE_SPACING, strict=True)))
     assert document["header"]["empty_distance"] == "max"
     assert math.isclose(table["missed"]["hd95_mm"], diagonal, rel_tol=1e-3)
-    assert table["n"]["hd95_mm"] == 3
+    assert document["summary"]["hd95_mm"]["n"] == 3
     mean = (0.0 + FILE_SPACING[SLICE_AXIS] + diagonal) / 3
-    assert math.isclose(table["mean"]["hd95_mm"], mean, rel_tol=1e-3)
+    assert math.isclose(document["summary"]["hd95_mm"]["mean"], mean, rel_tol=1e-3)
+
+
+def test_a_second_report_of_the_same_data_gets_its_own_name(tmp_path):
+    first = tmp_path / "test_heldout.json"
+    first.write_text("{}")  # an earlier report
+    assert report_stem(tmp_path, "heldout") == "test_heldout-2"
+    assert report_stem(tmp_path, "other centre/") == "test_other_centre"
+    assert first.read_text() == "{}"
 
 
 def test_printed_table_states_n_failed_and_checkpoint():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from la_seg.data import Case, DataError, Geometry, find_cases, read_case, read_image, read_label, write_nifti
+from la_seg.data.io import check_header
 
 AFFINE = np.array(
     [
@@ -61,7 +62,7 @@ def test_spacing_override_keeps_the_file_affine(tmp_path):
     """Measurements use the override; the affine stays the file's so written masks overlay the image."""
     path = _save(tmp_path / "img.nii.gz", np.zeros((3, 3, 3), np.float32))
     volume = read_image(path, spacing=(1.0, 2.0, 3.0))
-    assert volume.geometry.spacing == (1.0, 2.0, 3.0) and volume.geometry.spacing_source == "override"
+    assert volume.geometry.spacing == (1.0, 2.0, 3.0) and volume.geometry.spacing_source == "data.spacing"
     np.testing.assert_allclose(volume.geometry.affine, AFFINE)
 
 
@@ -421,6 +422,25 @@ def test_utah_spacing_by_file_name_in_any_layout(tmp_path, name):
     assert "true 0.625 mm" in volume.geometry.spacing_source
     ras = [[1, 0, 0, -5], [0, 1, 0, -6], [0, 0, 1, 7], [0, 0, 0, 1]]  # LPS header in RAS, not rescaled
     np.testing.assert_allclose(volume.geometry.affine, ras)
+
+
+@pytest.mark.parametrize("name", ["lgemri.nrrd", "laendo.nrrd"])
+def test_utah_file_whose_header_holds_no_spacing_gets_the_true_spacing(tmp_path, name):
+    """The challenge's own files: type, dimension, sizes, encoding; no space directions, no spacings."""
+    path = tmp_path / name
+    nrrd.write(str(path), np.full((4, 4, 3), 255, np.uint8), {"encoding": "gzip"})
+    assert not {"space directions", "spacings"} & set(nrrd.read_header(str(path)))
+    geometry = check_header(path)
+    assert geometry.spacing == (0.625, 0.625, 0.625) and geometry.spacing_source.startswith("utah2018")
+
+
+def test_other_file_without_spacing_names_the_option_and_takes_it(tmp_path):
+    path = tmp_path / "scan.nrrd"
+    nrrd.write(str(path), np.zeros((4, 4, 3), np.int16), {"encoding": "gzip"})
+    with pytest.raises(DataError, match=r"scan.nrrd has neither .* --data.spacing '\[x, y, z\]'"):
+        check_header(path)
+    geometry = check_header(path, spacing=(0.7, 0.7, 2.0))
+    assert geometry.spacing == (0.7, 0.7, 2.0) and geometry.spacing_source == "data.spacing"
 
 
 def test_utah_name_with_other_header_spacing_is_kept(tmp_path):

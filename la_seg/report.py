@@ -1,0 +1,82 @@
+"""The one owner of the test report: file names, the CSV (a plain table, one row per case), the JSON (header
+saying what was scored and how, cases, summary) and the printed table; `test` and `evaluate` use it."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from la_seg.atomic import remove_stale_temp_files, write_csv, write_json
+
+REPORT_COLUMNS = ("case_id", "dice", "iou", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml")
+METRIC_KEYS = REPORT_COLUMNS[1:]
+SUFFIXES = (".csv", ".json")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def report_stem(out_dir: Path, scored: str) -> str:
+    """`test_<scored>` (e.g. test_heldout, test_other_centre), or `test_<scored>-2`, -3, ... when a report of
+    that name is in `out_dir` already: every `la-seg test` keeps its own report, none is overwritten."""
+    base = "test_" + (_UNSAFE.sub("_", scored).strip("._") or "data")
+    stem, n = base, 1
+    while any((Path(out_dir) / f"{stem}{suffix}").exists() for suffix in SUFFIXES):
+        n += 1
+        stem = f"{base}-{n}"
+    return stem
+
+
+def write_report(
+    rows: list[dict],
+    summary: dict,
+    out_dir: Path,
+    stem: str,
+    header: dict[str, Any],
+    agreements: dict[str, dict] | None = None,
+) -> list[Path]:
+    """`<stem>.csv` (a plain table: one row per case, read as is by pandas, spreadsheets and csv.DictReader)
+    and `<stem>.json` (header, cases, summary with mean, sd and n), both written atomically; returns them.
+    `agreements` (case id -> the voters' Agreement) go into the JSON cases that have one."""
+    out_dir = Path(out_dir)
+    remove_stale_temp_files(out_dir)
+    csv_path, json_path = (out_dir / f"{stem}{suffix}" for suffix in SUFFIXES)
+    body = [[row["case_id"], *(_fmt(row[k]) for k in METRIC_KEYS), int(row["failed"])] for row in rows]
+    write_csv(csv_path, [*REPORT_COLUMNS, "failed"], body)
+    cases = [{k: row[k] for k in (*REPORT_COLUMNS, "failed", "slice_dice", "slice_iou")} for row in rows]
+    for case in cases:
+        if case["case_id"] in (agreements or {}):
+            case["agreement"] = agreements[case["case_id"]]
+    write_json(json_path, {"header": header, "cases": cases, "summary": summary})
+    return [csv_path, json_path]
+
+
+def format_table(rows: list[dict], summary: dict, header: dict[str, Any]) -> str:
+    """The per-case table printed after `la-seg test`; ends with the checkpoint and the n/failed counts."""
+    width = max([len("case"), *(len(str(r["case_id"])) for r in rows)]) + 2
+    titles, widths = ("Dice", "IoU", "HD95mm", "ASSDmm", "V_pred mL", "V_ref mL"), (8, 8, 9, 9, 11, 10)
+
+    def line(name: str, cells) -> str:
+        return f"{name:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+
+    title = line("case", titles)
+    lines = [title, "-" * len(title)]
+    lines += [line(str(row["case_id"]), [_fmt(row[k]) for k in METRIC_KEYS]) for row in rows]
+    lines.append("-" * len(title))
+    lines += [line(stat, [_fmt(summary[k][stat]) for k in METRIC_KEYS]) for stat in ("mean", "sd")]
+    lines.append(line("n", [summary[k]["n"] for k in METRIC_KEYS]))
+    rule = header.get("empty_distance", "nan")
+    failed_rule = "left out of their means" if rule == "nan" else "the image diagonal"
+    cases = summary["cases"]
+    lines += [
+        f"slice-wise Dice {_fmt(summary['slice_dice']['mean'])}, IoU {_fmt(summary['slice_iou']['mean'])} "
+        f"over {summary['slice_dice']['n']} slices",
+        f"failed (empty prediction or reference): {cases['failed']}; their HD95/ASSD: {failed_rule}",
+        f"checkpoint: {header.get('checkpoint')}",
+        f"n = {cases['n']} cases, failed = {cases['failed']}",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return "nan" if value is None or math.isnan(value) else f"{value:.4f}"
