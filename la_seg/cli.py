@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import errno
 import inspect
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -308,20 +310,27 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str], from_command_line: bool) -> None:
     """Parse `argv` and run its subcommand."""
-    if argv and argv[0] == "synth":
-        CLI(synth, args=argv[1:], as_positional=False, exit_on_error=False)
-        return
-    if argv and argv[0] in ("export-nnunet", "evaluate"):  # imported here: fit/test/predict never need them
-        from la_seg.evaluate import evaluate
-        from la_seg.nnunet import export_nnunet
+    if argv and argv[0] in ("synth", "export-nnunet", "evaluate"):
+        if argv[0] == "synth":
+            command = synth
+        else:  # imported here: fit/test/predict never need them
+            from la_seg.evaluate import evaluate
+            from la_seg.nnunet import export_nnunet
 
-        command = export_nnunet if argv[0] == "export-nnunet" else evaluate
-        CLI(command, args=argv[1:], as_positional=False, exit_on_error=False)
+            command = export_nnunet if argv[0] == "export-nnunet" else evaluate
+        parser = {"prog": f"la-seg {argv[0]}", "exit_on_error": False, "allow_abbrev": False}
+        with suggesting_options():
+            CLI(command, args=argv[1:], as_positional=False, **parser)
         return
     argv = resolve_config_paths(argv)
     if from_command_line:  # DDP re-launches sys.argv: let it carry the resolved config paths
         sys.argv[1:] = argv
     subcommand = argv[0] if argv else ""
+    with suggesting_options():
+        _lightning_cli(argv, from_command_line, subcommand)
+
+
+def _lightning_cli(argv: list[str], from_command_line: bool, subcommand: str) -> None:
     LASegCLI(
         LASegModule,
         LADataModule,
@@ -334,13 +343,56 @@ def run(argv: list[str], from_command_line: bool) -> None:
         },
         # Argument errors raise (main prints them as one line) instead of printing the whole usage.
         parser_kwargs={
+            "prog": "la-seg",
             "description": "la-seg: left-atrium segmentation from LGE MRI with a DINOv2 encoder. "
             "Subcommands: fit, validate, test, predict (Lightning); `la-seg synth` (synthetic data), "
             "`la-seg export-nnunet` and `la-seg evaluate` (side by side with nnU-Net).",
             "exit_on_error": False,
-            **{name: {"exit_on_error": False} for name in SUBCOMMANDS},
+            "allow_abbrev": False,  # `--trainer.max_epoch 1` must not silently mean max_epochs
+            **{name: {"exit_on_error": False, "allow_abbrev": False} for name in SUBCOMMANDS},
         },
     )
+
+
+_UNKNOWN = re.compile(r"(?:unrecognized arguments|Unrecognized arguments|Unexpected option)[^-]*(--[\w.-]+)")
+
+
+@contextmanager
+def suggesting_options():
+    """An unknown option's error names the nearest known one (`--data.rooot`: did you mean --data.root?)."""
+    import argparse
+
+    import jsonargparse
+
+    parsers: list = []
+    original = jsonargparse.ArgumentParser.parse_args
+
+    def remember(parser, *args, **kwargs):
+        parsers.append(parser)
+        return original(parser, *args, **kwargs)
+
+    jsonargparse.ArgumentParser.parse_args = remember
+    try:
+        yield
+    except (argparse.ArgumentError, ArgumentError) as error:
+        match = _UNKNOWN.search(str(error))
+        near = difflib.get_close_matches(match.group(1), _options(parsers), n=1, cutoff=0.8) if match else []
+        if not near:
+            raise
+        raise DataError(f"unknown option {match.group(1)}: did you mean {near[0]}?") from None
+    finally:
+        jsonargparse.ArgumentParser.parse_args = original
+
+
+def _options(parsers: list) -> list[str]:
+    """Every --option of `parsers` and of their subcommands' parsers."""
+    found: list[str] = []
+    while parsers:
+        parser = parsers.pop()
+        found += [option for option in parser._option_string_actions if option.startswith("--")]
+        subcommands = getattr(parser, "_subcommands_action", None)
+        parsers += list(getattr(subcommands, "_name_parser_map", {}).values())
+    return found
 
 
 _EXPECTED = (DataError, ValueError, OSError, ArgumentError)  # bad input, bad options or values, files, disks

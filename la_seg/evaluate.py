@@ -70,6 +70,9 @@ def evaluate(
         overwrite: replace an earlier report in --out.
     """
     pred, ref = Path(pred).expanduser(), Path(ref).expanduser()
+    for option, path in (("--pred", pred), ("--ref", ref)):
+        if not path.exists():
+            raise DataError(f"{option} {path} does not exist")
     if label is not None and label < 1:
         raise DataError(f"--label must be a mask value >= 1, got {label}")
     predictions = find_predictions(pred)

@@ -172,3 +172,28 @@ def test_every_subcommand_runs_in_mixed_precision(workdir, synth_root, capsys):
     main(["predict", *common, "--ckpt_path", str(best), "--data.predict_root", str(synth_root),
           "--writer.output_dir", str(out)])  # fmt: skip
     assert len(list(out.glob("*.nii.gz"))) == 6
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["fit", "--config", "demo.yaml", "--trainer.max_epoch", "1"], "did you mean --trainer.max_epochs?"),
+        (["test", "--config", "demo.yaml", "--data.rooot", "x"], "did you mean --data.root?"),
+        (["synth", "--outt", "x"], "did you mean --out?"),
+        (["evaluate", "--pred", "x", "--reff", "y"], "did you mean --ref?"),
+        (["evaluate", "--pred", "missing_masks", "--ref", "."], "--pred missing_masks does not exist"),
+    ],
+)
+def test_abbreviations_and_typos_are_refused_naming_the_nearest_option(argv, message, capsys, workdir):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("la-seg: error: ") and line.endswith(message)
+
+
+@pytest.mark.parametrize("command", ["synth", "evaluate", "export-nnunet"])
+def test_usage_lines_name_the_subcommand(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: la-seg {command} ")
