@@ -67,6 +67,41 @@ def _load_pretrained_assigning(vit: nn.Module, device: torch.device) -> None:
         del vit.load_state_dict
 
 
+HUB_PROBE_SECONDS = 5.0
+
+
+def check_hub_reachable(pretrained_cfg: dict, name: str) -> None:
+    """Fail within seconds, naming --model.net.weights, where hub weights are neither cached nor reachable
+    (offline clusters): huggingface_hub would otherwise retry for minutes and then print its own error."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub
+
+    repo = pretrained_cfg.get("hf_hub_id")
+    if not repo:
+        return
+    filename = pretrained_cfg.get("hf_hub_filename") or "model.safetensors"
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo, filename), str):
+        return
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    reason = "HF_HUB_OFFLINE is set" if offline else None
+    if not offline and not proxied:
+        host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+        try:
+            socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
+        except OSError as error:
+            reason = f"{host} cannot be reached ({error})"
+    if reason:
+        raise DataError(
+            f"the pretrained weights of {name} are not in the local hub cache and {reason}: pass "
+            f"--model.net.weights with a local copy of the hub file {filename} of {repo} (or Meta's original "
+            ".pth), e.g. downloaded once with `hf download " + f"{repo} {filename}`"
+        )
+
+
 def _materialise(vit: nn.Module, device: torch.device) -> None:
     """Gives every tensor still on the meta device real, uninitialised storage on ``device``, then recomputes
     the non-persistent buffers (RoPE periods, zero key biases) that no weights file holds."""
@@ -172,6 +207,8 @@ class DINOBackbone(nn.Module):
             with torch.device(device):
                 return timm.create_model(name, pretrained=False, **kwargs), patch_size
         if not empty:
+            if path is None:
+                check_hub_reachable(vit.pretrained_cfg, name)
             try:
                 _load_pretrained_assigning(vit, device)
             except RuntimeError as err:

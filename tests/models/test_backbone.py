@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import huggingface_hub
 import pytest
 import timm
 import timm.layers.config
@@ -219,6 +220,7 @@ def test_hub_weights_load_the_same_way(monkeypatch):
         return source.state_dict()
 
     monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", fake_download)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: "cached")
     rng = torch.random.get_rng_state()
     backbone = DINOBackbone(V3, pretrained=True, img_size=64, model_kwargs=SMALL_KWARGS)
     assert torch.equal(rng, torch.random.get_rng_state())
@@ -345,3 +347,22 @@ def test_fingerprint_tracks_weights(tmp_path, name):
     with torch.no_grad():
         second.vit.norm.weight[0] += 1.0
     assert second.fingerprint() != first.fingerprint()
+
+
+def test_offline_hub_weights_fail_at_once_naming_the_weights_option(monkeypatch):
+    """No network and no cache: one line naming --model.net.weights and the hub file, not minutes of retries."""
+    import socket
+    import time
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    start = time.monotonic()
+    with pytest.raises(
+        DataError, match=r"--model.net.weights .*model.safetensors of timm/vit_small_patch14_dinov2"
+    ):
+        DINOBackbone("vit_small_patch14_dinov2", pretrained=True, img_size=28, model_kwargs=dict(TINY))
+    assert time.monotonic() - start < 10
