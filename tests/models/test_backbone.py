@@ -350,7 +350,7 @@ def test_fingerprint_tracks_weights(tmp_path, name):
 
 
 def test_offline_hub_weights_fail_at_once_naming_the_weights_option(monkeypatch):
-    """No network and no cache: one line naming --model.net.weights and the hub file, not minutes of retries."""
+    """No network, no cache: one line naming --model.net.weights and the hub file, not minutes of retries."""
     import socket
     import time
 
