@@ -8,6 +8,7 @@ import errno
 import inspect
 import os
 import re
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import yaml
 from jsonargparse import CLI, ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorBoardImages
 from la_seg.checkpoints import (
@@ -80,6 +81,7 @@ class LASegCLI(LightningCLI):
             raise DataError(f"data.img_size: {error}") from None
         if self.subcommand == "predict":  # the writer writes each case; holding all outputs only costs memory
             config.return_predictions = False
+            config.trainer.logger = False  # nothing to log: no event file in the training run
         ckpt = config.get("ckpt_path")
         members = checkpoint_list(str(ckpt)) if ckpt else []
         if len(members) < 2:  # an ensemble of folds is no fold's run
@@ -126,6 +128,16 @@ class LASegCLI(LightningCLI):
         apply_checkpoint_settings(config, checkpoint, self.given_options)
         check_tta_trained(config.model.tta, training_augmentation(checkpoint), f"checkpoint {ckpt}")
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """A fit that fails before its first checkpoint leaves no run folder behind (no empty version_N)."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            run = getattr(self, "fresh_run", None)
+            if run is not None and self.trainer.is_global_zero and not list(run.glob("**/checkpoints/*.ckpt")):
+                shutil.rmtree(run, ignore_errors=True)
+            raise
+
     def before_test(self) -> None:
         """la-seg's own table (printed by SegmentationMetrics) replaces Lightning's "Test metric" box."""
         if not self._given("verbose"):
@@ -141,6 +153,9 @@ class LASegCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        log_dir = self.trainer.log_dir if self.subcommand == "fit" else None  # no collective before launch
+        missing = [f for f in (Path(log_dir), *Path(log_dir).parents) if not f.exists()] if log_dir else []
+        self.fresh_run = missing[-1] if missing else None  # the outermost folder this fit will create
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = DataOnlyCheckpointIO(self.preloaded)
         if self.member_paths:
@@ -337,6 +352,7 @@ def _lightning_cli(argv: list[str], from_command_line: bool, subcommand: str) ->
         args=None if from_command_line else argv,
         args_list=argv,
         # A test or predict run logs into the folder of the run it evaluates: keep that run's config.yaml.
+        save_config_callback=None if subcommand == "predict" else SaveConfigCallback,  # logs nowhere
         save_config_kwargs={
             "overwrite": True,
             "config_filename": "config.yaml" if subcommand == "fit" else f"config_{subcommand}.yaml",
