@@ -134,7 +134,8 @@ class LASegCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except BaseException:
             run = getattr(self, "fresh_run", None)
-            if run is not None and self.trainer.is_global_zero and not list(run.glob("**/checkpoints/*.ckpt")):
+            kept = run is None or not self.trainer.is_global_zero or any(run.glob("**/checkpoints/*.ckpt"))
+            if not kept:
                 shutil.rmtree(run, ignore_errors=True)
             raise
 
