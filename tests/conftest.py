@@ -23,6 +23,13 @@ def _autocast_enabled() -> bool:
 
 
 @pytest.fixture(autouse=True)
+def run_in_a_temporary_folder(tmp_path, monkeypatch):
+    """Every test runs in its own temporary working folder: la-seg's default runs/ (and anything else written
+    relative to the working folder) never lands in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
 def refuse_autocast_banned_ops(monkeypatch):
     """Make CPU tests fail where CUDA autocast would: the ops on its banned list raise under any autocast.
 
