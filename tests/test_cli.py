@@ -52,7 +52,8 @@ def test_ablation_overlays_change_the_paper_config(overlay, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", "giant.yaml", "--config", overlay, "--print_config"])
     net = yaml.safe_load(capsys.readouterr().out)["model"]["net"]
-    assert (net["fusion"], net["image_guidance"], net["fusion_groups"]) != ("softmax", True, 1)
+    paper = (net["fusion"], net["image_guidance"], net["fusion_groups"], net["stem_channels"])
+    assert paper != ("softmax", True, 1, 16)
 
 
 def test_config_names_resolve_to_shipped_files(tmp_path):

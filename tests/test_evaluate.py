@@ -161,4 +161,4 @@ def test_cli_error_is_one_line_and_exit_status_2(synth_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--pred", str(tmp_path / "none"), "--ref", str(synth_root)])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.startswith("la-seg: error: data root does not exist")
+    assert capsys.readouterr().err.startswith(f"la-seg: error: --pred {tmp_path / 'none'} does not exist")
