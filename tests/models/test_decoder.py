@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import la_seg.models.decoder as decoder_module
-from la_seg.models import DecoderBlock, ImageGuidedDecoder, SegmentationHead
+from la_seg.models import ImageGuidedDecoder
 
 CHANNELS = (32, 16, 8, 8)
 
@@ -50,14 +50,6 @@ def test_one_map_per_level_is_used_deepest_first():
         out = decoder(feats, image)
         assert not torch.allclose(out, decoder(feats[::-1], image))
         assert not torch.allclose(out, decoder(feats[-1:], image))
-
-
-def test_named_blocks_and_head():
-    decoder = ImageGuidedDecoder(24, channels=CHANNELS)
-    assert len(decoder.blocks) == decoder.num_levels == 4
-    assert all(isinstance(b, DecoderBlock) for b in decoder.blocks)
-    assert decoder.blocks[0].up is None and all(b.up is not None for b in decoder.blocks[1:])
-    assert isinstance(decoder.head, SegmentationHead) and decoder.head.logits.out_channels == 1
 
 
 def test_batch_of_one_trains_and_evaluates():
