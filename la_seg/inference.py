@@ -96,6 +96,9 @@ class VolumeResult:
     uncertainty: Tensor | None  # float32 variance of the voters' probabilities
     voter_names: list[str]
     voter_masks: list[Tensor] = field(default_factory=list)  # bool, one per voter (only with >1 voter)
+    # With keep_logits: the first member's unflipped float32 (Z, S, S) slice logits in model geometry, which
+    # its training loss is computed on (whatever else votes).
+    logits: Tensor | None = None
 
     def agreement(self, spacing: Sequence[float], review_below: float = REVIEW_BELOW) -> Agreement | None:
         """Agreement of the voters' masks (`spacing`: mm per voxel, slices last); None for a single voter."""
@@ -231,11 +234,14 @@ class Ensemble(nn.Module):
             ],
         }
 
-    def forward(self, inputs: Mapping[InputKind, Tensor], tta: TTA = "none") -> list[list[Tensor]]:
+    def forward(
+        self, inputs: Mapping[InputKind, Tensor], tta: TTA = "none", first_logits: list[Tensor] | None = None
+    ) -> list[list[Tensor]]:
         """Per member, per flip of `tta` (in TTA_FLIPS order): (N, S, S) float32 probabilities, flipped back.
 
         `inputs` maps each of `input_kinds` to its (N, 3, S, S) slice stack. Each pass runs its backbone once
         per flip, on the flipped stack (DINOv2 features are not flip-equivariant); all its members decode it.
+        `first_logits`, if given, receives the first member's unflipped (N, S, S) float32 logits.
         """
         flips = _flips(tta)
         probs: list[list[Tensor]] = [[] for _ in self.heads]
@@ -246,13 +252,21 @@ class Ensemble(nn.Module):
                 x = inputs[shared.kind].flip(dims) if dims else inputs[shared.kind]
                 features = backbone(x)
                 for m in shared.members:
-                    prob = torch.sigmoid(self.heads[m](features, x).float())[:, 0]
+                    logits = self.heads[m](features, x).float()[:, 0]
+                    if m == 0 and not dims and first_logits is not None:
+                        first_logits.append(logits)
+                    prob = torch.sigmoid(logits)
                     probs[m].append(prob.flip(dims) if dims else prob)
         return probs
 
     @torch.no_grad()
     def segment_volume(
-        self, image: Tensor, threshold: float = 0.5, chunk: int = 32, tta: TTA = "none"
+        self,
+        image: Tensor,
+        threshold: float = 0.5,
+        chunk: int = 32,
+        tta: TTA = "none",
+        keep_logits: bool = False,
     ) -> VolumeResult:
         """Segments an (X, Y, Z) volume in [0, 1] (slices last), `chunk` slices per backbone pass.
 
@@ -268,11 +282,12 @@ class Ensemble(nn.Module):
         several = len(self.heads) > 1
         voter_names = list(self.names) if several else list(flips)
         per_voter: list[list[Tensor]] = [[] for _ in voter_names]
+        first_logits: list[Tensor] = []
         depth = image.shape[-1]
         for start in range(0, depth, int(chunk)):
             index = slice(start, min(depth, start + int(chunk)))
             inputs = {k: slices_to_input(image, k[0], k[1], index=index) for k in self.input_kinds}
-            member_probs = self(inputs, tta)
+            member_probs = self(inputs, tta, first_logits if keep_logits else None)
             voters = [_sum(flipped) for flipped in member_probs] if several else member_probs[0]
             for stack, probs in zip(per_voter, voters, strict=True):
                 stack.append(probs)
@@ -288,7 +303,8 @@ class Ensemble(nn.Module):
                 masks.append(prob > threshold)
             mean, m2 = _welford_update(mean, m2, prob, n)
         uncertainty = None if m2 is None else (m2 / len(voter_names)).clamp_(min=0.0)
-        return VolumeResult(mean, mean > threshold, uncertainty, voter_names, masks)
+        logits = torch.cat(first_logits) if keep_logits else None
+        return VolumeResult(mean, mean > threshold, uncertainty, voter_names, masks, logits)
 
 
 def _flips(tta: str) -> tuple[str, ...]:

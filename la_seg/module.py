@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, NotRequired, TypedDict
@@ -22,7 +21,7 @@ from la_seg.checkpoints import (
 from la_seg.data.io import Geometry
 from la_seg.data.preprocess import labels_to_input
 from la_seg.errors import DataError
-from la_seg.inference import TTA, TTA_FLIPS, Agreement, Ensemble, EnsembleMember, VolumeResult
+from la_seg.inference import TTA, Agreement, Ensemble, EnsembleMember, VolumeResult
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
 
 # Largest chunk segment_volume runs on CPU. A CPU forward is compute-bound from a few slices on; bigger chunks
@@ -120,11 +119,9 @@ class LASegModule(L.LightningModule):
         if compile:
             self.net.backbone.compile()
             self.net.decoder.compile()
-        # Further ensemble members (other checkpoints): a plain list, not submodules, so that they never
-        # enter this module's state_dict (its checkpoints); see add_member.
-        self.member_name = "model"
-        self.extra_members: list[EnsembleMember] = []
-        self._ensemble: list[Ensemble] = []  # built once per run (a list: not a submodule either)
+        self.slice_context = slice_context
+        self.member_name = "model"  # the name this model votes under (the CLI sets its checkpoint path)
+        self._ensemble: list[Ensemble] = []  # see ensemble()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -160,34 +157,26 @@ class LASegModule(L.LightningModule):
 
     # ---- ensemble members ------------------------------------------------------------------------------
     def add_member(self, member: EnsembleMember) -> None:
-        """Another model that votes at test / predict time (e.g. another fold's checkpoint)."""
-        self.extra_members.append(member)
-        self._ensemble.clear()
+        """Another model that votes at test / predict time (e.g. another fold's checkpoint). Its fusion and
+        decoder join the ensemble; a frozen backbone equal to one already there is not kept twice."""
+        self.ensemble().add(member)
 
     @property
     def has_voters(self) -> bool:
         """Whether inference has several voters (members or flips), hence uncertainty and agreement."""
-        return bool(self.extra_members) or self.hparams.tta != "none"
+        return len(self.ensemble().heads) > 1 or self.hparams.tta != "none"
 
     def ensemble(self) -> Ensemble:
-        """The module's own net plus the extra members, built on first use; members share a frozen
-        backbone's pass, and their duplicate copies of it are dropped (the ensemble holds one)."""
+        """The module's own net (the first member) and the members added since, built on first use. It is
+        held in a list, not as a submodule, so that other members never enter this module's checkpoints."""
         if not self._ensemble:
-            own = EnsembleMember(self.member_name, self.net, bool(self.hparams.slice_context))
-            members = [own, *self.extra_members]
-            ensemble = Ensemble(members)
-            for shared in ensemble.passes:
-                for index in shared.members:
-                    if index:  # the module's own net keeps its (registered) backbone
-                        members[index].net.backbone = ensemble.backbones[shared.backbone_key]
-            self._ensemble.append(ensemble)
+            self._ensemble.append(Ensemble([EnsembleMember(self.member_name, self.net, self.slice_context)]))
         return self._ensemble[0]
 
     def _prepare_members(self) -> None:
-        """Extra members live outside the module, so Lightning does not move them: follow the module."""
-        for member in self.extra_members:
-            member.net.to(self.device).eval()
-        self._ensemble.clear()
+        """Added members live outside the module, so Lightning does not move them: follow the module."""
+        if len(self.ensemble().heads) > 1:
+            self.ensemble().to(self.device).eval()
 
     def on_test_start(self) -> None:
         self._prepare_members()
@@ -200,28 +189,12 @@ class LASegModule(L.LightningModule):
         return {**self.ensemble().describe(), "tta": self.hparams.tta}
 
     # ---- whole-volume inference --------------------------------------------------------------------
-    def infer(self, image: torch.Tensor, own_logits: list[torch.Tensor] | None = None) -> VolumeResult:
+    def infer(self, image: torch.Tensor, keep_logits: bool = False) -> VolumeResult:
         """Whole-volume inference of the ensemble (one member: the module's net) with the configured flips;
-        the mask post-processed. `own_logits`, if given, receives the module's own net's unflipped (N, S, S)
-        float32 slice logits per chunk, as the ensemble computes them (for the evaluation loss)."""
-        ensemble = self.ensemble()
-        hook = None
-        if own_logits is not None:
-            flips = len(TTA_FLIPS[self.hparams.tta])
-            calls = itertools.count()  # the engine decodes each chunk's flips in order, the identity first
-
-            def keep_identity(_module, _inputs, logits: torch.Tensor) -> None:
-                if next(calls) % flips == 0:
-                    own_logits.append(logits.float()[:, 0])
-
-            hook = ensemble.heads[0].register_forward_hook(keep_identity)
-        try:
-            result = ensemble.segment_volume(
-                image, self.hparams.threshold, self.eval_chunk(image.device), self.hparams.tta
-            )
-        finally:
-            if hook is not None:
-                hook.remove()
+        the mask post-processed. `keep_logits`: also the module's own net's unflipped slice logits."""
+        result = self.ensemble().segment_volume(
+            image, self.hparams.threshold, self.eval_chunk(image.device), self.hparams.tta, keep_logits
+        )
         result.mask = self.postprocess(result.mask)
         return result
 
@@ -255,9 +228,8 @@ class LASegModule(L.LightningModule):
         """The loss is the module's own net's (the first member, unflipped), whatever votes: it stays the
         training loss on the model's slices, comparable with training and with single-model runs."""
         image, label, geometry = batch["image"], batch["label"], batch["geometry"]
-        logits: list[torch.Tensor] = []
-        result = self.infer(image, own_logits=logits)
-        self.log(f"{stage}/loss", self.eval_loss(torch.cat(logits), label), batch_size=1, sync_dist=True)
+        result = self.infer(image, keep_logits=True)
+        self.log(f"{stage}/loss", self.eval_loss(result.logits, label), batch_size=1, sync_dist=True)
         return EvalOutput(
             case_id=batch["case_id"],
             pred=result.mask,

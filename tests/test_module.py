@@ -1,5 +1,7 @@
 import dataclasses
+import gc
 import math
+import weakref
 
 import lightning as L
 import pytest
@@ -268,5 +270,9 @@ def test_a_member_with_the_same_frozen_backbone_shares_the_module_s_copy(tiny_ne
     module.add_member(EnsembleMember("other", other.net))
     ensemble = module.ensemble()
     assert len(ensemble.passes) == 1 and len(ensemble.backbones) == 1
-    assert other.net.backbone is module.net.backbone  # its own copy is dropped
+    assert list(ensemble.backbones.values())[0] is module.net.backbone
     assert module.describe_ensemble()["passes"][0]["members"] == ["model", "other"]
+    copy = weakref.ref(other.net.backbone)
+    del other
+    gc.collect()
+    assert copy() is None, "the member's own copy of the backbone is freed once the caller drops it"
