@@ -31,7 +31,6 @@ from la_seg.checkpoints import (
     training_augmentation,
 )
 from la_seg.data.datamodule import LADataModule
-from la_seg.data.preprocess import check_img_size
 from la_seg.errors import DataError
 from la_seg.inference import check_tta_trained
 from la_seg.models.segmenter import SegmenterConfig
@@ -75,10 +74,6 @@ class LASegCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         apply_cpu_precision(config.trainer, self.given_options)
-        try:
-            check_img_size(config.data.img_size)
-        except DataError as error:
-            raise DataError(f"data.img_size: {error}") from None
         if self.subcommand == "predict":  # the writer writes each case; holding all outputs only costs memory
             config.return_predictions = False
             config.trainer.logger = False  # nothing to log: no event file in the training run

@@ -130,7 +130,7 @@ class LADataModule(L.LightningDataModule):
         self.split_fractions, self.seed, self.split_file = check_fractions(split), seed, split_file
         self.groups, self.folds, self.fold = groups, folds, fold
         # how they are fed to the model
-        self.img_size, self.slice_context = check_img_size(img_size), slice_context
+        self.img_size, self.slice_context = check_img_size(img_size, "data.img_size"), slice_context
         self.batch_size, self.num_workers, self.empty_slice_fraction = (
             batch_size,
             num_workers,

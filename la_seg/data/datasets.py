@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from la_seg.data.cache import CacheMode, VolumeCache
 from la_seg.data.io import Geometry, SliceAxis
 from la_seg.data.layouts import Case, check_labelled
-from la_seg.data.preprocess import check_img_size, labels_to_input, slices_to_input
+from la_seg.data.preprocess import labels_to_input, slices_to_input
 from la_seg.errors import DataError
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class SliceDataset(Dataset):
         check_labelled(self.cases)
         if not 0.0 <= empty_slice_fraction <= 1.0:
             raise DataError(f"empty_slice_fraction must be in [0, 1], got {empty_slice_fraction}")
-        self.img_size = check_img_size(img_size)
+        self.img_size = img_size  # checked where it is configured (data.img_size)
         self.slice_context = slice_context
         self.transform = transform
         self.cache = VolumeCache(cache, cache_dir, slice_axis)

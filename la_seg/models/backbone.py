@@ -15,6 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import Tensor, nn
 
+from la_seg.data.preprocess import check_img_size
 from la_seg.errors import DataError
 
 # timm architectures this backbone accepts: DINOv2 (VisionTransformer, patch 14, with and without registers)
@@ -150,8 +151,7 @@ class DINOBackbone(nn.Module):
             raise ValueError(f"backbone {name!r} is not a timm DINOv2 / DINOv3 model; valid names: {valid}")
         if trainable_blocks < -1:
             raise ValueError(f"trainable_blocks must be -1 (all), 0 (frozen) or k > 0: {trainable_blocks}")
-        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
-            raise DataError(f"data.img_size must be a positive whole number of pixels, got {img_size!r}")
+        img_size = check_img_size(img_size, "data.img_size")
         model_kwargs = dict(model_kwargs or {})
         reserved = sorted(set(model_kwargs) & set(_RESERVED_KWARGS))
         if reserved:
