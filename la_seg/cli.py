@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 from jsonargparse import CLI, ArgumentError
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorBoardImages
@@ -147,13 +147,21 @@ class LASegCLI(LightningCLI):
     def _given(self, option: str) -> bool:
         return any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in self.given_options)
 
+    def instantiate_trainer(self, **kwargs):
+        """Every checkpoint Lightning reads goes through la-seg's data-only loader (a trainer plugin), unless
+        the config names a CheckpointIO of its own."""
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            first = {path: self.preloaded[path] for path in self.member_paths[:1] if path in self.preloaded}
+            kwargs["plugins"] = [*plugins, DataOnlyCheckpointIO(first)]  # the one checkpoint Lightning reads
+        return super().instantiate_trainer(**kwargs)
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         log_dir = self.trainer.log_dir if self.subcommand == "fit" else None  # no collective before launch
         missing = [f for f in (Path(log_dir), *Path(log_dir).parents) if not f.exists()] if log_dir else []
         self.fresh_run = missing[-1] if missing else None  # the outermost folder this fit will create
-        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            self.trainer.strategy.checkpoint_io = DataOnlyCheckpointIO(self.preloaded)
         if self.member_paths:
             self.model.member_name = self.member_paths[0]
             weights = self.config[self.subcommand].model.net.weights
