@@ -7,6 +7,7 @@ checkpoint file can never run code. (Configs name importable classes and are the
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 import zipfile
@@ -18,6 +19,7 @@ import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from la_seg.errors import DataError
+from la_seg.models.segmenter import SegmenterConfig
 
 BACKBONE_PREFIX = "net.backbone."
 # Set on every checkpoint dict load_checkpoint returns (never saved), so later errors can name the file.
@@ -259,6 +261,25 @@ def training_augmentation(checkpoint: dict) -> dict | None:
 def _run_name(checkpoint: dict) -> str:
     path = Path(checkpoint[SOURCE_KEY])
     return str(path.parent.parent) if path.parent.name == "checkpoints" else str(path)
+
+
+# ---- rebuilding a checkpoint's network ---------------------------------------------------------------------
+def network_to_rebuild(checkpoint: dict, weights: str | None = None) -> SegmenterConfig:
+    """The network a checkpoint was trained with, set up to be rebuilt without a download. The one rule for
+    the backbone's weights: a checkpoint that holds them needs no source; for a lean one, `weights`
+    (--model.net.weights), when given, is where that file is now, else the recorded file, else the hub cache;
+    either way the weights must match the recorded fingerprint (read_backbone_record)."""
+    config = SegmenterConfig(**checkpoint["hyper_parameters"]["net"])
+    if holds_backbone(checkpoint):
+        return dataclasses.replace(config, pretrained=False, weights=None)
+    record = checkpoint.get("backbone", {})
+    source = weights if weights is not None else record.get("weights")
+    if source is not None and not Path(source).is_file():
+        raise DataError(
+            f"{_name(checkpoint)} does not contain its frozen backbone: it needs the weights file {source}, "
+            "which does not exist; pass --model.net.weights with its location"
+        )
+    return dataclasses.replace(config, pretrained=record.get("pretrained", config.pretrained), weights=source)
 
 
 # ---- finding a run's checkpoint ----------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from la_seg.checkpoints import (
     check_settings,
     checkpoint_list,
     find_run_checkpoint,
-    holds_backbone,
     load_checkpoint,
+    network_to_rebuild,
     training_augmentation,
 )
 from la_seg.data.datamodule import LADataModule
@@ -212,12 +212,8 @@ def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]
     config.data.img_size = net.img_size = settings.get("img_size", config.data.img_size)
     config.data.slice_context = settings["slice_context"]
     config.model.slice_context = settings["slice_context"]
-    record = checkpoint.get("backbone", {})
-    if holds_backbone(checkpoint):  # the weights come from the checkpoint: no download, no weights file
-        net.pretrained, net.weights = False, None
-    else:  # a lean checkpoint: the recorded source, or the weights file's new location (--model.net.weights)
-        net.pretrained = record.get("pretrained", net.pretrained)
-        net.weights = net.weights or record.get("weights")
+    rebuilt = network_to_rebuild(checkpoint, net.weights)  # the one rule for the backbone's weights
+    net.pretrained, net.weights = rebuilt.pretrained, rebuilt.weights
 
 
 _NOT_A_DEFAULT = object()

@@ -15,6 +15,7 @@ from la_seg.checkpoints import (
     INFERENCE_FIELDS,
     holds_backbone,
     load_checkpoint,
+    network_to_rebuild,
     read_backbone_record,
     write_backbone_record,
 )
@@ -279,7 +280,7 @@ class LASegModule(L.LightningModule):
         hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
         net = kwargs.pop("net", None)
         if net is None:
-            net = offline_network(checkpoint)
+            net = network_to_rebuild(checkpoint)
         else:
             net = SegmenterConfig(**net) if isinstance(net, dict) else net
             if holds_backbone(checkpoint):
@@ -297,16 +298,14 @@ def load_member(
     """Another checkpoint's network as an ensemble member named by its path, read as data (weights_only).
 
     A checkpoint that holds its backbone is built without initialising one (the state overwrites it); a lean
-    one rebuilds its frozen backbone offline from the recorded source (`weights` stands in for a recorded
-    weights file that is no longer there: the file's new location), and must match the recorded fingerprint.
+    one rebuilds its frozen backbone offline (see checkpoints.network_to_rebuild for where its weights come
+    from), and must match the recorded fingerprint.
     `checkpoint`: the file's contents when already read.
     """
     checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
-    config = offline_network(checkpoint, weights)
+    config = network_to_rebuild(checkpoint, weights)
     stored = holds_backbone(checkpoint)
-    if not stored:
-        _check_backbone_source(path, config)
     try:
         with _hub_offline():
             holder = _NetHolder(config, empty_backbone=stored)
@@ -318,26 +317,6 @@ def load_member(
     holder.on_load_checkpoint(checkpoint)
     holder.load_state_dict(checkpoint["state_dict"])
     return EnsembleMember(str(path), holder.net.eval(), bool(hparams.get("slice_context", False)))
-
-
-def offline_network(checkpoint: dict, weights: str | None = None) -> SegmenterConfig:
-    """The network a checkpoint was trained with, set up to be rebuilt without a download: a backbone the
-    checkpoint holds needs no source; a lean one comes from its recorded weights file (`weights` stands in for
-    a recorded file that is no longer there: its new location) or the hub cache."""
-    config = SegmenterConfig(**checkpoint["hyper_parameters"]["net"])
-    if holds_backbone(checkpoint):
-        return dataclasses.replace(config, pretrained=False, weights=None)
-    recorded = checkpoint["backbone"].get("weights")
-    moved = recorded is not None and not Path(recorded).is_file() and weights is not None
-    return dataclasses.replace(config, weights=weights if moved else recorded)
-
-
-def _check_backbone_source(path: str | Path, config: SegmenterConfig) -> None:
-    if config.weights is not None and not Path(config.weights).is_file():
-        raise DataError(
-            f"checkpoint {path} does not contain its frozen backbone: it needs the weights file "
-            f"{config.weights}, which does not exist; pass --model.net.weights with its new location"
-        )
 
 
 class _NetHolder(nn.Module):

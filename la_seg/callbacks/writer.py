@@ -25,6 +25,7 @@ LOCK_NAME = ".la-seg.lock"
 # Maps written beside `<case_id>.nii.gz` masks: `la-seg evaluate` skips them.
 COMPANION_SUFFIXES = ("_prob", "_uncertainty")
 VOLUME_COLUMNS = ("case_id", "volume_ml", "image_path", "spacing_mm")
+_DICE_DIGITS = 4  # of the mean pairwise Dice in volumes.csv
 AGREEMENT_COLUMNS = ("volume_spread_ml", "mean_pairwise_dice", "review")  # only with several voters
 
 
@@ -163,8 +164,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
         agreement = prediction.get("agreement")
         if agreement is not None:
             row["volume_spread_ml"] = agreement["volume_spread_ml"]
-            row["mean_pairwise_dice"] = agreement["mean_pairwise_dice"]
-            row["review"] = agreement["mean_pairwise_dice"] < self.review_below
+            row["mean_pairwise_dice"] = dice = round(agreement["mean_pairwise_dice"], _DICE_DIGITS)
+            row["review"] = dice < self.review_below  # as the written figure reads: 0.9000 is not below 0.9
         outputs = {"mask": mask}
         if self.save_probabilities:
             outputs["prob"] = prediction["prob"].detach().float().cpu()
@@ -268,7 +269,7 @@ def mid_slices_picture(image: torch.Tensor, mask: torch.Tensor) -> Image.Image:
 
 def _volume_table(rows: list[dict], columns: tuple[str, ...]) -> list[list]:
     """Volumes in mL with 3 decimals, Dice with 4."""
-    digits = {"volume_ml": 3, "volume_spread_ml": 3, "mean_pairwise_dice": 4}
+    digits = {"volume_ml": 3, "volume_spread_ml": 3, "mean_pairwise_dice": _DICE_DIGITS}
     return [[f"{r[c]:.{digits[c]}f}" if c in digits else r[c] for c in columns] for r in rows]
 
 
