@@ -248,11 +248,9 @@ def _continue_run_of(config, ckpt: Path, run_dir: Path | None) -> None:
     if run_dir is None or ckpt.parent.name != "checkpoints":
         return
     args = config.trainer.logger.init_args
-    args.save_dir, args.name, args.version = (
-        str(version_dir.parent.parent),
-        version_dir.parent.name,
-        version_dir.name,
-    )
+    numbered = re.fullmatch(r"version_(\d+)", version_dir.name)  # an int: the bar shows v_num=3, not n_23
+    args.save_dir, args.name = str(version_dir.parent.parent), version_dir.parent.name
+    args.version = int(numbered.group(1)) if numbered else version_dir.name
 
 
 def resolve_config_paths(argv: list[str]) -> list[str]:
