@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import inspect
+import json
 import os
 import re
 import sys
@@ -14,11 +15,13 @@ import yaml
 from jsonargparse import CLI, ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorBoardImages
 from la_seg.checkpoints import (
     NETWORK_FIELDS,
     DataOnlyCheckpointIO,
+    SameCheckpointOnEveryRank,
     check_settings,
     find_run_checkpoint,
     holds_backbone,
@@ -26,6 +29,7 @@ from la_seg.checkpoints import (
 )
 from la_seg.data.datamodule import LADataModule
 from la_seg.data.preprocess import check_img_size
+from la_seg.distributed import reported_by_rank_zero
 from la_seg.errors import DataError
 from la_seg.models.segmenter import SegmenterConfig
 from la_seg.module import LASegModule, load_member
@@ -46,6 +50,9 @@ class LASegCLI(LightningCLI):
         self.preloaded: dict[str, dict] = {}
         # test / predict: every ensemble member's checkpoint, the first included
         self.member_paths: list[str] = []
+        # sys.argv is what Lightning's DDP launcher runs again for the other ranks of this node
+        self.relaunched_argv = kwargs.get("args") is None
+        self.resolved_ckpt: tuple[str, str] | None = None  # (--ckpt_path as given, what it resolved to)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -84,7 +91,8 @@ class LASegCLI(LightningCLI):
                 )
             return
         run_dir = _logger_run_dir(config)
-        members = checkpoint_list(str(ckpt))
+        given = str(ckpt)
+        members = checkpoint_list(given)
         if len(members) > 1 or members[0] != str(ckpt):
             if self.subcommand in ("fit", "validate"):
                 raise DataError(
@@ -92,7 +100,7 @@ class LASegCLI(LightningCLI):
                     "several checkpoints (a list or a folder of runs) are an ensemble, for test and predict"
                 )
             chosen = f"ensemble of {', '.join(members)}" if len(members) > 1 else f"using {members[0]}"
-            print(f"la-seg: --ckpt_path {ckpt}: {chosen}", file=sys.stderr)
+            _say(f"la-seg: --ckpt_path {ckpt}: {chosen}")
             config.ckpt_path = ckpt = members[0]
             if len(members) > 1 and run_dir is not None:  # not into one fold's run, nor a new version_*
                 config.trainer.logger.init_args.version = "ensemble"
@@ -103,17 +111,30 @@ class LASegCLI(LightningCLI):
             if found is None:
                 where = f"{run_dir}/version_*/checkpoints" if run_dir else "(no logger save_dir configured)"
                 raise DataError(f"--ckpt_path {ckpt}: no {ckpt}.ckpt under {where}")
-            print(f"la-seg: --ckpt_path {ckpt}: using {found}", file=sys.stderr)
+            _say(f"la-seg: --ckpt_path {ckpt}: using {found}")
             config.ckpt_path = ckpt = str(found)
         self.member_paths = [str(ckpt), *members[1:]]
+        self.resolve_once(given, self.member_paths)
         checkpoint = load_checkpoint(ckpt)
         self.preloaded[str(ckpt)] = checkpoint
         if len(self.member_paths) < 2:
             _continue_run_of(config, Path(ckpt), run_dir)
         apply_checkpoint_settings(config, checkpoint, self.given_options)
 
+    def resolve_once(self, given: str, paths: list[str]) -> None:
+        """Rank 0 of a node resolves `--ckpt_path` (best, last, a folder of runs): the node's other ranks,
+        which Lightning starts by running sys.argv again, get its answer appended there. Ranks that another
+        launcher starts (other nodes) resolve for themselves; `SameCheckpointOnEveryRank` checks, on every
+        rank, that they found what rank 0 found."""
+        resolved = paths[0] if len(paths) == 1 else json.dumps(paths)
+        if self.relaunched_argv and resolved != given:
+            sys.argv += ["--ckpt_path", resolved]
+        self.resolved_ckpt = (given, resolved)
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        if self.resolved_ckpt is not None:
+            self.trainer.callbacks.append(SameCheckpointOnEveryRank(*self.resolved_ckpt))
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = DataOnlyCheckpointIO(self.preloaded)
         if self.member_paths:
@@ -196,6 +217,12 @@ def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]
 
 
 _NOT_A_DEFAULT = object()
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    """A line for the user, printed once however many ranks parse the command."""
+    print(message, file=sys.stderr)
 
 
 def _default(field: dataclasses.Field):
@@ -282,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:
         if os.environ.get("LA_SEG_DEBUG") == "1":
             raise
-        print(f"la-seg: error: {describe_error(error)}", file=sys.stderr)
+        if not reported_by_rank_zero(error):  # under DDP, rank 0 prints the error that all ranks share
+            print(f"la-seg: error: {describe_error(error)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -23,6 +23,7 @@ from la_seg.data.io import Geometry
 from la_seg.data.preprocess import labels_to_input
 from la_seg.errors import DataError
 from la_seg.inference import TTA, TTA_FLIPS, Agreement, Ensemble, EnsembleMember, VolumeResult
+from la_seg.metrics import gather_cases
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
 
 # Largest chunk segment_volume runs on CPU. A CPU forward is compute-bound from a few slices on; bigger chunks
@@ -125,6 +126,7 @@ class LASegModule(L.LightningModule):
         self.member_name = "model"
         self.extra_members: list[EnsembleMember] = []
         self._ensemble: list[Ensemble] = []  # built once per run (a list: not a submodule either)
+        self._case_losses: list[dict] = []  # {case_id, loss} of this epoch's evaluated cases on this rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -257,7 +259,8 @@ class LASegModule(L.LightningModule):
         image, label, geometry = batch["image"], batch["label"], batch["geometry"]
         logits: list[torch.Tensor] = []
         result = self.infer(image, own_logits=logits)
-        self.log(f"{stage}/loss", self.eval_loss(torch.cat(logits), label), batch_size=1, sync_dist=True)
+        loss = float(self.eval_loss(torch.cat(logits), label))
+        self._case_losses.append({"case_id": batch["case_id"], "loss": loss})
         return EvalOutput(
             case_id=batch["case_id"],
             pred=result.mask,
@@ -266,11 +269,31 @@ class LASegModule(L.LightningModule):
             agreement=result.agreement(geometry.slices_last_spacing),
         )
 
+    def _log_case_loss(self, stage: str) -> None:
+        """`{stage}/loss`: the mean over cases, each counted once whichever ranks evaluated it (a mean over
+        ranks' steps would weigh a case twice where the distributed sampler repeats it). Collective."""
+        rows, self._case_losses = gather_cases(self._case_losses), []
+        if rows:
+            mean = sum(row["loss"] for row in rows) / len(rows)
+            self.log(f"{stage}/loss", mean, batch_size=len(rows), sync_dist=False)
+
     def validation_step(self, batch: dict, batch_idx: int) -> EvalOutput:
         return self._evaluate(batch, "val")
 
+    def on_validation_epoch_start(self) -> None:
+        self._case_losses = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_case_loss("val")
+
     def test_step(self, batch: dict, batch_idx: int) -> EvalOutput:
         return self._evaluate(batch, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self._case_losses = []
+
+    def on_test_epoch_end(self) -> None:
+        self._log_case_loss("test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> PredictOutput:
         result, geometry = self.infer(batch["image"]), batch["geometry"]
