@@ -18,7 +18,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
-from la_seg.distributed import REPORTED_BY_RANK_ZERO
+from la_seg.distributed import reported_elsewhere
 from la_seg.errors import DataError
 
 BACKBONE_PREFIX = "net.backbone."
@@ -186,9 +186,7 @@ def resolve_on_rank_zero(trainer: L.Trainer, given: str, resolved: str) -> str:
             f"--ckpt_path {given}: rank 0 resolved it to {chosen}, but {others} other rank(s) found another "
             "file; the logger's save_dir must be storage that every node shares (or pass the checkpoint file)"
         )
-        if not trainer.is_global_zero:
-            setattr(error, REPORTED_BY_RANK_ZERO, True)  # rank 0 says it
-        raise error
+        raise error if trainer.is_global_zero else reported_elsewhere(error)
     return chosen
 
 

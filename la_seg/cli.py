@@ -29,7 +29,7 @@ from la_seg.checkpoints import (
 )
 from la_seg.data.datamodule import LADataModule
 from la_seg.data.preprocess import check_img_size
-from la_seg.distributed import reported_by_rank_zero
+from la_seg.distributed import is_reported_elsewhere
 from la_seg.errors import DataError
 from la_seg.models.segmenter import SegmenterConfig
 from la_seg.module import LASegModule, load_member
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:
         if os.environ.get("LA_SEG_DEBUG") == "1":
             raise
-        if not reported_by_rank_zero(error):  # under DDP, rank 0 prints the error that all ranks share
+        if not is_reported_elsewhere(error):  # under DDP, one process prints an error that all ranks share
             print(f"la-seg: error: {describe_error(error)}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -15,9 +15,11 @@ from typing import TypeVar
 import lightning as L
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
-# Set on the copy of rank 0's error that other ranks raise: rank 0 prints it, they exit without a second line.
-REPORTED_BY_RANK_ZERO = "la_seg_reported_by_rank_zero"
+# Set on an error that another rank prints (e.g. the copy of rank 0's error that the other ranks raise), so
+# that a run of several processes ends with one error line, not one per process.
+_REPORTED_ELSEWHERE = "la_seg_reported_elsewhere"
 
 
 def decide_on_rank_zero(trainer: L.Trainer | None, decide: Callable[[], T]) -> T:
@@ -35,12 +37,16 @@ def decide_on_rank_zero(trainer: L.Trainer | None, decide: Callable[[], T]) -> T
             error = raised
     result, error = trainer.strategy.broadcast((result, error), src=0)
     if error is not None:
-        if not trainer.is_global_zero:
-            setattr(error, REPORTED_BY_RANK_ZERO, True)
-        raise error
+        raise error if trainer.is_global_zero else reported_elsewhere(error)
     return result
 
 
-def reported_by_rank_zero(error: BaseException) -> bool:
-    """Whether `error` is rank 0's, re-raised on another rank (print it once: on rank 0)."""
-    return bool(getattr(error, REPORTED_BY_RANK_ZERO, False))
+def reported_elsewhere(error: E) -> E:
+    """`error`, marked as printed by another rank: `la-seg` exits with status 2 without printing it again."""
+    setattr(error, _REPORTED_ELSEWHERE, True)
+    return error
+
+
+def is_reported_elsewhere(error: BaseException) -> bool:
+    """Whether another rank prints `error` (see reported_elsewhere)."""
+    return bool(getattr(error, _REPORTED_ELSEWHERE, False))

@@ -17,7 +17,7 @@ from la_seg.atomic import atomic_path, remove_stale_temp_files, write_csv
 from la_seg.callbacks.images import PANEL, overlay
 from la_seg.data.datamodule import CaseShards
 from la_seg.data.io import Geometry, write_nifti
-from la_seg.distributed import decide_on_rank_zero
+from la_seg.distributed import decide_on_rank_zero, reported_elsewhere
 from la_seg.errors import DataError
 from la_seg.inference import REVIEW_BELOW
 from la_seg.metrics import gather_cases, volume_ml
@@ -243,8 +243,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
             failed = trainer.strategy.reduce(torch.tensor(float(error is not None)), reduce_op="sum")
             if error is not None:
                 raise error
-            if failed:
-                raise DataError(f"{int(failed)} rank(s) failed to write masks; volumes.csv was not written")
+            if failed:  # the failing rank prints its own error
+                raise reported_elsewhere(DataError(f"{int(failed)} other rank(s) failed to write masks"))
             if trainer.is_global_zero:
                 columns = VOLUME_COLUMNS + (AGREEMENT_COLUMNS if self.save_uncertainty else ())
                 write_csv(self.output_dir / VOLUMES_CSV, columns, _volume_table(rows, columns))
