@@ -240,7 +240,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
             except Exception as raised:  # told to every rank below, so no rank waits or writes the table
                 error = raised
             rows = gather_cases(rows)
-            failed = trainer.strategy.reduce(torch.tensor(float(error is not None)), reduce_op="sum")
+            flag = torch.tensor(float(error is not None), device=trainer.strategy.root_device)
+            failed = trainer.strategy.reduce(flag, reduce_op="sum")  # on the device: NCCL needs it there
             if error is not None:
                 raise error
             if failed:  # the failing rank prints its own error

@@ -52,7 +52,7 @@ def trainer_for(cases: list[Case], predict_root: Path | None = None) -> SimpleNa
         is_global_zero=True,
         world_size=1,
         global_rank=0,
-        strategy=SimpleNamespace(reduce=lambda value, reduce_op: value),
+        strategy=SimpleNamespace(reduce=lambda value, reduce_op: value, root_device=torch.device("cpu")),
     )
 
 
