@@ -26,13 +26,21 @@ from la_seg.data.synthetic import write_dataset
 
 TINY = [*TINY_CLI, "--trainer.enable_model_summary", "false"]
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-# Rank 1 enters the writer's on_predict_start 5 s after rank 0 (Lightning relaunches this script for it).
+# `la-seg` for the DDP runs (Lightning relaunches this script for rank 1): rank 1 enters the writer's
+# on_predict_start 5 s after rank 0, and fails if it resolves --ckpt_path itself instead of taking rank 0's.
 LATE_RANK = """
-import sys, time
+import os, time
+import la_seg.cli
 from la_seg.callbacks.writer import NiftiPredictionWriter
 from la_seg.cli import main
 
 start = NiftiPredictionWriter.on_predict_start
+
+if os.environ.get("LOCAL_RANK", "0") != "0":
+    def resolving(*args):
+        raise AssertionError("rank 1 resolved --ckpt_path itself")
+
+    la_seg.cli.find_run_checkpoint = resolving
 
 def late(self, trainer, pl_module):
     if trainer.global_rank == 1:
