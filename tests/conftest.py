@@ -16,15 +16,6 @@ from la_seg.models.segmenter import SegmenterConfig
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 TINY_VIT = {"depth": 4, "embed_dim": 32, "num_heads": 2}
-# `la-seg` options of the smallest model that runs end to end (28 px, a 2-block ViT).
-TINY_CLI = [
-    "--config", "demo.yaml",
-    "--data.img_size", "28",
-    "--data.num_workers", "0",
-    "--model.net.backbone_kwargs", "{depth: 2, embed_dim: 24, num_heads: 2}",
-    "--model.net.decoder_channels", "[8, 8, 8, 8]",
-    "--trainer.enable_progress_bar", "false",
-]  # fmt: skip
 
 
 def _autocast_enabled() -> bool:

@@ -18,8 +18,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import TINY_CLI
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_options import TINY_CLI
 
 from la_seg.cli import main
 from la_seg.data.synthetic import write_dataset

@@ -3,7 +3,7 @@ axial-last, written back on its own grid (correctness issue: slice orientation i
 
 import nibabel as nib
 import numpy as np
-from conftest import TINY_CLI
+from tiny_options import TINY_CLI
 
 from la_seg.cli import main
 from la_seg.data.synthetic import synthesize_case
