@@ -4,27 +4,23 @@
 #   offline loading) -> la-seg synth (small volumes) -> la-seg fit --config giant.yaml, two short epochs ->
 #   a SIGKILL mid-epoch and `--ckpt_path last` resume -> la-seg test --ckpt_path best -> la-seg predict on
 #   640 x 640 x 44 volumes -> benchmarks/throughput.py (giant, 448 px, batch 32).
-# Each step prints one line with its wall time and exit status; a failing step does not stop the later ones;
-# a summary block ends the output. Exit status: 0 when every step passed.
+# Each step prints one line with its wall time and verdict, and every verdict can fail: fit and resume by the
+# step count in last.ckpt, kill by the exit status of a run killed after a training step of its own (seen as
+# a file that step writes, not as progress-bar text), test by the report's content (every held-out case once,
+# Dice and IoU within [0, 1]), predict by one mask per volume, throughput by its figures against the targets.
+# A failing step does not stop the later ones; a summary block ends the output, listing the targets missed as
+# well as those met. Exit status: 0 when every step passed.
 #
-# Lead, run it ONCE with the device tool (repo root is the working dir there):
+# Beforehand, on a machine with network: `bash benchmarks/gpu_check_prepare.sh` builds .whl/ (what a stock
+# CUDA PyTorch image lacks, ~17 MB). Then, lead, run it ONCE with the device tool (repo root is the cwd):
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=420)
-# Results come back in $OUT: <step>.log per step, throughput.json, gpu_check.log.
+# Working files (weights, data, runs, masks, the install) stay in $WORK under /tmp; $OUT receives at most
+# four small files (each cut to its last 16 MiB): gpu_check.log (this output), steps.log (every step's
+# output), test_metrics.json and throughput.json.
 #
-# .whl/ (git-ignored, ~17 MB) holds what the device image lacks or may hold in another version, for Python 3.12
-# x86_64; la-seg itself travels with the tree and is used through PYTHONPATH. To rebuild it here:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
-#     monai==1.6.1 nibabel==5.4.2 pynrrd==1.1.3 albumentations==2.0.8 albucore==0.0.24 pydantic==2.14.4 \
-#     pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
-#     simsimd==6.5.16 stringzilla==5.3.2 jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 \
-#     timm==1.0.31
-# Already on the image (KINDS.md): torch, lightning, torchmetrics, tensorboard, opencv-python-headless, scipy,
-# scikit-image, pillow, numpy, pyyaml, huggingface-hub, safetensors, torchvision.
-#
-# Environment overrides: PY (python, default python3), OUT (results, default /tmp/la-seg-gpu-check), WHEELS
-# (default .whl), SITE (install target, default /tmp/site), BUDGET_S (whole script, default 340), and
+# Environment overrides: PY (python, default python3), OUT (results, default /tmp/la-seg-gpu-check), WORK
+# (default /tmp/la-seg-gpu-check-work), WHEELS (default .whl), SITE (install target, default $WORK/site),
+# BUDGET_S (whole script, default 340), and
 #   SMOKE=1: CPU, demo.yaml with a tiny ViT, small volumes: rehearses every step on a machine without a GPU.
 #   CONFIG, EXTRA_ARGS (la-seg options added to fit/test/predict), WEIGHTS_MODEL, WEIGHTS_KWARGS (JSON timm
 #   kwargs of the random weights), WEIGHTS (the file), SYNTH_SHAPE, PREDICT_SHAPE, THROUGHPUT_ARGS.
@@ -33,8 +29,9 @@ export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1
 PY=${PY:-python3}
 BUDGET_S=${BUDGET_S:-340}
 WHEELS=${WHEELS:-.whl}
-SITE=${SITE:-/tmp/site}
 OUT=${OUT:-/tmp/la-seg-gpu-check}
+WORK=${WORK:-/tmp/la-seg-gpu-check-work}
+SITE=${SITE:-$WORK/site}
 if [ "${SMOKE:-0}" = 1 ]; then
     CONFIG=${CONFIG:-demo.yaml}
     EXTRA_ARGS=${EXTRA_ARGS:-"--trainer.accelerator cpu --data.img_size 56 --data.batch_size 4 --data.num_workers 0"}
@@ -59,25 +56,36 @@ else
         --volumes 3 --volume-shape 640 640 44"}
     WEIGHTS_DEVICE=cuda
 fi
-WORK=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+WORK=$(mkdir -p "$WORK" && cd "$WORK" && pwd)
 WEIGHTS=${WEIGHTS:-$WORK/random_$WEIGHTS_MODEL.safetensors}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 LOG="$WORK/gpu_check.log"
 : >"$LOG"
+: >"$WORK/steps.log"
+LOG_LIMIT=$((16 * 1024 * 1024))
+finish() { # the results: at most four files in $OUT, each its last 16 MiB
+    cat "$WORK"/*.step.log >"$WORK/steps.log" 2>/dev/null
+    for file in gpu_check.log steps.log test_metrics.json throughput.json; do
+        [ -f "$WORK/$file" ] && tail -c "$LOG_LIMIT" "$WORK/$file" >"$OUT/$file"
+    done
+}
+trap finish EXIT
 SUMMARY=()
 FAILED=0
 say() { echo "[gpu_check ${SECONDS}s] $*" | tee -a "$LOG"; }
 record() { # record NAME RC SECONDS: the step's summary line
     SUMMARY+=("$(printf '%-10s %-4s rc=%-3s %4ss' "$1" "$([ "$2" = 0 ] && echo ok || echo FAIL)" "$2" "$3")")
     [ "$2" = 0 ] || FAILED=$((FAILED + 1))
-    say "step $1: rc=$2 in $3 s (log: $WORK/$1.log)"
-    [ "$2" = 0 ] || tail -15 "$WORK/$1.log" | sed 's/^/    /'
+    say "step $1: rc=$2 in $3 s (its output: steps.log)"
+    [ "$2" = 0 ] || tail -15 "$WORK/$1.step.log" | sed 's/^/    /'
 }
-step() { # step NAME LIMIT_S COMMAND...: run it under a time limit, its output to $WORK/NAME.log
+step() { # step NAME LIMIT_S COMMAND...: run it under a time limit, its output to $WORK/NAME.step.log
     local name=$1 limit=$2 start=$SECONDS
     shift 2
     say "start $name (limit ${limit}s)"
-    timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+    echo "==== step $name: $*" >"$WORK/$name.step.log"
+    timeout "$limit" "$@" >>"$WORK/$name.step.log" 2>&1
     record "$name" $? $((SECONDS - start))
 }
 la_seg() { "$PY" -m la_seg.cli "$@"; }
@@ -92,21 +100,27 @@ make_data() {
         cp predict_src/train_1/enhanced.nii.gz predict/case_1.nii.gz &&
         cp predict_src/train_1/enhanced.nii.gz predict/case_2.nii.gz
 }
-kill_mid_epoch() { # fit from last.ckpt, SIGKILL once a training batch of the resumed run has finished
-    "$PY" -m la_seg.cli fit "${COMMON[@]}" --trainer.max_epochs 1000 --ckpt_path last &
+kill_mid_epoch() { # fit from last.ckpt, SIGKILL once a training step of the resumed run has finished
+    # A checkpoint after every training step into marks/: its first file says a step ran (no log text read).
+    rm -rf marks
+    "$PY" -m la_seg.cli fit "${COMMON[@]}" --trainer.max_epochs 1000 --ckpt_path last \
+        --trainer.callbacks+=ModelCheckpoint --trainer.callbacks.dirpath marks \
+        --trainer.callbacks.every_n_train_steps 1 --trainer.callbacks.save_top_k -1 &
     local pid=$!
     for _ in $(seq 1 1200); do
-        if grep -aqE 'Epoch [0-9]+: +[0-9]+%[^|]*\|[^|]*\| *[1-9][0-9]*/[0-9]+ \[' "$WORK/kill.log"; then
+        if compgen -G "marks/*.ckpt" >/dev/null; then
             kill -KILL "$pid"
             wait "$pid"
-            echo "killed mid-epoch: exit status $? (137 = SIGKILL); last.ckpt holds step $(last_step)"
-            return 0
+            local status=$?
+            echo "killed mid-epoch: exit status $status (137 = SIGKILL); last.ckpt holds step $(last_step)"
+            [ "$status" = 137 ]
+            return
         fi
         kill -0 "$pid" 2>/dev/null || { echo "the run ended before it could be killed"; return 1; }
         sleep 0.1
     done
     kill -KILL "$pid"
-    echo "no training batch within 120 s"
+    echo "no training step within 120 s"
     return 1
 }
 resume() { # resume from last.ckpt for three more steps (one short epoch); the new last.ckpt must hold them
@@ -121,7 +135,36 @@ predict_masks() {
     la_seg predict "${COMMON[@]}" --ckpt_path best --data.predict_root predict --writer.output_dir masks &&
         ls masks/*.nii.gz && [ "$(ls masks/*.nii.gz | wc -l)" = 2 ]
 }
-export -f la_seg make_data predict_masks
+test_report() { # la-seg test, then its report must hold every held-out case of the split once, scores in [0, 1]
+    la_seg test "${COMMON[@]}" --ckpt_path best || return 1
+    "$PY" - <<'PYEOF'
+import glob, json, os, shutil, sys
+report_path = max(glob.glob("runs/*/version_*/test_heldout*.json"), key=os.path.getmtime)
+run = os.path.dirname(report_path)
+report, split = json.load(open(report_path)), json.load(open(os.path.join(run, "split.json")))
+cases = [c["case_id"] for c in report["cases"]]
+problems = []
+if cases != sorted(split["test"]):
+    problems.append(f"report cases {cases} are not the split's test cases {sorted(split['test'])}")
+if report["summary"]["cases"]["n"] != len(cases):
+    problems.append(f"summary n = {report['summary']['cases']['n']} for {len(cases)} cases")
+for case in report["cases"]:
+    for key in ("dice", "iou"):
+        if not (isinstance(case[key], float) and 0.0 <= case[key] <= 1.0):
+            problems.append(f"{case['case_id']}: {key} = {case[key]}")
+shutil.copyfile(report_path, os.path.join(os.environ["WORK"], "test_metrics.json"))
+print(f"report {report_path}: {len(cases)} case(s), mean Dice {report['summary']['dice']['mean']}")
+print("\n".join(problems) or "report content: ok")
+sys.exit(1 if problems else 0)
+PYEOF
+}
+throughput_figures() { # the benchmark, then its figures against the targets (a missed target fails the step)
+    "$PY" "$REPO/benchmarks/throughput.py" --config "$CONFIG" --weights "$WEIGHTS" "${THROUGHPUT[@]}" \
+        --phantom-dir "$WORK/phantom" --json "$WORK/throughput.json" -- "${NET_ARGS[@]}" &&
+        "$PY" "$REPO/benchmarks/gpu_check_targets.py" "$WORK/throughput.json"
+}
+export -f la_seg make_data predict_masks test_report throughput_figures
+export CONFIG WEIGHTS REPO
 export PY SYNTH_SHAPE PREDICT_SHAPE WORK
 
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
@@ -139,7 +182,7 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU', '| tim
 '| lightning', lightning.__version__)" 2>&1 | tee -a "$LOG" || { say "imports failed"; exit 1; }
 
 cd "$WORK" || exit 1 # the configs' loggers write runs/ here
-rm -rf runs data predict_src predict masks
+rm -rf runs data predict_src predict masks marks phantom throughput.json test_metrics.json ./*.step.log
 read -r -a EXTRA <<<"$EXTRA_ARGS"
 # la-seg options of fit / test / predict: the local weights file, the small data set, short epochs.
 COMMON=(--config "$CONFIG" --model.net.weights "$WEIGHTS" --data.root data --data.split "[0.5, 0.25, 0.25]"
@@ -150,35 +193,28 @@ step weights 150 "$PY" "$REPO/benchmarks/random_weights.py" "$WEIGHTS_MODEL" "$W
 step synth 150 bash -c make_data
 step fit 150 "$PY" -m la_seg.cli fit "${COMMON[@]}" --trainer.max_epochs 2
 start=$SECONDS
-say "start kill (fit --ckpt_path last, SIGKILL after its first batch)"
-kill_mid_epoch >"$WORK/kill.log" 2>&1
+say "start kill (fit --ckpt_path last, SIGKILL after its first training step)"
+echo "==== step kill" >"$WORK/kill.step.log"
+kill_mid_epoch >>"$WORK/kill.step.log" 2>&1
 record kill $? $((SECONDS - start))
 start=$SECONDS
 say "start resume (fit --ckpt_path last, three more steps)"
-resume >"$WORK/resume.log" 2>&1
+echo "==== step resume" >"$WORK/resume.step.log"
+resume >>"$WORK/resume.step.log" 2>&1
 record resume $? $((SECONDS - start))
-step test 120 "$PY" -m la_seg.cli test "${COMMON[@]}" --ckpt_path best
-start=$SECONDS
-say "start predict (2 volumes of $PREDICT_SHAPE)"
-timeout 150 bash -c "$(declare -p COMMON); predict_masks" >"$WORK/predict.log" 2>&1
-record predict $? $((SECONDS - start))
+step test 120 bash -c "$(declare -p COMMON); test_report"
+step predict 150 bash -c "$(declare -p COMMON); predict_masks"
 read -r -a THROUGHPUT <<<"$THROUGHPUT_ARGS"
 if [ "$(left)" -ge 45 ]; then
-    step throughput $(($(left) - 5)) "$PY" "$REPO/benchmarks/throughput.py" --config "$CONFIG" --weights "$WEIGHTS" \
-        "${THROUGHPUT[@]}" --phantom-dir "$WORK/phantom" --json "$WORK/throughput.json" -- "${NET_ARGS[@]}"
+    step throughput $(($(left) - 5)) bash -c "$(declare -p THROUGHPUT NET_ARGS); throughput_figures"
 else
     say "no time left for throughput.py ($(left) s of ${BUDGET_S} s)"
     record throughput skipped 0
 fi
 
-echo "==== gpu_check summary ($SECONDS s, $FAILED failed; logs in $WORK) ====" | tee -a "$LOG"
+echo "==== gpu_check summary ($SECONDS s, $FAILED failed; results in $OUT, working files in $WORK) ====" |
+    tee -a "$LOG"
 printf '%s\n' "${SUMMARY[@]}" | tee -a "$LOG"
-[ -f "$WORK/throughput.json" ] && "$PY" - "$WORK/throughput.json" <<'PYEOF' | tee -a "$LOG"
-import json, sys
-r = json.load(open(sys.argv[1]))
-print(f"throughput: {r['device']} {r['backbone']} S={r['img_size']} B={r['batch_size']} {r['precision']} | "
-      f"backbone {r['backbone_slices_per_s']:.1f} sl/s, train {r['train_slices_per_s']:.1f} ({r['train_ratio']:.2f}x), "
-      f"predict {r['predict_slices_per_s']:.1f} ({r['predict_ratio']:.2f}x) | peak {r['peak_memory_gb']:.1f} GB | "
-      f"MFU {r['mfu']} | targets met: {[k for k, t in r['targets'].items() if t['applicable'] and t['met']]}")
-PYEOF
+[ -f "$WORK/throughput.json" ] && "$PY" "$REPO/benchmarks/gpu_check_targets.py" "$WORK/throughput.json" |
+    tee -a "$LOG"
 exit $((FAILED > 0))

@@ -1,7 +1,8 @@
 """Atomic output: write beside the target, then rename, so a crash never leaves a half-written file.
 
-Temp files are named `.<target name>.<pid>.<random>.la-seg-tmp`: recognisable as la-seg's, and carrying the
-writing process id, so that `remove_stale_temp_files` can delete those a killed run left behind.
+Temp files are named `.<target name>.<host>.<pid>.<random>.la-seg-tmp`: recognisable as la-seg's, and carrying
+the writing host and process id, so that `remove_stale_temp_files` can delete those a killed run left behind,
+and only those: on shared storage a file of another host is never judged by this host's process table.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 TEMP_SUFFIX = ".la-seg-tmp"
-_TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)\.[^.]+" + re.escape(TEMP_SUFFIX) + "$")
+_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]+" + re.escape(TEMP_SUFFIX) + "$")
+
+
+def host_tag() -> str:
+    """This host's name as it appears in temp file names (no dots, which separate the name's fields)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 
 
 @contextmanager
@@ -31,7 +38,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{host_tag()}.{os.getpid()}.", suffix=TEMP_SUFFIX
+    )
     os.close(fd)
     try:
         yield Path(tmp)
@@ -80,17 +89,20 @@ def json_safe(value: Any) -> Any:
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete la-seg temp files in `folder` whose writing process is gone (a killed run's leftovers).
+    """Delete la-seg temp files in `folder` that this host wrote and whose process is gone (a killed run's
+    leftovers).
 
-    Temp files of live processes (another run writing there now) are kept. Returns what was removed.
+    Temp files of live processes (another run writing there now) and of other hosts (whose processes this
+    host cannot see: on shared storage, another node's run may be writing them now) are kept; a later run on
+    their host removes them. Returns what was removed.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    removed = []
+    removed, host = [], host_tag()
     for entry in folder.iterdir():
         match = _TEMP_NAME.match(entry.name)
-        if match and entry.is_file() and not _process_alive(int(match["pid"])):
+        if match and match["host"] == host and entry.is_file() and not _process_alive(int(match["pid"])):
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed

@@ -14,10 +14,13 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
 
+from la_seg.distributed import reported_elsewhere
 from la_seg.errors import DataError
 from la_seg.models.segmenter import SegmenterConfig
 
@@ -291,6 +294,34 @@ def find_run_checkpoint(run_dir: Path, which: str) -> Path | None:
         if match:
             candidates.append((int(match.group(1)), path))
     return max(candidates)[1] if candidates else None
+
+
+# ---- one checkpoint for every rank -------------------------------------------------------------------------
+def resolve_on_rank_zero(trainer: L.Trainer, given: str, resolved: str) -> str:
+    """The file that rank 0 resolved `--ckpt_path given` to (best, last, a folder of runs), broadcast to every
+    rank; one error on every rank if some rank found another file, e.g. a node whose runs/ folder is its own
+    disk, or a newer version_N written between two ranks' look-ups: ranks never load different weights."""
+    chosen = trainer.strategy.broadcast(resolved, src=0)
+    differs = torch.tensor(float(chosen != resolved), device=trainer.strategy.root_device)
+    others = int(trainer.strategy.reduce(differs, reduce_op="sum"))
+    if others:
+        error = DataError(
+            f"--ckpt_path {given}: rank 0 resolved it to {chosen}, but {others} other rank(s) found another "
+            "file; the logger's save_dir must be storage that every node shares (or pass the checkpoint file)"
+        )
+        raise error if trainer.is_global_zero else reported_elsewhere(error)
+    return chosen
+
+
+class SameCheckpointOnEveryRank(Callback):
+    """Checks, once the ranks can talk (before the checkpoint is loaded), that every rank resolved
+    `--ckpt_path` as rank 0 did (resolve_on_rank_zero)."""
+
+    def __init__(self, given: str, resolved: str) -> None:
+        self.given, self.resolved = given, resolved
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        resolve_on_rank_zero(trainer, self.given, self.resolved)
 
 
 # ---- the settings check ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import errno
 import inspect
+import json
 import os
 import re
 import shutil
@@ -17,11 +18,13 @@ import yaml
 from jsonargparse import CLI, ArgumentError
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 
 from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorBoardImages
 from la_seg.checkpoints import (
     NETWORK_FIELDS,
     DataOnlyCheckpointIO,
+    SameCheckpointOnEveryRank,
     check_one_cross_validation,
     check_settings,
     checkpoint_list,
@@ -31,6 +34,7 @@ from la_seg.checkpoints import (
     training_augmentation,
 )
 from la_seg.data.datamodule import LADataModule
+from la_seg.distributed import is_reported_elsewhere
 from la_seg.errors import DataError
 from la_seg.inference import check_tta_trained
 from la_seg.models.segmenter import SegmenterConfig
@@ -52,6 +56,9 @@ class LASegCLI(LightningCLI):
         self.preloaded: dict[str, dict] = {}
         # test / predict: every ensemble member's checkpoint, the first included
         self.member_paths: list[str] = []
+        # sys.argv is what Lightning's DDP launcher runs again for the other ranks of this node
+        self.relaunched_argv = kwargs.get("args") is None
+        self.resolved_ckpt: tuple[str, str] | None = None  # (--ckpt_path as given, what it resolved to)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -92,6 +99,7 @@ class LASegCLI(LightningCLI):
                 )
             return
         run_dir = _logger_run_dir(config)
+        given = str(ckpt)
         if len(members) > 1 or members[0] != str(ckpt):
             if self.subcommand in ("fit", "validate"):
                 raise DataError(
@@ -102,7 +110,7 @@ class LASegCLI(LightningCLI):
             if Path(ckpt).is_dir():  # a folder's runs must be the folds of one cross-validation
                 self.preloaded = {member: load_checkpoint(member) for member in members}
                 check_one_cross_validation(str(ckpt), list(self.preloaded.values()))
-            print(f"la-seg: --ckpt_path {ckpt}: {chosen}", file=sys.stderr)
+            _say(f"la-seg: --ckpt_path {ckpt}: {chosen}")
             config.ckpt_path = ckpt = members[0]
             if len(members) > 1 and run_dir is not None:  # not into one fold's run, nor a new version_*
                 config.trainer.logger.init_args.version = "ensemble"
@@ -113,15 +121,26 @@ class LASegCLI(LightningCLI):
             if found is None:
                 where = f"{run_dir}/version_*/checkpoints" if run_dir else "(no logger save_dir configured)"
                 raise DataError(f"--ckpt_path {ckpt}: no {ckpt}.ckpt under {where}")
-            print(f"la-seg: --ckpt_path {ckpt}: using {found}", file=sys.stderr)
+            _say(f"la-seg: --ckpt_path {ckpt}: using {found}")
             config.ckpt_path = ckpt = str(found)
         self.member_paths = [str(ckpt), *members[1:]]
+        self.resolve_once(given, self.member_paths)
         checkpoint = self.preloaded.get(str(ckpt)) or load_checkpoint(ckpt)
         self.preloaded[str(ckpt)] = checkpoint
         if len(self.member_paths) < 2:
             _continue_run_of(config, Path(ckpt), run_dir)
         apply_checkpoint_settings(config, checkpoint, self.given_options)
         check_tta_trained(config.model.tta, training_augmentation(checkpoint), f"checkpoint {ckpt}")
+
+    def resolve_once(self, given: str, paths: list[str]) -> None:
+        """Rank 0 of a node resolves `--ckpt_path` (best, last, a folder of runs): the node's other ranks,
+        which Lightning starts by running sys.argv again, get its answer appended there. Ranks that another
+        launcher starts (other nodes) resolve for themselves; `SameCheckpointOnEveryRank` checks, on every
+        rank, that they found what rank 0 found."""
+        resolved = paths[0] if len(paths) == 1 else json.dumps(paths)
+        if self.relaunched_argv and resolved != given:
+            sys.argv += ["--ckpt_path", resolved]
+        self.resolved_ckpt = (given, resolved)
 
     def _run_subcommand(self, subcommand: str) -> None:
         """A fit that fails before its first checkpoint leaves no run folder behind (no empty version_N)."""
@@ -162,6 +181,8 @@ class LASegCLI(LightningCLI):
         log_dir = self.trainer.log_dir if self.subcommand == "fit" else None  # no collective before launch
         missing = [f for f in (Path(log_dir), *Path(log_dir).parents) if not f.exists()] if log_dir else []
         self.fresh_run = missing[-1] if missing else None  # the outermost folder this fit will create
+        if self.resolved_ckpt is not None:
+            self.trainer.callbacks.append(SameCheckpointOnEveryRank(*self.resolved_ckpt))
         if self.member_paths:
             self.model.member_name = self.member_paths[0]
             weights = self.config[self.subcommand].model.net.weights
@@ -217,6 +238,12 @@ def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]
 
 
 _NOT_A_DEFAULT = object()
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    """A line for the user, printed once however many ranks parse the command."""
+    print(message, file=sys.stderr)
 
 
 def _default(field: dataclasses.Field):
@@ -317,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:
         if os.environ.get("LA_SEG_DEBUG") == "1":
             raise
-        print(f"la-seg: error: {describe_error(error)}", file=sys.stderr)
+        if not is_reported_elsewhere(error):  # under DDP, one process prints an error that all ranks share
+            print(f"la-seg: error: {describe_error(error)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

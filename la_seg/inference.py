@@ -130,15 +130,16 @@ def case_agreement(
 
 
 class _Head(nn.Module):
-    """A member's fusion + decoder: everything after the (shareable) backbone."""
+    """A member's fusion + decoder: everything after the (shareable) backbone. The backbone applies the
+    fusion while its blocks run (DINOBackbone.fused); the head decodes the fused maps."""
 
     def __init__(self, net: LASegmenter) -> None:
         super().__init__()
         self.fusion = net.fusion
         self.decoder = net.decoder
 
-    def forward(self, features: list[Tensor], image: Tensor) -> Tensor:
-        return self.decoder(self.fusion(features), image)
+    def forward(self, fused: list[Tensor], image: Tensor) -> Tensor:
+        return self.decoder(fused, image)
 
 
 @dataclass
@@ -250,9 +251,9 @@ class Ensemble(nn.Module):
             for flip in flips:
                 dims = FLIP_DIMS[flip]
                 x = inputs[shared.kind].flip(dims) if dims else inputs[shared.kind]
-                features = backbone(x)
-                for m in shared.members:
-                    logits = self.heads[m](features, x).float()[:, 0]
+                fused = backbone.fused(x, [self.heads[m].fusion for m in shared.members])
+                for m, maps in zip(shared.members, fused, strict=True):
+                    logits = self.heads[m](maps, x).float()[:, 0]
                     if m == 0 and not dims and first_logits is not None:
                         first_logits.append(logits)
                     prob = torch.sigmoid(logits)

@@ -23,6 +23,7 @@ from la_seg.data.io import Geometry
 from la_seg.data.preprocess import labels_to_input
 from la_seg.errors import DataError
 from la_seg.inference import TTA, Agreement, Ensemble, EnsembleMember, VolumeResult
+from la_seg.metrics import gather_cases
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
 
 # Largest chunk segment_volume runs on CPU. A CPU forward is compute-bound from a few slices on; bigger chunks
@@ -123,6 +124,7 @@ class LASegModule(L.LightningModule):
         self.slice_context = slice_context
         self.member_name = "model"  # the name this model votes under (the CLI sets its checkpoint path)
         self._ensemble: list[Ensemble] = []  # see ensemble()
+        self._case_losses: list[dict] = []  # {case_id, loss} of this epoch's evaluated cases on this rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -230,7 +232,8 @@ class LASegModule(L.LightningModule):
         training loss on the model's slices, comparable with training and with single-model runs."""
         image, label, geometry = batch["image"], batch["label"], batch["geometry"]
         result = self.infer(image, keep_logits=True)
-        self.log(f"{stage}/loss", self.eval_loss(result.logits, label), batch_size=1, sync_dist=True)
+        loss = float(self.eval_loss(result.logits, label))
+        self._case_losses.append({"case_id": batch["case_id"], "loss": loss})
         return EvalOutput(
             case_id=batch["case_id"],
             pred=result.mask,
@@ -239,11 +242,31 @@ class LASegModule(L.LightningModule):
             agreement=result.agreement(geometry.slices_last_spacing),
         )
 
+    def _log_case_loss(self, stage: str) -> None:
+        """`{stage}/loss`: the mean over cases, each counted once whichever ranks evaluated it (a mean over
+        ranks' steps would weigh a case twice where the distributed sampler repeats it). Collective."""
+        rows, self._case_losses = gather_cases(self._case_losses), []
+        if rows:
+            mean = sum(row["loss"] for row in rows) / len(rows)
+            self.log(f"{stage}/loss", mean, batch_size=len(rows), sync_dist=False)
+
     def validation_step(self, batch: dict, batch_idx: int) -> EvalOutput:
         return self._evaluate(batch, "val")
 
+    def on_validation_epoch_start(self) -> None:
+        self._case_losses = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_case_loss("val")
+
     def test_step(self, batch: dict, batch_idx: int) -> EvalOutput:
         return self._evaluate(batch, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self._case_losses = []
+
+    def on_test_epoch_end(self) -> None:
+        self._log_case_loss("test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> PredictOutput:
         result, geometry = self.infer(batch["image"]), batch["geometry"]

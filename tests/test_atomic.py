@@ -11,6 +11,7 @@ from la_seg.atomic import (
     TEMP_SUFFIX,
     atomic_path,
     atomic_write_text,
+    host_tag,
     remove_stale_temp_files,
     write_csv,
     write_json,
@@ -34,9 +35,10 @@ def test_write_replaces_and_creates_folders(tmp_path):
     assert target.stat().st_mode & 0o777 == 0o644
 
 
-def test_temp_name_is_recognisable_and_carries_the_pid(tmp_path):
+def test_temp_name_is_recognisable_and_carries_host_and_pid(tmp_path):
     with atomic_path(tmp_path / "mask.nii.gz") as tmp:
-        assert tmp.name.startswith(f".mask.nii.gz.{os.getpid()}.") and tmp.name.endswith(TEMP_SUFFIX)
+        assert tmp.name.startswith(f".mask.nii.gz.{host_tag()}.{os.getpid()}.")
+        assert tmp.name.endswith(TEMP_SUFFIX)
         tmp.write_text("x")
 
 
@@ -47,13 +49,17 @@ def dead_pid() -> int:
 
 
 def test_stale_temp_files_of_dead_processes_are_removed_live_ones_kept(tmp_path):
-    stale = tmp_path / f".case.nii.gz.{dead_pid()}.k2j4_x{TEMP_SUFFIX}"
-    live = tmp_path / f".other.nii.gz.{os.getpid()}.ab12cd{TEMP_SUFFIX}"
+    dead, host = dead_pid(), host_tag()
+    stale = tmp_path / f".case.nii.gz.{host}.{dead}.k2j4_x{TEMP_SUFFIX}"
+    live = tmp_path / f".other.nii.gz.{host}.{os.getpid()}.ab12cd{TEMP_SUFFIX}"
+    # another node on shared storage: its pid says nothing about this host's processes, never touched here
+    other_host = tmp_path / f".case.nii.gz.node-{host}-2.{dead}.q9w8e7{TEMP_SUFFIX}"
     foreign = tmp_path / ".case.nii.gz.abc123"  # not ours (e.g. another tool's temp): never touched
-    for path in (stale, live, foreign):
+    for path in (stale, live, other_host, foreign):
         path.write_bytes(b"")
     assert remove_stale_temp_files(tmp_path) == [stale]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, foreign.name])
+    kept = [live.name, other_host.name, foreign.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     assert remove_stale_temp_files(tmp_path / "missing") == []
 
 

@@ -144,24 +144,75 @@ def test_frozen_backbone_keeps_no_graph(throughput, tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_every_user_step(tmp_path):
-    """SMOKE=1 rehearses the GPU check on CPU: every step a user runs passes, in order, and is summarised."""
-    out = tmp_path / "out"
-    env = {
-        **os.environ,
-        **{"SMOKE": "1", "OUT": str(out), "PY": sys.executable, "WHEELS": str(tmp_path / "no-wheels")},
-        "BUDGET_S": "900",
-    }
+    """SMOKE=1 rehearses the GPU check on CPU, with the wheels its preparation script builds for this Python:
+    every step a user runs passes, in order, and is summarised; the results folder gets at most 8 small logs,
+    the working files stay elsewhere."""
+    out, work, wheels = tmp_path / "out", tmp_path / "work", tmp_path / "wheels"
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    prepare = SCRIPT.parent / "gpu_check_prepare.sh"
+    env = {**os.environ, "PY": sys.executable, "WHEELS": str(wheels), "PYVER": python}
+    built = subprocess.run(["bash", str(prepare)], env=env, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    env = {**env, "SMOKE": "1", "OUT": str(out), "WORK": str(work), "BUDGET_S": "900"}
     script = SCRIPT.parent / "gpu_check.sh"
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-4000:]
+    assert f"installing {len(list(wheels.glob('*.whl')))} carried wheels" in done.stdout
     summary = done.stdout.split("==== gpu_check summary")[1]
     steps = re.findall(r"^(\w+) +ok +rc=0 +\d+s$", summary, re.M)
     assert steps == ["weights", "synth", "fit", "kill", "resume", "test", "predict", "throughput"]
-    assert "killed mid-epoch: exit status 137" in (out / "kill.log").read_text()
-    before, after = re.search(
-        r"resumed from step (\d+), now at step (\d+)", (out / "resume.log").read_text()
-    ).groups()
+    results = sorted(p.name for p in out.iterdir())
+    assert results == ["gpu_check.log", "steps.log", "test_metrics.json", "throughput.json"]
+    assert all(p.stat().st_size <= 16 * 2**20 for p in out.iterdir())
+    steps_log = (out / "steps.log").read_text()
+    assert "killed mid-epoch: exit status 137" in steps_log and "report content: ok" in steps_log
+    before, after = re.search(r"resumed from step (\d+), now at step (\d+)", steps_log).groups()
     assert int(after) == int(before) + 3 > 3
-    assert len(list((out / "masks").glob("*.nii.gz"))) == 2
+    assert len(list((work / "masks").glob("*.nii.gz"))) == 2
     assert json.loads((out / "throughput.json").read_text())["device_type"] == "cpu"
-    assert "throughput: cpu" in summary
+    assert "throughput: cpu" in summary and "missed: none" in summary
+
+
+def test_gpu_check_throughput_verdict_fails_on_a_missed_target(tmp_path):
+    """The throughput step's verdict can fail: a missed applicable target exits 1 and is listed."""
+    targets = SCRIPT.parent / "gpu_check_targets.py"
+    report = {
+        "device": "NVIDIA H200", "backbone": "vit_giant_patch14_dinov2", "img_size": 448, "batch_size": 32,
+        "precision": "bf16-mixed", "backbone_slices_per_s": 100.0, "train_slices_per_s": 50.0,
+        "train_ratio": 0.5, "predict_slices_per_s": 60.0, "predict_ratio": 0.6, "peak_memory_gb": 20.0,
+        "mfu": None, "targets": {
+            "gpu_train_vs_backbone": {"applicable": True, "value": 0.5, "min": 0.7, "met": False},
+            "gpu_peak_memory_gb": {"applicable": True, "value": 20.0, "max": 24.0, "met": True},
+            "cpu_predict_vs_backbone": {"applicable": False, "value": 0.6, "min": 0.8, "met": False},
+        },
+    }  # fmt: skip
+    path = tmp_path / "throughput.json"
+    path.write_text(json.dumps(report))
+    done = subprocess.run([sys.executable, str(targets), str(path)], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "missed: ['gpu_train_vs_backbone 0.5 (>= 0.7)']" in done.stdout
+    assert "met: ['gpu_peak_memory_gb 20 (< 24.0)']" in done.stdout
+    report["targets"]["gpu_train_vs_backbone"].update(value=0.8, met=True)
+    path.write_text(json.dumps(report))
+    done = subprocess.run([sys.executable, str(targets), str(path)], capture_output=True, text=True)
+    assert done.returncode == 0 and "missed: none" in done.stdout
+
+
+@pytest.mark.slow
+def test_fusion_memory_benchmark_reports_every_case_and_equal_gradients(tmp_path):
+    """benchmarks/fusion_memory.py at toy size (its memory figures are noise there): every case measured in
+    its own process, and the fusion weights' gradient of a training step unchanged by issue 16.5."""
+    out = tmp_path / "fusion.json"
+    argv = ["--depth", "4", "--taps", "2", "4", "--img-size", "28", "--slices", "2", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "fusion_memory.py"), *argv],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["peak_above_start_mb"]) == {
+        "predict_before",
+        "predict_after",
+        "train_before",
+        "train_after",
+    }
+    assert all(set(by_taps) == {"2", "4"} for by_taps in report["peak_above_start_mb"].values())
+    assert report["train_fusion_grad_identical"] == {"2": True, "4": True}

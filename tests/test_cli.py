@@ -151,7 +151,7 @@ def test_ddp_two_processes_fit_and_test(tmp_path, synth_root):
     run = Path(tmp_path, "runs", "demo", "version_0")
     split = json.loads((run / "split.json").read_text())
     report = json.loads((run / "test_heldout.json").read_text())
-    assert len(split["test"]) == 3  # odd: the distributed sampler pads one rank with a repeated case
+    assert len(split["test"]) == 3  # odd: the ranks hold 2 and 1 cases (validation: 1 case, 2 ranks)
     assert [c["case_id"] for c in report["cases"]] == split["test"]
 
 

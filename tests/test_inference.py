@@ -49,9 +49,10 @@ def reference_prob(net: LASegmenter, image: torch.Tensor, slice_context: bool = 
     return restore_geometry(torch.cat(probs)[:, 0], tuple(image.shape))
 
 
-def count_calls(module: torch.nn.Module) -> list[int]:
+def count_calls(backbone: torch.nn.Module) -> list[int]:
+    """Backbone passes: calls of its patch embedding (however the backbone is entered: forward or fused)."""
     calls = [0]
-    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    backbone.vit.patch_embed.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
 
 

@@ -193,14 +193,27 @@ def test_evaluation_through_the_engine_keeps_the_single_model_loss_and_mask(tiny
     batch = volume_batch(synth_root)
     logged = {}
     module.log = lambda name, value, **kwargs: logged.update({name: value})
+    module.on_test_epoch_start()
     output = module.test_step(batch, 0)
+    module.on_test_epoch_end()
     logits = reference_logits(module, batch["image"], chunk=2)
-    assert torch.equal(logged["test/loss"], module.eval_loss(logits, batch["label"]))
+    assert logged["test/loss"] == float(module.eval_loss(logits, batch["label"]))
     if tta == "none":
         assert torch.equal(output["pred"], reference_mask(module, logits, tuple(batch["image"].shape)))
         assert output["agreement"] is None
     else:
         assert output["agreement"]["voters"] == ["identity", "flip_x", "flip_y", "flip_xy"]
+
+
+def test_evaluation_loss_is_a_mean_over_cases_each_counted_once(tiny_net):
+    """A case that the distributed sampler repeats (or a rank evaluates twice) counts once in `val/loss`."""
+    module = LASegModule(net=tiny_net)
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.update({name: (value, kwargs)})
+    module._case_losses = [{"case_id": c, "loss": v} for c, v in (("a", 1.0), ("b", 4.0), ("a", 1.0))]
+    module.on_validation_epoch_end()
+    assert logged["val/loss"] == (2.5, {"batch_size": 2, "sync_dist": False})
+    assert module._case_losses == []
 
 
 def test_extra_members_vote_but_stay_out_of_the_state_dict(tiny_net, synth_root, tmp_path):
@@ -227,7 +240,8 @@ def test_validation_runs_under_mixed_precision(tiny_net, synth_root):
     module.log = lambda name, value, **kwargs: logged.update({name: value})
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = module.validation_step(batch, 0)
-    assert logged["val/loss"].dtype == torch.float32 and torch.isfinite(logged["val/loss"])
+        module.on_validation_epoch_end()
+    assert isinstance(logged["val/loss"], float) and math.isfinite(logged["val/loss"])
     assert output["pred"].dtype == torch.bool and output["pred"].shape == batch["image"].shape
     assert output["label"].dtype == torch.bool and isinstance(output["geometry"], Geometry)
 

@@ -3,17 +3,13 @@ axial-last, written back on its own grid (correctness issue: slice orientation i
 
 import nibabel as nib
 import numpy as np
+from tiny_options import TINY_CLI
 
 from la_seg.cli import main
 from la_seg.data.synthetic import synthesize_case
 
 TINY = [
-    "--config", "demo.yaml",
-    "--data.img_size", "28",
-    "--data.num_workers", "0",
-    "--model.net.backbone_kwargs", "{depth: 2, embed_dim: 24, num_heads: 2}",
-    "--model.net.decoder_channels", "[8, 8, 8, 8]",
-    "--trainer.enable_progress_bar", "false",
+    *TINY_CLI,
     "--untrained", "true",  # seed_everything gives both runs the same weights; only the slicing may differ
 ]  # fmt: skip
 

@@ -15,7 +15,9 @@ from PIL import Image
 
 from la_seg.atomic import atomic_path, remove_stale_temp_files, write_csv
 from la_seg.callbacks.images import PANEL, overlay
+from la_seg.data.datamodule import CaseShards
 from la_seg.data.io import Geometry, write_nifti
+from la_seg.distributed import decide_on_rank_zero, reported_elsewhere
 from la_seg.errors import DataError
 from la_seg.inference import REVIEW_BELOW
 from la_seg.metrics import gather_cases, volume_ml
@@ -84,19 +86,28 @@ class NiftiPredictionWriter(BasePredictionWriter):
         return names
 
     def on_predict_start(self, trainer, pl_module) -> None:
+        self.save_uncertainty = bool(getattr(pl_module, "has_voters", False))
+        cases = getattr(trainer.predict_dataloaders.dataset, "cases", [])
+        # Rank 0 checks the folder, locks it and clears it once; the broadcast is also the barrier that keeps
+        # every rank from writing before then (a rank checking for itself would see rank 0's fresh masks).
+        decide_on_rank_zero(
+            trainer, lambda: self.prepare(cases, getattr(trainer.datamodule, "predict_root", None))
+        )
+        self.start()
+
+    def prepare(self, cases: list, input_root: str | None) -> None:
+        """Before anything is written: refuse writing into the inputs, colliding names and (unless overwrite)
+        existing outputs; lock the output folder and remove a killed run's temp files. Once per run."""
         if self.output_dir is None:
             raise DataError(
                 "--writer.output_dir is required for `la-seg predict`: the folder to write masks into"
             )
-        self.save_uncertainty = bool(getattr(pl_module, "has_voters", False))
-        cases = getattr(trainer.predict_dataloaders.dataset, "cases", [])
-        input_root = getattr(trainer.datamodule, "predict_root", None)
         refuse_writing_into_inputs(self.output_dir, [Path(c.image_path) for c in cases], input_root)
         self.reserve_outputs((c.case_id, Path(c.image_path)) for c in cases)
-        self.open(lock=trainer.is_global_zero)
+        self.lock()
         if not self.overwrite:
             self._refuse_existing([c.case_id for c in cases])
-        elif trainer.is_global_zero:  # an old table would claim cases this run may fail to write
+        else:  # an old table would claim cases this run may fail to write
             (self.output_dir / VOLUMES_CSV).unlink(missing_ok=True)
 
     def reserve_outputs(self, cases: Iterable[tuple[str, Path]]) -> None:
@@ -124,28 +135,37 @@ class NiftiPredictionWriter(BasePredictionWriter):
                 "pass --writer.overwrite true to replace them, or choose another --writer.output_dir"
             )
 
-    def open(self, lock: bool = True) -> None:
-        """Lock the output folder (`lock`), remove a killed run's temp files and start the background writer
-        (the callback hooks call open / submit / close / release; so can other code)."""
+    def open(self) -> None:
+        """Lock the output folder, remove a killed run's temp files and start the background writer (the
+        callback hooks call prepare / start / submit / close / release; other code may call these)."""
+        self.lock()
+        self.start()
+
+    def lock(self) -> None:
+        """Take the output folder's lock (a second run into it fails at once) and remove the temp files that
+        killed runs of this host left there."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if lock:
-            self._lock = FileLock(self.output_dir / LOCK_NAME)
-            try:
-                self._lock.acquire(timeout=0)
-            except Timeout:
-                self._lock = None
-                raise DataError(
-                    f"--writer.output_dir {self.output_dir} is in use by another la-seg run (lock file "
-                    f"{self.output_dir / LOCK_NAME}); wait for it to finish or choose another folder"
-                ) from None
+        self._lock = FileLock(self.output_dir / LOCK_NAME)
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            self._lock = None
+            raise DataError(
+                f"--writer.output_dir {self.output_dir} is in use by another la-seg run (lock file "
+                f"{self.output_dir / LOCK_NAME}); wait for it to finish or choose another folder"
+            ) from None
         remove_stale_temp_files(self.output_dir)
+
+    def start(self) -> None:
+        """Start the background writer."""
         self._pool = ThreadPoolExecutor(max_workers=2)
         self._pending = []
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ):
-        self.submit(prediction, batch)
+        if all(CaseShards.owner(i, trainer.world_size) == trainer.global_rank for i in batch_indices):
+            self.submit(prediction, batch)  # not a repeat standing in for an empty shard: its owner writes it
 
     def submit(self, prediction: dict, batch: dict) -> None:
         """Queue one case's outputs (a PredictOutput, slices last) for writing; returns at once, after
@@ -218,7 +238,18 @@ class NiftiPredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer, pl_module) -> None:
         try:
-            rows = gather_cases(self.close())
+            rows, error = [], None
+            try:
+                rows = self.close()
+            except Exception as raised:  # told to every rank below, so no rank waits or writes the table
+                error = raised
+            rows = gather_cases(rows)
+            flag = torch.tensor(float(error is not None), device=trainer.strategy.root_device)
+            failed = trainer.strategy.reduce(flag, reduce_op="sum")  # on the device: NCCL needs it there
+            if error is not None:
+                raise error
+            if failed:  # the failing rank prints its own error
+                raise reported_elsewhere(DataError(f"{int(failed)} other rank(s) failed to write masks"))
             if trainer.is_global_zero:
                 columns = VOLUME_COLUMNS + (AGREEMENT_COLUMNS if self.save_uncertainty else ())
                 write_csv(self.output_dir / VOLUMES_CSV, columns, _volume_table(rows, columns))

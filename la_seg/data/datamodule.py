@@ -17,7 +17,8 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from la_seg.atomic import atomic_write_text
 from la_seg.data.cache import CacheMode
@@ -37,6 +38,7 @@ from la_seg.data.split import (
     split_cases,
 )
 from la_seg.data.transforms import AugmentationConfig, build_train_transform
+from la_seg.distributed import decide_on_rank_zero
 from la_seg.errors import DataError
 
 # Volumes each evaluation worker reads ahead, so the accelerator never waits on gzip.
@@ -171,12 +173,17 @@ class LADataModule(L.LightningDataModule):
             self._write_split()
 
     def _find(self, path: str | None, field: str, layout: str, stage: str, labelled: bool) -> list[Case]:
-        """find_cases with errors that name the option to fix."""
-        if path is None:
-            raise DataError(f"{field} is required for {stage}: set --{field}")
-        if not Path(path).expanduser().exists():
-            raise DataError(f"{field} does not exist: {path}")
-        return find_cases(path, layout, labelled, self.label_values, self.spacing)
+        """find_cases with errors that name the option to fix; under DDP rank 0 looks and every rank gets
+        its list (or its one error), so that all ranks shard the same cases."""
+
+        def find() -> list[Case]:
+            if path is None:
+                raise DataError(f"{field} is required for {stage}: set --{field}")
+            if not Path(path).expanduser().exists():
+                raise DataError(f"{field} does not exist: {path}")
+            return find_cases(path, layout, labelled, self.label_values, self.spacing)
+
+        return decide_on_rank_zero(self.trainer, find)
 
     def _random_split(self) -> DataSplit:
         patients = read_groups(self.groups, self._cases) if self.groups is not None else None
@@ -325,9 +332,12 @@ class LADataModule(L.LightningDataModule):
             cases, with_labels=with_labels, cache=cache, cache_dir=self.cache_dir, slice_axis=self.slice_axis
         )
         workers = min(self.num_workers, len(dataset))
+        trainer = self.trainer
+        distributed = trainer is not None and trainer.world_size > 1
         return DataLoader(
             dataset,
             batch_size=1,
+            sampler=CaseShards(dataset, trainer.world_size, trainer.global_rank) if distributed else None,
             shuffle=False,
             collate_fn=first_item,
             num_workers=workers,
@@ -335,6 +345,33 @@ class LADataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=not single_pass and workers > 0,
         )
+
+
+class CaseShards(DistributedSampler):
+    """Rank r of W evaluates cases r, r + W, ...: each case once, shards differing by at most one case.
+
+    Lightning's own samplers either pad every shard to equal length by repeating cases (validate / test: the
+    repeats would count twice in anything averaged over steps) or fail on a rank left without a case (predict:
+    one volume on two GPUs). A rank left without a case (fewer cases than ranks) gets one repeat of case
+    r mod n instead, so that every rank runs the hooks whose collectives gather the results (Lightning skips
+    them on a rank without batches); `owner` tells the repeat apart, and results are de-duplicated by case id.
+    Being a DistributedSampler, it is kept by Lightning.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        size = len(dataset)
+        own = [i for i in range(size) if self.owner(i, num_replicas) == rank]
+        self.indices = own or ([rank % size] if size else [])
+        self.num_samples = len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    @staticmethod
+    def owner(index: int, num_replicas: int) -> int:
+        """The rank whose own shard holds case `index` (any other rank holding it holds a repeat)."""
+        return index % num_replicas
 
 
 def _by_id(cases: list[Case]) -> dict[str, Case]:

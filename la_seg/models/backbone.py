@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from la_seg.data.preprocess import check_img_size
 from la_seg.errors import DataError
+from la_seg.models.fusion import BlockFusion
 
 # timm architectures this backbone accepts: DINOv2 (VisionTransformer, patch 14, with and without registers)
 # and DINOv3 (Eva, patch 16, RoPE, 4 registers; `_qkvb` variants keep the zero key bias of Meta's release).
@@ -264,31 +265,70 @@ class DINOBackbone(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """(B, 3, H, W) in [0, 1] -> one (B, embed_dim, H/p, W/p) map per tapped block, shallow to deep."""
+        """(B, 3, H, W) in [0, 1] -> one (B, embed_dim, H/p, W/p) map per tapped block, shallow to deep, each
+        in the compute dtype (the autocast dtype under autocast)."""
+        maps: list[Tensor] = []
+        self._run(x, maps.append)
+        return maps
+
+    def fused(self, x: Tensor, fusions: Sequence[BlockFusion]) -> list[list[Tensor]]:
+        """Each fusion's fused maps of `x` (as ``fusion(self(x))``), summed while the blocks run: memory holds
+        one running sum per fusion group instead of every tapped block's map, whatever their number. For
+        inference, and wherever the fusion weights need no gradient."""
+        running = [fusion.running() for fusion in fusions]
+
+        def add(feature: Tensor) -> None:
+            for fusion in running:
+                fusion.add(feature)
+
+        self._run(x, add)
+        return [fusion.result() for fusion in running]
+
+    def _run(self, x: Tensor, sink: Callable[[Tensor], None]) -> None:
+        """Runs the ViT up to its deepest tapped block and hands each tapped block's normalised map to `sink`
+        as soon as the block has run (a forward hook): no list of every block's map is built here.
+
+        With gradient checkpointing (a trainable ViT) the blocks run again in backward, where a hook's
+        LayerNorm would be missing: timm's own list of maps is taken then, each cast as it is handed on.
+        """
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) image batch, got shape {tuple(x.shape)}")
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
             raise ValueError(f"H and W must be multiples of {self.patch_size}, got {tuple(x.shape[-2:])}")
+        size = self.vit.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
         x = (x - self.mean) / self.std
-        with torch.no_grad() if self.frozen else nullcontext():
-            return self._in_autocast_dtype(self._features(x))
+        checkpointed = bool(getattr(self.vit, "grad_checkpointing", False))
+        hooks = []
+        if not checkpointed:
 
-    @staticmethod
-    def _in_autocast_dtype(features: list[Tensor]) -> list[Tensor]:
-        """Under autocast, the maps in its dtype: timm's final LayerNorm autocasts to fp32, which would double
-        the memory of the maps the fusion keeps for backward (8 GB at batch 32 for the giant model)."""
-        device_type = features[0].device.type
-        if not torch.is_autocast_enabled(device_type):
-            return features
-        dtype = torch.get_autocast_dtype(device_type)
-        for i, f in enumerate(features):  # one at a time, so each fp32 map is freed as soon as it is cast
-            features[i] = f.to(dtype)
-        return features
+            def tap(_block: nn.Module, _inputs: Any, tokens: Tensor) -> None:
+                sink(self._block_map(tokens, size))
 
-    def _features(self, x: Tensor) -> list[Tensor]:
-        return self.vit.forward_intermediates(
-            x, indices=self.indices, norm=True, stop_early=True, output_fmt="NCHW", intermediates_only=True
-        )
+            hooks = [self.vit.blocks[i].register_forward_hook(tap) for i in self.indices]
+        try:
+            with torch.no_grad() if self.frozen else nullcontext():
+                # Without hooks timm returns every tapped block's map; with them only the deepest block's
+                # raw tokens are asked for (stop_early: no later block runs), and dropped.
+                maps = self.vit.forward_intermediates(
+                    x,
+                    indices=list(self.indices) if checkpointed else [self.indices[-1]],
+                    norm=checkpointed,
+                    stop_early=True,
+                    output_fmt="NCHW" if checkpointed else "NLC",
+                    intermediates_only=True,
+                )
+                for i in range(len(maps) if checkpointed else 0):
+                    sink(_in_autocast_dtype(maps[i]))
+                    maps[i] = None  # each fp32 map freed once cast
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _block_map(self, tokens: Tensor, size: tuple[int, int]) -> Tensor:
+        """A block's (B, N, C) tokens -> its normalised (B, C, h, w) map as timm's forward_intermediates makes
+        it (final norm, prefix tokens dropped), in the autocast dtype (_in_autocast_dtype)."""
+        normed = _in_autocast_dtype(self.vit.norm(tokens)[:, self.vit.num_prefix_tokens :])
+        return normed.reshape(normed.shape[0], *size, -1).permute(0, 3, 1, 2).contiguous()
 
     @torch.no_grad()
     def fingerprint(self) -> str:
@@ -307,3 +347,12 @@ class DINOBackbone(nn.Module):
             digest.update(str(tuple(tensor.shape)).encode())
             digest.update(sample.numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def _in_autocast_dtype(feature: Tensor) -> Tensor:
+    """Under autocast, `feature` in its dtype: timm's final LayerNorm autocasts to fp32, which would double
+    the memory of the maps the fusion keeps for backward (8 GB at batch 32 for the giant model)."""
+    device_type = feature.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return feature
+    return feature.to(torch.get_autocast_dtype(device_type))

@@ -53,30 +53,72 @@ class BlockFusion(nn.Module):
                 f"net.fusion_groups={groups} over {num_blocks} tapped blocks leaves a softmax over a single "
                 f"block: its weight is a constant 1 and cannot learn; {fix} or net.fusion: last"
             )
+        # Each group as a slice of the blocks: a view of the weights, where indexing with a Python list would
+        # copy the index to the device and wait for it in every forward pass.
+        self._slices = [slice(idx[0], idx[-1] + 1) for idx in self.group_indices]
+        # (group, position in it) of each tapped block
+        self._place = [(g, k) for g, idx in enumerate(self.group_indices) for k in range(len(idx))]
         self.logits = nn.Parameter(torch.zeros(num_blocks)) if mode == "softmax" else None
+        if mode == "mean":
+            equal = torch.cat([torch.full((len(idx),), 1.0 / len(idx)) for idx in self.group_indices])
+            self.register_buffer("equal_weights", equal, persistent=False)
 
     def weights(self) -> list[Tensor]:
         """Per-group block weights (each sums to 1), detached, for logging."""
         with torch.no_grad():
+            if self.mode == "last":
+                return [torch.ones(1) for _ in range(self.groups)]
             return [w.detach().clone() for w in self._group_weights()]
 
     def _group_weights(self) -> list[Tensor]:
+        weights = self.logits if self.logits is not None else self.equal_weights
         if self.logits is not None:
-            return [torch.softmax(self.logits[idx], dim=0) for idx in self.group_indices]
-        return [torch.full((len(idx),), 1.0 / len(idx)) for idx in self.group_indices]
+            return [torch.softmax(weights[part], dim=0) for part in self._slices]
+        return [weights[part] for part in self._slices]
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         """``num_blocks`` maps of equal shape -> ``groups`` fused maps, shallow to deep."""
         if len(features) != self.num_blocks:
             raise ValueError(f"BlockFusion expects {self.num_blocks} feature maps, got {len(features)}")
-        if self.mode == "last":
-            return [features[-1]] * self.groups
-        fused = []
-        for idx, weights in zip(self.group_indices, self._group_weights(), strict=True):
-            weights = weights.to(device=features[idx[0]].device, dtype=features[idx[0]].dtype)
-            # Accumulate instead of stacking: a stack would copy the group's maps (GBs for the giant model).
-            out = weights[0] * features[idx[0]]
-            for w, i in zip(weights[1:], idx[1:], strict=True):
-                out = out + w * features[i]
-            fused.append(out)
-        return fused
+        running = self.running()
+        for feature in features:
+            running.add(feature)
+        return running.result()
+
+    def running(self) -> RunningFusion:
+        """A fusion fed one block map at a time, as the backbone computes them (see RunningFusion)."""
+        return RunningFusion(self)
+
+
+class RunningFusion:
+    """F = sum_i w_i F_i accumulated block by block, in block order: the same sums as fusing a list of maps,
+    holding one running sum per group instead of every block's map (40 giant maps of a 44-slice volume are
+    11 GB in fp32). Where the fusion weights need a gradient, autograd still keeps each map it multiplies."""
+
+    def __init__(self, fusion: BlockFusion) -> None:
+        self.fusion = fusion
+        self.weights = fusion._group_weights() if fusion.mode != "last" else []
+        self.sums: list[Tensor | None] = [None] * fusion.groups
+        self.block = 0
+
+    def add(self, feature: Tensor) -> None:
+        """The next block's (B, C, h, w) map, in the order of the tapped blocks."""
+        block, fusion = self.block, self.fusion
+        self.block += 1
+        if fusion.mode == "last":
+            if block == fusion.num_blocks - 1:
+                self.sums = [feature] * fusion.groups
+            return
+        group, position = fusion._place[block]
+        weight = self.weights[group][position].to(feature.dtype)
+        term = weight * feature
+        total = self.sums[group]
+        # In place only without autograd (the sum is this object's own tensor); with it, a new node per block.
+        in_place = total is not None and not (torch.is_grad_enabled() and term.requires_grad)
+        self.sums[group] = term if total is None else (total.add_(term) if in_place else total + term)
+
+    def result(self) -> list[Tensor]:
+        """The ``groups`` fused maps, shallow to deep, once every tapped block was added."""
+        if self.block != self.fusion.num_blocks:
+            raise ValueError(f"BlockFusion expects {self.fusion.num_blocks} feature maps, got {self.block}")
+        return list(self.sums)

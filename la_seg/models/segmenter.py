@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from la_seg.errors import DataError
@@ -67,7 +68,17 @@ class LASegmenter(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decoder(self.fusion(self.backbone(x)), x)
+        if self.needs_block_maps():
+            return self.decoder(self.fusion(self.backbone(x)), x)
+        return self.decoder(self.backbone.fused(x, [self.fusion])[0], x)
+
+    def needs_block_maps(self) -> bool:
+        """Whether backward needs every tapped block's map (to train the fusion weights or the backbone);
+        otherwise the blocks are fused while they run, in memory that does not grow with their number."""
+        if not torch.is_grad_enabled():
+            return False
+        fusion_learns = any(p.requires_grad for p in self.fusion.parameters())
+        return fusion_learns or not self.backbone.frozen
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters the optimiser should see (a frozen backbone contributes none)."""

@@ -26,7 +26,7 @@ from hostile import (
     valid_image,
 )
 
-from la_seg.atomic import TEMP_SUFFIX
+from la_seg.atomic import TEMP_SUFFIX, host_tag
 from la_seg.callbacks.writer import LOCK_NAME
 
 
@@ -263,8 +263,8 @@ def test_a_killed_runs_temp_files_are_removed_by_the_next_run(la_seg, trained_ch
     finished = subprocess.Popen(["true"])  # a process id that no longer runs
     finished.wait()
     dead_pid = finished.pid
-    stale = out / f".case.nii.gz.{dead_pid}.x1y2z3{TEMP_SUFFIX}"
-    live = out / f".volumes.csv.{os.getpid()}.a1b2c3{TEMP_SUFFIX}"
+    stale = out / f".case.nii.gz.{host_tag()}.{dead_pid}.x1y2z3{TEMP_SUFFIX}"
+    live = out / f".volumes.csv.{host_tag()}.{os.getpid()}.a1b2c3{TEMP_SUFFIX}"
     stale.write_bytes(b"")
     live.write_bytes(b"")
     result = la_seg(*predict(trained_checkpoint, image, out))

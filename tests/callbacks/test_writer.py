@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import la_seg.callbacks.writer as writer_module
-from la_seg.atomic import TEMP_SUFFIX
+from la_seg.atomic import TEMP_SUFFIX, host_tag
 from la_seg.callbacks.writer import LOCK_NAME, NiftiPredictionWriter, refuse_writing_into_inputs
 from la_seg.data.io import Geometry
 from la_seg.data.layouts import Case
@@ -50,6 +50,9 @@ def trainer_for(cases: list[Case], predict_root: Path | None = None) -> SimpleNa
         predict_dataloaders=SimpleNamespace(dataset=SimpleNamespace(cases=cases)),
         datamodule=SimpleNamespace(predict_root=str(predict_root) if predict_root else None),
         is_global_zero=True,
+        world_size=1,
+        global_rank=0,
+        strategy=SimpleNamespace(reduce=lambda value, reduce_op: value, root_device=torch.device("cpu")),
     )
 
 
@@ -206,7 +209,7 @@ def test_write_errors_surface_naming_the_file_and_leave_no_volume_table(tmp_path
 def test_a_killed_runs_temp_files_are_removed_at_the_next_run(tmp_path):
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
-    leftover = tmp_path / "out" / f".c1.nii.gz.{process.pid}.x7y_q2{TEMP_SUFFIX}"
+    leftover = tmp_path / "out" / f".c1.nii.gz.{host_tag()}.{process.pid}.x7y_q2{TEMP_SUFFIX}"
     leftover.parent.mkdir()
     leftover.write_bytes(b"")
     writer = NiftiPredictionWriter(str(tmp_path / "out"))

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import RandomSampler
 
-from la_seg.data.datamodule import EVAL_PREFETCH, LADataModule
+from la_seg.data.datamodule import EVAL_PREFETCH, CaseShards, LADataModule
 from la_seg.data.datasets import first_item
 from la_seg.data.split import PARTS
 from la_seg.data.synthetic import write_dataset
@@ -334,3 +334,16 @@ def test_choices_are_literals_that_jsonargparse_validates():
             parser.parse_args([f"--data.{field}", value])
     dm = parser.instantiate_classes(config).data
     assert (dm.slice_axis, dm.label_values) == (1, [420])
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("cases", [0, 1, 2, 3, 5])
+def test_evaluation_shards_hold_each_case_once_and_no_rank_empty(cases, ranks):
+    """Fewer cases than ranks included: every rank gets a case (Lightning skips the hooks of a rank without
+    one, whose collectives the others would wait for), and the cases a rank owns cover each case once."""
+    shards = [list(CaseShards(range(cases), ranks, rank)) for rank in range(ranks)]
+    owned = sorted(i for r, shard in enumerate(shards) for i in shard if CaseShards.owner(i, ranks) == r)
+    assert owned == list(range(cases))
+    assert all(shards) if cases else not any(shards)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert [len(CaseShards(range(cases), ranks, rank)) for rank in range(ranks)] == list(map(len, shards))

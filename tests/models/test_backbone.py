@@ -12,7 +12,7 @@ import timm.layers.config
 import torch
 
 from la_seg.errors import DataError
-from la_seg.models import DINOBackbone, dino_model_names
+from la_seg.models import BlockFusion, DINOBackbone, dino_model_names
 
 TINY = dict(depth=4, embed_dim=32, num_heads=2)
 SMALL_KWARGS = dict(depth=2, embed_dim=32, num_heads=2)
@@ -366,3 +366,54 @@ def test_offline_hub_weights_fail_at_once_naming_the_weights_option(monkeypatch)
     ):
         DINOBackbone("vit_small_patch14_dinov2", pretrained=True, img_size=28, model_kwargs=dict(TINY))
     assert time.monotonic() - start < 10
+
+
+def _fusions(num_blocks: int) -> list[BlockFusion]:
+    torch.manual_seed(3)
+    fusions = [
+        BlockFusion(num_blocks),
+        BlockFusion(num_blocks, groups=2),
+        BlockFusion(num_blocks, mode="mean"),
+    ]
+    for fusion in fusions[:2]:
+        torch.nn.init.normal_(fusion.logits)
+    return fusions
+
+
+@pytest.mark.parametrize("name", [V2, V3])
+def test_fusing_while_the_blocks_run_equals_fusing_their_maps(name):
+    """Inference fuses each block's map into a running sum (memory independent of the number of blocks)."""
+    backbone = tiny(name).eval()
+    x = torch.rand(2, 3, SIDE[name], SIDE[name])
+    fusions = _fusions(backbone.num_blocks)
+    with torch.no_grad():
+        running = backbone.fused(x, fusions)
+        maps = backbone(x)
+        for got, fusion in zip(running, fusions, strict=True):
+            for a, b in zip(got, fusion(maps), strict=True):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_keeps_maps_in_the_compute_dtype_and_the_fusion_gradient_exact(autocast):
+    """Today's path (timm's list of fp32 maps, each cast to the autocast dtype, then fused) and the new one
+    (each map cast as its block finishes) give the fusion weights the same gradient, bit for bit."""
+    backbone = tiny().eval()
+    x = torch.rand(2, 3, 56, 56)
+    (fusion,) = _fusions(backbone.num_blocks)[:1]
+    target = torch.randn(2, backbone.embed_dim, 4, 4)
+
+    def fusion_grad(maps_of) -> torch.Tensor:
+        fusion.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            maps = maps_of(x)
+            (fused,) = fusion(maps)
+            (fused.float() * target).sum().backward()
+        assert {m.dtype for m in maps} == {torch.bfloat16 if autocast else torch.float32}
+        return fusion.logits.grad.clone()
+
+    def todays(x: torch.Tensor) -> list[torch.Tensor]:
+        dtype = torch.bfloat16 if autocast else torch.float32
+        return [m.to(dtype) for m in timm_reference(backbone.vit, x)]
+
+    assert torch.equal(fusion_grad(backbone), fusion_grad(todays))

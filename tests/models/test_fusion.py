@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from la_seg.errors import DataError
 from la_seg.models import BlockFusion
@@ -102,3 +104,46 @@ def test_last_feeds_the_deepest_block_to_every_group(groups):
 def test_feature_count_is_checked():
     with pytest.raises(ValueError, match="expects 10"):
         BlockFusion(10)(features(9))
+
+
+class _OpWatch(TorchDispatchMode):
+    """Records every op run and every device its tensor arguments live on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+        self.devices: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        for value in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(value, torch.Tensor):
+                self.devices.add(value.device.type)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("groups", "mode"), [(1, "softmax"), (4, "softmax"), (2, "mean")])
+def test_fusion_on_a_device_copies_nothing_from_the_host(groups, mode):
+    """Per step, no weight built on the host and no index list (each a blocking host-to-device copy on a GPU):
+    on the meta device, every op sees meta tensors only, and the groups are slices, not index gathers."""
+    fusion = BlockFusion(8, groups=groups, mode=mode).to("meta")
+    feats = [torch.empty(2, 4, 3, 3, device="meta") for _ in range(8)]
+    with _OpWatch() as watch:
+        fusion(feats)
+    assert watch.devices == {"meta"}
+    assert "aten.index.Tensor" not in watch.ops
+
+
+@pytest.mark.parametrize(("groups", "mode"), [(1, "softmax"), (4, "softmax"), (4, "mean"), (2, "last")])
+def test_running_fusion_equals_fusing_the_list(groups, mode):
+    fusion = BlockFusion(10, groups=groups, mode=mode)
+    if fusion.logits is not None:
+        torch.nn.init.normal_(fusion.logits)
+    feats = features()
+    running = fusion.running()
+    for feature in feats:
+        running.add(feature)
+    expected = [sum(w * feats[i] for w, i in zip(ws, idx, strict=True)) for ws, idx in
+                zip(fusion.weights(), fusion.group_indices, strict=True)]  # fmt: skip
+    for got, want in zip(running.result(), expected, strict=True):
+        torch.testing.assert_close(got, want)

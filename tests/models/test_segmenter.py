@@ -173,3 +173,19 @@ def test_empty_backbone_is_filled_by_a_checkpoint_state_dict():
     image, _ = batch(seed=2)
     with torch.no_grad():
         torch.testing.assert_close(empty.eval()(image), trained.eval()(image), rtol=0, atol=0)
+
+
+def test_inference_fuses_while_the_blocks_run_training_keeps_the_maps(monkeypatch):
+    """Without a gradient (validation, test, predict) no list of block maps is built; in training the fusion
+    weights need them (and get the same output)."""
+    net = build().eval()
+    x, _ = batch()
+    built = []
+    forward = type(net.backbone).forward
+    monkeypatch.setattr(type(net.backbone), "forward", lambda self, x: built.append(1) or forward(self, x))
+    with torch.no_grad():
+        streamed = net(x)
+    assert not built
+    trained = net(x)
+    assert built and trained.requires_grad
+    torch.testing.assert_close(streamed, trained.detach(), rtol=0, atol=0)

@@ -1,0 +1,52 @@
+"""Decisions taken once, on global rank 0, and shared with every rank (DDP, one node or several).
+
+Checks that look at the file system (which cases exist, whether outputs exist already, which checkpoint is
+`best`) give different answers on different ranks when files appear meanwhile or a node sees other disks;
+and a check that fails on one rank only leaves the others waiting in the next collective. So rank 0 decides,
+and Lightning's `strategy.broadcast` hands its answer (or its error) to every rank, which also makes it a
+barrier: no rank goes on before the decision is taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import lightning as L
+
+T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
+
+# Set on an error that another rank prints (e.g. the copy of rank 0's error that the other ranks raise), so
+# that a run of several processes ends with one error line, not one per process.
+_REPORTED_ELSEWHERE = "la_seg_reported_elsewhere"
+
+
+def decide_on_rank_zero(trainer: L.Trainer | None, decide: Callable[[], T]) -> T:
+    """`decide()` run on global rank 0 only; its result returned, or its exception raised, on every rank.
+
+    Without a trainer (a plain call) or in a single process, this is just `decide()`.
+    """
+    if trainer is None or trainer.world_size == 1:
+        return decide()
+    result, error = None, None
+    if trainer.is_global_zero:
+        try:
+            result = decide()
+        except Exception as raised:  # every rank must take part in the broadcast, then raise it
+            error = raised
+    result, error = trainer.strategy.broadcast((result, error), src=0)
+    if error is not None:
+        raise error if trainer.is_global_zero else reported_elsewhere(error)
+    return result
+
+
+def reported_elsewhere(error: E) -> E:
+    """`error`, marked as printed by another rank: `la-seg` exits with status 2 without printing it again."""
+    setattr(error, _REPORTED_ELSEWHERE, True)
+    return error
+
+
+def is_reported_elsewhere(error: BaseException) -> bool:
+    """Whether another rank prints `error` (see reported_elsewhere)."""
+    return bool(getattr(error, _REPORTED_ELSEWHERE, False))

@@ -1,0 +1,153 @@
+"""Two DDP ranks (gloo on CPU) against one process: predict and test of 0, 1, 2, 3 and 5 volumes.
+
+Fewer volumes than ranks, shards of unequal size and the output folder's checks must not depend on how many
+processes run: the same masks, volumes.csv, per-case report and test/loss as one process, each case once.
+Every DDP run starts rank 1's predict late (the race of issue 16.2: a late rank once found rank 0's fresh
+masks and refused them as existing outputs) and takes `--ckpt_path best`, which must be resolved once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_options import TINY_CLI
+
+from la_seg.cli import main
+from la_seg.data.synthetic import write_dataset
+
+TINY = [*TINY_CLI, "--trainer.enable_model_summary", "false"]
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+# `la-seg` for the DDP runs (Lightning relaunches this script for rank 1): rank 1 enters the writer's
+# on_predict_start 5 s after rank 0, and fails if it resolves --ckpt_path itself instead of taking rank 0's.
+LATE_RANK = """
+import os, time
+import la_seg.cli
+from la_seg.callbacks.writer import NiftiPredictionWriter
+from la_seg.cli import main
+
+start = NiftiPredictionWriter.on_predict_start
+
+if os.environ.get("LOCAL_RANK", "0") != "0":
+    def resolving(*args):
+        raise AssertionError("rank 1 resolved --ckpt_path itself")
+
+    la_seg.cli.find_run_checkpoint = resolving
+
+def late(self, trainer, pl_module):
+    if trainer.global_rank == 1:
+        time.sleep(5)
+    start(self, trainer, pl_module)
+
+NiftiPredictionWriter.on_predict_start = late
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> Path:
+    """A folder holding data (5 cases) and a tiny run fitted by `la-seg fit` in runs/demo/version_0."""
+    work = tmp_path_factory.mktemp("ddp_fit")
+    write_dataset(work / "data", cases=5, seed=0, shape=(40, 40, 6), spacing=(1.6, 1.6, 4.0))
+    previous = os.getcwd()
+    os.chdir(work)
+    try:
+        main(["fit", *TINY, "--data.root", "data", "--data.batch_size", "8", "--trainer.max_epochs", "1",
+              "--trainer.limit_train_batches", "2"])  # fmt: skip
+    finally:
+        os.chdir(previous)
+    return work
+
+
+def one_process(cwd: Path, argv: list[str], capfd) -> tuple[int, str]:
+    """`la-seg ARGV` in this process, in `cwd`: exit status and stderr."""
+    previous = os.getcwd()
+    os.chdir(cwd)
+    capfd.readouterr()
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        os.chdir(previous)
+    return code, capfd.readouterr().err
+
+
+def two_ranks(cwd: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    script = cwd / "late_rank.py"
+    script.write_text(LATE_RANK)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("LA_SEG_DEBUG", None)
+    return subprocess.run([sys.executable, str(script), *argv, *DDP], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("la-seg: error:")]
+
+
+def masks(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(nib.load(p).dataobj) for p in sorted(folder.glob("*.nii.gz"))}
+
+
+def logged_test_loss(run: Path) -> float:
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return events.Scalars("test/loss")[-1].value
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("volumes", [0, 1, 2, 3, 5])
+def test_predict_and_test_on_two_ranks_match_one_process(fitted, tmp_path, capfd, volumes):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for i in range(1, volumes + 1):
+        shutil.copytree(fitted / "data" / f"train_{i}", cases / f"train_{i}")
+    single, single_test, ddp = tmp_path / "single", tmp_path / "single_test", tmp_path / "ddp"
+    single.mkdir()
+    shutil.copytree(fitted / "runs", single_test / "runs")  # each test reports into its own copy of the run
+    shutil.copytree(fitted / "runs", ddp / "runs")
+    best = str(fitted / "runs" / "demo" / "version_0" / "checkpoints" / "best.ckpt")
+    predict = ["predict", *TINY, "--data.predict_root", str(cases), "--writer.output_dir", "masks"]
+    test = ["test", *TINY, "--data.test_root", str(cases)]
+
+    code, err = one_process(single, [*predict, "--ckpt_path", best], capfd)
+    predicted = two_ranks(ddp, [*predict, "--ckpt_path", "best"])
+    if volumes == 0:  # nothing to segment: one clear line, from one process and from two alike
+        assert code == 2 and predicted.returncode == 2, predicted.stderr[-3000:]
+        assert (
+            error_lines(err)
+            == error_lines(predicted.stderr)
+            == [f"la-seg: error: data root is an empty folder: {cases}"]
+        )
+        return
+    assert code == 0, err[-3000:]
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert predicted.stderr.count("--ckpt_path best: using") == 1  # resolved once, on rank 0
+    assert len(masks(single / "masks")) == volumes
+    assert masks(ddp / "masks").keys() == masks(single / "masks").keys()
+    for name, mask in masks(single / "masks").items():
+        assert np.array_equal(masks(ddp / "masks")[name], mask), name
+    assert (ddp / "masks" / "volumes.csv").read_text() == (single / "masks" / "volumes.csv").read_text()
+
+    code, err = one_process(single_test, [*test, "--ckpt_path", "best"], capfd)
+    assert code == 0, err[-3000:]
+    tested = two_ranks(ddp, [*test, "--ckpt_path", "best"])
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert tested.stderr.count("--ckpt_path best: using") == 1
+    one_run, ddp_run = single_test / "runs" / "demo" / "version_0", ddp / "runs" / "demo" / "version_0"
+    one_report = json.loads((one_run / "test_cases.json").read_text())  # named after data.test_root
+    ddp_report = json.loads((ddp_run / "test_cases.json").read_text())
+    assert [c["case_id"] for c in one_report["cases"]] == [f"train_{i}" for i in range(1, volumes + 1)]
+    assert ddp_report["cases"] == one_report["cases"] and ddp_report["summary"] == one_report["summary"]
+    # each case counted once (a repeated case once moved the mean by ~4e-4)
+    assert logged_test_loss(ddp_run) == pytest.approx(logged_test_loss(one_run), rel=1e-6)
