@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import la_seg
+from la_seg.atomic import refuse_writing_into_inputs
 from la_seg.callbacks.metrics import REPORT_COLUMNS, format_table, write_report
 from la_seg.data.io import AFFINE_TOLERANCE_MM, Volume, read_image, read_label
 from la_seg.data.layouts import Layout, find_cases
@@ -201,10 +202,7 @@ def _beside(pred: Path) -> Path:
 
 def _check_out(out_dir: Path, inputs: tuple[Path, Path], overwrite: bool) -> None:
     """The report never goes into the inputs, nor over an earlier report unless asked."""
-    for source in inputs:
-        folder = source if source.is_dir() else source.parent
-        if out_dir.resolve().is_relative_to(folder.resolve()):
-            raise DataError(f"report folder {out_dir} lies inside the input {source}; choose another --out")
+    refuse_writing_into_inputs(out_dir, inputs, "--out")
     if out_dir.is_file():
         raise DataError(f"--out {out_dir} is a file; give a folder")
     existing = [str(out_dir / name) for name in REPORT_FILES if (out_dir / name).exists()]

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
-from la_seg.atomic import atomic_path, remove_stale_temp_files, write_csv
+from la_seg.atomic import atomic_path, refuse_writing_into_inputs, remove_stale_temp_files, write_csv
 from la_seg.callbacks.images import PANEL, overlay
 from la_seg.data.io import Geometry, write_nifti
 from la_seg.errors import DataError
@@ -87,8 +87,10 @@ class NiftiPredictionWriter(BasePredictionWriter):
             )
         self.save_uncertainty = bool(getattr(pl_module, "has_voters", False))
         cases = getattr(trainer.predict_dataloaders.dataset, "cases", [])
-        input_root = getattr(trainer.datamodule, "predict_root", None)
-        refuse_writing_into_inputs(self.output_dir, [Path(c.image_path) for c in cases], input_root)
+        data = trainer.datamodule  # the labelled data (root, test_root) is input too, never written into
+        roots = [getattr(data, name, None) for name in ("predict_root", "root", "test_root")]
+        inputs = [*roots, *(c.image_path for c in cases), *(c.label_path for c in cases)]
+        refuse_writing_into_inputs(self.output_dir, inputs, "--writer.output_dir")
         self.reserve_outputs((c.case_id, Path(c.image_path)) for c in cases)
         self.open(lock=trainer.is_global_zero)
         if not self.overwrite:
@@ -226,27 +228,6 @@ class NiftiPredictionWriter(BasePredictionWriter):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self.release()
-
-
-def refuse_writing_into_inputs(output_dir: Path, image_paths: list[Path], input_root: str | None) -> None:
-    """la-seg never writes into its input: the output folder may not hold an input file, nor lie inside
-    the input folder."""
-    out = output_dir.resolve()
-    holding = {path.resolve().parent: path for path in image_paths}
-    if input_root is not None and Path(input_root).is_file():
-        holding[Path(input_root).resolve().parent] = Path(input_root)
-    if out in holding:
-        raise DataError(
-            f"--writer.output_dir {output_dir} is the folder holding the input {holding[out]}; "
-            "la-seg never writes into its input: choose another folder"
-        )
-    if input_root is not None and Path(input_root).is_dir():
-        root = Path(input_root).resolve()
-        if out == root or root in out.parents:
-            raise DataError(
-                f"--writer.output_dir {output_dir} lies inside the input folder {input_root}; "
-                "la-seg never writes into its input: choose another folder"
-            )
 
 
 def mid_slices_picture(image: torch.Tensor, mask: torch.Tensor) -> Image.Image:

@@ -25,7 +25,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 from nrrd.reader import _determine_datatype
 
-from la_seg.atomic import atomic_path
+from la_seg.atomic import atomic_path, refuse_writing_into_inputs
 from la_seg.errors import DataError
 
 if TYPE_CHECKING:
@@ -234,8 +234,7 @@ def write_nifti(path: str | Path, data: np.ndarray, reference: Geometry) -> None
     path = Path(path)
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         raise DataError(f"write_nifti writes NIfTI; the output name must end with .nii or .nii.gz: {path}")
-    if path.exists() and path.resolve() == Path(reference.source).resolve():
-        raise DataError(f"refusing to overwrite the input volume {path}")
+    refuse_writing_into_inputs(path, [reference.source], "output")
     data = np.asarray(data)
     if data.shape[:3] != tuple(reference.shape):
         raise DataError(

@@ -181,7 +181,8 @@ def test_corrupt_nrrd_names_the_file(tmp_path):
 
 
 def test_write_nifti_roundtrip(tmp_path):
-    reference = read_image(_save(tmp_path / "in.nii.gz", np.zeros((6, 5, 4), np.float32)))
+    (tmp_path / "in").mkdir()
+    reference = read_image(_save(tmp_path / "in" / "in.nii.gz", np.zeros((6, 5, 4), np.float32)))
     mask = np.zeros((6, 5, 4), np.uint8)
     mask[1:3, 2, 0] = 1
     out = tmp_path / "out" / "nested" / "mask.nii.gz"
@@ -224,8 +225,10 @@ def test_write_nifti_is_reproducible_and_replaces(tmp_path):
 
 def test_write_nifti_from_utah_reference_overlays_the_image(tmp_path):
     """A mask written for a Utah image keeps the image's header affine, so viewers overlay the two."""
-    nrrd.write(str(tmp_path / "lgemri.nrrd"), np.zeros((4, 4, 2), np.int16), {"spacings": [1.0, 1.0, 1.0]})
-    reference = read_image(tmp_path / "lgemri.nrrd").geometry
+    source = tmp_path / "in" / "lgemri.nrrd"
+    source.parent.mkdir()
+    nrrd.write(str(source), np.zeros((4, 4, 2), np.int16), {"spacings": [1.0, 1.0, 1.0]})
+    reference = read_image(source).geometry
     assert reference.spacing == (0.625, 0.625, 0.625)
     write_nifti(tmp_path / "pred.nii.gz", np.ones((4, 4, 2), np.uint8), reference)
     written = nib.load(tmp_path / "pred.nii.gz")
@@ -233,16 +236,19 @@ def test_write_nifti_from_utah_reference_overlays_the_image(tmp_path):
 
 
 def test_write_nifti_refuses_bad_targets(tmp_path):
-    source = _save(tmp_path / "in.nii.gz", np.zeros((3, 3, 2), np.float32))
+    (tmp_path / "in").mkdir()
+    source = _save(tmp_path / "in" / "in.nii.gz", np.zeros((3, 3, 2), np.float32))
     reference = read_image(source).geometry
     before = source.read_bytes()
-    with pytest.raises(DataError, match="overwrite the input"):
+    with pytest.raises(DataError, match="is the input .* never writes into its input"):
         write_nifti(source, np.ones((3, 3, 2), np.uint8), reference)
-    assert source.read_bytes() == before
+    with pytest.raises(DataError, match="the folder of the input .* never writes into its input"):
+        write_nifti(tmp_path / "in" / "beside.nii.gz", np.ones((3, 3, 2), np.uint8), reference)
+    assert source.read_bytes() == before and sorted((tmp_path / "in").iterdir()) == [source]
     with pytest.raises(DataError, match="must end with .nii"):
-        write_nifti(tmp_path / "out.nrrd", np.ones((3, 3, 2), np.uint8), reference)
+        write_nifti(tmp_path / "out" / "out.nrrd", np.ones((3, 3, 2), np.uint8), reference)
     with pytest.raises(DataError, match="does not match the reference grid"):
-        write_nifti(tmp_path / "out.nii.gz", np.ones((3, 3, 3), np.uint8), reference)
+        write_nifti(tmp_path / "out" / "out.nii.gz", np.ones((3, 3, 3), np.uint8), reference)
 
 
 def test_write_nifti_failure_leaves_no_temp_file(tmp_path, monkeypatch):
