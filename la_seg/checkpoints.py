@@ -7,6 +7,8 @@ checkpoint file can never run code. (Configs name importable classes and are the
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 import re
 import zipfile
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from la_seg.atomic import atomic_path
 from la_seg.errors import DataError
 
 BACKBONE_PREFIX = "net.backbone."
@@ -94,6 +97,31 @@ class DataOnlyCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return self.preloaded.pop(str(path), None) or load_checkpoint(path)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        """Write a checkpoint like every la-seg output; see `save_checkpoint_file`."""
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
+        save_checkpoint_file(checkpoint, path)
+
+
+def save_checkpoint_file(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """`torch.save` into a temp file beside `path`, flushed to disk, then renamed onto it: a full disk or a
+    crash leaves the previous file (or none), never a truncated one under the final name; the error names the
+    folder that is full."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise DataError(
+                f"no space left on device in {path.parent.absolute()} while writing the checkpoint "
+                f"{path.name}: free space there and resume with --ckpt_path last"
+            ) from None
+        raise DataError(f"could not write the checkpoint {path}: {error.strerror or error}") from None
 
 
 # ---- the backbone record (lean checkpoints) ----------------------------------------------------------------
