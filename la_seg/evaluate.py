@@ -164,6 +164,7 @@ def score_case(
         torch.from_numpy(geometry.to_slices_last(truth.data.astype(bool))),
         geometry.slices_last_spacing,
         empty_distance=empty_distance,
+        voxel_mm3=geometry.voxel_volume_mm3,
     )
     return {"case_id": case_id, **row}
 

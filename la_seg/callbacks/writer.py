@@ -156,7 +156,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
         mask = prediction["mask"].detach().cpu()
         row = {
             "case_id": prediction["case_id"],
-            "volume_ml": volume_ml(mask, geometry.slices_last_spacing),
+            "volume_ml": volume_ml(mask, geometry.slices_last_spacing, geometry.voxel_volume_mm3),
             "image_path": str(geometry.source),
             "spacing_mm": "x".join(f"{s:g}" for s in geometry.spacing),
         }

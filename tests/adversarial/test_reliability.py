@@ -10,10 +10,14 @@ import errno
 import io
 import os
 import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
+import nibabel as nib
 import nrrd
 import numpy as np
+import pytest
 from conftest import TINY, assert_refused, snapshot
 from hostile import phantom, valid_image
 
@@ -37,7 +41,7 @@ def utah_nrrd(path: Path, seed: int = 0, **header) -> Path:
     return path
 
 
-# ---- 8 and 11: never write into the input, one rule -----------------------------------------------------
+# ---- 8 and 11: never write into the input, one rule --------------------------------------------------------
 def test_output_inside_a_single_input_files_folder_is_refused(la_seg, trained_checkpoint, tmp_path):
     """The folder rule holds for a single input file too (README): in/n.nrrd -> in/masks is refused."""
     source = utah_nrrd(tmp_path / "in" / "n.nrrd")
@@ -57,7 +61,7 @@ def test_output_into_the_labelled_training_data_is_refused(la_seg, trained_check
     assert not list(root.glob("*.nii.gz")) and not (root / "volumes.csv").exists()
 
 
-# ---- 1: a full disk while a checkpoint is written ---------------------------------------------------------
+# ---- 1: a full disk while a checkpoint is written ----------------------------------------------------------
 class FullDisk:
     """The disk holding `disk` (the run folder) with `budget` bytes left; other folders (/tmp) are on another
     disk. The writes that put checkpoints there (torch.save into a file; a move from another disk, which
@@ -118,3 +122,129 @@ def test_full_disk_while_a_checkpoint_is_written(la_seg, tmp_path, synth_root, m
     for checkpoint in tmp_path.rglob("*.ckpt"):
         torch.load(checkpoint, map_location="cpu", weights_only=True)  # complete, or not there at all
     assert not [p for p in folder.iterdir() if p.name.startswith(".")] if folder.exists() else True
+
+
+# ---- 2: loops in the data tree -----------------------------------------------------------------------------
+@contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging (a search that follows a link loop runs for minutes while its memory grows)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_link_loops_in_the_data_tree_are_followed_once_and_named(
+    command, la_seg, trained_checkpoint, tmp_path, synth_root
+):
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    (root / "loop").symlink_to(".")
+    (root / "train_1" / "up").symlink_to("..")
+    (root / "again").symlink_to(root / "train_2")  # a second way to a case folder: searched once too
+    before = snapshot(*[p for p in root.iterdir() if not p.is_symlink()])
+    if command == "test":
+        argv = ["test", *TINY, "--ckpt_path", str(trained_checkpoint), "--data.test_root", str(root)]
+    else:
+        argv = predict(trained_checkpoint, root, tmp_path / "out")
+    with deadline(60), pytest.warns(UserWarning, match="link loop") as warned:
+        result = la_seg(*argv)
+    assert result.code == 0, result.err[-3000:]
+    named = " ".join(str(w.message) for w in warned)
+    assert str(root / "loop") in named and str(root / "train_1" / "up") in named
+    if command == "predict":  # every real case folder once, under its own name
+        assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == [f"train_{i}.nii.gz" for i in
+                                                                                range(1, 7)]  # fmt: skip
+    assert snapshot(*[p for p in root.iterdir() if not p.is_symlink()]) == before
+
+
+# ---- 4: sheared affines ------------------------------------------------------------------------------------
+def test_sheared_affine_volume_from_the_determinant_and_a_warning(la_seg, trained_checkpoint, tmp_path):
+    affine = np.diag([1.6, 1.6, 4.0, 1.0])
+    affine[0, 2] = 2.0  # the slice axis leans: column norms overstate the voxel volume by 1/cos
+    image = tmp_path / "in" / "sheared.nii.gz"
+    image.parent.mkdir()
+    nib.save(nib.Nifti1Image(phantom()[0], affine), image)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="sheared.nii.gz has non-orthogonal"):
+        result = la_seg(*predict(trained_checkpoint, image, out, "--model.threshold", "0.01"))
+    assert result.code == 0, result.err[-3000:]
+    voxels = int(np.asanyarray(nib.load(out / "sheared.nii.gz").dataobj).sum())
+    assert voxels > 0
+    reported = float((out / "volumes.csv").read_text().splitlines()[1].split(",")[1])
+    expected = voxels * abs(np.linalg.det(affine[:3, :3])) / 1000
+    assert reported == pytest.approx(expected, rel=1e-3, abs=1e-3), (reported, expected)
+
+
+# ---- 5: files la-seg does not read, beside files it does ---------------------------------------------------
+def metaimage(path: Path, data: np.ndarray) -> Path:
+    """A MetaImage (.mha) as ITK writes it: a text header, then the voxels."""
+    header = (
+        "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        "CompressedData = False\nTransformMatrix = 1 0 0 0 1 0 0 0 1\nOffset = 0 0 0\n"
+        "AnatomicalOrientation = RAI\nElementSpacing = 1.6 1.6 4\n"
+        f"DimSize = {' '.join(map(str, data.shape))}\nElementType = MET_SHORT\nElementDataFile = LOCAL\n"
+    )
+    path.write_bytes(header.encode() + data.astype("<i2").tobytes(order="F"))
+    return path
+
+
+def test_detached_nrrd_is_read_and_other_images_are_named(la_seg, trained_checkpoint, tmp_path):
+    inputs = tmp_path / "in"
+    valid_image(inputs, "c.nii.gz")
+    utah_nrrd(inputs / "b.nhdr", seed=1, encoding="raw")  # pynrrd writes b.nhdr + its data file b.raw
+    assert (inputs / "b.raw").is_file()
+    metaimage(inputs / "m.mha", phantom(2)[0])
+    (inputs / "notes.txt").write_text("not an image\n")
+    before = snapshot(inputs)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="look like images") as warned:
+        result = la_seg(*predict(trained_checkpoint, inputs, out))
+    assert result.code == 0, result.err[-3000:]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["b.nii.gz", "c.nii.gz"]
+    named = " ".join(str(w.message) for w in warned if "look like images" in str(w.message))
+    assert str(inputs / "m.mha") in named and "b.raw" not in named and "notes.txt" not in named
+    assert snapshot(inputs) == before
+
+
+def test_detached_nrrd_without_its_data_file_is_named(la_seg, trained_checkpoint, tmp_path):
+    inputs = tmp_path / "in"
+    utah_nrrd(inputs / "b.nhdr", encoding="raw")
+    (inputs / "b.raw").unlink()
+    before = snapshot(inputs)
+    result = la_seg(*predict(trained_checkpoint, inputs, tmp_path / "out"))
+    assert_refused(result, "b.nhdr", before, inputs, output_dir=tmp_path / "out")
+
+
+# ---- 6: an unknown NRRD space ------------------------------------------------------------------------------
+@pytest.mark.parametrize("space", ["upside-down-sideways", "left-left-superior", "XYZ"])
+def test_unknown_nrrd_space_is_refused(space, la_seg, trained_checkpoint, tmp_path):
+    source = utah_nrrd(tmp_path / "in" / "scan.nrrd", space=space)
+    before = snapshot(tmp_path / "in")
+    result = la_seg(*predict(trained_checkpoint, source, tmp_path / "out"))
+    assert_refused(result, "scan.nrrd", before, tmp_path / "in", output_dir=tmp_path / "out")
+    assert "space" in result.error_lines[0]
+
+
+# ---- 7: case ids from the resolved path --------------------------------------------------------------------
+@pytest.mark.parametrize("given", [".", "..", "./", "../."])
+def test_predict_root_dot_or_dotdot_names_the_case_after_the_folder(
+    given, la_seg, trained_checkpoint, tmp_path, monkeypatch
+):
+    case = tmp_path / "P007"
+    valid_image(case, "enhanced.nii.gz")
+    (case / "sub").mkdir()
+    monkeypatch.chdir(case if given in (".", "./") else case / "sub")
+    out = tmp_path / "out"
+    result = la_seg(*predict(trained_checkpoint, Path(given), out))
+    assert result.code == 0, result.err[-3000:]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".la-seg")) == [
+        "P007.nii.gz", "volumes.csv"]  # fmt: skip
