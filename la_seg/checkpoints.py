@@ -11,7 +11,6 @@ import errno
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,6 @@ NETWORK_FIELDS = (
 )
 # Choices that may change after training; they are recorded with the results instead.
 INFERENCE_FIELDS = ("threshold", "tta", "postprocess", "eval_batch_size")
-_LOAD_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -51,6 +49,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise DataError(f"checkpoint {path} is empty (0 bytes): was its writing interrupted?")
+    if _is_text(path):
+        raise DataError(f"checkpoint {path} is a text file, not a PyTorch checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
@@ -64,9 +64,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(
             f"checkpoint {path} is not a readable PyTorch checkpoint ({_first_line(error)})"
         ) from None
-    except _LOAD_ERRORS as error:
+    except Exception as error:  # noqa: BLE001 (a text or noise file makes the unpickler raise anything)
         raise DataError(
-            f"checkpoint {path} is corrupt or truncated, or not a PyTorch checkpoint ({_first_line(error)})"
+            f"checkpoint {path} is corrupt or truncated, or not a PyTorch checkpoint "
+            f"({type(error).__name__}: {_first_line(error)})"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise DataError(f"checkpoint {path} is not a Lightning checkpoint (it has no state_dict)")
@@ -74,6 +75,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"checkpoint {path} was not written by la-seg (its hyper_parameters have no 'net')")
     checkpoint[SOURCE_KEY] = str(path)
     return checkpoint
+
+
+def _is_text(path: Path) -> bool:
+    """Whether the file starts like text (UTF-8 without NUL bytes); checkpoints are zip or pickle bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in head and not head.startswith(b"PK")
 
 
 def _first_line(error: BaseException) -> str:

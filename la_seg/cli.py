@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 from jsonargparse import CLI, ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorBoardImages
@@ -113,6 +115,8 @@ class LASegCLI(LightningCLI):
         apply_checkpoint_settings(config, checkpoint, self.given_options)
 
     def instantiate_classes(self) -> None:
+        if self.subcommand:
+            check_log_dir_writable(self.config[self.subcommand])
         super().instantiate_classes()
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = DataOnlyCheckpointIO(self.preloaded)
@@ -211,6 +215,24 @@ def _logger_run_dir(config) -> Path | None:
     return Path(args.save_dir) / (args.get("name") or "lightning_logs")
 
 
+def check_log_dir_writable(config) -> None:
+    """The run folder the logger writes into (events, config, test report) must be writable: otherwise
+    TensorBoard's writer thread fails with a traceback once the work is done."""
+    run_dir = _logger_run_dir(config)
+    if run_dir is None:
+        return
+    version = config.trainer.logger.init_args.get("version")
+    if version is not None:
+        run_dir = run_dir / (f"version_{version}" if isinstance(version, int) else str(version))
+    folder = run_dir
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(
+            f"run folder {existing.absolute()} is not writable (the run's logs, config and reports go there):"
+            " fix its permissions, or log elsewhere with --trainer.logger.init_args.save_dir DIR"
+        )
+
+
 def _continue_run_of(config, ckpt: Path, run_dir: Path | None) -> None:
     """Log into the run that wrote `ckpt` (resume continues its curves; the test report lands beside it)."""
     version_dir = ckpt.resolve().parent.parent
@@ -241,12 +263,19 @@ def _shipped_config(name: str) -> str:
 def _check_yaml(path: Path) -> None:
     """A config that is not valid YAML: name the file and the place (jsonargparse names neither)."""
     try:
-        yaml.safe_load(path.read_text())
+        document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or type(error).__name__
         raise DataError(f"config {path} is not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read config {path}: {error}") from None
+    if not isinstance(document, dict):
+        found = "nothing (an empty file)" if document is None else f"a {type(document).__name__}"
+        raise DataError(
+            f"config {path} holds {found}; a config is a mapping of sections (model:, data:, trainer:)"
+        )
 
 
 def synth(
@@ -341,6 +370,13 @@ def describe_error(error: BaseException) -> str:
         message = f"no space left on device{where}: free some space and run again"
     elif isinstance(error, PermissionError):
         message = f"permission denied: {error.filename or message}"
+    elif isinstance(error, MisconfigurationException):  # a Trainer argument: name its option
+        found = [
+            (m.start(), p)
+            for p in inspect.signature(Trainer).parameters
+            if (m := re.search(rf"\b{p}\b", message))
+        ]
+        message = f"--trainer.{min(found)[1]}: {message}" if found else f"trainer settings: {message}"
     elif not isinstance(error, _EXPECTED):
         message = f"{type(error).__name__}: {message} (unexpected: LA_SEG_DEBUG=1 shows the traceback)"
     return " ".join(message.split())

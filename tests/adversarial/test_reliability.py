@@ -18,8 +18,14 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
-from conftest import TINY, assert_refused, snapshot
+from conftest import TINY, assert_refused, la_seg_subprocess, snapshot
 from hostile import phantom, valid_image
+
+NO_DAC = [
+    "setpriv",
+    "--bounding-set",
+    "-dac_override,-dac_read_search",
+]  # root without its file-mode override
 
 
 def predict(checkpoint: Path, source: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -248,3 +254,76 @@ def test_predict_root_dot_or_dotdot_names_the_case_after_the_folder(
     assert result.code == 0, result.err[-3000:]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".la-seg")) == [
         "P007.nii.gz", "volumes.csv"]  # fmt: skip
+
+
+# ---- 9: evaluate --label that no mask holds ----------------------------------------------------------------
+def test_evaluate_label_in_no_mask_is_refused(la_seg, trained_checkpoint, tmp_path, synth_root):
+    """la-seg predict's 0/1 masks scored with --label 5: every case would fail; refused naming the value."""
+    masks = tmp_path / "masks"
+    result = la_seg(*predict(trained_checkpoint, synth_root, masks, "--model.threshold", "0.01"))
+    assert result.code == 0, result.err[-3000:]
+    before = snapshot(masks, synth_root)
+    result = la_seg("evaluate", "--pred", masks, "--ref", synth_root, "--label", "5")
+    assert_refused(result, "--label 5", before, masks, synth_root)
+    assert not (tmp_path / "masks_evaluation").exists()
+    result = la_seg("evaluate", "--pred", masks, "--ref", synth_root, "--label", "1")
+    assert result.code == 0, result.err[-3000:]
+
+
+# ---- 12: unclear errors ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["epoch: 3\n", '{"state_dict": {}}\n', "K\n", "#!/bin/sh\nexit 0\n"])
+def test_text_file_as_checkpoint_is_named(text, la_seg, tmp_path):
+    checkpoint = tmp_path / "notes.ckpt"
+    checkpoint.write_text(text)
+    image = valid_image(tmp_path / "in")
+    before = snapshot(tmp_path / "in", checkpoint)
+    result = la_seg(*predict(checkpoint, image, tmp_path / "out"))
+    assert_refused(result, "notes.ckpt", before, tmp_path / "in", checkpoint, output_dir=tmp_path / "out")
+    assert "unexpected" not in result.error_lines[0]
+
+
+BAD_TRAINER = {
+    "max_epochs": (["--trainer.max_epochs", "-5"], "--trainer.max_epochs"),
+    "max_steps": (["--trainer.max_steps", "-7"], "--trainer.max_steps"),
+    "limit_train_batches": (["--trainer.limit_train_batches", "-1"], "--trainer.limit_train_batches"),
+    "devices": (["--trainer.devices", "0"], "--trainer.devices"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_TRAINER))
+def test_bad_trainer_setting_names_its_option(kind, la_seg, tmp_path, synth_root):
+    extra, culprit = BAD_TRAINER[kind]
+    result = la_seg("fit", *TINY, "--data.root", str(synth_root), *extra)
+    assert_refused(result, culprit, snapshot(synth_root), synth_root)
+    assert "unexpected" not in result.error_lines[0]
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    "content", ["", "# only a comment\n", "- model\n- data\n", "just a string\n", "42\n"]
+)
+def test_empty_or_non_mapping_config_is_named(content, la_seg, tmp_path, synth_root):
+    config = tmp_path / "mine.yaml"
+    config.write_text(content)
+    result = la_seg("fit", *TINY, "--config", str(config), "--data.root", str(synth_root))
+    assert_refused(result, "mine.yaml", snapshot(synth_root), synth_root)
+    assert "unexpected" not in result.error_lines[0].lower()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+def test_read_only_run_folder_during_test_is_named(trained_checkpoint, tmp_path, synth_root):
+    """`test` logs into the checkpoint's run; read-only, it is named in one line (not by TensorBoard's
+    writer thread, with a bytes repr and a traceback)."""
+    run = tmp_path / "runs" / "demo" / "version_0"
+    shutil.copytree(trained_checkpoint.parent.parent, run)
+    for path in [run, *run.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    argv = ["test", *TINY, "--ckpt_path", run / "checkpoints" / "last.ckpt", "--data.root", synth_root]
+    try:
+        result = la_seg_subprocess(argv, tmp_path, NO_DAC)
+    finally:
+        for path in [run, *run.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    assert_refused(result, str(run), {})
+    assert "b'" not in result.err
