@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -30,6 +31,8 @@ from la_seg.data.split import (
     check_fractions,
     check_known,
     check_patients_kept_together,
+    duplicate_images,
+    group_duplicates,
     parse_split,
     read_groups,
     split_cases,
@@ -37,6 +40,7 @@ from la_seg.data.split import (
 from la_seg.data.transforms import AugmentationConfig, build_train_transform
 from la_seg.errors import DataError
 
+TEST_ROOT_TAG = "data.test_root:"  # marks test_root cases among data.root's when looking for duplicates
 # Volumes each evaluation worker reads ahead, so the accelerator never waits on gzip.
 EVAL_PREFETCH = 2
 
@@ -77,6 +81,9 @@ class LADataModule(L.LightningDataModule):
         slice_axis: the through-plane axis the volumes are sliced along: "auto" (the axis of largest spacing,
             from the affine) or an array axis 0, 1, 2.
         label_values: label values that mean LA (e.g. [420] for LAScarQS); None: any value > 0.
+        duplicates: cases whose image files are byte-identical (the same scan in two case folders), found by
+            hashing the images when the split is made: "refuse" names them; "group" treats them as one
+            patient, so they land in one part. A duplicate between data.root and data.test_root is refused.
 
     Attributes:
         split: {"train": [...], "val": [...], "test": [...]} case ids, None until setup() / load_state_dict().
@@ -105,6 +112,7 @@ class LADataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         slice_axis: SliceAxis = "auto",
         label_values: list[int] | None = None,
+        duplicates: Literal["refuse", "group"] = "refuse",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -120,6 +128,9 @@ class LADataModule(L.LightningDataModule):
         # where the cases are and how they are read
         self.root, self.test_root, self.predict_root, self.layout = root, test_root, predict_root, layout
         self.slice_axis, self.label_values = slice_axis, label_values
+        if duplicates not in ("refuse", "group"):
+            raise DataError(f"data.duplicates must be 'refuse' or 'group', got {duplicates!r}")
+        self.duplicates = duplicates
         # how they are split
         self.split_fractions, self.seed, self.split_file = check_fractions(split), seed, split_file
         self.groups, self.folds, self.fold = groups, folds, fold
@@ -174,6 +185,7 @@ class LADataModule(L.LightningDataModule):
 
     def _random_split(self) -> DataSplit:
         patients = read_groups(self.groups, self._cases) if self.groups is not None else None
+        patients = self._group_duplicates(patients)
         fractions = self.split_fractions
         if self._test_cases is not None:
             train, val, _ = fractions
@@ -193,10 +205,31 @@ class LADataModule(L.LightningDataModule):
         split = parse_split(data, source, separate_test=self._test_cases is not None)
         if self._test_cases is not None and not split.parts["test"]:
             split.parts["test"] = sorted(self._test_cases)
-        if self.groups is not None:
-            split.patients = read_groups(self.groups, self._cases)
+        patients = read_groups(self.groups, self._cases) if self.groups is not None else None
+        patients = self._group_duplicates(patients)
+        if patients is not None:
+            split.patients = patients
             check_patients_kept_together(split, f"{source} with data.groups={self.groups!r}")
         return split
+
+    def _group_duplicates(self, patients: dict[str, str] | None) -> dict[str, str] | None:
+        """Hash the images once: byte-identical cases are refused or (data.duplicates: group) made one
+        patient; a case of data.root repeated in data.test_root is always refused (the test would measure
+        memory, not generalisation)."""
+        images = {case_id: case.image_path for case_id, case in self._cases.items()}
+        test = {f"{TEST_ROOT_TAG}{c}": case.image_path for c, case in (self._test_cases or {}).items()}
+        groups = duplicate_images(images | test)
+        if not groups:
+            return patients
+        across = [g for g in groups if any(c.startswith(TEST_ROOT_TAG) for c in g)]
+        for group in across if self.duplicates == "group" else groups:
+            folders = [str((images | test)[case_id].parent) for case_id in group]
+            raise DataError(
+                f"the same image (byte-identical) is in {len(group)} case folders: {', '.join(folders)}; "
+                "in two parts of the split, the test would measure memory, not generalisation: remove the "
+                "copies" + ("" if across else ", or set data.duplicates: group to keep them in one part")
+            )
+        return group_duplicates(patients, groups, self._cases)
 
     def _adopt(self, split: DataSplit, source: str) -> None:
         """Hold `split` once every case it names in the loaded folders exists (the one unknown-case check)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import shutil
 import signal
@@ -327,3 +328,38 @@ def test_read_only_run_folder_during_test_is_named(trained_checkpoint, tmp_path,
             path.chmod(0o755 if path.is_dir() else 0o644)
     assert_refused(result, str(run), {})
     assert "b'" not in result.err
+
+
+# ---- 10: the same case twice -------------------------------------------------------------------------------
+def _with_a_copied_case(synth_root: Path, root: Path) -> None:
+    shutil.copytree(synth_root, root)
+    shutil.copytree(root / "train_2", root / "scan_b")  # byte-identical image in a second case folder
+
+
+def test_a_case_twice_is_refused_naming_both_folders(la_seg, tmp_path, synth_root):
+    root = tmp_path / "data"
+    _with_a_copied_case(synth_root, root)
+    result = la_seg("fit", *TINY, "--data.root", str(root), "--trainer.max_epochs", "1")
+    assert_refused(result, str(root / "train_2"), snapshot(root), root)
+    assert str(root / "scan_b") in result.error_lines[0] and "data.duplicates" in result.error_lines[0]
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_case_twice_with_group_stays_in_one_part(la_seg, tmp_path, synth_root):
+    root = tmp_path / "data"
+    _with_a_copied_case(synth_root, root)
+    result = la_seg("fit", *TINY, "--data.root", str(root), "--data.duplicates", "group",
+                    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1")  # fmt: skip
+    assert result.code == 0, result.err[-3000:]
+    split = json.loads((tmp_path / "runs" / "demo" / "version_0" / "split.json").read_text())
+    parts = {case: part for part in ("train", "val", "test") for case in split[part]}
+    assert parts["train_2"] == parts["scan_b"]
+    assert split["patients"]["train_2"] == split["patients"]["scan_b"]
+
+
+def test_a_test_root_case_repeated_from_the_training_data_is_refused(la_seg, tmp_path, synth_root):
+    held_out = tmp_path / "held_out"
+    shutil.copytree(synth_root / "train_3", held_out / "other_name")
+    result = la_seg("fit", *TINY, "--data.root", str(synth_root), "--data.test_root", str(held_out),
+                    "--data.duplicates", "group", "--trainer.max_epochs", "1")  # fmt: skip
+    assert_refused(result, str(held_out / "other_name"), snapshot(synth_root), synth_root)
