@@ -16,8 +16,10 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorBoardImages
+from la_seg.callbacks.termination import EXIT_STATUS, MESSAGE_ATTRIBUTE, StopOnSigterm
 from la_seg.checkpoints import (
     NETWORK_FIELDS,
     DataOnlyCheckpointIO,
@@ -118,6 +120,9 @@ class LASegCLI(LightningCLI):
         if self.subcommand:
             check_log_dir_writable(self.config[self.subcommand])
         super().instantiate_classes()
+        self.trainer.callbacks.append(
+            StopOnSigterm()
+        )  # every run: SIGTERM stops cleanly (callbacks/termination)
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = DataOnlyCheckpointIO(self.preloaded)
         if self.member_paths:
@@ -308,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         run(argv, from_command_line)
+    except SIGTERMException as stop:  # a SystemExit (status 0) to Lightning: a job script would see success
+        print(f"la-seg: {getattr(stop, MESSAGE_ATTRIBUTE, 'stopped by SIGTERM')}", file=sys.stderr)
+        raise SystemExit(EXIT_STATUS) from None
     except Exception as error:
         if os.environ.get("LA_SEG_DEBUG") == "1":
             raise

@@ -1,4 +1,4 @@
-"""Lightning callbacks: metrics and test report, TensorBoard images, NIfTI prediction writer."""
+"""Lightning callbacks: metrics and test report, TensorBoard images, NIfTI prediction writer, SIGTERM."""
 
 from la_seg.callbacks.images import TensorBoardImages
 from la_seg.callbacks.metrics import SegmentationMetrics

@@ -12,6 +12,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
-from conftest import TINY, assert_refused, la_seg_subprocess, snapshot
+from conftest import TINY, assert_no_partial_outputs, assert_refused, la_seg_subprocess, snapshot
 from hostile import phantom, valid_image
 
 NO_DAC = [
@@ -363,3 +366,110 @@ def test_a_test_root_case_repeated_from_the_training_data_is_refused(la_seg, tmp
     result = la_seg("fit", *TINY, "--data.root", str(synth_root), "--data.test_root", str(held_out),
                     "--data.duplicates", "group", "--trainer.max_epochs", "1")  # fmt: skip
     assert_refused(result, str(held_out / "other_name"), snapshot(synth_root), synth_root)
+
+
+# ---- 3: SIGTERM --------------------------------------------------------------------------------------------
+@pytest.fixture
+def sigterm_during(monkeypatch):
+    """`sigterm_during(step, at)`: the module's `step` sends this process SIGTERM on its call `at`, as a
+    scheduler would mid-run. A no-op handler stands behind Lightning's: a stray signal never ends pytest."""
+    from la_seg.module import LASegModule
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+    def arm(step: str, at: int) -> list:
+        original, calls = getattr(LASegModule, step), []
+
+        def step_then_signal(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(LASegModule, step, step_then_signal)
+        return calls  # one entry per call of the step
+
+    yield arm
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(result) -> str:
+    printed = result.out + result.err
+    assert "Traceback" not in printed, printed[-3000:]
+    assert result.code == 143, printed[-3000:]
+    last = result.err.strip().splitlines()[-1]
+    assert last.startswith("la-seg: stopped by SIGTERM"), last
+    return last
+
+
+def test_sigterm_during_fit_saves_a_resumable_checkpoint_and_exits_143(
+    la_seg, tmp_path, synth_root, sigterm_during
+):
+    import torch
+
+    fit = ["fit", *TINY, "--data.root", str(synth_root), "--trainer.max_epochs", "2",
+           "--trainer.limit_train_batches", "3"]  # fmt: skip
+    steps = sigterm_during("training_step", at=2)
+    last = _stopped(la_seg(*fit))
+    checkpoint = tmp_path / "runs" / "demo" / "version_0" / "checkpoints" / "last.ckpt"
+    assert "--ckpt_path runs/demo/version_0/checkpoints/last.ckpt" in last
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2 and state["epoch"] == 0
+    result = la_seg(*fit, "--ckpt_path", str(checkpoint))  # the step counter is past its signal now
+    assert result.code == 0, result.err[-3000:]
+    assert len(steps) == 6, "resumed mid-epoch: epoch 0's last batch and epoch 1's three, none twice"
+
+
+def test_sigterm_during_predict_finishes_the_case_and_exits_143(la_seg, trained_checkpoint, tmp_path,
+                                                               sigterm_during):  # fmt: skip
+    inputs = tmp_path / "in"
+    for seed in range(4):
+        valid_image(inputs, f"case{seed}.nii.gz", seed)
+    before = snapshot(inputs)
+    out = tmp_path / "out"
+    sigterm_during("predict_step", at=2)
+    last = _stopped(la_seg(*predict(trained_checkpoint, inputs, out)))
+    assert str(out) in last and "--writer.overwrite true" in last
+    masks = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert masks == ["case0.nii.gz", "case1.nii.gz"], masks  # the current case finished, then stopped
+    assert not (out / "volumes.csv").exists()
+    assert_no_partial_outputs(out)
+    assert snapshot(inputs) == before
+
+
+def test_sigterm_during_test_exits_143_without_a_report(la_seg, trained_checkpoint, tmp_path, synth_root,
+                                                       sigterm_during):  # fmt: skip
+    run = tmp_path / "runs" / "demo" / "version_0"
+    shutil.copytree(trained_checkpoint.parent.parent, run)
+    sigterm_during("test_step", at=1)
+    result = la_seg("test", *TINY, "--ckpt_path", run / "checkpoints" / "last.ckpt",
+                    "--data.test_root", synth_root)  # fmt: skip
+    _stopped(result)
+    assert not (run / "test_metrics.csv").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_real_fit_process(tmp_path, synth_root):
+    """What `timeout`, SLURM and Kubernetes do: SIGTERM to the process; it stops with 143 and a resumable
+    checkpoint, and says how to resume in its last line."""
+    import torch
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    fit = ["fit", *TINY, "--data.root", str(synth_root), "--trainer.max_epochs", "1000"]
+    process = subprocess.Popen([sys.executable, "-m", "la_seg.cli", *fit], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    run = tmp_path / "runs" / "demo" / "version_0"
+    try:
+        for _ in range(600):  # training has started once the split is written and a checkpoint saved
+            if (run / "checkpoints" / "last.ckpt").exists() or process.poll() is not None:
+                break
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 143, err[-3000:]
+    assert "Traceback" not in out + err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("la-seg: stopped by SIGTERM") and "--ckpt_path" in last, last
+    torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
