@@ -128,7 +128,7 @@ def save_checkpoint_file(checkpoint: dict[str, Any], path: str | Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as error:
-        if error.errno == errno.ENOSPC:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DataError(
                 f"no space left on device in {path.parent.absolute()} while writing the checkpoint "
                 f"{path.name}: free space there and resume with --ckpt_path last"

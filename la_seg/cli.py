@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorBoardImages
-from la_seg.callbacks.termination import EXIT_STATUS, MESSAGE_ATTRIBUTE, StopOnSigterm
+from la_seg.callbacks.termination import EXIT_STATUS, StopOnSigterm, sigterm_stop
 from la_seg.checkpoints import (
     NETWORK_FIELDS,
     DataOnlyCheckpointIO,
@@ -311,12 +311,16 @@ def main(argv: list[str] | None = None) -> None:
     configure_threads()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    sigterm_stop(clear=True)
     try:
         run(argv, from_command_line)
-    except SIGTERMException as stop:  # a SystemExit (status 0) to Lightning: a job script would see success
-        print(f"la-seg: {getattr(stop, MESSAGE_ATTRIBUTE, 'stopped by SIGTERM')}", file=sys.stderr)
+    except SIGTERMException:  # a SystemExit (status 0) to Lightning: a job script would see success
+        print(f"la-seg: {sigterm_stop(clear=True) or 'stopped by SIGTERM'}", file=sys.stderr)
         raise SystemExit(EXIT_STATUS) from None
     except Exception as error:
+        if (stop := sigterm_stop(clear=True)) is not None:  # SIGTERM ended the loader workers too
+            print(f"la-seg: {stop}", file=sys.stderr)
+            raise SystemExit(EXIT_STATUS) from None
         if os.environ.get("LA_SEG_DEBUG") == "1":
             raise
         print(f"la-seg: error: {describe_error(error)}", file=sys.stderr)

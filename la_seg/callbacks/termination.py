@@ -16,7 +16,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 EXIT_STATUS = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
-MESSAGE_ATTRIBUTE = "la_seg_message"  # set on the SIGTERMException: the line la-seg prints
+_STOPS: list[str] = []  # the line of a SIGTERM stop in this run (la-seg's main reads and clears it)
+
+
+def sigterm_stop(clear: bool = False) -> str | None:
+    """The line to print when this run was stopped by SIGTERM, else None; `clear` starts a new run."""
+    message = _STOPS[-1] if _STOPS else None
+    if clear:
+        _STOPS.clear()
+    return message
 
 
 class StopOnSigterm(Callback):
@@ -27,11 +35,22 @@ class StopOnSigterm(Callback):
             raise SIGTERMException()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
+        # A SIGTERM sent to the whole process group (SLURM) also ends the DataLoader workers: the loop then
+        # fails fetching the next batch (after the last one completed), and each worker's end may interrupt
+        # this hook with torch's "worker killed" error. That is the same stop.
+        if not isinstance(exception, SIGTERMException) and not trainer.received_sigterm:
             return
+        stage = getattr(trainer.state.fn, "value", trainer.state.fn)
+        _STOPS.append(f"stopped by SIGTERM during {stage}")
         if trainer.state.fn == TrainerFn.FITTING:
             path = self._checkpoint_path(trainer)
-            trainer.save_checkpoint(path)  # atomic (DataOnlyCheckpointIO); the loops' state resumes mid-epoch
+            for attempt in range(3):
+                try:  # atomic (DataOnlyCheckpointIO); the loops' state resumes mid-epoch
+                    trainer.save_checkpoint(path)
+                    break
+                except RuntimeError:  # a dying loader worker's signal interrupted the save: try again
+                    if attempt == 2:
+                        raise
             message = (
                 f"stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; saved "
                 f"{path}: resume with the same command and --ckpt_path {path}"
@@ -43,10 +62,8 @@ class StopOnSigterm(Callback):
                 "volumes.csv); run the same command with --writer.overwrite true to segment them all"
             )
         else:
-            message = (
-                f"stopped by SIGTERM during {trainer.state.fn}: no report written; run the command again"
-            )
-        setattr(exception, MESSAGE_ATTRIBUTE, message)
+            message = f"stopped by SIGTERM during {stage}: no report written; run the command again"
+        _STOPS.append(message)
 
     @staticmethod
     def _checkpoint_path(trainer) -> Path:

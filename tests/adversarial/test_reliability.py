@@ -473,3 +473,41 @@ def test_sigterm_to_a_real_fit_process(tmp_path, synth_root):
     last = err.strip().splitlines()[-1]
     assert last.startswith("la-seg: stopped by SIGTERM") and "--ckpt_path" in last, last
     torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, synth_root):
+    """SLURM signals every process of the job: the DataLoader workers die too; still status 143, one line
+    and a resumable checkpoint, not a worker error."""
+    import torch
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    fit = [
+        "fit",
+        *TINY,
+        "--data.root",
+        str(synth_root),
+        "--trainer.max_epochs",
+        "1000",
+        "--data.num_workers",
+        "2",
+    ]
+    process = subprocess.Popen([sys.executable, "-m", "la_seg.cli", *fit], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    run = tmp_path / "runs" / "demo" / "version_0"
+    try:
+        for _ in range(600):
+            if (run / "checkpoints" / "last.ckpt").exists() or process.poll() is not None:
+                break
+            time.sleep(0.5)
+        time.sleep(1.0)  # into the next epoch, workers running
+        os.killpg(process.pid, signal.SIGTERM)
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 143, err[-3000:]
+    assert "Traceback" not in out + err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("la-seg: stopped by SIGTERM") and "--ckpt_path" in last, last
+    torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
