@@ -263,7 +263,9 @@ class LASegModule(L.LightningModule):
             pred=result.mask,
             label=label.bool(),
             geometry=geometry,
-            agreement=result.agreement(geometry.slices_last_spacing),
+            agreement=result.agreement(
+                geometry.slices_last_spacing, voxel_mm3=getattr(geometry, "voxel_volume_mm3", None)
+            ),
         )
 
     def validation_step(self, batch: dict, batch_idx: int) -> EvalOutput:
@@ -280,7 +282,9 @@ class LASegModule(L.LightningModule):
             prob=result.prob,
             geometry=geometry,
             uncertainty=result.uncertainty,
-            agreement=result.agreement(geometry.slices_last_spacing),
+            agreement=result.agreement(
+                geometry.slices_last_spacing, voxel_mm3=getattr(geometry, "voxel_volume_mm3", None)
+            ),
         )
 
     # ---- checkpoints (the format lives in la_seg/checkpoints.py) ------------------------------------------
