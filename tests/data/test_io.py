@@ -446,3 +446,30 @@ def test_flipped_bytes_inside_gzip_nrrd_are_refused(tmp_path):
     path.write_bytes(bytes(blob))
     with pytest.raises(DataError, match="lgemri.nrrd.*incorrect data check"):
         read_image(path)
+
+
+def test_voxel_volume_is_the_determinant_scaled_to_the_spacing(tmp_path):
+    sheared = np.diag([1.6, 1.6, 4.0, 1.0])
+    sheared[0, 2] = 2.0
+    norms = tuple(float(n) for n in np.linalg.norm(sheared[:3, :3], axis=0))
+    geometry = Geometry((4, 4, 4), sheared, norms, tmp_path / "s.nii.gz")
+    assert geometry.voxel_volume_mm3 == pytest.approx(abs(np.linalg.det(sheared[:3, :3])))
+    assert geometry.voxel_volume_mm3 < np.prod(norms)  # the column norms overstate it
+    square = Geometry((4, 4, 4), np.diag([1.0, 1.0, 1.0, 1.0]), (0.625, 0.625, 0.625), tmp_path / "u.nrrd")
+    assert square.voxel_volume_mm3 == pytest.approx(0.625**3)  # an override (Utah) scales it
+
+
+def test_sheared_header_warns_naming_the_file(tmp_path):
+    sheared = np.diag([1.6, 1.6, 4.0, 1.0])
+    sheared[1, 2] = 1.0
+    path = _save(tmp_path / "tilted.nii.gz", np.zeros((4, 4, 3), np.float32), sheared)
+    with pytest.warns(UserWarning, match="tilted.nii.gz has non-orthogonal"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("space", ["scanner-xyz", "3D-right-handed"])
+def test_nrrd_space_without_anatomical_frame_warns(tmp_path, space):
+    path = tmp_path / "scan.nrrd"
+    nrrd.write(str(path), np.zeros((4, 4, 3), np.int16), {"space": space, "space directions": np.eye(3)})
+    with pytest.warns(UserWarning, match="no anatomical frame"):
+        assert read_image(path).geometry.spacing == (1.0, 1.0, 1.0)
