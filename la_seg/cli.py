@@ -120,9 +120,8 @@ class LASegCLI(LightningCLI):
         if self.subcommand:
             check_log_dir_writable(self.config[self.subcommand])
         super().instantiate_classes()
-        self.trainer.callbacks.append(
-            StopOnSigterm()
-        )  # every run: SIGTERM stops cleanly (callbacks/termination)
+        # every run: SIGTERM stops cleanly, with a resumable checkpoint (la_seg/callbacks/termination.py)
+        self.trainer.callbacks.append(StopOnSigterm())
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = DataOnlyCheckpointIO(self.preloaded)
         if self.member_paths:
@@ -229,8 +228,7 @@ def check_log_dir_writable(config) -> None:
     version = config.trainer.logger.init_args.get("version")
     if version is not None:
         run_dir = run_dir / (f"version_{version}" if isinstance(version, int) else str(version))
-    folder = run_dir
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DataError(
             f"run folder {existing.absolute()} is not writable (the run's logs, config and reports go there):"
