@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from la_seg.errors import DataError
+
 TEMP_SUFFIX = ".la-seg-tmp"
 _TEMP_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]+" + re.escape(TEMP_SUFFIX) + "$")
 
@@ -118,3 +120,36 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def refuse_writing_into_inputs(
+    output: str | Path, inputs: Iterable[str | Path | None], option: str, *, replaces: bool = False
+) -> None:
+    """The one "never write into the input" rule, for every command that writes.
+
+    `inputs` are the files and folders the command reads (None and paths that do not exist are ignored); a
+    file protects its folder, so a single input file is protected like a folder input. `output` (the folder,
+    or the file, la-seg is about to write) may not be an input, nor be or lie inside an input's folder.
+    `replaces`: the output is replaced as a whole (an export), so it may not hold an input either. Paths are
+    compared resolved (links followed). A DataError names `option`, the output and the input.
+    """
+    target = Path(output).expanduser().resolve()
+    for given in inputs:
+        if given is None or not os.path.lexists(Path(given).expanduser()):
+            continue
+        source = Path(given).expanduser().resolve()
+        folder = source if source.is_dir() else source.parent
+        if target == source:
+            raise DataError(f"{option} {output} is the input {given}; la-seg never writes into its input")
+        if target == folder or folder in target.parents:
+            where = "is" if target == folder else "lies inside"
+            kind = "the input folder" if source.is_dir() else "the folder of the input"
+            raise DataError(
+                f"{option} {output} {where} {kind} {given}; la-seg never writes into its input: "
+                "choose another folder"
+            )
+        if replaces and target in source.parents:
+            raise DataError(
+                f"{option} {output} holds the input {given} and would be replaced; la-seg never writes "
+                "into its input: choose another folder"
+            )

@@ -8,9 +8,10 @@ checkpoint file can never run code. (Configs name importable classes and are the
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
+from la_seg.atomic import atomic_path
 from la_seg.distributed import reported_elsewhere
 from la_seg.errors import DataError
 from la_seg.models.segmenter import SegmenterConfig
@@ -42,7 +44,6 @@ NETWORK_FIELDS = (
 )
 # Choices that may change after training; they are recorded with the results instead.
 INFERENCE_FIELDS = ("threshold", "tta", "postprocess", "eval_batch_size")
-_LOAD_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -54,6 +55,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise DataError(f"checkpoint {path} is empty (0 bytes): was its writing interrupted?")
+    if _is_text(path):
+        raise DataError(f"checkpoint {path} is a text file, not a PyTorch checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
@@ -67,9 +70,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(
             f"checkpoint {path} is not a readable PyTorch checkpoint ({_first_line(error)})"
         ) from None
-    except _LOAD_ERRORS as error:
+    except Exception as error:  # noqa: BLE001 (a text or noise file makes the unpickler raise anything)
         raise DataError(
-            f"checkpoint {path} is corrupt or truncated, or not a PyTorch checkpoint ({_first_line(error)})"
+            f"checkpoint {path} is corrupt or truncated, or not a PyTorch checkpoint "
+            f"({type(error).__name__}: {_first_line(error)})"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise DataError(f"checkpoint {path} is not a Lightning checkpoint (it has no state_dict)")
@@ -77,6 +81,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"checkpoint {path} was not written by la-seg (its hyper_parameters have no 'net')")
     checkpoint[SOURCE_KEY] = str(path)
     return checkpoint
+
+
+def _is_text(path: Path) -> bool:
+    """Whether the file starts like text (UTF-8 without NUL bytes); checkpoints are zip or pickle bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in head and not head.startswith(b"PK")
 
 
 def _first_line(error: BaseException) -> str:
@@ -100,6 +115,31 @@ class DataOnlyCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return self.preloaded.pop(str(path), None) or load_checkpoint(path)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        """Write a checkpoint like every la-seg output; see `save_checkpoint_file`."""
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
+        save_checkpoint_file(checkpoint, path)
+
+
+def save_checkpoint_file(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """`torch.save` into a temp file beside `path`, flushed to disk, then renamed onto it: a full disk or a
+    crash leaves the previous file (or none), never a truncated one under the final name; the error names the
+    folder that is full."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(
+                f"no space left on device in {path.parent.absolute()} while writing the checkpoint "
+                f"{path.name}: free space there and resume with --ckpt_path last"
+            ) from None
+        raise DataError(f"could not write the checkpoint {path}: {error.strerror or error}") from None
 
 
 # ---- the backbone record (lean checkpoints) ----------------------------------------------------------------

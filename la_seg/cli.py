@@ -17,10 +17,14 @@ from pathlib import Path
 import yaml
 from jsonargparse import CLI, ArgumentError
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorBoardImages
+from la_seg.callbacks.termination import EXIT_STATUS, StopOnSigterm, sigterm_stop
 from la_seg.checkpoints import (
     NETWORK_FIELDS,
     DataOnlyCheckpointIO,
@@ -177,12 +181,16 @@ class LASegCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
+        if self.subcommand:
+            check_log_dir_writable(self.config[self.subcommand])
         super().instantiate_classes()
         log_dir = self.trainer.log_dir if self.subcommand == "fit" else None  # no collective before launch
         missing = [f for f in (Path(log_dir), *Path(log_dir).parents) if not f.exists()] if log_dir else []
         self.fresh_run = missing[-1] if missing else None  # the outermost folder this fit will create
         if self.resolved_ckpt is not None:
             self.trainer.callbacks.append(SameCheckpointOnEveryRank(*self.resolved_ckpt))
+        # every run: SIGTERM stops cleanly, with a resumable checkpoint (la_seg/callbacks/termination.py)
+        self.trainer.callbacks.append(StopOnSigterm())
         if self.member_paths:
             self.model.member_name = self.member_paths[0]
             weights = self.config[self.subcommand].model.net.weights
@@ -268,6 +276,23 @@ def _name_fold_run(config) -> None:
         args.name = f"{args.get('name') or 'lightning_logs'}/fold_{config.data.fold}"
 
 
+def check_log_dir_writable(config) -> None:
+    """The run folder the logger writes into (events, config, test report) must be writable: otherwise
+    TensorBoard's writer thread fails with a traceback once the work is done."""
+    run_dir = _logger_run_dir(config)
+    if run_dir is None:
+        return
+    version = config.trainer.logger.init_args.get("version")
+    if version is not None:
+        run_dir = run_dir / (f"version_{version}" if isinstance(version, int) else str(version))
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(
+            f"run folder {existing.absolute()} is not writable (the run's logs, config and reports go there):"
+            " fix its permissions, or log elsewhere with --trainer.logger.init_args.save_dir DIR"
+        )
+
+
 def _continue_run_of(config, ckpt: Path, run_dir: Path | None) -> None:
     """Log into the run folder that holds `ckpt` (resume continues its curves; the test report lands beside
     it), whatever the configured name: no new version folder for a run that exists."""
@@ -302,12 +327,19 @@ def _shipped_config(name: str) -> str:
 def _check_yaml(path: Path) -> None:
     """A config that is not valid YAML: name the file and the place (jsonargparse names neither)."""
     try:
-        yaml.safe_load(path.read_text())
+        document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or type(error).__name__
         raise DataError(f"config {path} is not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read config {path}: {error}") from None
+    if not isinstance(document, dict):
+        found = "nothing (an empty file)" if document is None else f"a {type(document).__name__}"
+        raise DataError(
+            f"config {path} holds {found}; a config is a mapping of sections (model:, data:, trainer:)"
+        )
 
 
 def synth(
@@ -339,9 +371,16 @@ def main(argv: list[str] | None = None) -> None:
     quiet_lightning()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    sigterm_stop(clear=True)
     try:
         run(argv, from_command_line)
+    except SIGTERMException:  # a SystemExit (status 0) to Lightning: a job script would see success
+        print(f"la-seg: {sigterm_stop(clear=True) or 'stopped by SIGTERM'}", file=sys.stderr)
+        raise SystemExit(EXIT_STATUS) from None
     except Exception as error:
+        if (stop := sigterm_stop(clear=True)) is not None:  # SIGTERM ended the loader workers too
+            print(f"la-seg: {stop}", file=sys.stderr)
+            raise SystemExit(EXIT_STATUS) from None
         if os.environ.get("LA_SEG_DEBUG") == "1":
             raise
         if not is_reported_elsewhere(error):  # under DDP, one process prints an error that all ranks share
@@ -455,6 +494,13 @@ def describe_error(error: BaseException) -> str:
         message = f"no space left on device{where}: free some space and run again"
     elif isinstance(error, PermissionError):
         message = f"permission denied: {error.filename or message}"
+    elif isinstance(error, MisconfigurationException):  # a Trainer argument: name its option
+        found = [
+            (m.start(), p)
+            for p in inspect.signature(Trainer).parameters
+            if (m := re.search(rf"\b{p}\b", message))
+        ]
+        message = f"--trainer.{min(found)[1]}: {message}" if found else f"trainer settings: {message}"
     elif not isinstance(error, _EXPECTED):
         message = f"{type(error).__name__}: {message} (unexpected: LA_SEG_DEBUG=1 shows the traceback)"
     return " ".join(message.split())

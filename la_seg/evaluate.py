@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import la_seg
+from la_seg.atomic import refuse_writing_into_inputs
 from la_seg.callbacks.writer import COMPANION_SUFFIXES
 from la_seg.data.io import AFFINE_TOLERANCE_MM, Volume, read_image, read_label
 from la_seg.data.layouts import Layout, find_cases
@@ -80,10 +81,13 @@ def evaluate(
     pairs = match_cases(predictions, references, missing, pred, ref)
     out_dir = Path(out).expanduser() if out is not None else _beside(pred)
     _check_out(out_dir, (pred, ref), overwrite)
+    values: set[float] = set()  # every value found in the predictions
     rows = [
-        score_case(case_id, path, references[case_id], label, metrics.empty_distance)
+        score_case(case_id, path, references[case_id], label, metrics.empty_distance, values)
         for case_id, path in pairs.items()
     ]
+    if label is not None and label not in values:
+        check_label_present(label, values, references, pred, ref)
     summary = summarise(rows, REPORT_COLUMNS[1:])
     header = {
         "checkpoint": None,
@@ -150,9 +154,15 @@ def match_cases(
 
 
 def score_case(
-    case_id: str, pred_path: Path | None, reference: Reference, label: int | None, empty_distance: str
+    case_id: str,
+    pred_path: Path | None,
+    reference: Reference,
+    label: int | None,
+    empty_distance: str,
+    values: set[float] | None = None,
 ) -> dict:
-    """One report row: the prediction against its reference on the reference's grid and spacing."""
+    """One report row: the prediction against its reference on the reference's grid and spacing; the values
+    found in the prediction are added to `values`."""
     # the file's own grid (predictions are written on it), la-seg's spacing and slice axis
     truth = read_label(reference.path, reference.spacing, label_values=reference.label_values)
     geometry = truth.geometry
@@ -162,13 +172,32 @@ def score_case(
         prediction = read_image(pred_path)
         check_same_grid(prediction, truth)
         mask = binarise_prediction(prediction, label)
+        if values is not None:
+            values.update(np.unique(prediction.data).tolist())
     row = case_metrics(
         torch.from_numpy(geometry.to_slices_last(mask)),
         torch.from_numpy(geometry.to_slices_last(truth.data.astype(bool))),
         geometry.slices_last_spacing,
         empty_distance=empty_distance,
+        voxel_mm3=geometry.voxel_volume_mm3,
     )
     return {"case_id": case_id, **row}
+
+
+def check_label_present(
+    label: int, values: set[float], references: dict[str, Reference], pred: Path, ref: Path
+) -> None:
+    """`--label N` that no prediction holds scores every case as failed: an error unless a reference holds N
+    (then the predictions really missed it)."""
+    for reference in references.values():
+        if (read_image(reference.path).data == label).any():
+            return
+    found = sorted(int(v) if float(v).is_integer() else v for v in values)
+    raise DataError(
+        f"--label {label} appears in no prediction under {pred} (they hold the values {found[:10]}) and in "
+        f"no reference under {ref}: every case would score as failed; pass the value that marks the LA, or "
+        "drop --label to count every value > 0"
+    )
 
 
 def check_same_grid(prediction: Volume, reference: Volume) -> None:
@@ -205,10 +234,7 @@ def _beside(pred: Path) -> Path:
 
 def _check_out(out_dir: Path, inputs: tuple[Path, Path], overwrite: bool) -> None:
     """The report never goes into the inputs, nor over an earlier report unless asked."""
-    for source in inputs:
-        folder = source if source.is_dir() else source.parent
-        if out_dir.resolve().is_relative_to(folder.resolve()):
-            raise DataError(f"report folder {out_dir} lies inside the input {source}; choose another --out")
+    refuse_writing_into_inputs(out_dir, inputs, "--out")
     if out_dir.is_file():
         raise DataError(f"--out {out_dir} is a file; give a folder")
     existing = [str(path) for path in (out_dir / f"{REPORT_STEM}{s}" for s in SUFFIXES) if path.exists()]

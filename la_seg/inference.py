@@ -100,11 +100,14 @@ class VolumeResult:
     # its training loss is computed on (whatever else votes).
     logits: Tensor | None = None
 
-    def agreement(self, spacing: Sequence[float], review_below: float = REVIEW_BELOW) -> Agreement | None:
-        """Agreement of the voters' masks (`spacing`: mm per voxel, slices last); None for a single voter."""
+    def agreement(
+        self, spacing: Sequence[float], review_below: float = REVIEW_BELOW, voxel_mm3: float | None = None
+    ) -> Agreement | None:
+        """Agreement of the voters' masks (`spacing`: mm per voxel, slices last; `voxel_mm3`: the voxel's true
+        volume, Geometry.voxel_volume_mm3); None for a single voter."""
         if len(self.voter_masks) < 2:
             return None
-        return case_agreement(self.voter_masks, self.voter_names, spacing, review_below)
+        return case_agreement(self.voter_masks, self.voter_names, spacing, review_below, voxel_mm3)
 
 
 def case_agreement(
@@ -112,12 +115,13 @@ def case_agreement(
     names: Sequence[str],
     spacing: Sequence[float],
     review_below: float = REVIEW_BELOW,
+    voxel_mm3: float | None = None,
 ) -> Agreement:
     """Per-case agreement of binary masks: LA volume per mask and its spread in mL, mean pairwise Dice, and
     whether that Dice is below `review_below` (the case deserves a human look)."""
     if len(masks) != len(names) or len(masks) < 2:
         raise ValueError(f"need >= 2 masks with one name each, got {len(masks)} masks, {len(names)} names")
-    volumes = [volume_ml(m, spacing) for m in masks]
+    volumes = [volume_ml(m, spacing, voxel_mm3) for m in masks]
     dices = [overlap_3d(a, b)[0] for a, b in itertools.combinations(masks, 2)]
     mean_dice = sum(dices) / len(dices)
     return Agreement(

@@ -77,9 +77,11 @@ def image_diagonal_mm(shape: Sequence[int], spacing: Spacing) -> float:
     return math.hypot(*(n * float(s) for n, s in zip(shape, spacing, strict=True)))
 
 
-def volume_ml(mask: torch.Tensor, spacing: Spacing) -> float:
-    """Volume of a binary mask in millilitres (1 mL = 1000 mm^3)."""
-    return float(mask.sum()) * math.prod(float(s) for s in spacing) / 1000.0
+def volume_ml(mask: torch.Tensor, spacing: Spacing, voxel_mm3: float | None = None) -> float:
+    """Volume of a binary mask in millilitres (1 mL = 1000 mm^3); `voxel_mm3` (Geometry.voxel_volume_mm3,
+    right for sheared axes too) or else the product of the spacings."""
+    per_voxel = voxel_mm3 if voxel_mm3 is not None else math.prod(float(s) for s in spacing)
+    return float(mask.sum()) * per_voxel / 1000.0
 
 
 def case_metrics(
@@ -88,8 +90,10 @@ def case_metrics(
     spacing: Spacing,
     surface: bool = True,
     empty_distance: EmptyDistance = "nan",
+    voxel_mm3: float | None = None,
 ) -> dict:
     """All per-case figures of the test report (surface distances optional: they cost the most).
+    Volumes use `voxel_mm3` (see volume_ml).
 
     `failed` marks an empty prediction or reference; `empty_distance` is the rule for its HD95/ASSD.
     """
@@ -104,8 +108,8 @@ def case_metrics(
     row = {"dice": dice, "iou": iou, "failed": failed, "slice_dice": slice_dice, "slice_iou": slice_iou}
     if surface:
         row["hd95_mm"], row["assd_mm"] = surface_distances(pred, ref, spacing, empty_distance)
-        row["volume_pred_ml"] = volume_ml(pred, spacing)
-        row["volume_ref_ml"] = volume_ml(ref, spacing)
+        row["volume_pred_ml"] = volume_ml(pred, spacing, voxel_mm3)
+        row["volume_ref_ml"] = volume_ml(ref, spacing, voxel_mm3)
     return row
 
 
@@ -139,11 +143,19 @@ class CumulativeCaseMetrics:
         self.empty_distance = empty_distance
         self._rows: list[dict] = []
 
-    def update(self, case_id: str, pred: torch.Tensor, ref: torch.Tensor, spacing: Spacing, **extra) -> dict:
+    def update(
+        self,
+        case_id: str,
+        pred: torch.Tensor,
+        ref: torch.Tensor,
+        spacing: Spacing,
+        voxel_mm3: float | None = None,
+        **extra,
+    ) -> dict:
         """Score one case; `extra` fields (e.g. its slice axis) are kept in its row."""
         row = {
             "case_id": case_id,
-            **case_metrics(pred, ref, spacing, self.surface, self.empty_distance),
+            **case_metrics(pred, ref, spacing, self.surface, self.empty_distance, voxel_mm3),
             **extra,
         }
         self._rows.append(row)

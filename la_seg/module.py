@@ -239,7 +239,9 @@ class LASegModule(L.LightningModule):
             pred=result.mask,
             label=label.bool(),
             geometry=geometry,
-            agreement=result.agreement(geometry.slices_last_spacing),
+            agreement=result.agreement(
+                geometry.slices_last_spacing, voxel_mm3=getattr(geometry, "voxel_volume_mm3", None)
+            ),
         )
 
     def _log_case_loss(self, stage: str) -> None:
@@ -276,7 +278,9 @@ class LASegModule(L.LightningModule):
             prob=result.prob,
             geometry=geometry,
             uncertainty=result.uncertainty,
-            agreement=result.agreement(geometry.slices_last_spacing),
+            agreement=result.agreement(
+                geometry.slices_last_spacing, voxel_mm3=getattr(geometry, "voxel_volume_mm3", None)
+            ),
         )
 
     # ---- checkpoints (the format lives in la_seg/checkpoints.py) ------------------------------------------

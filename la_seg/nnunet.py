@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from la_seg.atomic import atomic_write_text
+from la_seg.atomic import atomic_write_text, refuse_writing_into_inputs
 from la_seg.data.io import Geometry, read_case, write_nifti
 from la_seg.data.layouts import Case, Layout, find_cases
 from la_seg.data.split import cross_validation, listing, read_split_file
@@ -194,9 +194,7 @@ def _write_metadata(
 
 def _check_target(target: Path, root: Path, overwrite: bool) -> None:
     """Never write into the input, nor over anything but an earlier export (and that only with overwrite)."""
-    target_abs, root_abs = target.resolve(), root.resolve()
-    if target_abs.is_relative_to(root_abs) or root_abs.is_relative_to(target_abs):
-        raise DataError(f"export folder {target} overlaps the input {root}; choose an --out outside it")
+    refuse_writing_into_inputs(target, [root], "--out (export folder)", replaces=True)
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         return
     if not overwrite:

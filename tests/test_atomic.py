@@ -12,10 +12,12 @@ from la_seg.atomic import (
     atomic_path,
     atomic_write_text,
     host_tag,
+    refuse_writing_into_inputs,
     remove_stale_temp_files,
     write_csv,
     write_json,
 )
+from la_seg.errors import DataError
 
 
 def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
@@ -75,3 +77,39 @@ def test_csv_comments_lead_and_rows_follow(tmp_path):
     assert lines[0] == "# checkpoint: x.ckpt"
     body = [line for line in lines if not line.startswith("#")]
     assert list(csv.reader(body)) == [["k", "v"], ["a", "1"], ["b", "2"]]
+
+
+# ---- the one "never write into the input" rule -------------------------------------------------------------
+def _inputs(tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    single = folder / "n.nrrd"
+    single.write_bytes(b"NRRD0004\n")
+    return folder, single
+
+
+@pytest.mark.parametrize("output", ["in", "in/masks", "in/sub/deeper", "in/n.nrrd"])
+@pytest.mark.parametrize("given", ["folder", "single file"])
+def test_an_output_in_or_at_an_input_is_refused(tmp_path, output, given):
+    """A single input file protects its folder exactly as a folder input does."""
+    folder, single = _inputs(tmp_path)
+    source = folder if given == "folder" else single
+    with pytest.raises(DataError, match="--writer.output_dir .*never writes into its input"):
+        refuse_writing_into_inputs(tmp_path / output, [source], "--writer.output_dir")
+
+
+def test_outputs_beside_or_above_the_input_are_allowed_unless_replaced(tmp_path):
+    folder, single = _inputs(tmp_path)
+    for source in (folder, single):
+        refuse_writing_into_inputs(tmp_path / "out", [source], "--out")
+        refuse_writing_into_inputs(tmp_path, [source], "--out")  # holds it, but writes beside it
+        with pytest.raises(DataError, match="holds the input"):
+            refuse_writing_into_inputs(tmp_path, [source], "--out", replaces=True)
+
+
+def test_links_are_followed_and_absent_inputs_ignored(tmp_path):
+    folder, _ = _inputs(tmp_path)
+    (tmp_path / "alias").symlink_to(folder)
+    with pytest.raises(DataError, match="never writes into its input"):
+        refuse_writing_into_inputs(tmp_path / "alias" / "masks", [folder], "--out")
+    refuse_writing_into_inputs(tmp_path / "x" / "masks", [None, tmp_path / "x" / "gone.nii.gz"], "--out")

@@ -180,7 +180,7 @@ def test_existing_output_is_refused_and_replaced_only_with_overwrite(synth_root,
 def test_export_refuses_to_write_into_the_input_and_bad_names(tmp_path):
     root = tmp_path / "data"
     write_dataset(root, cases=1, seed=2, shape=(24, 20, 6), spacing=(2.0, 2.0, 4.0))
-    with pytest.raises(DataError, match="overlaps the input"):
+    with pytest.raises(DataError, match="never writes into its input"):
         export_nnunet(ExportData(root), root)
     with pytest.raises(DataError, match="DatasetXXX_Name"):
         export_nnunet(ExportData(root), tmp_path / "raw", dataset_name="LA")

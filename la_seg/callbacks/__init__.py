@@ -1,4 +1,5 @@
-"""Lightning callbacks: checkpoints, metrics and test report, TensorBoard images, NIfTI prediction writer."""
+"""Lightning callbacks: checkpoints, metrics and test report, TensorBoard images, NIfTI prediction writer,
+SIGTERM."""
 
 from la_seg.callbacks.checkpoint import RunCheckpoint
 from la_seg.callbacks.images import TensorBoardImages

@@ -52,6 +52,7 @@ class SegmentationMetrics(L.Callback):
             outputs["pred"],
             outputs["label"],
             geometry.slices_last_spacing,
+            voxel_mm3=getattr(geometry, "voxel_volume_mm3", None),
             slice_axis=geometry.slice_axis,
             spacing_source=getattr(geometry, "spacing_source", "unrecorded"),
         )

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
-from la_seg.atomic import atomic_path, remove_stale_temp_files, write_csv
+from la_seg.atomic import atomic_path, refuse_writing_into_inputs, remove_stale_temp_files, write_csv
 from la_seg.callbacks.images import PANEL, overlay
 from la_seg.data.datamodule import CaseShards
 from la_seg.data.io import Geometry, write_nifti
@@ -90,19 +90,20 @@ class NiftiPredictionWriter(BasePredictionWriter):
         cases = getattr(trainer.predict_dataloaders.dataset, "cases", [])
         # Rank 0 checks the folder, locks it and clears it once; the broadcast is also the barrier that keeps
         # every rank from writing before then (a rank checking for itself would see rank 0's fresh masks).
-        decide_on_rank_zero(
-            trainer, lambda: self.prepare(cases, getattr(trainer.datamodule, "predict_root", None))
-        )
+        data = trainer.datamodule  # the labelled data (root, test_root) is input too, never written into
+        roots = [getattr(data, name, None) for name in ("predict_root", "root", "test_root")]
+        decide_on_rank_zero(trainer, lambda: self.prepare(cases, roots))
         self.start()
 
-    def prepare(self, cases: list, input_root: str | None) -> None:
+    def prepare(self, cases: list, roots: list[str | None]) -> None:
         """Before anything is written: refuse writing into the inputs, colliding names and (unless overwrite)
         existing outputs; lock the output folder and remove a killed run's temp files. Once per run."""
         if self.output_dir is None:
             raise DataError(
                 "--writer.output_dir is required for `la-seg predict`: the folder to write masks into"
             )
-        refuse_writing_into_inputs(self.output_dir, [Path(c.image_path) for c in cases], input_root)
+        inputs = [*roots, *(c.image_path for c in cases), *(c.label_path for c in cases)]
+        refuse_writing_into_inputs(self.output_dir, inputs, "--writer.output_dir")
         self.reserve_outputs((c.case_id, Path(c.image_path)) for c in cases)
         self.lock()
         if not self.overwrite:
@@ -177,7 +178,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
         mask = prediction["mask"].detach().cpu()
         row = {
             "case_id": prediction["case_id"],
-            "volume_ml": volume_ml(mask, geometry.slices_last_spacing),
+            "volume_ml": volume_ml(mask, geometry.slices_last_spacing, geometry.voxel_volume_mm3),
             "image_path": str(geometry.source),
             "spacing_mm": "x".join(f"{s:g}" for s in geometry.spacing),
         }
@@ -261,27 +262,6 @@ class NiftiPredictionWriter(BasePredictionWriter):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self.release()
-
-
-def refuse_writing_into_inputs(output_dir: Path, image_paths: list[Path], input_root: str | None) -> None:
-    """la-seg never writes into its input: the output folder may not hold an input file, nor lie inside
-    the input folder."""
-    out = output_dir.resolve()
-    holding = {path.resolve().parent: path for path in image_paths}
-    if input_root is not None and Path(input_root).is_file():
-        holding[Path(input_root).resolve().parent] = Path(input_root)
-    if out in holding:
-        raise DataError(
-            f"--writer.output_dir {output_dir} is the folder holding the input {holding[out]}; "
-            "la-seg never writes into its input: choose another folder"
-        )
-    if input_root is not None and Path(input_root).is_dir():
-        root = Path(input_root).resolve()
-        if out == root or root in out.parents:
-            raise DataError(
-                f"--writer.output_dir {output_dir} lies inside the input folder {input_root}; "
-                "la-seg never writes into its input: choose another folder"
-            )
 
 
 def mid_slices_picture(image: torch.Tensor, mask: torch.Tensor) -> Image.Image:

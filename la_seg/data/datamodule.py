@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -32,6 +33,8 @@ from la_seg.data.split import (
     check_fractions,
     check_known,
     check_patients_kept_together,
+    duplicate_images,
+    group_duplicates,
     parse_split,
     read_groups,
     read_split_file,
@@ -41,6 +44,7 @@ from la_seg.data.transforms import AugmentationConfig, build_train_transform
 from la_seg.distributed import decide_on_rank_zero
 from la_seg.errors import DataError
 
+TEST_ROOT_TAG = "data.test_root:"  # marks test_root cases among data.root's when looking for duplicates
 # Volumes each evaluation worker reads ahead, so the accelerator never waits on gzip.
 EVAL_PREFETCH = 2
 
@@ -84,6 +88,9 @@ class LADataModule(L.LightningDataModule):
         spacing: voxel size in mm (file axis order) for every volume read, replacing the header's: for files
             whose header holds none (recorded as the spacing's source, "data.spacing"). Utah 2018 files need
             none: their 0.625 mm is applied by file name.
+        duplicates: cases whose image files are byte-identical (the same scan in two case folders), found by
+            hashing the images when the split is made: "refuse" names them; "group" treats them as one
+            patient, so they land in one part. A duplicate between data.root and data.test_root is refused.
 
     Attributes:
         split: {"train": [...], "val": [...], "test": [...]} case ids, None until setup() / load_state_dict().
@@ -113,6 +120,7 @@ class LADataModule(L.LightningDataModule):
         slice_axis: SliceAxis = "auto",
         label_values: list[int] | None = None,
         spacing: tuple[float, float, float] | None = None,
+        duplicates: Literal["refuse", "group"] = "refuse",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -128,6 +136,9 @@ class LADataModule(L.LightningDataModule):
         # where the cases are and how they are read
         self.root, self.test_root, self.predict_root, self.layout = root, test_root, predict_root, layout
         self.slice_axis, self.label_values, self.spacing = slice_axis, label_values, spacing
+        if duplicates not in ("refuse", "group"):
+            raise DataError(f"data.duplicates must be 'refuse' or 'group', got {duplicates!r}")
+        self.duplicates = duplicates
         # how they are split
         self.split_fractions, self.seed, self.split_file = check_fractions(split), seed, split_file
         self.groups, self.folds, self.fold = groups, folds, fold
@@ -187,6 +198,7 @@ class LADataModule(L.LightningDataModule):
 
     def _random_split(self) -> DataSplit:
         patients = read_groups(self.groups, self._cases) if self.groups is not None else None
+        patients = self._group_duplicates(patients)
         fractions = self.split_fractions
         if self._test_cases is not None:
             train, val, _ = fractions
@@ -204,10 +216,31 @@ class LADataModule(L.LightningDataModule):
         split = read_split_file(self.split_file, separate_test=self._test_cases is not None)
         if self._test_cases is not None and not split.parts["test"]:
             split.parts["test"] = sorted(self._test_cases)
-        if self.groups is not None:
-            split.patients = read_groups(self.groups, self._cases)
+        patients = read_groups(self.groups, self._cases) if self.groups is not None else None
+        patients = self._group_duplicates(patients)
+        if patients is not None:
+            split.patients = patients
             check_patients_kept_together(split, f"{source} with data.groups={self.groups!r}")
         return split
+
+    def _group_duplicates(self, patients: dict[str, str] | None) -> dict[str, str] | None:
+        """Hash the images once: byte-identical cases are refused or (data.duplicates: group) made one
+        patient; a case of data.root repeated in data.test_root is always refused (the test would measure
+        memory, not generalisation)."""
+        images = {case_id: case.image_path for case_id, case in self._cases.items()}
+        test = {f"{TEST_ROOT_TAG}{c}": case.image_path for c, case in (self._test_cases or {}).items()}
+        groups = duplicate_images(images | test)
+        if not groups:
+            return patients
+        across = [g for g in groups if any(c.startswith(TEST_ROOT_TAG) for c in g)]
+        for group in across if self.duplicates == "group" else groups:
+            folders = [str((images | test)[case_id].parent) for case_id in group]
+            raise DataError(
+                f"the same image (byte-identical) is in {len(group)} case folders: {', '.join(folders)}; "
+                "in two parts of the split, the test would measure memory, not generalisation: remove the "
+                "copies" + ("" if across else ", or set data.duplicates: group to keep them in one part")
+            )
+        return group_duplicates(patients, groups, self._cases)
 
     def _adopt(self, split: DataSplit, source: str) -> None:
         """Hold `split` once every case it names in the loaded folders exists (the one unknown-case check)."""

@@ -25,7 +25,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 from nrrd.reader import _determine_datatype
 
-from la_seg.atomic import atomic_path
+from la_seg.atomic import atomic_path, refuse_writing_into_inputs
 from la_seg.errors import DataError
 
 if TYPE_CHECKING:
@@ -57,6 +57,9 @@ _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a grey value or a
 _SINGULAR_DETERMINANT = 1e-12
 # NRRD space axis names and their sign in RAS; LPS data (the ITK default) flips x and y.
 _RAS_SIGN = {"left": -1, "right": 1, "posterior": -1, "anterior": 1, "inferior": -1, "superior": 1}
+_AXIS = {"left": 0, "right": 0, "posterior": 1, "anterior": 1, "inferior": 2, "superior": 2}
+_FRAMELESS_SPACES = ("scanner-xyz", "3d-right-handed", "3d-left-handed")
+_ORTHOGONAL_COSINE = 1e-3  # |cos| between two voxel axes above this (0.06 degrees): sheared
 _RAS_LETTER = {"L": "left", "R": "right", "P": "posterior", "A": "anterior", "I": "inferior", "S": "superior"}
 
 
@@ -77,6 +80,15 @@ class Geometry:
     source: Path
     slice_axis: int = 2  # the through-plane axis of the file's array
     spacing_source: str = "header"
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        """mm^3 per voxel: |det| of the affine's axes, each scaled to `spacing` (the header's, or an override
+        such as Utah's). The product of the spacings only where the axes are orthogonal; for sheared axes it
+        would overstate the volume."""
+        axes = np.asarray(self.affine, dtype=np.float64)[:3, :3]
+        unit = axes / np.linalg.norm(axes, axis=0)
+        return float(abs(np.linalg.det(unit)) * np.prod(self.spacing))
 
     @property
     def slices_last_spacing(self) -> tuple[float, float, float]:
@@ -150,6 +162,7 @@ def check_header(
     except _READ_ERRORS as error:
         raise DataError(f"cannot read the header of {path}: {type(error).__name__}: {error}") from error
     _check_memory(header, path)
+    _warn_sheared(header.affine, path)
     source = "header"
     utah_file = path.name.lower() in UTAH_FILE_NAMES
     if spacing is not None:
@@ -241,8 +254,7 @@ def write_nifti(path: str | Path, data: np.ndarray, reference: Geometry) -> None
     path = Path(path)
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         raise DataError(f"write_nifti writes NIfTI; the output name must end with .nii or .nii.gz: {path}")
-    if path.exists() and path.resolve() == Path(reference.source).resolve():
-        raise DataError(f"refusing to overwrite the input volume {path}")
+    refuse_writing_into_inputs(path, [reference.source], "output")
     data = np.asarray(data)
     if data.shape[:3] != tuple(reference.shape):
         raise DataError(
@@ -312,6 +324,7 @@ def _nifti_header(path: Path) -> _Header:
 
 def _nrrd_header(path: Path) -> _Header:
     header = nrrd.read_header(str(path))  # Fortran index order: axes come out (X, Y, Z) like nibabel
+    _check_data_file(header, path)
     shape = _spatial_shape(tuple(int(n) for n in header["sizes"]), path)
     if header.get("type") == "block":
         raise DataError(f"{path} holds NRRD 'block' voxels; expected numbers")
@@ -325,7 +338,7 @@ def _nrrd_header(path: Path) -> _Header:
         affine[:3, :3] = np.stack(rows).T  # each row is the world step of one array axis
         origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
         affine[:3, 3] = np.where(np.isfinite(origin), origin, 0.0)
-        affine[:3] *= _ras_sign(header.get("space"))[:, None]
+        affine[:3] *= _ras_sign(header.get("space"), path)[:, None]
     elif "spacings" in header:
         affine[:3, :3] = np.diag(np.asarray(header["spacings"], dtype=np.float64)[:3])
     else:  # no voxel size: check_header takes it from the file name (Utah 2018) or data.spacing, or refuses
@@ -335,21 +348,60 @@ def _nrrd_header(path: Path) -> _Header:
     return _Header(shape, dtype, affine, spacing)  # type: ignore[arg-type]
 
 
+def _check_data_file(header: dict, path: Path) -> None:
+    """A detached-header NRRD (.nhdr) names its data file; refuse one that is not there, naming both."""
+    data_file = header.get("data file", header.get("datafile"))
+    if not isinstance(data_file, str) or data_file.startswith("LIST") or " " in data_file.strip():
+        return  # attached data, or a list / pattern of files (pynrrd checks those when reading)
+    target = Path(data_file) if Path(data_file).is_absolute() else path.parent / data_file
+    if not target.is_file():
+        raise DataError(f"{path} is a detached NRRD header whose data file {target} does not exist")
+
+
 def _is_none_row(direction) -> bool:
     """pynrrd gives a non-spatial axis's 'none' direction as None or a row of NaN."""
     return not np.isfinite(np.asarray(direction, dtype=np.float64)).any()
 
 
-def _ras_sign(space: str | None) -> np.ndarray:
-    """Per-axis sign that turns an NRRD world space (e.g. left-posterior-superior) into RAS."""
+def _ras_sign(space: str | None, path: Path) -> np.ndarray:
+    """Per-axis sign that turns an NRRD world space (e.g. left-posterior-superior, or LPS) into RAS; the
+    spaces without an anatomical frame (scanner-xyz, 3D-right-handed, ...) are read as RAS with a warning, as
+    a NIfTI without orientation is; any other space is refused."""
     if not space:
         return np.ones(3)
-    names = space.lower().split("-")
-    if len(names) != 3 and len(space) == 3:
-        names = [_RAS_LETTER.get(letter, "") for letter in space.upper()]
-    if len(names) != 3 or not all(name in _RAS_SIGN for name in names):
-        return np.ones(3)  # scanner-xyz and friends: no anatomical frame to convert
+    lowered = space.lower().removesuffix("-time")
+    if lowered in _FRAMELESS_SPACES:
+        warnings.warn(
+            f"{path} has NRRD space {space!r}, which has no anatomical frame: read as RAS, so written masks "
+            "overlay it but its orientation is unknown",
+            stacklevel=4,
+        )
+        return np.ones(3)
+    names = lowered.split("-")
+    letters = space.upper().removesuffix("T") if len(space) == 4 else space.upper()
+    if len(names) != 3 and len(letters) == 3:
+        names = [_RAS_LETTER.get(letter, "") for letter in letters]
+    if len(names) != 3 or not all(name in _RAS_SIGN for name in names) or len({_AXIS[n] for n in names}) != 3:
+        raise DataError(
+            f"{path} has an unknown NRRD space {space!r}; expected e.g. left-posterior-superior (LPS), "
+            "right-anterior-superior (RAS), left-anterior-superior (LAS) or scanner-xyz"
+        )
     return np.array([_RAS_SIGN[name] for name in names])
+
+
+def _warn_sheared(affine: np.ndarray, path: Path) -> None:
+    """Warn, naming the file, when the voxel axes are not orthogonal (a sheared affine): volumes are right
+    (from the determinant), but slices are cut along the array axes, not across the through-plane."""
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    unit = axes / np.linalg.norm(axes, axis=0)
+    cosines = np.abs(unit.T @ unit - np.eye(3))
+    if cosines.max() > _ORTHOGONAL_COSINE:
+        angle = float(np.degrees(np.arcsin(min(1.0, cosines.max()))))
+        warnings.warn(
+            f"{path} has non-orthogonal (sheared) voxel axes (off by up to {angle:.2f} degrees): volumes use "
+            "the voxel's true size (|det| of the affine), but slices follow the array axes",
+            stacklevel=4,
+        )
 
 
 def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:

@@ -34,7 +34,13 @@ class Case:
 Layout = Literal["auto", "lascarqs", "utah2018", "msd", "nnunet", "files"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr")  # .nhdr: NRRD with a detached data file
+# Files that look like images but that la-seg does not read: skipped beside files it reads, with a warning.
+OTHER_IMAGE_EXTENSIONS = (
+    ".mha", ".mhd", ".raw", ".raw.gz", ".hdr", ".img", ".img.gz", ".dcm", ".ima", ".mgz", ".mgh", ".gipl",
+    ".gipl.gz", ".vtk", ".vti", ".nii.bz2", ".nii.xz", ".nii.zst", ".nrrd.gz", ".npy", ".npz", ".h5",
+    ".tif", ".tiff",
+)  # fmt: skip
 # The LA value of each layout's labels (LAScarQS also marks scar, with 1); plain files: any non-zero value.
 LA_VALUES: dict[str, tuple[int, ...] | None] = {
     "lascarqs": (420,),
@@ -57,7 +63,7 @@ PATTERNS = {
     "msd": "imagesTr/<case>.nii.gz with labelsTr/<case>.nii.gz (Medical Segmentation Decathlon)",
     "lascarqs": f"<case>/{_LASCARQS_IMAGE} with <case>/{_LASCARQS_LABEL} at any depth (LAScarQS 2022)",
     "utah2018": f"<ID>/{_UTAH_IMAGE} with <ID>/{_UTAH_LABEL} at any depth (Utah 2018 LA challenge)",
-    "files": "*.nii, *.nii.gz or *.nrrd files directly in the folder, or one such file",
+    "files": "*.nii, *.nii.gz, *.nrrd or *.nhdr files directly in the folder, or one such file",
 }
 
 
@@ -83,6 +89,8 @@ def find_cases(
     cases = _FINDERS[layout](root)
     if not cases:
         raise DataError(f"no cases of layout {layout!r} under {root}; looked for {PATTERNS[layout]}")
+    for case in cases:
+        check_case_id(case.case_id, case.image_path)
     counts = Counter(case.case_id for case in cases)
     clashes = sorted(case_id for case_id, n in counts.items() if n > 1)
     if clashes:
@@ -98,6 +106,15 @@ def find_cases(
             if path is not None:
                 check_header(path, case.spacing)
     return sorted(cases, key=lambda case: case.case_id)
+
+
+def check_case_id(case_id: str, source: Path) -> None:
+    """A case id names output files (`<case_id>.nii.gz`): never empty, hidden (leading dot) or all dots."""
+    if not case_id.strip() or case_id.startswith(".") or "/" in case_id or os.sep in case_id:
+        raise DataError(
+            f"cannot name a case after {source}: its case id would be {case_id!r} (empty, hidden or a "
+            "path); rename the file or folder"
+        )
 
 
 def check_labelled(cases: Sequence[Case]) -> None:
@@ -141,17 +158,49 @@ def _split_ext(name: str) -> tuple[str, str] | None:
 
 
 def _walk(root: Path) -> list[tuple[Path, list[str], list[str]]]:
-    """os.walk over the visible part of root, following links; a folder that cannot be listed is an error
-    (Path.rglob would silently leave it, and every case in it, out)."""
+    """os.walk over the visible part of root, following links but each real folder once: a link back up the
+    tree (`loop -> .`, `case/up -> ..`) or to a folder already searched is not followed, and named in a
+    warning. A folder that cannot be listed is an error (Path.rglob would silently leave it, and every case
+    in it, out)."""
 
     def refuse(error: OSError) -> None:
         raise DataError(f"cannot read folder {error.filename} under {root}: {error.strerror}") from error
 
-    entries = []
+    # Folders inside the tree are searched under their own path; links are followed only to folders elsewhere.
+    inside = {_identity(Path(folder)) for folder, _, _ in os.walk(root, onerror=refuse)}
+    seen, skipped, entries = set(inside), [], []
     for folder, dirs, files in os.walk(root, onerror=refuse, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX"):
+            path = Path(folder) / name
+            identity = _identity(path)
+            if not path.is_symlink():
+                kept.append(name)
+            elif identity in seen:
+                skipped.append(path)
+            else:
+                seen.add(identity)
+                kept.append(name)
+        dirs[:] = kept
         entries.append((Path(folder), dirs, sorted(f for f in files if not f.startswith("."))))
+    if skipped:
+        shown = ", ".join(f"{link} -> {os.path.realpath(link)}" for link in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        warnings.warn(
+            f"symbolic link loop or repeated folder under {root}: {shown}{more} lead(s) to a folder already "
+            "searched; followed once",
+            stacklevel=4,
+        )
     return entries
+
+
+def _identity(folder: Path) -> tuple[int, int]:
+    """A folder's identity on disk (links followed): the same real folder reached twice is the same."""
+    try:
+        status = folder.stat()
+    except OSError as error:
+        raise DataError(f"cannot read folder {folder}: {error.strerror or error}") from error
+    return status.st_dev, status.st_ino
 
 
 def _readable(path: Path) -> bool:
@@ -174,7 +223,8 @@ def _search(root: Path, name: str) -> list[Path]:
 
 def _unique_ids(folders: list[Path], root: Path) -> list[str]:
     """Folder names as ids; where two clash, prefix parents until they differ (task1/train_1 vs task2/...)."""
-    parts = [folder.relative_to(root).parts or (folder.name,) for folder in folders]
+    # a case folder that is root itself is named after the resolved folder (`.` and `..` name nothing)
+    parts = [folder.relative_to(root).parts or (folder.resolve().name,) for folder in folders]
     depth = [1] * len(folders)
     while True:
         ids = ["_".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
@@ -238,6 +288,31 @@ def _volume_files(folder: Path) -> list[Path]:
     return [p for p in _listdir(folder) if not p.name.startswith(".") and _split_ext(p.name) and _readable(p)]
 
 
+def _strip(name: str, extensions: tuple[str, ...]) -> str | None:
+    """`name` without the first of `extensions` it ends with (letter case ignored), or None."""
+    return next((name[: -len(ext)] for ext in extensions if name.lower().endswith(ext)), None)
+
+
+def _warn_skipped_images(folder: Path, read: list[Path]) -> None:
+    """Warn naming every file in `folder` that looks like an image la-seg does not read (a .raw beside a
+    .nhdr that is read is that header's data, not an image of its own)."""
+    data_of_read = {p.name[: -len(".nhdr")] for p in read if p.name.lower().endswith(".nhdr")}
+    skipped = [
+        str(p)
+        for p in _listdir(folder)
+        if p not in read
+        and not p.name.startswith(".")
+        and p.name.lower().endswith(OTHER_IMAGE_EXTENSIONS)
+        and _strip(p.name, (".raw.gz", ".raw")) not in data_of_read
+    ]
+    if skipped:
+        warnings.warn(
+            f"skipped {len(skipped)} file(s) under {folder} that look like images but are not read (la-seg "
+            f"reads {', '.join(VOLUME_EXTENSIONS)}; convert them to read them): {skipped}",
+            stacklevel=4,
+        )
+
+
 def _dataset_dirs(root: Path) -> list[Path]:
     """Folders holding an imagesTr folder with a volume file in it: root, its parent, or below root."""
     if root.is_file():
@@ -297,6 +372,7 @@ def _images_tr_cases(root: Path, case_of: Callable[[str], str | None]) -> list[C
     """imagesTr/<file> with labelsTr/<case>.<ext>; `case_of` maps a file stem to its case (None: skip)."""
     dataset = _single_dataset_dir(root)
     cases = []
+    _warn_skipped_images(dataset / "imagesTr", _volume_files(dataset / "imagesTr"))
     for image in _volume_files(dataset / "imagesTr"):
         stem, ext = _split_ext(image.name)
         case_id = case_of(stem)
@@ -313,6 +389,7 @@ def _find_files(root: Path) -> list[Case]:
         files = [root]
     else:
         files = _volume_files(root)
+        _warn_skipped_images(root, files)
     stems = {_split_ext(f.name)[0] for f in files}
     cases = []
     for image in files:

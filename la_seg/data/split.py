@@ -17,6 +17,7 @@ Rules:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -137,6 +138,38 @@ def _groups_from_csv(path: Path, case_ids: Collection[str]) -> dict[str, str]:
             f"data.groups file {path} has no patient for the cases {listing(missing)}: add a row each"
         )
     return patients
+
+
+# ------------------------------------------------------------------------------------------- duplicates
+def duplicate_images(images: Mapping[str, Path]) -> list[list[str]]:
+    """Groups (sorted, of two or more) of case ids whose image files are byte-identical: the same scan twice.
+
+    Cheap: only files of equal size are hashed, each once (sha256 of its bytes).
+    """
+    by_size: dict[int, list[str]] = {}
+    for case_id, path in images.items():
+        by_size.setdefault(Path(path).stat().st_size, []).append(case_id)
+    groups: dict[str, list[str]] = {}
+    for same_size in by_size.values():
+        if len(same_size) < 2:
+            continue
+        for case_id in same_size:
+            digest = hashlib.sha256()
+            with open(images[case_id], "rb") as handle:
+                for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                    digest.update(block)
+            groups.setdefault(digest.hexdigest(), []).append(case_id)
+    return sorted(sorted(ids) for ids in groups.values() if len(ids) > 1)
+
+
+def group_duplicates(patients: Mapping[str, str] | None, duplicates: Sequence[Sequence[str]],
+                     case_ids: Collection[str]) -> dict[str, str]:  # fmt: skip
+    """case id -> patient with the patients of each duplicate group merged into one (its first's)."""
+    merged = dict(patients) if patients is not None else {case_id: case_id for case_id in case_ids}
+    for group in duplicates:
+        keep, others = merged[group[0]], {merged[case_id] for case_id in group[1:]}
+        merged = {case_id: keep if patient in others else patient for case_id, patient in merged.items()}
+    return merged
 
 
 # ------------------------------------------------------------------------------------------ random split

@@ -106,9 +106,8 @@ def write_dataset(
     affine[:3, 3] = origin
     for i, folder in enumerate(folders, start=1):
         image, label = synthesize_case(np.random.default_rng([seed, i]), shape, spacing)
-        reference = Geometry(shape, affine, spacing, folder / "enhanced.nii.gz")
-        write_nifti(folder / "enhanced.nii.gz", image, reference)
-        write_nifti(folder / "atriumSegImgMO.nii.gz", label, reference)
+        for name, data in (("enhanced.nii.gz", image), ("atriumSegImgMO.nii.gz", label)):
+            write_nifti(folder / name, data, Geometry(shape, affine, spacing, folder / name))  # no input
     return folders
 
 

@@ -54,9 +54,11 @@ def trained_checkpoint(tmp_path_factory, synth_root) -> Path:
 
 
 @pytest.fixture
-def la_seg(capfd, monkeypatch):
-    """Run `la-seg ARGS` in this process; returns its exit status and what it printed."""
+def la_seg(capfd, monkeypatch, tmp_path):
+    """Run `la-seg ARGS` in this process, in tmp_path (runs/ lands there); returns its exit status and what
+    it printed."""
     monkeypatch.delenv("LA_SEG_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
 
     def run(*argv: str) -> Result:
         capfd.readouterr()

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import la_seg.callbacks.writer as writer_module
-from la_seg.atomic import TEMP_SUFFIX, host_tag
-from la_seg.callbacks.writer import LOCK_NAME, NiftiPredictionWriter, refuse_writing_into_inputs
+from la_seg.atomic import TEMP_SUFFIX, host_tag, refuse_writing_into_inputs
+from la_seg.callbacks.writer import LOCK_NAME, NiftiPredictionWriter
 from la_seg.data.io import Geometry
 from la_seg.data.layouts import Case
 from la_seg.errors import DataError
@@ -176,16 +176,16 @@ time.sleep(60)
 def test_output_may_not_be_an_input_folder(tmp_path, output):
     (tmp_path / "in").mkdir()
     with pytest.raises(DataError, match="never writes into its input"):
-        refuse_writing_into_inputs(tmp_path / output, [tmp_path / "in" / "a.nii.gz"], str(tmp_path / "in"))
+        refuse_writing_into_inputs(tmp_path / output, [tmp_path / "in"], "--writer.output_dir")
 
 
 def test_output_may_not_be_the_folder_of_a_single_input_file(tmp_path):
     single = tmp_path / "in" / "u.nii"
     single.parent.mkdir()
     single.write_bytes(b"")
-    with pytest.raises(DataError, match=f"holding the input {single}"):
-        refuse_writing_into_inputs(tmp_path / "in", [single], str(single))
-    refuse_writing_into_inputs(tmp_path / "elsewhere", [single], str(single))
+    with pytest.raises(DataError, match=f"the folder of the input {single}"):
+        refuse_writing_into_inputs(tmp_path / "in", [single], "--writer.output_dir")
+    refuse_writing_into_inputs(tmp_path / "elsewhere", [single], "--writer.output_dir")
 
 
 def test_write_errors_surface_naming_the_file_and_leave_no_volume_table(tmp_path, monkeypatch):

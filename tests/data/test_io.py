@@ -182,7 +182,8 @@ def test_corrupt_nrrd_names_the_file(tmp_path):
 
 
 def test_write_nifti_roundtrip(tmp_path):
-    reference = read_image(_save(tmp_path / "in.nii.gz", np.zeros((6, 5, 4), np.float32)))
+    (tmp_path / "in").mkdir()
+    reference = read_image(_save(tmp_path / "in" / "in.nii.gz", np.zeros((6, 5, 4), np.float32)))
     mask = np.zeros((6, 5, 4), np.uint8)
     mask[1:3, 2, 0] = 1
     out = tmp_path / "out" / "nested" / "mask.nii.gz"
@@ -225,8 +226,10 @@ def test_write_nifti_is_reproducible_and_replaces(tmp_path):
 
 def test_write_nifti_from_utah_reference_overlays_the_image(tmp_path):
     """A mask written for a Utah image keeps the image's header affine, so viewers overlay the two."""
-    nrrd.write(str(tmp_path / "lgemri.nrrd"), np.zeros((4, 4, 2), np.int16), {"spacings": [1.0, 1.0, 1.0]})
-    reference = read_image(tmp_path / "lgemri.nrrd").geometry
+    source = tmp_path / "in" / "lgemri.nrrd"
+    source.parent.mkdir()
+    nrrd.write(str(source), np.zeros((4, 4, 2), np.int16), {"spacings": [1.0, 1.0, 1.0]})
+    reference = read_image(source).geometry
     assert reference.spacing == (0.625, 0.625, 0.625)
     write_nifti(tmp_path / "pred.nii.gz", np.ones((4, 4, 2), np.uint8), reference)
     written = nib.load(tmp_path / "pred.nii.gz")
@@ -234,16 +237,19 @@ def test_write_nifti_from_utah_reference_overlays_the_image(tmp_path):
 
 
 def test_write_nifti_refuses_bad_targets(tmp_path):
-    source = _save(tmp_path / "in.nii.gz", np.zeros((3, 3, 2), np.float32))
+    (tmp_path / "in").mkdir()
+    source = _save(tmp_path / "in" / "in.nii.gz", np.zeros((3, 3, 2), np.float32))
     reference = read_image(source).geometry
     before = source.read_bytes()
-    with pytest.raises(DataError, match="overwrite the input"):
+    with pytest.raises(DataError, match="is the input .* never writes into its input"):
         write_nifti(source, np.ones((3, 3, 2), np.uint8), reference)
-    assert source.read_bytes() == before
+    with pytest.raises(DataError, match="the folder of the input .* never writes into its input"):
+        write_nifti(tmp_path / "in" / "beside.nii.gz", np.ones((3, 3, 2), np.uint8), reference)
+    assert source.read_bytes() == before and sorted((tmp_path / "in").iterdir()) == [source]
     with pytest.raises(DataError, match="must end with .nii"):
-        write_nifti(tmp_path / "out.nrrd", np.ones((3, 3, 2), np.uint8), reference)
+        write_nifti(tmp_path / "out" / "out.nrrd", np.ones((3, 3, 2), np.uint8), reference)
     with pytest.raises(DataError, match="does not match the reference grid"):
-        write_nifti(tmp_path / "out.nii.gz", np.ones((3, 3, 3), np.uint8), reference)
+        write_nifti(tmp_path / "out" / "out.nii.gz", np.ones((3, 3, 3), np.uint8), reference)
 
 
 def test_write_nifti_failure_leaves_no_temp_file(tmp_path, monkeypatch):
@@ -460,3 +466,30 @@ def test_flipped_bytes_inside_gzip_nrrd_are_refused(tmp_path):
     path.write_bytes(bytes(blob))
     with pytest.raises(DataError, match="lgemri.nrrd.*incorrect data check"):
         read_image(path)
+
+
+def test_voxel_volume_is_the_determinant_scaled_to_the_spacing(tmp_path):
+    sheared = np.diag([1.6, 1.6, 4.0, 1.0])
+    sheared[0, 2] = 2.0
+    norms = tuple(float(n) for n in np.linalg.norm(sheared[:3, :3], axis=0))
+    geometry = Geometry((4, 4, 4), sheared, norms, tmp_path / "s.nii.gz")
+    assert geometry.voxel_volume_mm3 == pytest.approx(abs(np.linalg.det(sheared[:3, :3])))
+    assert geometry.voxel_volume_mm3 < np.prod(norms)  # the column norms overstate it
+    square = Geometry((4, 4, 4), np.diag([1.0, 1.0, 1.0, 1.0]), (0.625, 0.625, 0.625), tmp_path / "u.nrrd")
+    assert square.voxel_volume_mm3 == pytest.approx(0.625**3)  # an override (Utah) scales it
+
+
+def test_sheared_header_warns_naming_the_file(tmp_path):
+    sheared = np.diag([1.6, 1.6, 4.0, 1.0])
+    sheared[1, 2] = 1.0
+    path = _save(tmp_path / "tilted.nii.gz", np.zeros((4, 4, 3), np.float32), sheared)
+    with pytest.warns(UserWarning, match="tilted.nii.gz has non-orthogonal"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("space", ["scanner-xyz", "3D-right-handed"])
+def test_nrrd_space_without_anatomical_frame_warns(tmp_path, space):
+    path = tmp_path / "scan.nrrd"
+    nrrd.write(str(path), np.zeros((4, 4, 3), np.int16), {"space": space, "space directions": np.eye(3)})
+    with pytest.warns(UserWarning, match="no anatomical frame"):
+        assert read_image(path).geometry.spacing == (1.0, 1.0, 1.0)

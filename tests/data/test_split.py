@@ -231,3 +231,31 @@ def test_patients_kept_together():
     split = DataSplit({"train": ["p01_scan0"], "val": ["p01_scan1"], "test": []}, PATIENTS)
     with pytest.raises(DataError, match=r"split\.json puts cases of one patient.*'p01'"):
         check_patients_kept_together(split, "split.json")
+
+
+def test_duplicate_images_hashes_only_files_of_equal_size(tmp_path, monkeypatch):
+    from la_seg.data import split as split_module
+
+    files = {"a": b"same bytes", "b": b"same bytes", "c": b"same size!", "d": b"longer than the rest"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    hashed = []
+    real = split_module.hashlib.sha256
+
+    def counting():
+        hashed.append(1)
+        return real()
+
+    monkeypatch.setattr(split_module.hashlib, "sha256", counting)
+    groups = split_module.duplicate_images({name: tmp_path / name for name in files})
+    assert groups == [["a", "b"]]
+    assert len(hashed) == 3  # d has a size of its own: never read
+
+
+def test_group_duplicates_merges_their_patients():
+    from la_seg.data.split import group_duplicates
+
+    patients = {"a1": "A", "a2": "A", "b1": "B", "c1": "C"}
+    merged = group_duplicates(patients, [["a2", "b1"]], patients)
+    assert merged == {"a1": "A", "a2": "A", "b1": "A", "c1": "C"}
+    assert group_duplicates(None, [["x", "y"]], ["x", "y", "z"]) == {"x": "x", "y": "x", "z": "z"}
