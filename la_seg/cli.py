@@ -85,9 +85,14 @@ class LASegCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         apply_cpu_precision(config.trainer, self.given_options)
+        self.apply_checkpoint_rule(config)  # best / last are found through the configured logger's folder
         if self.subcommand == "predict":  # the writer writes each case; holding all outputs only costs memory
             config.return_predictions = False
             config.trainer.logger = False  # nothing to log: no event file in the training run
+
+    def apply_checkpoint_rule(self, config) -> None:
+        """Resolve --ckpt_path (a file, best / last, a list or a folder of fold runs) and take the network's
+        settings from the checkpoint; the run's folder follows the checkpoint's."""
         ckpt = config.get("ckpt_path")
         members = checkpoint_list(str(ckpt)) if ckpt else []
         if len(members) < 2:  # an ensemble of folds is no fold's run
@@ -164,8 +169,9 @@ class LASegCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """What a user needs next: the best score and its epoch, the checkpoint, the run, the test command."""
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero and not self.trainer.interrupted:
-            print(fit_summary(self.trainer, self.given_options))
+            print(fit_summary(self.trainer, log_dir, self.given_options))
 
     def _given(self, option: str) -> bool:
         return any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in self.given_options)
@@ -201,9 +207,9 @@ class LASegCLI(LightningCLI):
                 self.model.add_member(load_member(path, weights, checkpoint))
 
 
-def fit_summary(trainer, given_options: list[str]) -> str:
+def fit_summary(trainer, log_dir: str | None, given_options: list[str]) -> str:
     """The lines printed after `fit`: best val/dice and its epoch, checkpoints, run folder, next command."""
-    lines = [f"la-seg: fit finished after {trainer.current_epoch} epoch(s); run folder {trainer.log_dir}"]
+    lines = [f"la-seg: fit finished after {trainer.current_epoch} epoch(s); run folder {log_dir}"]
     for callback in trainer.checkpoint_callbacks:
         best, score = getattr(callback, "best_model_path", ""), getattr(callback, "best_model_score", None)
         if best and score is not None:
