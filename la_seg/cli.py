@@ -254,14 +254,14 @@ def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]
 _NOT_A_DEFAULT = object()
 
 
+def _default(field: dataclasses.Field):
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
 @rank_zero_only
 def _say(message: str) -> None:
     """A line for the user, printed once however many ranks parse the command."""
     print(message, file=sys.stderr)
-
-
-def _default(field: dataclasses.Field):
-    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def _logger_run_dir(config) -> Path | None:

@@ -71,10 +71,10 @@ class BlockFusion(nn.Module):
             return [w.detach().clone() for w in self._group_weights()]
 
     def _group_weights(self) -> list[Tensor]:
-        weights = self.logits if self.logits is not None else self.equal_weights
+        """Per-group weights of `softmax` and `mean` (`last` weighs nothing)."""
         if self.logits is not None:
-            return [torch.softmax(weights[part], dim=0) for part in self._slices]
-        return [weights[part] for part in self._slices]
+            return [torch.softmax(self.logits[part], dim=0) for part in self._slices]
+        return [self.equal_weights[part] for part in self._slices]
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         """``num_blocks`` maps of equal shape -> ``groups`` fused maps, shallow to deep."""
