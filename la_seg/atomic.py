@@ -138,16 +138,22 @@ def refuse_writing_into_inputs(
         if given is None or not os.path.lexists(Path(given).expanduser()):
             continue
         source = Path(given).expanduser().resolve()
-        folder = source if source.is_dir() else source.parent
         if target == source:
             raise DataError(f"{option} {output} is the input {given}; la-seg never writes into its input")
-        if target == folder or folder in target.parents:
-            where = "is" if target == folder else "lies inside"
-            kind = "the input folder" if source.is_dir() else "the folder of the input"
-            raise DataError(
-                f"{option} {output} {where} {kind} {given}; la-seg never writes into its input: "
-                "choose another folder"
-            )
+        # a file protects its folder: the one it is in, and, for a link, the one its target is in
+        folders = (
+            {source}
+            if source.is_dir()
+            else {source.parent, Path(given).expanduser().absolute().parent.resolve()}
+        )
+        for folder in folders:
+            if target == folder or folder in target.parents:
+                where = "is" if target == folder else "lies inside"
+                kind = "the input folder" if source.is_dir() else "the folder of the input"
+                raise DataError(
+                    f"{option} {output} {where} {kind} {given}; la-seg never writes into its input: "
+                    "choose another folder"
+                )
         if replaces and target in source.parents:
             raise DataError(
                 f"{option} {output} holds the input {given} and would be replaced; la-seg never writes "

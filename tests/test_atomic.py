@@ -113,3 +113,16 @@ def test_links_are_followed_and_absent_inputs_ignored(tmp_path):
     with pytest.raises(DataError, match="never writes into its input"):
         refuse_writing_into_inputs(tmp_path / "alias" / "masks", [folder], "--out")
     refuse_writing_into_inputs(tmp_path / "x" / "masks", [None, tmp_path / "x" / "gone.nii.gz"], "--out")
+
+
+def test_a_linked_input_file_protects_both_folders(tmp_path):
+    real = tmp_path / "store" / "scan.nii.gz"
+    real.parent.mkdir()
+    real.write_bytes(b"")
+    link = tmp_path / "in" / "scan.nii.gz"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    for output in ("in/masks", "store/masks"):
+        with pytest.raises(DataError, match="never writes into its input"):
+            refuse_writing_into_inputs(tmp_path / output, [link], "--writer.output_dir")
+    refuse_writing_into_inputs(tmp_path / "out", [link], "--writer.output_dir")
