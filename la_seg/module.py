@@ -17,12 +17,21 @@ from la_seg.checkpoints import (
     holds_backbone,
     load_checkpoint,
     read_backbone_record,
+    stored_calibration,
     write_backbone_record,
 )
 from la_seg.data.io import Geometry
-from la_seg.data.preprocess import labels_to_input
+from la_seg.data.preprocess import InPlane, check_in_plane, labels_to_input, slice_grid
 from la_seg.errors import DataError
-from la_seg.inference import TTA, TTA_FLIPS, Agreement, Ensemble, EnsembleMember, VolumeResult
+from la_seg.inference import (
+    REVIEW_BELOW,
+    TTA,
+    TTA_FLIPS,
+    Agreement,
+    Ensemble,
+    EnsembleMember,
+    VolumeResult,
+)
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
 
 # Largest chunk segment_volume runs on CPU. A CPU forward is compute-bound from a few slices on; bigger chunks
@@ -58,6 +67,8 @@ class LASegModule(L.LightningModule):
     Args:
         net: the network (backbone, fusion, decoder); `net.img_size` is linked to `data.img_size`.
         slice_context: 2.5D input (neighbouring slices as channels); linked to `data.slice_context`.
+        in_plane, target_spacing: how slices are resized to the input (la_seg.data.preprocess); linked to
+            `data.in_plane` and `data.target_spacing`.
         loss: `bce` (the paper) or `dice_bce` (MONAI DiceCELoss with sigmoid).
         optimizer: `adam` (the paper) or `adamw`.
         lr: learning rate (paper: 1e-3).
@@ -70,6 +81,8 @@ class LASegModule(L.LightningModule):
             identity and the in-plane flips in X, Y and both; 4x the cost).
         postprocess: `none` or `largest_component` (keep the largest 3D connected component), applied
             the same way in validation, test and predict.
+        review_below: with several voters (an ensemble or `tta: flips`), a case is flagged for review when
+            their mean pairwise Dice is below this.
         save_backbone: store a frozen backbone's weights in every checkpoint (self-contained, but a
             giant checkpoint is 4.5 GB); by default only its name, source and fingerprint are stored.
             A trained or randomly initialised backbone is always stored: it has no other source.
@@ -80,6 +93,8 @@ class LASegModule(L.LightningModule):
         self,
         net: SegmenterConfig = SegmenterConfig(),  # noqa: B008 (never mutated; jsonargparse shows its fields)
         slice_context: bool = False,
+        in_plane: InPlane = "stretch",
+        target_spacing: float = 1.0,
         loss: Literal["bce", "dice_bce"] = "bce",
         optimizer: Literal["adam", "adamw"] = "adam",
         lr: float = 1e-3,
@@ -90,6 +105,7 @@ class LASegModule(L.LightningModule):
         threshold: float = 0.5,
         tta: TTA = "none",
         postprocess: Literal["none", "largest_component"] = "none",
+        review_below: float = REVIEW_BELOW,
         save_backbone: bool = False,
         compile: bool = False,
     ) -> None:
@@ -98,6 +114,10 @@ class LASegModule(L.LightningModule):
             raise DataError(f"model.threshold must lie strictly between 0 and 1, got {threshold}")
         if eval_batch_size < 1:
             raise DataError(f"model.eval_batch_size must be at least 1 slice, got {eval_batch_size}")
+        try:
+            check_in_plane(in_plane, target_spacing)
+        except DataError as error:
+            raise DataError(f"model.{error}") from None
         if isinstance(net, dict):  # hparams read back from YAML
             net = SegmenterConfig(**net)
         self.save_hyperparameters({**locals_without_self(locals()), "net": dataclasses.asdict(net)})
@@ -125,6 +145,9 @@ class LASegModule(L.LightningModule):
         self.member_name = "model"
         self.extra_members: list[EnsembleMember] = []
         self._ensemble: list[Ensemble] = []  # built once per run (a list: not a submodule either)
+        # The inference settings chosen on validation at the end of fit (la_seg.callbacks.calibration), as
+        # the checkpoint records them; None for a checkpoint without, or before one is loaded.
+        self.calibration: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -173,7 +196,13 @@ class LASegModule(L.LightningModule):
         """The module's own net plus the extra members, built on first use; members share a frozen
         backbone's pass, and their duplicate copies of it are dropped (the ensemble holds one)."""
         if not self._ensemble:
-            own = EnsembleMember(self.member_name, self.net, bool(self.hparams.slice_context))
+            own = EnsembleMember(
+                self.member_name,
+                self.net,
+                bool(self.hparams.slice_context),
+                self.hparams.get("in_plane", "stretch"),
+                float(self.hparams.get("target_spacing", 1.0)),
+            )
             members = [own, *self.extra_members]
             ensemble = Ensemble(members)
             for shared in ensemble.passes:
@@ -200,10 +229,16 @@ class LASegModule(L.LightningModule):
         return {**self.ensemble().describe(), "tta": self.hparams.tta}
 
     # ---- whole-volume inference --------------------------------------------------------------------
-    def infer(self, image: torch.Tensor, own_logits: list[torch.Tensor] | None = None) -> VolumeResult:
+    def infer(
+        self,
+        image: torch.Tensor,
+        own_logits: list[torch.Tensor] | None = None,
+        spacing: tuple[float, float, float] | None = None,
+    ) -> VolumeResult:
         """Whole-volume inference of the ensemble (one member: the module's net) with the configured flips;
-        the mask post-processed. `own_logits`, if given, receives the module's own net's unflipped (N, S, S)
-        float32 slice logits per chunk, as the ensemble computes them (for the evaluation loss)."""
+        the mask post-processed. `spacing`: mm per voxel, slices last (needed with in_plane "spacing").
+        `own_logits`, if given, receives the module's own net's unflipped (N, S, S) float32 slice logits per
+        chunk, as the ensemble computes them (for the evaluation loss)."""
         ensemble = self.ensemble()
         hook = None
         if own_logits is not None:
@@ -217,7 +252,7 @@ class LASegModule(L.LightningModule):
             hook = ensemble.heads[0].register_forward_hook(keep_identity)
         try:
             result = ensemble.segment_volume(
-                image, self.hparams.threshold, self.eval_chunk(image.device), self.hparams.tta
+                image, self.hparams.threshold, self.eval_chunk(image.device), self.hparams.tta, spacing
             )
         finally:
             if hook is not None:
@@ -231,23 +266,35 @@ class LASegModule(L.LightningModule):
             return self.largest_component(mask[None]).squeeze(0).bool()
         return mask
 
-    def segment_volume(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def segment_volume(
+        self, image: torch.Tensor, spacing: tuple[float, float, float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Probability map and binary mask, both (X, Y, Z) in the volume's original geometry."""
-        result = self.infer(image)
+        result = self.infer(image, spacing=spacing)
         return result.prob, result.mask
 
+    def review_below(self) -> float:
+        """Mean pairwise Dice below which a case is flagged (model.review_below; older checkpoints: 0.9)."""
+        return float(self.hparams.get("review_below", REVIEW_BELOW))
+
     @torch.no_grad()
-    def eval_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def eval_loss(
+        self, logits: torch.Tensor, label: torch.Tensor, spacing: tuple[float, float, float] | None = None
+    ) -> torch.Tensor:
         """The training loss on a volume's slices: per chunk, weighted by slices, in fp32 outside autocast.
 
         Autocast refuses some losses (BCE on probabilities) and would run others in low precision.
         """
         depth, chunk = logits.shape[0], self.eval_chunk(logits.device)
+        size = self.net_config.img_size
+        grid = slice_grid(
+            label.shape[:2], size, self.hparams.get("in_plane", "stretch"), spacing, self.target_spacing()
+        )
         total = logits.new_zeros(())
         with torch.autocast(device_type=logits.device.type, enabled=False):
             for start in range(0, depth, chunk):
                 index = slice(start, min(depth, start + chunk))
-                target = labels_to_input(label, self.net_config.img_size, index=index)
+                target = labels_to_input(label, size, index=index, grid=grid)
                 total += self.loss_fn(logits[index, None].float(), target) * target.shape[0]
         return total / depth
 
@@ -255,15 +302,17 @@ class LASegModule(L.LightningModule):
         """The loss is the module's own net's (the first member, unflipped), whatever votes: it stays the
         training loss on the model's slices, comparable with training and with single-model runs."""
         image, label, geometry = batch["image"], batch["label"], batch["geometry"]
+        spacing = geometry.slices_last_spacing
         logits: list[torch.Tensor] = []
-        result = self.infer(image, own_logits=logits)
-        self.log(f"{stage}/loss", self.eval_loss(torch.cat(logits), label), batch_size=1, sync_dist=True)
+        result = self.infer(image, own_logits=logits, spacing=spacing)
+        loss = self.eval_loss(torch.cat(logits), label, spacing)
+        self.log(f"{stage}/loss", loss, batch_size=1, sync_dist=True)
         return EvalOutput(
             case_id=batch["case_id"],
             pred=result.mask,
             label=label.bool(),
             geometry=geometry,
-            agreement=result.agreement(geometry.slices_last_spacing),
+            agreement=result.agreement(spacing, self.review_below()),
         )
 
     def validation_step(self, batch: dict, batch_idx: int) -> EvalOutput:
@@ -273,14 +322,16 @@ class LASegModule(L.LightningModule):
         return self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> PredictOutput:
-        result, geometry = self.infer(batch["image"]), batch["geometry"]
+        geometry = batch["geometry"]
+        spacing = geometry.slices_last_spacing
+        result = self.infer(batch["image"], spacing=spacing)
         return PredictOutput(
             case_id=batch["case_id"],
             mask=result.mask,
             prob=result.prob,
             geometry=geometry,
             uncertainty=result.uncertainty,
-            agreement=result.agreement(geometry.slices_last_spacing),
+            agreement=result.agreement(spacing, self.review_below()),
         )
 
     # ---- checkpoints (the format lives in la_seg/checkpoints.py) ------------------------------------------
@@ -289,11 +340,16 @@ class LASegModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         read_backbone_record(self, checkpoint)
+        self.calibration = stored_calibration(checkpoint)
+
+    def target_spacing(self) -> float:
+        return float(self.hparams.get("target_spacing", 1.0))
 
     def inference_settings(self) -> dict:
-        """The choices that may differ from training (recorded in reports): threshold, post-processing, ..."""
-        settings = {field: self.hparams[field] for field in INFERENCE_FIELDS}
-        return {**settings, "weights": self.net_config.weights}
+        """The choices that may differ from training (recorded in reports): threshold, post-processing, ...,
+        and `calibration`: what the checkpoint's end-of-fit calibration chose, and how (None without one)."""
+        settings = {field: self.hparams.get(field) for field in INFERENCE_FIELDS}
+        return {**settings, "weights": self.net_config.weights, "calibration": self.calibration}
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, **kwargs):  # type: ignore[override]
@@ -342,7 +398,13 @@ def load_member(path: str | Path, weights: str | None = None) -> EnsembleMember:
         ) from None
     holder.on_load_checkpoint(checkpoint)
     holder.load_state_dict(checkpoint["state_dict"])
-    return EnsembleMember(str(path), holder.net.eval(), bool(hparams.get("slice_context", False)))
+    return EnsembleMember(
+        str(path),
+        holder.net.eval(),
+        bool(hparams.get("slice_context", False)),
+        hparams.get("in_plane", "stretch"),
+        float(hparams.get("target_spacing", 1.0)),
+    )
 
 
 def offline_network(checkpoint: dict, weights: str | None = None) -> SegmenterConfig:

@@ -204,7 +204,7 @@ def test_flops_of_shared_ensemble(tiny_net):
     first = make_net(tiny_net, 0)
     nets = [first] + [make_net(tiny_net, seed, weights_from=first) for seed in (1, 2, 3)]
     x = torch.rand(2, 3, tiny_net.img_size, tiny_net.img_size)
-    inputs = {(tiny_net.img_size, False): x}
+    inputs = {(tiny_net.img_size, False, "stretch", 1.0): x}
     one = flops(Ensemble([EnsembleMember("a", first)]), inputs)
     four = flops(Ensemble([EnsembleMember(str(i), net) for i, net in enumerate(nets)]), inputs)
     backbone = flops(first.backbone, x)

@@ -1,7 +1,9 @@
-"""Lightning callbacks: metrics and test report, TensorBoard images, NIfTI prediction writer."""
+"""Lightning callbacks: metrics and test report, TensorBoard images, NIfTI prediction writer, and the
+inference settings chosen on validation at the end of fit."""
 
+from la_seg.callbacks.calibration import InferenceCalibration
 from la_seg.callbacks.images import TensorBoardImages
 from la_seg.callbacks.metrics import SegmentationMetrics
 from la_seg.callbacks.writer import NiftiPredictionWriter
 
-__all__ = ["NiftiPredictionWriter", "SegmentationMetrics", "TensorBoardImages"]
+__all__ = ["InferenceCalibration", "NiftiPredictionWriter", "SegmentationMetrics", "TensorBoardImages"]

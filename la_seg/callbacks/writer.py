@@ -17,7 +17,6 @@ from la_seg.atomic import atomic_path, remove_stale_temp_files, write_csv
 from la_seg.callbacks.images import PANEL, overlay
 from la_seg.data.io import Geometry, write_nifti
 from la_seg.errors import DataError
-from la_seg.inference import REVIEW_BELOW
 from la_seg.metrics import gather_cases, volume_ml
 
 VOLUMES_CSV = "volumes.csv"
@@ -47,7 +46,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
         overwrite: replace existing outputs.
         save_probabilities: also write `<case_id>_prob.nii.gz` (float32 LA probability).
         save_png: also write `<case_id>.png`: axial, coronal and sagittal mid-LA slices with the mask in red.
-        review_below: with several voters, flag a case for review when their mean pairwise Dice is below this.
+        review_below: with several voters, flag a case for review when their mean pairwise Dice is below this;
+            None: the model's `review_below` (calibrated on validation at the end of fit, or its default).
     """
 
     def __init__(
@@ -56,7 +56,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
         overwrite: bool = False,
         save_probabilities: bool = False,
         save_png: bool = False,
-        review_below: float = REVIEW_BELOW,
+        review_below: float | None = None,
     ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir) if output_dir else None
@@ -162,7 +162,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
         if agreement is not None:
             row["volume_spread_ml"] = agreement["volume_spread_ml"]
             row["mean_pairwise_dice"] = agreement["mean_pairwise_dice"]
-            row["review"] = agreement["mean_pairwise_dice"] < self.review_below
+            own = self.review_below
+            row["review"] = agreement["review"] if own is None else agreement["mean_pairwise_dice"] < own
         outputs = {"mask": mask}
         if self.save_probabilities:
             outputs["prob"] = prediction["prob"].detach().float().cpu()

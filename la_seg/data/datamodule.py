@@ -23,7 +23,7 @@ from la_seg.data.cache import CacheMode
 from la_seg.data.datasets import SliceDataset, VolumeDataset, first_item
 from la_seg.data.io import SliceAxis
 from la_seg.data.layouts import Case, Layout, find_cases
-from la_seg.data.preprocess import check_img_size
+from la_seg.data.preprocess import InPlane, check_img_size, check_in_plane
 from la_seg.data.split import (
     DataSplit,
     check_folds,
@@ -77,6 +77,11 @@ class LADataModule(L.LightningDataModule):
         slice_axis: the through-plane axis the volumes are sliced along: "auto" (the axis of largest spacing,
             from the affine) or an array axis 0, 1, 2.
         label_values: label values that mean LA (e.g. [420] for LAScarQS); None: any value > 0.
+        in_plane: how a slice becomes the img_size x img_size input: "stretch" (resized to it, whatever its
+            millimetres per pixel and aspect ratio: the paper) or "spacing" (resampled to `target_spacing` mm
+            per pixel, aspect kept, then padded or cropped, centred, to img_size). Linked to `model.in_plane`.
+        target_spacing: mm per pixel of the input with in_plane "spacing" (img_size x target_spacing mm of
+            field of view are kept). Linked to `model.target_spacing`.
 
     Attributes:
         split: {"train": [...], "val": [...], "test": [...]} case ids, None until setup() / load_state_dict().
@@ -105,8 +110,14 @@ class LADataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         slice_axis: SliceAxis = "auto",
         label_values: list[int] | None = None,
+        in_plane: InPlane = "stretch",
+        target_spacing: float = 1.0,
     ) -> None:
         super().__init__()
+        try:
+            check_in_plane(in_plane, target_spacing)
+        except DataError as error:
+            raise DataError(f"data.{error}") from None
         if batch_size < 1:
             raise DataError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -125,6 +136,7 @@ class LADataModule(L.LightningDataModule):
         self.groups, self.folds, self.fold = groups, folds, fold
         # how they are fed to the model
         self.img_size, self.slice_context = check_img_size(img_size), slice_context
+        self.in_plane, self.target_spacing = in_plane, float(target_spacing)
         self.batch_size, self.num_workers, self.empty_slice_fraction = (
             batch_size,
             num_workers,
@@ -286,6 +298,8 @@ class LADataModule(L.LightningDataModule):
             seed=self.seed,
             cache=self.cache,
             cache_dir=self.cache_dir,
+            in_plane=self.in_plane,
+            target_spacing=self.target_spacing,
         )
         return DataLoader(
             dataset,

@@ -1,0 +1,146 @@
+"""Inference settings chosen on the validation cases at the end of fit, as nnU-Net chooses post-processing.
+
+When training ends, the best checkpoint's weights segment every validation case; the threshold (a small
+grid) and the post-processing (`none` or `largest_component`) with the best mean 3D Dice are kept (near-ties,
+within `tie_dice`, go to the lower mean HD95: islands far from the LA barely move Dice but ruin HD95), and
+the review threshold is set to the `review_quantile` quantile of the validation cases' agreement (mean
+pairwise Dice of the test-time flips): a held-out case is flagged when its voters agree less than all but
+that fraction of the validation cases did. All of it, with the scores it was chosen on, goes into the best
+checkpoint (`la_seg.checkpoints.write_calibration`); validate / test / predict then use those settings unless
+they are given on the command line, and reports record them (`inference.calibration`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from la_seg.checkpoints import load_checkpoint, write_calibration
+from la_seg.data.datasets import VolumeDataset
+from la_seg.errors import DataError
+from la_seg.inference import case_agreement
+from la_seg.metrics import overlap_3d, surface_distances
+
+POSTPROCESSING = ("none", "largest_component")
+
+
+class InferenceCalibration(L.Callback):
+    """Chooses threshold, post-processing and review threshold on the validation cases when fit ends.
+
+    Args:
+        enabled: calibrate at the end of every fit that has validation cases and a best checkpoint.
+        thresholds: the probability thresholds compared (with each post-processing).
+        review_quantile: the review threshold is this quantile of the validation cases' flips agreement.
+        tie_dice: mean Dice differences up to this count as a tie, broken by the lower mean HD95.
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        thresholds: Sequence[float] = (0.3, 0.4, 0.5, 0.6),
+        review_quantile: float = 0.1,
+        tie_dice: float = 0.001,
+    ) -> None:
+        if not thresholds or not all(0.0 < t < 1.0 for t in thresholds):
+            raise DataError(
+                f"calibration.thresholds must lie strictly between 0 and 1, got {list(thresholds)}"
+            )
+        if not 0.0 <= review_quantile <= 1.0:
+            raise DataError(f"calibration.review_quantile must be in [0, 1], got {review_quantile}")
+        self.enabled = enabled
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.review_quantile = float(review_quantile)
+        self.tie_dice = float(tie_dice)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the last validation (best checkpoint written), on the training device; rank zero only."""
+        if not self.enabled or trainer.sanity_checking:
+            return
+        callback = trainer.checkpoint_callback
+        path = getattr(callback, "best_model_path", "") if callback is not None else ""
+        cases = trainer.datamodule.cases("val") if trainer.datamodule is not None else []
+        if not path or not Path(path).is_file() or not cases:
+            rank_zero_warn(
+                "calibration: no best checkpoint or no validation cases; inference settings not chosen"
+            )
+            return
+        if trainer.is_global_zero:
+            with trainer.precision_plugin.forward_context():
+                record = self.calibrate(pl_module, trainer.datamodule, path)
+            write_calibration(path, record)
+            chosen = record["settings"]
+            rank_zero_info(
+                f"calibration on {len(cases)} validation cases: threshold {chosen['threshold']}, postprocess "
+                f"{chosen['postprocess']}, review_below {chosen['review_below']:.4f}; stored in {path}"
+            )
+        trainer.strategy.barrier("la_seg_calibration")
+
+    @torch.no_grad()
+    def calibrate(self, pl_module, datamodule, path: str) -> dict:
+        """The record for `path`'s weights (loaded into `pl_module`) on the data module's validation cases."""
+        checkpoint = load_checkpoint(path)
+        pl_module.on_load_checkpoint(checkpoint)
+        pl_module.load_state_dict(checkpoint["state_dict"])
+        pl_module.eval()
+        dataset = VolumeDataset(datamodule.cases("val"), cache="none", slice_axis=datamodule.slice_axis)
+        from monai.transforms import KeepLargestConnectedComponent
+
+        largest = KeepLargestConnectedComponent()
+        combos = list(itertools.product(self.thresholds, POSTPROCESSING))
+        scores: dict[tuple[float, str], list[tuple[float, float]]] = {c: [] for c in combos}
+        volumes = []  # per case, on the CPU: what the flips need again
+        ensemble, device = pl_module.ensemble(), pl_module.device
+        chunk, tta = pl_module.eval_chunk(device), pl_module.hparams.tta
+        for item in dataset:
+            image, label = item["image"].to(device), item["label"].to(device).bool()
+            spacing = item["geometry"].slices_last_spacing
+            prob = ensemble.segment_volume(image, 0.5, chunk, tta, spacing).prob
+            for threshold, post in combos:
+                mask = prob > threshold
+                if post == "largest_component" and mask.any():
+                    mask = largest(mask[None]).squeeze(0).bool()
+                dice = overlap_3d(mask, label)[0]
+                hd95 = surface_distances(mask, label, spacing)[0]  # NaN for an empty mask: left out
+                scores[(threshold, post)].append((dice, hd95))
+            volumes.append((item["image"], spacing))
+        table = {
+            f"{t}/{p}": {
+                "dice": float(np.mean([d for d, _ in s])),
+                "hd95_mm": float(np.nanmean([h for _, h in s]))
+                if any(not math.isnan(h) for _, h in s)
+                else None,
+            }
+            for (t, p), s in scores.items()
+        }
+        best_dice = max(v["dice"] for v in table.values())
+        near = [k for k, v in table.items() if v["dice"] >= best_dice - self.tie_dice]
+        # Near-ties: the lower mean HD95; then the threshold nearest 0.5 (the untuned default).
+        key = min(near, key=lambda k: (table[k]["hd95_mm"] or math.inf, abs(float(k.split("/")[0]) - 0.5)))
+        threshold, post = float(key.split("/")[0]), key.split("/")[1]
+        agreements = []
+        for image, spacing in volumes:
+            result = ensemble.segment_volume(image.to(device), threshold, chunk, "flips", spacing)
+            names = list(result.voter_names)
+            agreements.append(case_agreement(result.voter_masks, names, spacing)["mean_pairwise_dice"])
+        review_below = float(np.quantile(agreements, self.review_quantile))
+        return {
+            "settings": {"threshold": threshold, "postprocess": post, "review_below": review_below},
+            "how": {
+                "checkpoint": str(path),
+                "validation_cases": [c.case_id for c in dataset.cases],
+                "tta": tta,
+                "rule": "best mean 3D Dice of thresholds x post-processing; within tie_dice, lower mean HD95",
+                "tie_dice": self.tie_dice,
+                "scores": table,
+                "review_rule": f"quantile {self.review_quantile} of the validation cases' flips agreement "
+                "(mean pairwise Dice of identity, flip X, flip Y, flip XY)",
+                "validation_agreement": agreements,
+            },
+        }

@@ -1,0 +1,75 @@
+"""Inference settings chosen on validation at the end of fit: stored in the checkpoint, used by test and
+predict unless given on the command line, recorded in the report."""
+
+import json
+
+import pytest
+import torch
+
+from la_seg.callbacks.calibration import InferenceCalibration
+from la_seg.checkpoints import CALIBRATION_KEY, network_settings, stored_calibration, write_calibration
+from la_seg.cli import main
+from la_seg.errors import DataError
+
+TINY = [
+    "--config", "demo.yaml",
+    "--data.img_size", "56",
+    "--data.num_workers", "0",
+    "--data.batch_size", "8",
+    "--model.net.backbone_kwargs", "{depth: 2, embed_dim: 32, num_heads: 2}",
+    "--model.net.decoder_channels", "[16, 16, 8, 8]",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, monkeypatch, synth_root):
+    monkeypatch.chdir(tmp_path)
+    data = ["--data.root", str(synth_root), "--data.in_plane", "spacing", "--data.target_spacing", "2.0"]
+    main(["fit", *TINY, *data, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+          "--calibration.thresholds", "[0.4, 0.5]"])  # fmt: skip
+    run = tmp_path / "runs" / "demo" / "version_0"
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    record = stored_calibration(checkpoint)
+    settings = record["settings"]
+    assert settings["threshold"] in (0.4, 0.5) and settings["postprocess"] in ("none", "largest_component")
+    assert 0.0 <= settings["review_below"] <= 1.0
+    assert set(record["how"]["scores"]) == {
+        f"{t}/{p}" for t in (0.4, 0.5) for p in ("none", "largest_component")
+    }
+    assert len(record["how"]["validation_agreement"]) == len(record["how"]["validation_cases"]) >= 1
+    assert network_settings(checkpoint)["in_plane"] == "spacing"
+    assert network_settings(checkpoint)["target_spacing"] == 2.0
+
+    # test: the chosen settings, recorded with how they were chosen; the network's input settings follow
+    main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best"])
+    inference = json.loads((run / "test_metrics.json").read_text())["header"]["inference"]
+    assert inference["threshold"] == settings["threshold"]
+    assert inference["postprocess"] == settings["postprocess"]
+    assert inference["review_below"] == pytest.approx(settings["review_below"])
+    assert inference["calibration"]["settings"] == settings
+    # ... unless given on the command line
+    main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best", "--model.threshold", "0.7"])
+    inference = json.loads((run / "test_metrics.json").read_text())["header"]["inference"]
+    assert inference["threshold"] == 0.7 and inference["postprocess"] == settings["postprocess"]
+
+
+def test_a_calibration_record_round_trips_through_the_file(tmp_path):
+    path = tmp_path / "c.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"net": {}}}, path)
+    record = {"settings": {"threshold": 0.4, "postprocess": "none", "review_below": 0.93}, "how": {"n": 2}}
+    write_calibration(path, record)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint[CALIBRATION_KEY] == record and stored_calibration(checkpoint) == record
+    assert network_settings(checkpoint)["in_plane"] == "stretch"  # written before in_plane existed: stretched
+    with pytest.raises(ValueError, match="calibrated settings"):
+        write_calibration(path, {"settings": {"img_size": 3}, "how": {}})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"thresholds": [0.0]}, "thresholds"), ({"review_quantile": 2}, "quantile")]
+)
+def test_bad_calibration_settings_are_refused(kwargs, match):
+    with pytest.raises(DataError, match=match):
+        InferenceCalibration(**kwargs)
