@@ -17,6 +17,7 @@ flagged for review are among the worst.
     python benchmarks/accuracy.py --name baseline --json benchmarks/results/accuracy_baseline.json \\
         -- --data.in_plane stretch                      # ~15 min on one core
     python benchmarks/accuracy.py --quick               # a smoke run (~2 min): checks the pipeline only
+    python benchmarks/accuracy.py --table benchmarks/results/accuracy_*.json   # markdown table of results
 
 Data and runs stay in --work-dir (default /tmp/la-seg-accuracy) so that later runs reuse the phantoms;
 `--ckpt PATH` evaluates an existing checkpoint without training. Progress goes to stderr.
@@ -254,7 +255,36 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def table(paths: list[str]) -> str:
+    """A markdown table of result files side by side: per geometry Dice, HD95, volume error, beyond +-5 %."""
+    lines = [
+        "| run | geometry | Dice mean (min) | HD95 mm mean (max) | volume error % mean +- sd (worst) "
+        "| beyond 5 % |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        name = Path(path).stem
+        for g, s in result["per_geometry"].items():
+            lines.append(
+                f"| {name} | {g} | {s['dice_mean']:.3f} ({s['dice_min']:.3f}) | {s['hd95_mm_mean']:.1f} "
+                f"({s['hd95_mm_max']:.1f}) | {s['volume_error_pct_mean']:+.1f} +- "
+                f"{s['volume_error_pct_sd']:.1f} ({s['volume_error_pct_worst']:+.1f}) | "
+                f"{s['beyond_5pct']}/{s['n']} |"
+            )
+        done = result["done_when"]
+        lines.append(
+            f"| {name} | all | {result['overall']['dice_mean']:.3f} | | within 5 %: "
+            f"{100 * done['fraction_within_5pct']:.0f} % | Dice bar met: "
+            f"{done['every_geometry_dice_within_0.01_of_best']} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and sys.argv[1:2] == ["--table"]:
+        print(table(sys.argv[2:]))
+        return
     args = parse_args(argv)
     result = run(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
