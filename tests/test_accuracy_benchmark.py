@@ -1,19 +1,11 @@
 """benchmarks/accuracy.py's figures from a test report: per geometry, the issue's bar, the review flags."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
 
 
 @pytest.fixture(scope="module")
-def accuracy():
-    spec = importlib.util.spec_from_file_location("la_seg_benchmark_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def accuracy(load_benchmark):
+    return load_benchmark("accuracy")
 
 
 def _case(case_id, dice, pred, ref=10.0, pairwise=None, review=False):
