@@ -30,6 +30,7 @@ from la_seg.checkpoints import (
     find_run_checkpoint,
     holds_backbone,
     load_checkpoint,
+    network_settings,
     stored_calibration,
 )
 from la_seg.data.datamodule import LADataModule
@@ -194,6 +195,8 @@ def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]
     for field, option in options.items():
         on_command_line = any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in given_options)
         given[field] = (option, values[field], _NOT_A_DEFAULT if on_command_line else defaults[field])
+    if network_settings(checkpoint)["in_plane"] == "stretch":  # a stretching checkpoint has no target spacing
+        del given["target_spacing"]
     settings = check_settings(checkpoint, given)
     for field in NETWORK_FIELDS:
         net[field] = settings.get(field, net.get(field))

@@ -5,22 +5,12 @@ import json
 
 import pytest
 import torch
+from test_cli import TINY  # noqa: I001 (tests/ is on sys.path under pytest)
 
 from la_seg.callbacks.calibration import InferenceCalibration, choose
 from la_seg.checkpoints import CALIBRATION_KEY, network_settings, stored_calibration, write_calibration
 from la_seg.cli import main
 from la_seg.errors import DataError
-
-TINY = [
-    "--config", "demo.yaml",
-    "--data.img_size", "56",
-    "--data.num_workers", "0",
-    "--data.batch_size", "8",
-    "--model.net.backbone_kwargs", "{depth: 2, embed_dim: 32, num_heads: 2}",
-    "--model.net.decoder_channels", "[16, 16, 8, 8]",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-]  # fmt: skip
 
 
 @pytest.mark.slow
