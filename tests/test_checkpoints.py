@@ -97,6 +97,18 @@ def test_a_contradicting_setting_is_an_error(capsys, synth_root, context_ckpt, o
     assert option[2:] in line and str(context_ckpt) in line and trained in line
 
 
+def test_a_stretching_checkpoint_ignores_a_configured_target_spacing(monkeypatch, tmp_path, synth_root):
+    """Slices are resized as the checkpoint was trained; a stretching one never used a target spacing, so a
+    config's (the paper configs say 0.9 mm) does not contradict it. in_plane itself does."""
+    stretched = save(LASegModule(net=TINY_NET), tmp_path / "stretch.ckpt")
+    common = ["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", str(stretched)]
+    built = built_by(monkeypatch, [*common, "--data.in_plane", "stretch", "--data.target_spacing", "0.9"])
+    assert built.datamodule.in_plane == built.model.hparams.in_plane == "stretch"
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        main(common)  # demo.yaml says spacing
+
+
 def write_marker(path: str) -> None:
     Path(path).write_text("code ran")
 
