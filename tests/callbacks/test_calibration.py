@@ -80,6 +80,8 @@ def test_choose_post_processing_first_then_a_threshold_only_for_a_clear_gain():
     )  # fmt: skip
     assert choose(table, 0.5, tie_dice=0.001, min_gain=0.01) == (0.5, "largest_component")
     assert choose(table, 0.5, tie_dice=0.001, min_gain=0.005) == (0.3, "largest_component")
-    # A Dice tie between post-processings goes to the lower HD95.
-    tie = _table([("0.5/none", 0.9, 2.0), ("0.5/largest_component", 0.9, 9.0)])
-    assert choose(tie, 0.5, tie_dice=0.001, min_gain=0.01) == (0.5, "none")
+    # A Dice tie between post-processings goes to largest_component (validation may hold no islands).
+    tie = _table([("0.5/none", 0.9006, 2.23), ("0.5/largest_component", 0.9, 2.24)])
+    assert choose(tie, 0.5, tie_dice=0.001, min_gain=0.01) == (0.5, "largest_component")
+    worse = _table([("0.5/none", 0.91, 2.2), ("0.5/largest_component", 0.90, 2.2)])  # it removed LA: none
+    assert choose(worse, 0.5, tie_dice=0.001, min_gain=0.01) == (0.5, "none")
