@@ -14,8 +14,8 @@ with test-time flips (for the review flags). Reports per geometry Dice, HD95 and
 per case (mean, sd, worst, how many beyond +-5 %), whether the issue's bar is met, and how many of the cases
 flagged for review are among the worst.
 
-    python benchmarks/accuracy.py --name baseline --json benchmarks/results/accuracy_baseline.json \\
-        -- --data.in_plane stretch                      # ~15 min on one core
+    python benchmarks/accuracy.py --name stretch --json benchmarks/results/accuracy_14ep_stretch.json \\
+        -- --data.in_plane stretch --trainer.max_epochs 14   # ~15 min on a quiet core, 35 min on a busy one
     python benchmarks/accuracy.py --quick               # a smoke run (~2 min): checks the pipeline only
     python benchmarks/accuracy.py --table benchmarks/results/accuracy_*.json   # markdown table of results
 
