@@ -131,7 +131,7 @@ def flops_figures(config_name: str, img_size: int | None, members: int) -> dict:
     nets = fake_segmenters(net, members, mode)
     with mode:
         x = torch.empty(1, 3, net.img_size, net.img_size)
-        inputs = {(net.img_size, False): x}
+        inputs = {(net.img_size, False, "stretch", 1.0): x}
         one = count_flops(Ensemble([EnsembleMember("0", nets[0])]).eval(), inputs)
         ensemble = count_flops(
             Ensemble([EnsembleMember(str(i), n) for i, n in enumerate(nets)]).eval(), inputs

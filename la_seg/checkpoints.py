@@ -43,7 +43,15 @@ NETWORK_FIELDS = (
     "stem_channels",
 )
 # Choices that may change after training; they are recorded with the results instead.
-INFERENCE_FIELDS = ("threshold", "tta", "postprocess", "eval_batch_size")
+INFERENCE_FIELDS = ("threshold", "tta", "postprocess", "eval_batch_size", "review_below")
+# The inference settings chosen on the validation cases at the end of fit (la_seg.callbacks.calibration):
+# a checkpoint's `CALIBRATION_KEY` holds {"settings": {field: value}, "how": {...}}. At validate / test /
+# predict they replace the config's values, unless given on the command line (--model.threshold ...).
+CALIBRATION_KEY = "inference_calibration"
+CALIBRATED_FIELDS = ("threshold", "postprocess", "review_below")
+# How the input is resized (la_seg.data.preprocess): module settings linked from data.*, part of the network's
+# settings; checkpoints written before these existed stretched.
+INPUT_DEFAULTS = {"in_plane": "stretch", "target_spacing": 1.0}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -325,6 +333,25 @@ def network_to_rebuild(checkpoint: dict, weights: str | None = None) -> Segmente
     return dataclasses.replace(config, pretrained=record.get("pretrained", config.pretrained), weights=source)
 
 
+# ---- inference settings chosen on validation ---------------------------------------------------------------
+def stored_calibration(checkpoint: dict) -> dict | None:
+    """The checkpoint's calibration record ({"settings": ..., "how": ...}), or None."""
+    record = checkpoint.get(CALIBRATION_KEY)
+    return record if isinstance(record, dict) and isinstance(record.get("settings"), dict) else None
+
+
+def write_calibration(path: str | Path, record: dict) -> None:
+    """Store a calibration record in the checkpoint file at `path` (rewritten atomically, as data)."""
+    unknown = set(record["settings"]) - set(CALIBRATED_FIELDS)
+    if unknown:
+        raise ValueError(f"calibrated settings must be among {CALIBRATED_FIELDS}, got {sorted(unknown)}")
+    checkpoint = load_checkpoint(path)
+    checkpoint.pop(SOURCE_KEY, None)
+    checkpoint[CALIBRATION_KEY] = record
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
 # ---- finding a run's checkpoint ----------------------------------------------------------------------------
 def find_run_checkpoint(run_dir: Path, which: str) -> Path | None:
     """`<run_dir>/version_N/checkpoints/<which>.ckpt` of the highest N that has one, or None."""
@@ -366,11 +393,13 @@ class SameCheckpointOnEveryRank(Callback):
 
 # ---- the settings check ------------------------------------------------------------------------------------
 def network_settings(checkpoint: dict) -> dict[str, Any]:
-    """The network-defining settings a checkpoint was trained with, plus `slice_context`."""
+    """The network-defining settings a checkpoint was trained with, plus `slice_context`, `in_plane` and
+    `target_spacing` (how its input was made)."""
     hparams = checkpoint["hyper_parameters"]
     net = hparams["net"]
     settings = {field: net[field] for field in NETWORK_FIELDS if field in net}  # older ones may lack some
     settings["slice_context"] = bool(hparams.get("slice_context", False))
+    settings |= {field: hparams.get(field, default) for field, default in INPUT_DEFAULTS.items()}
     return settings
 
 

@@ -23,9 +23,16 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from la_seg.callbacks import NiftiPredictionWriter, SegmentationMetrics, TensorBoardImages
+from la_seg.callbacks import (
+    InferenceCalibration,
+    NiftiPredictionWriter,
+    SegmentationMetrics,
+    TensorBoardImages,
+)
 from la_seg.callbacks.termination import EXIT_STATUS, StopOnSigterm, sigterm_stop
 from la_seg.checkpoints import (
+    CALIBRATED_FIELDS,
+    INPUT_DEFAULTS,
     NETWORK_FIELDS,
     DataOnlyCheckpointIO,
     SameCheckpointOnEveryRank,
@@ -34,7 +41,9 @@ from la_seg.checkpoints import (
     checkpoint_list,
     find_run_checkpoint,
     load_checkpoint,
+    network_settings,
     network_to_rebuild,
+    stored_calibration,
     training_augmentation,
 )
 from la_seg.data.datamodule import LADataModule
@@ -68,9 +77,12 @@ class LASegCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.img_size", "model.net.img_size")
         parser.link_arguments("data.slice_context", "model.slice_context")
+        for field in INPUT_DEFAULTS:  # how slices are resized: the data module's setting, the model's record
+            parser.link_arguments(f"data.{field}", f"model.{field}")
         parser.add_lightning_class_args(SegmentationMetrics, "metrics")
         parser.add_lightning_class_args(TensorBoardImages, "images")
         parser.add_lightning_class_args(NiftiPredictionWriter, "writer")
+        parser.add_lightning_class_args(InferenceCalibration, "calibration")
         parser.add_argument(
             "--untrained",
             type=bool,
@@ -233,22 +245,47 @@ def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]
     net = config.model.net
     options = {field: f"model.net.{field}" for field in NETWORK_FIELDS}
     options |= {"img_size": "data.img_size", "slice_context": "data.slice_context"}
+    options |= {field: f"data.{field}" for field in INPUT_DEFAULTS}
     values = {field: net.get(field) for field in NETWORK_FIELDS}
     values |= {"img_size": config.data.img_size, "slice_context": config.data.slice_context}
+    values |= {field: config.data[field] for field in INPUT_DEFAULTS}
     defaults = {f.name: _default(f) for f in dataclasses.fields(SegmenterConfig)}
     defaults |= {name: p.default for name, p in inspect.signature(LADataModule).parameters.items()}
     given = {}
     for field, option in options.items():
         on_command_line = any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in given_options)
         given[field] = (option, values[field], _NOT_A_DEFAULT if on_command_line else defaults[field])
+    if network_settings(checkpoint)["in_plane"] == "stretch":  # a stretching checkpoint has no target spacing
+        del given["target_spacing"]
     settings = check_settings(checkpoint, given)
     for field in NETWORK_FIELDS:
         net[field] = settings.get(field, net.get(field))
     config.data.img_size = net.img_size = settings.get("img_size", config.data.img_size)
     config.data.slice_context = settings["slice_context"]
     config.model.slice_context = settings["slice_context"]
+    for field in INPUT_DEFAULTS:
+        config.data[field] = config.model[field] = settings[field]
+    apply_calibration(config, checkpoint, given_options)
     rebuilt = network_to_rebuild(checkpoint, net.weights)  # the one rule for the backbone's weights
     net.pretrained, net.weights = rebuilt.pretrained, rebuilt.weights
+
+
+def apply_calibration(config, checkpoint: dict, given_options: list[str]) -> None:
+    """The inference settings the checkpoint's fit chose on its validation cases replace the config's, except
+    those given on the command line (--model.threshold, --model.postprocess, --model.review_below)."""
+    calibration = stored_calibration(checkpoint)
+    if calibration is None:
+        return
+    applied = {}
+    for field, value in calibration["settings"].items():
+        option = f"--model.{field}"
+        if field in CALIBRATED_FIELDS and not any(
+            a == option or a.startswith(f"{option}=") for a in given_options
+        ):
+            config.model[field] = applied[field] = value
+    if applied:
+        chosen = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in applied.items())
+        _say(f"la-seg: inference settings chosen on validation at the end of fit: {chosen}")
 
 
 _NOT_A_DEFAULT = object()

@@ -29,7 +29,7 @@ from typing import Literal, TypedDict
 import torch
 from torch import Tensor, nn
 
-from la_seg.data.preprocess import restore_geometry, slices_to_input
+from la_seg.data.preprocess import InPlane, SliceGrid, restore_geometry, slice_grid, slices_to_input
 from la_seg.errors import DataError
 from la_seg.metrics import overlap_3d, volume_ml
 from la_seg.models.segmenter import LASegmenter
@@ -52,21 +52,31 @@ FLIP_NEEDS: dict[str, tuple[str, ...]] = {
 }
 # Mean pairwise Dice below which a case is flagged for review (writer.review_below).
 REVIEW_BELOW = 0.9
+AGREEMENT_DIGITS = 4  # of the mean pairwise Dice, in agreements and reports
 
-InputKind = tuple[int, bool]  # (img_size, slice_context): what one model input looks like
+# (img_size, slice_context, in_plane, target_spacing): what one model input looks like
+InputKind = tuple[int, bool, str, float]
 
 
 @dataclass(frozen=True)
 class EnsembleMember:
-    """One model of an ensemble. `slice_context` is the module's 2.5D switch (not stored in the net)."""
+    """One model of an ensemble. `slice_context`, `in_plane` and `target_spacing` are the module's input
+    settings (not stored in the net): the 2.5D switch and how slices are resized (la_seg.data.preprocess)."""
 
     name: str
     net: LASegmenter
     slice_context: bool = False
+    in_plane: InPlane = "stretch"
+    target_spacing: float = 1.0
 
     @property
     def input_kind(self) -> InputKind:
-        return int(self.net.config.img_size), bool(self.slice_context)
+        return (
+            int(self.net.config.img_size),
+            bool(self.slice_context),
+            str(self.in_plane),
+            float(self.target_spacing),
+        )
 
 
 class Agreement(TypedDict):
@@ -123,7 +133,7 @@ def case_agreement(
         raise ValueError(f"need >= 2 masks with one name each, got {len(masks)} masks, {len(names)} names")
     volumes = [volume_ml(m, spacing, voxel_mm3) for m in masks]
     dices = [overlap_3d(a, b)[0] for a, b in itertools.combinations(masks, 2)]
-    mean_dice = sum(dices) / len(dices)
+    mean_dice = round(sum(dices) / len(dices), AGREEMENT_DIGITS)  # as printed: 0.9000 is not below 0.9
     return Agreement(
         voters=list(names),
         volumes_ml=volumes,
@@ -221,7 +231,8 @@ class Ensemble(nn.Module):
 
     @property
     def input_kinds(self) -> list[InputKind]:
-        """The (img_size, slice_context) inputs that `forward` needs, one slice stack each."""
+        """The (img_size, slice_context, in_plane, target_spacing) inputs that `forward` needs, one slice
+        stack each."""
         return list(dict.fromkeys(p.kind for p in self.passes))
 
     def describe(self) -> dict:
@@ -233,6 +244,8 @@ class Ensemble(nn.Module):
                     "backbone": p.backbone_key,
                     "img_size": p.kind[0],
                     "slice_context": p.kind[1],
+                    "in_plane": p.kind[2],
+                    "target_spacing": p.kind[3],
                     "members": [self.names[m] for m in p.members],
                 }
                 for p in self.passes
@@ -264,6 +277,10 @@ class Ensemble(nn.Module):
                     probs[m].append(prob.flip(dims) if dims else prob)
         return probs
 
+    def grids(self, shape: Sequence[int], spacing: Sequence[float] | None) -> dict[InputKind, SliceGrid]:
+        """Where the slices of an (X, Y, ...) volume of `spacing` mm land in each input kind."""
+        return {k: slice_grid(shape[:2], k[0], k[2], spacing, k[3]) for k in self.input_kinds}
+
     @torch.no_grad()
     def segment_volume(
         self,
@@ -271,9 +288,11 @@ class Ensemble(nn.Module):
         threshold: float = 0.5,
         chunk: int = 32,
         tta: TTA = "none",
+        spacing: Sequence[float] | None = None,
         keep_logits: bool = False,
     ) -> VolumeResult:
-        """Segments an (X, Y, Z) volume in [0, 1] (slices last), `chunk` slices per backbone pass.
+        """Segments an (X, Y, Z) volume in [0, 1] (slices last) of `spacing` mm per voxel (needed by members
+        with in_plane "spacing"), `chunk` slices per backbone pass.
 
         Each voter's probability is assembled in model geometry, restored to (X, Y) once, then folded into a
         running mean and variance, so memory holds one full-size float map per output plus a bool mask per
@@ -288,10 +307,13 @@ class Ensemble(nn.Module):
         voter_names = list(self.names) if several else list(flips)
         per_voter: list[list[Tensor]] = [[] for _ in voter_names]
         first_logits: list[Tensor] = []
+        grids = self.grids(tuple(image.shape), spacing)
+        kind_of = {m: p.kind for p in self.passes for m in p.members}
+        voter_grids = [grids[kind_of[m]] for m in range(len(self.heads))] if several else [grids[kind_of[0]]]
         depth = image.shape[-1]
         for start in range(0, depth, int(chunk)):
             index = slice(start, min(depth, start + int(chunk)))
-            inputs = {k: slices_to_input(image, k[0], k[1], index=index) for k in self.input_kinds}
+            inputs = {k: slices_to_input(image, k[0], k[1], index, grids[k]) for k in self.input_kinds}
             member_probs = self(inputs, tta, first_logits if keep_logits else None)
             voters = [_sum(flipped) for flipped in member_probs] if several else member_probs[0]
             for stack, probs in zip(per_voter, voters, strict=True):
@@ -303,7 +325,7 @@ class Ensemble(nn.Module):
             stack.clear()
             if several and len(flips) > 1:
                 voter = voter.div_(len(flips))  # a sum made here, not a caller's tensor
-            prob = restore_geometry(voter, tuple(image.shape))
+            prob = restore_geometry(voter, tuple(image.shape), voter_grids[0 if not several else n - 1])
             if len(voter_names) > 1:
                 masks.append(prob > threshold)
             mean, m2 = _welford_update(mean, m2, prob, n)

@@ -17,12 +17,13 @@ from la_seg.checkpoints import (
     load_checkpoint,
     network_to_rebuild,
     read_backbone_record,
+    stored_calibration,
     write_backbone_record,
 )
 from la_seg.data.io import Geometry
-from la_seg.data.preprocess import labels_to_input
+from la_seg.data.preprocess import InPlane, check_in_plane, labels_to_input, slice_grid
 from la_seg.errors import DataError
-from la_seg.inference import TTA, Agreement, Ensemble, EnsembleMember, VolumeResult
+from la_seg.inference import REVIEW_BELOW, TTA, Agreement, Ensemble, EnsembleMember, VolumeResult
 from la_seg.metrics import gather_cases
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
 
@@ -59,6 +60,8 @@ class LASegModule(L.LightningModule):
     Args:
         net: the network (backbone, fusion, decoder); `net.img_size` is linked to `data.img_size`.
         slice_context: 2.5D input (neighbouring slices as channels); linked to `data.slice_context`.
+        in_plane, target_spacing: how slices are resized to the input (la_seg.data.preprocess); linked to
+            `data.in_plane` and `data.target_spacing`.
         loss: `bce` (the paper) or `dice_bce` (MONAI DiceCELoss with sigmoid).
         optimizer: `adam` (the paper) or `adamw`.
         lr: learning rate (paper: 1e-3).
@@ -71,6 +74,8 @@ class LASegModule(L.LightningModule):
             identity and the in-plane flips in X, Y and both; 4x the cost).
         postprocess: `none` or `largest_component` (keep the largest 3D connected component), applied
             the same way in validation, test and predict.
+        review_below: with several voters (an ensemble or `tta: flips`), a case is flagged for review when
+            their mean pairwise Dice is below this.
         save_backbone: store a frozen backbone's weights in every checkpoint (self-contained, but a
             giant checkpoint is 4.5 GB); by default only its name, source and fingerprint are stored.
             A trained or randomly initialised backbone is always stored: it has no other source.
@@ -81,6 +86,8 @@ class LASegModule(L.LightningModule):
         self,
         net: SegmenterConfig = SegmenterConfig(),  # noqa: B008 (never mutated; jsonargparse shows its fields)
         slice_context: bool = False,
+        in_plane: InPlane = "stretch",
+        target_spacing: float = 1.0,
         loss: Literal["bce", "dice_bce"] = "bce",
         optimizer: Literal["adam", "adamw"] = "adam",
         lr: float = 1e-3,
@@ -91,6 +98,7 @@ class LASegModule(L.LightningModule):
         threshold: float = 0.5,
         tta: TTA = "none",
         postprocess: Literal["none", "largest_component"] = "none",
+        review_below: float = REVIEW_BELOW,
         save_backbone: bool = False,
         compile: bool = False,
     ) -> None:
@@ -99,6 +107,10 @@ class LASegModule(L.LightningModule):
             raise DataError(f"model.threshold must lie strictly between 0 and 1, got {threshold}")
         if eval_batch_size < 1:
             raise DataError(f"model.eval_batch_size must be at least 1 slice, got {eval_batch_size}")
+        try:
+            check_in_plane(in_plane, target_spacing)
+        except DataError as error:
+            raise DataError(f"model.{error}") from None
         if isinstance(net, dict):  # hparams read back from YAML
             net = SegmenterConfig(**net)
         self.save_hyperparameters({**locals_without_self(locals()), "net": dataclasses.asdict(net)})
@@ -125,6 +137,9 @@ class LASegModule(L.LightningModule):
         self.member_name = "model"  # the name this model votes under (the CLI sets its checkpoint path)
         self._ensemble: list[Ensemble] = []  # see ensemble()
         self._case_losses: list[dict] = []  # {case_id, loss} of this epoch's evaluated cases on this rank
+        # The inference settings chosen on validation at the end of fit (la_seg.callbacks.calibration), as
+        # the checkpoint records them; None for a checkpoint without, or before one is loaded.
+        self.calibration: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -173,7 +188,14 @@ class LASegModule(L.LightningModule):
         """The module's own net (the first member) and the members added since, built on first use. It is
         held in a list, not as a submodule, so that other members never enter this module's checkpoints."""
         if not self._ensemble:
-            self._ensemble.append(Ensemble([EnsembleMember(self.member_name, self.net, self.slice_context)]))
+            own = EnsembleMember(
+                self.member_name,
+                self.net,
+                self.slice_context,
+                self.hparams.get("in_plane", "stretch"),
+                self.target_spacing(),
+            )
+            self._ensemble.append(Ensemble([own]))
         return self._ensemble[0]
 
     def _prepare_members(self) -> None:
@@ -192,12 +214,17 @@ class LASegModule(L.LightningModule):
         return {**self.ensemble().describe(), "tta": self.hparams.tta}
 
     # ---- whole-volume inference --------------------------------------------------------------------
-    def infer(self, image: torch.Tensor, keep_logits: bool = False) -> VolumeResult:
+    def infer(
+        self,
+        image: torch.Tensor,
+        spacing: tuple[float, float, float] | None = None,
+        keep_logits: bool = False,
+    ) -> VolumeResult:
         """Whole-volume inference of the ensemble (one member: the module's net) with the configured flips;
-        the mask post-processed. `keep_logits`: also the module's own net's unflipped slice logits."""
-        result = self.ensemble().segment_volume(
-            image, self.hparams.threshold, self.eval_chunk(image.device), self.hparams.tta, keep_logits
-        )
+        the mask post-processed. `spacing`: mm per voxel, slices last (needed with in_plane "spacing").
+        `keep_logits`: also the module's own net's unflipped slice logits (for the evaluation loss)."""
+        threshold, chunk, tta = self.hparams.threshold, self.eval_chunk(image.device), self.hparams.tta
+        result = self.ensemble().segment_volume(image, threshold, chunk, tta, spacing, keep_logits)
         result.mask = self.postprocess(result.mask)
         return result
 
@@ -207,23 +234,37 @@ class LASegModule(L.LightningModule):
             return self.largest_component(mask[None]).squeeze(0).bool()
         return mask
 
-    def segment_volume(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def segment_volume(
+        self, image: torch.Tensor, spacing: tuple[float, float, float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Probability map and binary mask, both (X, Y, Z) in the volume's original geometry."""
-        result = self.infer(image)
+        result = self.infer(image, spacing)
         return result.prob, result.mask
 
+    def review_below(self) -> float:
+        """Mean pairwise Dice below which a case is flagged (model.review_below; older checkpoints: 0.9)."""
+        return float(self.hparams.get("review_below", REVIEW_BELOW))
+
+    def target_spacing(self) -> float:
+        return float(self.hparams.get("target_spacing", 1.0))
+
     @torch.no_grad()
-    def eval_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def eval_loss(
+        self, logits: torch.Tensor, label: torch.Tensor, spacing: tuple[float, float, float] | None = None
+    ) -> torch.Tensor:
         """The training loss on a volume's slices: per chunk, weighted by slices, in fp32 outside autocast.
 
         Autocast refuses some losses (BCE on probabilities) and would run others in low precision.
         """
         depth, chunk = logits.shape[0], self.eval_chunk(logits.device)
+        size = self.net_config.img_size
+        in_plane = self.hparams.get("in_plane", "stretch")
+        grid = slice_grid(label.shape[:2], size, in_plane, spacing, self.target_spacing())
         total = logits.new_zeros(())
         with torch.autocast(device_type=logits.device.type, enabled=False):
             for start in range(0, depth, chunk):
                 index = slice(start, min(depth, start + chunk))
-                target = labels_to_input(label, self.net_config.img_size, index=index)
+                target = labels_to_input(label, size, index=index, grid=grid)
                 total += self.loss_fn(logits[index, None].float(), target) * target.shape[0]
         return total / depth
 
@@ -231,8 +272,9 @@ class LASegModule(L.LightningModule):
         """The loss is the module's own net's (the first member, unflipped), whatever votes: it stays the
         training loss on the model's slices, comparable with training and with single-model runs."""
         image, label, geometry = batch["image"], batch["label"], batch["geometry"]
-        result = self.infer(image, keep_logits=True)
-        loss = float(self.eval_loss(result.logits, label))
+        spacing = geometry.slices_last_spacing
+        result = self.infer(image, spacing, keep_logits=True)
+        loss = float(self.eval_loss(result.logits, label, spacing))
         self._case_losses.append({"case_id": batch["case_id"], "loss": loss})
         return EvalOutput(
             case_id=batch["case_id"],
@@ -240,7 +282,9 @@ class LASegModule(L.LightningModule):
             label=label.bool(),
             geometry=geometry,
             agreement=result.agreement(
-                geometry.slices_last_spacing, voxel_mm3=getattr(geometry, "voxel_volume_mm3", None)
+                geometry.slices_last_spacing,
+                self.review_below(),
+                voxel_mm3=getattr(geometry, "voxel_volume_mm3", None),
             ),
         )
 
@@ -271,7 +315,8 @@ class LASegModule(L.LightningModule):
         self._log_case_loss("test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> PredictOutput:
-        result, geometry = self.infer(batch["image"]), batch["geometry"]
+        geometry = batch["geometry"]
+        result = self.infer(batch["image"], geometry.slices_last_spacing)
         return PredictOutput(
             case_id=batch["case_id"],
             mask=result.mask,
@@ -279,7 +324,9 @@ class LASegModule(L.LightningModule):
             geometry=geometry,
             uncertainty=result.uncertainty,
             agreement=result.agreement(
-                geometry.slices_last_spacing, voxel_mm3=getattr(geometry, "voxel_volume_mm3", None)
+                geometry.slices_last_spacing,
+                self.review_below(),
+                voxel_mm3=getattr(geometry, "voxel_volume_mm3", None),
             ),
         )
 
@@ -289,11 +336,13 @@ class LASegModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         read_backbone_record(self, checkpoint)
+        self.calibration = stored_calibration(checkpoint)
 
     def inference_settings(self) -> dict:
-        """The choices that may differ from training (recorded in reports): threshold, post-processing, ..."""
-        settings = {field: self.hparams[field] for field in INFERENCE_FIELDS}
-        return {**settings, "weights": self.net_config.weights}
+        """The choices that may differ from training (recorded in reports): threshold, post-processing, ...,
+        and `calibration`: what the checkpoint's end-of-fit calibration chose, and how (None without one)."""
+        settings = {field: self.hparams.get(field) for field in INFERENCE_FIELDS}
+        return {**settings, "weights": self.net_config.weights, "calibration": self.calibration}
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, **kwargs):  # type: ignore[override]
@@ -343,7 +392,13 @@ def load_member(
         ) from None
     holder.on_load_checkpoint(checkpoint)
     holder.load_state_dict(checkpoint["state_dict"])
-    return EnsembleMember(str(path), holder.net.eval(), bool(hparams.get("slice_context", False)))
+    return EnsembleMember(
+        str(path),
+        holder.net.eval(),
+        bool(hparams.get("slice_context", False)),
+        hparams.get("in_plane", "stretch"),
+        float(hparams.get("target_spacing", 1.0)),
+    )
 
 
 class _NetHolder(nn.Module):

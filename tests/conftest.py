@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +75,17 @@ def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     write_dataset(root, cases=6, seed=0, shape=(64, 60, 24), spacing=(1.6, 1.6, 4.0))
     return root
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """Loads a script of benchmarks/ (scripts, not a package) as a module: load_benchmark("throughput")."""
+
+    def load(name: str):
+        script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"la_seg_benchmark_{name}", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -38,11 +37,8 @@ TARGETS = (
 
 
 @pytest.fixture(scope="module")
-def throughput():
-    spec = importlib.util.spec_from_file_location("la_seg_benchmark_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def throughput(load_benchmark):
+    return load_benchmark("throughput")
 
 
 def _positive(value) -> bool:

@@ -30,6 +30,9 @@ TINY_NET = SegmenterConfig(
 )
 
 
+AS_DEMO = {"in_plane": "spacing", "target_spacing": 1.0}  # demo.yaml's input settings, so TINY agrees
+
+
 def save(module: LASegModule, path: Path) -> Path:
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(module)
@@ -41,7 +44,9 @@ def save(module: LASegModule, path: Path) -> Path:
 def context_ckpt(tmp_path_factory) -> Path:
     """A checkpoint of the TINY network trained (here: initialised) with 2.5D slice context."""
     torch.manual_seed(0)
-    return save(LASegModule(net=TINY_NET, slice_context=True), tmp_path_factory.mktemp("ckpt") / "ctx.ckpt")
+    return save(
+        LASegModule(net=TINY_NET, slice_context=True, **AS_DEMO), tmp_path_factory.mktemp("ckpt") / "ctx.ckpt"
+    )
 
 
 class Instantiated(BaseException):
@@ -90,6 +95,18 @@ def test_a_contradicting_setting_is_an_error(capsys, synth_root, context_ckpt, o
     argv = ["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", str(context_ckpt), option, value]
     line = one_error_line(capsys, argv)
     assert option[2:] in line and str(context_ckpt) in line and trained in line
+
+
+def test_a_stretching_checkpoint_ignores_a_configured_target_spacing(monkeypatch, tmp_path, synth_root):
+    """Slices are resized as the checkpoint was trained; a stretching one never used a target spacing, so a
+    config's (the paper configs say 0.9 mm) does not contradict it. in_plane itself does."""
+    stretched = save(LASegModule(net=TINY_NET), tmp_path / "stretch.ckpt")
+    common = ["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", str(stretched)]
+    built = built_by(monkeypatch, [*common, "--data.in_plane", "stretch", "--data.target_spacing", "0.9"])
+    assert built.datamodule.in_plane == built.model.hparams.in_plane == "stretch"
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        main(common)  # demo.yaml says spacing
 
 
 def write_marker(path: str) -> None:
@@ -150,7 +167,9 @@ def test_a_bad_checkpoint_file_is_one_line(capsys, tmp_path, synth_root, context
 
 def test_a_checkpoint_of_another_model_size_is_one_line(capsys, tmp_path, synth_root):
     bigger = dataclasses.replace(TINY_NET, decoder_channels=[32, 16, 8, 8])
-    checkpoint = torch.load(save(LASegModule(net=bigger), tmp_path / "big.ckpt"), weights_only=True)
+    checkpoint = torch.load(
+        save(LASegModule(net=bigger, **AS_DEMO), tmp_path / "big.ckpt"), weights_only=True
+    )
     checkpoint["hyper_parameters"]["net"]["decoder_channels"] = [16, 16, 8, 8]  # settings that lie
     mislabelled = tmp_path / "mislabelled.ckpt"
     torch.save(checkpoint, mislabelled)
@@ -170,7 +189,7 @@ def test_a_changed_backbone_weights_file_is_one_line(capsys, tmp_path, synth_roo
 
     write_weights(1)
     frozen = dataclasses.replace(TINY_NET, weights=str(weights), trainable_blocks=0)
-    lean = save(LASegModule(net=frozen), tmp_path / "lean.ckpt")
+    lean = save(LASegModule(net=frozen, **AS_DEMO), tmp_path / "lean.ckpt")
     write_weights(2)
     argv = ["test", *TINY, "--model.net.trainable_blocks", "0", "--data.root", str(synth_root),
             "--ckpt_path", str(lean)]  # fmt: skip

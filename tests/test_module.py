@@ -263,7 +263,9 @@ def test_inference_settings_are_exposed(tiny_net):
         "tta": "none",
         "postprocess": "largest_component",
         "eval_batch_size": 32,
+        "review_below": 0.9,
         "weights": None,
+        "calibration": None,
     }
 
 

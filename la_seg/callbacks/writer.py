@@ -19,7 +19,7 @@ from la_seg.data.datamodule import CaseShards
 from la_seg.data.io import Geometry, write_nifti
 from la_seg.distributed import decide_on_rank_zero, reported_elsewhere
 from la_seg.errors import DataError
-from la_seg.inference import REVIEW_BELOW
+from la_seg.inference import AGREEMENT_DIGITS
 from la_seg.metrics import gather_cases, volume_ml
 
 VOLUMES_CSV = "volumes.csv"
@@ -27,7 +27,6 @@ LOCK_NAME = ".la-seg.lock"
 # Maps written beside `<case_id>.nii.gz` masks: `la-seg evaluate` skips them.
 COMPANION_SUFFIXES = ("_prob", "_uncertainty")
 VOLUME_COLUMNS = ("case_id", "volume_ml", "image_path", "spacing_mm")
-_DICE_DIGITS = 4  # of the mean pairwise Dice in volumes.csv
 AGREEMENT_COLUMNS = ("volume_spread_ml", "mean_pairwise_dice", "review")  # only with several voters
 
 
@@ -52,7 +51,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
         overwrite: replace existing outputs.
         save_probabilities: also write `<case_id>_prob.nii.gz` (float32 LA probability).
         save_png: also write `<case_id>.png`: axial, coronal and sagittal mid-LA slices with the mask in red.
-        review_below: with several voters, flag a case for review when their mean pairwise Dice is below this.
+        review_below: with several voters, flag a case for review when their mean pairwise Dice is below this;
+            None: the model's `review_below` (calibrated on validation at the end of fit, or its default).
     """
 
     def __init__(
@@ -61,7 +61,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
         overwrite: bool = False,
         save_probabilities: bool = False,
         save_png: bool = False,
-        review_below: float = REVIEW_BELOW,
+        review_below: float | None = None,
     ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir) if output_dir else None
@@ -185,8 +185,9 @@ class NiftiPredictionWriter(BasePredictionWriter):
         agreement = prediction.get("agreement")
         if agreement is not None:
             row["volume_spread_ml"] = agreement["volume_spread_ml"]
-            row["mean_pairwise_dice"] = dice = round(agreement["mean_pairwise_dice"], _DICE_DIGITS)
-            row["review"] = dice < self.review_below  # as the written figure reads: 0.9000 is not below 0.9
+            row["mean_pairwise_dice"] = agreement["mean_pairwise_dice"]
+            own = self.review_below
+            row["review"] = agreement["review"] if own is None else agreement["mean_pairwise_dice"] < own
         outputs = {"mask": mask}
         if self.save_probabilities:
             outputs["prob"] = prediction["prob"].detach().float().cpu()
@@ -280,7 +281,7 @@ def mid_slices_picture(image: torch.Tensor, mask: torch.Tensor) -> Image.Image:
 
 def _volume_table(rows: list[dict], columns: tuple[str, ...]) -> list[list]:
     """Volumes in mL with 3 decimals, Dice with 4."""
-    digits = {"volume_ml": 3, "volume_spread_ml": 3, "mean_pairwise_dice": _DICE_DIGITS}
+    digits = {"volume_ml": 3, "volume_spread_ml": 3, "mean_pairwise_dice": AGREEMENT_DIGITS}
     return [[f"{r[c]:.{digits[c]}f}" if c in digits else r[c] for c in columns] for r in rows]
 
 

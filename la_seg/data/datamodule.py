@@ -26,7 +26,7 @@ from la_seg.data.cache import CacheMode
 from la_seg.data.datasets import SliceDataset, VolumeDataset, first_item
 from la_seg.data.io import SliceAxis
 from la_seg.data.layouts import Case, Layout, find_cases
-from la_seg.data.preprocess import check_img_size
+from la_seg.data.preprocess import InPlane, check_img_size, check_in_plane
 from la_seg.data.split import (
     DataSplit,
     check_folds,
@@ -91,6 +91,11 @@ class LADataModule(L.LightningDataModule):
         duplicates: cases whose image files are byte-identical (the same scan in two case folders), found by
             hashing the images when the split is made: "refuse" names them; "group" treats them as one
             patient, so they land in one part. A duplicate between data.root and data.test_root is refused.
+        in_plane: how a slice becomes the img_size x img_size input: "stretch" (resized to it, whatever its
+            millimetres per pixel and aspect ratio: the paper) or "spacing" (resampled to `target_spacing` mm
+            per pixel, aspect kept, then padded or cropped, centred, to img_size). Linked to `model.in_plane`.
+        target_spacing: mm per pixel of the input with in_plane "spacing" (img_size x target_spacing mm of
+            field of view are kept). Linked to `model.target_spacing`.
 
     Attributes:
         split: {"train": [...], "val": [...], "test": [...]} case ids, None until setup() / load_state_dict().
@@ -121,8 +126,14 @@ class LADataModule(L.LightningDataModule):
         label_values: list[int] | None = None,
         spacing: tuple[float, float, float] | None = None,
         duplicates: Literal["refuse", "group"] = "refuse",
+        in_plane: InPlane = "stretch",
+        target_spacing: float = 1.0,
     ) -> None:
         super().__init__()
+        try:
+            check_in_plane(in_plane, target_spacing)
+        except DataError as error:
+            raise DataError(f"data.{error}") from None
         if batch_size < 1:
             raise DataError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -144,6 +155,7 @@ class LADataModule(L.LightningDataModule):
         self.groups, self.folds, self.fold = groups, folds, fold
         # how they are fed to the model
         self.img_size, self.slice_context = check_img_size(img_size, "data.img_size"), slice_context
+        self.in_plane, self.target_spacing = in_plane, float(target_spacing)
         self.batch_size, self.num_workers, self.empty_slice_fraction = (
             batch_size,
             num_workers,
@@ -333,6 +345,8 @@ class LADataModule(L.LightningDataModule):
             seed=self.seed,
             cache=self.cache,
             cache_dir=self.cache_dir,
+            in_plane=self.in_plane,
+            target_spacing=self.target_spacing,
         )
         return DataLoader(
             dataset,

@@ -18,7 +18,13 @@ from torch.utils.data import Dataset
 from la_seg.data.cache import CacheMode, VolumeCache
 from la_seg.data.io import Geometry, SliceAxis
 from la_seg.data.layouts import Case, check_labelled
-from la_seg.data.preprocess import labels_to_input, slices_to_input
+from la_seg.data.preprocess import (
+    InPlane,
+    check_in_plane,
+    labels_to_input,
+    slice_grid,
+    slices_to_input,
+)
 from la_seg.errors import DataError
 
 if TYPE_CHECKING:
@@ -30,7 +36,8 @@ class SliceDataset(Dataset):
 
     All slices that contain LA are used; of the slices without LA, a fraction `empty_slice_fraction` is kept,
     drawn once from `seed` (so the choice is identical on every DDP rank and every run). Items go through the
-    same slices_to_input / labels_to_input as evaluation, then the optional albumentations `transform` on the
+    same slices_to_input / labels_to_input as evaluation (on the `in_plane` / `target_spacing` grid), then the
+    optional albumentations `transform` on the
     (S, S, 3) float32 image and (S, S) uint8 mask; the image is clamped back to [0, 1] afterwards.
 
     Item: {"image": float32 (3, S, S) in [0, 1], "label": float32 (1, S, S) in {0, 1}}.
@@ -49,10 +56,14 @@ class SliceDataset(Dataset):
         cache: CacheMode = "memory",
         cache_dir: str | Path | None = None,
         slice_axis: SliceAxis = "auto",
+        in_plane: InPlane = "stretch",
+        target_spacing: float = 1.0,
     ) -> None:
         self.cases = list(cases)
         if not self.cases:
             raise DataError("SliceDataset needs at least one case")
+        check_in_plane(in_plane, target_spacing)
+        self.in_plane, self.target_spacing = in_plane, float(target_spacing)
         check_labelled(self.cases)
         if not 0.0 <= empty_slice_fraction <= 1.0:
             raise DataError(f"empty_slice_fraction must be in [0, 1], got {empty_slice_fraction}")
@@ -86,8 +97,15 @@ class SliceDataset(Dataset):
         # Only the needed slices are read; edge replication within them equals that of the full volume.
         image = torch.from_numpy(np.asarray(entry.image[lo:hi], dtype=np.float32)).permute(1, 2, 0)
         label = torch.from_numpy(np.array(entry.label[z : z + 1])).permute(1, 2, 0)
-        x = slices_to_input(image, self.img_size, self.slice_context, index=slice(z - lo, z - lo + 1))[0]
-        y = labels_to_input(label, self.img_size)[0]
+        grid = slice_grid(
+            image.shape[:2],
+            self.img_size,
+            self.in_plane,
+            entry.geometry.slices_last_spacing,
+            self.target_spacing,
+        )
+        x = slices_to_input(image, self.img_size, self.slice_context, slice(z - lo, z - lo + 1), grid)[0]
+        y = labels_to_input(label, self.img_size, grid=grid)[0]
         if self.transform is None:
             return {"image": x, "label": y}
         self._seed_transform()

@@ -1,5 +1,11 @@
 """Intensity normalisation, slice resizing to the model input, and its exact inverse.
 
+How a slice becomes an S x S input (`in_plane`): `stretch` (the paper) resizes every slice to S x S,
+whatever its millimetres per pixel and aspect ratio; `spacing` resamples it to `target_spacing` mm per pixel
+on both axes (aspect kept) and pads or crops the result, centred, to S x S, as nnU-Net resamples to a target
+spacing. A SliceGrid holds where one volume's slices land; restore_geometry undoes it exactly onto the
+input's grid (the parts cropped away get probability 0).
+
 The torch functions run on whatever device their tensor lives on (CPU in dataloader workers during training,
 the GPU during evaluation and prediction), so training, evaluation and prediction share one code path.
 Volumes are slices last (X', Y', Z), as Geometry.to_slices_last lays them out; model inputs are slice stacks
@@ -7,6 +13,10 @@ Volumes are slices last (X', Y', Z), as Geometry.to_slices_last lays them out; m
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -50,6 +60,75 @@ def check_img_size(img_size: int, name: str = "img_size") -> int:
     return int(img_size)
 
 
+InPlane = Literal["stretch", "spacing"]
+IN_PLANE_MODES = ("stretch", "spacing")
+
+
+@dataclass(frozen=True)
+class SliceGrid:
+    """Where the (X, Y) slices of one volume land in the S x S model input: resized to `size` (pixels), its
+    first pixel at `offset` in the input (negative: that many pixels are cropped away)."""
+
+    size: tuple[int, int]
+    offset: tuple[int, int]
+
+
+def check_in_plane(in_plane: str, target_spacing: float, name: str = "in_plane") -> None:
+    """A DataError naming the field for an unknown mode or a target spacing that is not a positive number."""
+    if in_plane not in IN_PLANE_MODES:
+        raise DataError(f"{name} must be one of {list(IN_PLANE_MODES)}, got {in_plane!r}")
+    if isinstance(target_spacing, bool) or not np.isfinite(target_spacing) or not target_spacing > 0:
+        raise DataError(f"target_spacing must be a positive number of mm per pixel, got {target_spacing!r}")
+
+
+def slice_grid(
+    xy: Sequence[int],
+    img_size: int,
+    in_plane: InPlane = "stretch",
+    spacing: Sequence[float] | None = None,
+    target_spacing: float = 1.0,
+) -> SliceGrid:
+    """The SliceGrid of (X, Y) slices of `spacing` mm per pixel (slices last: the first two values count)."""
+    size = check_img_size(img_size)
+    check_in_plane(in_plane, target_spacing)
+    if in_plane == "stretch":
+        return SliceGrid((size, size), (0, 0))
+    if spacing is None:
+        raise DataError("in_plane 'spacing' needs the volume's voxel spacing")
+    resized = tuple(
+        max(1, round(int(n) * float(s) / target_spacing)) for n, s in zip(xy[:2], spacing[:2], strict=True)
+    )
+    return SliceGrid(resized, tuple((size - r) // 2 for r in resized))  # type: ignore[arg-type]
+
+
+def _window(offset: int, resized: int, size: int) -> tuple[slice, slice]:
+    """(source in the resized slice, destination in the input) along one axis of a placement."""
+    src, dst = max(-offset, 0), max(offset, 0)
+    length = min(resized - src, size - dst)
+    return slice(src, src + length), slice(dst, dst + length)
+
+
+def _place(resized: torch.Tensor, grid: SliceGrid, size: int) -> torch.Tensor:
+    """(N, C, h, w) resized slices padded with zeros or cropped, centred, to (N, C, size, size)."""
+    if grid.offset == (0, 0) and tuple(resized.shape[-2:]) == (size, size):
+        return resized
+    out = resized.new_zeros((*resized.shape[:-2], size, size))
+    (sx, dx), (sy, dy) = (_window(o, r, size) for o, r in zip(grid.offset, grid.size, strict=True))
+    out[..., dx, dy] = resized[..., sx, sy]
+    return out
+
+
+def _unplace(placed: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
+    """The inverse of _place: (N, C, S, S) back to (N, C, h, w), zeros where the slice was cropped away."""
+    size = placed.shape[-1]
+    if grid.offset == (0, 0) and tuple(grid.size) == (size, size):
+        return placed
+    out = placed.new_zeros((*placed.shape[:-2], *grid.size))
+    (sx, dx), (sy, dy) = (_window(o, r, size) for o, r in zip(grid.offset, grid.size, strict=True))
+    out[..., sx, sy] = placed[..., dx, dy]
+    return out
+
+
 def _check_volume(volume: torch.Tensor, name: str) -> None:
     if volume.ndim != 3:
         raise DataError(f"{name} must be a 3D slices-last (X, Y, Z) tensor, got shape {tuple(volume.shape)}")
@@ -65,13 +144,18 @@ def _resize(slices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def slices_to_input(
-    volume: torch.Tensor, img_size: int, slice_context: bool = False, index: slice | None = None
+    volume: torch.Tensor,
+    img_size: int,
+    slice_context: bool = False,
+    index: slice | None = None,
+    grid: SliceGrid | None = None,
 ) -> torch.Tensor:
     """The slices of a slices-last (X, Y, Z) volume in [0, 1] as a (Z', 3, S, S) float32 input in [0, 1].
 
     Channels are the grey value repeated (as in the paper), or with `slice_context` the slices k-1, k, k+1
     (edge-replicated at the first and last slice). `index` selects which slices are produced, so evaluation
-    can run in chunks; neighbours still come from the whole volume. Every needed slice is resized once.
+    can run in chunks; neighbours still come from the whole volume. Every needed slice is resized once, to
+    `grid` (slice_grid; None: stretched to S x S).
     """
     size = check_img_size(img_size)
     _check_volume(volume, "volume")
@@ -84,7 +168,9 @@ def slices_to_input(
     else:
         channels = wanted[:, None]
     needed, position = torch.unique(channels, return_inverse=True)
-    resized = _resize(volume[:, :, needed].permute(2, 0, 1)[:, None].float(), (size, size))[:, 0]
+    grid = grid or SliceGrid((size, size), (0, 0))
+    slices = volume[:, :, needed].permute(2, 0, 1)[:, None].float()
+    resized = _place(_resize(slices, grid.size), grid, size)[:, 0]
     out = resized[position]  # (Z', 1 or 3, S, S)
     if not slice_context:
         out = out.expand(-1, 3, -1, -1)
@@ -92,7 +178,9 @@ def slices_to_input(
     return out.clamp(0.0, 1.0).contiguous()
 
 
-def labels_to_input(label: torch.Tensor, img_size: int, index: slice | None = None) -> torch.Tensor:
+def labels_to_input(
+    label: torch.Tensor, img_size: int, index: slice | None = None, grid: SliceGrid | None = None
+) -> torch.Tensor:
     """The slices of a slices-last (X, Y, Z) binary label as a (Z', 1, S, S) float32 target in {0, 1}.
 
     Resized like the image (bilinear, antialiased, as float) and thresholded at 0.5, so image and target stay
@@ -103,18 +191,24 @@ def labels_to_input(label: torch.Tensor, img_size: int, index: slice | None = No
     slices = label[:, :, index if index is not None else slice(None)].permute(2, 0, 1)[:, None].float()
     if slices.shape[0] == 0:
         return slices.new_zeros((0, 1, size, size))
-    return (_resize(slices, (size, size)) > 0.5).float()
+    grid = grid or SliceGrid((size, size), (0, 0))
+    return (_place(_resize(slices, grid.size), grid, size) > 0.5).float()
 
 
-def restore_geometry(probs: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+def restore_geometry(
+    probs: torch.Tensor, shape: tuple[int, int, int], grid: SliceGrid | None = None
+) -> torch.Tensor:
     """Map per-slice model outputs (Z, S, S) back to the slices-last (X, Y, Z) grid (float32).
 
-    The exact inverse of the resize in slices_to_input / labels_to_input: bilinear (antialiased) back to
-    (X, Y) and slices moved to the last axis. Works for probabilities or logits (interpolation is linear).
+    The exact inverse of the resize in slices_to_input / labels_to_input with the same `grid`: the padding
+    dropped (what was cropped away comes back as 0), bilinear (antialiased) back to (X, Y), slices moved to
+    the last axis. For probabilities; logits only with a stretching grid (the 0 fill is a probability).
     """
     if probs.ndim != 3:
         raise DataError(f"probs must be a (Z, S, S) tensor, got shape {tuple(probs.shape)}")
     x, y, z = (int(s) for s in shape)
     if probs.shape[0] != z:
         raise DataError(f"probs has {probs.shape[0]} slices but the target shape {tuple(shape)} has {z}")
+    if grid is not None:
+        probs = _unplace(probs[:, None], grid)[:, 0]
     return _resize(probs[:, None].float(), (x, y))[:, 0].permute(1, 2, 0).contiguous()

@@ -38,15 +38,29 @@ def synthesize_case(
     rng: np.random.Generator,
     shape: tuple[int, int, int] = (160, 160, 40),
     spacing: tuple[float, float, float] = (0.625, 0.625, 2.5),
+    partial_volume: bool = False,
+    anatomy_fov_mm: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One phantom on a `shape` grid of `spacing` mm: image int16 (X, Y, Z) and label uint16 (LA = 420)."""
+    """One phantom on a `shape` grid of `spacing` mm: image int16 (X, Y, Z) and label uint16 (LA = 420).
+
+    `partial_volume`: the anatomy is drawn on a grid about 0.6 mm fine and each voxel averages its sub-voxels,
+    as an acquisition integrates over the voxel (a thick slice mixes blood and wall where a wall crosses it);
+    the label follows the partial-volume rule of manual labels: a voxel is LA when at least half of it is.
+    Otherwise each voxel is sampled at its centre. `anatomy_fov_mm`: the heart is as large as in a field of
+    view of this many mm whatever the grid covers (hearts do not grow with the scanner's field of view);
+    None scales it to the grid's smallest extent.
+    """
     shape, spacing = _check_grid(shape, spacing)
     fov = np.array(shape) * np.array(spacing)
-    scale = float(fov.min()) / _FOV_MM * rng.uniform(0.85, 1.15)  # per-case heart size
+    reference_fov = float(fov.min()) if anatomy_fov_mm is None else float(anatomy_fov_mm)
+    scale = reference_fov / _FOV_MM * rng.uniform(0.85, 1.15)  # per-case heart size
     rotation = _rotation(np.deg2rad(rng.uniform([-10, -10, -20], [10, 10, 20])))
     shift = rng.uniform([-0.12, -0.12, -0.08], [0.12, 0.12, 0.08]) * fov
     # Anatomy coordinates (mm, 100 mm FOV): x right, y posterior, z superior; pose = rotate, scale, shift.
-    frame = _Frame(shape, spacing, rotation, shift, scale)
+    factor = _supersampling(spacing) if partial_volume else (1, 1, 1)
+    fine_shape = tuple(n * f for n, f in zip(shape, factor, strict=True))
+    fine_spacing = tuple(s / f for s, f in zip(spacing, factor, strict=True))
+    frame = _Frame(fine_shape, fine_spacing, rotation, shift, scale)
 
     d_la, la_wall = _left_atrium(rng, frame)
     others = _other_blood_pools(rng, frame)
@@ -70,6 +84,10 @@ def synthesize_case(
     field = _smooth_field(rng, frame, wavelength=(8.0, 20.0), voxels=np.nonzero(wall))
     enhanced[wall] = field > rng.uniform(0.1, 0.4)
     image[enhanced] = _ENHANCED * _jitter(rng, 0.9, 1.1)
+    if partial_volume:
+        image = _block_mean(image, factor)
+        la = _block_mean(la.astype(np.float32), factor) >= 0.5
+        frame = _Frame(shape, spacing, rotation, shift, scale)
 
     image = gaussian_filter(image, sigma=(0.7, 0.7, 0.3), mode="nearest")
     image *= _bias_field(rng, frame, fov)
@@ -86,17 +104,21 @@ def write_dataset(
     seed: int,
     shape: tuple[int, int, int] = (160, 160, 40),
     spacing: tuple[float, float, float] = (0.625, 0.625, 2.5),
+    partial_volume: bool = False,
+    anatomy_fov_mm: float | None = None,
+    prefix: str = "train_",
 ) -> list[Path]:
     """Write `cases` phantoms as out/train_1..train_N/{enhanced,atriumSegImgMO}.nii.gz and return the folders.
 
     Case i depends only on (seed, i), so a larger data set extends a smaller one. Existing non-empty case
-    folders are refused rather than overwritten.
+    folders are refused rather than overwritten. `partial_volume` and `anatomy_fov_mm`: see synthesize_case;
+    `prefix` names the case folders (`<prefix><i>`).
     """
     out = Path(out)
     if cases < 1:
         raise DataError(f"number of synthetic cases must be at least 1, got {cases}")
     shape, spacing = _check_grid(shape, spacing)
-    folders = [out / f"train_{i}" for i in range(1, cases + 1)]
+    folders = [out / f"{prefix}{i}" for i in range(1, cases + 1)]
     occupied = [str(f) for f in folders if f.is_dir() and any(f.iterdir())]
     if occupied:
         raise DataError(f"refusing to overwrite non-empty case folders: {occupied[:5]}")
@@ -105,10 +127,26 @@ def write_dataset(
     affine[:3, :3] = np.diag(spacing)
     affine[:3, 3] = origin
     for i, folder in enumerate(folders, start=1):
-        image, label = synthesize_case(np.random.default_rng([seed, i]), shape, spacing)
+        rng = np.random.default_rng([seed, i])
+        image, label = synthesize_case(rng, shape, spacing, partial_volume, anatomy_fov_mm)
         for name, data in (("enhanced.nii.gz", image), ("atriumSegImgMO.nii.gz", label)):
             write_nifti(folder / name, data, Geometry(shape, affine, spacing, folder / name))  # no input
     return folders
+
+
+_PV_STEP_MM = 0.6  # sub-voxel size of partial-volume phantoms
+
+
+def _supersampling(spacing: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Sub-voxels per voxel along each axis for partial-volume phantoms: about _PV_STEP_MM, at least 2."""
+    return tuple(max(2, round(s / _PV_STEP_MM)) for s in spacing)  # type: ignore[return-value]
+
+
+def _block_mean(array: np.ndarray, factor: tuple[int, int, int]) -> np.ndarray:
+    """Mean over blocks of `factor` voxels: a fine grid back to the voxel grid (float32)."""
+    x, y, z = (n // f for n, f in zip(array.shape, factor, strict=True))
+    blocks = array.reshape(x, factor[0], y, factor[1], z, factor[2])
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
 
 
 def _check_grid(shape, spacing) -> tuple[tuple[int, int, int], tuple[float, float, float]]:

@@ -3,10 +3,12 @@ import pytest
 import torch
 
 from la_seg.data.preprocess import (
+    SliceGrid,
     check_img_size,
     labels_to_input,
     normalize_intensity,
     restore_geometry,
+    slice_grid,
     slices_to_input,
 )
 from la_seg.errors import DataError
@@ -133,3 +135,69 @@ def test_patch_multiple_is_the_backbones_rule():
 def test_restore_geometry_checks_depth():
     with pytest.raises(DataError, match="slices"):
         restore_geometry(torch.rand(5, 28, 28), (30, 28, 6))
+
+
+# ---- in_plane "spacing": resample to a common mm per pixel, aspect kept, pad or crop to img_size ----------
+def test_stretch_grid_is_the_plain_resize():
+    volume = torch.rand(30, 20, 3)
+    grid = slice_grid((30, 20), 28, "stretch", (1.3, 1.3, 4.0))
+    assert grid == SliceGrid((28, 28), (0, 0))
+    assert torch.equal(slices_to_input(volume, 28, grid=grid), slices_to_input(volume, 28))
+
+
+@pytest.mark.parametrize(
+    ("xy", "spacing", "target", "size", "offset"),
+    [
+        ((112, 96), (1.3, 1.3), 1.3, (112, 96), (0, 8)),  # non-square: aspect kept, padded in Y only
+        ((160, 160), (0.625, 0.625), 1.25, (80, 80), (16, 16)),  # fine slices halved, padded all round
+        ((112, 96), (1.3, 1.3), 1.0, (146, 125), (-17, -7)),  # a larger field of view is cropped, centred
+        ((40, 40), (1.0, 2.0), 1.0, (40, 80), (36, 16)),  # anisotropic pixels become square
+    ],
+)
+def test_spacing_grid_keeps_millimetres_per_pixel(xy, spacing, target, size, offset):
+    grid = slice_grid(xy, 112, "spacing", spacing, target)
+    assert grid == SliceGrid(size, offset)
+
+
+def _disc(shape, spacing, radius_mm):
+    x, y = (torch.arange(n) - (n - 1) / 2 for n in shape[:2])
+    r2 = (x[:, None] * spacing[0]) ** 2 + (y[None, :] * spacing[1]) ** 2
+    return (r2 <= radius_mm**2)[:, :, None].expand(-1, -1, shape[2]).to(torch.uint8)
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "target"), [((56, 48, 3), (1.3, 1.3), 1.1), ((60, 60, 2), (0.625, 0.625), 1.4)]
+)
+def test_spacing_round_trip_gives_the_input_grid_back(shape, spacing, target):
+    """A label through labels_to_input and restore_geometry with the same grid: the input's exact shape, the
+    mask within a voxel of itself, and a disc stays round in mm (one in-plane scale on both axes)."""
+    label = _disc(shape, spacing, 18.0)
+    grid = slice_grid(shape[:2], 56, "spacing", spacing, target)
+    model = labels_to_input(label, 56, grid=grid)[:, 0]
+    rows, cols = model[0].any(dim=1).sum(), model[0].any(dim=0).sum()
+    assert abs(int(rows) - int(cols)) <= 1  # round in the model input too, though the slice is not square
+    restored = restore_geometry(model, tuple(label.shape), grid) > 0.5
+    assert restored.shape == label.shape
+    changed = (restored != label.bool()).sum() / label.sum()
+    assert changed < 0.06
+
+
+def test_what_is_cropped_away_comes_back_as_zero():
+    probs = torch.ones(2, 28, 28)
+    grid = slice_grid(
+        (40, 40), 28, "spacing", (1.0, 1.0), 1.0
+    )  # 40 px at 1 mm into 28 px: 6 px cropped a side
+    restored = restore_geometry(probs, (40, 40, 2), grid)
+    assert restored[20, 20, 0] == pytest.approx(1.0)
+    assert restored[0, 20, 0] == 0.0 and restored[39, 20, 1] == 0.0
+
+
+@pytest.mark.parametrize(("mode", "target"), [("square", 1.0), ("spacing", 0.0), ("spacing", float("nan"))])
+def test_bad_in_plane_settings_are_refused(mode, target):
+    with pytest.raises(DataError):
+        slice_grid((8, 8), 28, mode, (1.0, 1.0), target)
+
+
+def test_spacing_mode_needs_the_spacing():
+    with pytest.raises(DataError, match="spacing"):
+        slice_grid((8, 8), 28, "spacing", None, 1.0)

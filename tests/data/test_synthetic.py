@@ -117,3 +117,37 @@ def test_shapes_evaluated_in_boxes_equal_the_whole_grid(monkeypatch, seed):
     image_full, label_full = synthesize_case(np.random.default_rng(seed), shape, spacing)
     np.testing.assert_array_equal(label, label_full)
     np.testing.assert_array_equal(image, image_full)
+
+
+def test_partial_volume_labels_follow_the_half_voxel_rule():
+    """A voxel is LA when at least half of it is: the label is the centre-sampled one, up to the boundary, and
+    the image averages blood and wall across thick slices (values between the two)."""
+    grid = dict(shape=(40, 36, 10), spacing=(2.5, 2.5, 8.0))
+    image, label = synthesize_case(np.random.default_rng(3), **grid, partial_volume=True)
+    sampled_image, sampled = synthesize_case(np.random.default_rng(3), **grid)
+    assert image.shape == label.shape == grid["shape"] and set(np.unique(label)) == {0, 420}
+    la, la_centre = label > 0, sampled > 0
+    assert (
+        abs(int(la.sum()) - int(la_centre.sum())) < 0.15 * la_centre.sum()
+    )  # same LA, boundary voxels differ
+    assert (la != la_centre).sum() < 0.4 * la_centre.sum()
+    assert not np.array_equal(image, sampled_image)
+
+
+def test_anatomy_in_mm_keeps_the_heart_size_across_geometries():
+    """With anatomy_fov_mm the LA has the same size in mL on every grid; without, it grows with the FOV."""
+
+    def volume(shape, spacing, **kwargs):
+        _, label = synthesize_case(np.random.default_rng(5), shape, spacing, **kwargs)
+        return (label > 0).sum() * np.prod(spacing) / 1000
+
+    fine, coarse = ((64, 64, 16), (1.6, 1.6, 6.25)), ((56, 48, 16), (2.6, 2.6, 8.0))
+    same = [volume(*g, anatomy_fov_mm=100.0) for g in (fine, coarse)]
+    assert same[1] == pytest.approx(same[0], rel=0.15)
+    grown = [volume(*g) for g in (fine, coarse)]
+    assert grown[1] > 1.5 * grown[0]
+
+
+def test_prefix_names_the_case_folders(tmp_path):
+    folders = write_dataset(tmp_path, cases=1, seed=0, shape=SMALL, prefix="C_")
+    assert [f.name for f in folders] == ["C_1"]

@@ -1,0 +1,302 @@
+"""Accuracy across scanner geometries (issue 19): does every centre reach the same Dice and LA volume?
+
+Synthesises partial-volume phantoms (`synthesize_case(partial_volume=True)`: each voxel averages its
+sub-voxels, and a voxel is LA when at least half of it is, as manual labels are drawn) on three scanner
+geometries, with one heart size in mm whatever the field of view:
+
+    A  0.625 x 0.625 x 2.5 mm, 160 x 160 x 40   (LAScarQS centre A, thin slices)
+    B  1.25 mm isotropic,      96 x 96 x 64
+    C  1.3 x 1.3 x 4 mm,       112 x 96 x 24    (thick slices, non-square)
+
+trains one model with `la-seg fit` (the demo recipe, `demo.yaml`, unless options after `--` change it) on the
+training part, then `la-seg test`s it on a fixed held-out set of another seed, once as configured and once
+with test-time flips (for the review flags). Reports per geometry Dice, HD95 and the signed LA-volume error
+per case (mean, sd, worst, how many beyond +-5 %), whether the issue's bar is met, and how many of the cases
+flagged for review are among the worst.
+
+    python benchmarks/accuracy.py --name stretch --json benchmarks/results/accuracy_14ep_stretch.json \\
+        -- --data.in_plane stretch --trainer.max_epochs 14   # ~15 min on a quiet core, 35 min on a busy one
+    python benchmarks/accuracy.py --quick               # a smoke run (~2 min): checks the pipeline only
+    python benchmarks/accuracy.py --table benchmarks/results/accuracy_*.json   # markdown table of results
+
+Data and runs stay in --work-dir (default /tmp/la-seg-accuracy) so that later runs reuse the phantoms;
+`--ckpt PATH` evaluates an existing checkpoint without training. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from la_seg.atomic import write_json
+from la_seg.checkpoints import load_checkpoint, stored_calibration
+from la_seg.cli import main as la_seg
+from la_seg.data.synthetic import write_dataset
+
+RESULTS = Path(__file__).parent / "results"
+GEOMETRIES = {  # prefix: (shape, spacing mm)
+    "A": ((160, 160, 40), (0.625, 0.625, 2.5)),
+    "B": ((96, 96, 64), (1.25, 1.25, 1.25)),
+    "C": ((112, 96, 24), (1.3, 1.3, 4.0)),
+}
+ANATOMY_FOV_MM = 100.0  # the heart's size: as in the demo's 100 mm field of view, on every geometry
+VOLUME_TOLERANCE = 5.0  # % signed LA-volume error counted as within tolerance
+DICE_MARGIN = 0.01  # every geometry's mean Dice >= best geometry's - this
+WITHIN_TARGET = 0.95  # fraction of held-out cases within the volume tolerance
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, default=8, help="training cases per geometry")
+    parser.add_argument("--val", type=int, default=2, help="validation cases per geometry")
+    parser.add_argument("--heldout", type=int, default=7, help="held-out test cases per geometry (seed 1)")
+    parser.add_argument("--config", default="demo.yaml", help="la-seg config (the recipe)")
+    parser.add_argument("--name", default="accuracy", help="run name (logger name under work-dir/runs)")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/la-seg-accuracy"))
+    parser.add_argument("--ckpt", type=Path, default=None, help="evaluate this checkpoint, no training")
+    parser.add_argument(
+        "--no-flips", action="store_true", help="skip the test-time-flips test (review flags)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="result file")
+    parser.add_argument("--quick", action="store_true", help="tiny: 2+1 cases per geometry, 1 short epoch")
+    parser.add_argument("options", nargs="*", help="after --: options passed to la-seg fit and test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.train, args.val, args.heldout = 2, 1, 1
+        args.options = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", *args.options]
+        args.work_dir = args.work_dir.with_name(args.work_dir.name + "-quick")
+    args.json = args.json or RESULTS / ("accuracy_quick.json" if args.quick else f"{args.name}.json")
+    return args
+
+
+def progress(message: str) -> None:
+    print(f"[accuracy {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def make_data(work: Path, args: argparse.Namespace) -> dict[str, list[str]]:
+    """Phantoms of every geometry (reused when present): `data` (train + val, seed 0), `heldout` (seed 1)."""
+    split: dict[str, list[str]] = {"train": [], "val": []}
+    for prefix, (shape, spacing) in GEOMETRIES.items():
+        for folder, cases, seed in (("data", args.train + args.val, 0), ("heldout", args.heldout, 1)):
+            root = work / folder
+            wanted = [root / f"{prefix}_{i}" for i in range(1, cases + 1)]
+            if not all((f / "atriumSegImgMO.nii.gz").is_file() for f in wanted):
+                progress(f"writing {cases} {folder} phantoms of geometry {prefix} {shape} at {spacing} mm")
+                write_dataset(root, cases, seed, shape, spacing, True, ANATOMY_FOV_MM, prefix=f"{prefix}_")
+        ids = [f"{prefix}_{i}" for i in range(1, args.train + args.val + 1)]
+        split["train"] += ids[: args.train]
+        split["val"] += ids[args.train :]
+    return split
+
+
+def fit(work: Path, args: argparse.Namespace, split_file: Path) -> Path:
+    """`la-seg fit`; the run's best checkpoint."""
+    logger = ["--trainer.logger.init_args.save_dir", str(work / "runs"), "--trainer.logger.init_args.name"]
+    data = ["--data.root", str(work / "data"), "--data.split_file", str(split_file)]
+    progress(f"la-seg fit {args.config} {' '.join(args.options)}")
+    la_seg(["fit", "--config", args.config, *QUIET, *logger, args.name, *data, *args.options])
+    runs = sorted((work / "runs" / args.name).glob("version_*"), key=lambda p: int(p.name[8:]))
+    return runs[-1] / "checkpoints" / "best.ckpt"
+
+
+def test(work: Path, args: argparse.Namespace, ckpt: Path, split_file: Path, extra: list[str]) -> dict:
+    """`la-seg test` on the held-out folder; its JSON report."""
+    logger = ["--trainer.logger.init_args.save_dir", str(work / "runs"), "--trainer.logger.init_args.name"]
+    data = ["--data.root", str(work / "data"), "--data.split_file", str(split_file)]
+    data += ["--data.test_root", str(work / "heldout")]
+    options = [*args.options, *extra]
+    progress(f"la-seg test {ckpt} {' '.join(options)}")
+    la_seg(
+        [
+            "test",
+            "--config",
+            args.config,
+            *QUIET,
+            *logger,
+            args.name,
+            *data,
+            *options,
+            "--ckpt_path",
+            str(ckpt),
+        ]
+    )
+    return json.loads((ckpt.parent.parent / "test_metrics.json").read_text())
+
+
+def volume_error(case: dict) -> float:
+    """Signed LA-volume error of a case in % of the reference volume."""
+    return 100.0 * (case["volume_pred_ml"] - case["volume_ref_ml"]) / case["volume_ref_ml"]
+
+
+def summarise(cases: list[dict]) -> dict:
+    dice = np.array([c["dice"] for c in cases])
+    hd95 = np.array([c["hd95_mm"] for c in cases if c.get("hd95_mm") is not None], dtype=float)
+    errors = np.array([volume_error(c) for c in cases])
+    worst = int(np.argmax(np.abs(errors)))
+    return {
+        "n": len(cases),
+        "dice_mean": float(dice.mean()),
+        "dice_sd": float(dice.std(ddof=1)) if len(dice) > 1 else 0.0,
+        "dice_min": float(dice.min()),
+        "hd95_mm_mean": float(hd95.mean()) if hd95.size else None,
+        "hd95_mm_max": float(hd95.max()) if hd95.size else None,
+        "volume_error_pct_mean": float(errors.mean()),
+        "volume_error_pct_sd": float(errors.std(ddof=1)) if len(errors) > 1 else 0.0,
+        "volume_error_pct_worst": float(errors[worst]),
+        "volume_error_worst_case": cases[worst]["case_id"],
+        "beyond_5pct": int((np.abs(errors) > VOLUME_TOLERANCE).sum()),
+    }
+
+
+def score(report: dict) -> dict:
+    """Per geometry and overall figures of one test report, and the issue's bar."""
+    cases = report["cases"]
+    per_geometry = {g: summarise([c for c in cases if c["case_id"].startswith(f"{g}_")]) for g in GEOMETRIES}
+    best = max(s["dice_mean"] for s in per_geometry.values())
+    within = sum(abs(volume_error(c)) <= VOLUME_TOLERANCE for c in cases) / len(cases)
+    return {
+        "per_geometry": per_geometry,
+        "overall": summarise(cases),
+        "done_when": {
+            "every_geometry_dice_within_0.01_of_best": all(
+                s["dice_mean"] >= best - DICE_MARGIN for s in per_geometry.values()
+            ),
+            "fraction_within_5pct": within,
+            "at_least_95pct_within_5pct": within >= WITHIN_TARGET,
+        },
+        "inference": report["header"].get("inference"),
+        "cases": [
+            {
+                "case_id": c["case_id"],
+                "dice": c["dice"],
+                "hd95_mm": c.get("hd95_mm"),
+                "volume_ref_ml": c["volume_ref_ml"],
+                "volume_pred_ml": c["volume_pred_ml"],
+                "volume_error_pct": volume_error(c),
+            }
+            for c in cases
+        ],
+    }
+
+
+def review_figures(report: dict, plain: dict) -> dict:
+    """Do the cases flagged for review (flips' mean pairwise Dice below the model's review threshold) single
+    out the worst? Worst = lowest Dice of the plain (configured) test, as many as were flagged; also how many
+    of the cases beyond +-5 % volume are flagged, and Spearman's rho of agreement against Dice."""
+    truth = {c["case_id"]: c for c in plain["cases"]}
+    agreement = {c["case_id"]: c["agreement"] for c in report["cases"] if c.get("agreement")}
+    if not agreement:
+        return {"note": "no agreement in the report (no voters)"}
+    flagged = sorted(k for k, a in agreement.items() if a["review"])
+    by_dice = sorted(agreement, key=lambda k: truth[k]["dice"])
+    worst = by_dice[: len(flagged)]
+    beyond = [k for k in agreement if abs(truth[k]["volume_error_pct"]) > VOLUME_TOLERANCE]
+    bottom_decile = by_dice[: max(1, math.ceil(0.1 * len(by_dice)))]
+    rho, p = spearmanr(
+        [agreement[k]["mean_pairwise_dice"] for k in by_dice], [truth[k]["dice"] for k in by_dice]
+    )
+    return {
+        "n": len(agreement),
+        "flagged": flagged,
+        "flagged_among_worst_by_dice": len(set(flagged) & set(worst)),
+        "worst_by_dice": worst,
+        "bottom_10pct_by_dice": bottom_decile,
+        "bottom_10pct_flagged": len(set(bottom_decile) & set(flagged)),
+        "beyond_5pct_volume": sorted(beyond),
+        "beyond_5pct_flagged": len(set(beyond) & set(flagged)),
+        "spearman_agreement_vs_dice": {"rho": float(rho), "p_value": float(p)},
+        "review_below": report["header"].get("inference", {}).get("review_below"),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    split = make_data(work, args)
+    split_file = work / "split.json"
+    split_file.write_text(json.dumps(split, indent=1) + "\n")
+    ckpt = args.ckpt or fit(work, args, split_file)
+    fitted = time.perf_counter()
+    plain = score(test(work, args, ckpt, split_file, []))
+    (ckpt.parent.parent / "test_metrics_plain.json").write_text(json.dumps(plain, indent=1))
+    review = None
+    if not args.no_flips:
+        review = review_figures(test(work, args, ckpt, split_file, ["--model.tta", "flips"]), plain)
+    calibration = stored_calibration(load_checkpoint(ckpt))
+    return {
+        "question": "does every scanner geometry reach the same Dice and LA volume (issue 19)?",
+        **plain,
+        "review": review,
+        "checkpoint": str(ckpt),
+        "checkpoint_calibration": calibration,
+        "settings": {
+            "config": args.config,
+            "options": args.options,
+            "geometries": {g: {"shape": s, "spacing_mm": sp} for g, (s, sp) in GEOMETRIES.items()},
+            "anatomy_fov_mm": ANATOMY_FOV_MM,
+            "partial_volume": True,
+            "train_per_geometry": args.train,
+            "val_per_geometry": args.val,
+            "heldout_per_geometry": args.heldout,
+            "heldout_seed": 1,
+            "threads": os.environ.get("OMP_NUM_THREADS"),
+        },
+        "seconds": {"fit": round(fitted - started, 1), "total": round(time.perf_counter() - started, 1)},
+    }
+
+
+def table(paths: list[str]) -> str:
+    """A markdown table of result files side by side: per geometry Dice, HD95, volume error, beyond +-5 %."""
+    lines = [
+        "| run | geometry | Dice mean (min) | HD95 mm mean (max) | volume error % mean +- sd (worst) "
+        "| beyond 5 % |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        name = Path(path).stem
+        for g, s in result["per_geometry"].items():
+            lines.append(
+                f"| {name} | {g} | {s['dice_mean']:.3f} ({s['dice_min']:.3f}) | {s['hd95_mm_mean']:.1f} "
+                f"({s['hd95_mm_max']:.1f}) | {s['volume_error_pct_mean']:+.1f} +- "
+                f"{s['volume_error_pct_sd']:.1f} ({s['volume_error_pct_worst']:+.1f}) | "
+                f"{s['beyond_5pct']}/{s['n']} |"
+            )
+        done = result["done_when"]
+        lines.append(
+            f"| {name} | all | {result['overall']['dice_mean']:.3f} | | within 5 %: "
+            f"{100 * done['fraction_within_5pct']:.0f} % | Dice bar met: "
+            f"{done['every_geometry_dice_within_0.01_of_best']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv is None and sys.argv[1:2] == ["--table"]:
+        print(table(sys.argv[2:]))
+        return
+    args = parse_args(argv)
+    result = run(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.json, result)
+    for g, s in result["per_geometry"].items():
+        progress(
+            f"{g}: Dice {s['dice_mean']:.3f} (min {s['dice_min']:.3f}), HD95 {s['hd95_mm_mean']:.1f} mm, "
+            f"volume error {s['volume_error_pct_mean']:+.1f} +- {s['volume_error_pct_sd']:.1f} % "
+            f"(worst {s['volume_error_pct_worst']:+.1f} %), beyond 5 %: {s['beyond_5pct']}/{s['n']}"
+        )
+    progress(f"done when: {result['done_when']}; written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

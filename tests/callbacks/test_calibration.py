@@ -1,0 +1,96 @@
+"""Inference settings chosen on validation at the end of fit: stored in the checkpoint, used by test and
+predict unless given on the command line, recorded in the report."""
+
+import json
+
+import pytest
+import torch
+from test_cli import TINY  # noqa: I001 (tests/ is on sys.path under pytest)
+
+from la_seg.callbacks.calibration import InferenceCalibration, choose, trained_for_flips
+from la_seg.checkpoints import CALIBRATION_KEY, network_settings, stored_calibration, write_calibration
+from la_seg.cli import main
+from la_seg.data.datamodule import LADataModule
+from la_seg.data.transforms import AugmentationConfig
+from la_seg.errors import DataError
+
+
+@pytest.mark.slow
+def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, monkeypatch, synth_root):
+    monkeypatch.chdir(tmp_path)
+    data = ["--data.root", str(synth_root), "--data.in_plane", "spacing", "--data.target_spacing", "2.0"]
+    flips = ["--data.augmentation.hflip", "true", "--data.augmentation.vflip", "true"]  # for the review rule
+    main(["fit", *TINY, *data, *flips, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+          "--calibration.thresholds", "[0.4, 0.5]"])  # fmt: skip
+    run = tmp_path / "runs" / "demo" / "version_0"
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    record = stored_calibration(checkpoint)
+    settings = record["settings"]
+    assert settings["threshold"] in (0.4, 0.5) and settings["postprocess"] in ("none", "largest_component")
+    assert 0.0 <= settings["review_below"] <= 1.0
+    assert set(record["how"]["scores"]) == {
+        f"{t}/{p}" for t in (0.4, 0.5) for p in ("none", "largest_component")
+    }
+    assert len(record["how"]["validation_agreement"]) == len(record["how"]["validation_cases"]) >= 1
+    assert network_settings(checkpoint)["in_plane"] == "spacing"
+    assert network_settings(checkpoint)["target_spacing"] == 2.0
+
+    # test: the chosen settings, recorded with how they were chosen; the network's input settings follow
+    main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best"])
+    inference = json.loads((run / "test_heldout.json").read_text())["header"]["inference"]
+    assert inference["threshold"] == settings["threshold"]
+    assert inference["postprocess"] == settings["postprocess"]
+    assert inference["review_below"] == pytest.approx(settings["review_below"])
+    assert inference["calibration"]["settings"] == settings
+    # ... unless given on the command line
+    main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best", "--model.threshold", "0.7"])
+    inference = json.loads((run / "test_heldout-2.json").read_text())["header"]["inference"]
+    assert inference["threshold"] == 0.7 and inference["postprocess"] == settings["postprocess"]
+
+
+def test_a_calibration_record_round_trips_through_the_file(tmp_path):
+    path = tmp_path / "c.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"net": {}}}, path)
+    record = {"settings": {"threshold": 0.4, "postprocess": "none", "review_below": 0.93}, "how": {"n": 2}}
+    write_calibration(path, record)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint[CALIBRATION_KEY] == record and stored_calibration(checkpoint) == record
+    assert network_settings(checkpoint)["in_plane"] == "stretch"  # written before in_plane existed: stretched
+    with pytest.raises(ValueError, match="calibrated settings"):
+        write_calibration(path, {"settings": {"img_size": 3}, "how": {}})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"thresholds": [0.0]}, "thresholds"), ({"review_quantile": 2}, "quantile")]
+)
+def test_bad_calibration_settings_are_refused(kwargs, match):
+    with pytest.raises(DataError, match=match):
+        InferenceCalibration(**kwargs)
+
+
+def _table(rows):
+    return {key: {"dice": dice, "hd95_mm": hd95} for key, dice, hd95 in rows}
+
+
+def test_choose_post_processing_first_then_a_threshold_only_for_a_clear_gain():
+    # The 8-epoch stretch model of the accuracy benchmark: largest_component removes islands (HD95 12.6 ->
+    # 3.2 mm); 0.3 gains 0.007 Dice on 6 validation cases, below min_gain: 0.5 stays.
+    table = _table(
+        [
+            ("0.3/none", 0.8714, 16.5), ("0.3/largest_component", 0.8949, 2.66),
+            ("0.5/none", 0.8741, 12.6), ("0.5/largest_component", 0.8877, 3.23),
+        ]
+    )  # fmt: skip
+    assert choose(table, 0.5, tie_dice=0.001, min_gain=0.01) == (0.5, "largest_component")
+    assert choose(table, 0.5, tie_dice=0.001, min_gain=0.005) == (0.3, "largest_component")
+    # A Dice tie between post-processings goes to largest_component (validation may hold no islands).
+    tie = _table([("0.5/none", 0.9006, 2.23), ("0.5/largest_component", 0.9, 2.24)])
+    assert choose(tie, 0.5, tie_dice=0.001, min_gain=0.01) == (0.5, "largest_component")
+    worse = _table([("0.5/none", 0.91, 2.2), ("0.5/largest_component", 0.90, 2.2)])  # it removed LA: none
+    assert choose(worse, 0.5, tie_dice=0.001, min_gain=0.01) == (0.5, "none")
+
+
+def test_review_threshold_is_calibrated_only_for_a_model_trained_with_flips():
+    assert trained_for_flips(LADataModule(augmentation=AugmentationConfig(hflip=True, vflip=True)))
+    assert not trained_for_flips(LADataModule(augmentation=AugmentationConfig(hflip=True)))
+    assert not trained_for_flips(LADataModule())

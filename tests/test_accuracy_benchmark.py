@@ -1,0 +1,46 @@
+"""benchmarks/accuracy.py's figures from a test report: per geometry, the issue's bar, the review flags."""
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def accuracy(load_benchmark):
+    return load_benchmark("accuracy")
+
+
+def _case(case_id, dice, pred, ref=10.0, pairwise=None, review=False):
+    case = {"case_id": case_id, "dice": dice, "hd95_mm": 2.0, "volume_pred_ml": pred, "volume_ref_ml": ref}
+    if pairwise is not None:
+        case["agreement"] = {"mean_pairwise_dice": pairwise, "review": review}
+    return case
+
+
+def test_figures_per_geometry_and_the_bar(accuracy):
+    cases = [_case("A_1", 0.95, 10.0), _case("A_2", 0.93, 10.2), _case("B_1", 0.94, 9.9)]
+    cases += [_case("C_1", 0.90, 9.0), _case("C_2", 0.94, 10.1)]
+    result = accuracy.score({"cases": cases, "header": {"inference": {"threshold": 0.5}}})
+    c = result["per_geometry"]["C"]
+    assert c["n"] == 2 and c["dice_mean"] == pytest.approx(0.92)
+    assert c["volume_error_pct_worst"] == pytest.approx(-10.0) and c["volume_error_worst_case"] == "C_1"
+    assert c["beyond_5pct"] == 1
+    assert result["done_when"]["fraction_within_5pct"] == pytest.approx(0.8)
+    assert not result["done_when"]["every_geometry_dice_within_0.01_of_best"]  # C: 0.92 < 0.94 - 0.01
+    assert not result["done_when"]["at_least_95pct_within_5pct"]
+
+
+def test_review_flags_are_scored_against_the_worst_cases(accuracy):
+    plain = accuracy.score(
+        {"cases": [_case("A_1", 0.95, 10.0), _case("B_1", 0.70, 7.0), _case("C_1", 0.90, 10.0)], "header": {}}
+    )
+    flips = {
+        "cases": [
+            _case("A_1", 0.95, 10.0, pairwise=0.98),
+            _case("B_1", 0.70, 7.0, pairwise=0.80, review=True),
+            _case("C_1", 0.90, 10.0, pairwise=0.95),
+        ],
+        "header": {"inference": {"review_below": 0.9}},
+    }
+    review = accuracy.review_figures(flips, plain)
+    assert review["flagged"] == ["B_1"] and review["flagged_among_worst_by_dice"] == 1
+    assert review["beyond_5pct_volume"] == ["B_1"] and review["beyond_5pct_flagged"] == 1
+    assert review["review_below"] == 0.9
