@@ -123,6 +123,7 @@ def cli_args(args: argparse.Namespace, workdir: Path, total_steps: int) -> list[
     fixed = [
         *("--data.root", str(workdir / "train"), "--data.predict_root", str(workdir / "predict")),
         *("--data.split", "[1.0, 0.0, 0.0]", "--data.cache_dir", str(workdir / "cache")),
+        *("--data.duplicates", "group"),  # copies of one phantom, on purpose
         *("--writer.output_dir", str(workdir / "masks"), "--trainer.default_root_dir", str(workdir)),
         *("--trainer.devices", "1", "--trainer.max_steps", str(total_steps)),
         *("--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"),

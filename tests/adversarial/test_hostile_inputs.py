@@ -234,8 +234,9 @@ def test_disk_full_while_writing_masks(trained_checkpoint, tmp_path):
     out.mkdir()
     copy.mkdir()
     argv = predict(trained_checkpoint, inputs, out, "--writer.save_probabilities", "true")
+    # 32 KiB: the four cases need about 46 KiB (each probability map ~11 KiB gzipped)
     script = (
-        f'mount -t tmpfs -o size=96k tmpfs {out} || exit 99; "$@"; rc=$?; cp -a {out}/. {copy}/; exit $rc'
+        f'mount -t tmpfs -o size=32k tmpfs {out} || exit 99; "$@"; rc=$?; cp -a {out}/. {copy}/; exit $rc'
     )
     result = la_seg_subprocess(argv, tmp_path, ["unshare", "-m", "sh", "-c", script, "sh"])
     if result.code == 99:
