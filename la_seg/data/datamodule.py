@@ -42,7 +42,7 @@ from la_seg.data.split import (
     split_cases,
 )
 from la_seg.data.transforms import AugmentationConfig, build_train_transform
-from la_seg.distributed import decide_on_rank_zero
+from la_seg.distributed import all_ranks_or_none, decide_on_rank_zero
 from la_seg.errors import DataError
 
 TEST_ROOT_TAG = "data.test_root:"  # marks test_root cases among data.root's when looking for duplicates
@@ -344,18 +344,22 @@ class LADataModule(L.LightningDataModule):
                 f"cases dealt to {world} processes, each drawing {samples_per_rank(len(plan.pairs), world)} "
                 "slices per epoch"
             )
-        dataset = SliceDataset(
-            cases,
-            self.img_size,
-            slice_context=self.slice_context,
-            slice_axis=self.slice_axis,
-            transform=build_train_transform(self.augmentation),
-            empty_slice_fraction=self.empty_slice_fraction,
-            seed=self.seed,
-            cache=self.cache,
-            cache_dir=self.cache_dir,
-            index=index,
-        )
+
+        def build() -> SliceDataset:
+            return SliceDataset(
+                cases,
+                self.img_size,
+                slice_context=self.slice_context,
+                slice_axis=self.slice_axis,
+                transform=build_train_transform(self.augmentation),
+                empty_slice_fraction=self.empty_slice_fraction,
+                seed=self.seed,
+                cache=self.cache,
+                cache_dir=self.cache_dir,
+                index=index,
+            )
+
+        dataset = build() if index is None else all_ranks_or_none(trainer, build)
         if index is not None:
             per_rank = samples_per_rank(len(plan.pairs), trainer.world_size)
             sampler = TrainShards(dataset, per_rank, trainer.world_size, trainer.global_rank, self.seed)

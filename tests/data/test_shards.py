@@ -12,6 +12,7 @@ from la_seg.data.datasets import SliceDataset, kept_slices
 from la_seg.data.layouts import find_cases
 from la_seg.data.shards import TrainShards, assign_cases, plan_training_slices, samples_per_rank
 from la_seg.data.synthetic import write_dataset
+from la_seg.distributed import all_ranks_or_none, is_reported_elsewhere
 from la_seg.errors import DataError
 
 WEIGHTS = [9, 3, 7, 7, 2, 11, 5, 4, 6]
@@ -75,7 +76,8 @@ def root(tmp_path_factory):
 def fake_trainer(world: int, rank: int) -> SimpleNamespace:
     """What train_dataloader asks of a trainer, as rank `rank` of `world` sees it; what rank 0 decides and
     broadcasts is decided here by each rank (is_global_zero), as one process plays every rank in turn."""
-    strategy = SimpleNamespace(broadcast=lambda obj, src=0: obj)
+    decide = lambda failed, all=True: failed  # noqa: E731 (no rank fails)
+    strategy = SimpleNamespace(broadcast=lambda obj, src=0: obj, reduce_boolean_decision=decide)
     return SimpleNamespace(world_size=world, global_rank=rank, is_global_zero=True, strategy=strategy)
 
 
@@ -152,3 +154,22 @@ def test_single_process_index_is_unchanged(root):
     keep = round(0.5 * len(background))
     chosen = np.random.default_rng(5).choice(len(background), size=keep, replace=False)
     assert dataset.index.tolist() == [list(p) for p in sorted(foreground + [background[j] for j in chosen])]
+
+
+def test_a_rank_that_cannot_read_its_cases_stops_every_rank():
+    """A rank reads only its own cases, so a broken file fails one rank: all stop, the failing one prints."""
+
+    def trainer(elsewhere: bool) -> SimpleNamespace:
+        decide = lambda failed, all=True: failed or elsewhere  # noqa: E731 (what the all-reduce answers)
+        return SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=decide))
+
+    def broken():
+        raise DataError("cannot read train_3")
+
+    assert all_ranks_or_none(trainer(False), lambda: 5) == 5
+    with pytest.raises(DataError, match="cannot read train_3") as own:
+        all_ranks_or_none(trainer(False), broken)
+    assert not is_reported_elsewhere(own.value)
+    with pytest.raises(DataError, match="another DDP process failed") as other:
+        all_ranks_or_none(trainer(True), lambda: 5)
+    assert is_reported_elsewhere(other.value)
