@@ -337,7 +337,8 @@ class LADataModule(L.LightningDataModule):
                     cases, world, self.empty_slice_fraction, self.seed, self.slice_axis
                 ),
             )
-            own = assign_cases(plan.slices_per_case(len(cases)).tolist(), world)[rank]
+            slices = plan.slices_per_case(len(cases)).tolist()
+            own = [i for i in assign_cases(slices, world)[rank] if slices[i]]  # a case without: never read
             cases, index = [cases[i] for i in own], plan.of_cases(own)
             rank_zero_info(
                 f"training cases per DDP process: {len(plan.pairs)} slices of {len(self.cases('train'))} "

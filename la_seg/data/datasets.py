@@ -129,8 +129,9 @@ class SliceIndex:
 
     def of_cases(self, positions: Sequence[int]) -> SliceIndex:
         """The slices of the cases at `positions`, renumbered 0, 1, ... in that order."""
-        new = np.full(int(self.pairs[:, 0].max(initial=-1)) + 1, -1, dtype=np.int64)
-        new[np.asarray(positions, dtype=np.int64)] = np.arange(len(positions))
+        positions = np.asarray(positions, dtype=np.int64)
+        new = np.full(max(int(self.pairs[:, 0].max(initial=-1)), int(positions.max(initial=-1))) + 1, -1)
+        new[positions] = np.arange(len(positions))
         rows = np.flatnonzero(np.isin(self.pairs[:, 0], positions))
         pairs = np.stack([new[self.pairs[rows, 0]], self.pairs[rows, 1]], axis=1)
         order = np.lexsort((pairs[:, 1], pairs[:, 0]))

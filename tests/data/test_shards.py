@@ -137,6 +137,9 @@ def test_slice_index_of_cases_matches_the_dataset_index():
     back = {(pos, z) for pos, z in index.pairs if pos in (1, 3, 4)}
     assert {((1, 3, 4)[p], z) for p, z in part.pairs} == back
     assert part.foreground.tolist() == [bool(has_la[(1, 3, 4)[p]][z]) for p, z in part.pairs]
+    no_slices = kept_slices([np.ones(3, bool), np.zeros(3, bool)], 0.0, 0)  # the last case keeps none
+    assert no_slices.of_cases([1]).pairs.shape == (0, 2)
+    assert no_slices.of_cases([0, 1]).pairs.tolist() == [[0, 0], [0, 1], [0, 2]]
 
 
 def test_single_process_index_is_unchanged(root):
