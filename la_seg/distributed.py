@@ -14,6 +14,8 @@ from typing import TypeVar
 
 import lightning as L
 
+from la_seg.errors import DataError
+
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
 
@@ -38,6 +40,22 @@ def decide_on_rank_zero(trainer: L.Trainer | None, decide: Callable[[], T]) -> T
     result, error = trainer.strategy.broadcast((result, error), src=0)
     if error is not None:
         raise error if trainer.is_global_zero else reported_elsewhere(error)
+    return result
+
+
+def all_ranks_or_none(trainer: L.Trainer, build: Callable[[], T]) -> T:
+    """`build()` run on every rank, where it may fail on some ranks only (e.g. each reads its own files): then
+    every rank raises (the others would wait for it in the next collective), a failing one its own error, the
+    others one that it prints. A collective: every rank must call it."""
+    result, error = None, None
+    try:
+        result = build()
+    except Exception as raised:  # noqa: BLE001 (re-raised below, after every rank has been told)
+        error = raised
+    if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+        if error is not None:
+            raise error
+        raise reported_elsewhere(DataError("another DDP process failed (its error is printed)"))
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_options import TINY_CLI
 
@@ -151,3 +153,68 @@ def test_predict_and_test_on_two_ranks_match_one_process(fitted, tmp_path, capfd
     assert ddp_report["cases"] == one_report["cases"] and ddp_report["summary"] == one_report["summary"]
     # each case counted once (a repeated case once moved the mean by ~4e-4)
     assert logged_test_loss(ddp_run) == pytest.approx(logged_test_loss(one_run), rel=1e-6)
+
+
+# `la-seg` for a 2-rank fit recording, per rank, the cases its SliceDataset holds and every case it decodes.
+RECORDING = """
+import os
+from la_seg.cli import main
+from la_seg.data.cache import VolumeCache
+from la_seg.data.datasets import SliceDataset
+
+rank = os.environ.get("LOCAL_RANK", "0")
+decode, init = VolumeCache._decode, SliceDataset.__init__
+
+def recording_decode(self, case, with_labels):
+    with open(f"decoded_{rank}.txt", "a") as out:
+        out.write(case.case_id + "\\n")
+    return decode(self, case, with_labels)
+
+def recording_init(self, cases, *args, **kwargs):
+    with open(f"train_{rank}.txt", "a") as out:
+        out.write(" ".join(case.case_id for case in cases) + "\\n")
+    init(self, cases, *args, **kwargs)
+
+VolumeCache._decode, SliceDataset.__init__ = recording_decode, recording_init
+main()
+"""
+
+
+@pytest.mark.slow
+def test_two_rank_fit_decodes_each_training_case_on_one_rank_only(tmp_path):
+    """Issue 16.6: each rank decodes and keeps its own training cases, not all of them; training validates.
+    Too few training cases for the ranks end with one error line."""
+    write_dataset(tmp_path / "data", cases=5, seed=0, shape=(40, 40, 6), spacing=(1.6, 1.6, 4.0))
+    script = tmp_path / "recording.py"
+    script.write_text(RECORDING)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("LA_SEG_DEBUG", None)
+    fit = ["fit", *TINY, "--data.root", "data", "--data.batch_size", "4", "--trainer.max_epochs", "2"]
+    run = subprocess.run([sys.executable, str(script), *fit, *DDP], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = tmp_path / "runs" / "demo" / "version_0"
+    train = json.loads((log / "split.json").read_text())["train"]
+    assert len(train) == 3
+    held = [(tmp_path / f"train_{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert sorted(held[0] + held[1]) == sorted(train) and held[0] and held[1]  # disjoint, covering
+    for rank in (0, 1):
+        decoded = (tmp_path / f"decoded_{rank}.txt").read_text().split()
+        assert sorted(c for c in decoded if c in train) == sorted(held[rank])  # its own, each once
+    events = EventAccumulator(str(log))
+    events.Reload()
+    assert len(events.Scalars("val/loss")) == 2  # validated after each epoch
+    said = re.search(r"(\d+) slices of 3 cases dealt to 2 processes, each drawing (\d+) slices", run.stderr)
+    slices, per_rank = int(said[1]), int(said[2])
+    assert per_rank == -(-slices // 2) and run.stderr.count("dealt to 2 processes") == 1
+    last = torch.load(log / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2 * -(-per_rank // 4)  # batches of 4, both epochs, in step on both ranks
+
+    few = subprocess.run([sys.executable, str(script), *fit, "--data.split", "[0.2, 0.4, 0.4]", *DDP],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert few.returncode == 2, few.stderr[-3000:]
+    assert error_lines(few.stderr) == [
+        "la-seg: error: 1 training case for 2 DDP processes: each process trains on cases of its own, so "
+        "training needs at least 2 cases (more training cases in data.split / data.split_file, or fewer "
+        "trainer.devices x trainer.num_nodes)"
+    ]

@@ -27,6 +27,7 @@ from la_seg.data.datasets import SliceDataset, VolumeDataset, first_item
 from la_seg.data.io import SliceAxis
 from la_seg.data.layouts import Case, Layout, find_cases
 from la_seg.data.preprocess import InPlane, check_img_size, check_in_plane
+from la_seg.data.shards import TrainShards, assign_cases, plan_training_slices, samples_per_rank
 from la_seg.data.split import (
     DataSplit,
     check_folds,
@@ -41,7 +42,7 @@ from la_seg.data.split import (
     split_cases,
 )
 from la_seg.data.transforms import AugmentationConfig, build_train_transform
-from la_seg.distributed import decide_on_rank_zero
+from la_seg.distributed import all_ranks_or_none, decide_on_rank_zero
 from la_seg.errors import DataError
 
 TEST_ROOT_TAG = "data.test_root:"  # marks test_root cases among data.root's when looking for duplicates
@@ -335,23 +336,53 @@ class LADataModule(L.LightningDataModule):
         return [lookup[case_id] for case_id in self.data_split.parts[part]]
 
     def train_dataloader(self) -> DataLoader:
-        dataset = SliceDataset(
-            self.cases("train"),
-            self.img_size,
-            slice_context=self.slice_context,
-            slice_axis=self.slice_axis,
-            transform=build_train_transform(self.augmentation),
-            empty_slice_fraction=self.empty_slice_fraction,
-            seed=self.seed,
-            cache=self.cache,
-            cache_dir=self.cache_dir,
-            in_plane=self.in_plane,
-            target_spacing=self.target_spacing,
-        )
+        """Slices of the training cases. Under DDP each rank holds its own cases (la_seg.data.shards): the
+        slices are chosen over every case as by one process, the cases dealt to the ranks balanced by slices,
+        and each rank decodes and keeps its own only, drawing the same number of slices per epoch."""
+        cases, index, sampler = self.cases("train"), None, None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            world, rank = trainer.world_size, trainer.global_rank
+            plan = decide_on_rank_zero(
+                trainer,
+                lambda: plan_training_slices(
+                    cases, world, self.empty_slice_fraction, self.seed, self.slice_axis
+                ),
+            )
+            slices = plan.slices_per_case(len(cases)).tolist()
+            own = [i for i in assign_cases(slices, world)[rank] if slices[i]]  # a case without: never read
+            cases, index = [cases[i] for i in own], plan.of_cases(own)
+            rank_zero_info(
+                f"training cases per DDP process: {len(plan.pairs)} slices of {len(self.cases('train'))} "
+                f"cases dealt to {world} processes, each drawing {samples_per_rank(len(plan.pairs), world)} "
+                "slices per epoch"
+            )
+
+        def build() -> SliceDataset:
+            return SliceDataset(
+                cases,
+                self.img_size,
+                slice_context=self.slice_context,
+                slice_axis=self.slice_axis,
+                transform=build_train_transform(self.augmentation),
+                empty_slice_fraction=self.empty_slice_fraction,
+                seed=self.seed,
+                cache=self.cache,
+                cache_dir=self.cache_dir,
+                in_plane=self.in_plane,
+                target_spacing=self.target_spacing,
+                index=index,
+            )
+
+        dataset = build() if index is None else all_ranks_or_none(trainer, build)
+        if index is not None:
+            per_rank = samples_per_rank(len(plan.pairs), trainer.world_size)
+            sampler = TrainShards(dataset, per_rank, trainer.world_size, trainer.global_rank, self.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),

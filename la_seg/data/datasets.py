@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
@@ -41,6 +42,9 @@ class SliceDataset(Dataset):
     (S, S, 3) float32 image and (S, S) uint8 mask; the image is clamped back to [0, 1] afterwards.
 
     Item: {"image": float32 (3, S, S) in [0, 1], "label": float32 (1, S, S) in {0, 1}}.
+    `index`, when given, is the kept slices chosen elsewhere (over more cases: DDP, see la_seg.data.shards);
+    the cases are then decoded without choosing again.
+
     Attributes: `index`, an (N, 2) int array of (case position, slice) pairs, and `num_foreground` /
     `num_background`, the kept slices with and without LA.
     """
@@ -58,6 +62,7 @@ class SliceDataset(Dataset):
         slice_axis: SliceAxis = "auto",
         in_plane: InPlane = "stretch",
         target_spacing: float = 1.0,
+        index: SliceIndex | None = None,
     ) -> None:
         self.cases = list(cases)
         if not self.cases:
@@ -72,17 +77,18 @@ class SliceDataset(Dataset):
         self.transform = transform
         self.cache = VolumeCache(cache, cache_dir, slice_axis)
         self._seeded_pid: int | None = None
-        foreground, background = [], []
-        for position, case in enumerate(self.cases):
-            label = self.cache.get(case, with_labels=True).label
-            has_la = np.asarray(label).reshape(label.shape[0], -1).any(axis=1)
-            foreground += [(position, z) for z in np.flatnonzero(has_la)]
-            background += [(position, z) for z in np.flatnonzero(~has_la)]
-        keep = round(empty_slice_fraction * len(background))
-        chosen = np.random.default_rng(seed).choice(len(background), size=keep, replace=False)
-        pairs = sorted(foreground + [background[j] for j in chosen])
-        self.index = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        self.num_foreground, self.num_background = len(foreground), keep
+        if index is None:
+            has_la = [slices_with_la(self.cache.get(case, with_labels=True).label) for case in self.cases]
+            index = kept_slices(has_la, empty_slice_fraction, seed)
+        else:  # chosen over every training case elsewhere (DDP: la_seg.data.shards)
+            if len(index.pairs) and not 0 <= index.pairs[:, 0].min() <= index.pairs[:, 0].max() < len(cases):
+                raise DataError("the SliceDataset index names a case position outside its cases")
+            if self.cache.mode != "none":  # decode (and keep) the cases now, once, as without an index
+                for case in self.cases:
+                    self.cache.get(case, with_labels=True)
+        self.index = index.pairs
+        self.num_foreground = int(index.foreground.sum())
+        self.num_background = len(index.pairs) - self.num_foreground
         if len(self.index) == 0:
             raise DataError("SliceDataset has no slices: no slice contains LA and empty_slice_fraction is 0")
 
@@ -126,6 +132,47 @@ class SliceDataset(Dataset):
         if self._seeded_pid != os.getpid():
             self.transform.set_random_seed(torch.initial_seed() % 2**32)
             self._seeded_pid = os.getpid()
+
+
+@dataclass(frozen=True)
+class SliceIndex:
+    """Kept training slices: `pairs` (N, 2) int64 (case position, slice), sorted; `foreground` (N,) bool, LA
+    in the slice."""
+
+    pairs: np.ndarray
+    foreground: np.ndarray
+
+    def slices_per_case(self, cases: int) -> np.ndarray:
+        return np.bincount(self.pairs[:, 0], minlength=cases)
+
+    def of_cases(self, positions: Sequence[int]) -> SliceIndex:
+        """The slices of the cases at `positions`, renumbered 0, 1, ... in that order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        new = np.full(max(int(self.pairs[:, 0].max(initial=-1)), int(positions.max(initial=-1))) + 1, -1)
+        new[positions] = np.arange(len(positions))
+        rows = np.flatnonzero(np.isin(self.pairs[:, 0], positions))
+        pairs = np.stack([new[self.pairs[rows, 0]], self.pairs[rows, 1]], axis=1)
+        order = np.lexsort((pairs[:, 1], pairs[:, 0]))
+        return SliceIndex(pairs[order].reshape(-1, 2), self.foreground[rows][order])
+
+
+def slices_with_la(label: np.ndarray) -> np.ndarray:
+    """Per slice of a slices-first label, whether it holds LA."""
+    return np.asarray(label).reshape(label.shape[0], -1).any(axis=1)
+
+
+def kept_slices(has_la: Sequence[np.ndarray], empty_slice_fraction: float, seed: int) -> SliceIndex:
+    """Every slice with LA, and a fraction of those without drawn once from `seed`, of the cases whose
+    per-slice LA flags are `has_la`."""
+    foreground, background = [], []
+    for position, flags in enumerate(has_la):
+        foreground += [(position, z) for z in np.flatnonzero(flags)]
+        background += [(position, z) for z in np.flatnonzero(~np.asarray(flags))]
+    keep = round(empty_slice_fraction * len(background))
+    chosen = np.random.default_rng(seed).choice(len(background), size=keep, replace=False)
+    marked = sorted([(*pair, True) for pair in foreground] + [(*background[j], False) for j in chosen])
+    table = np.asarray(marked, dtype=np.int64).reshape(-1, 3)
+    return SliceIndex(table[:, :2].copy(), table[:, 2].astype(bool))
 
 
 class VolumeItem(TypedDict, total=False):
