@@ -10,18 +10,10 @@ import pytest
 
 from la_seg.cli import main
 from la_seg.data.synthetic import write_dataset
+from tests.tiny_options import TINY_CLI
 
 # A tiny network on small slices: a few seconds per epoch on 2 CPU cores.
-TINY = [
-    "--config", "demo.yaml",
-    "--data.img_size", "28",
-    "--data.num_workers", "0",
-    "--data.batch_size", "8",
-    "--model.net.backbone_kwargs", "{depth: 2, embed_dim: 24, num_heads: 2}",
-    "--model.net.decoder_channels", "[8, 8, 8, 8]",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-]  # fmt: skip
+TINY = [*TINY_CLI, "--data.batch_size", "8", "--trainer.enable_model_summary", "false"]
 
 
 class Shell:
