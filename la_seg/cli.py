@@ -176,7 +176,7 @@ class LASegCLI(LightningCLI):
 
     def before_test(self) -> None:
         """la-seg's own table (printed by SegmentationMetrics) replaces Lightning's "Test metric" box."""
-        if not self._given("verbose"):
+        if not on_command_line("verbose", self.given_options):
             self.config_init[self.subcommand]["verbose"] = False
 
     def after_fit(self) -> None:
@@ -184,9 +184,6 @@ class LASegCLI(LightningCLI):
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero and not self.trainer.interrupted:
             print(fit_summary(self.trainer, log_dir, self.given_options))
-
-    def _given(self, option: str) -> bool:
-        return any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in self.given_options)
 
     def instantiate_trainer(self, **kwargs):
         """Every checkpoint Lightning reads goes through la-seg's data-only loader (a trainer plugin), unless
@@ -253,8 +250,8 @@ def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]
     defaults |= {name: p.default for name, p in inspect.signature(LADataModule).parameters.items()}
     given = {}
     for field, option in options.items():
-        on_command_line = any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in given_options)
-        given[field] = (option, values[field], _NOT_A_DEFAULT if on_command_line else defaults[field])
+        typed = on_command_line(option, given_options)
+        given[field] = (option, values[field], _NOT_A_DEFAULT if typed else defaults[field])
     if network_settings(checkpoint)["in_plane"] == "stretch":  # a stretching checkpoint has no target spacing
         del given["target_spacing"]
     settings = check_settings(checkpoint, given)
@@ -278,10 +275,7 @@ def apply_calibration(config, checkpoint: dict, given_options: list[str]) -> Non
         return
     applied = {}
     for field, value in calibration["settings"].items():
-        option = f"--model.{field}"
-        if field in CALIBRATED_FIELDS and not any(
-            a == option or a.startswith(f"{option}=") for a in given_options
-        ):
+        if field in CALIBRATED_FIELDS and not on_command_line(f"model.{field}", given_options):
             config.model[field] = applied[field] = value
     if applied:
         chosen = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in applied.items())
@@ -289,6 +283,12 @@ def apply_calibration(config, checkpoint: dict, given_options: list[str]) -> Non
 
 
 _NOT_A_DEFAULT = object()
+
+
+def on_command_line(option: str, given_options: list[str]) -> bool:
+    """Whether `--option` (e.g. "model.threshold") was typed, as `--option value` or `--option=value`: a
+    typed value wins over a checkpoint's record."""
+    return any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in given_options)
 
 
 def _default(field: dataclasses.Field):
