@@ -29,6 +29,7 @@ from la_seg.callbacks import (
     SegmentationMetrics,
     TensorBoardImages,
 )
+from la_seg.callbacks.layout import ChannelsLastDecoder
 from la_seg.callbacks.termination import EXIT_STATUS, StopOnSigterm, sigterm_stop
 from la_seg.checkpoints import (
     CALIBRATED_FIELDS,
@@ -204,8 +205,9 @@ class LASegCLI(LightningCLI):
         self.fresh_run = missing[-1] if missing else None  # the outermost folder this fit will create
         if self.resolved_ckpt is not None:
             self.trainer.callbacks.append(SameCheckpointOnEveryRank(*self.resolved_ckpt))
-        # every run: SIGTERM stops cleanly, with a resumable checkpoint (la_seg/callbacks/termination.py)
-        self.trainer.callbacks.append(StopOnSigterm())
+        # every run: SIGTERM stops cleanly, with a resumable checkpoint (la_seg/callbacks/termination.py),
+        # and decoders take the memory layout their device prefers (la_seg/callbacks/layout.py)
+        self.trainer.callbacks.extend([StopOnSigterm(), ChannelsLastDecoder()])
         if self.member_paths:
             self.model.member_name = self.member_paths[0]
             weights = self.config[self.subcommand].model.net.weights

@@ -9,6 +9,10 @@ prints `message` as one line and exits 143 (128 + SIGTERM), so a job script sees
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -17,6 +21,24 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 EXIT_STATUS = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
 _STOPS: list[str] = []  # the line of a SIGTERM stop in this run (la-seg's main reads and clears it)
+
+
+@contextmanager
+def _loader_worker_ends_ignored() -> Iterator[None]:
+    """Ignore SIGCHLD while the stop is handled. torch's DataLoader handler raises on a loader worker's
+    end; raised inside torch.save's write callback, it left the zip writer unfinished, whose destructor then
+    wrote to the closed file and aborted the process (SIGABRT, no checkpoint). Those ends are the SIGTERM
+    being handled. The handler is swapped rather than the signal masked: a mask holds for one thread only,
+    and any other thread (OpenMP, TensorBoard's writer) would still take the signal for the main thread."""
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        yield  # Windows has no SIGCHLD; only the main thread may set a handler (and only it runs one)
+        return
+    # SIG_DFL, not SIG_IGN: torch still reaps its workers and reads their status
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def sigterm_stop(clear: bool = False) -> str | None:
@@ -41,29 +63,26 @@ class StopOnSigterm(Callback):
         if not isinstance(exception, SIGTERMException) and not trainer.received_sigterm:
             return
         stage = getattr(trainer.state.fn, "value", trainer.state.fn)
-        _STOPS.append(f"stopped by SIGTERM during {stage}")
+        _STOPS.append(f"stopped by SIGTERM during {stage}")  # said even if what follows fails
+        with _loader_worker_ends_ignored():
+            _STOPS.append(self._stop_message(trainer, stage))
+
+    def _stop_message(self, trainer, stage: str) -> str:
+        """Saves what `fit` can resume from; the line that says what was kept and how to go on."""
         if trainer.state.fn == TrainerFn.FITTING:
             path = self._checkpoint_path(trainer)
-            for attempt in range(3):
-                try:  # atomic (DataOnlyCheckpointIO); the loops' state resumes mid-epoch
-                    trainer.save_checkpoint(path)
-                    break
-                except RuntimeError:  # a dying loader worker's signal interrupted the save: try again
-                    if attempt == 2:
-                        raise
-            message = (
+            trainer.save_checkpoint(path)  # atomic (DataOnlyCheckpointIO); the loops' state resumes mid-epoch
+            return (
                 f"stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; saved "
                 f"{path}: resume with the same command and --ckpt_path {path}"
             )
         elif trainer.state.fn == TrainerFn.PREDICTING:
             out = next((cb.output_dir for cb in trainer.callbacks if hasattr(cb, "output_dir")), None)
-            message = (
+            return (
                 f"stopped by SIGTERM: the masks in {out} are complete but not all cases were segmented (no "
                 "volumes.csv); run the same command with --writer.overwrite true to segment them all"
             )
-        else:
-            message = f"stopped by SIGTERM during {stage}: no report written; run the command again"
-        _STOPS.append(message)
+        return f"stopped by SIGTERM during {stage}: no report written; run the command again"
 
     @staticmethod
     def _checkpoint_path(trainer) -> Path:

@@ -9,16 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def prefers_channels_last(device: torch.device) -> bool:
-    """Whether the decoder runs channels_last (NHWC) on ``device``: on an H200, training reached 0.78x of
-    backbone-only throughput with NHWC convolutions instead of 0.64x; on CPU it gave no gain."""
-    return device.type == "cuda"
-
-
-def _to_channels_last(tensor: Tensor) -> Tensor:
-    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
-
-
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     """(Conv3x3-BN-ReLU) x 2. BatchNorm works at batch size 1: it normalises over B*H*W; eval uses stats."""
     return nn.Sequential(
@@ -97,7 +87,6 @@ class ImageGuidedDecoder(nn.Module):
     the last stage to the image's exact H, W, concatenates the image once more and gives the logits.
     The image enters through a small conv stem per resolution (``stem_channels``) or, with
     ``stem_channels=0``, as the resized raw image; ``image_guidance=False`` removes every image path.
-    On CUDA (``prefers_channels_last``) weights and activations are channels_last.
     """
 
     def __init__(
@@ -128,14 +117,6 @@ class ImageGuidedDecoder(nn.Module):
             else None
         )
 
-    def _apply(self, fn, recurse: bool = True) -> ImageGuidedDecoder:
-        """After a move (``.to``, ``.cuda``), the 4-D weights go channels_last where the decoder now runs on
-        CUDA, before an optimiser or DDP sees them."""
-        super()._apply(fn, recurse)
-        if prefers_channels_last(self.head.logits.weight.device):
-            super()._apply(_to_channels_last, recurse)
-        return self
-
     def _guide(self, image: Tensor, level: int, size: torch.Size) -> Tensor | None:
         """The image at ``size`` (antialiased, so the 1/p copy is not aliased), through its stem if any."""
         if not self.image_guidance:
@@ -150,8 +131,6 @@ class ImageGuidedDecoder(nn.Module):
             raise ValueError(
                 f"decoder expects 1 fused map or one per level ({self.num_levels}), got {len(features)}"
             )
-        if prefers_channels_last(image.device):
-            features, image = [_to_channels_last(f) for f in features], _to_channels_last(image)
         maps = features * self.num_levels if len(features) == 1 else features
         pyramid = [level(f) for level, f in zip(self.pyramid, reversed(maps), strict=True)]  # deep first
         x = None

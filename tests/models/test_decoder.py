@@ -1,14 +1,11 @@
 """ImageGuidedDecoder: a pyramid from one fused map or one map per level, output size, image paths, the
-no-image ablation, and channels_last on CUDA."""
+no-image ablation."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 
-import la_seg.models.decoder as decoder_module
 from la_seg.models import ImageGuidedDecoder
 
 CHANNELS = (32, 16, 8, 8)
@@ -101,28 +98,3 @@ def test_bad_arguments_raise():
     feats, image = inputs(maps=3)
     with pytest.raises(ValueError, match=r"1 fused map or one per level \(4\), got 3"):
         decoder(feats, image)
-
-
-def test_channels_last_only_on_cuda():
-    assert decoder_module.prefers_channels_last(torch.device("cuda", 0))
-    assert not decoder_module.prefers_channels_last(torch.device("cpu"))
-    decoder = ImageGuidedDecoder(24, channels=CHANNELS).to("cpu")
-    assert all(p.is_contiguous() for p in decoder.parameters())
-
-
-def test_channels_last_moves_weights_and_activations_without_changing_the_output(monkeypatch):
-    """What a move to CUDA does, exercised on CPU by making the layout hook answer yes for it."""
-    torch.manual_seed(0)
-    standard = ImageGuidedDecoder(24, channels=CHANNELS).eval()
-    monkeypatch.setattr(decoder_module, "prefers_channels_last", lambda device: True)
-    nhwc = copy.deepcopy(standard).to("cpu")
-    kernels = [p for p in nhwc.parameters() if p.dim() == 4]
-    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
-    assert not all(p.is_contiguous() for p in kernels)
-    seen = []
-    nhwc.blocks[0].conv[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    feats, image = inputs(56, 84)
-    with torch.no_grad():
-        out = nhwc(feats, image)
-        torch.testing.assert_close(out, standard(feats, image), atol=1e-5, rtol=1e-4)
-    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
