@@ -97,18 +97,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--warmup must be >= 0")
     if min(args.volume_shape) < 1:
         p.error(f"--volume-shape must be positive, got {args.volume_shape}")
+    from la_seg.cli import CONFIG_DIR, resolve_config_paths
+
+    args.config_path = resolve_config_paths(["--config", args.config])[1]  # before any data is written
+    if not Path(args.config_path).is_file():
+        p.error(f"--config {args.config!r} is neither a file nor shipped in {CONFIG_DIR}")
     return args
 
 
 def cli_args(args: argparse.Namespace, workdir: Path, total_steps: int) -> list[str]:
     """The `la-seg fit` options of this run: the config, the benchmark's data, a trainer that only trains."""
-    from la_seg.cli import CONFIG_DIR, resolve_config_paths
-
-    config = resolve_config_paths(["--config", args.config])[1]
-    if not Path(config).is_file():
-        raise SystemExit(
-            f"throughput.py: config {args.config!r} is neither a file nor shipped in {CONFIG_DIR}"
-        )
     options = {
         "--trainer.accelerator": args.device and ("gpu" if args.device == "cuda" else "cpu"),
         "--data.img_size": args.img_size,
@@ -130,7 +128,7 @@ def cli_args(args: argparse.Namespace, workdir: Path, total_steps: int) -> list[
         *("--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"),
     ]
     chosen = [str(item) for key, value in options.items() if value is not None for item in (key, value)]
-    return ["--config", config, *fixed, *weights, *chosen, *args.overrides]
+    return ["--config", args.config_path, *fixed, *weights, *chosen, *args.overrides]
 
 
 def build(args: argparse.Namespace, workdir: Path, total_steps: int):

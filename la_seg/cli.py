@@ -91,12 +91,20 @@ class LASegCLI(LightningCLI):
             help="validate / test / predict without --ckpt_path on purpose (untrained weights: smoke tests)",
         )
 
-    def _parse_ckpt_path(self) -> None:
-        """Off: Lightning would overlay the checkpoint's hyper-parameters on the config (silently undoing e.g.
-        --model.threshold); before_instantiate_classes applies la-seg's rule to any --ckpt_path instead."""
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, then hold --ckpt_path back until `before_instantiate_classes`: given a checkpoint file,
+        LightningCLI would overlay its hyper-parameters on the parsed config, silently undoing options the user
+        typed (e.g. --model.threshold); `apply_checkpoint_rule` applies la-seg's one rule instead."""
+        super().parse_arguments(parser, args)
+        command = self.config.get("subcommand")
+        self.held_ckpt_path = self.config[command].get("ckpt_path") if command else None
+        if self.held_ckpt_path is not None:
+            self.config[command].ckpt_path = None
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        if self.held_ckpt_path is not None:
+            config.ckpt_path = self.held_ckpt_path
         apply_cpu_precision(config.trainer, self.given_options)
         self.apply_checkpoint_rule(config)  # best / last are found through the configured logger's folder
         if self.subcommand == "predict":  # the writer writes each case; holding all outputs only costs memory

@@ -19,6 +19,10 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 TINY_VIT = {"depth": 4, "embed_dim": 32, "num_heads": 2}
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N workers share the cores, one torch thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # also for the la-seg processes that tests start
+    torch.set_num_threads(1)
+
 
 def _autocast_enabled() -> bool:
     return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")

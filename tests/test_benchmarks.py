@@ -69,9 +69,11 @@ def test_options_become_la_seg_options(throughput, tmp_path):
     assert "--model.net.pretrained" not in weights and "w.safetensors" in weights
 
 
-def test_rejects_unknown_config(throughput, tmp_path):
+def test_rejects_unknown_config_before_writing_anything(throughput, tmp_path, capsys):
     with pytest.raises(SystemExit):
         throughput.main(["--config", "no-such-config.yaml", "--device", "cpu", "--workdir", str(tmp_path)])
+    assert "'no-such-config.yaml' is neither a file nor shipped" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow

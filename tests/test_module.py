@@ -112,6 +112,7 @@ def test_random_or_trained_backbone_is_always_stored(tiny_net, tmp_path):
             assert torch.equal(module(x), reloaded(x))
 
 
+@pytest.mark.slow
 def test_compile_gives_the_same_outputs(tiny_net):
     torch.manual_seed(0)
     eager = LASegModule(net=tiny_net).eval()
