@@ -53,7 +53,7 @@ from la_seg.errors import DataError
 from la_seg.inference import check_tta_trained
 from la_seg.models.segmenter import SegmenterConfig
 from la_seg.module import LASegModule, load_member
-from la_seg.runtime import apply_cpu_precision, configure_threads, quiet_lightning
+from la_seg.runtime import apply_cpu_precision, configure_threads, on_command_line, quiet_lightning
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -93,8 +93,8 @@ class LASegCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse, then hold --ckpt_path back until `before_instantiate_classes`: given a checkpoint file,
-        LightningCLI would overlay its hyper-parameters on the parsed config, silently undoing options the user
-        typed (e.g. --model.threshold); `apply_checkpoint_rule` applies la-seg's one rule instead."""
+        LightningCLI would overlay its hyper-parameters on the parsed config, silently undoing options the
+        user typed (e.g. --model.threshold); `apply_checkpoint_rule` applies la-seg's one rule instead."""
         super().parse_arguments(parser, args)
         command = self.config.get("subcommand")
         self.held_ckpt_path = self.config[command].get("ckpt_path") if command else None
@@ -293,12 +293,6 @@ def apply_calibration(config, checkpoint: dict, given_options: list[str]) -> Non
 
 
 _NOT_A_DEFAULT = object()
-
-
-def on_command_line(option: str, given_options: list[str]) -> bool:
-    """Whether `--option` (e.g. "model.threshold") was typed, as `--option value` or `--option=value`: a
-    typed value wins over a checkpoint's record."""
-    return any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in given_options)
 
 
 def _default(field: dataclasses.Field):

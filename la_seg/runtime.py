@@ -141,9 +141,10 @@ def choose_cpu_precision(configured: str, explicit: bool, support: Bf16Support) 
     )
 
 
-def precision_on_command_line(argv: Sequence[str]) -> bool:
-    """Whether `--trainer.precision` was given as an argument (config files do not count)."""
-    return any(arg == "--trainer.precision" or arg.startswith("--trainer.precision=") for arg in argv)
+def on_command_line(option: str, argv: Sequence[str]) -> bool:
+    """Whether `--option` (e.g. "model.threshold") was typed, as `--option value` or `--option=value`; config
+    files do not count. A typed value wins over a config file's and a checkpoint's record."""
+    return any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in argv)
 
 
 def runs_on_cpu(accelerator) -> bool:
@@ -164,7 +165,8 @@ def apply_cpu_precision(trainer_config, argv: Sequence[str]) -> None:
     if not runs_on_cpu(trainer_config.get("accelerator", "auto")):
         return
     configured = trainer_config.get("precision") or FP32_PRECISION
-    precision, why = choose_cpu_precision(configured, precision_on_command_line(argv), native_bf16_support())
+    typed = on_command_line("trainer.precision", argv)
+    precision, why = choose_cpu_precision(configured, typed, native_bf16_support())
     trainer_config.precision = precision
     print(f"la-seg: CPU precision {why}", file=sys.stderr, flush=True)
 

@@ -67,10 +67,11 @@ def test_other_config_precisions_are_kept(support):
     assert choose_cpu_precision("16-mixed", False, support)[0] == "16-mixed"
 
 
-def test_precision_on_command_line():
-    assert runtime.precision_on_command_line(["fit", "--trainer.precision", "bf16-mixed"])
-    assert runtime.precision_on_command_line(["fit", "--trainer.precision=32-true"])
-    assert not runtime.precision_on_command_line(["fit", "--config", "giant.yaml", "--trainer.devices", "1"])
+def test_on_command_line():
+    assert runtime.on_command_line("trainer.precision", ["fit", "--trainer.precision", "bf16-mixed"])
+    assert runtime.on_command_line("trainer.precision", ["fit", "--trainer.precision=32-true"])
+    assert not runtime.on_command_line("trainer.precision", ["fit", "--config", "giant.yaml"])
+    assert not runtime.on_command_line("model.threshold", ["--model.threshold_grid", "0.5"])
 
 
 def _torch_cpu_probes(monkeypatch, amx: bool, avx512_bf16: bool):
