@@ -13,8 +13,10 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +53,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextmanager
+def loader_worker_ends_ignored() -> Iterator[None]:
+    """Ignore SIGCHLD in the block (a checkpoint being written). torch's DataLoader handler raises on a loader
+    worker's end; raised inside torch.save's write callback, it left the zip writer unfinished, whose
+    destructor then wrote to the closed file and aborted the process (SIGABRT, no checkpoint): what a
+    SIGTERM to the process group (SLURM) did. A worker that really failed is still found: the DataLoader
+    also polls its workers. The handler is swapped rather than the signal masked: a mask holds for one
+    thread only, and any other thread (OpenMP, TensorBoard's writer) took the signal for the main one."""
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        yield  # Windows has no SIGCHLD; only the main thread may set a handler (and only it runs one)
+        return
+    # SIG_DFL, not SIG_IGN: torch still reaps its workers and reads their status
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

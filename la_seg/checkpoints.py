@@ -21,7 +21,7 @@ import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
-from la_seg.atomic import atomic_path
+from la_seg.atomic import atomic_path, loader_worker_ends_ignored
 from la_seg.distributed import reported_elsewhere
 from la_seg.errors import DataError
 from la_seg.models.segmenter import SegmenterConfig
@@ -137,7 +137,7 @@ def save_checkpoint_file(checkpoint: dict[str, Any], path: str | Path) -> None:
     folder that is full."""
     path = Path(path)
     try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        with loader_worker_ends_ignored(), atomic_path(path) as tmp, open(tmp, "wb") as handle:
             torch.save(checkpoint, handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -348,8 +348,7 @@ def write_calibration(path: str | Path, record: dict) -> None:
     checkpoint = load_checkpoint(path)
     checkpoint.pop(SOURCE_KEY, None)
     checkpoint[CALIBRATION_KEY] = record
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    save_checkpoint_file(checkpoint, path)
 
 
 # ---- finding a run's checkpoint ----------------------------------------------------------------------------

@@ -9,36 +9,16 @@ prints `message` as one line and exits 143 (128 + SIGTERM), so a job script sees
 
 from __future__ import annotations
 
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from la_seg.atomic import loader_worker_ends_ignored
+
 EXIT_STATUS = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
 _STOPS: list[str] = []  # the line of a SIGTERM stop in this run (la-seg's main reads and clears it)
-
-
-@contextmanager
-def _loader_worker_ends_ignored() -> Iterator[None]:
-    """Ignore SIGCHLD while the stop is handled. torch's DataLoader handler raises on a loader worker's
-    end; raised inside torch.save's write callback, it left the zip writer unfinished, whose destructor then
-    wrote to the closed file and aborted the process (SIGABRT, no checkpoint). Those ends are the SIGTERM
-    being handled. The handler is swapped rather than the signal masked: a mask holds for one thread only,
-    and any other thread (OpenMP, TensorBoard's writer) would still take the signal for the main thread."""
-    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
-        yield  # Windows has no SIGCHLD; only the main thread may set a handler (and only it runs one)
-        return
-    # SIG_DFL, not SIG_IGN: torch still reaps its workers and reads their status
-    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGCHLD, previous)
 
 
 def sigterm_stop(clear: bool = False) -> str | None:
@@ -64,7 +44,7 @@ class StopOnSigterm(Callback):
             return
         stage = getattr(trainer.state.fn, "value", trainer.state.fn)
         _STOPS.append(f"stopped by SIGTERM during {stage}")  # said even if what follows fails
-        with _loader_worker_ends_ignored():
+        with loader_worker_ends_ignored():  # the stop is handled whole, the save included
             _STOPS.append(self._stop_message(trainer, stage))
 
     def _stop_message(self, trainer, stage: str) -> str:

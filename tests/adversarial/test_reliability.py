@@ -421,12 +421,14 @@ def test_sigterm_during_fit_saves_a_resumable_checkpoint_and_exits_143(
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGCHLD"), reason="no SIGCHLD on this platform")
-def test_a_loader_worker_ending_during_the_stop_save_does_not_interrupt_it(
-    la_seg, tmp_path, synth_root, sigterm_during, monkeypatch
+@pytest.mark.parametrize("sigterm", [True, False], ids=["stop_save", "epoch_saves"])
+def test_a_loader_worker_ending_during_a_checkpoint_save_does_not_interrupt_it(
+    la_seg, tmp_path, synth_root, sigterm_during, monkeypatch, sigterm
 ):
     """A SIGTERM to the process group also ends the DataLoader workers; torch's SIGCHLD handler raises on
     each. One raised inside torch.save's write callback left the zip writer unfinished and aborted the
-    process (SIGABRT, no checkpoint). Here a worker's end arrives exactly there, every time."""
+    process (SIGABRT, no checkpoint), in the stop's save or in an epoch's. Here a worker's end arrives inside
+    every checkpoint write."""
     import torch
 
     def torch_like_handler(signum, frame):
@@ -437,27 +439,35 @@ def test_a_loader_worker_ending_during_the_stop_save_does_not_interrupt_it(
     def save_with_a_worker_ending(obj, handle, *args, **kwargs):
         class Handle:  # the checkpoint's file, whose first write is interrupted by SIGCHLD
             def write(self, data):
-                if not sent:
-                    sent.append(os.kill(os.getpid(), signal.SIGCHLD))
+                if not interrupted:
+                    interrupted.append(os.kill(os.getpid(), signal.SIGCHLD))
                 return handle.write(data)
 
             def flush(self):
                 return handle.flush()
 
+        interrupted = []
+        saves.append(interrupted)
         return real_save(obj, Handle(), *args, **kwargs)
 
-    sent = []
+    saves = []
     previous = signal.signal(signal.SIGCHLD, torch_like_handler)
     monkeypatch.setattr(torch, "save", save_with_a_worker_ending)
-    try:
+    if sigterm:
         sigterm_during("training_step", at=2)
-        last = _stopped(la_seg("fit", *TINY, "--data.root", str(synth_root), "--trainer.max_epochs", "2",
-                               "--trainer.limit_train_batches", "3"))  # fmt: skip
+    try:
+        result = la_seg("fit", *TINY, "--data.root", str(synth_root), "--trainer.max_epochs", "2",
+                        "--trainer.limit_train_batches", "3")  # fmt: skip
     finally:
         signal.signal(signal.SIGCHLD, previous)
-    assert sent and "--ckpt_path" in last
+    assert saves and all(saves)  # every save was interrupted
     checkpoint = tmp_path / "runs" / "demo" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] == 2
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if sigterm:
+        assert "--ckpt_path" in _stopped(result) and state["global_step"] == 2
+    else:
+        assert result.code == 0, result.err[-3000:]
+        assert state["epoch"] == 1 and state["global_step"] == 6
 
 
 def test_sigterm_during_predict_finishes_the_case_and_exits_143(la_seg, trained_checkpoint, tmp_path,
