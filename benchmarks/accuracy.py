@@ -37,9 +37,11 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from la_seg.atomic import write_json
-from la_seg.checkpoints import load_checkpoint, stored_calibration
+from la_seg.checkpoints import load_checkpoint, stored_calibration, training_augmentation
 from la_seg.cli import main as la_seg
 from la_seg.data.synthetic import write_dataset
+from la_seg.errors import DataError
+from la_seg.inference import check_tta_trained
 
 RESULTS = Path(__file__).parent / "results"
 GEOMETRIES = {  # prefix: (shape, spacing mm)
@@ -115,21 +117,13 @@ def test(work: Path, args: argparse.Namespace, ckpt: Path, split_file: Path, ext
     data += ["--data.test_root", str(work / "heldout")]
     options = [*args.options, *extra]
     progress(f"la-seg test {ckpt} {' '.join(options)}")
-    la_seg(
-        [
-            "test",
-            "--config",
-            args.config,
-            *QUIET,
-            *logger,
-            args.name,
-            *data,
-            *options,
-            "--ckpt_path",
-            str(ckpt),
-        ]
-    )
-    return json.loads((ckpt.parent.parent / "test_metrics.json").read_text())
+    run_dir = ckpt.parent.parent  # `test` reports into the checkpoint's run, each under a name of its own
+    before = set(run_dir.glob("test_*.json"))
+    config = ["--config", args.config, *QUIET]
+    la_seg(["test", *config, *logger, args.name, *data, *options, "--ckpt_path", str(ckpt)])
+    (report,) = set(run_dir.glob("test_*.json")) - before
+    progress(f"report {report}")
+    return json.loads(report.read_text())
 
 
 def volume_error(case: dict) -> float:
@@ -229,10 +223,16 @@ def run(args: argparse.Namespace) -> dict:
     fitted = time.perf_counter()
     plain = score(test(work, args, ckpt, split_file, []))
     (ckpt.parent.parent / "test_metrics_plain.json").write_text(json.dumps(plain, indent=1))
+    checkpoint = load_checkpoint(ckpt)
     review = None
-    if not args.no_flips:
-        review = review_figures(test(work, args, ckpt, split_file, ["--model.tta", "flips"]), plain)
-    calibration = stored_calibration(load_checkpoint(ckpt))
+    if not args.no_flips:  # review flags need flips, which la-seg allows only for a model trained with them
+        try:
+            check_tta_trained("flips", training_augmentation(checkpoint), f"checkpoint {ckpt}")
+            review = review_figures(test(work, args, ckpt, split_file, ["--model.tta", "flips"]), plain)
+        except DataError as refused:
+            progress(f"no review flags: {refused}")
+            review = {"note": f"no review flags: {refused}"}
+    calibration = stored_calibration(checkpoint)
     return {
         "question": "does every scanner geometry reach the same Dice and LA volume (issue 19)?",
         **plain,

@@ -24,6 +24,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N workers share the 
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Slow tests first (otherwise in their order): under `-n auto` the long runs start early, spread over
+    the workers, and the short tests fill the gaps, instead of one long test finishing alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _autocast_enabled() -> bool:
     return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 

@@ -40,7 +40,7 @@ def save(module: LASegModule, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once per test process, whatever the order
 def context_ckpt(tmp_path_factory) -> Path:
     """A checkpoint of the TINY network trained (here: initialised) with 2.5D slice context."""
     torch.manual_seed(0)

@@ -54,7 +54,7 @@ main()
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once per test process, whatever the order
 def fitted(tmp_path_factory) -> Path:
     """A folder holding data (5 cases) and a tiny run fitted by `la-seg fit` in runs/demo/version_0."""
     work = tmp_path_factory.mktemp("ddp_fit")

@@ -18,7 +18,7 @@ from la_seg.cli import main
 AGREEMENT_BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "agreement.py"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once per test process, whatever the order
 def folds(tmp_path_factory, synth_root):
     """Two fold runs of the tiny demo model (runs/demo/fold_{0,1}/version_0), trained once per module."""
     root = tmp_path_factory.mktemp("folds")

@@ -22,7 +22,7 @@ def test_split_fraction_errors(bad):
 
 
 # ---------------------------------------------------------------------------------------------- datamodule
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once per test process, whatever the order
 def roots(tmp_path_factory):
     base = tmp_path_factory.mktemp("dm")
     write_dataset(base / "train", cases=6, seed=0, shape=(40, 36, 6))

@@ -66,7 +66,7 @@ def test_plan_refuses_fewer_training_cases_than_ranks(tmp_path):
     assert "at least 3 cases" in str(error.value)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once per test process, whatever the order
 def root(tmp_path_factory):
     base = tmp_path_factory.mktemp("shards")
     write_dataset(base, cases=8, seed=3, shape=(32, 28, 7))
