@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
     ckpt = args.ckpt or fit(work, args, split_file)
     fitted = time.perf_counter()
     plain = score(test(work, args, ckpt, split_file, []))
-    (ckpt.parent.parent / "test_metrics_plain.json").write_text(json.dumps(plain, indent=1))
+    (ckpt.parent.parent / "accuracy_scores.json").write_text(json.dumps(plain, indent=1))
     checkpoint = load_checkpoint(ckpt)
     review = None
     if not args.no_flips:  # review flags need flips, which la-seg allows only for a model trained with them

@@ -1,5 +1,8 @@
 """benchmarks/accuracy.py's figures from a test report: per geometry, the issue's bar, the review flags."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 
@@ -44,3 +47,19 @@ def test_review_flags_are_scored_against_the_worst_cases(accuracy):
     assert review["flagged"] == ["B_1"] and review["flagged_among_worst_by_dice"] == 1
     assert review["beyond_5pct_volume"] == ["B_1"] and review["beyond_5pct_flagged"] == 1
     assert review["review_below"] == 0.9
+
+
+@pytest.mark.slow
+def test_quick_run_scores_the_reports_its_own_test_commands_wrote(accuracy, tmp_path):
+    """The whole benchmark on tiny data: fit, `test` as configured, `test` with flips (two reports in one run
+    folder), each scored from the report that command wrote."""
+    out = tmp_path / "accuracy.json"
+    flips = ["--data.augmentation.hflip", "true", "--data.augmentation.vflip", "true"]
+    accuracy.main(["--quick", "--work-dir", str(tmp_path / "work"), "--json", str(out), "--", *flips])
+    result = json.loads(out.read_text())
+    assert sorted(result["per_geometry"]) == ["A", "B", "C"]
+    assert [c["case_id"] for c in result["cases"]] == ["A_1", "B_1", "C_1"]
+    assert all(0.0 <= c["dice"] <= 1.0 and c["volume_ref_ml"] > 0 for c in result["cases"])
+    assert result["review"]["review_below"] is not None and "flagged" in result["review"]
+    run = Path(result["checkpoint"]).parent.parent
+    assert sorted(p.name for p in run.glob("test_*.json")) == ["test_heldout-2.json", "test_heldout.json"]
