@@ -198,3 +198,20 @@ def test_usage_lines_name_the_subcommand(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert capsys.readouterr().out.startswith(f"usage: la-seg {command} ")
+
+
+def test_help_lists_every_subcommand_and_each_subcommand_has_its_own(capsys):
+    """Only the subcommand being run gets a parser (start-up time); help still shows them all."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "{fit,validate,test,predict}" in capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: la-seg [options] {command} ") and "--trainer.max_epochs" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fitt"])
+    assert exit_info.value.code == 2
+    choices = "(choose from 'fit', 'validate', 'test', 'predict')"
+    assert f"invalid choice: 'fitt' {choices}" in capsys.readouterr().err
