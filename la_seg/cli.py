@@ -48,7 +48,7 @@ from la_seg.checkpoints import (
     training_augmentation,
 )
 from la_seg.data.datamodule import LADataModule
-from la_seg.distributed import is_reported_elsewhere
+from la_seg.distributed import end_process_group, is_reported_elsewhere
 from la_seg.errors import DataError
 from la_seg.inference import check_tta_trained
 from la_seg.models.segmenter import SegmenterConfig
@@ -444,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
         if not is_reported_elsewhere(error):  # under DDP, one process prints an error that all ranks share
             print(f"la-seg: error: {describe_error(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        end_process_group()
 
 
 def run(argv: list[str], from_command_line: bool) -> None:

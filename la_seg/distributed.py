@@ -68,3 +68,13 @@ def reported_elsewhere(error: E) -> E:
 def is_reported_elsewhere(error: BaseException) -> bool:
     """Whether another rank prints `error` (see reported_elsewhere)."""
     return bool(getattr(error, _REPORTED_ELSEWHERE, False))
+
+
+def end_process_group() -> None:
+    """Destroy the process group (if any) while the interpreter is whole: Lightning does so at exit for NCCL
+    only, and a gloo group left to interpreter finalization can abort the process (`terminate called without
+    an active exception`, SIGABRT instead of la-seg's exit status; seen after an error on two CPU ranks)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

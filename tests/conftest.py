@@ -25,9 +25,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N workers share the 
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Slow tests first (otherwise in their order): under `-n auto` the long runs start early, spread over
-    the workers, and the short tests fill the gaps, instead of one long test finishing alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Slow tests last (otherwise in their order): under `-n auto --dist worksteal` a worker that runs out
+    of tests takes half of the other's remaining queue from its end, so the long runs get shared out. On 2
+    cores: 7 min 39 s, against 8 min 9 s with slow tests first and 8 min 41 s with plain `--dist load`."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
 
 
 def _autocast_enabled() -> bool:
