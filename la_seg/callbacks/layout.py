@@ -24,7 +24,8 @@ class ChannelsLastDecoder(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if not prefers_channels_last(trainer.strategy.root_device):
             return
-        members = pl_module.ensemble() if hasattr(pl_module, "ensemble") else pl_module  # added members too
-        for module in (*pl_module.modules(), *members.modules()):
+        # la-seg's module: its ensemble holds every member's decoder, its own net's and any added checkpoint's
+        network = pl_module.ensemble() if hasattr(pl_module, "ensemble") else pl_module
+        for module in network.modules():
             if isinstance(module, ImageGuidedDecoder):
                 module.to(memory_format=torch.channels_last)
