@@ -49,9 +49,9 @@ INFERENCE_FIELDS = ("threshold", "tta", "postprocess", "eval_batch_size", "revie
 # predict they replace the config's values, unless given on the command line (--model.threshold ...).
 CALIBRATION_KEY = "inference_calibration"
 CALIBRATED_FIELDS = ("threshold", "postprocess", "review_below")
-# How the input is resized (la_seg.data.preprocess): module settings linked from data.*, part of the network's
-# settings; checkpoints written before these existed stretched.
-INPUT_DEFAULTS = {"in_plane": "stretch", "target_spacing": 1.0}
+# How the input is made (la_seg.data.preprocess): module settings linked from data.*, part of the network's
+# settings; checkpoints written before these existed stretched and clipped at the 99.5th percentile.
+INPUT_DEFAULTS = {"in_plane": "stretch", "target_spacing": 1.0, "intensity_headroom": 1.0}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -392,14 +392,26 @@ class SameCheckpointOnEveryRank(Callback):
 
 # ---- the settings check ------------------------------------------------------------------------------------
 def network_settings(checkpoint: dict) -> dict[str, Any]:
-    """The network-defining settings a checkpoint was trained with, plus `slice_context`, `in_plane` and
-    `target_spacing` (how its input was made)."""
+    """The network-defining settings a checkpoint was trained with, plus `slice_context` and INPUT_DEFAULTS'
+    fields (how its input was made)."""
     hparams = checkpoint["hyper_parameters"]
     net = hparams["net"]
     settings = {field: net[field] for field in NETWORK_FIELDS if field in net}  # older ones may lack some
     settings["slice_context"] = bool(hparams.get("slice_context", False))
     settings |= {field: hparams.get(field, default) for field, default in INPUT_DEFAULTS.items()}
     return settings
+
+
+def check_member_normalisation(checkpoint: dict, intensity_headroom: float) -> None:
+    """An ensemble member must have been trained on volumes normalised as the first member's: the data are
+    normalised once for all members."""
+    trained = network_settings(checkpoint)["intensity_headroom"]
+    if float(trained) != float(intensity_headroom):
+        raise DataError(
+            f"{_name(checkpoint)} was trained with data.intensity_headroom {trained}, the ensemble's first "
+            f"member with {intensity_headroom}: an ensemble's members share one intensity normalisation; "
+            "ensemble models trained with one setting"
+        )
 
 
 def check_settings(checkpoint: dict, given: dict[str, tuple[str, Any, Any]]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from la_seg.checkpoints import (
     NETWORK_FIELDS,
     DataOnlyCheckpointIO,
     SameCheckpointOnEveryRank,
+    check_member_normalisation,
     check_one_cross_validation,
     check_settings,
     checkpoint_list,
@@ -234,6 +235,7 @@ class LASegCLI(LightningCLI):
                 checkpoint = self.preloaded.pop(path, None) or load_checkpoint(path)
                 augmentation = training_augmentation(checkpoint)
                 check_tta_trained(self.model.hparams.tta, augmentation, f"checkpoint {path}")
+                check_member_normalisation(checkpoint, self.model.hparams.intensity_headroom)
                 self.model.add_member(load_member(path, weights, checkpoint))
 
 

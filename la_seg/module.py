@@ -13,15 +13,24 @@ from torch import nn
 
 from la_seg.checkpoints import (
     INFERENCE_FIELDS,
+    INPUT_DEFAULTS,
     holds_backbone,
     load_checkpoint,
+    network_settings,
     network_to_rebuild,
     read_backbone_record,
     stored_calibration,
     write_backbone_record,
 )
 from la_seg.data.io import Geometry
-from la_seg.data.preprocess import InPlane, check_in_plane, labels_to_input, slice_grid
+from la_seg.data.preprocess import (
+    INTENSITY_HEADROOM,
+    InPlane,
+    check_in_plane,
+    check_intensity_headroom,
+    labels_to_input,
+    slice_grid,
+)
 from la_seg.errors import DataError
 from la_seg.inference import REVIEW_BELOW, TTA, Agreement, Ensemble, EnsembleMember, VolumeResult
 from la_seg.metrics import gather_cases
@@ -62,6 +71,8 @@ class LASegModule(L.LightningModule):
         slice_context: 2.5D input (neighbouring slices as channels); linked to `data.slice_context`.
         in_plane, target_spacing: how slices are resized to the input (la_seg.data.preprocess); linked to
             `data.in_plane` and `data.target_spacing`.
+        intensity_headroom: how the volumes were normalised (la_seg.data.preprocess.normalize_intensity),
+            linked to `data.intensity_headroom`: recorded so that test and predict normalise as training did.
         loss: `bce` (the paper) or `dice_bce` (MONAI DiceCELoss with sigmoid).
         optimizer: `adam` (the paper) or `adamw`.
         lr: learning rate (paper: 1e-3).
@@ -88,6 +99,7 @@ class LASegModule(L.LightningModule):
         slice_context: bool = False,
         in_plane: InPlane = "stretch",
         target_spacing: float = 1.0,
+        intensity_headroom: float = INTENSITY_HEADROOM,
         loss: Literal["bce", "dice_bce"] = "bce",
         optimizer: Literal["adam", "adamw"] = "adam",
         lr: float = 1e-3,
@@ -111,6 +123,7 @@ class LASegModule(L.LightningModule):
             check_in_plane(in_plane, target_spacing)
         except DataError as error:
             raise DataError(f"model.{error}") from None
+        check_intensity_headroom(intensity_headroom, "data.intensity_headroom (model.intensity_headroom)")
         if isinstance(net, dict):  # hparams read back from YAML
             net = SegmenterConfig(**net)
         self.save_hyperparameters({**locals_without_self(locals()), "net": dataclasses.asdict(net)})
@@ -353,7 +366,8 @@ class LASegModule(L.LightningModule):
         `kwargs` override hyper-parameters (e.g. `threshold`, or `net` with another weights path).
         """
         checkpoint = load_checkpoint(checkpoint_path)
-        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+        stored = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+        hparams = {**INPUT_DEFAULTS, **stored}  # older checkpoints lack newer input settings
         net = kwargs.pop("net", None)
         if net is None:
             net = network_to_rebuild(checkpoint)
@@ -379,7 +393,7 @@ def load_member(
     `checkpoint`: the file's contents when already read.
     """
     checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
-    hparams = checkpoint["hyper_parameters"]
+    settings = network_settings(checkpoint)
     config = network_to_rebuild(checkpoint, weights)
     stored = holds_backbone(checkpoint)
     try:
@@ -395,9 +409,9 @@ def load_member(
     return EnsembleMember(
         str(path),
         holder.net.eval(),
-        bool(hparams.get("slice_context", False)),
-        hparams.get("in_plane", "stretch"),
-        float(hparams.get("target_spacing", 1.0)),
+        settings["slice_context"],
+        settings["in_plane"],
+        float(settings["target_spacing"]),
     )
 
 

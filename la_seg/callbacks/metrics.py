@@ -128,6 +128,10 @@ def report_header(
         "network": hparams.get("net"),
         "data": {
             "slice_context": hparams.get("slice_context"),
+            "in_plane": hparams.get("in_plane"),
+            "target_spacing": hparams.get("target_spacing"),
+            # what the volumes were normalised with: the data module's, set from the checkpoint
+            "intensity_headroom": getattr(getattr(trainer, "datamodule", None), "intensity_headroom", None),
             "slice_axes": sorted({row["slice_axis"] for row in rows}),
             "spacing_sources": sorted({str(row["spacing_source"]) for row in rows}),
         },

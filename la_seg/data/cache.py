@@ -18,7 +18,7 @@ import numpy as np
 from la_seg.atomic import atomic_path, atomic_write_text
 from la_seg.data.io import Geometry, SliceAxis, check_slice_axis, read_case, read_image
 from la_seg.data.layouts import Case
-from la_seg.data.preprocess import normalize_intensity
+from la_seg.data.preprocess import INTENSITY_HEADROOM, check_intensity_headroom, normalize_intensity
 from la_seg.errors import DataError
 
 CacheMode = Literal["memory", "disk", "none"]
@@ -37,7 +37,7 @@ class CachedCase:
     """A decoded case, slices first (Z, X', Y') along its through-plane axis, so one slice is one
     contiguous read; `geometry` turns results back into the file's layout."""
 
-    image: np.ndarray  # (Z, X', Y') float16, normalised to [0, 1]
+    image: np.ndarray  # (Z, X', Y') float16, normalised to [0, 1] (normalize_intensity)
     label: np.ndarray | None  # (Z, X', Y') uint8 {0, 1}
     geometry: Geometry
 
@@ -47,7 +47,7 @@ class VolumeCache:
 
     The image is always stored as float16 (half the memory; plenty for [0, 1] intensities), whatever the mode,
     so that every mode yields identical items. `slice_axis` ("auto": from the header) picks the axis slices
-    are cut across.
+    are cut across; `intensity_headroom` is normalize_intensity's `headroom`.
 
     Modes:
         memory: arrays kept in this object (picklable for DataLoader workers; filled when first read).
@@ -57,12 +57,17 @@ class VolumeCache:
     """
 
     def __init__(
-        self, mode: CacheMode = "memory", cache_dir: str | Path | None = None, slice_axis: SliceAxis = "auto"
+        self,
+        mode: CacheMode = "memory",
+        cache_dir: str | Path | None = None,
+        slice_axis: SliceAxis = "auto",
+        intensity_headroom: float = INTENSITY_HEADROOM,
     ) -> None:
         if mode not in CACHE_MODES:
             raise DataError(f"cache must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
         self.mode = mode
         self.slice_axis = check_slice_axis(slice_axis)
+        self.intensity_headroom = check_intensity_headroom(intensity_headroom)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self._memory: dict[str, CachedCase] = {}
 
@@ -84,7 +89,7 @@ class VolumeCache:
         else:
             image, label = read_image(case.image_path, case.spacing, self.slice_axis), None
         geometry = image.geometry
-        normalised = normalize_intensity(image.data).astype(np.float16)
+        normalised = normalize_intensity(image.data, headroom=self.intensity_headroom).astype(np.float16)
         return CachedCase(
             image=_slices_first(normalised, geometry),
             label=_slices_first(label.data, geometry) if label is not None else None,
@@ -92,7 +97,7 @@ class VolumeCache:
         )
 
     def _get_disk(self, case: Case, with_labels: bool) -> CachedCase:
-        image_key = _file_key(case.image_path, case.spacing, self.slice_axis)
+        image_key = _file_key(case.image_path, case.spacing, self.slice_axis, self.intensity_headroom)
         image_file = self.cache_dir / f"{image_key}.image.npy"
         meta_file = self.cache_dir / f"{image_key}.meta.json"
         label_file = None

@@ -26,7 +26,13 @@ from la_seg.data.cache import CacheMode
 from la_seg.data.datasets import SliceDataset, VolumeDataset, first_item
 from la_seg.data.io import SliceAxis
 from la_seg.data.layouts import Case, Layout, find_cases
-from la_seg.data.preprocess import InPlane, check_img_size, check_in_plane
+from la_seg.data.preprocess import (
+    INTENSITY_HEADROOM,
+    InPlane,
+    check_img_size,
+    check_in_plane,
+    check_intensity_headroom,
+)
 from la_seg.data.shards import TrainShards, assign_cases, plan_training_slices, samples_per_rank
 from la_seg.data.split import (
     DataSplit,
@@ -97,6 +103,11 @@ class LADataModule(L.LightningDataModule):
             per pixel, aspect kept, then padded or cropped, centred, to img_size). Linked to `model.in_plane`.
         target_spacing: mm per pixel of the input with in_plane "spacing" (img_size x target_spacing mm of
             field of view are kept). Linked to `model.target_spacing`.
+        intensity_headroom: grey values are scaled so that each volume's 0.5th percentile is 0 and its
+            99.5th 1 / intensity_headroom, then clipped to [0, 1]: voxels up to this many times brighter keep
+            their contrast (LGE's enhanced wall is brighter than the blood pool, which the 99.5th percentile
+            reaches); 1 clips at the 99.5th percentile (checkpoints from before it existed). Linked to
+            `model.intensity_headroom`.
 
     Attributes:
         split: {"train": [...], "val": [...], "test": [...]} case ids, None until setup() / load_state_dict().
@@ -129,12 +140,14 @@ class LADataModule(L.LightningDataModule):
         duplicates: Literal["refuse", "group"] = "refuse",
         in_plane: InPlane = "stretch",
         target_spacing: float = 1.0,
+        intensity_headroom: float = INTENSITY_HEADROOM,
     ) -> None:
         super().__init__()
         try:
             check_in_plane(in_plane, target_spacing)
         except DataError as error:
             raise DataError(f"data.{error}") from None
+        self.intensity_headroom = check_intensity_headroom(intensity_headroom, "data.intensity_headroom")
         if batch_size < 1:
             raise DataError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -372,6 +385,7 @@ class LADataModule(L.LightningDataModule):
                 in_plane=self.in_plane,
                 target_spacing=self.target_spacing,
                 index=index,
+                intensity_headroom=self.intensity_headroom,
             )
 
         dataset = build() if index is None else all_ranks_or_none(trainer, build)
@@ -407,7 +421,12 @@ class LADataModule(L.LightningDataModule):
         """
         cache = ("disk" if self.cache == "disk" else "none") if single_pass else self.cache
         dataset = VolumeDataset(
-            cases, with_labels=with_labels, cache=cache, cache_dir=self.cache_dir, slice_axis=self.slice_axis
+            cases,
+            with_labels=with_labels,
+            cache=cache,
+            cache_dir=self.cache_dir,
+            slice_axis=self.slice_axis,
+            intensity_headroom=self.intensity_headroom,
         )
         workers = min(self.num_workers, len(dataset))
         trainer = self.trainer

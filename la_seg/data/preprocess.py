@@ -24,17 +24,39 @@ import torch.nn.functional as F
 
 from la_seg.errors import DataError
 
+# How far above the 99.5th percentile grey values keep their contrast (see normalize_intensity). In LGE MRI
+# the enhanced (fibrotic) atrial wall is brighter than the blood pool, which the 99.5th percentile already
+# reaches: clipped there, wall and blood got one grey value and the wall was segmented as LA (issue 19).
+INTENSITY_HEADROOM = 1.5
 
-def normalize_intensity(data: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
-    """Clip to the [lower, upper] percentiles of the finite voxels and scale to [0, 1] (float32).
 
-    Robust to the bright outliers of LGE images. Non-finite voxels become 0; a volume without contrast
-    (constant, all zero, or all non-finite) becomes all zeros instead of NaN.
+def check_intensity_headroom(headroom: float, name: str = "intensity_headroom") -> float:
+    """`headroom` as a float, or a DataError naming the field when it is not a finite number >= 1."""
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float, np.integer, np.floating)):
+        raise DataError(f"{name} must be a number >= 1, got {headroom!r}")
+    if not np.isfinite(headroom) or headroom < 1.0:
+        raise DataError(
+            f"{name} must be a finite number >= 1 (1: clip at the 99.5th percentile), got {headroom}"
+        )
+    return float(headroom)
+
+
+def normalize_intensity(
+    data: np.ndarray, lower: float = 0.5, upper: float = 99.5, headroom: float = INTENSITY_HEADROOM
+) -> np.ndarray:
+    """Scale the finite voxels so that the `lower` percentile is 0 and the `upper` one 1 / `headroom`, then
+    clip to [0, 1] (float32).
+
+    Percentiles make it robust to LGE's bright outliers; `headroom` keeps the contrast of grey values up to
+    `headroom` times the percentile range above it (the enhanced wall above the blood pool); 1 is a plain
+    percentile clip. Non-finite voxels become 0; a volume without contrast (constant, all zero, or all
+    non-finite) becomes all zeros instead of NaN.
     """
     if not 0.0 <= lower < upper <= 100.0:
         raise ValueError(
             f"percentiles must satisfy 0 <= lower < upper <= 100, got lower={lower}, upper={upper}"
         )
+    headroom = check_intensity_headroom(headroom)
     data = np.asarray(data, dtype=np.float32)
     finite = np.isfinite(data)
     values = data[finite]
@@ -45,7 +67,8 @@ def normalize_intensity(data: np.ndarray, lower: float = 0.5, upper: float = 99.
         lo, hi = values.min(), values.max()
     if not hi > lo:
         return np.zeros(data.shape, dtype=np.float32)
-    out = (np.clip(data, lo, hi) - lo) / (hi - lo)  # all float32: exactly 0 at lo and 1 at hi
+    scale = np.float32((hi - lo) * headroom)
+    out = np.clip((data - lo) / scale, np.float32(0.0), np.float32(1.0))  # float32: exactly 0 at lo
     out[~finite] = 0.0
     return out
 

@@ -137,6 +137,15 @@ def test_caches_give_identical_items(cases, tmp_path):
     assert torch.equal(again[0]["image"], volumes[0][0]["image"])
 
 
+def test_the_disk_cache_keeps_one_entry_per_intensity_headroom(cases, tmp_path):
+    """A volume cached for one normalisation is never served for another (data.intensity_headroom)."""
+    raw = nib.load(cases[0].image_path).get_fdata()
+    for headroom in (1.5, 1.0, 1.5):
+        ds = VolumeDataset(cases[:1], cache="disk", cache_dir=tmp_path / "cache", intensity_headroom=headroom)
+        assert np.allclose(ds[0]["image"].numpy(), normalize_intensity(raw, headroom=headroom), atol=1e-3)
+    assert len(list((tmp_path / "cache").glob("*.image.npy"))) == 2
+
+
 def test_memory_cache_is_filled_once_and_picklable(cases, monkeypatch):
     ds = SliceDataset(cases, 28, cache="memory")
     monkeypatch.setattr("la_seg.data.cache.read_case", lambda *args: pytest.fail("decoded twice"))

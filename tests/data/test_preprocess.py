@@ -5,6 +5,7 @@ import torch
 from la_seg.data.preprocess import (
     SliceGrid,
     check_img_size,
+    check_intensity_headroom,
     labels_to_input,
     normalize_intensity,
     restore_geometry,
@@ -49,8 +50,33 @@ def test_normalize_non_finite_voxels():
 def test_normalize_mostly_zero_volume_keeps_contrast():
     data = np.zeros((10, 10, 10), dtype=np.float32)
     data[0, 0, :3] = [1, 2, 3]  # 99.7 % zeros: percentiles coincide, the full range is used instead
-    out = normalize_intensity(data)
+    out = normalize_intensity(data, headroom=1.0)
     assert out.max() == 1.0 and out[0, 0, 1] == pytest.approx(2 / 3)
+    assert normalize_intensity(data, headroom=2.0)[0, 0, 2] == pytest.approx(0.5)  # one scale, headroom too
+
+
+def test_headroom_keeps_what_is_brighter_than_the_bright_percentile():
+    """LGE: the enhanced wall (1.4) is brighter than the blood pool (1.0), which fills more than 0.5 % of the
+    volume. A 99.5th-percentile clip gives both one grey value; the headroom keeps them apart, and the rest of
+    the scale is the clip's, divided by the headroom."""
+    rng = np.random.default_rng(0)
+    data = rng.uniform(0.0, 0.4, (40, 40, 20)).astype(np.float32)  # tissue
+    data[:, :, :2] = 1.0  # blood pool: 10 % of the voxels
+    data[0, :5, 5] = 1.4  # enhanced wall: 5 voxels
+    clipped = normalize_intensity(data, headroom=1.0)
+    assert clipped[0, 0, 5] == clipped[0, 0, 0] == 1.0  # wall and blood: one grey value
+    kept = normalize_intensity(data)
+    assert kept[0, 0, 5] > kept[0, 0, 0] and kept[0, 0, 5] <= 1.0
+    below = clipped < 1.0
+    assert np.allclose(kept[below], clipped[below] / 1.5, atol=1e-6)
+    lo, hi = np.percentile(data, [0.5, 99.5])
+    assert kept[0, 0, 5] == pytest.approx((1.4 - lo) / (hi - lo) / 1.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("headroom", [0.5, float("nan"), float("inf"), True, "1.5"])
+def test_bad_headroom_is_refused_naming_the_field(headroom):
+    with pytest.raises(DataError, match="data.intensity_headroom"):
+        check_intensity_headroom(headroom, "data.intensity_headroom")
 
 
 @pytest.mark.parametrize("shape", [(30, 28, 6), (28, 28, 4), (17, 40, 3)])
