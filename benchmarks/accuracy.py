@@ -10,12 +10,15 @@ geometries, with one heart size in mm whatever the field of view:
 
 trains one model with `la-seg fit` (the demo recipe, `demo.yaml`, unless options after `--` change it) on the
 training part, then `la-seg test`s it on a fixed held-out set of another seed, once as configured and once
-with test-time flips (for the review flags). Reports per geometry Dice, HD95 and the signed LA-volume error
-per case (mean, sd, worst, how many beyond +-5 %), whether the issue's bar is met, and how many of the cases
-flagged for review are among the worst.
+with test-time flips (for the review flags). With `--folds K`, K models instead, one per fold of a K-fold
+cross-validation of the training and validation cases, tested as the folder ensemble (`--ckpt_path` the
+run folder; review flags from the members' agreement) and each alone. Reports per geometry Dice, HD95 and
+the signed LA-volume error per case (mean, sd, worst, how many beyond +-5 %), whether the issue's bar is met,
+and how many of the cases flagged for review are among the worst.
 
     python benchmarks/accuracy.py --name stretch --json benchmarks/results/accuracy_14ep_stretch.json \\
         -- --data.in_plane stretch --trainer.max_epochs 14   # ~15 min on a quiet core, 35 min on a busy one
+    python benchmarks/accuracy.py --name ensemble3 --folds 3   # a 3-fold ensemble against its members
     python benchmarks/accuracy.py --quick               # a smoke run (~2 min): checks the pipeline only
     python benchmarks/accuracy.py --table benchmarks/results/accuracy_*.json   # markdown table of results
 
@@ -37,7 +40,12 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from la_seg.atomic import write_json
-from la_seg.checkpoints import load_checkpoint, stored_calibration, training_augmentation
+from la_seg.checkpoints import (
+    load_checkpoint,
+    run_folder_checkpoints,
+    stored_calibration,
+    training_augmentation,
+)
 from la_seg.cli import main as la_seg
 from la_seg.data.synthetic import write_dataset
 from la_seg.errors import DataError
@@ -66,12 +74,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/la-seg-accuracy"))
     parser.add_argument("--ckpt", type=Path, default=None, help="evaluate this checkpoint, no training")
     parser.add_argument(
+        "--folds",
+        type=int,
+        default=1,
+        help="K > 1: a K-fold ensemble of the train + val cases and its members",
+    )
+    parser.add_argument(
         "--no-flips", action="store_true", help="skip the test-time-flips test (review flags)"
     )
     parser.add_argument("--json", type=Path, default=None, help="result file")
     parser.add_argument("--quick", action="store_true", help="tiny: 2+1 cases per geometry, 1 short epoch")
     parser.add_argument("options", nargs="*", help="after --: options passed to la-seg fit and test")
     args = parser.parse_args(argv)
+    if args.folds < 1 or (args.folds > 1 and args.ckpt is not None):
+        parser.error("--folds must be >= 1, and trains its models: it does not take --ckpt")
     if args.quick:
         args.train, args.val, args.heldout = 2, 1, 1
         args.options = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", *args.options]
@@ -100,28 +116,57 @@ def make_data(work: Path, args: argparse.Namespace) -> dict[str, list[str]]:
     return split
 
 
-def fit(work: Path, args: argparse.Namespace, split_file: Path) -> Path:
+def fit(work: Path, args: argparse.Namespace, data: list[str]) -> Path:
     """`la-seg fit`; the run's best checkpoint."""
-    logger = ["--trainer.logger.init_args.save_dir", str(work / "runs"), "--trainer.logger.init_args.name"]
-    data = ["--data.root", str(work / "data"), "--data.split_file", str(split_file)]
     progress(f"la-seg fit {args.config} {' '.join(args.options)}")
-    la_seg(["fit", "--config", args.config, *QUIET, *logger, args.name, *data, *args.options])
+    la_seg(["fit", "--config", args.config, *QUIET, *logger_options(work, args), *data, *args.options])
     runs = sorted((work / "runs" / args.name).glob("version_*"), key=lambda p: int(p.name[8:]))
     return runs[-1] / "checkpoints" / "best.ckpt"
 
 
-def test(work: Path, args: argparse.Namespace, ckpt: Path, split_file: Path, extra: list[str]) -> dict:
-    """`la-seg test` on the held-out folder; its JSON report."""
-    logger = ["--trainer.logger.init_args.save_dir", str(work / "runs"), "--trainer.logger.init_args.name"]
-    data = ["--data.root", str(work / "data"), "--data.split_file", str(split_file)]
-    data += ["--data.test_root", str(work / "heldout")]
+def fit_folds(work: Path, args: argparse.Namespace) -> Path:
+    """`la-seg fit` of every fold of a K-fold cross-validation of the train + val cases (data.test_root: the
+    held-out set); the folder of the fold runs, which `--ckpt_path` takes as an ensemble."""
+    fit_options = [
+        "fit",
+        "--config",
+        args.config,
+        *QUIET,
+        *logger_options(work, args),
+        *fold_data(work, args),
+    ]
+    for fold in range(args.folds):
+        options = ["--data.fold", str(fold), *args.options]
+        progress(f"la-seg fit {args.config} fold {fold} of {args.folds} {' '.join(options)}")
+        la_seg([*fit_options, *options])
+    return work / "runs" / args.name
+
+
+def logger_options(work: Path, args: argparse.Namespace) -> list[str]:
+    return [
+        "--trainer.logger.init_args.save_dir",
+        str(work / "runs"),
+        "--trainer.logger.init_args.name",
+        args.name,
+    ]
+
+
+def fold_data(work: Path, args: argparse.Namespace) -> list[str]:
+    """Data options of a K-fold run: every case of data/ in the folds, the held-out folder as test set."""
+    data = ["--data.root", str(work / "data"), "--data.test_root", str(work / "heldout")]
+    return [*data, "--data.folds", str(args.folds)]
+
+
+def test(work: Path, args: argparse.Namespace, ckpt: Path, data: list[str], extra: list[str]) -> dict:
+    """`la-seg test` of a checkpoint (or a folder of fold runs: their ensemble) on the held-out folder; the
+    JSON report it wrote (in a run folder under `ckpt`'s, under a name of its own: found as the new file)."""
     options = [*args.options, *extra]
     progress(f"la-seg test {ckpt} {' '.join(options)}")
-    run_dir = ckpt.parent.parent  # `test` reports into the checkpoint's run, each under a name of its own
-    before = set(run_dir.glob("test_*.json"))
+    runs = ckpt if ckpt.is_dir() else ckpt.parent.parent
+    before = set(runs.glob("**/test_*.json"))
     config = ["--config", args.config, *QUIET]
-    la_seg(["test", *config, *logger, args.name, *data, *options, "--ckpt_path", str(ckpt)])
-    (report,) = set(run_dir.glob("test_*.json")) - before
+    la_seg(["test", *config, *logger_options(work, args), *data, *options, "--ckpt_path", str(ckpt)])
+    (report,) = set(runs.glob("**/test_*.json")) - before
     progress(f"report {report}")
     return json.loads(report.read_text())
 
@@ -182,6 +227,11 @@ def score(report: dict) -> dict:
     }
 
 
+def member_figures(scored: dict) -> dict:
+    """What a member of an ensemble scores alone: per geometry, overall and the bar (no per-case rows)."""
+    return {key: scored[key] for key in ("per_geometry", "overall", "done_when")}
+
+
 def review_figures(report: dict, plain: dict) -> dict:
     """Do the cases flagged for review (flips' mean pairwise Dice below the model's review threshold) single
     out the worst? Worst = lowest Dice of the plain (configured) test, as many as were flagged; also how many
@@ -219,16 +269,28 @@ def run(args: argparse.Namespace) -> dict:
     split = make_data(work, args)
     split_file = work / "split.json"
     split_file.write_text(json.dumps(split, indent=1) + "\n")
-    ckpt = args.ckpt or fit(work, args, split_file)
+    if args.folds > 1:
+        ckpt, data = fit_folds(work, args), [*fold_data(work, args), "--data.fold", "0"]
+    else:
+        data = ["--data.root", str(work / "data"), "--data.split_file", str(split_file)]
+        ckpt = args.ckpt or fit(work, args, data)
+        data += ["--data.test_root", str(work / "heldout")]
     fitted = time.perf_counter()
-    plain = score(test(work, args, ckpt, split_file, []))
-    (ckpt.parent.parent / "accuracy_scores.json").write_text(json.dumps(plain, indent=1))
-    checkpoint = load_checkpoint(ckpt)
-    review = None
-    if not args.no_flips:  # review flags need flips, which la-seg allows only for a model trained with them
+    report = test(work, args, ckpt, data, [])
+    plain = score(report)
+    (ckpt if ckpt.is_dir() else ckpt.parent.parent).joinpath("accuracy_scores.json").write_text(
+        json.dumps(plain, indent=1)
+    )
+    members = run_folder_checkpoints(ckpt) if ckpt.is_dir() else [ckpt]
+    checkpoint = load_checkpoint(members[0])
+    review, alone = None, None
+    if len(members) > 1:  # the members' agreement is the ensemble's review signal; each member alone
+        review = review_figures(report, plain)
+        alone = {str(m): member_figures(score(test(work, args, m, data, []))) for m in members}
+    elif not args.no_flips:  # review flags need flips, which la-seg allows only for a model trained with them
         try:
             check_tta_trained("flips", training_augmentation(checkpoint), f"checkpoint {ckpt}")
-            review = review_figures(test(work, args, ckpt, split_file, ["--model.tta", "flips"]), plain)
+            review = review_figures(test(work, args, ckpt, data, ["--model.tta", "flips"]), plain)
         except DataError as refused:
             progress(f"no review flags: {refused}")
             review = {"note": f"no review flags: {refused}"}
@@ -238,6 +300,7 @@ def run(args: argparse.Namespace) -> dict:
         **plain,
         "review": review,
         "checkpoint": str(ckpt),
+        "members_alone": alone,
         "checkpoint_calibration": calibration,
         "settings": {
             "config": args.config,
@@ -249,6 +312,7 @@ def run(args: argparse.Namespace) -> dict:
             "val_per_geometry": args.val,
             "heldout_per_geometry": args.heldout,
             "heldout_seed": 1,
+            "folds": args.folds,
             "threads": os.environ.get("OMP_NUM_THREADS"),
         },
         "seconds": {"fit": round(fitted - started, 1), "total": round(time.perf_counter() - started, 1)},

@@ -63,3 +63,22 @@ def test_quick_run_scores_the_reports_its_own_test_commands_wrote(accuracy, tmp_
     assert result["review"]["review_below"] is not None and "flagged" in result["review"]
     run = Path(result["checkpoint"]).parent.parent
     assert sorted(p.name for p in run.glob("test_*.json")) == ["test_heldout-2.json", "test_heldout.json"]
+
+
+@pytest.mark.slow
+def test_quick_folds_score_the_ensemble_its_agreement_and_each_member(accuracy, tmp_path):
+    """`--folds 2`: two fold runs, `test` of their folder (the ensemble, whose members' agreement gives the
+    review flags) and of each member alone, each scored from the report that command wrote."""
+    out = tmp_path / "ensemble.json"
+    accuracy.main(["--quick", "--folds", "2", "--work-dir", str(tmp_path / "work"), "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [c["case_id"] for c in result["cases"]] == ["A_1", "B_1", "C_1"]
+    members = result["members_alone"]
+    assert [Path(m).parts[-4] for m in members] == ["fold_0", "fold_1"]
+    assert all(m["overall"]["n"] == 3 for m in members.values())
+    assert result["review"]["n"] == 3 and "spearman_agreement_vs_dice" in result["review"]
+    folder = Path(result["checkpoint"])
+    assert (folder / "accuracy_scores.json").is_file() and (
+        folder / "ensemble" / "test_heldout.json"
+    ).is_file()
+    assert len(list(folder.glob("fold_*/version_0/test_heldout.json"))) == 2  # each member alone
