@@ -109,6 +109,20 @@ def test_a_stretching_checkpoint_ignores_a_configured_target_spacing(monkeypatch
         main(common)  # demo.yaml says spacing
 
 
+def test_a_checkpoint_from_before_the_headroom_is_normalised_with_the_old_clip(
+    monkeypatch, tmp_path, synth_root, context_ckpt
+):
+    """Checkpoints written before data.intensity_headroom existed were trained on volumes clipped at the
+    99.5th percentile: test, predict and load_from_checkpoint use 1.0 for them, not the default 1.5."""
+    checkpoint = torch.load(context_ckpt, weights_only=True)
+    assert checkpoint["hyper_parameters"].pop("intensity_headroom") == 1.5
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    built = built_by(monkeypatch, ["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", str(old)])
+    assert built.datamodule.intensity_headroom == built.model.hparams.intensity_headroom == 1.0
+    assert LASegModule.load_from_checkpoint(old).hparams.intensity_headroom == 1.0
+
+
 def write_marker(path: str) -> None:
     Path(path).write_text("code ran")
 
