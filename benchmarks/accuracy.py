@@ -157,12 +157,17 @@ def fold_data(work: Path, args: argparse.Namespace) -> list[str]:
     return [*data, "--data.folds", str(args.folds)]
 
 
+def run_folder(ckpt: Path) -> Path:
+    """Where `test` of `ckpt` reports: under the checkpoint's run, or under an ensemble's folder of runs."""
+    return ckpt if ckpt.is_dir() else ckpt.parent.parent
+
+
 def test(work: Path, args: argparse.Namespace, ckpt: Path, data: list[str], extra: list[str]) -> dict:
     """`la-seg test` of a checkpoint (or a folder of fold runs: their ensemble) on the held-out folder; the
     JSON report it wrote (in a run folder under `ckpt`'s, under a name of its own: found as the new file)."""
     options = [*args.options, *extra]
     progress(f"la-seg test {ckpt} {' '.join(options)}")
-    runs = ckpt if ckpt.is_dir() else ckpt.parent.parent
+    runs = run_folder(ckpt)
     before = set(runs.glob("**/test_*.json"))
     config = ["--config", args.config, *QUIET]
     la_seg(["test", *config, *logger_options(work, args), *data, *options, "--ckpt_path", str(ckpt)])
@@ -278,9 +283,7 @@ def run(args: argparse.Namespace) -> dict:
     fitted = time.perf_counter()
     report = test(work, args, ckpt, data, [])
     plain = score(report)
-    (ckpt if ckpt.is_dir() else ckpt.parent.parent).joinpath("accuracy_scores.json").write_text(
-        json.dumps(plain, indent=1)
-    )
+    (run_folder(ckpt) / "accuracy_scores.json").write_text(json.dumps(plain, indent=1))
     members = run_folder_checkpoints(ckpt) if ckpt.is_dir() else [ckpt]
     checkpoint = load_checkpoint(members[0])
     review, alone = None, None
