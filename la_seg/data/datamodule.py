@@ -23,7 +23,14 @@ from torch.utils.data.distributed import DistributedSampler
 
 from la_seg.atomic import atomic_write_text
 from la_seg.data.cache import CacheMode
-from la_seg.data.datasets import SliceDataset, VolumeDataset, first_item
+from la_seg.data.datasets import (
+    SAMPLINGS,
+    Sampling,
+    SliceDataset,
+    VolumeDataset,
+    draw_weights,
+    first_item,
+)
 from la_seg.data.io import SliceAxis
 from la_seg.data.layouts import Case, Layout, find_cases
 from la_seg.data.preprocess import (
@@ -85,6 +92,10 @@ class LADataModule(L.LightningDataModule):
         test_root: a separate held-out folder of labelled cases used as the test set.
         predict_root: a folder or single file of images to segment (layout "auto"; labels not needed).
         empty_slice_fraction: fraction of the training slices without LA that are kept (1 = all).
+        sampling: how an epoch draws the kept training slices: "slices" (each once, in a fresh order, so a
+            case weighs by its slice count: a 1.25 mm isotropic scan holds three times the LA slices of a 4 mm
+            one) or "cases" (with replacement, every case equally often, as nnU-Net draws its patches; an
+            epoch keeps the same number of slices).
         augmentation: training augmentation.
         cache: where decoded, normalised volumes are kept (see VolumeCache). Test and predict volumes are read
             once, so they are cached only with "disk".
@@ -131,6 +142,7 @@ class LADataModule(L.LightningDataModule):
         test_root: str | None = None,
         predict_root: str | None = None,
         empty_slice_fraction: float = 1.0,
+        sampling: Sampling = "slices",
         augmentation: AugmentationConfig = AugmentationConfig(),  # noqa: B008 (frozen, so sharing is safe)
         cache: CacheMode = "memory",
         cache_dir: str | None = None,
@@ -175,6 +187,9 @@ class LADataModule(L.LightningDataModule):
             num_workers,
             empty_slice_fraction,
         )
+        if sampling not in SAMPLINGS:
+            raise DataError(f"data.sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+        self.sampling = sampling
         self.augmentation, self.cache, self.cache_dir = augmentation, cache, cache_dir
         self.data_split: DataSplit | None = None
         self._cases: dict[str, Case] = {}
@@ -349,9 +364,10 @@ class LADataModule(L.LightningDataModule):
         return [lookup[case_id] for case_id in self.data_split.parts[part]]
 
     def train_dataloader(self) -> DataLoader:
-        """Slices of the training cases. Under DDP each rank holds its own cases (la_seg.data.shards): the
-        slices are chosen over every case as by one process, the cases dealt to the ranks balanced by slices,
-        and each rank decodes and keeps its own only, drawing the same number of slices per epoch."""
+        """Slices of the training cases, drawn as `sampling` says. Under DDP each rank holds its own cases
+        (la_seg.data.shards): the slices are chosen over every case as by one process, the cases dealt to the
+        ranks balanced by their share of the draws, and each rank decodes and keeps its own only, drawing the
+        same number of slices per epoch."""
         cases, index, sampler = self.cases("train"), None, None
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
@@ -362,8 +378,8 @@ class LADataModule(L.LightningDataModule):
                     cases, world, self.empty_slice_fraction, self.seed, self.slice_axis
                 ),
             )
-            slices = plan.slices_per_case(len(cases)).tolist()
-            own = [i for i in assign_cases(slices, world)[rank] if slices[i]]  # a case without: never read
+            loads = plan.case_loads(len(cases), self.sampling).tolist()
+            own = [i for i in assign_cases(loads, world)[rank] if loads[i]]  # a case without: never read
             cases, index = [cases[i] for i in own], plan.of_cases(own)
             rank_zero_info(
                 f"training cases per DDP process: {len(plan.pairs)} slices of {len(self.cases('train'))} "
@@ -389,9 +405,12 @@ class LADataModule(L.LightningDataModule):
             )
 
         dataset = build() if index is None else all_ranks_or_none(trainer, build)
+        weights = draw_weights(dataset.index, self.sampling)
         if index is not None:
-            per_rank = samples_per_rank(len(plan.pairs), trainer.world_size)
-            sampler = TrainShards(dataset, per_rank, trainer.world_size, trainer.global_rank, self.seed)
+            per_rank = samples_per_rank(len(plan.pairs), world)
+            sampler = TrainShards(dataset, per_rank, world, rank, self.seed, weights)
+        elif weights is not None:  # one process: weighted draws, as one rank of one
+            sampler = TrainShards(dataset, len(dataset), 1, 0, self.seed, weights)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

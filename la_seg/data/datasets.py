@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Literal, TypedDict, get_args
 
 import numpy as np
 import torch
@@ -31,6 +31,11 @@ from la_seg.errors import DataError
 
 if TYPE_CHECKING:
     import albumentations as A
+
+
+# How training slices are drawn: every kept slice once per epoch, or every case equally often.
+Sampling = Literal["slices", "cases"]
+SAMPLINGS: tuple[str, ...] = get_args(Sampling)
 
 
 class SliceDataset(Dataset):
@@ -148,6 +153,12 @@ class SliceIndex:
     def slices_per_case(self, cases: int) -> np.ndarray:
         return np.bincount(self.pairs[:, 0], minlength=cases)
 
+    def case_loads(self, cases: int, sampling: Sampling) -> np.ndarray:
+        """Per case, its share of the draws (what DDP ranks are balanced by): its kept slices for "slices",
+        1 (0 without kept slices) for "cases"."""
+        slices = self.slices_per_case(cases)
+        return slices if sampling == "slices" else (slices > 0).astype(np.int64)
+
     def of_cases(self, positions: Sequence[int]) -> SliceIndex:
         """The slices of the cases at `positions`, renumbered 0, 1, ... in that order."""
         positions = np.asarray(positions, dtype=np.int64)
@@ -157,6 +168,15 @@ class SliceIndex:
         pairs = np.stack([new[self.pairs[rows, 0]], self.pairs[rows, 1]], axis=1)
         order = np.lexsort((pairs[:, 1], pairs[:, 0]))
         return SliceIndex(pairs[order].reshape(-1, 2), self.foreground[rows][order])
+
+
+def draw_weights(pairs: np.ndarray, sampling: Sampling) -> np.ndarray | None:
+    """Per kept slice ((case position, slice) `pairs`), its share of an epoch's draws: None for "slices" (each
+    slice once); for "cases" 1 / its case's slices, so that every case is drawn equally often."""
+    if sampling == "slices":
+        return None
+    counts = np.bincount(pairs[:, 0])
+    return 1.0 / counts[pairs[:, 0]]
 
 
 def slices_with_la(label: np.ndarray) -> np.ndarray:

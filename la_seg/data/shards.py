@@ -4,8 +4,9 @@ Without this every rank would build its SliceDataset over every training case, a
 DistributedSampler would draw slices of every case on every rank: N processes, N times the host memory of the
 decoded volumes. Instead the kept slices are chosen once over every training case (exactly the slices one
 process trains on: rank 0 reads the label files only, and hands the choice to every rank), the cases are dealt
-to the ranks balanced by their kept slices (`assign_cases`), and each rank's `TrainShards` sampler draws its
-own cases' slices, the same number on every rank (DDP steps in lockstep).
+to the ranks balanced by their share of the draws (`assign_cases`: their kept slices, or one each with
+data.sampling "cases"), and each rank's `TrainShards` sampler draws its own cases' slices, the same number on
+every rank (DDP steps in lockstep).
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def plan_training_slices(
 
 
 def assign_cases(weights: Sequence[int], world_size: int) -> list[list[int]]:
-    """Case positions per rank, balanced by `weights` (kept slices): largest case first, each to the rank
-    holding the fewest slices so far (then the fewest cases, then the lowest rank). Deterministic: the same
-    on every rank. Each rank's positions are sorted."""
+    """Case positions per rank, balanced by `weights` (SliceIndex.case_loads): largest case first, each to the
+    rank with the least load so far (then the fewest cases, then the lowest rank). Deterministic: the same on
+    every rank. Each rank's positions are sorted."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
@@ -73,21 +74,36 @@ def samples_per_rank(total: int, world_size: int) -> int:
 
 
 class TrainShards(DistributedSampler):
-    """Rank `rank`'s training sampler over its own SliceDataset: `num_samples` indices per epoch, a fresh
-    permutation every epoch (`set_epoch`, called by Lightning), whole permutations repeated when the shard is
-    smaller and cut when larger, so that every rank runs the same number of steps. Being a DistributedSampler,
-    it is kept by Lightning."""
+    """Rank `rank`'s training sampler over its own SliceDataset: `num_samples` indices per epoch, drawn afresh
+    every epoch (`set_epoch`, called by Lightning) so that every rank runs the same number of steps. Without
+    `weights` each epoch is a permutation, whole permutations repeated when the shard is smaller and cut when
+    larger; with `weights` (per item, e.g. SliceIndex.draw_weights) items are drawn with replacement in
+    proportion to them. Being a DistributedSampler, it is kept by Lightning; one process uses it with
+    num_replicas=1 for weighted draws."""
 
-    def __init__(self, dataset: Dataset, num_samples: int, num_replicas: int, rank: int, seed: int) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_samples: int,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        weights: np.ndarray | None = None,
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         if len(dataset) == 0:
             raise DataError(f"DDP rank {rank} holds no training slices")
+        if weights is not None and (len(weights) != len(dataset) or not np.all(np.asarray(weights) > 0)):
+            raise ValueError(f"weights must be {len(dataset)} positive numbers, one per item")
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
         self.num_samples = num_samples
         self.total_size = num_samples * num_replicas
 
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         size = len(self.dataset)
+        if self.weights is not None:
+            return iter(rng.choice(size, size=self.num_samples, p=self.weights).tolist())
         rounds = -(-self.num_samples // size)
         order = np.concatenate([rng.permutation(size) for _ in range(rounds)])[: self.num_samples]
         return iter(order.tolist())

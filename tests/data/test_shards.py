@@ -8,7 +8,7 @@ from torch.utils.data import RandomSampler
 
 from la_seg.data.cache import VolumeCache
 from la_seg.data.datamodule import LADataModule
-from la_seg.data.datasets import SliceDataset, kept_slices
+from la_seg.data.datasets import SliceDataset, draw_weights, kept_slices
 from la_seg.data.layouts import find_cases
 from la_seg.data.shards import TrainShards, assign_cases, plan_training_slices, samples_per_rank
 from la_seg.data.synthetic import write_dataset
@@ -176,3 +176,47 @@ def test_a_rank_that_cannot_read_its_cases_stops_every_rank():
     with pytest.raises(DataError, match="another DDP process failed") as other:
         all_ranks_or_none(trainer(True), lambda: 5)
     assert is_reported_elsewhere(other.value)
+
+
+def test_cases_sampling_draws_every_case_equally_often_whatever_its_slices():
+    """data.sampling "cases": a case of 2 slices is drawn as often as one of 12 (nnU-Net draws cases)."""
+    pairs = np.array([(case, z) for case, slices in enumerate([2, 6, 12]) for z in range(slices)])
+    assert draw_weights(pairs, "slices") is None
+    weights = draw_weights(pairs, "cases")
+    sampler = TrainShards(Sized(len(pairs)), 30000, 1, 0, seed=4, weights=weights)
+    first = list(sampler)
+    per_case = np.bincount(pairs[first, 0], minlength=3)
+    assert np.all(np.abs(per_case - 10000) < 400), per_case  # 2 slices: 5000 draws each; 12: 833 each
+    assert len(set(first)) == len(pairs)  # every slice drawn
+    assert list(TrainShards(Sized(len(pairs)), 30000, 1, 0, seed=4, weights=weights)) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    index = kept_slices([np.ones(n, bool) for n in (2, 6, 12)] + [np.zeros(3, bool)], 0.0, 0)
+    assert index.case_loads(4, "slices").tolist() == [2, 6, 12, 0]
+    assert index.case_loads(4, "cases").tolist() == [1, 1, 1, 0]  # a case without kept slices: no load
+    with pytest.raises(ValueError, match="one per item"):
+        TrainShards(Sized(3), 3, 1, 0, seed=0, weights=np.ones(2))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_cases_sampling_deals_cases_evenly_and_draws_them_evenly_on_every_rank(root, monkeypatch, world):
+    kwargs = {"img_size": 28, "batch_size": 4, "num_workers": 0, "empty_slice_fraction": 0.5}
+    single = LADataModule(root=str(root), sampling="cases", **kwargs)
+    single.setup("fit")
+    slices = len(single.train_dataloader().dataset)
+    for rank in range(world):
+        dm = LADataModule(root=str(root), sampling="cases", **kwargs)
+        dm.setup("fit")
+        dm.trainer = fake_trainer(world, rank) if world > 1 else None
+        loader = dm.train_dataloader()
+        assert isinstance(loader.sampler, TrainShards) and len(loader.sampler) == -(-slices // world)
+        own = [case.case_id for case in loader.dataset.cases]
+        assert len(own) in (len(single.split["train"]) // world, -(-len(single.split["train"]) // world))
+        draws = np.zeros(len(own))
+        for epoch in range(300):
+            loader.sampler.set_epoch(epoch)
+            draws += np.bincount(loader.dataset.index[list(loader.sampler), 0], minlength=len(own))
+        share = draws / draws.sum()
+        assert np.all(np.abs(share - 1 / len(own)) < 0.1 / len(own)), share  # each own case equally often
+    with pytest.raises(DataError, match="data.sampling must be one of slices, cases, got 'volumes'"):
+        LADataModule(root=str(root), sampling="volumes", **kwargs)
