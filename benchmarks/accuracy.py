@@ -10,7 +10,8 @@ geometries, with one heart size in mm whatever the field of view:
 
 trains one model with `la-seg fit` (the demo recipe, `demo.yaml`, unless options after `--` change it) on the
 training part, then `la-seg test`s it on a fixed held-out set of another seed, once as configured and once
-with test-time flips (for the review flags). With `--folds K`, K models instead, one per fold of a K-fold
+with test-time flips (for the review flags; with `-- --model.tta rot180` or `flips` the configured test's own
+voters give them). With `--folds K`, K models instead, one per fold of a K-fold
 cross-validation of the training and validation cases, tested as the folder ensemble (`--ckpt_path` the
 run folder; review flags from the members' agreement) and each alone. Reports per geometry Dice, HD95 and
 the signed LA-volume error per case (mean, sd, worst, how many beyond +-5 %), whether the issue's bar is met,
@@ -19,6 +20,7 @@ and how many of the cases flagged for review are among the worst.
     python benchmarks/accuracy.py --name stretch --json benchmarks/results/accuracy_14ep_stretch.json \\
         -- --data.in_plane stretch --trainer.max_epochs 14   # ~15 min on a quiet core, 35 min on a busy one
     python benchmarks/accuracy.py --name ensemble3 --folds 3   # a 3-fold ensemble against its members
+    python benchmarks/accuracy.py --ckpt runs/x/version_0/checkpoints/best.ckpt -- --model.tta rot180
     python benchmarks/accuracy.py --quick               # a smoke run (~2 min): checks the pipeline only
     python benchmarks/accuracy.py --table benchmarks/results/accuracy_*.json   # markdown table of results
 
@@ -287,10 +289,11 @@ def run(args: argparse.Namespace) -> dict:
     members = run_folder_checkpoints(ckpt) if ckpt.is_dir() else [ckpt]
     checkpoint = load_checkpoint(members[0])
     review, alone = None, None
-    if len(members) > 1:  # the members' agreement is the ensemble's review signal; each member alone
+    if any(c.get("agreement") for c in report["cases"]):  # voters as configured: members, or --model.tta
         review = review_figures(report, plain)
+    if len(members) > 1:  # the members' agreement is the ensemble's review signal; each member alone
         alone = {str(m): member_figures(score(test(work, args, m, data, []))) for m in members}
-    elif not args.no_flips:  # review flags need flips, which la-seg allows only for a model trained with them
+    elif review is None and not args.no_flips:  # flips: la-seg allows them only for a model trained with them
         try:
             check_tta_trained("flips", training_augmentation(checkpoint), f"checkpoint {ckpt}")
             review = review_figures(test(work, args, ckpt, data, ["--model.tta", "flips"]), plain)

@@ -292,7 +292,8 @@ def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]
 
 def apply_calibration(config, checkpoint: dict, given_options: list[str]) -> None:
     """The inference settings the checkpoint's fit chose on its validation cases replace the config's, except
-    those given on the command line (--model.threshold, --model.postprocess, --model.review_below)."""
+    those given on the command line (--model.threshold, --model.postprocess, --model.review_below); the review
+    threshold is the one calibrated for the run's model.tta where there is one."""
     calibration = stored_calibration(checkpoint)
     if calibration is None:
         return
@@ -300,6 +301,9 @@ def apply_calibration(config, checkpoint: dict, given_options: list[str]) -> Non
     for field, value in calibration["settings"].items():
         if field in CALIBRATED_FIELDS and not on_command_line(f"model.{field}", given_options):
             config.model[field] = applied[field] = value
+    by_tta = calibration.get("how", {}).get("review_below_by_tta") or {}
+    if config.model.tta in by_tta and "review_below" in applied:  # the voters this run uses, calibrated
+        config.model.review_below = applied["review_below"] = by_tta[config.model.tta]
     if applied:
         chosen = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in applied.items())
         _say(f"la-seg: inference settings chosen on validation at the end of fit: {chosen}")

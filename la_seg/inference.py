@@ -34,7 +34,7 @@ from la_seg.errors import DataError
 from la_seg.metrics import overlap_3d, volume_ml
 from la_seg.models.segmenter import LASegmenter
 
-TTA = Literal["none", "flips"]
+TTA = Literal["none", "flips", "rot180"]
 # In-plane flips of a (N, C, H, W) model input, H and W being the volume's X and Y (see slices_to_input).
 FLIP_DIMS: dict[str, tuple[int, ...]] = {
     "identity": (),
@@ -42,7 +42,12 @@ FLIP_DIMS: dict[str, tuple[int, ...]] = {
     "flip_y": (-1,),
     "flip_xy": (-2, -1),
 }
-TTA_FLIPS: dict[str, tuple[str, ...]] = {"none": ("identity",), "flips": tuple(FLIP_DIMS)}
+# "rot180": identity and flip XY, an in-plane half turn that, unlike one flip, does not mirror the anatomy
+TTA_FLIPS: dict[str, tuple[str, ...]] = {
+    "none": ("identity",),
+    "flips": tuple(FLIP_DIMS),
+    "rot180": ("identity", "flip_xy"),
+}
 # The training augmentation (data.augmentation fields) that makes a model invariant to each flip.
 FLIP_NEEDS: dict[str, tuple[str, ...]] = {
     "identity": (),

@@ -81,12 +81,13 @@ class LASegModule(L.LightningModule):
         scheduler: `none` (constant, the paper) or `cosine` decay to zero after warm-up, stepped per batch.
         eval_batch_size: slices per forward pass when segmenting a whole volume.
         threshold: probability above which a voxel is LA.
-        tta: test-time augmentation at evaluation and prediction: `none` or `flips` (the mean over the
-            identity and the in-plane flips in X, Y and both; 4x the cost).
+        tta: test-time augmentation at evaluation and prediction: `none`, `flips` (the mean over the
+            identity and the in-plane flips in X, Y and both; 4x the cost) or `rot180` (identity and flip XY,
+            a half turn that does not mirror the anatomy; 2x the cost). Both need a model trained with flips.
         postprocess: `none` or `largest_component` (keep the largest 3D connected component), applied
             the same way in validation, test and predict.
-        review_below: with several voters (an ensemble or `tta: flips`), a case is flagged for review when
-            their mean pairwise Dice is below this.
+        review_below: with several voters (an ensemble, `tta: flips` or `rot180`), a case is flagged for
+            review when their mean pairwise Dice is below this.
         save_backbone: store a frozen backbone's weights in every checkpoint (self-contained, but a
             giant checkpoint is 4.5 GB); by default only its name, source and fingerprint are stored.
             A trained or randomly initialised backbone is always stored: it has no other source.

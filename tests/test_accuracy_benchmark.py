@@ -64,6 +64,17 @@ def test_quick_run_scores_the_reports_its_own_test_commands_wrote(accuracy, tmp_
     run = Path(result["checkpoint"]).parent.parent
     assert sorted(p.name for p in run.glob("test_*.json")) == ["test_heldout-2.json", "test_heldout.json"]
 
+    # the same checkpoint with test-time half turns: one `test`, whose own voters give the review flags
+    half_turns = tmp_path / "rot180.json"
+    options = ["--", *flips, "--model.tta", "rot180"]
+    accuracy.main(["--quick", "--work-dir", str(tmp_path / "work"), "--json", str(half_turns),
+                   "--ckpt", result["checkpoint"], *options])  # fmt: skip
+    rotated = json.loads(half_turns.read_text())
+    assert rotated["inference"]["tta"] == "rot180" and rotated["review"]["n"] == 3
+    assert len(list(run.glob("test_*.json"))) == 3
+    report = json.loads((run / "test_heldout-3.json").read_text())
+    assert all(c["agreement"]["voters"] == ["identity", "flip_xy"] for c in report["cases"])
+
 
 @pytest.mark.slow
 def test_quick_folds_score_the_ensemble_its_agreement_and_each_member(accuracy, tmp_path):

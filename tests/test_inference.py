@@ -137,6 +137,17 @@ def test_tta_flips_average_the_four_flipped_runs(tiny_net, image):
     torch.testing.assert_close(result.uncertainty, runs.var(0, unbiased=False), atol=1e-6, rtol=0)
 
 
+def test_tta_rot180_averages_the_identity_and_the_half_turn(tiny_net, image):
+    net = make_net(tiny_net, 0)
+    ensemble = Ensemble([EnsembleMember("model", net)]).eval()
+    calls = count_calls(net.backbone)
+    result = ensemble.segment_volume(image, chunk=CHUNK, tta="rot180")
+    assert calls[0] == 2 * 2  # a backbone pass per view and chunk
+    runs = flipped_runs(net, image)
+    torch.testing.assert_close(result.prob, (runs[0] + runs[3]) / 2, atol=1e-5, rtol=0)
+    assert result.voter_names == ["identity", "flip_xy"] and len(result.voter_masks) == 2
+
+
 def test_tta_with_shared_ensemble_shares_each_flipped_pass(tiny_net, image):
     first = make_net(tiny_net, 0)
     second = make_net(tiny_net, 1, weights_from=first)

@@ -10,8 +10,10 @@ mean validation Dice by more than `min_gain` (a handful of validation cases is a
 benchmark the best-Dice threshold, 0.3, gained 0.007 on validation and over-segmented held-out cases by 7-12 %
 of their LA volume). The review threshold, for a model trained with flips (data.augmentation.hflip and vflip),
 is set to the `review_quantile` quantile of the validation cases' agreement (mean pairwise Dice of the
-test-time flips): a held-out case is flagged when its voters agree less than all but that fraction of the
-validation cases did; without flip training it stays as configured (flipped slices show anatomy the model
+test-time flips), once per test-time augmentation with several voters (`flips`, `rot180`: their agreements
+differ in level, so each has its own threshold, `how.review_below_by_tta`, which test / predict take for the
+`model.tta` they run): a held-out case is flagged when its voters agree less than all but that fraction of
+the validation cases did; without flip training it stays as configured (flipped slices show anatomy the model
 never saw, and test / predict refuse flips for such a model). All of it, with the scores it was chosen on,
 goes into the best checkpoint (`la_seg.checkpoints.write_calibration`); validate / test / predict then use
 those settings unless they are given on the command line, and reports record them (`inference.calibration`).
@@ -37,6 +39,8 @@ from la_seg.inference import case_agreement, check_tta_trained
 from la_seg.metrics import overlap_3d, surface_distances
 
 POSTPROCESSING = ("none", "largest_component")
+# The test-time augmentations with several voters, each calibrated a review threshold of its own.
+REVIEW_TTA = ("flips", "rot180")
 
 
 class InferenceCalibration(L.Callback):
@@ -45,7 +49,8 @@ class InferenceCalibration(L.Callback):
     Args:
         enabled: calibrate at the end of every fit that has validation cases and a best checkpoint.
         thresholds: the probability thresholds compared (with each post-processing).
-        review_quantile: the review threshold is this quantile of the validation cases' flips agreement.
+        review_quantile: the review threshold is this quantile of the validation cases' agreement (per
+            test-time augmentation with several voters).
         tie_dice: mean Dice differences up to this between post-processings count as a tie, which goes to
             `largest_component`.
         min_gain: a threshold other than the configured one (`model.threshold`) must raise the mean validation
@@ -135,13 +140,16 @@ class InferenceCalibration(L.Callback):
             for (t, p), s in scores.items()
         }
         threshold, post = choose(table, configured, self.tie_dice, self.min_gain)
-        agreements = []
+        agreements: dict[str, list[float]] = {}
         if trained_for_flips(datamodule):  # else flips show anatomy the model never saw: no measure of doubt
-            for image, spacing in volumes:
-                result = ensemble.segment_volume(image.to(device), threshold, chunk, "flips", spacing)
-                names = list(result.voter_names)
-                agreements.append(case_agreement(result.voter_masks, names, spacing)["mean_pairwise_dice"])
-        quantile = float(np.quantile(agreements, self.review_quantile)) if agreements else None
+            for voters in REVIEW_TTA:
+                agreements[voters] = []
+                for image, spacing in volumes:
+                    result = ensemble.segment_volume(image.to(device), threshold, chunk, voters, spacing)
+                    agreement = case_agreement(result.voter_masks, list(result.voter_names), spacing)
+                    agreements[voters].append(agreement["mean_pairwise_dice"])
+        by_tta = {v: float(np.quantile(a, self.review_quantile)) for v, a in agreements.items()}
+        quantile = by_tta.get(tta, by_tta.get("flips"))
         review_below = quantile if quantile is not None else pl_module.review_below()
         return {
             "settings": {"threshold": threshold, "postprocess": post, "review_below": review_below},
@@ -156,12 +164,16 @@ class InferenceCalibration(L.Callback):
                 "tie_dice": self.tie_dice,
                 "min_gain": self.min_gain,
                 "scores": table,
-                "review_rule": f"quantile {self.review_quantile} of the validation cases' flips agreement "
-                "(mean pairwise Dice of identity, flip X, flip Y, flip XY)"
+                "review_rule": f"quantile {self.review_quantile} of the validation cases' agreement (mean "
+                "pairwise Dice) of the voters of each model.tta: flips (identity, flip X, flip Y, flip XY) "
+                "and rot180 (identity, flip XY); review_below is that of the configured model.tta (flips "
+                "for none)"
                 if quantile is not None
                 else "kept as configured: the model was not trained with flips (data.augmentation.hflip and "
                 "vflip), so their agreement says nothing",
-                "validation_agreement": agreements,
+                "review_below_by_tta": by_tta,
+                "validation_agreement": agreements.get("flips", []),
+                "validation_agreement_by_tta": agreements,
             },
         }
 

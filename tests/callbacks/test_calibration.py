@@ -32,6 +32,11 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, m
         f"{t}/{p}" for t in (0.4, 0.5) for p in ("none", "largest_component")
     }
     assert len(record["how"]["validation_agreement"]) == len(record["how"]["validation_cases"]) >= 1
+    by_tta = record["how"]["review_below_by_tta"]  # each test-time augmentation's voters: a threshold each
+    assert set(by_tta) == {"flips", "rot180"} and by_tta["flips"] == settings["review_below"]
+    agreements = record["how"]["validation_agreement_by_tta"]
+    assert agreements["flips"] == record["how"]["validation_agreement"]
+    assert len(agreements["rot180"]) == len(record["how"]["validation_cases"])
     assert network_settings(checkpoint)["in_plane"] == "spacing"
     assert network_settings(checkpoint)["target_spacing"] == 2.0
 
@@ -46,6 +51,14 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, m
     main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best", "--model.threshold", "0.7"])
     inference = json.loads((run / "test_heldout-2.json").read_text())["header"]["inference"]
     assert inference["threshold"] == 0.7 and inference["postprocess"] == settings["postprocess"]
+    # test-time half turns: the review threshold calibrated for their voters
+    main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best", "--model.tta", "rot180"])
+    report = json.loads((run / "test_heldout-3.json").read_text())
+    assert report["header"]["inference"]["review_below"] == pytest.approx(by_tta["rot180"])
+    for case in report["cases"]:
+        agreement = case["agreement"]
+        assert agreement["voters"] == ["identity", "flip_xy"]
+        assert agreement["review"] == (agreement["mean_pairwise_dice"] < by_tta["rot180"])
 
 
 def test_a_calibration_record_round_trips_through_the_file(tmp_path):

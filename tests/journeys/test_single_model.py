@@ -64,3 +64,6 @@ def test_flips_the_model_was_not_trained_with_are_refused(la_seg, journey_data, 
                     expect=2)  # fmt: skip
     assert "data.augmentation.hflip true and data.augmentation.vflip true" in err.splitlines()[-1]
     assert not (tmp_path / "masks").exists()
+    _, err = la_seg("test", *TINY, "--data.root", journey_data, "--ckpt_path", "last",
+                    "--model.tta", "rot180", expect=2)  # fmt: skip
+    assert "model.tta rot180" in err.splitlines()[-1] and "hflip" in err.splitlines()[-1]
