@@ -124,28 +124,22 @@ def flipped_runs(net: LASegmenter, image: torch.Tensor) -> list[torch.Tensor]:
     return runs
 
 
-def test_tta_flips_average_the_four_flipped_runs(tiny_net, image):
+@pytest.mark.parametrize(
+    "tta, views",
+    [("flips", ["identity", "flip_x", "flip_y", "flip_xy"]), ("rot180", ["identity", "flip_xy"])],
+)
+def test_tta_averages_its_flipped_runs(tiny_net, image, tta, views):
     net = make_net(tiny_net, 0)
     ensemble = Ensemble([EnsembleMember("model", net)]).eval()
     calls = count_calls(net.backbone)
-    result = ensemble.segment_volume(image, chunk=CHUNK, tta="flips")
-    assert calls[0] == 4 * 2  # a backbone pass per flip and chunk
-    runs = torch.stack(flipped_runs(net, image))
+    result = ensemble.segment_volume(image, chunk=CHUNK, tta=tta)
+    assert calls[0] == len(views) * 2  # a backbone pass per view and chunk
+    every = dict(zip(FLIP_DIMS, flipped_runs(net, image), strict=True))
+    runs = torch.stack([every[view] for view in views])
     torch.testing.assert_close(result.prob, runs.mean(0), atol=1e-5, rtol=0)
-    # One model: its flips are the voters.
-    assert result.voter_names == list(FLIP_DIMS) and len(result.voter_masks) == 4
+    # One model: its views are the voters.
+    assert result.voter_names == views and len(result.voter_masks) == len(views)
     torch.testing.assert_close(result.uncertainty, runs.var(0, unbiased=False), atol=1e-6, rtol=0)
-
-
-def test_tta_rot180_averages_the_identity_and_the_half_turn(tiny_net, image):
-    net = make_net(tiny_net, 0)
-    ensemble = Ensemble([EnsembleMember("model", net)]).eval()
-    calls = count_calls(net.backbone)
-    result = ensemble.segment_volume(image, chunk=CHUNK, tta="rot180")
-    assert calls[0] == 2 * 2  # a backbone pass per view and chunk
-    runs = flipped_runs(net, image)
-    torch.testing.assert_close(result.prob, (runs[0] + runs[3]) / 2, atol=1e-5, rtol=0)
-    assert result.voter_names == ["identity", "flip_xy"] and len(result.voter_masks) == 2
 
 
 def test_tta_with_shared_ensemble_shares_each_flipped_pass(tiny_net, image):
