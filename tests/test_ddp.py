@@ -210,6 +210,16 @@ def test_two_rank_fit_decodes_each_training_case_on_one_rank_only(tmp_path):
     last = torch.load(log / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 2 * -(-per_rank // 4)  # batches of 4, both epochs, in step on both ranks
 
+    # every case equally often: the cases are dealt one each (3 cases: 2 and 1), the ranks still in step
+    cases = subprocess.run([sys.executable, str(script), *fit, "--data.sampling", "cases", *DDP],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert cases.returncode == 0, cases.stderr[-3000:]
+    held = [(tmp_path / f"train_{rank}.txt").read_text().splitlines()[-1].split() for rank in (0, 1)]
+    assert sorted(held[0] + held[1]) == sorted(train) and sorted(map(len, held)) == [1, 2]
+    second = log.parent / "version_1" / "checkpoints" / "last.ckpt"
+    last = torch.load(second, map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2 * -(-per_rank // 4)  # the same steps as drawing each slice once
+
     few = subprocess.run([sys.executable, str(script), *fit, "--data.split", "[0.2, 0.4, 0.4]", *DDP],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert few.returncode == 2, few.stderr[-3000:]
