@@ -77,7 +77,7 @@ class TrainShards(DistributedSampler):
     """Rank `rank`'s training sampler over its own SliceDataset: `num_samples` indices per epoch, drawn afresh
     every epoch (`set_epoch`, called by Lightning) so that every rank runs the same number of steps. Without
     `weights` each epoch is a permutation, whole permutations repeated when the shard is smaller and cut when
-    larger; with `weights` (per item, e.g. SliceIndex.draw_weights) items are drawn with replacement in
+    larger; with `weights` (per item, e.g. datasets.draw_weights) items are drawn with replacement in
     proportion to them. Being a DistributedSampler, it is kept by Lightning; one process uses it with
     num_replicas=1 for weighted draws."""
 
