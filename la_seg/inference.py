@@ -24,7 +24,7 @@ import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypedDict
+from typing import Literal, TypedDict, get_args
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,9 @@ FLIP_NEEDS: dict[str, tuple[str, ...]] = {
     "flip_y": ("hflip",),
     "flip_xy": ("hflip", "vflip"),
 }
+# Post-processing of a binary mask (model.postprocess): none, or keep the largest 3D connected component.
+Postprocess = Literal["none", "largest_component"]
+POSTPROCESSING: tuple[str, ...] = get_args(Postprocess)
 # Mean pairwise Dice below which a case is flagged for review (writer.review_below).
 REVIEW_BELOW = 0.9
 AGREEMENT_DIGITS = 4  # of the mean pairwise Dice, in agreements and reports
@@ -337,6 +340,22 @@ class Ensemble(nn.Module):
         uncertainty = None if m2 is None else (m2 / len(voter_names)).clamp_(min=0.0)
         logits = torch.cat(first_logits) if keep_logits else None
         return VolumeResult(mean, mean > threshold, uncertainty, voter_names, masks, logits)
+
+
+def postprocess_mask(mask: Tensor, postprocess: str) -> Tensor:
+    """`postprocess` (POSTPROCESSING) applied to a binary (X, Y, Z) mask; an empty mask is returned as is."""
+    if postprocess not in POSTPROCESSING:
+        raise DataError(f"postprocess must be one of {list(POSTPROCESSING)}, got {postprocess!r}")
+    if postprocess == "none" or not mask.any():
+        return mask
+    return _keep_largest_component()(mask[None]).squeeze(0).bool()
+
+
+@functools.cache
+def _keep_largest_component():
+    from monai.transforms import KeepLargestConnectedComponent  # MONAI imports slowly: only when needed
+
+    return KeepLargestConnectedComponent()
 
 
 def _flips(tta: str) -> tuple[str, ...]:

@@ -32,7 +32,17 @@ from la_seg.data.preprocess import (
     slice_grid,
 )
 from la_seg.errors import DataError
-from la_seg.inference import REVIEW_BELOW, TTA, Agreement, Ensemble, EnsembleMember, VolumeResult
+from la_seg.inference import (
+    POSTPROCESSING,
+    REVIEW_BELOW,
+    TTA,
+    Agreement,
+    Ensemble,
+    EnsembleMember,
+    Postprocess,
+    VolumeResult,
+    postprocess_mask,
+)
 from la_seg.metrics import gather_cases
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
 
@@ -110,7 +120,7 @@ class LASegModule(L.LightningModule):
         eval_batch_size: int = 32,
         threshold: float = 0.5,
         tta: TTA = "none",
-        postprocess: Literal["none", "largest_component"] = "none",
+        postprocess: Postprocess = "none",
         review_below: float = REVIEW_BELOW,
         save_backbone: bool = False,
         compile: bool = False,
@@ -139,11 +149,8 @@ class LASegModule(L.LightningModule):
             self.loss_fn = DiceCELoss(sigmoid=True)
         else:
             raise ValueError(f"model.loss must be 'bce' or 'dice_bce', got {loss!r}")
-        self.largest_component = None
-        if postprocess == "largest_component":
-            from monai.transforms import KeepLargestConnectedComponent
-
-            self.largest_component = KeepLargestConnectedComponent()
+        if postprocess not in POSTPROCESSING:
+            raise ValueError(f"model.postprocess must be one of {list(POSTPROCESSING)}, got {postprocess!r}")
         if compile:
             self.net.backbone.compile()
             self.net.decoder.compile()
@@ -244,9 +251,7 @@ class LASegModule(L.LightningModule):
 
     def postprocess(self, mask: torch.Tensor) -> torch.Tensor:
         """The configured post-processing of a binary (X, Y, Z) mask."""
-        if self.largest_component is not None and mask.any():
-            return self.largest_component(mask[None]).squeeze(0).bool()
-        return mask
+        return postprocess_mask(mask, self.hparams.postprocess)
 
     def segment_volume(
         self, image: torch.Tensor, spacing: tuple[float, float, float] | None = None

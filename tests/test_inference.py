@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from la_seg.data.preprocess import restore_geometry, slices_to_input
 from la_seg.errors import DataError
-from la_seg.inference import FLIP_DIMS, Ensemble, EnsembleMember, case_agreement
+from la_seg.inference import FLIP_DIMS, Ensemble, EnsembleMember, case_agreement, postprocess_mask
 from la_seg.metrics import volume_ml
 from la_seg.models.segmenter import LASegmenter
 from la_seg.module import LASegModule
@@ -247,3 +247,16 @@ def test_ensemble_benchmark_quick(tmp_path):
     assert not flops["target"]["applicable"]  # the target is about giant at 448 px
     assert timing["one_model_s_per_volume"] > 0 and timing["ensemble_s_per_volume"] > 0
     assert timing["volume_shape"] == [64, 64, 8] and timing["chunk"] == 4
+
+
+def test_postprocess_mask_keeps_the_largest_component_and_names_a_bad_choice():
+    mask = torch.zeros(8, 8, 4, dtype=torch.bool)
+    mask[1:4, 1:4, :2] = True  # 18 voxels
+    mask[6:8, 6:8, 3] = True  # an island of 4
+    assert torch.equal(postprocess_mask(mask, "none"), mask)
+    kept = postprocess_mask(mask, "largest_component")
+    assert kept.sum() == 18 and not kept[6:8, 6:8, 3].any()
+    empty = torch.zeros_like(mask)
+    assert torch.equal(postprocess_mask(empty, "largest_component"), empty)
+    with pytest.raises(DataError, match="postprocess must be one of"):
+        postprocess_mask(mask, "opening")

@@ -35,10 +35,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from la_seg.checkpoints import load_checkpoint, write_calibration
 from la_seg.data.datasets import VolumeDataset
 from la_seg.errors import DataError
-from la_seg.inference import case_agreement, check_tta_trained
+from la_seg.inference import POSTPROCESSING, case_agreement, check_tta_trained, postprocess_mask
 from la_seg.metrics import overlap_3d, surface_distances
 
-POSTPROCESSING = ("none", "largest_component")
 # The test-time augmentations with several voters, each calibrated a review threshold of its own.
 REVIEW_TTA = ("flips", "rot180")
 
@@ -108,9 +107,6 @@ class InferenceCalibration(L.Callback):
         pl_module.load_state_dict(checkpoint["state_dict"])
         pl_module.eval()
         dataset = VolumeDataset(datamodule.cases("val"), cache="none", slice_axis=datamodule.slice_axis)
-        from monai.transforms import KeepLargestConnectedComponent
-
-        largest = KeepLargestConnectedComponent()
         configured = float(pl_module.hparams.threshold)
         thresholds = sorted({*self.thresholds, configured})
         combos = list(itertools.product(thresholds, POSTPROCESSING))
@@ -123,9 +119,7 @@ class InferenceCalibration(L.Callback):
             spacing = item["geometry"].slices_last_spacing
             prob = ensemble.segment_volume(image, 0.5, chunk, tta, spacing).prob
             for threshold, post in combos:
-                mask = prob > threshold
-                if post == "largest_component" and mask.any():
-                    mask = largest(mask[None]).squeeze(0).bool()
+                mask = postprocess_mask(prob > threshold, post)
                 dice = overlap_3d(mask, label)[0]
                 hd95 = surface_distances(mask, label, spacing)[0]  # NaN for an empty mask: left out
                 scores[(threshold, post)].append((dice, hd95))
