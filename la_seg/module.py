@@ -83,7 +83,10 @@ class LASegModule(L.LightningModule):
             `data.in_plane` and `data.target_spacing`.
         intensity_headroom: how the volumes were normalised (la_seg.data.preprocess.normalize_intensity),
             linked to `data.intensity_headroom`: recorded so that test and predict normalise as training did.
-        loss: `bce` (the paper) or `dice_bce` (MONAI DiceCELoss with sigmoid).
+        loss: `bce` (the paper), `dice_bce` (MONAI DiceCELoss with sigmoid, Dice per slice) or
+            `batch_dice_bce` (Dice over the batch's slices as one, as nnU-Net's batch Dice: a per-slice Dice
+            weighs a small section of the atrium as much as a large one, which pushes uncertain boundary
+            voxels of small sections into the mask).
         optimizer: `adam` (the paper) or `adamw`.
         lr: learning rate (paper: 1e-3).
         weight_decay: weight decay of the optimiser.
@@ -111,7 +114,7 @@ class LASegModule(L.LightningModule):
         in_plane: InPlane = "stretch",
         target_spacing: float = 1.0,
         intensity_headroom: float = INTENSITY_HEADROOM,
-        loss: Literal["bce", "dice_bce"] = "bce",
+        loss: Literal["bce", "dice_bce", "batch_dice_bce"] = "bce",
         optimizer: Literal["adam", "adamw"] = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -143,12 +146,12 @@ class LASegModule(L.LightningModule):
         # MONAI is imported only where used: `la-seg predict --help` should not pay for it.
         if loss == "bce":
             self.loss_fn: nn.Module = nn.BCEWithLogitsLoss()
-        elif loss == "dice_bce":
+        elif loss in ("dice_bce", "batch_dice_bce"):
             from monai.losses import DiceCELoss
 
-            self.loss_fn = DiceCELoss(sigmoid=True)
+            self.loss_fn = DiceCELoss(sigmoid=True, batch=loss == "batch_dice_bce")
         else:
-            raise ValueError(f"model.loss must be 'bce' or 'dice_bce', got {loss!r}")
+            raise ValueError(f"model.loss must be 'bce', 'dice_bce' or 'batch_dice_bce', got {loss!r}")
         if postprocess not in POSTPROCESSING:
             raise ValueError(f"model.postprocess must be one of {list(POSTPROCESSING)}, got {postprocess!r}")
         if compile:
@@ -271,11 +274,13 @@ class LASegModule(L.LightningModule):
     def eval_loss(
         self, logits: torch.Tensor, label: torch.Tensor, spacing: tuple[float, float, float] | None = None
     ) -> torch.Tensor:
-        """The training loss on a volume's slices: per chunk, weighted by slices, in fp32 outside autocast.
+        """The training loss on a volume's slices, in fp32 outside autocast: per chunk, weighted by slices
+        (a batch Dice: over all the volume's slices at once, a 3D Dice).
 
         Autocast refuses some losses (BCE on probabilities) and would run others in low precision.
         """
-        depth, chunk = logits.shape[0], self.eval_chunk(logits.device)
+        depth = logits.shape[0]
+        chunk = depth if self.hparams.get("loss") == "batch_dice_bce" else self.eval_chunk(logits.device)
         size = self.net_config.img_size
         in_plane = self.hparams.get("in_plane", "stretch")
         grid = slice_grid(label.shape[:2], size, in_plane, spacing, self.target_spacing())

@@ -177,7 +177,7 @@ def reference_mask(module: LASegModule, logits: torch.Tensor, shape: tuple) -> t
     return KeepLargestConnectedComponent()(mask[None]).squeeze(0).bool() if mask.any() else mask
 
 
-@pytest.mark.parametrize("loss", ["bce", "dice_bce"])
+@pytest.mark.parametrize("loss", ["bce", "dice_bce", "batch_dice_bce"])
 def test_eval_loss_is_the_training_loss_on_the_model_slices(tiny_net, synth_root, loss):
     module = LASegModule(net=tiny_net, loss=loss, eval_batch_size=2).eval()  # 5 slices: chunks 2, 2, 1
     batch = volume_batch(synth_root)
@@ -185,6 +185,32 @@ def test_eval_loss_is_the_training_loss_on_the_model_slices(tiny_net, synth_root
     target = labels_to_input(batch["label"], tiny_net.img_size)
     expected = module.loss_fn(logits[:, None], target)
     torch.testing.assert_close(module.eval_loss(logits, batch["label"]), expected)
+
+
+def test_batch_dice_counts_the_batch_as_one_region(tiny_net):
+    """batch_dice_bce: one Dice over all the batch's voxels (nnU-Net's batch Dice), plus BCE; dice_bce
+    averages one Dice per slice, so a small section weighs as much as a large one."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 8, 8)
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, :, :6, :6] = 1  # a large section
+    target[1, :, 3:4, 3:5] = 1  # a small one
+    prob = torch.sigmoid(logits)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+
+    def dice(p, t):
+        return 1 - (2 * (p * t).sum() + 1e-5) / (p.sum() + t.sum() + 1e-5)
+
+    batch = LASegModule(net=tiny_net, loss="batch_dice_bce").loss_fn(logits, target)
+    per_slice = LASegModule(net=tiny_net, loss="dice_bce").loss_fn(logits, target)
+    torch.testing.assert_close(batch, dice(prob, target) + bce)
+    torch.testing.assert_close(per_slice, (dice(prob[0], target[0]) + dice(prob[1], target[1])) / 2 + bce)
+    assert not torch.isclose(batch, per_slice)
+
+
+def test_unknown_loss_is_one_line_naming_the_choices(tiny_net):
+    with pytest.raises(ValueError, match="model.loss must be 'bce', 'dice_bce' or 'batch_dice_bce'"):
+        LASegModule(net=tiny_net, loss="dice")
 
 
 @pytest.mark.parametrize("tta", ["none", "flips"])
