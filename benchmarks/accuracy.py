@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=8, help="training cases per geometry")
     parser.add_argument("--val", type=int, default=2, help="validation cases per geometry")
-    parser.add_argument("--heldout", type=int, default=7, help="held-out test cases per geometry (seed 1)")
+    parser.add_argument("--heldout", type=int, default=20, help="held-out test cases per geometry (seed 1)")
     parser.add_argument("--config", default="demo.yaml", help="la-seg config (the recipe)")
     parser.add_argument("--name", default="accuracy", help="run name (logger name under work-dir/runs)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/la-seg-accuracy"))

@@ -7,11 +7,11 @@ validation cases may have none: on the accuracy benchmark a tie went to `none` b
 islands raised mean HD95 from ~3 to ~10 mm). Then the threshold, on a small grid with that post-processing:
 among those whose mean validation Dice is within `dice_margin` of the best, the one that puts the most
 validation cases' LA volume within +-`volume_tolerance` % of the reference (the volume is what a clinician
-reads; Dice hardly moves between neighbouring thresholds); on a tie the configured one (`model.threshold`),
-else the higher Dice. (A handful of validation cases is a noisy judge of Dice: on the accuracy benchmark the
-best-Dice threshold, 0.3, gained 0.007 on validation and over-segmented held-out cases by 7-12 % of their LA
-volume; a batch-Dice model under-segmented every validation case by 3-7 % at 0.5, and 0.4 put 6 of 6 within
-+-5 % and 82 % of the held-out cases against 63-67 %.)
+reads; Dice hardly moves between neighbouring thresholds), on a tie the higher Dice. (A handful of validation
+cases is a noisy judge of Dice: on the accuracy benchmark the best-Dice threshold, 0.3, gained 0.007 on
+validation and over-segmented held-out cases by 7-12 % of their LA volume; batch-Dice models under-segmented
+every validation case by 3-7 % at 0.5, and 0.4 put 6 of 6 within +-5 % and 82 % of the held-out cases
+against 63-67 %.)
 
 The review threshold, for a model trained with flips (data.augmentation.hflip and vflip), is set to the
 `review_quantile` quantile of the validation cases' agreement (mean pairwise Dice of the test-time flips),
@@ -169,8 +169,7 @@ class InferenceCalibration(L.Callback):
                 "tta": tta,
                 "rule": "post-processing: higher mean Dice at the configured threshold, within tie_dice "
                 "largest_component; threshold: of those within dice_margin of the best mean Dice, the most "
-                "validation cases with LA volume within +-volume_tolerance %, on a tie the configured one, "
-                "else the higher Dice",
+                "validation cases with LA volume within +-volume_tolerance %, on a tie the higher Dice",
                 "configured_threshold": configured,
                 "tie_dice": self.tie_dice,
                 "dice_margin": self.dice_margin,
@@ -195,8 +194,8 @@ def choose(
 ) -> tuple[float, str]:
     """(threshold, post-processing) from a score table {"<threshold>/<post>": {"dice", "volume_error_pct"}}:
     the post-processing at the configured threshold (Dice, near-ties to largest_component), then the threshold
-    (within dice_margin of the best Dice: the most cases within +-volume_tolerance % of their LA volume; on a
-    tie the configured threshold, else the higher Dice)."""
+    (within dice_margin of the best Dice: the most cases within +-volume_tolerance % of their LA volume, on a
+    tie the higher Dice)."""
 
     def entry(threshold: float, post: str) -> dict:
         return table[f"{threshold}/{post}"]
@@ -213,7 +212,7 @@ def choose(
         errors = entry(threshold, post)["volume_error_pct"]
         return sum(e is not None and abs(e) <= volume_tolerance for e in errors)
 
-    return max(eligible, key=lambda t: (within(t), t == configured, entry(t, post)["dice"])), post
+    return max(eligible, key=lambda t: (within(t), entry(t, post)["dice"])), post
 
 
 def trained_for_flips(datamodule) -> bool:
