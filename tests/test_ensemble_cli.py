@@ -37,6 +37,11 @@ def in_folds(folds, monkeypatch):
     return folds
 
 
+def reports(run: Path) -> set[Path]:
+    """The test reports in a run folder (the fold runs are shared by this module's tests, in any order)."""
+    return set(run.glob("test_*.json"))
+
+
 def best(fold: int) -> str:
     return f"runs/demo/fold_{fold}/version_0/checkpoints/best.ckpt"
 
@@ -82,10 +87,13 @@ def test_predict_with_a_folder_of_fold_runs_writes_uncertainty_and_agreement(in_
 
 @pytest.mark.slow
 def test_test_with_a_list_of_checkpoints_names_every_member(in_folds, synth_root):
+    fold_run = in_folds / "runs" / "demo" / "fold_0" / "version_0"
+    report_dir = in_folds / "runs" / "demo" / "ensemble"  # neither fold's run, nor a new version_*
+    before, before_ensemble = reports(fold_run), reports(report_dir)  # other tests may have tested fold 0
     main(["test", *TINY, "--data.root", str(synth_root), "--data.folds", "2",
           "--ckpt_path", f"[{best(0)}, {best(1)}]"])  # fmt: skip
-    report_dir = in_folds / "runs" / "demo" / "ensemble"  # neither fold's run, nor a new version_*
-    report = json.loads((report_dir / "test_heldout.json").read_text())
+    (written,) = reports(report_dir) - before_ensemble
+    report = json.loads(written.read_text())
     ensemble = report["header"]["ensemble"]
     assert ensemble["members"] == [best(0), best(1)] and ensemble["tta"] == "none"
     assert len(ensemble["passes"]) == 2  # trained backbones (demo: trainable_blocks -1) are not shared
@@ -93,17 +101,18 @@ def test_test_with_a_list_of_checkpoints_names_every_member(in_folds, synth_root
     for case in report["cases"]:
         assert case["agreement"]["voters"] == [best(0), best(1)]
         assert 0 <= case["agreement"]["mean_pairwise_dice"] <= 1
-    assert (report_dir / "test_heldout.csv").read_text().startswith("case_id,")
-    assert not (in_folds / "runs" / "demo" / "fold_0" / "version_0" / "test_heldout.json").exists()
+    assert written.with_suffix(".csv").read_text().startswith("case_id,")
+    assert reports(fold_run) == before  # nothing written into a member's run
 
 
 @pytest.mark.slow
 def test_flips_on_one_checkpoint_for_test_and_predict(in_folds, synth_root):
+    fold_run = in_folds / "runs" / "demo" / "fold_0" / "version_0"
+    before = reports(fold_run)
     main(["test", *TINY, "--data.root", str(synth_root), "--data.folds", "2", "--ckpt_path", best(0),
           "--model.tta", "flips"])  # fmt: skip
-    report = json.loads(
-        (in_folds / "runs" / "demo" / "fold_0" / "version_0" / "test_heldout.json").read_text()
-    )
+    (written,) = reports(fold_run) - before  # test_heldout.json, or -2, ... after other tests of fold 0
+    report = json.loads(written.read_text())
     assert report["header"]["inference"]["tta"] == "flips"
     assert report["header"]["ensemble"]["members"] == [best(0)]
     assert all(
