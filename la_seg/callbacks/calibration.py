@@ -129,11 +129,11 @@ class InferenceCalibration(L.Callback):
             image, label = item["image"].to(device), item["label"].to(device).bool()
             spacing = item["geometry"].slices_last_spacing
             prob = ensemble.segment_volume(image, 0.5, chunk, tta, spacing).prob
+            reference = float(label.sum())  # LA voxels: the volume error is a ratio of counts
             for threshold, post in combos:
                 mask = postprocess_mask(prob > threshold, post)
                 dice = overlap_3d(mask, label)[0]
                 hd95 = surface_distances(mask, label, spacing)[0]  # NaN for an empty mask: left out
-                reference = float(label.sum())
                 volume_error = 100.0 * (float(mask.sum()) / reference - 1.0) if reference else None
                 scores[(threshold, post)].append((dice, hd95, volume_error))
             volumes.append((item["image"], spacing))

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-from importlib.resources import files
 
 import pytest
 import torch
 import yaml
 
+from la_seg.cli import CONFIG_DIR
 from la_seg.data.synthetic import write_dataset
 from tests.journeys.conftest import TINY
 
@@ -26,7 +26,7 @@ def test_fit_test_other_data_predict_and_evaluate(la_seg, journey_data, tmp_path
         "best val/dice" in out and "runs/demo/version_0/checkpoints/best.ckpt" in out and "la-seg test" in out
     )
     split = json.loads((run / "split.json").read_text())
-    shipped = yaml.safe_load((files("la_seg") / "configs" / "demo.yaml").read_text())["model"]["loss"]
+    shipped = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())["model"]["loss"]
     hparams = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["hyper_parameters"]
     assert hparams["loss"] == shipped == "batch_dice_bce"  # the demo's loss trained this model
 
