@@ -15,7 +15,10 @@ voters give them). With `--folds K`, K models instead, one per fold of a K-fold
 cross-validation of the training and validation cases, tested as the folder ensemble (`--ckpt_path` the
 run folder; review flags from the members' agreement) and each alone. Reports per geometry Dice, HD95 and
 the signed LA-volume error per case (mean, sd, worst, how many beyond +-5 %), whether the issue's bar is met,
-and how many of the cases flagged for review are among the worst.
+and how many of the cases flagged for review are among the worst. Then `la-seg predict`s the held-out set and
+splits the masks' errors by how much of each voxel is LA (the phantoms' partial volume): how many voxels each
+grid leaves partly LA, how often the model is wrong on them, and the Dice a geometry would have at the best
+geometry's error rates: whether a geometry's gap is its grid's or the model's.
 
     python benchmarks/accuracy.py --name stretch --json benchmarks/results/accuracy_14ep_stretch.json \\
         -- --data.in_plane stretch --trainer.max_epochs 14   # ~15 min on a quiet core, 35 min on a busy one
@@ -38,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy.stats import spearmanr
 
@@ -49,7 +53,7 @@ from la_seg.checkpoints import (
     training_augmentation,
 )
 from la_seg.cli import main as la_seg
-from la_seg.data.synthetic import write_dataset
+from la_seg.data.synthetic import case_la_fraction, write_dataset
 from la_seg.errors import DataError
 from la_seg.inference import check_tta_trained
 
@@ -234,6 +238,71 @@ def score(report: dict) -> dict:
     }
 
 
+SHARE_BANDS = (0.0, 0.25, 0.5, 0.75, 1.0)  # voxels partly LA, by the LA share of the voxel
+
+
+def predict(work: Path, args: argparse.Namespace, ckpt: Path) -> Path:
+    """`la-seg predict` of the held-out folder (the settings `test` used) into a new folder of the run."""
+    masks = run_folder(ckpt) / f"heldout_masks_{time.strftime('%Y%m%d-%H%M%S')}"
+    progress(f"la-seg predict {ckpt} into {masks}")
+    data = ["--data.predict_root", str(work / "heldout"), "--writer.output_dir", str(masks)]
+    la_seg(["predict", "--config", args.config, *QUIET, *data, *args.options, "--ckpt_path", str(ckpt)])
+    return masks
+
+
+def share_figures(masks: Path, args: argparse.Namespace) -> dict:
+    """Is a geometry's Dice gap its grid's or the model's? Per geometry: how many voxels the LA's boundary
+    leaves partly LA (per LA voxel), the model's error rate on them by LA share (SHARE_BANDS) and its errors
+    on whole voxels (% of the LA volume), and the Dice it would have if its partly-LA voxels were as often
+    wrong, band by band, as on the geometry with the best Dice (its whole-voxel errors kept). The held-out
+    phantoms' shares are regenerated from their seed (seconds per case)."""
+    counts: dict[str, np.ndarray] = {}  # per case: LA voxels, whole FP, whole FN, then (n, wrong) per band
+    for prefix, (shape, spacing) in GEOMETRIES.items():
+        progress(f"LA share of every voxel of the {args.heldout} held-out phantoms of geometry {prefix}")
+        rows = []
+        for i in range(1, args.heldout + 1):
+            share = case_la_fraction(1, i, shape, spacing, ANATOMY_FOV_MM)
+            called = np.asanyarray(nib.load(masks / f"{prefix}_{i}.nii.gz").dataobj) > 0
+            wrong = called != (share >= 0.5)
+            band = np.digitize(share, SHARE_BANDS[1:-1])
+            partly = (share > 0) & (share < 1)
+            row = [(share >= 0.5).sum(), (called & (share == 0)).sum(), (~called & (share == 1)).sum()]
+            for b in range(len(SHARE_BANDS) - 1):
+                in_band = partly & (band == b)
+                row += [in_band.sum(), (wrong & in_band).sum()]
+            rows.append(row)
+        counts[prefix] = np.array(rows, dtype=float)
+    rates = {g: c[:, 4::2].sum(0) / np.maximum(c[:, 3::2].sum(0), 1) for g, c in counts.items()}
+
+    def dice(c: np.ndarray, band_errors: np.ndarray) -> float:
+        """Mean Dice of cases with these counts and these errors on their partly-LA voxels, per band."""
+        below = [b for b in range(len(SHARE_BANDS) - 1) if SHARE_BANDS[b + 1] <= 0.5]  # wrong: called LA
+        fp = c[:, 1] + band_errors[:, below].sum(1)
+        fn = c[:, 2] + band_errors.sum(1) - band_errors[:, below].sum(1)
+        return float(np.mean(2 * (c[:, 0] - fn) / (2 * c[:, 0] - fn + fp)))
+
+    measured = {g: dice(c, c[:, 4::2]) for g, c in counts.items()}
+    best = max(measured, key=measured.get)
+    bands = [f"[{lo}, {hi})" for lo, hi in zip(SHARE_BANDS[:-1], SHARE_BANDS[1:], strict=True)]
+    return {
+        "masks": str(masks),
+        "best": best,
+        "per_geometry": {
+            g: {
+                "partly_la_voxels_per_la_voxel": float(np.mean(c[:, 3::2].sum(1) / c[:, 0])),
+                "error_rate_by_la_share": dict(zip(bands, rates[g].tolist(), strict=True)),
+                "errors_pct_of_la": {
+                    "partly_la_voxels": float(100 * np.mean(c[:, 4::2].sum(1) / c[:, 0])),
+                    "whole_voxels": float(100 * np.mean((c[:, 1] + c[:, 2]) / c[:, 0])),
+                },
+                "dice": measured[g],
+                "dice_at_best_rates": dice(c, c[:, 3::2] * rates[best]),
+            }
+            for g, c in counts.items()
+        },
+    }
+
+
 def member_figures(scored: dict) -> dict:
     """What a member of an ensemble scores alone: per geometry, overall and the bar (no per-case rows)."""
     return {key: scored[key] for key in ("per_geometry", "overall", "done_when")}
@@ -304,6 +373,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "question": "does every scanner geometry reach the same Dice and LA volume (issue 19)?",
         **plain,
+        "partial_volume": share_figures(predict(work, args, ckpt), args),
         "review": review,
         "checkpoint": str(ckpt),
         "members_alone": alone,
@@ -329,24 +399,31 @@ def table(paths: list[str]) -> str:
     """A markdown table of result files side by side: per geometry Dice, HD95, volume error, beyond +-5 %."""
     lines = [
         "| run | geometry | Dice mean (min) | HD95 mm mean (max) | volume error % mean +- sd (worst) "
-        "| beyond 5 % |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| beyond 5 % | partly-LA voxels per LA voxel | Dice at the best geometry's partly-LA error rates |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for path in paths:
         result = json.loads(Path(path).read_text())
         name = Path(path).stem
+        shares = result.get("partial_volume", {}).get("per_geometry", {})  # before round 9: none
         for g, s in result["per_geometry"].items():
+            share = shares.get(g)
+            share_columns = (
+                f"{share['partly_la_voxels_per_la_voxel']:.2f} | {share['dice_at_best_rates']:.3f}"
+                if share
+                else "- | -"
+            )
             lines.append(
                 f"| {name} | {g} | {s['dice_mean']:.3f} ({s['dice_min']:.3f}) | {s['hd95_mm_mean']:.1f} "
                 f"({s['hd95_mm_max']:.1f}) | {s['volume_error_pct_mean']:+.1f} +- "
                 f"{s['volume_error_pct_sd']:.1f} ({s['volume_error_pct_worst']:+.1f}) | "
-                f"{s['beyond_5pct']}/{s['n']} |"
+                f"{s['beyond_5pct']}/{s['n']} | {share_columns} |"
             )
         done = result["done_when"]
         lines.append(
             f"| {name} | all | {result['overall']['dice_mean']:.3f} | | within 5 %: "
             f"{100 * done['fraction_within_5pct']:.0f} % | Dice bar met: "
-            f"{done['every_geometry_dice_within_0.01_of_best']} |"
+            f"{done['every_geometry_dice_within_0.01_of_best']} | | |"
         )
     return "\n".join(lines)
 
@@ -364,6 +441,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{g}: Dice {s['dice_mean']:.3f} (min {s['dice_min']:.3f}), HD95 {s['hd95_mm_mean']:.1f} mm, "
             f"volume error {s['volume_error_pct_mean']:+.1f} +- {s['volume_error_pct_sd']:.1f} % "
             f"(worst {s['volume_error_pct_worst']:+.1f} %), beyond 5 %: {s['beyond_5pct']}/{s['n']}"
+        )
+    shares = result["partial_volume"]
+    for g, s in shares["per_geometry"].items():
+        rates = ", ".join(f"{band} {rate:.2f}" for band, rate in s["error_rate_by_la_share"].items())
+        progress(
+            f"{g}: {s['partly_la_voxels_per_la_voxel']:.2f} partly-LA voxels per LA voxel, wrong by LA share "
+            f"{rates}; Dice at {shares['best']}'s rates {s['dice_at_best_rates']:.3f}"
         )
     progress(f"done when: {result['done_when']}; written to {args.json}")
 

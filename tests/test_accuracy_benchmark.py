@@ -1,9 +1,14 @@
 """benchmarks/accuracy.py's figures from a test report: per geometry, the issue's bar, the review flags."""
 
+import argparse
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
+
+from la_seg.data.synthetic import case_la_fraction
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +54,34 @@ def test_review_flags_are_scored_against_the_worst_cases(accuracy):
     assert review["review_below"] == 0.9
 
 
+def test_partial_volume_figures_split_errors_by_la_share(accuracy, tmp_path):
+    """Masks that call LA every voxel at least 0.3 (case 2: 0.4) LA: only voxels of LA share [0.25, 0.5) are
+    wrong, so that band's error rate is their share of it, the others' 0, and the Dice is the masks'."""
+    dice, band_voxels, band_wrong = {}, {}, {}
+    for prefix, (shape, spacing) in accuracy.GEOMETRIES.items():
+        scores = []
+        for case in (1, 2):  # case 2 over-segmented less: the Dice is per case, the rates over both
+            share = case_la_fraction(1, case, shape, spacing, accuracy.ANATOMY_FOV_MM)
+            called, reference = share >= (0.3 if case == 1 else 0.4), share >= 0.5
+            mask = nib.Nifti1Image(called.astype(np.uint8), np.eye(4))
+            nib.save(mask, tmp_path / f"{prefix}_{case}.nii.gz")
+            scores.append(2 * (called & reference).sum() / (called.sum() + reference.sum()))
+            band = (share >= 0.25) & (share < 0.5)
+            band_voxels[prefix] = band_voxels.get(prefix, 0) + band.sum()
+            band_wrong[prefix] = band_wrong.get(prefix, 0) + (band & called).sum()
+        dice[prefix], dice[prefix, "rate"] = np.mean(scores), band_wrong[prefix] / band_voxels[prefix]
+    figures = accuracy.share_figures(tmp_path, argparse.Namespace(heldout=2))
+    assert figures["best"] == max("ABC", key=lambda g: dice[g])
+    for g, f in figures["per_geometry"].items():
+        rates = f["error_rate_by_la_share"]
+        assert rates["[0.25, 0.5)"] == pytest.approx(dice[g, "rate"]) and rates["[0.25, 0.5)"] > 0
+        assert rates["[0.0, 0.25)"] == rates["[0.5, 0.75)"] == rates["[0.75, 1.0)"] == 0.0
+        assert f["errors_pct_of_la"]["whole_voxels"] == 0.0
+        assert f["dice"] == pytest.approx(dice[g])
+    c = figures["per_geometry"]["C"]  # 4 mm slices leave the most voxels partly LA
+    assert c["partly_la_voxels_per_la_voxel"] > figures["per_geometry"]["B"]["partly_la_voxels_per_la_voxel"]
+
+
 @pytest.mark.slow
 def test_quick_run_scores_the_reports_its_own_test_commands_wrote(accuracy, tmp_path):
     """The whole benchmark on tiny data: fit, `test` as configured, `test` with flips (two reports in one run
@@ -61,6 +94,9 @@ def test_quick_run_scores_the_reports_its_own_test_commands_wrote(accuracy, tmp_
     assert [c["case_id"] for c in result["cases"]] == ["A_1", "B_1", "C_1"]
     assert all(0.0 <= c["dice"] <= 1.0 and c["volume_ref_ml"] > 0 for c in result["cases"])
     assert result["review"]["review_below"] is not None and "flagged" in result["review"]
+    shares = result["partial_volume"]["per_geometry"]  # scored on the masks `la-seg predict` wrote
+    for g, s in result["per_geometry"].items():  # the same masks as `test` scored
+        assert shares[g]["dice"] == pytest.approx(s["dice_mean"], abs=1e-6)
     run = Path(result["checkpoint"]).parent.parent
     assert sorted(p.name for p in run.glob("test_*.json")) == ["test_heldout-2.json", "test_heldout.json"]
 

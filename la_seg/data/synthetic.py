@@ -50,6 +50,36 @@ def synthesize_case(
     view of this many mm whatever the grid covers (hearts do not grow with the scanner's field of view);
     None scales it to the grid's smallest extent.
     """
+    image, fraction = _synthesize(rng, shape, spacing, partial_volume, anatomy_fov_mm)
+    return image, (fraction >= 0.5).astype(np.uint16) * LA_LABEL
+
+
+def case_la_fraction(
+    seed: int,
+    index: int,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    anatomy_fov_mm: float | None = None,
+) -> np.ndarray:
+    """How much of each voxel is LA (float32, 0..1) in case `index` that write_dataset(seed, ...,
+    partial_volume=True) writes; its label is where this is at least 0.5. Lets a benchmark ask how many
+    voxels a grid leaves partly LA."""
+    return _synthesize(_case_rng(seed, index), shape, spacing, True, anatomy_fov_mm)[1]
+
+
+def _case_rng(seed: int, index: int) -> np.random.Generator:
+    """Case `index` of a data set depends only on (seed, index): a larger data set extends a smaller one."""
+    return np.random.default_rng([seed, index])
+
+
+def _synthesize(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    partial_volume: bool,
+    anatomy_fov_mm: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """synthesize_case's image and the LA share of each voxel (0 or 1 without partial volume)."""
     shape, spacing = _check_grid(shape, spacing)
     fov = np.array(shape) * np.array(spacing)
     reference_fov = float(fov.min()) if anatomy_fov_mm is None else float(anatomy_fov_mm)
@@ -84,9 +114,10 @@ def synthesize_case(
     field = _smooth_field(rng, frame, wavelength=(8.0, 20.0), voxels=np.nonzero(wall))
     enhanced[wall] = field > rng.uniform(0.1, 0.4)
     image[enhanced] = _ENHANCED * _jitter(rng, 0.9, 1.1)
+    fraction = la.astype(np.float32)
     if partial_volume:
         image = _block_mean(image, factor)
-        la = _block_mean(la.astype(np.float32), factor) >= 0.5
+        fraction = _block_mean(fraction, factor)
         frame = _Frame(shape, spacing, rotation, shift, scale)
 
     image = gaussian_filter(image, sigma=(0.7, 0.7, 0.3), mode="nearest")
@@ -95,7 +126,7 @@ def synthesize_case(
     real = image + noise * rng.standard_normal(shape, dtype=np.float32)
     image = np.hypot(real, noise * rng.standard_normal(shape, dtype=np.float32))  # Rician magnitude
     image = np.clip(np.rint(image * _SIGNAL_SCALE * _jitter(rng, 0.8, 1.2)), 0, np.iinfo(np.int16).max)
-    return image.astype(np.int16), la.astype(np.uint16) * LA_LABEL
+    return image.astype(np.int16), fraction
 
 
 def write_dataset(
@@ -110,9 +141,9 @@ def write_dataset(
 ) -> list[Path]:
     """Write `cases` phantoms as out/train_1..train_N/{enhanced,atriumSegImgMO}.nii.gz and return the folders.
 
-    Case i depends only on (seed, i), so a larger data set extends a smaller one. Existing non-empty case
-    folders are refused rather than overwritten. `partial_volume` and `anatomy_fov_mm`: see synthesize_case;
-    `prefix` names the case folders (`<prefix><i>`).
+    Case i depends only on (seed, i) (`_case_rng`), so a larger data set extends a smaller one. Existing
+    non-empty case folders are refused rather than overwritten. `partial_volume` and `anatomy_fov_mm`: see
+    synthesize_case; `prefix` names the case folders (`<prefix><i>`).
     """
     out = Path(out)
     if cases < 1:
@@ -127,8 +158,7 @@ def write_dataset(
     affine[:3, :3] = np.diag(spacing)
     affine[:3, 3] = origin
     for i, folder in enumerate(folders, start=1):
-        rng = np.random.default_rng([seed, i])
-        image, label = synthesize_case(rng, shape, spacing, partial_volume, anatomy_fov_mm)
+        image, label = synthesize_case(_case_rng(seed, i), shape, spacing, partial_volume, anatomy_fov_mm)
         for name, data in (("enhanced.nii.gz", image), ("atriumSegImgMO.nii.gz", label)):
             write_nifti(folder / name, data, Geometry(shape, affine, spacing, folder / name))  # no input
     return folders

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from la_seg.data import DataError, find_cases, read_case, synthetic, write_dataset
-from la_seg.data.synthetic import synthesize_case
+from la_seg.data.synthetic import case_la_fraction, synthesize_case
 
 SMALL = (64, 64, 16)
 
@@ -132,6 +132,18 @@ def test_partial_volume_labels_follow_the_half_voxel_rule():
     )  # same LA, boundary voxels differ
     assert (la != la_centre).sum() < 0.4 * la_centre.sum()
     assert not np.array_equal(image, sampled_image)
+
+
+def test_la_fraction_is_the_share_behind_the_written_label(tmp_path):
+    """case_la_fraction gives, for the case write_dataset wrote, each voxel's LA share: the label on disk is
+    where it is at least half, and a thick-slice grid leaves voxels partly LA."""
+    grid = dict(shape=(40, 36, 10), spacing=(2.5, 2.5, 8.0))
+    (folder,) = write_dataset(tmp_path, cases=2, seed=4, **grid, partial_volume=True)[1:]
+    share = case_la_fraction(4, 2, **grid)
+    label = np.asanyarray(nib.load(folder / "atriumSegImgMO.nii.gz").dataobj)
+    np.testing.assert_array_equal(share >= 0.5, label > 0)
+    assert share.dtype == np.float32 and 0.0 <= share.min() and share.max() == 1.0
+    assert ((share > 0) & (share < 1)).sum() > 0.2 * (label > 0).sum()
 
 
 def test_anatomy_in_mm_keeps_the_heart_size_across_geometries():
