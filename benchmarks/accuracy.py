@@ -187,6 +187,15 @@ def volume_error(case: dict) -> float:
     return 100.0 * (case["volume_pred_ml"] - case["volume_ref_ml"]) / case["volume_ref_ml"]
 
 
+def sample_sd(values: np.ndarray) -> float:
+    """Standard deviation over cases (ddof 1); 0 for one case."""
+    return float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def mean_sd(values: np.ndarray) -> dict:
+    return {"mean": float(values.mean()), "sd": sample_sd(values)}
+
+
 def summarise(cases: list[dict]) -> dict:
     dice = np.array([c["dice"] for c in cases])
     hd95 = np.array([c["hd95_mm"] for c in cases if c.get("hd95_mm") is not None], dtype=float)
@@ -195,12 +204,12 @@ def summarise(cases: list[dict]) -> dict:
     return {
         "n": len(cases),
         "dice_mean": float(dice.mean()),
-        "dice_sd": float(dice.std(ddof=1)) if len(dice) > 1 else 0.0,
+        "dice_sd": sample_sd(dice),
         "dice_min": float(dice.min()),
         "hd95_mm_mean": float(hd95.mean()) if hd95.size else None,
         "hd95_mm_max": float(hd95.max()) if hd95.size else None,
         "volume_error_pct_mean": float(errors.mean()),
-        "volume_error_pct_sd": float(errors.std(ddof=1)) if len(errors) > 1 else 0.0,
+        "volume_error_pct_sd": sample_sd(errors),
         "volume_error_pct_worst": float(errors[worst]),
         "volume_error_worst_case": cases[worst]["case_id"],
         "beyond_5pct": int((np.abs(errors) > VOLUME_TOLERANCE).sum()),
@@ -254,12 +263,16 @@ def share_figures(masks: Path, args: argparse.Namespace) -> dict:
     """Is a geometry's Dice gap its grid's or the model's? Per geometry: how many voxels the LA's boundary
     leaves partly LA (per LA voxel), the model's error rate on them by LA share (SHARE_BANDS) and its errors
     on whole voxels (% of the LA volume), and the Dice it would have if its partly-LA voxels were as often
-    wrong, band by band, as on the geometry with the best Dice (its whole-voxel errors kept). The held-out
-    phantoms' shares are regenerated from their seed (seconds per case)."""
+    wrong, band by band, as on the geometry with the best Dice (its whole-voxel errors kept). And per case,
+    whether a volume spread is the grid's: the LA share the model in effect cut its partly-LA voxels at (as
+    many of them lie above it as it called LA) and the volume error its partly-LA voxels make (% of the LA
+    volume), each as mean and sd over the cases. The held-out phantoms' shares are regenerated from their
+    seed (seconds per case)."""
     counts: dict[str, np.ndarray] = {}  # per case: LA voxels, whole FP, whole FN, then (n, wrong) per band
+    cuts: dict[str, np.ndarray] = {}  # per case: effective LA-share cut, partly-LA volume error %
     for prefix, (shape, spacing) in GEOMETRIES.items():
         progress(f"LA share of every voxel of the {args.heldout} held-out phantoms of geometry {prefix}")
-        rows = []
+        rows, case_cuts = [], []
         for i in range(1, args.heldout + 1):
             share = case_la_fraction(1, i, shape, spacing, ANATOMY_FOV_MM)
             called = np.asanyarray(nib.load(masks / f"{prefix}_{i}.nii.gz").dataobj) > 0
@@ -271,7 +284,12 @@ def share_figures(masks: Path, args: argparse.Namespace) -> dict:
                 in_band = partly & (band == b)
                 row += [in_band.sum(), (wrong & in_band).sum()]
             rows.append(row)
-        counts[prefix] = np.array(rows, dtype=float)
+            descending = np.sort(share[partly])[::-1]
+            n_called = int((called & partly).sum())
+            cut = float(descending[n_called - 1]) if n_called else 1.0
+            net = n_called - int((partly & (share >= 0.5)).sum())
+            case_cuts.append([cut, 100 * net / row[0]])
+        counts[prefix], cuts[prefix] = np.array(rows, dtype=float), np.array(case_cuts)
     rates = {g: c[:, 4::2].sum(0) / np.maximum(c[:, 3::2].sum(0), 1) for g, c in counts.items()}
 
     def dice(c: np.ndarray, band_errors: np.ndarray) -> float:
@@ -297,6 +315,8 @@ def share_figures(masks: Path, args: argparse.Namespace) -> dict:
                 },
                 "dice": measured[g],
                 "dice_at_best_rates": dice(c, c[:, 3::2] * rates[best]),
+                "effective_la_share_cut": mean_sd(cuts[g][:, 0]),
+                "partly_la_volume_error_pct": mean_sd(cuts[g][:, 1]),
             }
             for g, c in counts.items()
         },
@@ -447,7 +467,9 @@ def main(argv: list[str] | None = None) -> None:
         rates = ", ".join(f"{band} {rate:.2f}" for band, rate in s["error_rate_by_la_share"].items())
         progress(
             f"{g}: {s['partly_la_voxels_per_la_voxel']:.2f} partly-LA voxels per LA voxel, wrong by LA share "
-            f"{rates}; Dice at {shares['best']}'s rates {s['dice_at_best_rates']:.3f}"
+            f"{rates}; Dice at {shares['best']}'s rates {s['dice_at_best_rates']:.3f}; LA share cut at "
+            f"{s['effective_la_share_cut']['mean']:.3f} +- {s['effective_la_share_cut']['sd']:.3f}, volume "
+            f"error from partly-LA voxels sd {s['partly_la_volume_error_pct']['sd']:.1f} %"
         )
     progress(f"done when: {result['done_when']}; written to {args.json}")
 

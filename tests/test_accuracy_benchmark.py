@@ -57,7 +57,7 @@ def test_review_flags_are_scored_against_the_worst_cases(accuracy):
 def test_partial_volume_figures_split_errors_by_la_share(accuracy, tmp_path):
     """Masks that call LA every voxel at least 0.3 (case 2: 0.4) LA: only voxels of LA share [0.25, 0.5) are
     wrong, so that band's error rate is their share of it, the others' 0, and the Dice is the masks'."""
-    dice, band_voxels, band_wrong = {}, {}, {}
+    dice, band_voxels, band_wrong, excess, cut = {}, {}, {}, {}, {}
     for prefix, (shape, spacing) in accuracy.GEOMETRIES.items():
         scores = []
         for case in (1, 2):  # case 2 over-segmented less: the Dice is per case, the rates over both
@@ -66,6 +66,8 @@ def test_partial_volume_figures_split_errors_by_la_share(accuracy, tmp_path):
             mask = nib.Nifti1Image(called.astype(np.uint8), np.eye(4))
             nib.save(mask, tmp_path / f"{prefix}_{case}.nii.gz")
             scores.append(2 * (called & reference).sum() / (called.sum() + reference.sum()))
+            excess.setdefault(prefix, []).append(100 * (called.sum() - reference.sum()) / reference.sum())
+            cut.setdefault(prefix, []).append(share[called & (share < 1)].min())
             band = (share >= 0.25) & (share < 0.5)
             band_voxels[prefix] = band_voxels.get(prefix, 0) + band.sum()
             band_wrong[prefix] = band_wrong.get(prefix, 0) + (band & called).sum()
@@ -78,6 +80,11 @@ def test_partial_volume_figures_split_errors_by_la_share(accuracy, tmp_path):
         assert rates["[0.0, 0.25)"] == rates["[0.5, 0.75)"] == rates["[0.75, 1.0)"] == 0.0
         assert f["errors_pct_of_la"]["whole_voxels"] == 0.0
         assert f["dice"] == pytest.approx(dice[g])
+        # no whole voxel is wrong: the partly-LA voxels make the whole volume error, cut where the masks cut
+        assert f["partly_la_volume_error_pct"]["mean"] == pytest.approx(np.mean(excess[g]))
+        assert np.mean(excess[g]) > 0
+        assert f["effective_la_share_cut"]["mean"] == pytest.approx(np.mean(cut[g]))
+        assert 0.3 <= f["effective_la_share_cut"]["mean"] < 0.5
     c = figures["per_geometry"]["C"]  # 4 mm slices leave the most voxels partly LA
     assert c["partly_la_voxels_per_la_voxel"] > figures["per_geometry"]["B"]["partly_la_voxels_per_la_voxel"]
 
