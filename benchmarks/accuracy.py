@@ -41,7 +41,6 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy.stats import spearmanr
 
@@ -53,6 +52,7 @@ from la_seg.checkpoints import (
     training_augmentation,
 )
 from la_seg.cli import main as la_seg
+from la_seg.data.io import read_label
 from la_seg.data.synthetic import case_la_fraction, write_dataset
 from la_seg.errors import DataError
 from la_seg.inference import check_tta_trained
@@ -63,6 +63,7 @@ GEOMETRIES = {  # prefix: (shape, spacing mm)
     "B": ((96, 96, 64), (1.25, 1.25, 1.25)),
     "C": ((112, 96, 24), (1.3, 1.3, 4.0)),
 }
+HELDOUT_SEED = 1  # the held-out phantoms' seed (the training and validation ones: 0)
 ANATOMY_FOV_MM = 100.0  # the heart's size: as in the demo's 100 mm field of view, on every geometry
 VOLUME_TOLERANCE = 5.0  # % signed LA-volume error counted as within tolerance
 DICE_MARGIN = 0.01  # every geometry's mean Dice >= best geometry's - this
@@ -110,7 +111,8 @@ def make_data(work: Path, args: argparse.Namespace) -> dict[str, list[str]]:
     """Phantoms of every geometry (reused when present): `data` (train + val, seed 0), `heldout` (seed 1)."""
     split: dict[str, list[str]] = {"train": [], "val": []}
     for prefix, (shape, spacing) in GEOMETRIES.items():
-        for folder, cases, seed in (("data", args.train + args.val, 0), ("heldout", args.heldout, 1)):
+        parts = (("data", args.train + args.val, 0), ("heldout", args.heldout, HELDOUT_SEED))
+        for folder, cases, seed in parts:
             root = work / folder
             wanted = [root / f"{prefix}_{i}" for i in range(1, cases + 1)]
             if not all((f / "atriumSegImgMO.nii.gz").is_file() for f in wanted):
@@ -274,12 +276,13 @@ def share_figures(masks: Path, args: argparse.Namespace) -> dict:
         progress(f"LA share of every voxel of the {args.heldout} held-out phantoms of geometry {prefix}")
         rows, case_cuts = [], []
         for i in range(1, args.heldout + 1):
-            share = case_la_fraction(1, i, shape, spacing, ANATOMY_FOV_MM)
-            called = np.asanyarray(nib.load(masks / f"{prefix}_{i}.nii.gz").dataobj) > 0
-            wrong = called != (share >= 0.5)
+            share = case_la_fraction(HELDOUT_SEED, i, shape, spacing, ANATOMY_FOV_MM)
+            called = read_label(masks / f"{prefix}_{i}.nii.gz").data > 0
+            reference = share >= 0.5
+            wrong = called != reference
             band = np.digitize(share, SHARE_BANDS[1:-1])
             partly = (share > 0) & (share < 1)
-            row = [(share >= 0.5).sum(), (called & (share == 0)).sum(), (~called & (share == 1)).sum()]
+            row = [reference.sum(), (called & (share == 0)).sum(), (~called & (share == 1)).sum()]
             for b in range(len(SHARE_BANDS) - 1):
                 in_band = partly & (band == b)
                 row += [in_band.sum(), (wrong & in_band).sum()]
@@ -287,7 +290,7 @@ def share_figures(masks: Path, args: argparse.Namespace) -> dict:
             descending = np.sort(share[partly])[::-1]
             n_called = int((called & partly).sum())
             cut = float(descending[n_called - 1]) if n_called else 1.0
-            net = n_called - int((partly & (share >= 0.5)).sum())
+            net = n_called - int((partly & reference).sum())
             case_cuts.append([cut, 100 * net / row[0]])
         counts[prefix], cuts[prefix] = np.array(rows, dtype=float), np.array(case_cuts)
     rates = {g: c[:, 4::2].sum(0) / np.maximum(c[:, 3::2].sum(0), 1) for g, c in counts.items()}
@@ -407,7 +410,7 @@ def run(args: argparse.Namespace) -> dict:
             "train_per_geometry": args.train,
             "val_per_geometry": args.val,
             "heldout_per_geometry": args.heldout,
-            "heldout_seed": 1,
+            "heldout_seed": HELDOUT_SEED,
             "folds": args.folds,
             "threads": os.environ.get("OMP_NUM_THREADS"),
         },
