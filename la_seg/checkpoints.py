@@ -49,9 +49,17 @@ INFERENCE_FIELDS = ("threshold", "tta", "postprocess", "eval_batch_size", "revie
 # predict they replace the config's values, unless given on the command line (--model.threshold ...).
 CALIBRATION_KEY = "inference_calibration"
 CALIBRATED_FIELDS = ("threshold", "postprocess", "review_below")
-# How the input is made (la_seg.data.preprocess): module settings linked from data.*, part of the network's
-# settings; checkpoints written before these existed stretched and clipped at the 99.5th percentile.
-INPUT_DEFAULTS = {"in_plane": "stretch", "target_spacing": 1.0, "intensity_headroom": 1.0}
+# How the input is made (la_seg.data.preprocess, la_seg.data.io): module settings linked from data.*, part of
+# the network's settings; checkpoints written before these existed stretched, clipped at the 99.5th percentile
+# and sliced volumes in their files' array order.
+INPUT_DEFAULTS = {
+    "in_plane": "stretch",
+    "target_spacing": 1.0,
+    "intensity_headroom": 1.0,
+    "orientation": "array",
+}
+# Input settings every member of an ensemble must share: the volumes are read and normalised once for all.
+SHARED_INPUT_FIELDS = ("intensity_headroom", "orientation")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -402,16 +410,28 @@ def network_settings(checkpoint: dict) -> dict[str, Any]:
     return settings
 
 
-def check_member_normalisation(checkpoint: dict, intensity_headroom: float) -> None:
-    """An ensemble member must have been trained on volumes normalised as the first member's: the data are
-    normalised once for all members."""
-    trained = network_settings(checkpoint)["intensity_headroom"]
-    if float(trained) != float(intensity_headroom):
-        raise DataError(
-            f"{_name(checkpoint)} was trained with data.intensity_headroom {trained}, the ensemble's first "
-            f"member with {intensity_headroom}: an ensemble's members share one intensity normalisation; "
-            "ensemble models trained with one setting"
-        )
+def check_member_input(checkpoint: dict, first: dict[str, Any]) -> None:
+    """An ensemble member must have been trained on volumes read as the first member's (`first`: its
+    SHARED_INPUT_FIELDS): the data are read, laid out and normalised once for all members."""
+    trained = network_settings(checkpoint)
+    for field in SHARED_INPUT_FIELDS:
+        if trained[field] != first[field]:
+            raise DataError(
+                f"{_name(checkpoint)} was trained with data.{field} {trained[field]}, the ensemble's first "
+                f"member with {first[field]}: an ensemble's members share how volumes are read; ensemble "
+                "models trained with one setting"
+            )
+
+
+def legacy_orientation_note(checkpoint: dict) -> str | None:
+    """The one line for a checkpoint trained before la-seg brought volumes to one orientation, else None."""
+    if "orientation" in checkpoint["hyper_parameters"]:
+        return None
+    return (
+        f"la-seg: {_name(checkpoint)} was trained before la-seg read volumes in RAS orientation: volumes are "
+        "sliced in their files' own array order, as it was trained, so a patient stored in another order "
+        "(LPS, swapped axes) gets another mask; retrain for storage-independent results"
+    )
 
 
 def check_settings(checkpoint: dict, given: dict[str, tuple[str, Any, Any]]) -> dict[str, Any]:

@@ -35,13 +35,15 @@ from la_seg.checkpoints import (
     CALIBRATED_FIELDS,
     INPUT_DEFAULTS,
     NETWORK_FIELDS,
+    SHARED_INPUT_FIELDS,
     DataOnlyCheckpointIO,
     SameCheckpointOnEveryRank,
-    check_member_normalisation,
+    check_member_input,
     check_one_cross_validation,
     check_settings,
     checkpoint_list,
     find_run_checkpoint,
+    legacy_orientation_note,
     load_checkpoint,
     network_settings,
     network_to_rebuild,
@@ -235,7 +237,7 @@ class LASegCLI(LightningCLI):
                 checkpoint = self.preloaded.pop(path, None) or load_checkpoint(path)
                 augmentation = training_augmentation(checkpoint)
                 check_tta_trained(self.model.hparams.tta, augmentation, f"checkpoint {path}")
-                check_member_normalisation(checkpoint, self.model.hparams.intensity_headroom)
+                check_member_input(checkpoint, {f: self.model.hparams[f] for f in SHARED_INPUT_FIELDS})
                 self.model.add_member(load_member(path, weights, checkpoint))
 
 
@@ -285,6 +287,8 @@ def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]
     config.model.slice_context = settings["slice_context"]
     for field in INPUT_DEFAULTS:
         config.data[field] = config.model[field] = settings[field]
+    if (note := legacy_orientation_note(checkpoint)) is not None:
+        _say(note)
     apply_calibration(config, checkpoint, given_options)
     rebuilt = network_to_rebuild(checkpoint, net.weights)  # the one rule for the backbone's weights
     net.pretrained, net.weights = rebuilt.pretrained, rebuilt.weights

@@ -22,7 +22,7 @@ from la_seg.checkpoints import (
     stored_calibration,
     write_backbone_record,
 )
-from la_seg.data.io import Geometry
+from la_seg.data.io import Geometry, Orientation, check_orientation
 from la_seg.data.preprocess import (
     INTENSITY_HEADROOM,
     InPlane,
@@ -83,6 +83,8 @@ class LASegModule(L.LightningModule):
             `data.in_plane` and `data.target_spacing`.
         intensity_headroom: how the volumes were normalised (la_seg.data.preprocess.normalize_intensity),
             linked to `data.intensity_headroom`: recorded so that test and predict normalise as training did.
+        orientation: how volumes were laid out for the network (la_seg.data.io.Orientation), linked to
+            `data.orientation`: recorded so that test and predict lay them out as training did.
         loss: `bce` (the paper), `dice_bce` (MONAI DiceCELoss with sigmoid, Dice per slice) or
             `batch_dice_bce` (Dice over the batch's slices as one, as nnU-Net's batch Dice: a per-slice Dice
             weighs a small section of the atrium as much as a large one, which pushes uncertain boundary
@@ -114,6 +116,7 @@ class LASegModule(L.LightningModule):
         in_plane: InPlane = "stretch",
         target_spacing: float = 1.0,
         intensity_headroom: float = INTENSITY_HEADROOM,
+        orientation: Orientation = "RAS",
         loss: Literal["bce", "dice_bce", "batch_dice_bce"] = "bce",
         optimizer: Literal["adam", "adamw"] = "adam",
         lr: float = 1e-3,
@@ -138,6 +141,7 @@ class LASegModule(L.LightningModule):
         except DataError as error:
             raise DataError(f"model.{error}") from None
         check_intensity_headroom(intensity_headroom, "data.intensity_headroom (model.intensity_headroom)")
+        check_orientation(orientation, "data.orientation (model.orientation)")
         if isinstance(net, dict):  # hparams read back from YAML
             net = SegmenterConfig(**net)
         self.save_hyperparameters({**locals_without_self(locals()), "net": dataclasses.asdict(net)})

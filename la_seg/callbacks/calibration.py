@@ -38,7 +38,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from la_seg.checkpoints import load_checkpoint, write_calibration
-from la_seg.data.datasets import VolumeDataset
 from la_seg.errors import DataError
 from la_seg.inference import POSTPROCESSING, case_agreement, check_tta_trained, postprocess_mask
 from la_seg.metrics import overlap_3d, surface_distances
@@ -117,7 +116,7 @@ class InferenceCalibration(L.Callback):
         pl_module.on_load_checkpoint(checkpoint)
         pl_module.load_state_dict(checkpoint["state_dict"])
         pl_module.eval()
-        dataset = VolumeDataset(datamodule.cases("val"), cache="none", slice_axis=datamodule.slice_axis)
+        dataset = datamodule.volume_dataset(datamodule.cases("val"), with_labels=True, cache="none")
         configured = float(pl_module.hparams.threshold)
         thresholds = sorted({*self.thresholds, configured})
         combos = list(itertools.product(thresholds, POSTPROCESSING))

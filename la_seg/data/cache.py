@@ -16,7 +16,15 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from la_seg.atomic import atomic_path, atomic_write_text
-from la_seg.data.io import Geometry, SliceAxis, check_slice_axis, read_case, read_image
+from la_seg.data.io import (
+    Geometry,
+    Orientation,
+    SliceAxis,
+    check_orientation,
+    check_slice_axis,
+    read_case,
+    read_image,
+)
 from la_seg.data.layouts import Case
 from la_seg.data.preprocess import INTENSITY_HEADROOM, check_intensity_headroom, normalize_intensity
 from la_seg.errors import DataError
@@ -24,7 +32,7 @@ from la_seg.errors import DataError
 CacheMode = Literal["memory", "disk", "none"]
 CACHE_MODES: tuple[str, ...] = get_args(CacheMode)
 # Part of every disk cache key: bump it when normalisation or the stored format changes.
-_CACHE_FORMAT = "la-seg-cache-v2"
+_CACHE_FORMAT = "la-seg-cache-v3"  # v3: arrays in the canonical orientation
 
 
 def default_cache_dir() -> Path:
@@ -34,8 +42,9 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class CachedCase:
-    """A decoded case, slices first (Z, X', Y') along its through-plane axis, so one slice is one
-    contiguous read; `geometry` turns results back into the file's layout."""
+    """A decoded case, slices first (Z, X', Y') along its through-plane axis in the model's orientation
+    (Geometry.to_slices_last), so one slice is one contiguous read; `geometry` turns results back into the
+    file's layout."""
 
     image: np.ndarray  # (Z, X', Y') float16, normalised to [0, 1] (normalize_intensity)
     label: np.ndarray | None  # (Z, X', Y') uint8 {0, 1}
@@ -47,7 +56,8 @@ class VolumeCache:
 
     The image is always stored as float16 (half the memory; plenty for [0, 1] intensities), whatever the mode,
     so that every mode yields identical items. `slice_axis` ("auto": from the header) picks the axis slices
-    are cut across; `intensity_headroom` is normalize_intensity's `headroom`.
+    are cut across; `intensity_headroom` is normalize_intensity's `headroom`; `orientation` how arrays are
+    laid out for the model (la_seg.data.io.Orientation).
 
     Modes:
         memory: arrays kept in this object (picklable for DataLoader workers; filled when first read).
@@ -62,12 +72,14 @@ class VolumeCache:
         cache_dir: str | Path | None = None,
         slice_axis: SliceAxis = "auto",
         intensity_headroom: float = INTENSITY_HEADROOM,
+        orientation: Orientation = "RAS",
     ) -> None:
         if mode not in CACHE_MODES:
             raise DataError(f"cache must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
         self.mode = mode
         self.slice_axis = check_slice_axis(slice_axis)
         self.intensity_headroom = check_intensity_headroom(intensity_headroom)
+        self.orientation = check_orientation(orientation)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self._memory: dict[str, CachedCase] = {}
 
@@ -85,19 +97,22 @@ class VolumeCache:
 
     def _decode(self, case: Case, with_labels: bool) -> CachedCase:
         if with_labels:
-            image, label = read_case(case, self.slice_axis)
+            image, label = read_case(case, self.slice_axis, self.orientation)
         else:
-            image, label = read_image(case.image_path, case.spacing, self.slice_axis), None
+            image = read_image(case.image_path, case.spacing, self.slice_axis, self.orientation)
+            label = None
         geometry = image.geometry
         normalised = normalize_intensity(image.data, headroom=self.intensity_headroom).astype(np.float16)
         return CachedCase(
-            image=_slices_first(normalised, geometry),
-            label=_slices_first(label.data, geometry) if label is not None else None,
+            image=slices_first(normalised, geometry),
+            label=slices_first(label.data, geometry) if label is not None else None,
             geometry=geometry,
         )
 
     def _get_disk(self, case: Case, with_labels: bool) -> CachedCase:
-        image_key = _file_key(case.image_path, case.spacing, self.slice_axis, self.intensity_headroom)
+        image_key = _file_key(
+            case.image_path, case.spacing, self.slice_axis, self.intensity_headroom, self.orientation
+        )
         image_file = self.cache_dir / f"{image_key}.image.npy"
         meta_file = self.cache_dir / f"{image_key}.meta.json"
         label_file = None
@@ -119,8 +134,9 @@ class VolumeCache:
         return entry
 
 
-def _slices_first(array: np.ndarray, geometry: Geometry) -> np.ndarray:
-    return np.ascontiguousarray(np.moveaxis(array, geometry.slice_axis, 0))
+def slices_first(array: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A volume in the file's axis order as contiguous slices (Z, X', Y') in the model's layout."""
+    return np.ascontiguousarray(np.moveaxis(geometry.to_slices_last(array), 2, 0))
 
 
 def _geometry_to_json(geometry: Geometry) -> dict[str, Any]:
@@ -131,6 +147,7 @@ def _geometry_to_json(geometry: Geometry) -> dict[str, Any]:
         "source": str(geometry.source),
         "slice_axis": geometry.slice_axis,
         "spacing_source": geometry.spacing_source,
+        "orientation": geometry.orientation,
     }
 
 
@@ -142,6 +159,7 @@ def _geometry_from_json(meta: dict[str, Any]) -> Geometry:
         source=Path(meta["source"]),
         slice_axis=int(meta["slice_axis"]),
         spacing_source=meta["spacing_source"],
+        orientation=meta["orientation"],
     )
 
 

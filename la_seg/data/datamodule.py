@@ -31,7 +31,7 @@ from la_seg.data.datasets import (
     draw_weights,
     first_item,
 )
-from la_seg.data.io import SliceAxis
+from la_seg.data.io import Orientation, SliceAxis, check_orientation
 from la_seg.data.layouts import Case, Layout, find_cases
 from la_seg.data.preprocess import (
     INTENSITY_HEADROOM,
@@ -119,6 +119,11 @@ class LADataModule(L.LightningDataModule):
             their contrast (LGE's enhanced wall is brighter than the blood pool, which the 99.5th percentile
             reaches); 1 clips at the 99.5th percentile (checkpoints from before it existed). Linked to
             `model.intensity_headroom`.
+        orientation: how volumes are laid out for the model: "RAS" (each volume permuted and flipped to
+            nibabel's closest canonical orientation, no resampling, then sliced across its through-plane
+            axis: the same patient in any storage order gets the same mask in world space) or "array" (the
+            file's own axis order: checkpoints from before "RAS" existed). Outputs always go back to the
+            input's own array order and affine. Linked to `model.orientation`.
 
     Attributes:
         split: {"train": [...], "val": [...], "test": [...]} case ids, None until setup() / load_state_dict().
@@ -153,6 +158,7 @@ class LADataModule(L.LightningDataModule):
         in_plane: InPlane = "stretch",
         target_spacing: float = 1.0,
         intensity_headroom: float = INTENSITY_HEADROOM,
+        orientation: Orientation = "RAS",
     ) -> None:
         super().__init__()
         try:
@@ -160,6 +166,7 @@ class LADataModule(L.LightningDataModule):
         except DataError as error:
             raise DataError(f"data.{error}") from None
         self.intensity_headroom = check_intensity_headroom(intensity_headroom, "data.intensity_headroom")
+        self.orientation = check_orientation(orientation)
         if batch_size < 1:
             raise DataError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -375,7 +382,7 @@ class LADataModule(L.LightningDataModule):
             plan = decide_on_rank_zero(
                 trainer,
                 lambda: plan_training_slices(
-                    cases, world, self.empty_slice_fraction, self.seed, self.slice_axis
+                    cases, world, self.empty_slice_fraction, self.seed, self.slice_axis, self.orientation
                 ),
             )
             loads = plan.case_loads(len(cases), self.sampling).tolist()
@@ -402,6 +409,7 @@ class LADataModule(L.LightningDataModule):
                 target_spacing=self.target_spacing,
                 index=index,
                 intensity_headroom=self.intensity_headroom,
+                orientation=self.orientation,
             )
 
         dataset = build() if index is None else all_ranks_or_none(trainer, build)
@@ -432,6 +440,18 @@ class LADataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader(self._predict_cases, with_labels=False, single_pass=True)
 
+    def volume_dataset(self, cases: list[Case], with_labels: bool, cache: CacheMode) -> VolumeDataset:
+        """Whole volumes read, laid out and normalised as training reads them (evaluation, calibration)."""
+        return VolumeDataset(
+            cases,
+            with_labels=with_labels,
+            cache=cache,
+            cache_dir=self.cache_dir,
+            slice_axis=self.slice_axis,
+            intensity_headroom=self.intensity_headroom,
+            orientation=self.orientation,
+        )
+
     def _eval_loader(self, cases: list[Case], with_labels: bool, single_pass: bool) -> DataLoader:
         """One volume per step, read and normalised in workers that prefetch (never more workers than cases).
 
@@ -439,14 +459,7 @@ class LADataModule(L.LightningDataModule):
         next run; their workers are not persistent, so the run ends without a slow teardown.
         """
         cache = ("disk" if self.cache == "disk" else "none") if single_pass else self.cache
-        dataset = VolumeDataset(
-            cases,
-            with_labels=with_labels,
-            cache=cache,
-            cache_dir=self.cache_dir,
-            slice_axis=self.slice_axis,
-            intensity_headroom=self.intensity_headroom,
-        )
+        dataset = self.volume_dataset(cases, with_labels, cache)
         workers = min(self.num_workers, len(dataset))
         trainer = self.trainer
         distributed = trainer is not None and trainer.world_size > 1

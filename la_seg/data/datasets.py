@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from la_seg.data.cache import CacheMode, VolumeCache
-from la_seg.data.io import Geometry, SliceAxis
+from la_seg.data.io import Geometry, Orientation, SliceAxis
 from la_seg.data.layouts import Case, check_labelled
 from la_seg.data.preprocess import (
     INTENSITY_HEADROOM,
@@ -46,7 +46,7 @@ class SliceDataset(Dataset):
     same slices_to_input / labels_to_input as evaluation (on the `in_plane` / `target_spacing` grid), then the
     optional albumentations `transform` on the
     (S, S, 3) float32 image and (S, S) uint8 mask; the image is clamped back to [0, 1] afterwards.
-    `intensity_headroom`: how volumes are normalised (see VolumeCache).
+    `intensity_headroom`, `orientation`: how volumes are normalised and laid out (see VolumeCache).
 
     Item: {"image": float32 (3, S, S) in [0, 1], "label": float32 (1, S, S) in {0, 1}}.
     `index`, when given, is the kept slices chosen elsewhere (over more cases: DDP, see la_seg.data.shards);
@@ -71,6 +71,7 @@ class SliceDataset(Dataset):
         target_spacing: float = 1.0,
         index: SliceIndex | None = None,
         intensity_headroom: float = INTENSITY_HEADROOM,
+        orientation: Orientation = "RAS",
     ) -> None:
         self.cases = list(cases)
         if not self.cases:
@@ -83,7 +84,7 @@ class SliceDataset(Dataset):
         self.img_size = img_size  # checked where it is configured (data.img_size)
         self.slice_context = slice_context
         self.transform = transform
-        self.cache = VolumeCache(cache, cache_dir, slice_axis, intensity_headroom)
+        self.cache = VolumeCache(cache, cache_dir, slice_axis, intensity_headroom, orientation)
         self._seeded_pid: int | None = None
         if index is None:
             has_la = [slices_with_la(self.cache.get(case, with_labels=True).label) for case in self.cases]
@@ -210,7 +211,8 @@ class VolumeItem(TypedDict, total=False):
 class VolumeDataset(Dataset):
     """One VolumeItem per case: the normalised full volume, slices last, with its Geometry (the module resizes
     on device and `geometry.from_slices_last` puts results back in the file's layout). With
-    `with_labels=False` (prediction) label files are never read. `intensity_headroom`: see VolumeCache.
+    `with_labels=False` (prediction) label files are never read. `intensity_headroom`, `orientation`: see
+    VolumeCache.
     """
 
     def __init__(
@@ -221,12 +223,13 @@ class VolumeDataset(Dataset):
         cache_dir: str | Path | None = None,
         slice_axis: SliceAxis = "auto",
         intensity_headroom: float = INTENSITY_HEADROOM,
+        orientation: Orientation = "RAS",
     ) -> None:
         self.cases = list(cases)
         self.with_labels = with_labels
         if with_labels:
             check_labelled(self.cases)
-        self.cache = VolumeCache(cache, cache_dir, slice_axis, intensity_headroom)
+        self.cache = VolumeCache(cache, cache_dir, slice_axis, intensity_headroom, orientation)
 
     def __len__(self) -> int:
         return len(self.cases)

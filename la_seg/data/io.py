@@ -1,9 +1,12 @@
 """Read and write volumes, keeping the geometry that metrics in mm and written masks depend on.
 
 Arrays keep the file's axis order (X, Y, Z as nibabel returns them); each Volume carries its `Geometry`, which
-knows the through-plane axis and turns arrays into the model's "slices last" layout and back. NRRD files
-(Utah 2018) are read with pynrrd and given a NIfTI-style RAS affine, so everything downstream sees one
-convention. Headers are checked before any voxel is read, so a bad file fails fast and names itself.
+turns arrays into the model's "slices last" layout and back. That layout is the volume brought to one
+canonical orientation (RAS: nibabel's closest canonical axes, by axis permutations and flips only, never a
+resampling), with its through-plane axis last: the same patient stored RAS, LPS or with swapped axes looks the
+same to the model, and every output goes back to the file's own array order and affine. NRRD files (Utah 2018)
+are read with pynrrd and given a NIfTI-style RAS affine, so everything downstream sees one convention. Headers
+are checked before any voxel is read, so a bad file fails fast and names itself.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import nrrd
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
+from nibabel.orientations import io_orientation
 from nrrd.reader import _determine_datatype
 
 from la_seg.atomic import atomic_path, refuse_writing_into_inputs
@@ -33,6 +37,11 @@ if TYPE_CHECKING:
 
 ArrayT = TypeVar("ArrayT")
 SliceAxis = Literal["auto", 0, 1, 2]
+# How arrays are laid out for the model: "RAS", brought to nibabel's closest canonical (RAS) orientation;
+# "array", the file's own axis order with only the slice axis moved last (checkpoints from before "RAS").
+Orientation = Literal["RAS", "array"]
+ORIENTATIONS: tuple[str, ...] = ("RAS", "array")
+OBLIQUE_WARNING_DEGREES = 30.0  # an axis further than this from every canonical axis gets a warning
 NRRD_EXTENSIONS = (".nrrd", ".nhdr")
 AFFINE_TOLERANCE_MM = 1e-3
 ISOTROPY_TOLERANCE = 0.01  # spacings within 1 % of the largest count as equally coarse
@@ -80,6 +89,21 @@ class Geometry:
     source: Path
     slice_axis: int = 2  # the through-plane axis of the file's array
     spacing_source: str = "header"
+    orientation: Orientation = "RAS"
+
+    def slices_last_layout(self) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+        """(file axis of each slices-last axis, whether it is reversed): with "RAS", the canonical axes
+        (R, A, S: nibabel's `io_orientation`) with the through-plane one moved last; with "array", the file's
+        own axes."""
+        if self.orientation == "array":
+            axes = tuple(a for a in range(3) if a != self.slice_axis) + (self.slice_axis,)
+            return axes, (False, False, False)  # type: ignore[return-value]
+        ornt = io_orientation(np.asarray(self.affine, dtype=np.float64))
+        file_axis = {int(canonical): axis for axis, canonical in enumerate(ornt[:, 0])}
+        through = int(ornt[self.slice_axis, 0])
+        canonical = [c for c in range(3) if c != through] + [through]
+        axes = tuple(file_axis[c] for c in canonical)
+        return axes, tuple(bool(ornt[a, 1] < 0) for a in axes)  # type: ignore[return-value]
 
     @property
     def voxel_volume_mm3(self) -> float:
@@ -93,22 +117,26 @@ class Geometry:
     @property
     def slices_last_spacing(self) -> tuple[float, float, float]:
         """`spacing` in the slices-last layout."""
-        order = [a for a in range(3) if a != self.slice_axis] + [self.slice_axis]
-        return tuple(self.spacing[a] for a in order)  # type: ignore[return-value]
+        axes, _ = self.slices_last_layout()
+        return tuple(self.spacing[a] for a in axes)  # type: ignore[return-value]
 
     def to_slices_last(self, array: ArrayT) -> ArrayT:
-        return _moveaxis(array, self.slice_axis, 2)
+        """A (numpy or torch) array in the file's axis order, in the model's layout (a contiguous copy where
+        axes move or flip, so torch.from_numpy takes it)."""
+        axes, flips = self.slices_last_layout()
+        reversed_axes = [i for i, flip in enumerate(flips) if flip]
+        if isinstance(array, np.ndarray):
+            return np.ascontiguousarray(np.flip(np.transpose(array, axes), reversed_axes))
+        return array.permute(*axes).flip(reversed_axes)  # torch.Tensor
 
     def from_slices_last(self, array: ArrayT) -> ArrayT:
-        return _moveaxis(array, 2, self.slice_axis)
-
-
-def _moveaxis(array, source: int, target: int):
-    if source == target:
-        return array
-    if isinstance(array, np.ndarray):
-        return np.moveaxis(array, source, target)
-    return array.movedim(source, target)  # torch.Tensor
+        """The inverse of to_slices_last: back to the file's axis order."""
+        axes, flips = self.slices_last_layout()
+        reversed_axes = [i for i, flip in enumerate(flips) if flip]
+        inverse = tuple(int(i) for i in np.argsort(axes))
+        if isinstance(array, np.ndarray):
+            return np.ascontiguousarray(np.transpose(np.flip(array, reversed_axes), inverse))
+        return array.flip(reversed_axes).permute(*inverse)  # torch.Tensor
 
 
 @dataclass(eq=False)
@@ -146,12 +174,23 @@ def check_slice_axis(slice_axis: SliceAxis) -> SliceAxis:
     return slice_axis
 
 
+def check_orientation(orientation: str, name: str = "data.orientation") -> Orientation:
+    """`orientation` itself, or a DataError naming the field when it is not one of ORIENTATIONS."""
+    if orientation not in ORIENTATIONS:
+        raise DataError(f"{name} must be one of {list(ORIENTATIONS)}, got {orientation!r}")
+    return orientation  # type: ignore[return-value]
+
+
 def check_header(
-    path: str | Path, spacing: Sequence[float] | None = None, slice_axis: SliceAxis = "auto"
+    path: str | Path,
+    spacing: Sequence[float] | None = None,
+    slice_axis: SliceAxis = "auto",
+    orientation: Orientation = "RAS",
 ) -> Geometry:
     """The file's Geometry from its header alone (no voxel is read), refusing what cannot be one usable
     3D volume: unreadable header, non-numeric voxels, zero/negative/missing spacing, a degenerate affine,
     or a size that cannot fit in memory. `spacing` overrides the header's (the affine is kept)."""
+    orientation = check_orientation(orientation)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"volume file does not exist or is not a readable file: {path}")
@@ -163,6 +202,7 @@ def check_header(
         raise DataError(f"cannot read the header of {path}: {type(error).__name__}: {error}") from error
     _check_memory(header, path)
     _warn_sheared(header.affine, path)
+    _warn_oblique(header.affine, path)
     source = "header"
     utah_file = path.name.lower() in UTAH_FILE_NAMES
     if spacing is not None:
@@ -179,14 +219,17 @@ def check_header(
     axis = check_slice_axis(slice_axis)
     if axis == "auto":
         axis = through_plane_axis(header.affine, spacing)
-    return Geometry(header.shape, header.affine, tuple(spacing), path, axis, source)
+    return Geometry(header.shape, header.affine, tuple(spacing), path, axis, source, orientation)
 
 
 def read_image(
-    path: str | Path, spacing: Sequence[float] | None = None, slice_axis: SliceAxis = "auto"
+    path: str | Path,
+    spacing: Sequence[float] | None = None,
+    slice_axis: SliceAxis = "auto",
+    orientation: Orientation = "RAS",
 ) -> Volume:
     """Read an image as float32 (NaN kept: normalisation deals with it); `spacing` overrides the header's."""
-    geometry = check_header(path, spacing, slice_axis)
+    geometry = check_header(path, spacing, slice_axis, orientation)
     if geometry.slice_axis != 2:
         LOGGER.info("slicing %s along array axis %d", geometry.source, geometry.slice_axis)
     return Volume(_read_voxels(geometry.source).astype(np.float32, copy=False), geometry)
@@ -197,13 +240,14 @@ def read_label(
     spacing: Sequence[float] | None = None,
     slice_axis: SliceAxis = "auto",
     label_values: Sequence[int] | None = None,
+    orientation: Orientation = "RAS",
 ) -> Volume:
     """Read a label as uint8 {0, 1}: voxels holding one of `label_values` (all non-zero ones when None).
 
     Other non-zero values (scar, further structures) are left out with a warning; a label that holds none of
     the selected values but others, or non-integer values, is refused.
     """
-    geometry = check_header(path, spacing, slice_axis)
+    geometry = check_header(path, spacing, slice_axis, orientation)
     data = _read_voxels(geometry.source)
     if data.dtype.kind == "f" and not (np.isfinite(data).all() and np.array_equal(data, np.round(data))):
         raise DataError(f"label {geometry.source} holds non-integer values ({data.dtype}); expected integers")
@@ -226,12 +270,16 @@ def read_label(
     return Volume(np.isin(data, label_values).astype(np.uint8), geometry)
 
 
-def read_case(case: Case, slice_axis: SliceAxis = "auto") -> tuple[Volume, Volume | None]:
+def read_case(
+    case: Case, slice_axis: SliceAxis = "auto", orientation: Orientation = "RAS"
+) -> tuple[Volume, Volume | None]:
     """Read a case's image and label, refusing pairs whose voxel grids disagree."""
-    image = read_image(case.image_path, case.spacing, slice_axis)
+    image = read_image(case.image_path, case.spacing, slice_axis, orientation)
     if case.label_path is None:
         return image, None
-    label = read_label(case.label_path, case.spacing, image.geometry.slice_axis, case.label_values)
+    label = read_label(
+        case.label_path, case.spacing, image.geometry.slice_axis, case.label_values, orientation
+    )
     first, second = image.geometry, label.geometry
     if first.shape != second.shape:
         raise DataError(
@@ -400,6 +448,23 @@ def _warn_sheared(affine: np.ndarray, path: Path) -> None:
         warnings.warn(
             f"{path} has non-orthogonal (sheared) voxel axes (off by up to {angle:.2f} degrees): volumes use "
             "the voxel's true size (|det| of the affine), but slices follow the array axes",
+            stacklevel=4,
+        )
+
+
+def _warn_oblique(affine: np.ndarray, path: Path) -> None:
+    """Warn, naming the file, when a voxel axis is far from every canonical (RAS) axis: the volume is still
+    only permuted and flipped to the nearest canonical orientation, so the model sees it tilted."""
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    unit = axes / np.linalg.norm(axes, axis=0)
+    ornt = io_orientation(affine)
+    cosines = [abs(unit[int(canonical), axis]) for axis, canonical in enumerate(ornt[:, 0])]
+    angle = float(np.degrees(np.arccos(min(1.0, min(cosines)))))
+    if angle > OBLIQUE_WARNING_DEGREES:
+        warnings.warn(
+            f"{path} is stored oblique: a voxel axis lies {angle:.0f} degrees from the nearest RAS axis "
+            f"(more than {OBLIQUE_WARNING_DEGREES:.0f}); it is read in the nearest canonical orientation "
+            "without resampling, so the model sees the anatomy tilted: masks may be less accurate",
             stacklevel=4,
         )
 

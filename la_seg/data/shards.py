@@ -18,20 +18,27 @@ import numpy as np
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from la_seg.data.cache import slices_first
 from la_seg.data.datasets import SliceIndex, kept_slices, slices_with_la
-from la_seg.data.io import SliceAxis, read_label
+from la_seg.data.io import Orientation, SliceAxis, read_label
 from la_seg.data.layouts import Case
 from la_seg.errors import DataError
 
 
-def label_slices_with_la(case: Case, slice_axis: SliceAxis) -> np.ndarray:
-    """Per slice of the case, whether it holds LA, from its label file alone (the image is not decoded)."""
-    label = read_label(case.label_path, case.spacing, slice_axis, case.label_values)
-    return slices_with_la(np.moveaxis(label.data, label.geometry.slice_axis, 0))
+def label_slices_with_la(case: Case, slice_axis: SliceAxis, orientation: Orientation) -> np.ndarray:
+    """Per slice of the case (in the model's layout, as the cache holds it), whether it holds LA, from its
+    label file alone (the image is not decoded)."""
+    label = read_label(case.label_path, case.spacing, slice_axis, case.label_values, orientation)
+    return slices_with_la(slices_first(label.data, label.geometry))
 
 
 def plan_training_slices(
-    cases: Sequence[Case], world_size: int, empty_slice_fraction: float, seed: int, slice_axis: SliceAxis
+    cases: Sequence[Case],
+    world_size: int,
+    empty_slice_fraction: float,
+    seed: int,
+    slice_axis: SliceAxis,
+    orientation: Orientation,
 ) -> SliceIndex:
     """The kept slices of every training case (what one process trains on); refuses fewer cases than ranks."""
     if len(cases) < world_size:
@@ -40,7 +47,7 @@ def plan_training_slices(
             f"each process trains on cases of its own, so training needs at least {world_size} cases (more "
             "training cases in data.split / data.split_file, or fewer trainer.devices x trainer.num_nodes)"
         )
-    has_la = [label_slices_with_la(case, slice_axis) for case in cases]
+    has_la = [label_slices_with_la(case, slice_axis, orientation) for case in cases]
     index = kept_slices(has_la, empty_slice_fraction, seed)
     with_slices = int(np.count_nonzero(index.slices_per_case(len(cases))))
     if with_slices < world_size:

@@ -55,13 +55,17 @@ def test_disk_cache_restores_the_geometry(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:label")
-def test_arrays_are_slices_first_along_the_slice_axis(tmp_path):
+def test_arrays_are_slices_first_along_the_slice_axis_in_ras(tmp_path):
+    """The Utah file is stored LPS: the cache holds it in RAS (x and y reversed), slices first."""
     (case,) = find_cases(_utah_case(tmp_path / "data"))
     label = (np.asanyarray(nrrd.read(str(case.label_path))[0]) == 255).astype(np.uint8)
+    ras = label[::-1, ::-1, :]
     for axis in (0, 1, 2):
         entry = VolumeCache("disk", tmp_path / "cache", slice_axis=axis).get(case, with_labels=True)
         assert entry.geometry.slice_axis == axis
-        np.testing.assert_array_equal(entry.label, np.moveaxis(label, axis, 0))
+        np.testing.assert_array_equal(entry.label, np.moveaxis(ras, axis, 0))
+    as_stored = VolumeCache("none", slice_axis=2, orientation="array").get(case, with_labels=True)
+    np.testing.assert_array_equal(as_stored.label, np.moveaxis(label, 2, 0))  # older checkpoints' layout
     assert len(list((tmp_path / "cache").glob("*.image.npy"))) == 3  # one entry per slice axis
 
 

@@ -1,6 +1,7 @@
 """Slicing along the through-plane axis found from the header, whatever the array's axis order."""
 
 import logging
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -123,3 +124,60 @@ def test_geometry_round_trips_numpy_and_torch():
     tensor = torch.from_numpy(array)
     assert torch.equal(geometry.from_slices_last(geometry.to_slices_last(tensor)), tensor)
     assert geometry.slices_last_spacing == (1.0, 3.0, 2.0) and geometry.spacing_source == "header"
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)])
+@pytest.mark.parametrize("flips", [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)])
+def test_every_storage_of_a_volume_gives_the_model_the_same_array(order, flips):
+    """All 48 axis orders and flips of one oblique volume (same world positions): the model's slices-last
+    array and spacing are the same, and from_slices_last puts results back on each storage's own grid."""
+    rng = np.random.default_rng(0)
+    array = rng.random(SHAPE, dtype=np.float32)
+    reference = Geometry(SHAPE, AFFINE, SPACING, Path("ras.nii.gz"))
+    stored, affine = array.transpose(order), AFFINE[:, [*order, 3]].copy()
+    for axis in flips:
+        stored = np.flip(stored, axis)
+        affine[:3, 3] += affine[:3, axis] * (stored.shape[axis] - 1)
+        affine[:3, axis] *= -1
+    spacing = tuple(SPACING[a] for a in order)
+    geometry = Geometry(stored.shape, affine, spacing, Path("x.nii.gz"), through_plane_axis(affine, spacing))
+    np.testing.assert_array_equal(geometry.to_slices_last(stored), reference.to_slices_last(array))
+    assert geometry.slices_last_spacing == reference.slices_last_spacing == (0.625, 0.625, 2.5)
+    np.testing.assert_array_equal(geometry.from_slices_last(reference.to_slices_last(array)), stored)
+    tensor = torch.from_numpy(np.ascontiguousarray(stored))
+    assert torch.equal(geometry.from_slices_last(geometry.to_slices_last(tensor)), tensor)
+    legacy = Geometry(
+        stored.shape, affine, spacing, Path("x.nii.gz"), geometry.slice_axis, orientation="array"
+    )
+    np.testing.assert_array_equal(legacy.to_slices_last(stored), np.moveaxis(stored, geometry.slice_axis, 2))
+
+
+def test_oblique_volume_is_read_with_one_warning(tmp_path):
+    angle = np.deg2rad(40.0)
+    affine = np.eye(4)
+    affine[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), affine), tmp_path / "tilted.nii.gz")
+    with pytest.warns(UserWarning, match=r"tilted.nii.gz is stored oblique: a voxel axis lies 40 degrees"):
+        read_image(tmp_path / "tilted.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), AFFINE), tmp_path / "slightly.nii.gz")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is stored oblique")
+        read_image(tmp_path / "slightly.nii.gz")  # 20 degrees in-plane: no warning
+
+
+def test_the_same_patients_in_any_storage_read_the_same(tmp_path):
+    """NIfTI in five array orders and NRRD with LPS space directions: the same normalised volume and label,
+    slices last, for every storage (the model's input does not depend on how a converter stored it)."""
+    from la_seg.data.synthetic import write_dataset
+    from tests.storage import STORAGES, write_storage
+
+    write_dataset(tmp_path / "ras", cases=2, seed=3, shape=(24, 20, 6), spacing=(1.5, 1.5, 4.0))
+    expected = VolumeDataset(find_cases(tmp_path / "ras", require_labels=True), cache="none")
+    for storage in STORAGES:
+        root = write_storage(tmp_path / "ras", tmp_path / storage, storage)
+        items = VolumeDataset(find_cases(root, require_labels=True), cache="none")
+        for want, got in zip(expected, items, strict=True):
+            assert got["case_id"] == want["case_id"], storage
+            torch.testing.assert_close(got["image"], want["image"], msg=storage)
+            assert torch.equal(got["label"], want["label"]), storage
+            assert got["geometry"].slices_last_spacing == want["geometry"].slices_last_spacing

@@ -61,7 +61,7 @@ def test_plan_refuses_fewer_training_cases_than_ranks(tmp_path):
     write_dataset(tmp_path, cases=2, seed=0, shape=(24, 20, 4))
     cases = find_cases(tmp_path)
     with pytest.raises(DataError) as error:
-        plan_training_slices(cases, 3, 1.0, 0, "auto")
+        plan_training_slices(cases, 3, 1.0, 0, "auto", "RAS")
     assert str(error.value).startswith("2 training cases for 3 DDP processes: ")
     assert "at least 3 cases" in str(error.value)
 
