@@ -153,3 +153,25 @@ def test_review_threshold_is_calibrated_only_for_a_model_trained_with_flips():
     assert trained_for_flips(LADataModule(augmentation=AugmentationConfig(hflip=True, vflip=True)))
     assert not trained_for_flips(LADataModule(augmentation=AugmentationConfig(hflip=True)))
     assert not trained_for_flips(LADataModule())
+
+
+@pytest.mark.slow
+def test_calibration_sees_the_images_validation_saw(tmp_path, monkeypatch, synth_root):
+    """With data.intensity_headroom 1.0 (not the default 1.5) calibration scores the validation volumes
+    normalised, laid out and resized as training and validation had them: one distinct image per case."""
+    from la_seg.inference import Ensemble
+
+    monkeypatch.chdir(tmp_path)
+    seen: dict[bytes, tuple] = {}
+    segment = Ensemble.segment_volume
+
+    def recording(self, image, *args, **kwargs):
+        seen[image.cpu().numpy().tobytes()] = tuple(image.shape)
+        return segment(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(Ensemble, "segment_volume", recording)
+    main(["fit", *TINY, "--data.root", str(synth_root), "--data.intensity_headroom", "1.0",
+          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"])  # fmt: skip
+    run = tmp_path / "runs" / "demo" / "version_0"
+    record = stored_calibration(torch.load(run / "checkpoints" / "best.ckpt", weights_only=True))
+    assert len(record["how"]["validation_cases"]) == len(seen) >= 1
