@@ -45,6 +45,8 @@ def test_test_reads_the_data_set_the_run_was_trained_on(la_seg, tmp_path):
     _, err = la_seg("test", *TINY, "--ckpt_path", best)
     assert scored() == str(tmp_path / "coarse_data")
     assert f"read from data.root {tmp_path / 'coarse_data'}" in err
+    _, err = la_seg("validate", *TINY, "--ckpt_path", best)
+    assert f"read from data.root {tmp_path / 'coarse_data'}" in err
 
     # typed: another data set whose cases of the same ids differ is refused, naming both roots and a case
     _, err = la_seg("test", *TINY, "--ckpt_path", best, "--data.root", "demo_data", expect=2)
