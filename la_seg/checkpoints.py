@@ -317,6 +317,23 @@ def training_augmentation(checkpoint: dict) -> dict | None:
     return checkpoint.get(DATAMODULE_KEY, {}).get("augmentation")
 
 
+def trained_data(checkpoint: dict) -> dict[str, str | None]:
+    """The folders a checkpoint's split names cases of, {"root": ..., "test_root": ... or None} (absolute), or
+    {} for checkpoints written before la-seg recorded them: a run's data travels with its checkpoint. A
+    recorded folder that is gone is an error naming the option that says where it is now."""
+    split = checkpoint.get(DATAMODULE_KEY, {}).get("split") or {}
+    if not isinstance(split.get("root"), str):
+        return {}
+    trained = {"root": split["root"], "test_root": split.get("test_root")}
+    for field, folder in trained.items():
+        if folder is not None and not Path(folder).is_dir():
+            raise DataError(
+                f"{_name(checkpoint)} was trained on data.{field} {folder}, which does not exist here: pass "
+                f"--data.{field} with the folder that holds its cases now"
+            )
+    return trained
+
+
 def _run_name(checkpoint: dict) -> str:
     path = Path(checkpoint[SOURCE_KEY])
     return str(path.parent.parent) if path.parent.name == "checkpoints" else str(path)

@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ from la_seg.checkpoints import (
     network_settings,
     network_to_rebuild,
     stored_calibration,
+    trained_data,
     training_augmentation,
 )
 from la_seg.data.datamodule import LADataModule
@@ -174,6 +176,8 @@ class LASegCLI(LightningCLI):
         if len(self.member_paths) < 2:
             _continue_run_of(config, Path(ckpt), run_dir)
         apply_checkpoint_settings(config, checkpoint, self.given_options)
+        if self.subcommand in ("validate", "test"):
+            apply_checkpoint_data(config, checkpoint, self.given_options)
         check_tta_trained(config.model.tta, training_augmentation(checkpoint), f"checkpoint {ckpt}")
 
     def resolve_once(self, given: str, paths: list[str]) -> None:
@@ -253,10 +257,23 @@ def fit_summary(trainer, log_dir: str | None, given_options: list[str]) -> str:
         if getattr(callback, "last_model_path", ""):
             lines.append(f"  last epoch: {callback.last_model_path}")
         if best:
-            configs = [arg for i, arg in enumerate(given_options) if i and given_options[i - 1] == "--config"]
-            command = ["la-seg", "test", *(f"--config {c}" for c in configs), f"--ckpt_path {best}"]
-            lines.append("  next: " + " ".join(command) + " (add the --data options you gave fit)")
+            command = ["la-seg", "test", *replayed_options(given_options), "--ckpt_path", best]
+            lines.append("  next: " + shlex.join(command))
     return "\n".join(lines)
+
+
+REPLAYED = ("--config", "--data", "--model.net")  # what `test` needs of fit's options to run as fit did
+
+
+def replayed_options(given_options: list[str]) -> list[str]:
+    """fit's options that the printed test command repeats, as typed: the configs by the names given, the
+    data options, and the network's (equal to the checkpoint's, they are needed where a config's differ)."""
+    replayed = []
+    for i, arg in enumerate(given_options):
+        name = arg.split("=", 1)[0]
+        if any(name == option or name.startswith(f"{option}.") for option in REPLAYED):
+            replayed += [arg] if "=" in arg else given_options[i : i + 2]
+    return replayed
 
 
 def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]) -> None:
@@ -292,6 +309,19 @@ def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]
     apply_calibration(config, checkpoint, given_options)
     rebuilt = network_to_rebuild(checkpoint, net.weights)  # the one rule for the backbone's weights
     net.pretrained, net.weights = rebuilt.pretrained, rebuilt.weights
+
+
+def apply_checkpoint_data(config, checkpoint: dict, given_options: list[str]) -> None:
+    """validate / test read the split's cases from the folders the run was trained on, not the config's
+    data.root (another data set may share its case ids), unless --data.root or --data.test_root is typed."""
+    if any(on_command_line(f"data.{field}", given_options) for field in ("root", "test_root")):
+        return
+    trained = trained_data(checkpoint)
+    for field, folder in trained.items():
+        config.data[field] = folder
+    if trained:
+        where = ", ".join(f"data.{field} {folder}" for field, folder in trained.items() if folder)
+        _say(f"la-seg: the split's cases are read from {where}, where the run was trained")
 
 
 def apply_calibration(config, checkpoint: dict, given_options: list[str]) -> None:
@@ -472,20 +502,21 @@ def run(argv: list[str], from_command_line: bool) -> None:
         with suggesting_options():
             CLI(command, args=argv[1:], as_positional=False, **parser)
         return
-    argv = resolve_config_paths(argv)
+    typed, argv = argv, resolve_config_paths(argv)
     if from_command_line:  # DDP re-launches sys.argv: let it carry the resolved config paths
         sys.argv[1:] = argv
     subcommand = argv[0] if argv else ""
     with suggesting_options():
-        _lightning_cli(argv, from_command_line, subcommand)
+        _lightning_cli(argv, typed, from_command_line, subcommand)
 
 
-def _lightning_cli(argv: list[str], from_command_line: bool, subcommand: str) -> None:
+def _lightning_cli(argv: list[str], typed: list[str], from_command_line: bool, subcommand: str) -> None:
+    """`typed` is `argv` before configs were resolved: the names a printed command repeats."""
     LASegCLI(
         LASegModule,
         LADataModule,
         args=None if from_command_line else argv,
-        args_list=argv,
+        args_list=typed,
         # A test or predict run logs into the folder of the run it evaluates: keep that run's config.yaml.
         save_config_callback=None if subcommand == "predict" else SaveConfigCallback,  # logs nowhere
         save_config_kwargs={

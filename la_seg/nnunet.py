@@ -26,7 +26,14 @@ import numpy as np
 from la_seg.atomic import atomic_write_text, refuse_writing_into_inputs
 from la_seg.data.io import Geometry, read_case, write_nifti
 from la_seg.data.layouts import Case, Layout, find_cases
-from la_seg.data.split import cross_validation, listing, read_split_file
+from la_seg.data.split import (
+    PARTS,
+    check_same_cases,
+    cross_validation,
+    fingerprint,
+    listing,
+    read_split_file,
+)
 from la_seg.errors import DataError
 
 FILE_ENDING = ".nii.gz"
@@ -91,11 +98,13 @@ def nnunet_case_ids(case_ids: list[str]) -> dict[str, str]:
     return mapping
 
 
-def read_split(path: Path, known: set[str]) -> NnunetSplit:
+def read_split(path: Path, cases: dict[str, Case], root: Path) -> NnunetSplit:
     """The split.json of a la-seg run (la_seg.data.split reads it): its train/val, or with cross-validation
-    every fold of it, become nnU-Net's folds; its test cases stay out of training."""
+    every fold of it, become nnU-Net's folds; its test cases stay out of training. Its cases must be those of
+    `cases` (found under `root`), not others of the same ids."""
     source = f"split file {path}"
-    folds = cross_validation(read_split_file(path), source)
+    recorded = read_split_file(path)
+    folds = cross_validation(recorded, source)
     split = NnunetSplit(
         folds=[{part: fold.parts[part] for part in ("train", "val")} for fold in folds],
         test=folds[0].parts["test"],
@@ -103,9 +112,11 @@ def read_split(path: Path, known: set[str]) -> NnunetSplit:
     for index, fold in enumerate(split.folds):
         if not fold["val"]:
             raise DataError(f"{source}: fold {index} has no validation cases, which nnU-Net needs")
-    unknown = sorted((set(split.training) | set(split.test)) - known)
+    unknown = sorted((set(split.training) | set(split.test)) - set(cases))
     if unknown:
         raise DataError(f"{source} names {len(unknown)} case(s) not found in the data: {listing(unknown)}")
+    found = {part: {c: fingerprint(cases[c]) for c in recorded.parts[part]} for part in PARTS}
+    check_same_cases(recorded, found, dict.fromkeys(PARTS, str(root.absolute())), source)
     return split
 
 
@@ -132,10 +143,11 @@ def export_nnunet(
         )
     cases = {case.case_id: case for case in find_cases(data.root, data.layout, require_labels=True)}
     ids = nnunet_case_ids(list(cases))
-    plan = read_split(split, set(cases)) if split is not None else NnunetSplit([], [])
+    root = Path(data.root).expanduser()
+    plan = read_split(split, cases, root) if split is not None else NnunetSplit([], [])
     training = plan.training if split is not None else sorted(cases)
     target = Path(out).expanduser() / dataset_name
-    _check_target(target, Path(data.root).expanduser(), overwrite)
+    _check_target(target, root, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{dataset_name}."))
     try:

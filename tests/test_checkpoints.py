@@ -12,7 +12,7 @@ import torch
 from test_cli import TINY  # noqa: I001 (tests/ is on sys.path under pytest)
 
 from la_seg import cli
-from la_seg.checkpoints import find_run_checkpoint, load_checkpoint
+from la_seg.checkpoints import DATAMODULE_KEY, find_run_checkpoint, load_checkpoint, trained_data
 from la_seg.cli import LASegCLI, describe_error, main
 from la_seg.errors import DataError
 from la_seg.models.segmenter import SegmenterConfig
@@ -291,3 +291,13 @@ def test_loaded_once_as_data(context_ckpt, monkeypatch):
     module = LASegModule.load_from_checkpoint(context_ckpt)
     assert calls == [True] and module.hparams.slice_context
     assert load_checkpoint(context_ckpt)["hyper_parameters"]["slice_context"] is True
+
+
+def test_trained_data_is_the_recorded_folders(tmp_path):
+    def checkpoint(**recorded) -> dict:
+        return {DATAMODULE_KEY: {"split": {"train": ["a"], **recorded}}, "la_seg_loaded_from": "x.ckpt"}
+
+    assert trained_data(checkpoint()) == {}  # written before la-seg recorded its folders
+    assert trained_data(checkpoint(root=str(tmp_path))) == {"root": str(tmp_path), "test_root": None}
+    with pytest.raises(DataError, match=r"x\.ckpt was trained on data\.test_root .*gone.*--data\.test_root"):
+        trained_data(checkpoint(root=str(tmp_path), test_root=str(tmp_path / "gone")))

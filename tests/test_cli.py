@@ -14,7 +14,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from la_seg.cli import CONFIG_DIR, main, resolve_config_paths
+from la_seg.cli import CONFIG_DIR, main, replayed_options, resolve_config_paths
 
 SHIPPED = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 ABLATIONS = sorted(f"ablations/{p.name}" for p in (CONFIG_DIR / "ablations").glob("*.yaml"))
@@ -65,6 +65,16 @@ def test_config_names_resolve_to_shipped_files(tmp_path):
     assert resolved[2] == str(CONFIG_DIR / "giant.yaml")
     assert resolved[3] == f"--config={local}"
     assert resolved[5] == str(CONFIG_DIR / "base.yaml")
+
+
+def test_the_next_command_repeats_configs_data_and_network_options_as_typed():
+    fit = ["fit", "--config", "demo.yaml", "--config=mine.yaml", "--data.root", "my data", "--data.fold=2",
+           "--model.net.decoder_channels", "[8, 8]", "--model.lr", "0.1",
+           "--trainer.max_epochs", "1"]  # fmt: skip
+    assert replayed_options(fit) == [
+        "--config", "demo.yaml", "--config=mine.yaml", "--data.root", "my data", "--data.fold=2",
+        "--model.net.decoder_channels", "[8, 8]",
+    ]  # fmt: skip
 
 
 @pytest.fixture

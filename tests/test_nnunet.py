@@ -12,7 +12,7 @@ import pytest
 from la_seg.cli import main
 from la_seg.data.io import read_case, read_image, read_label
 from la_seg.data.layouts import Case, find_cases
-from la_seg.data.split import DataSplit, split_cases
+from la_seg.data.split import DataSplit, fingerprint, split_cases
 from la_seg.data.synthetic import write_dataset
 from la_seg.errors import DataError
 from la_seg.nnunet import ExportData, export_nnunet, nnunet_case_ids, write_case
@@ -117,6 +117,17 @@ def test_bad_split_files_are_refused_naming_the_file(synth_root, tmp_path, edit,
         export_nnunet(ExportData(synth_root), tmp_path / "raw", split=path)
     assert str(path) in str(error.value)
     assert not (tmp_path / "raw" / "Dataset501_LA").exists()
+
+
+def test_a_split_of_other_cases_with_the_same_ids_is_refused(synth_root, tmp_path):
+    other = tmp_path / "other"
+    write_dataset(other, cases=6, seed=9, shape=(20, 20, 4))  # synth_root's ids, other images
+    cases = {c.case_id: c for c in find_cases(other)}
+    found = {part: {c: fingerprint(cases[c]) for c in ids} for part, ids in SPLIT.items()}
+    path = write_split(tmp_path, record(root=str(other), fingerprints=found))
+    with pytest.raises(DataError, match=rf"{path} was made on the cases of {other}, but case 'train_\d' "):
+        export_nnunet(ExportData(synth_root), tmp_path / "raw", split=path)
+    export_nnunet(ExportData(other), tmp_path / "raw", split=path)  # the cases it was made on
 
 
 def test_case_ids_nnunet_cannot_take_are_renamed_with_a_map(tmp_path):

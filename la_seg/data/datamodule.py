@@ -47,7 +47,9 @@ from la_seg.data.split import (
     check_fractions,
     check_known,
     check_patients_kept_together,
+    check_same_cases,
     duplicate_images,
+    fingerprint,
     group_duplicates,
     parse_split,
     read_groups,
@@ -262,6 +264,7 @@ class LADataModule(L.LightningDataModule):
     def _read_split_file(self) -> DataSplit:
         source = f"data.split_file {self.split_file}"
         split = read_split_file(self.split_file, separate_test=self._test_cases is not None)
+        _note_unchecked(split, source)
         if self._test_cases is not None and not split.parts["test"]:
             split.parts["test"] = sorted(self._test_cases)
         patients = read_groups(self.groups, self._cases) if self.groups is not None else None
@@ -291,15 +294,30 @@ class LADataModule(L.LightningDataModule):
         return group_duplicates(patients, groups, self._cases)
 
     def _adopt(self, split: DataSplit, source: str) -> None:
-        """Hold `split` once every case it names in the loaded folders exists (the one unknown-case check)."""
+        """Hold `split` once its cases are found in the loaded folders."""
+        self._check_cases(split, source)
+        self.data_split = split
+        rank_zero_info(split.describe())
+
+    def _check_cases(self, split: DataSplit, source: str) -> None:
+        """The one check of a split's cases against the loaded folders: every case exists (check_known) and is
+        the image the split was made on (check_same_cases); then `split` records these folders and cases."""
         known = {}
         for part in split.parts:
             lookup, root = self._lookup(part)
             if lookup:  # a folder not loaded for this stage (e.g. data.root when testing on test_root)
                 known[part] = (lookup, root)
         check_known(split, known, source)
-        self.data_split = split
-        rank_zero_info(split.describe())
+        found = {
+            part: {case_id: fingerprint(lookup[case_id]) for case_id in split.parts[part]}
+            for part, (lookup, _) in known.items()
+        }
+        roots = {part: _absolute(root) for part, (_, root) in known.items()}
+        if split.fingerprints is not None:
+            check_same_cases(split, found, roots, source)
+        split.root = _absolute(self.root) if self._cases else None
+        split.test_root = _absolute(self.test_root) if self._test_cases is not None else None
+        split.fingerprints = found
 
     def _lookup(self, part: str) -> tuple[dict[str, Case], str | None]:
         if part == "test" and self._test_cases is not None:
@@ -354,9 +372,13 @@ class LADataModule(L.LightningDataModule):
             return
         source = "the split stored in the checkpoint"
         split = parse_split(stored, source, separate_test=self._test_cases is not None)
+        _note_unchecked(split, source)
         if self._test_cases is not None:
             split.parts["test"] = list(self.split["test"]) if self.split else sorted(self._test_cases)
-        if split == self.data_split:
+            (split.fingerprints or {}).pop("test", None)  # those of the stored test part, replaced here
+        if split == self.data_split:  # the same ids as setup() found: still checked to be the same cases
+            self._check_cases(split, source)
+            self.data_split = split
             return
         self._adopt(split, f"{source} (of another data set?)")
         if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
@@ -505,3 +527,15 @@ class CaseShards(DistributedSampler):
 
 def _by_id(cases: list[Case]) -> dict[str, Case]:
     return {case.case_id: case for case in cases}
+
+
+def _note_unchecked(split: DataSplit, source: str) -> None:
+    """One line where a recorded split cannot be checked against the cases found (written before la-seg
+    recorded fingerprints, or by hand)."""
+    if split.fingerprints is None:
+        rank_zero_info(f"{source} records no case fingerprints: its cases are taken by id, unchecked")
+
+
+def _absolute(folder: str | None) -> str | None:
+    """A folder as recorded in a split: absolute, so a later command run elsewhere finds it (links kept)."""
+    return str(Path(folder).expanduser().absolute()) if folder is not None else None

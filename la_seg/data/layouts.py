@@ -56,6 +56,11 @@ _UTAH_IMAGE = "lgemri.nrrd"
 _UTAH_LABEL = "laendo.nrrd"
 _LASCARQS_SCAR = "scarSegImgM.nii.gz"  # only task 1 has it
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+# Stems that name a file's role in its case folder, not a patient: a lone such file takes its folder's name.
+_FIXED_STEMS = frozenset(
+    name.lower().removesuffix(".nii.gz").removesuffix(".nrrd")
+    for name in (_LASCARQS_IMAGE, _LASCARQS_LABEL, _LASCARQS_SCAR, _UTAH_IMAGE, _UTAH_LABEL)
+)
 
 # What each layout looks for; quoted in the error when nothing matches, so a user sees what to fix.
 PATTERNS = {
@@ -398,6 +403,8 @@ def _find_files(root: Path) -> list[Case]:
         if match and match["channel"] != "0000" and f"{match['case']}_0000" in stems:
             continue  # an extra channel of an nnU-Net style case: only _0000 is the LGE image
         case_id = match["case"] if match and match["channel"] == "0000" else stem
+        if root.is_file() and stem.lower() in _FIXED_STEMS:  # train_7/enhanced.nii.gz is case train_7
+            case_id = Path(os.path.abspath(image)).parent.name
         cases.append(Case(case_id, image))
     return cases
 

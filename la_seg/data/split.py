@@ -20,19 +20,28 @@ import csv
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from la_seg.data.io import check_header
 from la_seg.errors import DataError
+
+if TYPE_CHECKING:
+    from la_seg.data.layouts import Case
 
 PARTS = ("train", "val", "test")
 GROUPS_REGEX_PREFIX = "regex:"
 GROUPS_CSV_HEADER = ("case_id", "patient_id")
 # Written beside the parts in split.json; read back so that a split.json used as data.split_file keeps them.
-_RECORD_KEYS = ("summary", "patients", "folds", "fold", "seed", "fractions")
+_RECORD_KEYS = (
+    "summary", "patients", "folds", "fold", "seed", "fractions", "root", "test_root", "fingerprints",
+)  # fmt: skip
+_FINGERPRINT_HEAD = 1 << 16  # bytes of an image file hashed into its fingerprint: its header and first voxels
 _SUM_TOLERANCE = 1e-6
 _SHOWN = 10  # ids quoted in an error message before "... (N more)"
 
@@ -172,6 +181,42 @@ def group_duplicates(patients: Mapping[str, str] | None, duplicates: Sequence[Se
     return merged
 
 
+# ------------------------------------------------------------------------------------------ fingerprints
+def fingerprint(case: Case) -> dict:
+    """What tells a case's image from another of the same id, cheaply (header and first 64 KiB, no voxel
+    decoded): shape and spacing as la-seg reads them, the file's size and the sha256 of its first bytes."""
+    with warnings.catch_warnings():  # find_cases gave the header's warnings already
+        warnings.simplefilter("ignore")
+        geometry = check_header(case.image_path, case.spacing)
+    with open(case.image_path, "rb") as handle:
+        head = hashlib.sha256(handle.read(_FINGERPRINT_HEAD)).hexdigest()
+    return {
+        "shape": [int(n) for n in geometry.shape],
+        "spacing": [float(s) for s in geometry.spacing],
+        "size_bytes": Path(case.image_path).stat().st_size,
+        "sha256_head": head,
+    }
+
+
+def check_same_cases(
+    split: DataSplit, found: Mapping[str, Mapping[str, dict]], roots: Mapping[str, str], source: str
+) -> None:
+    """Refuse `split` when a case it recorded differs from the case of that id found now (`found`: {part:
+    {case id: fingerprint}} under `roots`): another data set sharing the case ids would be scored silently."""
+    for part, cases in found.items():
+        recorded = (split.fingerprints or {}).get(part, {})
+        for case_id, now in cases.items():
+            then = recorded.get(case_id, {})
+            differing = [key for key in now if key in then and then[key] != now[key]]
+            if differing:
+                key = differing[0]
+                raise DataError(
+                    f"{source} was made on the cases of {split.root_of(part)}, but case {case_id!r} under "
+                    f"{roots[part]} is another image ({key} {then[key]} there, {now[key]} here): a different "
+                    "data set with the same case ids; use the data set the split was made on"
+                )
+
+
 # ------------------------------------------------------------------------------------------ random split
 def split_cases(
     case_ids: Iterable[str],
@@ -238,6 +283,10 @@ class DataSplit:
             checked for overlap with train/val nor grouped into patients).
         seed, fractions: how a random split was drawn (None for a split file): with them one fold's record
             rebuilds every fold of its cross-validation (`cross_validation`).
+        root, test_root: the absolute folders whose cases the parts name (test_root: the test part's, when
+            it is a separate folder); None in records of older la-seg versions.
+        fingerprints: {part: {case id: fingerprint(case)}} of the cases the split was made on, so that it is
+            never applied to other cases of the same ids (`check_same_cases`); None in older records.
     """
 
     parts: dict[str, list[str]]
@@ -247,6 +296,13 @@ class DataSplit:
     separate_test: bool = field(default=False, compare=False)
     seed: int | None = field(default=None, compare=False)
     fractions: tuple[float, float, float] | None = field(default=None, compare=False)
+    root: str | None = field(default=None, compare=False)
+    test_root: str | None = field(default=None, compare=False)
+    fingerprints: dict[str, dict[str, dict]] | None = field(default=None, compare=False)
+
+    def root_of(self, part: str) -> str | None:
+        """The folder whose cases `part` names."""
+        return self.test_root if part == "test" and self.test_root is not None else self.root
 
     def summary(self) -> dict[str, dict[str, int]]:
         """{part: {"patients": n, "cases": m}}."""
@@ -275,6 +331,9 @@ class DataSplit:
             record |= {"seed": self.seed, "fractions": list(self.fractions)}
         if self.patients is not None:
             record["patients"] = dict(sorted(self.patients.items()))
+        for key in ("root", "test_root", "fingerprints"):
+            if getattr(self, key) is not None:
+                record[key] = getattr(self, key)
         return record
 
 
@@ -323,7 +382,17 @@ def parse_split(data: object, source: str, separate_test: bool = False) -> DataS
         fractions = check_fractions(fractions) if isinstance(fractions, list) else fractions
         if not isinstance(fractions, tuple):
             raise DataError(f"{source}: 'fractions' must be a list of three numbers, got {fractions!r}")
-    return DataSplit(parts, patients, folds, fold, separate_test, seed, fractions)
+    roots = [data.get(key) for key in ("root", "test_root")]
+    if not all(root is None or isinstance(root, str) for root in roots):
+        raise DataError(f"{source}: 'root' and 'test_root' must be folder paths, got {roots}")
+    fingerprints = data.get("fingerprints")
+    if fingerprints is not None and not (
+        isinstance(fingerprints, dict)
+        and all(isinstance(cases, dict) for cases in fingerprints.values())
+        and all(isinstance(f, dict) for cases in fingerprints.values() for f in cases.values())
+    ):
+        raise DataError(f"{source}: 'fingerprints' must map each part to {{case id: fingerprint}}")
+    return DataSplit(parts, patients, folds, fold, separate_test, seed, fractions, *roots, fingerprints)
 
 
 def read_split_file(path: str | Path, separate_test: bool = False) -> DataSplit:

@@ -142,6 +142,22 @@ def test_state_dict_round_trip(roots):
     assert set(LADataModule().state_dict()) == {"augmentation"}  # no split before setup
 
 
+def test_stored_split_of_other_cases_with_the_same_ids_is_refused(roots, tmp_path):
+    write_dataset(tmp_path / "other", cases=6, seed=5, shape=(40, 36, 6))  # roots[0]'s ids, other images
+    trained = _dm(roots[0])
+    trained.setup("fit")
+    state = trained.state_dict()
+    assert state["split"]["root"] == str(roots[0].absolute())
+    assert set(state["split"]["fingerprints"]["test"]) == set(trained.split["test"])
+    other = _dm(tmp_path / "other")
+    other.setup("test")  # the same ids, so the same random split: the cases are checked all the same
+    with pytest.raises(DataError, match=rf"checkpoint.*{roots[0]}.*case 'train_\d'.*{tmp_path / 'other'}"):
+        other.load_state_dict(state)
+    old = {"augmentation": state["augmentation"], "split": {p: trained.split[p] for p in PARTS}}
+    other.load_state_dict(old)  # written before fingerprints: taken by id
+    assert other.split == trained.split
+
+
 def test_stored_split_unknown_cases(roots):
     dm = _dm(roots[0])
     dm.setup("fit")

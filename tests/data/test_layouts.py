@@ -202,6 +202,15 @@ def test_files_single_file(tmp_path):
     assert find_cases(path, "files") == [Case("scan", path)]
 
 
+@pytest.mark.parametrize("name", ["enhanced.nii.gz", "lgemri.nrrd", "LGEMRI.nrrd", "enhanced.nii"])
+def test_lone_layout_file_is_named_after_its_folder(tmp_path, name, monkeypatch):
+    write = _nrrd if name.lower().endswith(".nrrd") else _nifti
+    path = write(tmp_path / "train_7" / name)
+    assert [c.case_id for c in find_cases(path)] == ["train_7"]
+    monkeypatch.chdir(path.parent)  # as typed: `--data.predict_root enhanced.nii.gz` inside the case folder
+    assert [c.case_id for c in find_cases(Path(name))] == ["train_7"]
+
+
 def test_files_rejects_non_volume_file(tmp_path):
     path = tmp_path / "scan.txt"
     path.write_text("hello")

@@ -2,14 +2,18 @@ import json
 
 import pytest
 
+from la_seg.data.layouts import Case
 from la_seg.data.split import (
     PARTS,
     DataSplit,
     check_patients_kept_together,
+    check_same_cases,
+    fingerprint,
     parse_split,
     read_groups,
     split_cases,
 )
+from la_seg.data.synthetic import write_dataset
 from la_seg.errors import DataError
 
 IDS = [f"case_{i:03d}" for i in range(130)]
@@ -196,6 +200,25 @@ def test_record_summary_and_round_trip():
     )
 
 
+def test_record_keeps_its_folders_and_fingerprints(tmp_path):
+    write_dataset(tmp_path / "a", cases=2, seed=0, shape=(12, 10, 4))
+    write_dataset(tmp_path / "b", cases=2, seed=1, shape=(12, 10, 4))  # the same ids and geometry
+    case = {root: Case("train_1", tmp_path / root / "train_1" / "enhanced.nii.gz") for root in "ab"}
+    found = {"train": {"train_1": fingerprint(case["a"])}}
+    parts = {"train": ["train_1"], "val": [], "test": []}
+    split = DataSplit(parts, root=str(tmp_path / "a"), fingerprints=found)
+    record = parse_split(json.loads(json.dumps(split.to_record())), "split.json")
+    assert (record.root, record.test_root, record.fingerprints) == (split.root, None, found)
+    assert found["train"]["train_1"]["shape"] == [12, 10, 4]
+    check_same_cases(record, found, {"train": "copy"}, "split.json")  # the same image: accepted
+    other = {"train": {"train_1": fingerprint(case["b"])}}
+    with pytest.raises(DataError) as error:
+        check_same_cases(record, other, {"train": str(tmp_path / "b")}, "split.json")
+    message = str(error.value)
+    assert "\n" not in message and "'train_1'" in message
+    assert str(tmp_path / "a") in message and str(tmp_path / "b") in message
+
+
 def test_old_records_hold_only_the_parts():
     split = parse_split({"train": ["b", "a"], "val": ["c"]}, "old.ckpt")
     assert split.parts == {"train": ["a", "b"], "val": ["c"], "test": []}
@@ -212,6 +235,8 @@ def test_old_records_hold_only_the_parts():
         ({"train": [], "val": ["a"]}, "no training"),
         ({"train": ["a"], "patients": ["a"]}, "'patients' must map"),
         ({"train": ["a"], "folds": "5"}, "integers"),
+        ({"train": ["a"], "root": 3}, "folder paths"),
+        ({"train": ["a"], "fingerprints": {"train": ["a"]}}, "'fingerprints' must map"),
         (["a"], "JSON object"),
     ],
 )
