@@ -43,7 +43,7 @@ NETWORK_FIELDS = (
     "stem_channels",
 )
 # Choices that may change after training; they are recorded with the results instead.
-INFERENCE_FIELDS = ("threshold", "tta", "postprocess", "eval_batch_size", "review_below")
+INFERENCE_FIELDS = ("threshold", "tta", "postprocess", "eval_batch_size", "review_below", "plausibility")
 # The inference settings chosen on the validation cases at the end of fit (la_seg.callbacks.calibration):
 # a checkpoint's `CALIBRATION_KEY` holds {"settings": {field: value}, "how": {...}}. At validate / test /
 # predict they replace the config's values, unless given on the command line (--model.threshold ...).
@@ -374,6 +374,14 @@ def write_calibration(path: str | Path, record: dict) -> None:
     checkpoint.pop(SOURCE_KEY, None)
     checkpoint[CALIBRATION_KEY] = record
     save_checkpoint_file(checkpoint, path)
+
+
+def best_validation_dice(checkpoint: dict) -> float | None:
+    """The best val/dice its run had reached when `checkpoint` was written (its ModelCheckpoint's record), or
+    None where no checkpoint callback monitored val/dice."""
+    states = [s for s in checkpoint.get("callbacks", {}).values() if isinstance(s, dict)]
+    scores = [s.get("best_model_score") for s in states if s.get("monitor") == "val/dice"]
+    return max((float(score) for score in scores if score is not None), default=None)
 
 
 # ---- finding a run's checkpoint ----------------------------------------------------------------------------

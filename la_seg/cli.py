@@ -39,6 +39,7 @@ from la_seg.checkpoints import (
     SHARED_INPUT_FIELDS,
     DataOnlyCheckpointIO,
     SameCheckpointOnEveryRank,
+    best_validation_dice,
     check_member_input,
     check_one_cross_validation,
     check_settings,
@@ -58,6 +59,7 @@ from la_seg.errors import DataError
 from la_seg.inference import check_tta_trained
 from la_seg.models.segmenter import SegmenterConfig
 from la_seg.module import LASegModule, load_member
+from la_seg.plausibility import low_dice_warning
 from la_seg.runtime import apply_cpu_precision, configure_threads, on_command_line, quiet_lightning
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -178,6 +180,8 @@ class LASegCLI(LightningCLI):
         apply_checkpoint_settings(config, checkpoint, self.given_options)
         if self.subcommand in ("validate", "test"):
             apply_checkpoint_data(config, checkpoint, self.given_options)
+        if self.subcommand != "fit":
+            warn_if_low_dice(checkpoint, str(ckpt), config.model.plausibility.min_val_dice)
         check_tta_trained(config.model.tta, training_augmentation(checkpoint), f"checkpoint {ckpt}")
 
     def resolve_once(self, given: str, paths: list[str]) -> None:
@@ -211,6 +215,7 @@ class LASegCLI(LightningCLI):
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero and not self.trainer.interrupted:
             print(fit_summary(self.trainer, log_dir, self.given_options))
+            warn_if_fit_failed(self.trainer, log_dir)
 
     def instantiate_trainer(self, **kwargs):
         """Every checkpoint Lightning reads goes through la-seg's data-only loader (a trainer plugin), unless
@@ -242,6 +247,7 @@ class LASegCLI(LightningCLI):
                 augmentation = training_augmentation(checkpoint)
                 check_tta_trained(self.model.hparams.tta, augmentation, f"checkpoint {path}")
                 check_member_input(checkpoint, {f: self.model.hparams[f] for f in SHARED_INPUT_FIELDS})
+                warn_if_low_dice(checkpoint, path, self.model.plausibility.min_val_dice)
                 self.model.add_member(load_member(path, weights, checkpoint))
 
 
@@ -274,6 +280,27 @@ def replayed_options(given_options: list[str]) -> list[str]:
         if any(name == option or name.startswith(f"{option}.") for option in REPLAYED):
             replayed += [arg] if "=" in arg else given_options[i : i + 2]
     return replayed
+
+
+def warn_if_fit_failed(trainer, log_dir: str | None) -> None:
+    """One warning line after fit's summary when the best val/dice is below a working model's floor
+    (model.plausibility.min_val_dice)."""
+    scores = [
+        float(callback.best_model_score)
+        for callback in trainer.checkpoint_callbacks
+        if getattr(callback, "monitor", None) == "val/dice" and callback.best_model_score is not None
+    ]
+    floor = trainer.lightning_module.plausibility.min_val_dice
+    warning = low_dice_warning(max(scores, default=None), floor, f"run {log_dir}")
+    if warning:
+        _say(warning)
+
+
+def warn_if_low_dice(checkpoint: dict, path: str, floor: float) -> None:
+    """validate / test / predict from a checkpoint of a run that did not train repeat fit's warning, once."""
+    warning = low_dice_warning(best_validation_dice(checkpoint), floor, f"the run of checkpoint {path}")
+    if warning:
+        _say(warning)
 
 
 def apply_checkpoint_settings(config, checkpoint: dict, given_options: list[str]) -> None:

@@ -22,6 +22,7 @@ from la_seg.data.io import AFFINE_TOLERANCE_MM, Volume, read_image, read_label
 from la_seg.data.layouts import Layout, find_cases
 from la_seg.errors import DataError
 from la_seg.metrics import case_metrics, summarise
+from la_seg.plausibility import Plausibility, case_reasons, review_fields
 from la_seg.report import REPORT_COLUMNS, SUFFIXES, format_table, write_report
 
 REPORT_STEM = "test_metrics"  # in a folder of its own (--out), replaced only with --overwrite
@@ -57,6 +58,7 @@ def evaluate(
     label: int | None = None,
     missing: Literal["error", "fail"] = "error",
     overwrite: bool = False,
+    plausibility: Plausibility = Plausibility(),  # noqa: B008 (frozen)
 ) -> tuple[list[dict], dict]:
     """Score a folder of masks against references, writing test_metrics.{csv,json} and printing the table.
 
@@ -69,6 +71,7 @@ def evaluate(
         label: the prediction value that marks the LA in multi-label masks; default: every value > 0.
         missing: a reference without a prediction: `error` refuses, `fail` scores it as an empty mask.
         overwrite: replace an earlier report in --out.
+        plausibility: --plausibility.* (la_seg.plausibility): a mask outside it is flagged for review.
     """
     pred, ref = Path(pred).expanduser(), Path(ref).expanduser()
     for option, path in (("--pred", pred), ("--ref", ref)):
@@ -83,7 +86,7 @@ def evaluate(
     _check_out(out_dir, (pred, ref), overwrite)
     values: set[float] = set()  # every value found in the predictions
     rows = [
-        score_case(case_id, path, references[case_id], label, metrics.empty_distance, values)
+        score_case(case_id, path, references[case_id], label, metrics.empty_distance, values, plausibility)
         for case_id, path in pairs.items()
     ]
     if label is not None and label not in values:
@@ -160,9 +163,11 @@ def score_case(
     label: int | None,
     empty_distance: str,
     values: set[float] | None = None,
+    plausibility: Plausibility = Plausibility(),  # noqa: B008 (frozen)
 ) -> dict:
-    """One report row: the prediction against its reference on the reference's grid and spacing; the values
-    found in the prediction are added to `values`."""
+    """One report row: the prediction against its reference on the reference's grid and spacing, flagged for
+    review where `plausibility` says it cannot be right; the values found in the prediction are added to
+    `values`."""
     # the file's own grid (predictions are written on it), la-seg's spacing and slice axis
     truth = read_label(reference.path, reference.spacing, label_values=reference.label_values)
     geometry = truth.geometry
@@ -174,14 +179,18 @@ def score_case(
         mask = binarise_prediction(prediction, label)
         if values is not None:
             values.update(np.unique(prediction.data).tolist())
+    pred = torch.from_numpy(geometry.to_slices_last(mask))
+    spacing, voxel_mm3 = geometry.slices_last_spacing, geometry.voxel_volume_mm3
     row = case_metrics(
-        torch.from_numpy(geometry.to_slices_last(mask)),
+        pred,
         torch.from_numpy(geometry.to_slices_last(truth.data.astype(bool))),
-        geometry.slices_last_spacing,
+        spacing,
         empty_distance=empty_distance,
-        voxel_mm3=geometry.voxel_volume_mm3,
+        voxel_mm3=voxel_mm3,
     )
-    return {"case_id": case_id, **row}
+    reasons = case_reasons(pred, spacing, voxel_mm3, settings=plausibility)
+    source = pred_path if pred_path is not None else "no prediction"
+    return {"case_id": case_id, **row, "source": str(source), **review_fields(reasons)}
 
 
 def check_label_present(

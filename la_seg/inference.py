@@ -33,6 +33,7 @@ from la_seg.data.preprocess import InPlane, SliceGrid, restore_geometry, slice_g
 from la_seg.errors import DataError
 from la_seg.metrics import overlap_3d, volume_ml
 from la_seg.models.segmenter import LASegmenter
+from la_seg.plausibility import disagreement_reasons
 
 TTA = Literal["none", "flips", "rot180"]
 # In-plane flips of a (N, C, H, W) model input, H and W being the volume's X and Y (see slices_to_input).
@@ -94,6 +95,7 @@ class Agreement(TypedDict):
     volumes_ml: list[float]  # LA volume of each voter's mask
     volume_spread_ml: float  # max - min of volumes_ml
     mean_pairwise_dice: float  # mean 3D Dice over all voter pairs (both empty counts as 1)
+    review_below: float  # the level it was judged by
     review: bool  # mean_pairwise_dice < review_below
 
 
@@ -117,6 +119,8 @@ class VolumeResult:
     # With keep_logits: the first member's unflipped float32 (Z, S, S) slice logits in model geometry, which
     # its training loss is computed on (whatever else votes).
     logits: Tensor | None = None
+    # Why the mask cannot be right (la_seg.plausibility), filled by the caller that post-processes it.
+    review_reasons: list[str] = field(default_factory=list)
 
     def agreement(
         self, spacing: Sequence[float], review_below: float = REVIEW_BELOW, voxel_mm3: float | None = None
@@ -147,7 +151,8 @@ def case_agreement(
         volumes_ml=volumes,
         volume_spread_ml=max(volumes) - min(volumes),
         mean_pairwise_dice=mean_dice,
-        review=mean_dice < review_below,
+        review_below=review_below,
+        review=bool(disagreement_reasons(mean_dice, review_below)),
     )
 
 

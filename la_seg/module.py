@@ -45,6 +45,7 @@ from la_seg.inference import (
 )
 from la_seg.metrics import gather_cases
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
+from la_seg.plausibility import Plausibility, case_reasons
 
 # Largest chunk segment_volume runs on CPU. A CPU forward is compute-bound from a few slices on; bigger chunks
 # only add GB-sized activations that the allocator maps and page-faults afresh for every op (base at 448 px,
@@ -60,6 +61,7 @@ class EvalOutput(TypedDict):
     label: torch.Tensor  # bool, same layout
     geometry: Geometry
     agreement: NotRequired[Agreement | None]  # with an ensemble or test-time flips: how far the voters agree
+    review_reasons: NotRequired[list[str]]  # why the mask cannot be right (la_seg.plausibility)
 
 
 class PredictOutput(TypedDict):
@@ -71,6 +73,7 @@ class PredictOutput(TypedDict):
     geometry: Geometry
     uncertainty: NotRequired[torch.Tensor | None]  # float32 voters' variance (ensemble or TTA), else None
     agreement: NotRequired[Agreement | None]  # per-case agreement of the voters, else None
+    review_reasons: NotRequired[list[str]]  # why the mask cannot be right (la_seg.plausibility)
 
 
 class LASegModule(L.LightningModule):
@@ -103,6 +106,9 @@ class LASegModule(L.LightningModule):
             the same way in validation, test and predict.
         review_below: with several voters (an ensemble, `tta: flips` or `rot180`), a case is flagged for
             review when their mean pairwise Dice is below this.
+        plausibility: what a plausible LA mask looks like (volume range, border, components) and the
+            validation Dice floor of a working model (la_seg.plausibility); a case outside it is flagged for
+            review with the reason.
         save_backbone: store a frozen backbone's weights in every checkpoint (self-contained, but a
             giant checkpoint is 4.5 GB); by default only its name, source and fingerprint are stored.
             A trained or randomly initialised backbone is always stored: it has no other source.
@@ -128,6 +134,7 @@ class LASegModule(L.LightningModule):
         tta: TTA = "none",
         postprocess: Postprocess = "none",
         review_below: float = REVIEW_BELOW,
+        plausibility: Plausibility = Plausibility(),  # noqa: B008 (frozen)
         save_backbone: bool = False,
         compile: bool = False,
     ) -> None:
@@ -144,7 +151,16 @@ class LASegModule(L.LightningModule):
         check_orientation(orientation, "data.orientation (model.orientation)")
         if isinstance(net, dict):  # hparams read back from YAML
             net = SegmenterConfig(**net)
-        self.save_hyperparameters({**locals_without_self(locals()), "net": dataclasses.asdict(net)})
+        if isinstance(plausibility, dict):
+            plausibility = Plausibility(**plausibility)
+        self.save_hyperparameters(
+            {
+                **locals_without_self(locals()),
+                "net": dataclasses.asdict(net),
+                "plausibility": dataclasses.asdict(plausibility),
+            }
+        )
+        self.plausibility = plausibility
         self.net_config = net
         self.net = LASegmenter(net)
         # MONAI is imported only where used: `la-seg predict --help` should not pay for it.
@@ -247,13 +263,18 @@ class LASegModule(L.LightningModule):
         image: torch.Tensor,
         spacing: tuple[float, float, float] | None = None,
         keep_logits: bool = False,
+        voxel_mm3: float | None = None,
     ) -> VolumeResult:
         """Whole-volume inference of the ensemble (one member: the module's net) with the configured flips;
-        the mask post-processed. `spacing`: mm per voxel, slices last (needed with in_plane "spacing").
+        the mask post-processed. `spacing`: mm per voxel, slices last (needed with in_plane "spacing"; with
+        it, and `voxel_mm3` where known, `review_reasons` says why the mask cannot be right).
         `keep_logits`: also the module's own net's unflipped slice logits (for the evaluation loss)."""
         threshold, chunk, tta = self.hparams.threshold, self.eval_chunk(image.device), self.hparams.tta
         result = self.ensemble().segment_volume(image, threshold, chunk, tta, spacing, keep_logits)
-        result.mask = self.postprocess(result.mask)
+        mask = self.postprocess(result.mask)
+        if spacing is not None:  # the component rule judges the mask before post-processing hides it
+            result.review_reasons = case_reasons(mask, spacing, voxel_mm3, result.mask, self.plausibility)
+        result.mask = mask
         return result
 
     def postprocess(self, mask: torch.Tensor) -> torch.Tensor:
@@ -300,8 +321,8 @@ class LASegModule(L.LightningModule):
         """The loss is the module's own net's (the first member, unflipped), whatever votes: it stays the
         training loss on the model's slices, comparable with training and with single-model runs."""
         image, label, geometry = batch["image"], batch["label"], batch["geometry"]
-        spacing = geometry.slices_last_spacing
-        result = self.infer(image, spacing, keep_logits=True)
+        spacing, voxel_mm3 = geometry.slices_last_spacing, getattr(geometry, "voxel_volume_mm3", None)
+        result = self.infer(image, spacing, keep_logits=True, voxel_mm3=voxel_mm3)
         loss = float(self.eval_loss(result.logits, label, spacing))
         self._case_losses.append({"case_id": batch["case_id"], "loss": loss})
         return EvalOutput(
@@ -309,11 +330,8 @@ class LASegModule(L.LightningModule):
             pred=result.mask,
             label=label.bool(),
             geometry=geometry,
-            agreement=result.agreement(
-                geometry.slices_last_spacing,
-                self.review_below(),
-                voxel_mm3=getattr(geometry, "voxel_volume_mm3", None),
-            ),
+            agreement=result.agreement(spacing, self.review_below(), voxel_mm3=voxel_mm3),
+            review_reasons=result.review_reasons,
         )
 
     def _log_case_loss(self, stage: str) -> None:
@@ -344,18 +362,16 @@ class LASegModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> PredictOutput:
         geometry = batch["geometry"]
-        result = self.infer(batch["image"], geometry.slices_last_spacing)
+        spacing, voxel_mm3 = geometry.slices_last_spacing, getattr(geometry, "voxel_volume_mm3", None)
+        result = self.infer(batch["image"], spacing, voxel_mm3=voxel_mm3)
         return PredictOutput(
             case_id=batch["case_id"],
             mask=result.mask,
             prob=result.prob,
             geometry=geometry,
             uncertainty=result.uncertainty,
-            agreement=result.agreement(
-                geometry.slices_last_spacing,
-                self.review_below(),
-                voxel_mm3=getattr(geometry, "voxel_volume_mm3", None),
-            ),
+            agreement=result.agreement(spacing, self.review_below(), voxel_mm3=voxel_mm3),
+            review_reasons=result.review_reasons,
         )
 
     # ---- checkpoints (the format lives in la_seg/checkpoints.py) ------------------------------------------

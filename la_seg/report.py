@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from la_seg.atomic import remove_stale_temp_files, write_csv, write_json
+from la_seg.plausibility import REVIEW_COLUMNS, review_line
 
 REPORT_COLUMNS = ("case_id", "dice", "iou", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml")
 METRIC_KEYS = REPORT_COLUMNS[1:]
@@ -37,13 +38,18 @@ def write_report(
 ) -> list[Path]:
     """`<stem>.csv` (a plain table: one row per case, read as is by pandas, spreadsheets and csv.DictReader)
     and `<stem>.json` (header, cases, summary with mean, sd and n), both written atomically; returns them.
-    `agreements` (case id -> the voters' Agreement) go into the JSON cases that have one."""
+    Rows carry REVIEW_COLUMNS (la_seg.plausibility). `agreements` (case id -> the voters' Agreement) go into
+    the JSON cases that have one."""
     out_dir = Path(out_dir)
     remove_stale_temp_files(out_dir)
     csv_path, json_path = (out_dir / f"{stem}{suffix}" for suffix in SUFFIXES)
-    body = [[row["case_id"], *(_fmt(row[k]) for k in METRIC_KEYS), int(row["failed"])] for row in rows]
-    write_csv(csv_path, [*REPORT_COLUMNS, "failed"], body)
-    cases = [{k: row[k] for k in (*REPORT_COLUMNS, "failed", "slice_dice", "slice_iou")} for row in rows]
+    body = [
+        [row["case_id"], *(_fmt(row[k]) for k in METRIC_KEYS), int(row["failed"]), *_review(row)]
+        for row in rows
+    ]
+    write_csv(csv_path, [*REPORT_COLUMNS, "failed", *REVIEW_COLUMNS], body)
+    keys = (*REPORT_COLUMNS, "failed", *REVIEW_COLUMNS, "slice_dice", "slice_iou")
+    cases = [{k: row[k] for k in keys} for row in rows]
     for case in cases:
         if case["case_id"] in (agreements or {}):
             case["agreement"] = agreements[case["case_id"]]
@@ -52,7 +58,8 @@ def write_report(
 
 
 def format_table(rows: list[dict], summary: dict, header: dict[str, Any]) -> str:
-    """The per-case table printed after `la-seg test`; ends with the checkpoint and the n/failed counts."""
+    """The per-case table printed after `la-seg test`, a line per case flagged for review; ends with the
+    checkpoint and the n/failed/review counts."""
     width = max([len("case"), *(len(str(r["case_id"])) for r in rows)]) + 2
     titles, widths = ("Dice", "IoU", "HD95mm", "ASSDmm", "V_pred mL", "V_ref mL"), (8, 8, 9, 9, 11, 10)
 
@@ -73,9 +80,16 @@ def format_table(rows: list[dict], summary: dict, header: dict[str, Any]) -> str
         f"over {summary['slice_dice']['n']} slices",
         f"failed (empty prediction or reference): {cases['failed']}; their HD95/ASSD: {failed_rule}",
         f"checkpoint: {header.get('checkpoint')}",
-        f"n = {cases['n']} cases, failed = {cases['failed']}",
     ]
+    flagged = [row for row in rows if row["review"]]
+    lines += [review_line(row["case_id"], row["source"], row["review_reason"]) for row in flagged]
+    lines.append(f"n = {cases['n']} cases, failed = {cases['failed']}, review = {len(flagged)}")
     return "\n".join(lines)
+
+
+def _review(row: dict) -> tuple[int, str]:
+    """The review flag as 0/1, as `failed` is written, and its reason."""
+    return int(row["review"]), row["review_reason"]
 
 
 def _fmt(value: float) -> str:

@@ -17,6 +17,7 @@ from la_seg.errors import DataError
 from la_seg.inference import EnsembleMember
 from la_seg.metrics import overlap_3d
 from la_seg.module import LASegModule, warmup_cosine_schedule
+from la_seg.plausibility import Plausibility
 
 
 def slice_batch(root, img_size, n=8):
@@ -292,6 +293,7 @@ def test_inference_settings_are_exposed(tiny_net):
         "postprocess": "largest_component",
         "eval_batch_size": 32,
         "review_below": 0.9,
+        "plausibility": dataclasses.asdict(Plausibility()),
         "weights": None,
         "calibration": None,
     }

@@ -41,6 +41,7 @@ from la_seg.checkpoints import load_checkpoint, write_calibration
 from la_seg.errors import DataError
 from la_seg.inference import POSTPROCESSING, case_agreement, check_tta_trained, postprocess_mask
 from la_seg.metrics import overlap_3d, surface_distances
+from la_seg.plausibility import case_reasons
 
 # The test-time augmentations with several voters, each calibrated a review threshold of its own.
 REVIEW_TTA = ("flips", "rot180")
@@ -101,17 +102,23 @@ class InferenceCalibration(L.Callback):
         if trainer.is_global_zero:
             with trainer.precision_plugin.forward_context():
                 record = self.calibrate(pl_module, trainer.datamodule, path)
-            write_calibration(path, record)
-            chosen = record["settings"]
-            rank_zero_info(
-                f"calibration on {len(cases)} validation cases: threshold {chosen['threshold']}, postprocess "
-                f"{chosen['postprocess']}, review_below {chosen['review_below']:.4f}; stored in {path}"
-            )
+            if record["settings"] is None:
+                rank_zero_warn(f"calibration: {record['how']['refused']}; the configured settings apply")
+            else:
+                write_calibration(path, record)
+                chosen = record["settings"]
+                rank_zero_info(
+                    f"calibration on {len(cases)} validation cases: threshold {chosen['threshold']}, "
+                    f"postprocess {chosen['postprocess']}, review_below {chosen['review_below']:.4f}; "
+                    f"stored in {path}"
+                )
         trainer.strategy.barrier("la_seg_calibration")
 
     @torch.no_grad()
     def calibrate(self, pl_module, datamodule, path: str) -> dict:
-        """The record for `path`'s weights (loaded into `pl_module`) on the data module's validation cases."""
+        """The record for `path`'s weights (loaded into `pl_module`) on the data module's validation cases;
+        its settings are None when no setting gives plausible masks on every case (`how.refused` says why).
+        Prints a line per case segmented: on large validation sets this takes minutes."""
         checkpoint = load_checkpoint(path)
         pl_module.on_load_checkpoint(checkpoint)
         pl_module.load_state_dict(checkpoint["state_dict"])
@@ -121,21 +128,28 @@ class InferenceCalibration(L.Callback):
         thresholds = sorted({*self.thresholds, configured})
         combos = list(itertools.product(thresholds, POSTPROCESSING))
         scores: dict[tuple[float, str], list[tuple[float, float, float | None]]] = {c: [] for c in combos}
+        implausible: dict[tuple[float, str], dict[str, str]] = {c: {} for c in combos}  # case id -> why
         volumes = []  # per case, on the CPU: what the flips need again
         ensemble, device = pl_module.ensemble(), pl_module.device
         chunk, tta = pl_module.eval_chunk(device), pl_module.hparams.tta
-        for item in dataset:
+        for n, item in enumerate(dataset, start=1):
             image, label = item["image"].to(device), item["label"].to(device).bool()
-            spacing = item["geometry"].slices_last_spacing
+            geometry = item["geometry"]
+            spacing, voxel_mm3 = geometry.slices_last_spacing, getattr(geometry, "voxel_volume_mm3", None)
             prob = ensemble.segment_volume(image, 0.5, chunk, tta, spacing).prob
             reference = float(label.sum())  # LA voxels: the volume error is a ratio of counts
             for threshold, post in combos:
-                mask = postprocess_mask(prob > threshold, post)
+                raw = prob > threshold
+                mask = postprocess_mask(raw, post)
                 dice = overlap_3d(mask, label)[0]
                 hd95 = surface_distances(mask, label, spacing)[0]  # NaN for an empty mask: left out
                 volume_error = 100.0 * (float(mask.sum()) / reference - 1.0) if reference else None
                 scores[(threshold, post)].append((dice, hd95, volume_error))
+                reasons = case_reasons(mask, spacing, voxel_mm3, raw, pl_module.plausibility)
+                if reasons:
+                    implausible[(threshold, post)][item["case_id"]] = "; ".join(reasons)
             volumes.append((item["image"], spacing))
+            rank_zero_info(f"calibration: {n}/{len(dataset)} validation cases segmented ({item['case_id']})")
         table = {
             f"{t}/{p}": {
                 "dice": float(np.mean([d for d, _, _ in s])),
@@ -145,18 +159,30 @@ class InferenceCalibration(L.Callback):
                 # signed LA-volume error in % of the reference per validation case (None: no LA), what a
                 # clinician reads from the mask
                 "volume_error_pct": [None if v is None else round(v, 2) for _, _, v in s],
+                # validation cases whose mask cannot be right (la_seg.plausibility): never chosen
+                "implausible": implausible[(t, p)],
             }
             for (t, p), s in scores.items()
         }
-        threshold, post = choose(table, configured, self.tie_dice, self.dice_margin, self.volume_tolerance)
+        chosen = choose(table, configured, self.tie_dice, self.dice_margin, self.volume_tolerance)
+        if chosen is None:
+            (key, cases), *_ = sorted(table.items(), key=lambda kv: len(kv[1]["implausible"]))
+            case_id, why = next(iter(cases["implausible"].items()))
+            refused = (
+                f"no threshold and post-processing gives plausible masks on every validation case (the "
+                f"fewest implausible, {key}: {len(cases['implausible'])} case(s), e.g. {case_id}: {why})"
+            )
+            return {"settings": None, "how": {"checkpoint": str(path), "refused": refused, "scores": table}}
+        threshold, post = chosen
         agreements: dict[str, list[float]] = {}
         if trained_for_flips(datamodule):  # else flips show anatomy the model never saw: no measure of doubt
             for voters in REVIEW_TTA:
                 agreements[voters] = []
-                for image, spacing in volumes:
+                for n, (image, spacing) in enumerate(volumes, start=1):
                     result = ensemble.segment_volume(image.to(device), threshold, chunk, voters, spacing)
                     agreement = case_agreement(result.voter_masks, list(result.voter_names), spacing)
                     agreements[voters].append(agreement["mean_pairwise_dice"])
+                    rank_zero_info(f"calibration: agreement under tta {voters}: {n}/{len(volumes)} cases")
         by_tta = {v: float(np.quantile(a, self.review_quantile)) for v, a in agreements.items()}
         quantile = by_tta.get(tta, by_tta.get("flips"))
         review_below = quantile if quantile is not None else pl_module.review_below()
@@ -166,9 +192,11 @@ class InferenceCalibration(L.Callback):
                 "checkpoint": str(path),
                 "validation_cases": [c.case_id for c in dataset.cases],
                 "tta": tta,
-                "rule": "post-processing: higher mean Dice at the configured threshold, within tie_dice "
+                "rule": "only settings whose masks are plausible (la_seg.plausibility) on every validation "
+                "case; post-processing: higher mean Dice at the configured threshold, within tie_dice "
                 "largest_component; threshold: of those within dice_margin of the best mean Dice, the most "
                 "validation cases with LA volume within +-volume_tolerance %, on a tie the higher Dice",
+                "plausibility": dataclasses.asdict(pl_module.plausibility),
                 "configured_threshold": configured,
                 "tie_dice": self.tie_dice,
                 "dice_margin": self.dice_margin,
@@ -190,20 +218,28 @@ class InferenceCalibration(L.Callback):
 
 def choose(
     table: dict[str, dict], configured: float, tie_dice: float, dice_margin: float, volume_tolerance: float
-) -> tuple[float, str]:
-    """(threshold, post-processing) from a score table {"<threshold>/<post>": {"dice", "volume_error_pct"}}:
-    the post-processing at the configured threshold (Dice, near-ties to largest_component), then the threshold
-    (within dice_margin of the best Dice: the most cases within +-volume_tolerance % of their LA volume, on a
-    tie the higher Dice)."""
+) -> tuple[float, str] | None:
+    """(threshold, post-processing) from a score table {"<threshold>/<post>": {"dice", "volume_error_pct",
+    "implausible"}}, among the settings without implausible validation cases (None: there is none): the
+    post-processing at the configured threshold (Dice, near-ties to largest_component; where the configured
+    threshold is implausible, each at its best plausible threshold), then the threshold (within dice_margin
+    of the best Dice: the most cases within +-volume_tolerance % of their LA volume, on a tie the higher
+    Dice)."""
 
     def entry(threshold: float, post: str) -> dict:
         return table[f"{threshold}/{post}"]
 
-    at_configured = {p: entry(configured, p) for p in POSTPROCESSING}
-    best = max(v["dice"] for v in at_configured.values())
-    near = [p for p, v in at_configured.items() if v["dice"] >= best - tie_dice]
+    keys = [key.split("/") for key, scores in table.items() if not scores.get("implausible")]
+    plausible = [(float(t), p) for t, p in keys]
+    if not plausible:
+        return None
+    at_configured = {p: entry(t, p)["dice"] for t, p in plausible if t == configured}
+    if not at_configured:
+        at_configured = {p: max(entry(u, q)["dice"] for u, q in plausible if q == p) for _, p in plausible}
+    best = max(at_configured.values())
+    near = [p for p, dice in at_configured.items() if dice >= best - tie_dice]
     post = "largest_component" if "largest_component" in near else near[0]
-    thresholds = sorted({float(k.split("/")[0]) for k in table})
+    thresholds = sorted(t for t, p in plausible if p == post)
     best_dice = max(entry(t, post)["dice"] for t in thresholds)
     eligible = [t for t in thresholds if entry(t, post)["dice"] >= best_dice - dice_margin]
 

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import la_seg
 from la_seg.checkpoints import INFERENCE_FIELDS
 from la_seg.metrics import CumulativeCaseMetrics, EmptyDistance, gather_cases
+from la_seg.plausibility import disagreement_reasons, review_fields
 from la_seg.report import METRIC_KEYS, format_table, report_stem, write_report
 
 
@@ -22,7 +23,8 @@ class SegmentationMetrics(L.Callback):
     log folder, named after what it scored (`test_heldout.{csv,json}` for the split's test part,
     `test_<folder>.{csv,json}` for data.test_root; never over an earlier one), and prints the table. With an
     ensemble or test-time flips, each JSON case also carries its voters' `agreement`
-    (la_seg.inference.Agreement), and the header the ensemble's members and passes.
+    (la_seg.inference.Agreement), and the header the ensemble's members and passes. Every case has `review`
+    and `review_reason`: a mask that cannot be right (la_seg.plausibility) or voters that disagree.
 
     Args:
         surface_metrics_in_validation: also compute HD95/ASSD during validation (slower).
@@ -44,9 +46,11 @@ class SegmentationMetrics(L.Callback):
         self._agreements = []
 
     def _collect(self, outputs: dict) -> None:
-        geometry = outputs["geometry"]
-        if outputs.get("agreement") is not None:
-            self._agreements.append({"case_id": outputs["case_id"], "agreement": outputs["agreement"]})
+        geometry, agreement = outputs["geometry"], outputs.get("agreement")
+        reasons = list(outputs.get("review_reasons", []))
+        if agreement is not None:
+            self._agreements.append({"case_id": outputs["case_id"], "agreement": agreement})
+            reasons += disagreement_reasons(agreement["mean_pairwise_dice"], agreement["review_below"])
         self._cases.update(
             outputs["case_id"],
             outputs["pred"],
@@ -55,6 +59,8 @@ class SegmentationMetrics(L.Callback):
             voxel_mm3=getattr(geometry, "voxel_volume_mm3", None),
             slice_axis=geometry.slice_axis,
             spacing_source=getattr(geometry, "spacing_source", "unrecorded"),
+            source=str(geometry.source),
+            **review_fields(reasons),
         )
 
     def _publish(self, pl_module: L.LightningModule, stage: str, keys: tuple[str, ...]) -> tuple[list, dict]:

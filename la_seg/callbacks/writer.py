@@ -21,18 +21,21 @@ from la_seg.distributed import decide_on_rank_zero, reported_elsewhere
 from la_seg.errors import DataError
 from la_seg.inference import AGREEMENT_DIGITS
 from la_seg.metrics import gather_cases, volume_ml
+from la_seg.plausibility import REVIEW_COLUMNS, disagreement_reasons, review_fields, review_line
 
 VOLUMES_CSV = "volumes.csv"
 LOCK_NAME = ".la-seg.lock"
 # Maps written beside `<case_id>.nii.gz` masks: `la-seg evaluate` skips them.
 COMPANION_SUFFIXES = ("_prob", "_uncertainty")
 VOLUME_COLUMNS = ("case_id", "volume_ml", "image_path", "spacing_mm")
-AGREEMENT_COLUMNS = ("volume_spread_ml", "mean_pairwise_dice", "review")  # only with several voters
+AGREEMENT_COLUMNS = ("volume_spread_ml", "mean_pairwise_dice")  # only with several voters
 
 
 class NiftiPredictionWriter(BasePredictionWriter):
     """For each case writes `<output_dir>/<case_id>.nii.gz` (uint8 mask, the input's shape and affine)
-    and, at the end, `<output_dir>/volumes.csv` (case id, LA volume in mL, source image, spacing used).
+    and, at the end, `<output_dir>/volumes.csv` (case id, LA volume in mL, source image, spacing used, and
+    `review` with its `review_reason`: a mask that cannot be right, la_seg.plausibility; each flagged case
+    also gets a console line).
 
     Writing runs in a background thread so the next case is segmented meanwhile. Before any case is
     segmented, the writer refuses an output folder that holds or lies inside an input, reserves every
@@ -43,8 +46,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
 
     With several voters (an ensemble of checkpoints, or `model.tta: flips`) it also writes
     `<case_id>_uncertainty.nii.gz` (float32 variance of the voters' probabilities, in [0, 0.25]) and adds
-    to volumes.csv the LA volume's spread across voters (mL), their mean pairwise Dice and a `review` flag;
-    a single model without flips writes neither (volumes.csv keeps its four columns).
+    to volumes.csv the LA volume's spread across voters (mL) and their mean pairwise Dice, and flags the case
+    for review when they disagree; a single model without flips writes neither.
 
     Args:
         output_dir: folder for the masks (required for `la-seg predict`).
@@ -182,12 +185,15 @@ class NiftiPredictionWriter(BasePredictionWriter):
             "image_path": str(geometry.source),
             "spacing_mm": "x".join(f"{s:g}" for s in geometry.spacing),
         }
+        reasons = list(prediction.get("review_reasons", []))
         agreement = prediction.get("agreement")
         if agreement is not None:
             row["volume_spread_ml"] = agreement["volume_spread_ml"]
             row["mean_pairwise_dice"] = agreement["mean_pairwise_dice"]
             own = self.review_below
-            row["review"] = agreement["review"] if own is None else agreement["mean_pairwise_dice"] < own
+            below = agreement["review_below"] if own is None else own
+            reasons += disagreement_reasons(agreement["mean_pairwise_dice"], below)
+        row |= review_fields(reasons)
         outputs = {"mask": mask}
         if self.save_probabilities:
             outputs["prob"] = prediction["prob"].detach().float().cpu()
@@ -253,9 +259,16 @@ class NiftiPredictionWriter(BasePredictionWriter):
             if failed:  # the failing rank prints its own error
                 raise reported_elsewhere(DataError(f"{int(failed)} other rank(s) failed to write masks"))
             if trainer.is_global_zero:
-                columns = VOLUME_COLUMNS + (AGREEMENT_COLUMNS if self.save_uncertainty else ())
+                voters = AGREEMENT_COLUMNS if self.save_uncertainty else ()
+                columns = VOLUME_COLUMNS + voters + REVIEW_COLUMNS
                 write_csv(self.output_dir / VOLUMES_CSV, columns, _volume_table(rows, columns))
-                rank_zero_info(f"Wrote {len(rows)} mask(s) and {VOLUMES_CSV} to {self.output_dir}")
+                flagged = [row for row in rows if row["review"]]
+                for row in flagged:
+                    rank_zero_info(review_line(row["case_id"], row["image_path"], row["review_reason"]))
+                rank_zero_info(
+                    f"Wrote {len(rows)} mask(s) and {VOLUMES_CSV} to {self.output_dir}; "
+                    f"{len(flagged)} flagged for review"
+                )
         finally:
             self.release()
 

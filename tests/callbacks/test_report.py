@@ -149,7 +149,7 @@ def test_a_second_report_of_the_same_data_gets_its_own_name(tmp_path):
     assert first.read_text() == "{}"
 
 
-def test_printed_table_states_n_failed_and_checkpoint():
+def test_printed_table_states_n_failed_review_and_checkpoint():
     rows = [
         {
             "case_id": "a",
@@ -160,6 +160,8 @@ def test_printed_table_states_n_failed_and_checkpoint():
             "volume_pred_ml": 1.0,
             "volume_ref_ml": 1.0,
             "failed": False,
+            "review": False,
+            "review_reason": "",
         },
         {
             "case_id": "b",
@@ -170,6 +172,9 @@ def test_printed_table_states_n_failed_and_checkpoint():
             "volume_pred_ml": 0.0,
             "volume_ref_ml": 1.0,
             "failed": True,
+            "review": True,
+            "review_reason": "empty mask",
+            "source": "b.nii.gz",
         },
     ]
     summary = summarise(rows, ("dice", "iou", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml"))
@@ -178,7 +183,11 @@ def test_printed_table_states_n_failed_and_checkpoint():
     n_row = next(line for line in lines if line.startswith("n "))
     assert n_row.split()[1:] == ["2", "2", "1", "1", "2", "2"]
     assert "failed (empty prediction or reference): 1" in text
-    assert lines[-2:] == ["checkpoint: runs/best.ckpt", "n = 2 cases, failed = 1"]
+    assert lines[-3:] == [
+        "checkpoint: runs/best.ckpt",
+        "la-seg: review b (b.nii.gz): empty mask",  # a flagged case: one line naming it and its file
+        "n = 2 cases, failed = 1, review = 1",
+    ]
 
 
 def test_empty_distance_choices_are_validated_by_the_cli_parser():
