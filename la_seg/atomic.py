@@ -15,16 +15,20 @@ import os
 import re
 import signal
 import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from la_seg.errors import DataError
 
 TEMP_SUFFIX = ".la-seg-tmp"
+LOCK_NAME = ".la-seg.lock"
 _TEMP_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]+" + re.escape(TEMP_SUFFIX) + "$")
 
 
@@ -141,6 +145,68 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+class FolderLock:
+    """An output folder held by one la-seg run: a second run into it fails at once, naming the folder and the
+    process that holds it, before it does any work (two runs into one folder would mix or replace each
+    other's outputs). The lock is a `flock` on `lock_file` (`<folder>/.la-seg.lock` unless given: a folder
+    replaced whole keeps its lock beside it), which the operating system gives up when the process ends
+    however it ends; the holder's pid, host and command are written into it for the second run to name.
+    Released, the lock file is removed, and so is its folder if the lock created it and it is still empty.
+    """
+
+    def __init__(self, folder: str | Path, option: str, lock_file: str | Path | None = None) -> None:
+        self.folder = Path(folder)
+        self.option = option
+        self.lock_file = Path(lock_file) if lock_file is not None else self.folder / LOCK_NAME
+        self._lock: FileLock | None = None
+        self._created = False
+
+    def acquire(self) -> None:
+        """Take the folder, or raise a DataError naming it and its holder; remove killed runs' temp files."""
+        home = self.lock_file.parent
+        self._created = not home.exists()
+        home.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.lock_file)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise DataError(
+                f"{self.option} {self.folder} is in use by another la-seg run ({_holder(self.lock_file)}; "
+                f"lock file {self.lock_file}); wait for it to finish or choose another folder"
+            ) from None
+        self._lock = lock
+        command = " ".join(["la-seg", *sys.argv[1:2]]) if sys.argv[1:2] else "la-seg"
+        self.lock_file.write_text(f"pid {os.getpid()} on {socket.gethostname()}: {command}\n")
+        remove_stale_temp_files(home)
+
+    def release(self) -> None:
+        """Give the folder back (if held): remove the lock file, and its folder if the lock made it empty."""
+        if self._lock is None:
+            return
+        self.lock_file.unlink(missing_ok=True)  # while held: no other run is left holding a deleted file
+        self._lock.release()
+        self._lock = None
+        if self._created:
+            with suppress(OSError):  # not empty: it holds outputs now
+                self.lock_file.parent.rmdir()
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _holder(lock_file: Path) -> str:
+    """Who holds `lock_file`, as its holder wrote it (empty while the holder is starting)."""
+    try:
+        text = lock_file.read_text().strip()
+    except OSError:
+        text = ""
+    return f"held by {text}" if text else "holder not yet recorded"
 
 
 def refuse_writing_into_inputs(

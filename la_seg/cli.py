@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from la_seg.atomic import FolderLock
 from la_seg.callbacks import (
     InferenceCalibration,
     NiftiPredictionWriter,
@@ -485,7 +486,8 @@ def synth(
     """
     from la_seg.data.synthetic import write_dataset  # only `synth` needs it
 
-    folders = write_dataset(Path(out), cases, seed, shape=tuple(shape), spacing=tuple(spacing))
+    with FolderLock(out, "--out"):  # a second synth into `out` would pair its images with this one's labels
+        folders = write_dataset(Path(out), cases, seed, shape=tuple(shape), spacing=tuple(spacing))
     print(f"Wrote {len(folders)} synthetic cases to {out}")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import la_seg
-from la_seg.atomic import refuse_writing_into_inputs
+from la_seg.atomic import FolderLock, refuse_writing_into_inputs
 from la_seg.callbacks.writer import COMPANION_SUFFIXES
 from la_seg.data.io import AFFINE_TOLERANCE_MM, Volume, read_image, read_label
 from la_seg.data.layouts import Layout, find_cases
@@ -83,7 +83,28 @@ def evaluate(
     references = find_references(ref, ref_layout)
     pairs = match_cases(predictions, references, missing, pred, ref)
     out_dir = Path(out).expanduser() if out is not None else _beside(pred)
-    _check_out(out_dir, (pred, ref), overwrite)
+    refuse_writing_into_inputs(out_dir, (pred, ref), "--out")
+    if out_dir.is_file():
+        raise DataError(f"--out {out_dir} is a file; give a folder")
+    with FolderLock(out_dir, "--out"):  # held before the existing report is looked for: one run at a time
+        existing = [str(path) for path in (out_dir / f"{REPORT_STEM}{s}" for s in SUFFIXES) if path.exists()]
+        if existing and not overwrite:
+            raise DataError(f"report files exist: {existing}; pass --overwrite true or choose another --out")
+        return _score_and_report(pred, ref, out_dir, pairs, references, metrics, label, missing, plausibility)
+
+
+def _score_and_report(
+    pred: Path,
+    ref: Path,
+    out_dir: Path,
+    pairs: dict[str, Path | None],
+    references: dict[str, Reference],
+    metrics: EvaluationMetrics,
+    label: int | None,
+    missing: str,
+    plausibility: Plausibility,
+) -> tuple[list[dict], dict]:
+    """Score every pair, write the report into `out_dir` (held by this run) and print the table."""
     values: set[float] = set()  # every value found in the predictions
     rows = [
         score_case(case_id, path, references[case_id], label, metrics.empty_distance, values, plausibility)
@@ -239,13 +260,3 @@ def _beside(pred: Path) -> Path:
     """`<pred>_evaluation` next to the predictions folder (also for `--pred .`)."""
     folder = pred.resolve()
     return folder.with_name(f"{folder.name}_evaluation")
-
-
-def _check_out(out_dir: Path, inputs: tuple[Path, Path], overwrite: bool) -> None:
-    """The report never goes into the inputs, nor over an earlier report unless asked."""
-    refuse_writing_into_inputs(out_dir, inputs, "--out")
-    if out_dir.is_file():
-        raise DataError(f"--out {out_dir} is a file; give a folder")
-    existing = [str(path) for path in (out_dir / f"{REPORT_STEM}{s}" for s in SUFFIXES) if path.exists()]
-    if existing and not overwrite:
-        raise DataError(f"report files exist: {existing}; pass --overwrite true or choose another --out")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from la_seg.atomic import atomic_write_text, refuse_writing_into_inputs
+from la_seg.atomic import LOCK_NAME, FolderLock, atomic_write_text, refuse_writing_into_inputs
 from la_seg.data.io import Geometry, read_case, write_nifti
 from la_seg.data.layouts import Case, Layout, find_cases
 from la_seg.data.split import (
@@ -147,19 +147,26 @@ def export_nnunet(
     plan = read_split(split, cases, root) if split is not None else NnunetSplit([], [])
     training = plan.training if split is not None else sorted(cases)
     target = Path(out).expanduser() / dataset_name
-    _check_target(target, root, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{dataset_name}."))
-    try:
-        for case_id in training:
-            write_case(cases[case_id], staging / "imagesTr", staging / "labelsTr", ids[case_id])
-        for case_id in plan.test:
-            write_case(cases[case_id], staging / "imagesTs", staging / "labelsTs", ids[case_id])
-        exported = {ids[case_id]: case_id for case_id in (*training, *plan.test)}
-        _write_metadata(staging, exported, plan, ids, len(training), data)
-        _replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    refuse_writing_into_inputs(target, [root], "--out (export folder)", replaces=True)
+    if split is not None and target.resolve() in Path(split).expanduser().resolve().parents:
+        raise DataError(
+            f"--split {split} lies inside the export {target}, which --overwrite would replace with the file "
+            "it reads: copy the split elsewhere first"
+        )
+    # the lock lies beside the export (which is replaced whole), so exports of other names may run alongside
+    with FolderLock(target, "--out", lock_file=target.parent / f".{dataset_name}{LOCK_NAME}"):
+        _check_target(target, overwrite)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{dataset_name}."))
+        try:
+            for case_id in training:
+                write_case(cases[case_id], staging / "imagesTr", staging / "labelsTr", ids[case_id])
+            for case_id in plan.test:
+                write_case(cases[case_id], staging / "imagesTs", staging / "labelsTs", ids[case_id])
+            exported = {ids[case_id]: case_id for case_id in (*training, *plan.test)}
+            _write_metadata(staging, exported, plan, ids, len(training), data)
+            _replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     left_out = len(cases) - len(training) - len(plan.test)
     print(
         f"Wrote {len(training)} training and {len(plan.test)} test cases to {target}"
@@ -204,9 +211,8 @@ def _write_metadata(
         atomic_write_text(folder / SPLITS_FILE, json.dumps(folds, indent=2) + "\n")
 
 
-def _check_target(target: Path, root: Path, overwrite: bool) -> None:
-    """Never write into the input, nor over anything but an earlier export (and that only with overwrite)."""
-    refuse_writing_into_inputs(target, [root], "--out (export folder)", replaces=True)
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Never write over anything but an earlier export (and that only with overwrite)."""
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         return
     if not overwrite:

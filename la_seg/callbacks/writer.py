@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
-from la_seg.atomic import atomic_path, refuse_writing_into_inputs, remove_stale_temp_files, write_csv
+from la_seg.atomic import FolderLock, atomic_path, refuse_writing_into_inputs, write_csv
 from la_seg.callbacks.images import PANEL, overlay
 from la_seg.data.datamodule import CaseShards
 from la_seg.data.io import Geometry, write_nifti
@@ -24,7 +23,6 @@ from la_seg.metrics import gather_cases, volume_ml
 from la_seg.plausibility import REVIEW_COLUMNS, disagreement_reasons, review_fields, review_line
 
 VOLUMES_CSV = "volumes.csv"
-LOCK_NAME = ".la-seg.lock"
 # Maps written beside `<case_id>.nii.gz` masks: `la-seg evaluate` skips them.
 COMPANION_SUFFIXES = ("_prob", "_uncertainty")
 VOLUME_COLUMNS = ("case_id", "volume_ml", "image_path", "spacing_mm")
@@ -75,7 +73,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self.save_uncertainty = False  # set at predict start: whether the model has several voters
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[tuple[dict, Future]] = []
-        self._lock: FileLock | None = None
+        self._lock: FolderLock | None = None
 
     def output_names(self, case_id: str) -> list[str]:
         """Every file name this writer gives one case: the one list that reservations and writes share."""
@@ -148,17 +146,9 @@ class NiftiPredictionWriter(BasePredictionWriter):
     def lock(self) -> None:
         """Take the output folder's lock (a second run into it fails at once) and remove the temp files that
         killed runs of this host left there."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(self.output_dir / LOCK_NAME)
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            self._lock = None
-            raise DataError(
-                f"--writer.output_dir {self.output_dir} is in use by another la-seg run (lock file "
-                f"{self.output_dir / LOCK_NAME}); wait for it to finish or choose another folder"
-            ) from None
-        remove_stale_temp_files(self.output_dir)
+        lock = FolderLock(self.output_dir, "--writer.output_dir")
+        lock.acquire()
+        self._lock = lock
 
     def start(self) -> None:
         """Start the background writer."""
@@ -241,7 +231,6 @@ class NiftiPredictionWriter(BasePredictionWriter):
         """Give up the output folder's lock (if held) and remove its file: the folder keeps only outputs."""
         if self._lock is not None:
             self._lock.release()
-            Path(self._lock.lock_file).unlink(missing_ok=True)
             self._lock = None
 
     def on_predict_end(self, trainer, pl_module) -> None:

@@ -26,8 +26,7 @@ from hostile import (
     valid_image,
 )
 
-from la_seg.atomic import TEMP_SUFFIX, host_tag
-from la_seg.callbacks.writer import LOCK_NAME
+from la_seg.atomic import LOCK_NAME, TEMP_SUFFIX, host_tag
 
 
 def predict(checkpoint: Path, source: Path, output_dir: Path, *extra: str) -> list[str]:

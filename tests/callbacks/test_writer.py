@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import la_seg.callbacks.writer as writer_module
-from la_seg.atomic import TEMP_SUFFIX, host_tag, refuse_writing_into_inputs
-from la_seg.callbacks.writer import LOCK_NAME, NiftiPredictionWriter
+from la_seg.atomic import LOCK_NAME, TEMP_SUFFIX, host_tag, refuse_writing_into_inputs
+from la_seg.callbacks.writer import NiftiPredictionWriter
 from la_seg.data.io import Geometry
 from la_seg.data.layouts import Case
 from la_seg.errors import DataError

@@ -1,0 +1,124 @@
+"""Reliability, round 3 (issue 30): two runs into one folder, options that would delete an input, damaged
+checkpoints, training that diverges, references that are images, configs with a key twice, and Ctrl-C.
+
+Races run real `la-seg` processes started together, on data large enough that their work overlaps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Result, assert_refused, snapshot
+
+from la_seg.data.split import DataSplit
+from la_seg.data.synthetic import write_dataset
+
+RACE_CASES = 30  # each run works for seconds after its ~7 s start: two started together overlap
+
+
+def started_together(argv_a: list[str], argv_b: list[str], cwd: Path) -> list[tuple[int, Result]]:
+    """Run two `la-seg` commands as processes started at the same moment; (pid, result) of each."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("LA_SEG_DEBUG", None)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "la_seg.cli", *map(str, argv)],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for argv in (argv_a, argv_b)
+    ]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=600)
+        results.append((process.pid, Result(process.returncode, out, err)))
+    return results
+
+
+def one_wins(results: list[tuple[int, Result]], folder: Path) -> int:
+    """Exactly one run worked; the other was refused in one line naming the folder and the winner's pid."""
+    codes = sorted(result.code for _, result in results)
+    printed = [result.err[-2000:] for _, result in results]
+    assert codes == [0, 2], printed
+    (winner,) = [pid for pid, result in results if result.code == 0]
+    (loser,) = [result for _, result in results if result.code == 2]
+    assert "Traceback" not in loser.out + loser.err
+    assert len(loser.error_lines) == 1 and loser.err.strip().splitlines()[-1] == loser.error_lines[0]
+    line = loser.error_lines[0]
+    assert str(folder) in line and "in use by another la-seg run" in line and f"pid {winner}" in line, line
+    return winner
+
+
+@pytest.fixture(scope="module")
+def race_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("race")
+    write_dataset(root, cases=RACE_CASES, seed=0)
+    return root
+
+
+# ---- lost outputs: every command that writes a folder holds it -------------------------------------------
+@pytest.mark.slow
+def test_two_synth_runs_into_one_folder(tmp_path):
+    out = tmp_path / "out"
+    results = started_together(
+        ["synth", "--out", out, "--cases", RACE_CASES, "--seed", "1"],
+        ["synth", "--out", out, "--cases", RACE_CASES, "--seed", "2"],
+        tmp_path,
+    )
+    one_wins(results, out)
+    (seed,) = [i + 1 for i, (_, result) in enumerate(results) if result.code == 0]
+    write_dataset(tmp_path / "expected", cases=RACE_CASES, seed=seed)
+    written = {p.relative_to(out): d for p, d in ((Path(k), v) for k, v in snapshot(out).items())}
+    expected = snapshot(tmp_path / "expected")
+    assert written == {Path(k).relative_to(tmp_path / "expected"): v for k, v in expected.items()}
+
+
+@pytest.mark.slow
+def test_two_exports_into_one_folder(tmp_path, race_root):
+    out = tmp_path / "raw"
+    export = ["export-nnunet", "--data.root", race_root, "--out", out]
+    one_wins(started_together(export, export, tmp_path), out / "Dataset501_LA")
+    assert len(list((out / "Dataset501_LA" / "imagesTr").iterdir())) == RACE_CASES
+    assert sorted(p.name for p in out.iterdir()) == ["Dataset501_LA"], "no lock or staging folder left"
+
+
+@pytest.mark.slow
+def test_two_evaluations_into_one_folder(tmp_path, race_root):
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for case in race_root.iterdir():
+        os.symlink(case / "atriumSegImgMO.nii.gz", pred / f"{case.name}.nii.gz")
+    out = tmp_path / "report"
+    evaluate = ["evaluate", "--pred", pred, "--ref", race_root, "--out", out]
+    one_wins(started_together(evaluate, evaluate, tmp_path), out)
+    assert sorted(p.name for p in out.iterdir()) == ["test_metrics.csv", "test_metrics.json"]
+
+
+def test_a_refused_evaluation_leaves_no_folder(la_seg, tmp_path, synth_root):
+    """The lock is taken before the report's folder exists: a refusal must not leave an empty one behind."""
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    result = la_seg("evaluate", "--pred", pred, "--ref", synth_root, "--out", tmp_path / "report")
+    assert result.code == 2
+    assert not (tmp_path / "report").exists()
+
+
+# ---- lost outputs: --overwrite never deletes an input ------------------------------------------------------
+def test_export_overwrite_never_deletes_its_split_file(la_seg, tmp_path, synth_root):
+    out = tmp_path / "raw"
+    assert la_seg("export-nnunet", "--data.root", synth_root, "--out", out).code == 0
+    split = out / "Dataset501_LA" / "la_seg_split.json"
+    ids = sorted(p.name for p in synth_root.iterdir())
+    split.write_text(json.dumps(DataSplit({"train": ids[:4], "val": ids[4:5], "test": ids[5:]}).to_record()))
+    before = snapshot(out, synth_root)
+    result = la_seg("export-nnunet", "--data.root", synth_root, "--out", out, "--split", split,
+                    "--overwrite", "true")  # fmt: skip
+    assert_refused(result, str(split), before, out, synth_root)
