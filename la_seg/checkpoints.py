@@ -12,6 +12,9 @@ import errno
 import os
 import pickle
 import re
+import zipfile
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"checkpoint {path} is empty (0 bytes): was its writing interrupted?")
     if _is_text(path):
         raise DataError(f"checkpoint {path} is a text file, not a PyTorch checkpoint")
+    _check_archive(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
@@ -91,12 +95,48 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} is corrupt or truncated, or not a PyTorch checkpoint "
             f"({type(error).__name__}: {_first_line(error)})"
         ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
         raise DataError(f"checkpoint {path} is not a Lightning checkpoint (it has no state_dict)")
-    if "net" not in checkpoint.get("hyper_parameters", {}):
-        raise DataError(f"checkpoint {path} was not written by la-seg (its hyper_parameters have no 'net')")
+    hyper_parameters = checkpoint.get("hyper_parameters")
+    if not isinstance(hyper_parameters, Mapping) or not isinstance(hyper_parameters.get("net"), Mapping):
+        raise DataError(
+            f"checkpoint {path} was not written by la-seg (its hyper_parameters hold no 'net' mapping)"
+        )
+    if (name := non_finite_weight(checkpoint["state_dict"])) is not None:
+        raise DataError(
+            f"checkpoint {path} holds non-finite weights (NaN or inf in {name}): its training diverged; "
+            "use an earlier checkpoint or train again with a lower --model.lr"
+        )
     checkpoint[SOURCE_KEY] = str(path)
     return checkpoint
+
+
+def _check_archive(path: Path) -> None:
+    """A checkpoint is a zip archive whose every record carries a CRC: one flipped bit in the weights loads
+    without a word otherwise (torch.load does not check them) and changes the masks. Costs one read of the
+    file at CRC speed. Files torch wrote in its old (pre-zip) format carry no checksum and pass."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise DataError(
+            f"checkpoint {path} is damaged ({_first_line(error)}): restore it from a copy"
+        ) from None
+    if damaged is not None:
+        raise DataError(
+            f"checkpoint {path} is damaged: its record {damaged} fails its checksum (CRC); restore the file "
+            "from a copy or train again"
+        )
+
+
+def non_finite_weight(state_dict: Mapping[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of `state_dict` holding NaN or inf, else None."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
 
 
 def _is_text(path: Path) -> bool:
@@ -144,6 +184,11 @@ def save_checkpoint_file(checkpoint: dict[str, Any], path: str | Path) -> None:
     crash leaves the previous file (or none), never a truncated one under the final name; the error names the
     folder that is full."""
     path = Path(path)
+    if (name := non_finite_weight(checkpoint.get("state_dict", {}))) is not None:
+        raise DataError(
+            f"not writing the checkpoint {path}: its weights are not finite (NaN or inf in {name}), the "
+            "training diverged; lower --model.lr and train again"
+        )
     try:
         with loader_worker_ends_ignored(), atomic_path(path) as tmp, open(tmp, "wb") as handle:
             torch.save(checkpoint, handle)

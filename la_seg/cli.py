@@ -32,7 +32,7 @@ from la_seg.callbacks import (
     TensorBoardImages,
 )
 from la_seg.callbacks.layout import ChannelsLastDecoder
-from la_seg.callbacks.termination import EXIT_STATUS, StopOnSigterm, sigterm_stop
+from la_seg.callbacks.termination import EXIT_STATUS, StopOnNonFiniteLoss, StopOnSigterm, sigterm_stop
 from la_seg.checkpoints import (
     CALIBRATED_FIELDS,
     INPUT_DEFAULTS,
@@ -237,9 +237,10 @@ class LASegCLI(LightningCLI):
         self.fresh_run = missing[-1] if missing else None  # the outermost folder this fit will create
         if self.resolved_ckpt is not None:
             self.trainer.callbacks.append(SameCheckpointOnEveryRank(*self.resolved_ckpt))
-        # every run: SIGTERM stops cleanly, with a resumable checkpoint (la_seg/callbacks/termination.py),
-        # and decoders take the memory layout their device prefers (la_seg/callbacks/layout.py)
-        self.trainer.callbacks.extend([StopOnSigterm(), ChannelsLastDecoder()])
+        # every run: SIGTERM stops cleanly, with a resumable checkpoint, and so does a non-finite loss,
+        # without one (la_seg/callbacks/termination.py); decoders take the memory layout their device
+        # prefers (la_seg/callbacks/layout.py)
+        self.trainer.callbacks.extend([StopOnSigterm(), StopOnNonFiniteLoss(), ChannelsLastDecoder()])
         if self.member_paths:
             self.model.member_name = self.member_paths[0]
             weights = self.config[self.subcommand].model.net.weights

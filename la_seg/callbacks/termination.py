@@ -1,4 +1,6 @@
-"""SIGTERM (what SLURM, Kubernetes and `timeout` send before they kill): stop after the current unit of work,
+"""Stopping a run early and cleanly: SIGTERM, and training whose loss is no longer finite.
+
+SIGTERM (what SLURM, Kubernetes and `timeout` send before they kill): stop after the current unit of work,
 leave nothing half-written, save what can be resumed, and say how to go on.
 
 Lightning's signal connector notes the signal (`trainer.received_sigterm`); its training and evaluation loops
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from la_seg.atomic import loader_worker_ends_ignored
+from la_seg.errors import DataError
 
 EXIT_STATUS = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
 _STOPS: list[str] = []  # the line of a SIGTERM stop in this run (la-seg's main reads and clears it)
@@ -74,3 +78,20 @@ class StopOnSigterm(Callback):
             callback.last_model_path = path
             return Path(path)
         return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+
+
+class StopOnNonFiniteLoss(Callback):
+    """A NaN or infinite training loss stops `fit` at once with one line (what, when, what to try): the steps
+    after it only spread NaN through the weights, while the progress bar was its only trace. Added to every
+    run by the CLI; every rank decides together, so none waits for another at the next step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        bad = loss is not None and not bool(torch.isfinite(loss.detach()).all())
+        if trainer.strategy.reduce_boolean_decision(bad, all=False):
+            lr = pl_module.hparams.get("lr") if hasattr(pl_module, "hparams") else None
+            raise DataError(
+                f"training diverged: train/loss is not finite at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step} (--model.lr {lr}); no checkpoint is written from here: lower "
+                "--model.lr, or add warm-up (--model.warmup_epochs), and train again"
+            )

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import Result, assert_refused, snapshot
+from conftest import TINY, Result, assert_refused, snapshot
+from hostile import valid_image
 
 from la_seg.data.split import DataSplit
 from la_seg.data.synthetic import write_dataset
@@ -122,3 +125,56 @@ def test_export_overwrite_never_deletes_its_split_file(la_seg, tmp_path, synth_r
     result = la_seg("export-nnunet", "--data.root", synth_root, "--out", out, "--split", split,
                     "--overwrite", "true")  # fmt: skip
     assert_refused(result, str(split), before, out, synth_root)
+
+
+# ---- silent results: damaged and diverged checkpoints, training that diverges ---------------------------
+def flip_a_bit_in_the_weights(checkpoint: Path, copy: Path) -> Path:
+    """`copy`: `checkpoint` with one bit flipped in the middle of its largest tensor record (stored, not
+    compressed: the zip's CRC of that record no longer matches)."""
+    data = bytearray(checkpoint.read_bytes())
+    with zipfile.ZipFile(checkpoint) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_length, extra_length = struct.unpack(
+        "<HH", data[record.header_offset + 26 : record.header_offset + 30]
+    )
+    start = record.header_offset + 30 + name_length + extra_length
+    data[start + record.file_size // 2] ^= 0x10
+    copy.write_bytes(bytes(data))
+    return copy
+
+
+def test_a_checkpoint_with_a_flipped_bit_is_refused(la_seg, trained_checkpoint, tmp_path):
+    damaged = flip_a_bit_in_the_weights(trained_checkpoint, tmp_path / "damaged.ckpt")
+    image = valid_image(tmp_path / "in")
+    result = la_seg("predict", *TINY, "--ckpt_path", damaged, "--data.predict_root", image,
+                    "--writer.output_dir", tmp_path / "out")  # fmt: skip
+    assert_refused(result, str(damaged), snapshot(tmp_path / "in"), tmp_path / "in")
+    assert "checksum" in result.error_lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fault", ["nan_weights", "net_not_a_mapping", "hyper_parameters_a_list"])
+def test_a_checkpoint_la_seg_cannot_use_is_refused(fault, la_seg, trained_checkpoint, tmp_path):
+    import torch
+
+    state = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
+    if fault == "nan_weights":  # what a diverged fit saved before la-seg refused to write it
+        name = next(k for k, v in state["state_dict"].items() if v.is_floating_point())
+        state["state_dict"][name].fill_(float("nan"))
+    elif fault == "net_not_a_mapping":
+        state["hyper_parameters"]["net"] = "vit"
+    else:
+        state["hyper_parameters"] = [1, 2]
+    torch.save(state, tmp_path / "bad.ckpt")
+    image = valid_image(tmp_path / "in")
+    result = la_seg("predict", *TINY, "--ckpt_path", tmp_path / "bad.ckpt", "--data.predict_root", image,
+                    "--writer.output_dir", tmp_path / "out")  # fmt: skip
+    assert_refused(result, str(tmp_path / "bad.ckpt"), snapshot(tmp_path / "in"), tmp_path / "in")
+
+
+def test_training_that_diverges_stops_without_a_checkpoint(la_seg, tmp_path, synth_root):
+    result = la_seg("fit", *TINY, "--data.root", synth_root, "--trainer.max_epochs", "2",
+                    "--trainer.limit_train_batches", "3", "--model.lr", "1e8")  # fmt: skip
+    assert_refused(result, "--model.lr", snapshot(synth_root), synth_root)
+    assert "training diverged" in result.error_lines[0] and "epoch 0" in result.error_lines[0]
+    assert not list(tmp_path.rglob("*.ckpt")), "a checkpoint of a diverged fit was written"
