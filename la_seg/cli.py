@@ -451,10 +451,61 @@ def _shipped_config(name: str) -> str:
     return name
 
 
+MAX_CONFIG_NODES = 100_000  # values a config may expand to through its aliases (la-seg's own: a few hundred)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key twice in one mapping (safe_load keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges, not a key
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node | None, sizes: dict[int, float]) -> float:
+    """How many values `node` becomes once its aliases are expanded (inf for an alias cycle), counted on the
+    composed graph, where each alias is one shared node: linear time, whatever the expansion."""
+    if node is None:
+        return 0
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = float("inf")  # while counting: meeting it again is a cycle
+    children: list = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
 def _check_yaml(path: Path) -> None:
-    """A config that is not valid YAML: name the file and the place (jsonargparse names neither)."""
+    """A config that is not valid YAML, holds a key twice or expands without bound through its aliases (a
+    "billion laughs"): name the file and the place (jsonargparse names neither, and expands every alias)."""
     try:
-        document = yaml.safe_load(path.read_text())
+        loader = _ConfigLoader(path.read_text())
+        try:
+            node = loader.get_single_node()
+            if (size := _expanded_size(node, {})) > MAX_CONFIG_NODES:
+                expands = "an endless cycle" if size == float("inf") else f"{size:.3g} values"
+                raise DataError(
+                    f"config {path} expands through its YAML aliases (&name / *name) to {expands}, more than "
+                    f"{MAX_CONFIG_NODES}: write the values out"
+                )
+            document = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -607,6 +658,7 @@ def _options(parsers: list) -> list[str]:
     return found
 
 
+MAX_ERROR_CHARS = 2000  # an error line stays readable in a terminal and a job log
 _EXPECTED = (DataError, ValueError, OSError, ArgumentError)  # bad input, bad options or values, files, disks
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Iteration): ")
 _WORKER_HEADER = re.compile(r"Caught \w+ in DataLoader worker process \d+")
@@ -634,7 +686,10 @@ def describe_error(error: BaseException) -> str:
         message = f"--trainer.{min(found)[1]}: {message}" if found else f"trainer settings: {message}"
     elif not isinstance(error, _EXPECTED):
         message = f"{type(error).__name__}: {message} (unexpected: LA_SEG_DEBUG=1 shows the traceback)"
-    return " ".join(message.split())
+    message = " ".join(message.split())
+    if len(message) > MAX_ERROR_CHARS:  # an option's echoed value can be megabytes (an expanded YAML alias)
+        message = f"{message[:MAX_ERROR_CHARS]} ... ({len(message) - MAX_ERROR_CHARS} characters cut)"
+    return message
 
 
 if __name__ == "__main__":

@@ -235,6 +235,9 @@ def read_image(
     return Volume(_read_voxels(geometry.source).astype(np.float32, copy=False), geometry)
 
 
+MAX_LABEL_VALUES = 32  # distinct values a label map may hold (whole-heart atlases: under 10)
+
+
 def read_label(
     path: str | Path,
     spacing: Sequence[float] | None = None,
@@ -251,7 +254,14 @@ def read_label(
     data = _read_voxels(geometry.source)
     if data.dtype.kind == "f" and not (np.isfinite(data).all() and np.array_equal(data, np.round(data))):
         raise DataError(f"label {geometry.source} holds non-integer values ({data.dtype}); expected integers")
-    if label_values is None:
+    if (
+        label_values is None
+    ):  # every non-zero value is LA: a scan here would pass as a mask of its grey values
+        if (distinct := np.unique(data).size) > MAX_LABEL_VALUES:
+            raise DataError(
+                f"label {geometry.source} holds {distinct} distinct values, more than a label map's "
+                f"{MAX_LABEL_VALUES}: it looks like an image, not a mask; give the masks (labels) instead"
+            )
         return Volume((data != 0).astype(np.uint8), geometry)
     present = np.unique(data)
     selected = np.isin(present, label_values)

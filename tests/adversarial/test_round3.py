@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -178,3 +180,53 @@ def test_training_that_diverges_stops_without_a_checkpoint(la_seg, tmp_path, syn
     assert_refused(result, "--model.lr", snapshot(synth_root), synth_root)
     assert "training diverged" in result.error_lines[0] and "epoch 0" in result.error_lines[0]
     assert not list(tmp_path.rglob("*.ckpt")), "a checkpoint of a diverged fit was written"
+
+
+def test_evaluate_refuses_references_that_are_images(la_seg, tmp_path, synth_root):
+    """int16 scans as --ref: every non-zero grey value would count as LA and the Dice pass as a score."""
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    pred.mkdir()
+    ref.mkdir()
+    for case in sorted(synth_root.iterdir()):
+        shutil.copy(case / "atriumSegImgMO.nii.gz", pred / f"{case.name}.nii.gz")
+        shutil.copy(case / "enhanced.nii.gz", ref / f"{case.name}.nii.gz")
+    result = la_seg("evaluate", "--pred", pred, "--ref", ref, "--out", tmp_path / "report")
+    assert_refused(result, str(ref), snapshot(pred, ref), pred, ref)
+    assert "distinct values" in result.error_lines[0]
+    assert not (tmp_path / "report").exists()
+
+
+# ---- configs: a key twice, aliases without bound ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ("data:\n  batch_size: 4\ntrainer:\n  max_epochs: 1\ndata:\n  num_workers: 0\n", "'data'"),
+        ("model:\n  lr: 0.1\n  lr: 0.01\n", "'lr'"),
+    ],
+    ids=["section", "field"],
+)
+def test_a_config_with_a_key_twice_is_refused(content, named, la_seg, tmp_path, synth_root):
+    config = tmp_path / "twice.yaml"
+    config.write_text(content)
+    result = la_seg("fit", *TINY, "--config", config, "--data.root", synth_root)
+    assert_refused(result, str(config), snapshot(synth_root), synth_root)
+    assert named in result.error_lines[0] and "twice" in result.error_lines[0]
+
+
+def alias_bomb(levels: int) -> str:
+    """A "billion laughs": each level a list of ten aliases of the one before (10**levels values)."""
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]")
+    return "\n".join([*lines, f"model:\n  net:\n    indices: *a{levels - 1}\n"])
+
+
+@pytest.mark.parametrize("levels", [9, 5])
+def test_a_config_alias_bomb_is_bounded(levels, la_seg, tmp_path, synth_root):
+    config = tmp_path / "bomb.yaml"
+    config.write_text(alias_bomb(levels))
+    start = time.monotonic()
+    result = la_seg("fit", *TINY, "--config", config, "--data.root", synth_root)
+    assert time.monotonic() - start < 60
+    assert_refused(result, str(config), snapshot(synth_root), synth_root)
+    assert len(result.error_lines[0]) < 2500
