@@ -64,6 +64,7 @@ from la_seg.plausibility import low_dice_warning
 from la_seg.runtime import apply_cpu_precision, configure_threads, on_command_line, quiet_lightning
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+SIGINT_STATUS = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -556,6 +557,13 @@ def main(argv: list[str] | None = None) -> None:
     except SIGTERMException:  # a SystemExit (status 0) to Lightning: a job script would see success
         print(f"la-seg: {sigterm_stop(clear=True) or 'stopped by SIGTERM'}", file=sys.stderr)
         raise SystemExit(EXIT_STATUS) from None
+    except KeyboardInterrupt:  # Ctrl-C where Lightning does not handle it (synth, export-nnunet, evaluate)
+        print(
+            "la-seg: stopped by SIGINT (Ctrl-C): nothing half-written is left under a final name; run the "
+            "same command again to complete the work",
+            file=sys.stderr,
+        )
+        raise SystemExit(SIGINT_STATUS) from None
     except Exception as error:
         if (stop := sigterm_stop(clear=True)) is not None:  # SIGTERM ended the loader workers too
             print(f"la-seg: {stop}", file=sys.stderr)

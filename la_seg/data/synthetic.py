@@ -13,11 +13,14 @@ the same bytes on disk.
 from __future__ import annotations
 
 import itertools
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from la_seg.atomic import write_json
 from la_seg.data.io import Geometry, write_nifti
 from la_seg.errors import DataError
 
@@ -129,6 +132,9 @@ def _synthesize(
     return image.astype(np.int16), fraction
 
 
+SETTINGS_FILE = ".la-seg-synth.json"  # what a rerun into the folder must repeat to add to it
+
+
 def write_dataset(
     out: str | Path,
     cases: int,
@@ -141,26 +147,43 @@ def write_dataset(
 ) -> list[Path]:
     """Write `cases` phantoms as out/train_1..train_N/{enhanced,atriumSegImgMO}.nii.gz and return the folders.
 
-    Case i depends only on (seed, i) (`_case_rng`), so a larger data set extends a smaller one. Existing
-    non-empty case folders are refused rather than overwritten. `partial_volume` and `anatomy_fov_mm`: see
-    synthesize_case; `prefix` names the case folders (`<prefix><i>`).
+    Case i depends only on (seed, i) (`_case_rng`), so a larger data set extends a smaller one. Each case
+    folder appears complete (written beside, then renamed), and `out/.la-seg-synth.json` records the
+    settings: a run with the same settings (an interrupted one rerun, or more cases) keeps the case folders
+    there and writes the others; other non-empty case folders are refused rather than overwritten.
+    `partial_volume` and `anatomy_fov_mm`: see synthesize_case; `prefix` names the case folders.
     """
     out = Path(out)
     if cases < 1:
         raise DataError(f"number of synthetic cases must be at least 1, got {cases}")
     shape, spacing = _check_grid(shape, spacing)
     folders = [out / f"{prefix}{i}" for i in range(1, cases + 1)]
+    settings = {"seed": seed, "shape": list(shape), "spacing": list(spacing), "prefix": prefix,
+                "partial_volume": partial_volume, "anatomy_fov_mm": anatomy_fov_mm}  # fmt: skip
+    record = out / SETTINGS_FILE
+    same = record.is_file() and json.loads(record.read_text()) == settings
     occupied = [str(f) for f in folders if f.is_dir() and any(f.iterdir())]
-    if occupied:
+    if occupied and not same:
         raise DataError(f"refusing to overwrite non-empty case folders: {occupied[:5]}")
+    write_json(record, settings)
     origin = -(np.array(shape) - 1) / 2 * np.array(spacing)  # grid centred on the world origin
     affine = np.eye(4)
     affine[:3, :3] = np.diag(spacing)
     affine[:3, 3] = origin
     for i, folder in enumerate(folders, start=1):
+        if folder.is_dir() and any(folder.iterdir()):
+            continue  # complete (renamed into place whole) and of these settings
         image, label = synthesize_case(_case_rng(seed, i), shape, spacing, partial_volume, anatomy_fov_mm)
-        for name, data in (("enhanced.nii.gz", image), ("atriumSegImgMO.nii.gz", label)):
-            write_nifti(folder / name, data, Geometry(shape, affine, spacing, folder / name))  # no input
+        staging = out / f".{folder.name}.partial"  # a killed run's is replaced
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            for name, data in (("enhanced.nii.gz", image), ("atriumSegImgMO.nii.gz", label)):
+                write_nifti(staging / name, data, Geometry(shape, affine, spacing, folder / name))  # no input
+            if folder.is_dir():
+                folder.rmdir()  # empty
+            staging.rename(folder)
+        finally:  # interrupted (Ctrl-C): no half-written case is left
+            shutil.rmtree(staging, ignore_errors=True)
     return folders
 
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import TINY, Result, assert_refused, snapshot
+from conftest import TINY, Result, assert_refused, la_seg_subprocess, snapshot
 from hostile import valid_image
 
 from la_seg.data.split import DataSplit
@@ -62,6 +64,11 @@ def one_wins(results: list[tuple[int, Result]], folder: Path) -> int:
     return winner
 
 
+def relative_snapshot(root: Path) -> dict[Path, str]:
+    """`snapshot(root)` keyed by the path inside `root`."""
+    return {Path(k).relative_to(root): v for k, v in snapshot(root).items()}
+
+
 @pytest.fixture(scope="module")
 def race_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("race")
@@ -81,9 +88,7 @@ def test_two_synth_runs_into_one_folder(tmp_path):
     one_wins(results, out)
     (seed,) = [i + 1 for i, (_, result) in enumerate(results) if result.code == 0]
     write_dataset(tmp_path / "expected", cases=RACE_CASES, seed=seed)
-    written = {p.relative_to(out): d for p, d in ((Path(k), v) for k, v in snapshot(out).items())}
-    expected = snapshot(tmp_path / "expected")
-    assert written == {Path(k).relative_to(tmp_path / "expected"): v for k, v in expected.items()}
+    assert relative_snapshot(out) == relative_snapshot(tmp_path / "expected")
 
 
 @pytest.mark.slow
@@ -230,3 +235,51 @@ def test_a_config_alias_bomb_is_bounded(levels, la_seg, tmp_path, synth_root):
     assert time.monotonic() - start < 60
     assert_refused(result, str(config), snapshot(synth_root), synth_root)
     assert len(result.error_lines[0]) < 2500
+
+
+# ---- interrupts: Ctrl-C like SIGTERM ---------------------------------------------------------------------
+def interrupted(argv: list[str], cwd: Path, started: Callable[[], bool]) -> Result:
+    """Run `la-seg ARGV` as a process and send it SIGINT (Ctrl-C) once `started()` holds."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("LA_SEG_DEBUG", None)
+    process = subprocess.Popen([sys.executable, "-m", "la_seg.cli", *map(str, argv)], cwd=cwd, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not started() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    return Result(process.returncode, out, err)
+
+
+def stopped_by_sigint(result: Result) -> None:
+    printed = result.out + result.err
+    assert "Traceback" not in printed, printed[-3000:]
+    assert result.code == 130, printed[-3000:]
+    assert result.err.strip().splitlines()[-1].startswith("la-seg: stopped by SIGINT"), printed[-3000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_synth_then_a_rerun_completes(tmp_path):
+    out = tmp_path / "out"
+    synth = ["synth", "--out", out, "--cases", RACE_CASES]
+    stopped_by_sigint(interrupted(synth, tmp_path, lambda: (out / "train_2").exists()))
+    assert not list(out.glob(".*partial")) and not (out / ".la-seg.lock").exists()
+    rerun = la_seg_subprocess(synth, tmp_path)
+    assert rerun.code == 0, rerun.err[-3000:]
+    write_dataset(tmp_path / "expected", cases=RACE_CASES, seed=0)
+    assert relative_snapshot(out) == relative_snapshot(tmp_path / "expected")
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_export_then_a_rerun_completes(tmp_path, race_root):
+    out = tmp_path / "raw"
+    export = ["export-nnunet", "--data.root", race_root, "--out", out]
+    stopped_by_sigint(interrupted(export, tmp_path, lambda: any(out.glob(".Dataset501_LA.*/labelsTr/*"))))
+    assert not out.exists() or not list(out.iterdir()), "no staging folder, lock or partial export left"
+    rerun = la_seg_subprocess(export, tmp_path)
+    assert rerun.code == 0, rerun.err[-3000:]
+    assert len(list((out / "Dataset501_LA" / "imagesTr").iterdir())) == RACE_CASES
