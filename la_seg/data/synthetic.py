@@ -13,14 +13,13 @@ the same bytes on disk.
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from la_seg.atomic import write_json
 from la_seg.data.io import Geometry, write_nifti
 from la_seg.errors import DataError
 
@@ -132,9 +131,6 @@ def _synthesize(
     return image.astype(np.int16), fraction
 
 
-SETTINGS_FILE = ".la-seg-synth.json"  # what a rerun into the folder must repeat to add to it
-
-
 def write_dataset(
     out: str | Path,
     cases: int,
@@ -148,30 +144,31 @@ def write_dataset(
     """Write `cases` phantoms as out/train_1..train_N/{enhanced,atriumSegImgMO}.nii.gz and return the folders.
 
     Case i depends only on (seed, i) (`_case_rng`), so a larger data set extends a smaller one. Each case
-    folder appears complete (written beside, then renamed), and `out/.la-seg-synth.json` records the
-    settings: a run with the same settings (an interrupted one rerun, or more cases) keeps the case folders
-    there and writes the others; other non-empty case folders are refused rather than overwritten.
-    `partial_volume` and `anatomy_fov_mm`: see synthesize_case; `prefix` names the case folders.
+    folder appears complete (written beside, then renamed). Existing non-empty case folders are kept when they
+    hold what these settings give (an interrupted run rerun, or more cases) and refused otherwise, rather
+    than overwritten. `partial_volume` and `anatomy_fov_mm`: see synthesize_case; `prefix` names the case
+    folders (`<prefix><i>`).
     """
     out = Path(out)
     if cases < 1:
         raise DataError(f"number of synthetic cases must be at least 1, got {cases}")
     shape, spacing = _check_grid(shape, spacing)
     folders = [out / f"{prefix}{i}" for i in range(1, cases + 1)]
-    settings = {"seed": seed, "shape": list(shape), "spacing": list(spacing), "prefix": prefix,
-                "partial_volume": partial_volume, "anatomy_fov_mm": anatomy_fov_mm}  # fmt: skip
-    record = out / SETTINGS_FILE
-    same = record.is_file() and json.loads(record.read_text()) == settings
-    occupied = [str(f) for f in folders if f.is_dir() and any(f.iterdir())]
-    if occupied and not same:
-        raise DataError(f"refusing to overwrite non-empty case folders: {occupied[:5]}")
-    write_json(record, settings)
     origin = -(np.array(shape) - 1) / 2 * np.array(spacing)  # grid centred on the world origin
     affine = np.eye(4)
     affine[:3, :3] = np.diag(spacing)
     affine[:3, 3] = origin
-    for i, folder in enumerate(folders, start=1):
+    made = {}
+    for i, folder in enumerate(folders, start=1):  # checked before anything is written
         if folder.is_dir() and any(folder.iterdir()):
+            made[i] = synthesize_case(_case_rng(seed, i), shape, spacing, partial_volume, anatomy_fov_mm)
+            if not _holds(folder, made[i], affine):
+                raise DataError(
+                    f"refusing to overwrite the non-empty case folder {folder}: it holds other data than "
+                    "these settings give"
+                )
+    for i, folder in enumerate(folders, start=1):
+        if i in made:
             continue  # complete (renamed into place whole) and of these settings
         image, label = synthesize_case(_case_rng(seed, i), shape, spacing, partial_volume, anatomy_fov_mm)
         staging = out / f".{folder.name}.partial"  # a killed run's is replaced
@@ -185,6 +182,20 @@ def write_dataset(
         finally:  # interrupted (Ctrl-C): no half-written case is left
             shutil.rmtree(staging, ignore_errors=True)
     return folders
+
+
+def _holds(folder: Path, case: tuple[np.ndarray, np.ndarray], affine: np.ndarray) -> bool:
+    """Whether `folder` holds exactly the image and label `case` (as written: same voxels and affine)."""
+    try:
+        for name, data in zip(("enhanced.nii.gz", "atriumSegImgMO.nii.gz"), case, strict=True):
+            written = nib.load(folder / name)
+            if not np.allclose(written.affine, affine) or not np.array_equal(
+                np.asanyarray(written.dataobj), data
+            ):
+                return False
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError):
+        return False
+    return True
 
 
 _PV_STEP_MM = 0.6  # sub-voxel size of partial-volume phantoms
