@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import trimesh
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from skimage.measure import marching_cubes
 from trimesh.exchange.stl import export_stl
 from trimesh.smoothing import filter_taubin
@@ -38,15 +39,19 @@ def voxel_to_world(geometry: Geometry) -> np.ndarray:
 
 def la_surface(mask: np.ndarray, geometry: Geometry, smoothing_iterations: int) -> trimesh.Trimesh:
     """The mask's boundary (marching cubes at 0.5 on the zero-padded mask, so a mask touching the border is
-    closed there too) in RAS mm, outward-facing, Taubin-smoothed `smoothing_iterations` times."""
-    padded = np.pad(mask.astype(np.float32), 1)
-    voxels, faces, _, _ = marching_cubes(padded, level=0.5)
+    closed there too) in RAS mm, outward-facing, Taubin-smoothed `smoothing_iterations` times.
+
+    The mask is first brought to RAS array order (axis permutations and flips): marching cubes splits
+    ambiguous cubes by their array order, so this gives one surface for every storage of the same patient.
+    """
     affine = voxel_to_world(geometry)
+    orientation = io_orientation(affine)
+    canonical = apply_orientation(mask.astype(np.float32), orientation)
+    affine = affine @ inv_ornt_aff(orientation, mask.shape)
+    voxels, faces, _, _ = marching_cubes(np.pad(canonical, 1), level=0.5)
     world = (voxels - 1.0) @ affine[:3, :3].T + affine[:3, 3]
     mesh = trimesh.Trimesh(world, faces, process=False)
-    if (
-        mesh.volume < 0
-    ):  # an affine with a negative determinant (one flipped axis) turns the winding inside out
+    if mesh.volume < 0:  # marching cubes' winding is for its own array axes: make the normals point outward
         mesh.invert()
     if smoothing_iterations:
         filter_taubin(mesh, lamb=TAUBIN_LAMBDA, nu=TAUBIN_MU, iterations=smoothing_iterations)
