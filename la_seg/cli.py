@@ -579,9 +579,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str], from_command_line: bool) -> None:
     """Parse `argv` and run its subcommand."""
-    if argv and argv[0] in ("synth", "export-nnunet", "evaluate"):
+    if argv and argv[0] in ("synth", "export-nnunet", "evaluate", "analyse"):
         if argv[0] == "synth":
             command = synth
+        elif argv[0] == "analyse":  # imported here: only `analyse` needs trimesh and matplotlib's 3D
+            from la_seg.analysis.command import analyse
+
+            command = analyse
         else:  # imported here: fit/test/predict never need them
             from la_seg.evaluate import evaluate
             from la_seg.nnunet import export_nnunet
