@@ -38,6 +38,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from la_seg.cli import resolve_config_paths  # noqa: E402
+from la_seg.data.preprocess import InputSpec  # noqa: E402
 from la_seg.inference import Ensemble, EnsembleMember  # noqa: E402
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig  # noqa: E402
 from la_seg.module import CPU_EVAL_CHUNK  # noqa: E402
@@ -78,6 +79,11 @@ def shown(path: Path) -> str:
 
 def progress(message: str) -> None:
     print(f"[ensemble {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def stretched_input(net: LASegmenter) -> InputSpec:
+    """The input the benchmark's segmenters get: slices stretched to their img_size (no mm grid to keep)."""
+    return InputSpec(img_size=net.config.img_size, in_plane="stretch")
 
 
 def net_config(config: dict, img_size: int | None) -> SegmenterConfig:
@@ -131,10 +137,11 @@ def flops_figures(config_name: str, img_size: int | None, members: int) -> dict:
     nets = fake_segmenters(net, members, mode)
     with mode:
         x = torch.empty(1, 3, net.img_size, net.img_size)
-        inputs = {(net.img_size, False, "stretch", 1.0): x}
-        one = count_flops(Ensemble([EnsembleMember("0", nets[0])]).eval(), inputs)
+        inputs = {stretched_input(nets[0]).kind: x}
+        one = count_flops(Ensemble([EnsembleMember("0", nets[0], stretched_input(nets[0]))]).eval(), inputs)
         ensemble = count_flops(
-            Ensemble([EnsembleMember(str(i), n) for i, n in enumerate(nets)]).eval(), inputs
+            Ensemble([EnsembleMember(str(i), n, stretched_input(n)) for i, n in enumerate(nets)]).eval(),
+            inputs,
         )
         backbone = count_flops(nets[0].backbone, x)
     head = one - backbone
@@ -168,8 +175,8 @@ def real_ensembles(net: SegmenterConfig, members: int, device: torch.device) -> 
         nets.append(LASegmenter(net).to(device).eval())
         if seed:
             nets[-1].backbone.load_state_dict(nets[0].backbone.state_dict())
-    one = Ensemble([EnsembleMember("0", nets[0])]).eval()
-    ensemble = Ensemble([EnsembleMember(str(i), n) for i, n in enumerate(nets)]).eval()
+    one = Ensemble([EnsembleMember("0", nets[0], stretched_input(nets[0]))]).eval()
+    ensemble = Ensemble([EnsembleMember(str(i), n, stretched_input(n)) for i, n in enumerate(nets)]).eval()
     if len(ensemble.backbones) != 1:
         raise RuntimeError("the ensemble members should share one backbone")
     return one, ensemble

@@ -25,6 +25,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
 from la_seg.atomic import atomic_path, loader_worker_ends_ignored
+from la_seg.data.preprocess import INPUT_FIELDS, InputSpec
 from la_seg.distributed import reported_elsewhere
 from la_seg.errors import DataError
 from la_seg.models.segmenter import SegmenterConfig
@@ -478,6 +479,15 @@ def network_settings(checkpoint: dict) -> dict[str, Any]:
     settings["slice_context"] = bool(hparams.get("slice_context", False))
     settings |= {field: hparams.get(field, default) for field, default in INPUT_DEFAULTS.items()}
     return settings
+
+
+def input_spec(checkpoint: dict) -> InputSpec:
+    """How the checkpoint's input was made (older checkpoints: INPUT_DEFAULTS)."""
+    settings = network_settings(checkpoint)
+    return InputSpec(
+        img_size=checkpoint["hyper_parameters"]["net"]["img_size"],
+        **{field: settings[field] for field in INPUT_FIELDS if field != "img_size"},
+    )
 
 
 def check_member_input(checkpoint: dict, first: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ fusion + decoder heads, so they can share one backbone pass per slice; with gian
 
 Entry points:
 
-    ensemble = Ensemble([EnsembleMember("fold0", net0), EnsembleMember("fold1", net1, slice_context=False)])
+    ensemble = Ensemble([EnsembleMember("fold0", net0, spec0), EnsembleMember("fold1", net1, spec1)])
     ensemble.eval()
     result = ensemble.segment_volume(image, threshold=0.5, chunk=32, tta="flips")   # image: (X, Y, Z)
     result.prob, result.mask, result.uncertainty              # (X, Y, Z) float32, bool, float32 or None
@@ -29,7 +29,7 @@ from typing import Literal, TypedDict, get_args
 import torch
 from torch import Tensor, nn
 
-from la_seg.data.preprocess import InPlane, SliceGrid, restore_geometry, slice_grid, slices_to_input
+from la_seg.data.preprocess import InputSpec, SliceGrid, restore_geometry, slice_grid, slices_to_input
 from la_seg.errors import DataError
 from la_seg.metrics import overlap_3d, volume_ml
 from la_seg.models.segmenter import LASegmenter
@@ -63,29 +63,28 @@ POSTPROCESSING: tuple[str, ...] = get_args(Postprocess)
 REVIEW_BELOW = 0.9
 AGREEMENT_DIGITS = 4  # of the mean pairwise Dice, in agreements and reports
 
-# (img_size, slice_context, in_plane, target_spacing): what one model input looks like
+# (img_size, slice_context, in_plane, target_spacing): what one model input looks like (InputSpec.kind)
 InputKind = tuple[int, bool, str, float]
 
 
 @dataclass(frozen=True)
 class EnsembleMember:
-    """One model of an ensemble. `slice_context`, `in_plane` and `target_spacing` are the module's input
-    settings (not stored in the net): the 2.5D switch and how slices are resized (la_seg.data.preprocess)."""
+    """One model of an ensemble and the InputSpec it was trained with (the net stores only its img_size)."""
 
     name: str
     net: LASegmenter
-    slice_context: bool = False
-    in_plane: InPlane = "stretch"
-    target_spacing: float = 1.0
+    spec: InputSpec
+
+    def __post_init__(self) -> None:
+        if self.spec.img_size != self.net.config.img_size:
+            raise ValueError(
+                f"member {self.name}: its input spec has img_size {self.spec.img_size}, its net "
+                f"{self.net.config.img_size}"
+            )
 
     @property
     def input_kind(self) -> InputKind:
-        return (
-            int(self.net.config.img_size),
-            bool(self.slice_context),
-            str(self.in_plane),
-            float(self.target_spacing),
-        )
+        return self.spec.kind
 
 
 class Agreement(TypedDict):

@@ -15,22 +15,15 @@ from la_seg.checkpoints import (
     INFERENCE_FIELDS,
     INPUT_DEFAULTS,
     holds_backbone,
+    input_spec,
     load_checkpoint,
-    network_settings,
     network_to_rebuild,
     read_backbone_record,
     stored_calibration,
     write_backbone_record,
 )
-from la_seg.data.io import Geometry, Orientation, check_orientation
-from la_seg.data.preprocess import (
-    INTENSITY_HEADROOM,
-    InPlane,
-    check_in_plane,
-    check_intensity_headroom,
-    labels_to_input,
-    slice_grid,
-)
+from la_seg.data.io import Geometry, Orientation
+from la_seg.data.preprocess import DEFAULT_INPUT, InPlane, InputSpec, labels_to_input
 from la_seg.errors import DataError
 from la_seg.inference import (
     POSTPROCESSING,
@@ -118,11 +111,11 @@ class LASegModule(L.LightningModule):
     def __init__(
         self,
         net: SegmenterConfig = SegmenterConfig(),  # noqa: B008 (never mutated; jsonargparse shows its fields)
-        slice_context: bool = False,
-        in_plane: InPlane = "stretch",
-        target_spacing: float = 1.0,
-        intensity_headroom: float = INTENSITY_HEADROOM,
-        orientation: Orientation = "RAS",
+        slice_context: bool = DEFAULT_INPUT.slice_context,
+        in_plane: InPlane = DEFAULT_INPUT.in_plane,
+        target_spacing: float = DEFAULT_INPUT.target_spacing,
+        intensity_headroom: float = DEFAULT_INPUT.intensity_headroom,
+        orientation: Orientation = DEFAULT_INPUT.orientation,
         loss: Literal["bce", "dice_bce", "batch_dice_bce"] = "bce",
         optimizer: Literal["adam", "adamw"] = "adam",
         lr: float = 1e-3,
@@ -143,14 +136,18 @@ class LASegModule(L.LightningModule):
             raise DataError(f"model.threshold must lie strictly between 0 and 1, got {threshold}")
         if eval_batch_size < 1:
             raise DataError(f"model.eval_batch_size must be at least 1 slice, got {eval_batch_size}")
-        try:
-            check_in_plane(in_plane, target_spacing)
-        except DataError as error:
-            raise DataError(f"model.{error}") from None
-        check_intensity_headroom(intensity_headroom, "data.intensity_headroom (model.intensity_headroom)")
-        check_orientation(orientation, "data.orientation (model.orientation)")
         if isinstance(net, dict):  # hparams read back from YAML
             net = SegmenterConfig(**net)
+        # la_seg.data.preprocess's input record; its fields stay flat hyper-parameters (the checkpoint format)
+        self.input_spec = InputSpec.checked(
+            "model.",
+            img_size=net.img_size,
+            slice_context=slice_context,
+            in_plane=in_plane,
+            target_spacing=target_spacing,
+            intensity_headroom=intensity_headroom,
+            orientation=orientation,
+        )
         if isinstance(plausibility, dict):
             plausibility = Plausibility(**plausibility)
         self.save_hyperparameters(
@@ -177,7 +174,6 @@ class LASegModule(L.LightningModule):
         if compile:
             self.net.backbone.compile()
             self.net.decoder.compile()
-        self.slice_context = slice_context
         self.member_name = "model"  # the name this model votes under (the CLI sets its checkpoint path)
         self._ensemble: list[Ensemble] = []  # see ensemble()
         self._case_losses: list[dict] = []  # {case_id, loss} of this epoch's evaluated cases on this rank
@@ -232,13 +228,7 @@ class LASegModule(L.LightningModule):
         """The module's own net (the first member) and the members added since, built on first use. It is
         held in a list, not as a submodule, so that other members never enter this module's checkpoints."""
         if not self._ensemble:
-            own = EnsembleMember(
-                self.member_name,
-                self.net,
-                self.slice_context,
-                self.hparams.get("in_plane", "stretch"),
-                self.target_spacing(),
-            )
+            own = EnsembleMember(self.member_name, self.net, self.input_spec)
             self._ensemble.append(Ensemble([own]))
         return self._ensemble[0]
 
@@ -292,9 +282,6 @@ class LASegModule(L.LightningModule):
         """Mean pairwise Dice below which a case is flagged (model.review_below; older checkpoints: 0.9)."""
         return float(self.hparams.get("review_below", REVIEW_BELOW))
 
-    def target_spacing(self) -> float:
-        return float(self.hparams.get("target_spacing", 1.0))
-
     @torch.no_grad()
     def eval_loss(
         self, logits: torch.Tensor, label: torch.Tensor, spacing: tuple[float, float, float] | None = None
@@ -306,9 +293,8 @@ class LASegModule(L.LightningModule):
         """
         depth = logits.shape[0]
         chunk = depth if self.hparams.get("loss") == "batch_dice_bce" else self.eval_chunk(logits.device)
-        size = self.net_config.img_size
-        in_plane = self.hparams.get("in_plane", "stretch")
-        grid = slice_grid(label.shape[:2], size, in_plane, spacing, self.target_spacing())
+        size = self.input_spec.img_size
+        grid = self.input_spec.grid(label.shape[:2], spacing)
         total = logits.new_zeros(())
         with torch.autocast(device_type=logits.device.type, enabled=False):
             for start in range(0, depth, chunk):
@@ -424,7 +410,6 @@ def load_member(
     `checkpoint`: the file's contents when already read.
     """
     checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
-    settings = network_settings(checkpoint)
     config = network_to_rebuild(checkpoint, weights)
     stored = holds_backbone(checkpoint)
     try:
@@ -437,13 +422,7 @@ def load_member(
         ) from None
     holder.on_load_checkpoint(checkpoint)
     holder.load_state_dict(checkpoint["state_dict"])
-    return EnsembleMember(
-        str(path),
-        holder.net.eval(),
-        settings["slice_context"],
-        settings["in_plane"],
-        float(settings["target_spacing"]),
-    )
+    return EnsembleMember(str(path), holder.net.eval(), input_spec(checkpoint))
 
 
 class _NetHolder(nn.Module):

@@ -80,7 +80,9 @@ def test_network_settings_come_from_the_checkpoint(monkeypatch, synth_root, cont
     common = ["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", str(context_ckpt)]
     built = built_by(monkeypatch, [*common, "--model.threshold", "0.7", "--model.postprocess", "none"])
     model = built.model
-    assert model.hparams.slice_context and built.datamodule.slice_context  # trained 2.5D, not in the config
+    assert (
+        model.hparams.slice_context and built.datamodule.input_spec.slice_context
+    )  # trained 2.5D, not in the config
     assert model.hparams.threshold == 0.7 and model.hparams.postprocess == "none"  # inference choices apply
     assert model.inference_settings()["threshold"] == 0.7
     assert isinstance(built.trainer.strategy.checkpoint_io, cli.DataOnlyCheckpointIO)
@@ -99,14 +101,16 @@ def test_a_contradicting_setting_is_an_error(capsys, synth_root, context_ckpt, o
 
 def test_a_stretching_checkpoint_ignores_a_configured_target_spacing(monkeypatch, tmp_path, synth_root):
     """Slices are resized as the checkpoint was trained; a stretching one never used a target spacing, so a
-    config's (the paper configs say 0.9 mm) does not contradict it. in_plane itself does."""
-    stretched = save(LASegModule(net=TINY_NET), tmp_path / "stretch.ckpt")
+    config's (the paper configs say 0.9 mm) does not contradict it, and a config's `in_plane: spacing` (the
+    code default) is not a choice against it either. in_plane typed on the command line is."""
+    stretched = save(LASegModule(net=TINY_NET, in_plane="stretch"), tmp_path / "stretch.ckpt")
     common = ["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", str(stretched)]
-    built = built_by(monkeypatch, [*common, "--data.in_plane", "stretch", "--data.target_spacing", "0.9"])
-    assert built.datamodule.in_plane == built.model.hparams.in_plane == "stretch"
-    monkeypatch.undo()
+    for extra in (["--data.in_plane", "stretch", "--data.target_spacing", "0.9"], []):  # demo.yaml: spacing
+        built = built_by(monkeypatch, [*common, *extra])
+        assert built.datamodule.input_spec.in_plane == built.model.hparams.in_plane == "stretch"
+        monkeypatch.undo()
     with pytest.raises(SystemExit):
-        main(common)  # demo.yaml says spacing
+        main([*common, "--data.in_plane", "spacing"])
 
 
 def test_a_checkpoint_from_before_the_headroom_is_normalised_with_the_old_clip(
@@ -119,7 +123,7 @@ def test_a_checkpoint_from_before_the_headroom_is_normalised_with_the_old_clip(
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
     built = built_by(monkeypatch, ["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", str(old)])
-    assert built.datamodule.intensity_headroom == built.model.hparams.intensity_headroom == 1.0
+    assert built.datamodule.input_spec.intensity_headroom == built.model.hparams.intensity_headroom == 1.0
     assert LASegModule.load_from_checkpoint(old).hparams.intensity_headroom == 1.0
 
 

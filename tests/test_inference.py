@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_options import member, stretched
 from torch.utils.flop_counter import FlopCounterMode
 
 from la_seg.data.preprocess import restore_geometry, slices_to_input
 from la_seg.errors import DataError
-from la_seg.inference import FLIP_DIMS, Ensemble, EnsembleMember, case_agreement, postprocess_mask
+from la_seg.inference import FLIP_DIMS, Ensemble, case_agreement, postprocess_mask
 from la_seg.metrics import volume_ml
 from la_seg.models.segmenter import LASegmenter
 from la_seg.module import LASegModule
@@ -65,7 +66,7 @@ def flops(fn, *args) -> int:
 def test_shared_frozen_backbone_runs_once_per_chunk(tiny_net, image):
     first = make_net(tiny_net, 0)
     nets = [first] + [make_net(tiny_net, seed, weights_from=first) for seed in (1, 2)]
-    ensemble = Ensemble([EnsembleMember(f"fold{i}", net) for i, net in enumerate(nets)]).eval()
+    ensemble = Ensemble([member(f"fold{i}", net) for i, net in enumerate(nets)]).eval()
     assert list(ensemble.backbones.values()) == [first.backbone]  # held once
     assert len(ensemble.passes) == 1
     calls = count_calls(first.backbone)
@@ -82,7 +83,7 @@ def test_members_with_different_backbones_or_inputs_run_separately(tiny_net, ima
     first = make_net(tiny_net, 0)
     other = make_net(tiny_net, 1)  # other backbone weights
     context = make_net(tiny_net, 2, weights_from=first)  # same weights, 2.5D input
-    members = [EnsembleMember("a", first), EnsembleMember("b", other), EnsembleMember("c", context, True)]
+    members = [member("a", first), member("b", other), member("c", context, slice_context=True)]
     ensemble = Ensemble(members).eval()
     assert list(ensemble.backbones.values()) == [first.backbone, other.backbone]
     assert [p["members"] for p in ensemble.describe()["passes"]] == [["a"], ["b"], ["c"]]
@@ -99,13 +100,13 @@ def test_trained_backbones_are_never_shared(tiny_net):
     first = make_net(tiny_net, 0)
     trained = make_net(dataclasses.replace(tiny_net, trainable_blocks=-1), 1, weights_from=first)
     assert trained.backbone.fingerprint() == first.backbone.fingerprint()
-    ensemble = Ensemble([EnsembleMember("frozen", first), EnsembleMember("trained", trained)])
+    ensemble = Ensemble([member("frozen", first), member("trained", trained)])
     assert len(ensemble.backbones) == 2 and len(ensemble.passes) == 2
 
 
 def test_module_segments_a_volume_as_its_net_does_slice_by_slice(tiny_net, image):
     """The module's whole-volume path (a one-member ensemble) against the net written out slice by slice."""
-    module = LASegModule(net=tiny_net, eval_batch_size=CHUNK, threshold=0.4).eval()
+    module = LASegModule(net=tiny_net, in_plane="stretch", eval_batch_size=CHUNK, threshold=0.4).eval()
     prob, mask = module.segment_volume(image)
     torch.testing.assert_close(prob, reference_prob(module.net, image), atol=1e-5, rtol=1e-4)
     assert torch.equal(mask, prob > 0.4)
@@ -130,7 +131,7 @@ def flipped_runs(net: LASegmenter, image: torch.Tensor) -> list[torch.Tensor]:
 )
 def test_tta_averages_its_flipped_runs(tiny_net, image, tta, views):
     net = make_net(tiny_net, 0)
-    ensemble = Ensemble([EnsembleMember("model", net)]).eval()
+    ensemble = Ensemble([member("model", net)]).eval()
     calls = count_calls(net.backbone)
     result = ensemble.segment_volume(image, chunk=CHUNK, tta=tta)
     assert calls[0] == len(views) * 2  # a backbone pass per view and chunk
@@ -145,7 +146,7 @@ def test_tta_averages_its_flipped_runs(tiny_net, image, tta, views):
 def test_tta_with_shared_ensemble_shares_each_flipped_pass(tiny_net, image):
     first = make_net(tiny_net, 0)
     second = make_net(tiny_net, 1, weights_from=first)
-    ensemble = Ensemble([EnsembleMember("a", first), EnsembleMember("b", second)]).eval()
+    ensemble = Ensemble([member("a", first), member("b", second)]).eval()
     calls, unused = count_calls(first.backbone), count_calls(second.backbone)
     result = ensemble.segment_volume(image, chunk=CHUNK, tta="flips")
     assert (calls[0], unused[0]) == (4 * 2, 0)  # members share every flipped pass
@@ -160,8 +161,8 @@ def test_tta_with_shared_ensemble_shares_each_flipped_pass(tiny_net, image):
 
 def test_uncertainty_is_zero_where_members_agree(tiny_net, image):
     net = make_net(tiny_net, 0)
-    single = Ensemble([EnsembleMember("one", net)]).eval().segment_volume(image, chunk=CHUNK)
-    copies = Ensemble([EnsembleMember(name, net) for name in "abc"]).eval()
+    single = Ensemble([member("one", net)]).eval().segment_volume(image, chunk=CHUNK)
+    copies = Ensemble([member(name, net) for name in "abc"]).eval()
     assert len(copies.backbones) == 1
     result = copies.segment_volume(image, chunk=CHUNK)
     assert torch.count_nonzero(result.uncertainty) == 0
@@ -175,7 +176,7 @@ def test_uncertainty_is_positive_where_members_differ(tiny_net, image):
     nets = [make_net(tiny_net, 0), make_net(tiny_net, 1)]
     probs = [reference_prob(net, image) for net in nets]
     threshold = float(probs[0].median())  # masks that are neither empty nor full
-    ensemble = Ensemble([EnsembleMember("a", nets[0]), EnsembleMember("b", nets[1])]).eval()
+    ensemble = Ensemble([member("a", nets[0]), member("b", nets[1])]).eval()
     result = ensemble.segment_volume(image, threshold=threshold, chunk=CHUNK)
     differ = (probs[0] - probs[1]).abs() > 1e-5
     assert differ.any() and (result.uncertainty[differ] > 0).all()
@@ -209,9 +210,9 @@ def test_flops_of_shared_ensemble(tiny_net):
     first = make_net(tiny_net, 0)
     nets = [first] + [make_net(tiny_net, seed, weights_from=first) for seed in (1, 2, 3)]
     x = torch.rand(2, 3, tiny_net.img_size, tiny_net.img_size)
-    inputs = {(tiny_net.img_size, False, "stretch", 1.0): x}
-    one = flops(Ensemble([EnsembleMember("a", first)]), inputs)
-    four = flops(Ensemble([EnsembleMember(str(i), net) for i, net in enumerate(nets)]), inputs)
+    inputs = {stretched(tiny_net.img_size).kind: x}
+    one = flops(Ensemble([member("a", first)]), inputs)
+    four = flops(Ensemble([member(str(i), net) for i, net in enumerate(nets)]), inputs)
     backbone = flops(first.backbone, x)
     head = flops(lambda: first.decoder(first.fusion(first.backbone(x)), x)) - backbone
     assert one == backbone + head and four == backbone + 4 * head
@@ -220,13 +221,13 @@ def test_flops_of_shared_ensemble(tiny_net):
 
 def test_bad_input_is_a_clear_error(tiny_net, image):
     net = make_net(tiny_net, 0)
-    ensemble = Ensemble([EnsembleMember("a", net)])
+    ensemble = Ensemble([member("a", net)])
     with pytest.raises(DataError, match="tta"):
         ensemble.segment_volume(image, tta="rot90")
     with pytest.raises(DataError, match="chunk"):
         ensemble.segment_volume(image, chunk=0)
     with pytest.raises(DataError, match="used twice"):
-        ensemble.add(EnsembleMember("a", net))
+        ensemble.add(member("a", net))
     with pytest.raises(DataError, match="no members"):
         Ensemble().segment_volume(image)
 

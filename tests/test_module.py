@@ -8,13 +8,13 @@ import pytest
 import timm
 import torch
 from monai.transforms import KeepLargestConnectedComponent
+from tiny_options import member, stretched
 
 from la_seg.data.datasets import SliceDataset
 from la_seg.data.io import Geometry
 from la_seg.data.layouts import find_cases
 from la_seg.data.preprocess import labels_to_input, restore_geometry, slices_to_input
 from la_seg.errors import DataError
-from la_seg.inference import EnsembleMember
 from la_seg.metrics import overlap_3d
 from la_seg.module import LASegModule, warmup_cosine_schedule
 from la_seg.plausibility import Plausibility
@@ -22,14 +22,14 @@ from la_seg.plausibility import Plausibility
 
 def slice_batch(root, img_size, n=8):
     """The n slices with the most LA from the synthetic cases, as one training batch."""
-    dataset = SliceDataset(find_cases(root), img_size=img_size)
+    dataset = SliceDataset(find_cases(root), stretched(img_size))
     items = sorted((dataset[i] for i in range(len(dataset))), key=lambda it: -float(it["label"].sum()))[:n]
     return {k: torch.stack([it[k] for it in items]) for k in ("image", "label")}
 
 
 def test_overfits_one_batch(tiny_net, synth_root):
     torch.manual_seed(0)
-    module = LASegModule(net=tiny_net, loss="dice_bce")
+    module = LASegModule(net=tiny_net, in_plane="stretch", loss="dice_bce")
     batch = slice_batch(synth_root, tiny_net.img_size)
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     module.train()
@@ -45,7 +45,9 @@ def test_overfits_one_batch(tiny_net, synth_root):
 
 
 def test_segment_volume_returns_original_geometry(tiny_net):
-    module = LASegModule(net=tiny_net, eval_batch_size=3, postprocess="largest_component").eval()
+    module = LASegModule(
+        net=tiny_net, in_plane="stretch", eval_batch_size=3, postprocess="largest_component"
+    ).eval()
     image = torch.rand(50, 37, 7)
     prob, mask = module.segment_volume(image)
     assert prob.shape == mask.shape == image.shape
@@ -53,7 +55,7 @@ def test_segment_volume_returns_original_geometry(tiny_net):
 
 
 def test_only_trainable_parameters_reach_the_optimiser(tiny_net):
-    module = LASegModule(net=tiny_net)
+    module = LASegModule(net=tiny_net, in_plane="stretch")
     params = module.configure_optimizers().param_groups[0]["params"]
     assert params and all(p.requires_grad for p in params)
     backbone = {id(p) for p in module.net.backbone.parameters()}
@@ -80,9 +82,9 @@ def test_lean_checkpoint_reloads_identically_and_is_small(tiny_net, tmp_path):
     net = dataclasses.replace(
         tiny_net, weights=weights_file(tmp_path / "vit.pth", 1, tiny_net.backbone_kwargs)
     )
-    module = LASegModule(net=net).eval()
+    module = LASegModule(net=net, in_plane="stretch").eval()
     lean = save(module, tmp_path / "lean.ckpt")
-    full = save(LASegModule(net=net, save_backbone=True).eval(), tmp_path / "full.ckpt")
+    full = save(LASegModule(net=net, in_plane="stretch", save_backbone=True).eval(), tmp_path / "full.ckpt")
     assert lean.stat().st_size < full.stat().st_size * 0.8
     state = torch.load(lean, weights_only=False)["state_dict"]
     assert not any(k.startswith("net.backbone.") for k in state)
@@ -96,7 +98,7 @@ def test_lean_checkpoint_reloads_identically_and_is_small(tiny_net, tmp_path):
 def test_lean_checkpoint_refuses_a_different_backbone(tiny_net, tmp_path):
     path = tmp_path / "vit.pth"
     net = dataclasses.replace(tiny_net, weights=weights_file(path, 1, tiny_net.backbone_kwargs))
-    lean = save(LASegModule(net=net), tmp_path / "lean.ckpt")
+    lean = save(LASegModule(net=net, in_plane="stretch"), tmp_path / "lean.ckpt")
     weights_file(path, 2, tiny_net.backbone_kwargs)  # the weights file changed since training
     with pytest.raises(DataError, match=f"{lean}.*fingerprint"):
         LASegModule.load_from_checkpoint(lean)
@@ -105,7 +107,7 @@ def test_lean_checkpoint_refuses_a_different_backbone(tiny_net, tmp_path):
 def test_random_or_trained_backbone_is_always_stored(tiny_net, tmp_path):
     for net in (tiny_net, dataclasses.replace(tiny_net, trainable_blocks=1)):
         torch.manual_seed(0)
-        module = LASegModule(net=net).eval()
+        module = LASegModule(net=net, in_plane="stretch").eval()
         ckpt = save(module, tmp_path / "m.ckpt")
         torch.manual_seed(123)  # a rebuilt random backbone would differ: the checkpoint must carry it
         reloaded = LASegModule.load_from_checkpoint(ckpt).eval()
@@ -117,8 +119,8 @@ def test_random_or_trained_backbone_is_always_stored(tiny_net, tmp_path):
 @pytest.mark.slow
 def test_compile_gives_the_same_outputs(tiny_net):
     torch.manual_seed(0)
-    eager = LASegModule(net=tiny_net).eval()
-    compiled = LASegModule(net=tiny_net, compile=True).eval()
+    eager = LASegModule(net=tiny_net, in_plane="stretch").eval()
+    compiled = LASegModule(net=tiny_net, in_plane="stretch", compile=True).eval()
     compiled.load_state_dict(eager.state_dict())  # compiling in place keeps the checkpoint keys
     x = torch.rand(2, 3, 56, 56)
     with torch.no_grad():
@@ -180,7 +182,9 @@ def reference_mask(module: LASegModule, logits: torch.Tensor, shape: tuple) -> t
 
 @pytest.mark.parametrize("loss", ["bce", "dice_bce", "batch_dice_bce"])
 def test_eval_loss_is_the_training_loss_on_the_model_slices(tiny_net, synth_root, loss):
-    module = LASegModule(net=tiny_net, loss=loss, eval_batch_size=2).eval()  # 5 slices: chunks 2, 2, 1
+    module = LASegModule(
+        net=tiny_net, in_plane="stretch", loss=loss, eval_batch_size=2
+    ).eval()  # 5 slices: chunks 2, 2, 1
     batch = volume_batch(synth_root)
     logits = reference_logits(module, batch["image"], chunk=2)
     target = labels_to_input(batch["label"], tiny_net.img_size)
@@ -202,8 +206,8 @@ def test_batch_dice_counts_the_batch_as_one_region(tiny_net):
     def dice(p, t):
         return 1 - (2 * (p * t).sum() + 1e-5) / (p.sum() + t.sum() + 1e-5)
 
-    batch = LASegModule(net=tiny_net, loss="batch_dice_bce").loss_fn(logits, target)
-    per_slice = LASegModule(net=tiny_net, loss="dice_bce").loss_fn(logits, target)
+    batch = LASegModule(net=tiny_net, in_plane="stretch", loss="batch_dice_bce").loss_fn(logits, target)
+    per_slice = LASegModule(net=tiny_net, in_plane="stretch", loss="dice_bce").loss_fn(logits, target)
     torch.testing.assert_close(batch, dice(prob, target) + bce)
     torch.testing.assert_close(per_slice, (dice(prob[0], target[0]) + dice(prob[1], target[1])) / 2 + bce)
     assert not torch.isclose(batch, per_slice)
@@ -211,14 +215,16 @@ def test_batch_dice_counts_the_batch_as_one_region(tiny_net):
 
 def test_unknown_loss_is_one_line_naming_the_choices(tiny_net):
     with pytest.raises(ValueError, match="model.loss must be 'bce', 'dice_bce' or 'batch_dice_bce'"):
-        LASegModule(net=tiny_net, loss="dice")
+        LASegModule(net=tiny_net, in_plane="stretch", loss="dice")
 
 
 @pytest.mark.parametrize("tta", ["none", "flips"])
 def test_evaluation_through_the_engine_keeps_the_single_model_loss_and_mask(tiny_net, synth_root, tta):
     """One member without flips: loss and mask bit for bit as the pre-ensemble path; with flips the loss is
     still the model's own unflipped one, and the case gets the flips' agreement."""
-    module = LASegModule(net=tiny_net, eval_batch_size=2, postprocess="largest_component", tta=tta).eval()
+    module = LASegModule(
+        net=tiny_net, in_plane="stretch", eval_batch_size=2, postprocess="largest_component", tta=tta
+    ).eval()
     batch = volume_batch(synth_root)
     logged = {}
     module.log = lambda name, value, **kwargs: logged.update({name: value})
@@ -236,7 +242,7 @@ def test_evaluation_through_the_engine_keeps_the_single_model_loss_and_mask(tiny
 
 def test_evaluation_loss_is_a_mean_over_cases_each_counted_once(tiny_net):
     """A case that the distributed sampler repeats (or a rank evaluates twice) counts once in `val/loss`."""
-    module = LASegModule(net=tiny_net)
+    module = LASegModule(net=tiny_net, in_plane="stretch")
     logged = {}
     module.log = lambda name, value, **kwargs: logged.update({name: (value, kwargs)})
     module._case_losses = [{"case_id": c, "loss": v} for c, v in (("a", 1.0), ("b", 4.0), ("a", 1.0))]
@@ -246,11 +252,11 @@ def test_evaluation_loss_is_a_mean_over_cases_each_counted_once(tiny_net):
 
 
 def test_extra_members_vote_but_stay_out_of_the_state_dict(tiny_net, synth_root, tmp_path):
-    module = LASegModule(net=tiny_net, eval_batch_size=2).eval()
+    module = LASegModule(net=tiny_net, in_plane="stretch", eval_batch_size=2).eval()
     keys = set(module.state_dict())
     torch.manual_seed(1)
-    other = LASegModule(net=tiny_net).eval()
-    module.add_member(EnsembleMember("other", other.net))
+    other = LASegModule(net=tiny_net, in_plane="stretch").eval()
+    module.add_member(member("other", other.net))
     assert set(module.state_dict()) == keys and module.has_voters
     batch = volume_batch(synth_root, with_label=False)
     output = module.predict_step(batch, 0)
@@ -263,7 +269,7 @@ def test_extra_members_vote_but_stay_out_of_the_state_dict(tiny_net, synth_root,
 
 def test_validation_runs_under_mixed_precision(tiny_net, synth_root):
     """CUDA autocast refuses binary_cross_entropy; the conftest fixture makes any autocast refuse it too."""
-    module = LASegModule(net=tiny_net).eval()
+    module = LASegModule(net=tiny_net, in_plane="stretch").eval()
     batch = volume_batch(synth_root)
     logged = {}
     module.log = lambda name, value, **kwargs: logged.update({name: value})
@@ -276,7 +282,7 @@ def test_validation_runs_under_mixed_precision(tiny_net, synth_root):
 
 
 def test_predict_step_returns_tensors_and_passes_the_geometry_through(tiny_net, synth_root):
-    module = LASegModule(net=tiny_net).eval()
+    module = LASegModule(net=tiny_net, in_plane="stretch").eval()
     batch = volume_batch(synth_root, with_label=False)
     geometry = Geometry(shape=(1, 2, 3), affine=torch.eye(4).numpy(), spacing=(1.0, 1.0, 2.0), source="x.nii")
     output = module.predict_step({**batch, "geometry": geometry}, 0)
@@ -286,7 +292,7 @@ def test_predict_step_returns_tensors_and_passes_the_geometry_through(tiny_net, 
 
 
 def test_inference_settings_are_exposed(tiny_net):
-    module = LASegModule(net=tiny_net, threshold=0.7, postprocess="largest_component")
+    module = LASegModule(net=tiny_net, in_plane="stretch", threshold=0.7, postprocess="largest_component")
     assert module.inference_settings() == {
         "threshold": 0.7,
         "tta": "none",
@@ -300,7 +306,7 @@ def test_inference_settings_are_exposed(tiny_net):
 
 
 def test_a_batch_with_geometry_moves_to_the_device(tiny_net, synth_root):
-    module = LASegModule(net=tiny_net)
+    module = LASegModule(net=tiny_net, in_plane="stretch")
     batch = volume_batch(synth_root)
     geometry = Geometry(shape=(1, 2, 3), affine=torch.eye(4).numpy(), spacing=(1.0, 1.0, 2.0), source="x.nii")
     moved = module.transfer_batch_to_device({**batch, "geometry": geometry}, torch.device("cpu"), 0)
@@ -309,11 +315,11 @@ def test_a_batch_with_geometry_moves_to_the_device(tiny_net, synth_root):
 
 
 def test_a_member_with_the_same_frozen_backbone_shares_the_module_s_copy(tiny_net):
-    module = LASegModule(net=tiny_net).eval()
+    module = LASegModule(net=tiny_net, in_plane="stretch").eval()
     torch.manual_seed(1)
-    other = LASegModule(net=tiny_net).eval()
+    other = LASegModule(net=tiny_net, in_plane="stretch").eval()
     other.net.backbone.load_state_dict(module.net.backbone.state_dict())
-    module.add_member(EnsembleMember("other", other.net))
+    module.add_member(member("other", other.net))
     ensemble = module.ensemble()
     assert len(ensemble.passes) == 1 and len(ensemble.backbones) == 1
     assert list(ensemble.backbones.values())[0] is module.net.backbone

@@ -9,3 +9,18 @@ TINY_CLI = [
     "--model.net.decoder_channels", "[8, 8, 8, 8]",
     "--trainer.enable_progress_bar", "false",
 ]  # fmt: skip
+
+
+def stretched(img_size: int, **fields):
+    """The model input of the tests' datasets: slices stretched to `img_size` px (their small phantoms would
+    be cropped at the shipped configs' mm per pixel)."""
+    from la_seg.data.preprocess import InputSpec
+
+    return InputSpec(img_size=img_size, in_plane="stretch", **fields)
+
+
+def member(name: str, net, **fields):
+    """An ensemble member with the tests' stretched input (see `stretched`)."""
+    from la_seg.inference import EnsembleMember
+
+    return EnsembleMember(name, net, stretched(net.config.img_size, **fields))

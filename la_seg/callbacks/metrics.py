@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import la_seg
 from la_seg.checkpoints import INFERENCE_FIELDS
+from la_seg.data.preprocess import INPUT_FIELDS
 from la_seg.metrics import CumulativeCaseMetrics, EmptyDistance, gather_cases
 from la_seg.plausibility import disagreement_reasons, review_fields
 from la_seg.report import METRIC_KEYS, format_table, report_stem, write_report
@@ -126,6 +128,7 @@ def report_header(
     ckpt_path = getattr(trainer, "ckpt_path", None)
     hparams = getattr(pl_module, "hparams", {})
     describe_ensemble = getattr(pl_module, "describe_ensemble", None)
+    spec = getattr(getattr(trainer, "datamodule", None), "input_spec", None)
     return {
         "checkpoint": str(ckpt_path) if ckpt_path else None,
         "la_seg_version": la_seg.__version__,
@@ -133,11 +136,8 @@ def report_header(
         "ensemble": describe_ensemble() if callable(describe_ensemble) else None,
         "network": hparams.get("net"),
         "data": {
-            "slice_context": hparams.get("slice_context"),
-            "in_plane": hparams.get("in_plane"),
-            "target_spacing": hparams.get("target_spacing"),
-            # what the volumes were normalised with: the data module's, set from the checkpoint
-            "intensity_headroom": getattr(getattr(trainer, "datamodule", None), "intensity_headroom", None),
+            # how the volumes became the model's input: the data module's, set from the checkpoint
+            **(dataclasses.asdict(spec) if spec is not None else dict.fromkeys(INPUT_FIELDS)),
             "slice_axes": sorted({row["slice_axis"] for row in rows}),
             "spacing_sources": sorted({str(row["spacing_source"]) for row in rows}),
         },

@@ -16,17 +16,9 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from la_seg.atomic import atomic_path, atomic_write_text
-from la_seg.data.io import (
-    Geometry,
-    Orientation,
-    SliceAxis,
-    check_orientation,
-    check_slice_axis,
-    read_case,
-    read_image,
-)
+from la_seg.data.io import Geometry, SliceAxis, check_slice_axis, read_case, read_image
 from la_seg.data.layouts import Case
-from la_seg.data.preprocess import INTENSITY_HEADROOM, check_intensity_headroom, normalize_intensity
+from la_seg.data.preprocess import DEFAULT_INPUT, InputSpec, normalize_intensity
 from la_seg.errors import DataError
 
 CacheMode = Literal["memory", "disk", "none"]
@@ -56,8 +48,8 @@ class VolumeCache:
 
     The image is always stored as float16 (half the memory; plenty for [0, 1] intensities), whatever the mode,
     so that every mode yields identical items. `slice_axis` ("auto": from the header) picks the axis slices
-    are cut across; `intensity_headroom` is normalize_intensity's `headroom`; `orientation` how arrays are
-    laid out for the model (la_seg.data.io.Orientation).
+    are cut across; the InputSpec's `intensity_headroom` is normalize_intensity's `headroom`, its
+    `orientation` how arrays are laid out for the model (la_seg.data.io.Orientation).
 
     Modes:
         memory: arrays kept in this object (picklable for DataLoader workers; filled when first read).
@@ -71,15 +63,13 @@ class VolumeCache:
         mode: CacheMode = "memory",
         cache_dir: str | Path | None = None,
         slice_axis: SliceAxis = "auto",
-        intensity_headroom: float = INTENSITY_HEADROOM,
-        orientation: Orientation = "RAS",
+        spec: InputSpec = DEFAULT_INPUT,
     ) -> None:
         if mode not in CACHE_MODES:
             raise DataError(f"cache must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
         self.mode = mode
         self.slice_axis = check_slice_axis(slice_axis)
-        self.intensity_headroom = check_intensity_headroom(intensity_headroom)
-        self.orientation = check_orientation(orientation)
+        self.spec = spec
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self._memory: dict[str, CachedCase] = {}
 
@@ -97,12 +87,12 @@ class VolumeCache:
 
     def _decode(self, case: Case, with_labels: bool) -> CachedCase:
         if with_labels:
-            image, label = read_case(case, self.slice_axis, self.orientation)
+            image, label = read_case(case, self.slice_axis, self.spec.orientation)
         else:
-            image = read_image(case.image_path, case.spacing, self.slice_axis, self.orientation)
+            image = read_image(case.image_path, case.spacing, self.slice_axis, self.spec.orientation)
             label = None
         geometry = image.geometry
-        normalised = normalize_intensity(image.data, headroom=self.intensity_headroom).astype(np.float16)
+        normalised = normalize_intensity(image.data, headroom=self.spec.intensity_headroom).astype(np.float16)
         return CachedCase(
             image=slices_first(normalised, geometry),
             label=slices_first(label.data, geometry) if label is not None else None,
@@ -111,7 +101,11 @@ class VolumeCache:
 
     def _get_disk(self, case: Case, with_labels: bool) -> CachedCase:
         image_key = _file_key(
-            case.image_path, case.spacing, self.slice_axis, self.intensity_headroom, self.orientation
+            case.image_path,
+            case.spacing,
+            self.slice_axis,
+            self.spec.intensity_headroom,
+            self.spec.orientation,
         )
         image_file = self.cache_dir / f"{image_key}.image.npy"
         meta_file = self.cache_dir / f"{image_key}.meta.json"

@@ -31,15 +31,9 @@ from la_seg.data.datasets import (
     draw_weights,
     first_item,
 )
-from la_seg.data.io import Orientation, SliceAxis, check_orientation
+from la_seg.data.io import Orientation, SliceAxis
 from la_seg.data.layouts import Case, Layout, find_cases
-from la_seg.data.preprocess import (
-    INTENSITY_HEADROOM,
-    InPlane,
-    check_img_size,
-    check_in_plane,
-    check_intensity_headroom,
-)
+from la_seg.data.preprocess import DEFAULT_INPUT, InPlane, InputSpec
 from la_seg.data.shards import TrainShards, assign_cases, plan_training_slices, samples_per_rank
 from la_seg.data.split import (
     DataSplit,
@@ -136,8 +130,8 @@ class LADataModule(L.LightningDataModule):
         self,
         root: str | None = None,
         layout: Layout = "auto",
-        img_size: int = 448,
-        slice_context: bool = False,
+        img_size: int = DEFAULT_INPUT.img_size,
+        slice_context: bool = DEFAULT_INPUT.slice_context,
         batch_size: int = 32,
         num_workers: int = 4,
         split: tuple[float, float, float] = (0.7, 0.1, 0.2),
@@ -157,18 +151,22 @@ class LADataModule(L.LightningDataModule):
         label_values: list[int] | None = None,
         spacing: tuple[float, float, float] | None = None,
         duplicates: Literal["refuse", "group"] = "refuse",
-        in_plane: InPlane = "stretch",
-        target_spacing: float = 1.0,
-        intensity_headroom: float = INTENSITY_HEADROOM,
-        orientation: Orientation = "RAS",
+        in_plane: InPlane = DEFAULT_INPUT.in_plane,
+        target_spacing: float = DEFAULT_INPUT.target_spacing,
+        intensity_headroom: float = DEFAULT_INPUT.intensity_headroom,
+        orientation: Orientation = DEFAULT_INPUT.orientation,
     ) -> None:
         super().__init__()
-        try:
-            check_in_plane(in_plane, target_spacing)
-        except DataError as error:
-            raise DataError(f"data.{error}") from None
-        self.intensity_headroom = check_intensity_headroom(intensity_headroom, "data.intensity_headroom")
-        self.orientation = check_orientation(orientation)
+        # how a volume becomes the model's input: one record (la_seg.data.preprocess.InputSpec)
+        self.input_spec = InputSpec.checked(
+            "data.",
+            img_size=img_size,
+            slice_context=slice_context,
+            in_plane=in_plane,
+            target_spacing=target_spacing,
+            intensity_headroom=intensity_headroom,
+            orientation=orientation,
+        )
         if batch_size < 1:
             raise DataError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -189,8 +187,6 @@ class LADataModule(L.LightningDataModule):
         self.split_fractions, self.seed, self.split_file = check_fractions(split), seed, split_file
         self.groups, self.folds, self.fold = groups, folds, fold
         # how they are fed to the model
-        self.img_size, self.slice_context = check_img_size(img_size, "data.img_size"), slice_context
-        self.in_plane, self.target_spacing = in_plane, float(target_spacing)
         self.batch_size, self.num_workers, self.empty_slice_fraction = (
             batch_size,
             num_workers,
@@ -404,7 +400,12 @@ class LADataModule(L.LightningDataModule):
             plan = decide_on_rank_zero(
                 trainer,
                 lambda: plan_training_slices(
-                    cases, world, self.empty_slice_fraction, self.seed, self.slice_axis, self.orientation
+                    cases,
+                    world,
+                    self.empty_slice_fraction,
+                    self.seed,
+                    self.slice_axis,
+                    self.input_spec.orientation,
                 ),
             )
             loads = plan.case_loads(len(cases), self.sampling).tolist()
@@ -419,19 +420,14 @@ class LADataModule(L.LightningDataModule):
         def build() -> SliceDataset:
             return SliceDataset(
                 cases,
-                self.img_size,
-                slice_context=self.slice_context,
+                self.input_spec,
                 slice_axis=self.slice_axis,
                 transform=build_train_transform(self.augmentation),
                 empty_slice_fraction=self.empty_slice_fraction,
                 seed=self.seed,
                 cache=self.cache,
                 cache_dir=self.cache_dir,
-                in_plane=self.in_plane,
-                target_spacing=self.target_spacing,
                 index=index,
-                intensity_headroom=self.intensity_headroom,
-                orientation=self.orientation,
             )
 
         dataset = build() if index is None else all_ranks_or_none(trainer, build)
@@ -466,12 +462,11 @@ class LADataModule(L.LightningDataModule):
         """Whole volumes read, laid out and normalised as training reads them (evaluation, calibration)."""
         return VolumeDataset(
             cases,
+            self.input_spec,
             with_labels=with_labels,
             cache=cache,
             cache_dir=self.cache_dir,
             slice_axis=self.slice_axis,
-            intensity_headroom=self.intensity_headroom,
-            orientation=self.orientation,
         )
 
     def _eval_loader(self, cases: list[Case], with_labels: bool, single_pass: bool) -> DataLoader:

@@ -17,16 +17,9 @@ import torch
 from torch.utils.data import Dataset
 
 from la_seg.data.cache import CacheMode, VolumeCache
-from la_seg.data.io import Geometry, Orientation, SliceAxis
+from la_seg.data.io import Geometry, SliceAxis
 from la_seg.data.layouts import Case, check_labelled
-from la_seg.data.preprocess import (
-    INTENSITY_HEADROOM,
-    InPlane,
-    check_in_plane,
-    labels_to_input,
-    slice_grid,
-    slices_to_input,
-)
+from la_seg.data.preprocess import DEFAULT_INPUT, InputSpec, labels_to_input, slices_to_input
 from la_seg.errors import DataError
 
 if TYPE_CHECKING:
@@ -43,10 +36,10 @@ class SliceDataset(Dataset):
 
     All slices that contain LA are used; of the slices without LA, a fraction `empty_slice_fraction` is kept,
     drawn once from `seed` (so the choice is identical on every DDP rank and every run). Items go through the
-    same slices_to_input / labels_to_input as evaluation (on the `in_plane` / `target_spacing` grid), then the
-    optional albumentations `transform` on the
-    (S, S, 3) float32 image and (S, S) uint8 mask; the image is clamped back to [0, 1] afterwards.
-    `intensity_headroom`, `orientation`: how volumes are normalised and laid out (see VolumeCache).
+    same slices_to_input / labels_to_input as evaluation (on the `spec`'s grid), then the optional
+    albumentations `transform` on the (S, S, 3) float32 image and (S, S) uint8 mask; the image is clamped back
+    to [0, 1] afterwards. `spec`: the model's input (la_seg.data.preprocess.InputSpec), which also says how
+    volumes are normalised and laid out (see VolumeCache).
 
     Item: {"image": float32 (3, S, S) in [0, 1], "label": float32 (1, S, S) in {0, 1}}.
     `index`, when given, is the kept slices chosen elsewhere (over more cases: DDP, see la_seg.data.shards);
@@ -59,32 +52,24 @@ class SliceDataset(Dataset):
     def __init__(
         self,
         cases: Sequence[Case],
-        img_size: int,
-        slice_context: bool = False,
+        spec: InputSpec,
         transform: A.Compose | None = None,
         empty_slice_fraction: float = 1.0,
         seed: int = 0,
         cache: CacheMode = "memory",
         cache_dir: str | Path | None = None,
         slice_axis: SliceAxis = "auto",
-        in_plane: InPlane = "stretch",
-        target_spacing: float = 1.0,
         index: SliceIndex | None = None,
-        intensity_headroom: float = INTENSITY_HEADROOM,
-        orientation: Orientation = "RAS",
     ) -> None:
         self.cases = list(cases)
         if not self.cases:
             raise DataError("SliceDataset needs at least one case")
-        check_in_plane(in_plane, target_spacing)
-        self.in_plane, self.target_spacing = in_plane, float(target_spacing)
+        self.spec = spec
         check_labelled(self.cases)
         if not 0.0 <= empty_slice_fraction <= 1.0:
             raise DataError(f"empty_slice_fraction must be in [0, 1], got {empty_slice_fraction}")
-        self.img_size = img_size  # checked where it is configured (data.img_size)
-        self.slice_context = slice_context
         self.transform = transform
-        self.cache = VolumeCache(cache, cache_dir, slice_axis, intensity_headroom, orientation)
+        self.cache = VolumeCache(cache, cache_dir, slice_axis, spec)
         self._seeded_pid: int | None = None
         if index is None:
             has_la = [slices_with_la(self.cache.get(case, with_labels=True).label) for case in self.cases]
@@ -108,19 +93,15 @@ class SliceDataset(Dataset):
         position, z = (int(v) for v in self.index[i])
         entry = self.cache.get(self.cases[position], with_labels=True)
         depth = entry.image.shape[0]
-        lo, hi = (max(z - 1, 0), min(z + 2, depth)) if self.slice_context else (z, z + 1)
+        context = self.spec.slice_context
+        lo, hi = (max(z - 1, 0), min(z + 2, depth)) if context else (z, z + 1)
         # Only the needed slices are read; edge replication within them equals that of the full volume.
         image = torch.from_numpy(np.asarray(entry.image[lo:hi], dtype=np.float32)).permute(1, 2, 0)
         label = torch.from_numpy(np.array(entry.label[z : z + 1])).permute(1, 2, 0)
-        grid = slice_grid(
-            image.shape[:2],
-            self.img_size,
-            self.in_plane,
-            entry.geometry.slices_last_spacing,
-            self.target_spacing,
-        )
-        x = slices_to_input(image, self.img_size, self.slice_context, slice(z - lo, z - lo + 1), grid)[0]
-        y = labels_to_input(label, self.img_size, grid=grid)[0]
+        grid = self.spec.grid(image.shape[:2], entry.geometry.slices_last_spacing)
+        size = self.spec.img_size
+        x = slices_to_input(image, size, context, slice(z - lo, z - lo + 1), grid)[0]
+        y = labels_to_input(label, size, grid=grid)[0]
         if self.transform is None:
             return {"image": x, "label": y}
         self._seed_transform()
@@ -211,25 +192,24 @@ class VolumeItem(TypedDict, total=False):
 class VolumeDataset(Dataset):
     """One VolumeItem per case: the normalised full volume, slices last, with its Geometry (the module resizes
     on device and `geometry.from_slices_last` puts results back in the file's layout). With
-    `with_labels=False` (prediction) label files are never read. `intensity_headroom`, `orientation`: see
-    VolumeCache.
+    `with_labels=False` (prediction) label files are never read. `spec`: the input whose normalisation and
+    orientation the volumes get (see VolumeCache); resizing happens later, on the device.
     """
 
     def __init__(
         self,
         cases: Sequence[Case],
+        spec: InputSpec = DEFAULT_INPUT,
         with_labels: bool = True,
         cache: CacheMode = "memory",
         cache_dir: str | Path | None = None,
         slice_axis: SliceAxis = "auto",
-        intensity_headroom: float = INTENSITY_HEADROOM,
-        orientation: Orientation = "RAS",
     ) -> None:
         self.cases = list(cases)
         self.with_labels = with_labels
         if with_labels:
             check_labelled(self.cases)
-        self.cache = VolumeCache(cache, cache_dir, slice_axis, intensity_headroom, orientation)
+        self.cache = VolumeCache(cache, cache_dir, slice_axis, spec)
 
     def __len__(self) -> int:
         return len(self.cases)

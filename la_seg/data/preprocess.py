@@ -15,13 +15,14 @@ Volumes are slices last (X', Y', Z), as Geometry.to_slices_last lays them out; m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from la_seg.data.io import Orientation, check_orientation
 from la_seg.errors import DataError
 
 # How far above the 99.5th percentile grey values keep their contrast (see normalize_intensity). In LGE MRI
@@ -122,6 +123,57 @@ def slice_grid(
         max(1, round(int(n) * float(s) / target_spacing)) for n, s in zip(xy[:2], spacing[:2], strict=True)
     )
     return SliceGrid(resized, tuple((size - r) // 2 for r in resized))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a volume becomes the model's input: one record, carried whole by the data module, the module's
+    hyper-parameters, checkpoints, ensemble members, the datasets and the calibration, so that training,
+    calibration, test and predict cannot drift apart. The defaults are the shipped configs'.
+
+    img_size: input side in pixels; slice_context: slices k-1, k, k+1 as channels (2.5D); in_plane and
+    target_spacing: how a slice is resized (slice_grid); intensity_headroom: normalize_intensity's headroom;
+    orientation: how volumes are laid out (la_seg.data.io.Orientation).
+    """
+
+    img_size: int = 448
+    slice_context: bool = False
+    in_plane: InPlane = "spacing"
+    target_spacing: float = 0.9
+    intensity_headroom: float = INTENSITY_HEADROOM
+    orientation: Orientation = "RAS"
+
+    def __post_init__(self) -> None:
+        check_img_size(self.img_size)
+        check_in_plane(self.in_plane, self.target_spacing)
+        check_intensity_headroom(self.intensity_headroom)
+        check_orientation(self.orientation, "orientation")
+        object.__setattr__(self, "img_size", int(self.img_size))
+        object.__setattr__(self, "slice_context", bool(self.slice_context))
+        object.__setattr__(self, "target_spacing", float(self.target_spacing))
+        object.__setattr__(self, "intensity_headroom", float(self.intensity_headroom))
+
+    @classmethod
+    def checked(cls, prefix: str, **fields) -> InputSpec:
+        """The spec, or a DataError that names the faulty field as the user sets it (`prefix`: "data.")."""
+        try:
+            return cls(**fields)
+        except DataError as error:
+            raise DataError(f"{prefix}{error}") from None
+
+    @property
+    def kind(self) -> tuple[int, bool, str, float]:
+        """(img_size, slice_context, in_plane, target_spacing): what one slice stack looks like; models whose
+        kinds agree can share one backbone pass."""
+        return (self.img_size, self.slice_context, self.in_plane, self.target_spacing)
+
+    def grid(self, xy: Sequence[int], spacing: Sequence[float] | None) -> SliceGrid:
+        """Where (X, Y) slices of `spacing` mm per pixel land in this input."""
+        return slice_grid(xy, self.img_size, self.in_plane, spacing, self.target_spacing)
+
+
+INPUT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(InputSpec))
+DEFAULT_INPUT = InputSpec()  # the defaults of every option that sets a field (data.*, model.*)
 
 
 def _window(offset: int, resized: int, size: int) -> tuple[slice, slice]:

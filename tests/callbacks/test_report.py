@@ -108,10 +108,12 @@ def test_report_counts_failures_and_records_its_settings(tmp_path):
         geometry("any"), "spacing_source", "unrecorded"
     )  # a Geometry field once the data stage has it
     assert header["data"] == {  # a module without la-seg's input settings, no data module: not known
+        "img_size": None,
         "slice_context": None,
         "in_plane": None,
         "target_spacing": None,
         "intensity_headroom": None,
+        "orientation": None,
         "slice_axes": [SLICE_AXIS],
         "spacing_sources": [str(source)],
     }

@@ -10,6 +10,7 @@ import pytest
 
 from la_seg.data import find_cases
 from la_seg.data.cache import CACHE_MODES, CacheMode, VolumeCache
+from la_seg.data.preprocess import InputSpec
 from la_seg.errors import DataError
 
 SHAPE = (12, 10, 4)
@@ -64,7 +65,9 @@ def test_arrays_are_slices_first_along_the_slice_axis_in_ras(tmp_path):
         entry = VolumeCache("disk", tmp_path / "cache", slice_axis=axis).get(case, with_labels=True)
         assert entry.geometry.slice_axis == axis
         np.testing.assert_array_equal(entry.label, np.moveaxis(ras, axis, 0))
-    as_stored = VolumeCache("none", slice_axis=2, orientation="array").get(case, with_labels=True)
+    as_stored = VolumeCache("none", slice_axis=2, spec=InputSpec(orientation="array")).get(
+        case, with_labels=True
+    )
     np.testing.assert_array_equal(as_stored.label, np.moveaxis(label, 2, 0))  # older checkpoints' layout
     assert len(list((tmp_path / "cache").glob("*.image.npy"))) == 3  # one entry per slice axis
 

@@ -7,11 +7,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from tiny_options import stretched
 from torch.utils.data import DataLoader
 
 from la_seg.data.datasets import SliceDataset, VolumeDataset, VolumeItem, first_item
 from la_seg.data.layouts import find_cases
-from la_seg.data.preprocess import normalize_intensity, slices_to_input
+from la_seg.data.preprocess import InputSpec, normalize_intensity, slices_to_input
 from la_seg.data.transforms import AugmentationConfig, build_train_transform
 from la_seg.errors import DataError
 
@@ -41,7 +42,7 @@ def cases(tmp_path):
 
 
 def test_slice_dataset_items(cases):
-    ds = SliceDataset(cases, img_size=56, cache="none")
+    ds = SliceDataset(cases, stretched(56), cache="none")
     assert len(ds) == 3 * SHAPE[2]
     assert (ds.num_foreground, ds.num_background) == (9, 9)
     item = ds[0]
@@ -57,23 +58,26 @@ def test_slice_dataset_items(cases):
 @pytest.mark.parametrize("fraction,expected", [(0.0, 0), (0.5, 4), (1.0, 9)])
 def test_empty_slice_fraction(cases, fraction, expected):
     """9 slices without LA: all, none, or round(4.5) = 4 of them are kept."""
-    ds = SliceDataset(cases, img_size=28, empty_slice_fraction=fraction, seed=3)
+    ds = SliceDataset(cases, stretched(28), empty_slice_fraction=fraction, seed=3)
     assert ds.num_foreground == 9 and ds.num_background == expected and len(ds) == 9 + expected
     with_la = sum(bool(ds[i]["label"].any()) for i in range(len(ds)))
     assert with_la == 9
-    again = SliceDataset(cases, img_size=28, empty_slice_fraction=fraction, seed=3)
+    again = SliceDataset(cases, stretched(28), empty_slice_fraction=fraction, seed=3)
     assert np.array_equal(ds.index, again.index)
 
 
 def test_empty_slice_fraction_depends_on_seed(cases):
-    picks = {SliceDataset(cases, 28, empty_slice_fraction=0.34, seed=s).index.tobytes() for s in range(6)}
+    picks = {
+        SliceDataset(cases, stretched(28), empty_slice_fraction=0.34, seed=s).index.tobytes()
+        for s in range(6)
+    }
     assert len(picks) > 1
     with pytest.raises(DataError, match="empty_slice_fraction"):
-        SliceDataset(cases, 28, empty_slice_fraction=1.5)
+        SliceDataset(cases, stretched(28), empty_slice_fraction=1.5)
 
 
 def test_slice_context_item_matches_full_volume(cases):
-    ds = SliceDataset(cases, img_size=28, slice_context=True)
+    ds = SliceDataset(cases, stretched(28, slice_context=True))
     volume = torch.from_numpy(normalize_intensity(nib.load(cases[0].image_path).get_fdata()))
     volume = volume.half().float()  # cached images are float16
     full = slices_to_input(volume, 28, slice_context=True)
@@ -115,7 +119,7 @@ def _items(ds):
 
 def test_caches_give_identical_items(cases, tmp_path):
     modes = {"memory": None, "disk": tmp_path / "cache", "none": None}
-    slices = [_items(SliceDataset(cases, 28, cache=m, cache_dir=d)) for m, d in modes.items()]
+    slices = [_items(SliceDataset(cases, stretched(28), cache=m, cache_dir=d)) for m, d in modes.items()]
     volumes = [_items(VolumeDataset(cases, cache=m, cache_dir=d)) for m, d in modes.items()]
     for other in slices[1:]:
         for a, b in zip(slices[0], other, strict=True):
@@ -141,13 +145,15 @@ def test_the_disk_cache_keeps_one_entry_per_intensity_headroom(cases, tmp_path):
     """A volume cached for one normalisation is never served for another (data.intensity_headroom)."""
     raw = nib.load(cases[0].image_path).get_fdata()
     for headroom in (1.5, 1.0, 1.5):
-        ds = VolumeDataset(cases[:1], cache="disk", cache_dir=tmp_path / "cache", intensity_headroom=headroom)
+        ds = VolumeDataset(
+            cases[:1], InputSpec(intensity_headroom=headroom), cache="disk", cache_dir=tmp_path / "cache"
+        )
         assert np.allclose(ds[0]["image"].numpy(), normalize_intensity(raw, headroom=headroom), atol=1e-3)
     assert len(list((tmp_path / "cache").glob("*.image.npy"))) == 2
 
 
 def test_memory_cache_is_filled_once_and_picklable(cases, monkeypatch):
-    ds = SliceDataset(cases, 28, cache="memory")
+    ds = SliceDataset(cases, stretched(28), cache="memory")
     monkeypatch.setattr("la_seg.data.cache.read_case", lambda *args: pytest.fail("decoded twice"))
     first = _items(ds)
     clone = pickle.loads(pickle.dumps(ds))
@@ -233,7 +239,7 @@ def test_transform_config():
 
 def test_slice_dataset_with_transform_in_workers(cases):
     transform = build_train_transform(AugmentationConfig(p=1.0))
-    ds = SliceDataset(cases, 28, transform=transform, empty_slice_fraction=0.0)
+    ds = SliceDataset(cases, stretched(28), transform=transform, empty_slice_fraction=0.0)
     batches = list(DataLoader(ds, batch_size=3, num_workers=2, shuffle=False))
     images = torch.cat([b["image"] for b in batches])
     labels = torch.cat([b["label"] for b in batches])
@@ -251,14 +257,17 @@ def test_workers_draw_different_augmentations(tmp_path):
     nib.save(nib.Nifti1Image(image, AFFINE), folder / "enhanced.nii.gz")
     nib.save(nib.Nifti1Image(label, AFFINE), folder / "atriumSegImgMO.nii.gz")
     transform = build_train_transform(AugmentationConfig(p=1.0))
-    ds = SliceDataset(find_cases(tmp_path), 28, transform=transform)
+    ds = SliceDataset(find_cases(tmp_path), stretched(28), transform=transform)
     first, second = list(DataLoader(ds, batch_size=1, num_workers=2, shuffle=False))[:2]  # one per worker
     assert not torch.equal(first["image"], second["image"])
 
 
 def test_datasets_that_need_labels_refuse_unlabelled_cases(cases):
     unlabelled = [cases[0], replace(cases[1], label_path=None)]
-    for make in (lambda: SliceDataset(unlabelled, 28), lambda: VolumeDataset(unlabelled, with_labels=True)):
+    for make in (
+        lambda: SliceDataset(unlabelled, stretched(28)),
+        lambda: VolumeDataset(unlabelled, with_labels=True),
+    ):
         with pytest.raises(DataError, match=r"labels are required but 1 case\(s\) have none.*train_2"):
             make()
     assert "label" not in VolumeDataset(unlabelled, with_labels=False, cache="none")[1]

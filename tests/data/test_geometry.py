@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from tiny_options import stretched
 
 from la_seg.data import Geometry, find_cases, read_image, through_plane_axis
 from la_seg.data.datasets import SliceDataset, VolumeDataset
@@ -61,7 +62,10 @@ def test_transposed_copy_gives_the_same_items(phantom, order):
     file_label = np.asanyarray(nib.load(transposed[0].label_path).dataobj) > 0
     np.testing.assert_array_equal(b["geometry"].from_slices_last(b["label"]).numpy(), file_label)
     np.testing.assert_array_equal(b["geometry"].from_slices_last(b["label"].numpy()), file_label)
-    slices_a, slices_b = SliceDataset(original, 28, cache="none"), SliceDataset(transposed, 28, cache="none")
+    slices_a, slices_b = (
+        SliceDataset(original, stretched(28), cache="none"),
+        SliceDataset(transposed, stretched(28), cache="none"),
+    )
     assert len(slices_a) == len(slices_b) == SHAPE[2]
     for i in range(len(slices_a)):
         assert torch.equal(slices_a[i]["image"], slices_b[i]["image"])
@@ -78,7 +82,7 @@ def test_sagittal_file_is_sliced_along_axis_0(tmp_path, caplog):
     assert item["geometry"].slice_axis == 0
     assert item["image"].shape == (40, 36, 8) and item["geometry"].slices_last_spacing == (0.625, 0.625, 2.5)
     assert f"slicing {cases[0].image_path} along array axis 0" in caplog.text
-    assert len(SliceDataset(cases, 28, cache="none")) == 8
+    assert len(SliceDataset(cases, stretched(28), cache="none")) == 8
 
 
 def test_slice_axis_overrides_auto(phantom):
@@ -86,7 +90,7 @@ def test_slice_axis_overrides_auto(phantom):
     cases = find_cases(root / "original", require_labels=True)
     item = VolumeDataset(cases, cache="none", slice_axis=0)[0]
     assert item["geometry"].slice_axis == 0 and item["image"].shape == (36, 8, 40)
-    assert len(SliceDataset(cases, 28, cache="none", slice_axis=1)) == SHAPE[1]
+    assert len(SliceDataset(cases, stretched(28), cache="none", slice_axis=1)) == SHAPE[1]
 
 
 def test_last_axis_is_not_logged(phantom, caplog):

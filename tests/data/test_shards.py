@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from tiny_options import stretched
 from torch.utils.data import RandomSampler
 
 from la_seg.data.cache import VolumeCache
@@ -145,7 +146,7 @@ def test_slice_index_of_cases_matches_the_dataset_index():
 def test_single_process_index_is_unchanged(root):
     """kept_slices is the choice SliceDataset always made (the same seed gives the same slices)."""
     cases = find_cases(root)
-    dataset = SliceDataset(cases, 28, empty_slice_fraction=0.5, seed=5, cache="none")
+    dataset = SliceDataset(cases, stretched(28), empty_slice_fraction=0.5, seed=5, cache="none")
     has_la = []
     for case in cases:
         label = VolumeCache("none").get(case, True).label
