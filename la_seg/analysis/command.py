@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 
 import la_seg
 from la_seg.analysis.measures import size_and_shape
@@ -32,8 +31,8 @@ from la_seg.analysis.wall import (
     vertex_areas,
     wall_iir,
 )
-from la_seg.atomic import refuse_writing_into_inputs, remove_stale_temp_files, write_csv, write_json
-from la_seg.callbacks.writer import COMPANION_SUFFIXES, LOCK_NAME
+from la_seg.atomic import FolderLock, refuse_writing_into_inputs, write_csv, write_json
+from la_seg.callbacks.writer import COMPANION_SUFFIXES
 from la_seg.data.io import Volume, read_image, read_label
 from la_seg.data.layouts import Case, Layout, find_cases
 from la_seg.errors import DataError
@@ -87,16 +86,7 @@ def analyse(
     refuse_writing_into_inputs(out, (images, masks), "--out")
     if out.is_file():
         raise DataError(f"--out {out} is a file; give a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(out / LOCK_NAME)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise DataError(
-            f"--out {out} is in use by another la-seg run (lock file {out / LOCK_NAME})"
-        ) from None
-    try:
-        remove_stale_temp_files(out)
+    with FolderLock(out, "--out"):  # one run at a time; killed runs' temp files are removed
         existing = [str(p) for p in (out / f"{STEM}.csv", out / f"{STEM}.json") if p.exists()]
         if existing and not overwrite:
             raise DataError(
@@ -110,8 +100,6 @@ def analyse(
         method = describe_method(shell, thresholds, blood_pool, smoothing_iterations)
         write_csv(out / f"{STEM}.csv", COLUMNS, ([row[c] for c in COLUMNS] for row in rows), method)
         write_json(out / f"{STEM}.json", {"method": method, "cases": rows})
-    finally:
-        lock.release()
     print(f"Analysis of {len(rows)} case(s): {out / STEM}.csv and {STEM}.json")
     return rows
 
