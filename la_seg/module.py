@@ -139,8 +139,8 @@ class LASegModule(L.LightningModule):
         if isinstance(net, dict):  # hparams read back from YAML
             net = SegmenterConfig(**net)
         # la_seg.data.preprocess's input record; its fields stay flat hyper-parameters (the checkpoint format)
-        self.input_spec = InputSpec.checked(
-            "model.",
+        self.input_spec = InputSpec.checked(  # its fields are linked from data.*: name those
+            "data.",
             img_size=net.img_size,
             slice_context=slice_context,
             in_plane=in_plane,

@@ -173,7 +173,17 @@ def test_calibration_sees_the_images_validation_saw(tmp_path, monkeypatch, synth
         return segment(self, image, *args, **kwargs)
 
     monkeypatch.setattr(Ensemble, "segment_volume", recording)
-    main(["fit", *TINY, "--data.root", str(synth_root), "--data.intensity_headroom", "1.0",
+    lenient = [
+        "--model.plausibility.min_volume_ml",
+        "0",
+        "--model.plausibility.max_volume_ml",
+        "1e9",
+        "--model.plausibility.max_border_fraction",
+        "1",
+        "--model.plausibility.max_components",
+        "99999",
+    ]  # a one-step model's masks are implausible
+    main(["fit", *TINY, "--data.root", str(synth_root), "--data.intensity_headroom", "1.0", *lenient,
           "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"])  # fmt: skip
     run = tmp_path / "runs" / "demo" / "version_0"
     record = stored_calibration(torch.load(run / "checkpoints" / "best.ckpt", weights_only=True))
