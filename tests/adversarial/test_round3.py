@@ -1,13 +1,14 @@
 """Reliability, round 3 (issue 30): two runs into one folder, options that would delete an input, damaged
 checkpoints, training that diverges, references that are images, configs with a key twice, Ctrl-C, the
 unclear one-liners (absurd spacing, a NIfTI-2 size beyond 64 bits, a damaged disk cache, a full disk inside
-torch's writer, a FIFO as a root).
+torch's writer, a FIFO as a root) and the report's empty HD95 cell.
 
 Races run real `la-seg` processes started together, on data large enough that their work overlaps.
 """
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -385,3 +386,21 @@ def test_a_fifo_as_a_root_is_refused(option, la_seg, trained_checkpoint, tmp_pat
     assert time.monotonic() - start < 60
     assert_refused(result, str(fifo), snapshot(synth_root), synth_root)
     assert "FIFO" in result.error_lines[0]
+
+
+# ---- also: a failed case's HD95 is an empty CSV cell, null in the JSON (README "The test report") --------
+def test_an_undefined_hd95_is_an_empty_csv_cell_and_null_in_json(la_seg, tmp_path, synth_root):
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for case in sorted(synth_root.iterdir()):
+        shutil.copy(case / "atriumSegImgMO.nii.gz", pred / f"{case.name}.nii.gz")
+    label = nib.load(pred / "train_1.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), pred / "train_1.nii.gz")
+    assert la_seg("evaluate", "--pred", pred, "--ref", synth_root, "--out", tmp_path / "report").code == 0
+    with open(tmp_path / "report" / "test_metrics.csv", newline="") as handle:
+        rows = {row["case_id"]: row for row in csv.DictReader(handle)}
+    failed = rows["train_1"]
+    assert (failed["failed"], failed["hd95_mm"], failed["assd_mm"]) == ("1", "", "")
+    assert float(rows["train_2"]["hd95_mm"]) == 0.0
+    cases = json.loads((tmp_path / "report" / "test_metrics.json").read_text())["cases"]
+    assert [case["hd95_mm"] for case in cases if case["case_id"] == "train_1"] == [None]
