@@ -180,6 +180,10 @@ class DataOnlyCheckpointIO(TorchCheckpointIO):
         save_checkpoint_file(checkpoint, path)
 
 
+# What torch's zip writer raises when a write into the file fails (a full disk): not an OSError.
+_TORCH_WRITE_FAILED = re.compile(r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed writing")
+
+
 def save_checkpoint_file(checkpoint: dict[str, Any], path: str | Path) -> None:
     """`torch.save` into a temp file beside `path`, flushed to disk, then renamed onto it: a full disk or a
     crash leaves the previous file (or none), never a truncated one under the final name; the error names the
@@ -195,8 +199,11 @@ def save_checkpoint_file(checkpoint: dict[str, Any], path: str | Path) -> None:
             torch.save(checkpoint, handle)
             handle.flush()
             os.fsync(handle.fileno())
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not _TORCH_WRITE_FAILED.search(str(error)):
+            raise
+        # torch's zip writer turns the OSError of a full disk into RuntimeError("... unexpected pos N vs M")
+        if isinstance(error, RuntimeError) or error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DataError(
                 f"no space left on device in {path.parent.absolute()} while writing the checkpoint "
                 f"{path.name}: free space there and resume with --ckpt_path last"

@@ -43,11 +43,7 @@ def write_report(
     out_dir = Path(out_dir)
     remove_stale_temp_files(out_dir)
     csv_path, json_path = (out_dir / f"{stem}{suffix}" for suffix in SUFFIXES)
-    body = [
-        [row["case_id"], *(_fmt(row[k]) for k in METRIC_KEYS), int(row["failed"]), *_review(row)]
-        for row in rows
-    ]
-    write_csv(csv_path, [*REPORT_COLUMNS, "failed", *REVIEW_COLUMNS], body)
+    write_csv(csv_path, [*REPORT_COLUMNS, "failed", *REVIEW_COLUMNS], [_csv_row(row) for row in rows])
     keys = (*REPORT_COLUMNS, "failed", *REVIEW_COLUMNS, "slice_dice", "slice_iou")
     cases = [{k: row[k] for k in keys} for row in rows]
     for case in cases:
@@ -87,10 +83,18 @@ def format_table(rows: list[dict], summary: dict, header: dict[str, Any]) -> str
     return "\n".join(lines)
 
 
+def _csv_row(row: dict) -> list:
+    """One case's CSV cells; an undefined metric (a failed case's HD95/ASSD) is an empty cell (README)."""
+    metrics = [_fmt(row[k], undefined="") for k in METRIC_KEYS]
+    return [row["case_id"], *metrics, int(row["failed"]), *_review(row)]
+
+
 def _review(row: dict) -> tuple[int, str]:
     """The review flag as 0/1, as `failed` is written, and its reason."""
     return int(row["review"]), row["review_reason"]
 
 
-def _fmt(value: float) -> str:
-    return "nan" if value is None or math.isnan(value) else f"{value:.4f}"
+def _fmt(value: float | None, undefined: str = "nan") -> str:
+    """4 decimals, or `undefined` for NaN / None (the CSV's empty cell: spreadsheets and pandas read it as
+    missing, not as the text "nan")."""
+    return undefined if value is None or math.isnan(value) else f"{value:.4f}"

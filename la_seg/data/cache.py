@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -114,11 +115,14 @@ class VolumeCache:
             label_key = _file_key(case.label_path, image_key, case.label_values)
             label_file = self.cache_dir / f"{label_key}.label.npy"
         if image_file.is_file() and meta_file.is_file() and (label_file is None or label_file.is_file()):
-            return CachedCase(
-                image=np.load(image_file, mmap_mode="r"),
-                label=np.load(label_file, mmap_mode="r") if label_file is not None else None,
-                geometry=_geometry_from_json(json.loads(meta_file.read_text())),
-            )
+            try:
+                return _stored_entry(image_file, label_file, meta_file)
+            except (OSError, EOFError, ValueError, KeyError, TypeError) as error:  # truncated or replaced
+                warnings.warn(
+                    f"the disk cache {self.cache_dir} holds a damaged entry of {case.image_path} "
+                    f"({type(error).__name__}: {error}); reading the file again and rebuilding it",
+                    stacklevel=2,
+                )
         entry = self._decode(case, with_labels)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         _save_npy(image_file, entry.image)
@@ -126,6 +130,21 @@ class VolumeCache:
             _save_npy(label_file, entry.label)
         atomic_write_text(meta_file, json.dumps(_geometry_to_json(entry.geometry)))
         return entry
+
+
+def _stored_entry(image_file: Path, label_file: Path | None, meta_file: Path) -> CachedCase:
+    """A disk entry, memory-mapped, checked against its geometry: a truncated file, an object array or one of
+    another shape or type (a damaged or replaced entry) raises instead of feeding wrong voxels."""
+    geometry = _geometry_from_json(json.loads(meta_file.read_text()))
+    axes, _ = geometry.slices_last_layout()
+    shape = (geometry.shape[axes[2]], geometry.shape[axes[0]], geometry.shape[axes[1]])
+    arrays = []
+    for path, dtype in ((image_file, np.float16), (label_file, np.uint8)):
+        array = np.load(path, mmap_mode="r", allow_pickle=False) if path is not None else None
+        if array is not None and (array.shape != shape or array.dtype != dtype):
+            raise ValueError(f"{path.name} holds {array.dtype} {array.shape}, not {np.dtype(dtype)} {shape}")
+        arrays.append(array)
+    return CachedCase(image=arrays[0], label=arrays[1], geometry=geometry)
 
 
 def slices_first(array: np.ndarray, geometry: Geometry) -> np.ndarray:

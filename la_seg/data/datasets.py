@@ -98,7 +98,7 @@ class SliceDataset(Dataset):
         # Only the needed slices are read; edge replication within them equals that of the full volume.
         image = torch.from_numpy(np.asarray(entry.image[lo:hi], dtype=np.float32)).permute(1, 2, 0)
         label = torch.from_numpy(np.array(entry.label[z : z + 1])).permute(1, 2, 0)
-        grid = self.spec.grid(image.shape[:2], entry.geometry.slices_last_spacing)
+        grid = self.spec.volume_grid(entry.geometry)
         size = self.spec.img_size
         x = slices_to_input(image, size, context, slice(z - lo, z - lo + 1), grid)[0]
         y = labels_to_input(label, size, grid=grid)[0]
@@ -217,6 +217,7 @@ class VolumeDataset(Dataset):
     def __getitem__(self, i: int) -> VolumeItem:
         case = self.cases[i]
         entry = self.cache.get(case, self.with_labels)
+        self.cache.spec.volume_grid(entry.geometry)  # the module resizes, but only here is the file known
         image = torch.from_numpy(np.asarray(entry.image, dtype=np.float32)).permute(1, 2, 0).contiguous()
         item = VolumeItem(case_id=case.case_id, image=image, geometry=entry.geometry)
         if self.with_labels:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import warnings
 import zlib
@@ -525,7 +526,7 @@ def _available_memory() -> int:
 
 def _check_memory(header: _Header, path: Path) -> None:
     """Refuse a volume whose voxels (plus their float32 copy) cannot fit in memory, before allocating it."""
-    voxels = int(np.prod(header.shape, dtype=np.int64))
+    voxels = math.prod(int(n) for n in header.shape)  # Python ints: a NIfTI-2 header can overflow int64
     needed = voxels * (header.dtype.itemsize + 4)
     available = _available_memory()
     if needed > available:

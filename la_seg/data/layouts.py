@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -87,6 +88,8 @@ def find_cases(
         raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if not root.exists():
         raise DataError(f"data root does not exist (or is a broken link): {root}")
+    if not (root.is_dir() or root.is_file()):  # reading a FIFO would wait for a writer that never comes
+        raise DataError(f"data root {root} is {_special_kind(root)}, not a folder or a volume file")
     if root.is_dir() and not _listdir(root):
         raise DataError(f"data root is an empty folder: {root}")
     if layout == "auto":
@@ -111,6 +114,14 @@ def find_cases(
             if path is not None:
                 check_header(path, case.spacing)
     return sorted(cases, key=lambda case: case.case_id)
+
+
+def _special_kind(path: Path) -> str:
+    """What a path that is neither a folder nor a regular file is, in words."""
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def check_case_id(case_id: str, source: Path) -> None:

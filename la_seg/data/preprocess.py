@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from la_seg.data.io import Orientation, check_orientation
+from la_seg.data.io import Geometry, Orientation, check_orientation
 from la_seg.errors import DataError
 
 # How far above the 99.5th percentile grey values keep their contrast (see normalize_intensity). In LGE MRI
@@ -86,6 +86,9 @@ def check_img_size(img_size: int, name: str = "img_size") -> int:
 
 InPlane = Literal["stretch", "spacing"]
 IN_PLANE_MODES = ("stretch", "spacing")
+# Largest side of a slice resampled to target_spacing: 8192 px is 7 m at 0.9 mm, beyond any body scan, and
+# a 64-slice chunk of such slices already needs 16 GiB; more means a wrong spacing, not a bigger patient.
+MAX_RESAMPLED_SIDE = 8192
 
 
 @dataclass(frozen=True)
@@ -119,9 +122,15 @@ def slice_grid(
         return SliceGrid((size, size), (0, 0))
     if spacing is None:
         raise DataError("in_plane 'spacing' needs the volume's voxel spacing")
-    resized = tuple(
-        max(1, round(int(n) * float(s) / target_spacing)) for n, s in zip(xy[:2], spacing[:2], strict=True)
-    )
+    scaled = [int(n) * float(s) / target_spacing for n, s in zip(xy[:2], spacing[:2], strict=True)]
+    if not all(side <= MAX_RESAMPLED_SIDE for side in scaled):  # before round(): inf would raise there
+        raise DataError(
+            f"its {int(xy[0])} x {int(xy[1])} slices of {float(spacing[0]):g} x {float(spacing[1]):g} mm per "
+            f"pixel would resample to {scaled[0]:.3g} x {scaled[1]:.3g} pixels at target_spacing "
+            f"{target_spacing:g} mm, more than {MAX_RESAMPLED_SIDE} on a side: its voxel spacing is wrong "
+            "(fix the header or give --data.spacing) or target_spacing is too small"
+        )
+    resized = tuple(max(1, round(side)) for side in scaled)
     return SliceGrid(resized, tuple((size - r) // 2 for r in resized))  # type: ignore[arg-type]
 
 
@@ -170,6 +179,15 @@ class InputSpec:
     def grid(self, xy: Sequence[int], spacing: Sequence[float] | None) -> SliceGrid:
         """Where (X, Y) slices of `spacing` mm per pixel land in this input."""
         return slice_grid(xy, self.img_size, self.in_plane, spacing, self.target_spacing)
+
+    def volume_grid(self, geometry: Geometry) -> SliceGrid:
+        """`grid` of the volume `geometry` describes; a spacing that cannot be resampled is refused naming
+        the file (slice_grid alone does not know it)."""
+        axes, _ = geometry.slices_last_layout()
+        try:
+            return self.grid([geometry.shape[a] for a in axes], geometry.slices_last_spacing)
+        except DataError as error:
+            raise DataError(f"{geometry.source}: {error}") from None
 
 
 INPUT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(InputSpec))

@@ -1,11 +1,15 @@
 """Reliability, round 3 (issue 30): two runs into one folder, options that would delete an input, damaged
-checkpoints, training that diverges, references that are images, configs with a key twice, and Ctrl-C.
+checkpoints, training that diverges, references that are images, configs with a key twice, Ctrl-C, the
+unclear one-liners (absurd spacing, a NIfTI-2 size beyond 64 bits, a damaged disk cache, a full disk inside
+torch's writer, a FIFO as a root) and the report's empty HD95 cell.
 
 Races run real `la-seg` processes started together, on data large enough that their work overlaps.
 """
 
 from __future__ import annotations
 
+import csv
+import errno
 import json
 import os
 import shutil
@@ -18,9 +22,11 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from conftest import TINY, Result, assert_refused, la_seg_subprocess, snapshot
-from hostile import valid_image
+from hostile import phantom, save_nifti, valid_image
 
 from la_seg.data.split import DataSplit
 from la_seg.data.synthetic import write_dataset
@@ -283,3 +289,118 @@ def test_ctrl_c_during_export_then_a_rerun_completes(tmp_path, race_root):
     rerun = la_seg_subprocess(export, tmp_path)
     assert rerun.code == 0, rerun.err[-3000:]
     assert len(list((out / "Dataset501_LA" / "imagesTr").iterdir())) == RACE_CASES
+
+
+# ---- unclear one-liners: each names the file or option and says what is wrong ----------------------------
+def predicting(checkpoint: Path, source: Path, out: Path, *extra: str) -> list:
+    return ["predict", *TINY, "--ckpt_path", checkpoint, "--data.predict_root", source, "--writer.output_dir",
+            out, *extra]  # fmt: skip
+
+
+def test_an_absurd_spacing_is_refused_before_resampling(la_seg, trained_checkpoint, tmp_path):
+    """1e6 mm voxels resampled to target_spacing would allocate petabytes: refused naming file and spacing."""
+    image = save_nifti(tmp_path / "in" / "case.nii.gz", phantom()[0], np.diag([1e6, 1e6, 1e6, 1.0]))
+    result = la_seg(*predicting(trained_checkpoint, image, tmp_path / "out"))
+    assert_refused(result, str(image), snapshot(tmp_path / "in"), tmp_path / "in")
+    assert "1e+06 x 1e+06 mm" in result.error_lines[0] and "target_spacing" in result.error_lines[0]
+
+
+def test_a_nifti2_header_beyond_64_bits_is_refused(la_seg, trained_checkpoint, tmp_path):
+    """2**62 x 2**62 x 4 voxels: an int64 product wraps to 0 and passed the memory check."""
+    header = nib.Nifti2Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape((2**62, 2**62, 4))
+    header.set_zooms((1.0, 1.0, 1.0))
+    header.set_sform(np.eye(4), code=1)
+    image = tmp_path / "in" / "case.nii"
+    image.parent.mkdir()
+    image.write_bytes(header.binaryblock + b"\x00" * 4 + b"\x00" * 1024)
+    result = la_seg(*predicting(trained_checkpoint, image, tmp_path / "out"))
+    assert_refused(result, str(image), snapshot(tmp_path / "in"), tmp_path / "in")
+    assert "memory" in result.error_lines[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "object_array"])
+def test_a_damaged_disk_cache_entry_is_named_and_rebuilt(damage, la_seg, trained_checkpoint, tmp_path):
+    image, cache = valid_image(tmp_path / "in"), tmp_path / "cache"
+    cached = ["--data.cache", "disk", "--data.cache_dir", cache]
+    assert la_seg(*predicting(trained_checkpoint, image, tmp_path / "first", *cached)).code == 0
+    (entry,) = cache.glob("*.image.npy")
+    if damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[:-100])
+    else:
+        np.save(entry, np.array([1, 2, 3], dtype=object), allow_pickle=True)
+    with pytest.warns(UserWarning, match="damaged entry") as warned:
+        result = la_seg(*predicting(trained_checkpoint, image, tmp_path / "second", *cached))
+    assert result.code == 0 and "Traceback" not in result.err, result.err[-3000:]
+    assert str(cache) in str(warned[0].message)
+    masks = [nib.load(tmp_path / run / "case.nii.gz").get_fdata() for run in ("first", "second")]
+    assert np.array_equal(*masks)
+    assert np.load(entry, mmap_mode="r").dtype == np.float16  # rebuilt
+
+
+def test_a_full_disk_inside_torchs_zip_writer_names_the_folder(la_seg, tmp_path, synth_root, monkeypatch):
+    """torch's writer turns the OSError of a full disk into RuntimeError('... unexpected pos N vs M')."""
+    import torch
+
+    real_save = torch.save
+
+    class FullDisk:
+        """A file on a disk with 20 kB left: a write beyond fails as a full disk does."""
+
+        def __init__(self, handle) -> None:
+            self.handle, self.left = handle, 20_000
+
+        def write(self, data) -> int:
+            if len(data) > self.left:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.left -= len(data)
+            return self.handle.write(data)
+
+        def flush(self) -> None:
+            self.handle.flush()
+
+    monkeypatch.setattr(torch, "save", lambda obj, f, *args, **kw: real_save(obj, FullDisk(f), *args, **kw))
+    result = la_seg("fit", *TINY, "--data.root", synth_root, "--trainer.max_epochs", "1",
+                    "--trainer.limit_train_batches", "2")  # fmt: skip
+    folder = tmp_path / "runs" / "demo" / "version_0" / "checkpoints"
+    assert_refused(result, str(folder), snapshot(synth_root), synth_root)
+    assert "no space left" in result.error_lines[0]
+    assert not list(tmp_path.rglob("*.ckpt")), "a checkpoint that could not be written is under a final name"
+
+
+@pytest.mark.parametrize("option", ["--data.root", "--data.predict_root", "--ref", "--pred"])
+def test_a_fifo_as_a_root_is_refused(option, la_seg, trained_checkpoint, tmp_path, synth_root):
+    fifo, masks = tmp_path / "case.nii.gz", tmp_path / "masks"
+    os.mkfifo(fifo)
+    masks.mkdir()
+    shutil.copy(synth_root / "train_1" / "atriumSegImgMO.nii.gz", masks / "train_1.nii.gz")
+    argv = {
+        "--data.root": ["fit", *TINY, "--data.root", fifo],
+        "--data.predict_root": predicting(trained_checkpoint, fifo, tmp_path / "out"),
+        "--ref": ["evaluate", "--pred", masks, "--ref", fifo, "--out", tmp_path / "report"],
+        "--pred": ["evaluate", "--pred", fifo, "--ref", synth_root, "--out", tmp_path / "report"],
+    }[option]
+    start = time.monotonic()
+    result = la_seg(*argv)
+    assert time.monotonic() - start < 60
+    assert_refused(result, str(fifo), snapshot(synth_root), synth_root)
+    assert "FIFO" in result.error_lines[0]
+
+
+# ---- also: a failed case's HD95 is an empty CSV cell, null in the JSON (README "The test report") --------
+def test_an_undefined_hd95_is_an_empty_csv_cell_and_null_in_json(la_seg, tmp_path, synth_root):
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for case in sorted(synth_root.iterdir()):
+        shutil.copy(case / "atriumSegImgMO.nii.gz", pred / f"{case.name}.nii.gz")
+    label = nib.load(pred / "train_1.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), pred / "train_1.nii.gz")
+    assert la_seg("evaluate", "--pred", pred, "--ref", synth_root, "--out", tmp_path / "report").code == 0
+    with open(tmp_path / "report" / "test_metrics.csv", newline="") as handle:
+        rows = {row["case_id"]: row for row in csv.DictReader(handle)}
+    failed = rows["train_1"]
+    assert (failed["failed"], failed["hd95_mm"], failed["assd_mm"]) == ("1", "", "")
+    assert float(rows["train_2"]["hd95_mm"]) == 0.0
+    cases = json.loads((tmp_path / "report" / "test_metrics.json").read_text())["cases"]
+    assert [case["hd95_mm"] for case in cases if case["case_id"] == "train_1"] == [None]
