@@ -19,7 +19,7 @@ import torch
 import la_seg
 from la_seg.analysis.measures import size_and_shape
 from la_seg.analysis.pictures import IIR_RANGE, surface_views
-from la_seg.analysis.surface import la_surface, open_edges, voxel_to_world, write_stl, write_vtk
+from la_seg.analysis.surface import la_surface, open_edges, voxel_to_world, write_ply, write_stl, write_vtk
 from la_seg.analysis.wall import (
     UTAH_STAGES,
     BloodPool,
@@ -60,7 +60,7 @@ def analyse(
     plausibility: Plausibility = Plausibility(),  # noqa: B008 (frozen)
     overwrite: bool = False,
 ) -> list[dict]:
-    """Analyse every case: surface (.vtk with per-vertex IIR, .stl), pictures, analysis.{csv,json} in --out.
+    """Analyse every case: surface (.vtk and .ply with per-vertex IIR, .stl), pictures, analysis.{csv,json}.
 
     Args:
         images: the LGE volumes: a data set folder (any layout), a folder of volume files or one file.
@@ -158,6 +158,7 @@ def analyse_case(
     surface = out / f"{case.case_id}.vtk"
     write_vtk(surface, mesh, {"IIR": iir}, title)
     write_stl(out / f"{case.case_id}.stl", mesh)
+    write_ply(out / f"{case.case_id}.ply", mesh, {"IIR": iir})
     surface_views(mesh, iir, thresholds, out / case.case_id, case.case_id)
     return {
         "case_id": case.case_id,
