@@ -315,6 +315,34 @@ def test_analyse_end_to_end_on_masks_that_predict_wrote(tmp_path, monkeypatch, c
     assert "'fibrosis': 1.1," in (tmp_path / "labels" / "analysis.csv").read_text()
 
 
+def test_analyse_with_a_checkpoint_runs_predict_first_and_analyses_its_masks(tmp_path, monkeypatch, capsys):
+    """--ckpt_path: `la-seg predict` of a checkpoint a real fit wrote, into <out>/masks, then the analysis."""
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "data", cases=6, seed=8, shape=(40, 36, 9), spacing=(0.8, 0.8, 3.0))
+    short = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--data.batch_size", "8"]
+    main(["fit", *TINY_CLI, "--data.root", "data", *short])
+    ckpt = next((tmp_path / "runs").glob("**/checkpoints/best.ckpt"))
+    # a one-batch model is far from the LA: a low threshold gives predict a mask to analyse
+    config = ["trainer: {accelerator: cpu, enable_progress_bar: false}", "data: {num_workers: 0}"]
+    (tmp_path / "predict.yaml").write_text("\n".join([*config, "model: {threshold: 0.01}"]))
+    analyse = ["analyse", "--images", "data", "--ckpt_path", str(ckpt), "--out", "analysis"]
+    main([*analyse, "--predict_config", "predict.yaml"])
+    out = tmp_path / "analysis"
+    rows = _rows(out)
+    assert [row["case_id"] for row in rows] == [f"train_{i}" for i in range(1, 7)]
+    for row in rows:
+        assert Path(row["mask_path"]).resolve() == out / "masks" / f"{row['case_id']}.nii.gz"
+        mask = np.asarray(nib.load(out / "masks" / f"{row['case_id']}.nii.gz").dataobj)
+        probability = np.asarray(nib.load(out / "masks" / f"{row['case_id']}_prob.nii.gz").dataobj)
+        assert row["volume_ml"] == pytest.approx(mask.astype(bool).sum() * 0.8 * 0.8 * 3.0 / 1000)
+        assert row["prob_volume_ml"] == pytest.approx(probability.sum() * 0.8 * 0.8 * 3.0 / 1000, rel=1e-4)
+    assert (out / "masks" / "volumes.csv").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*analyse, "--masks", "data"])
+    assert "give --masks or --ckpt_path, not both" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
