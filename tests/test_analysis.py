@@ -374,3 +374,15 @@ def test_bad_input_gives_one_clear_line(tmp_path, monkeypatch, capsys, case, mes
         main([*command, *([] if case == "pool" else SMALL_POOL)])
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("la-seg: error: ") and message in error[-1], error
+
+
+def test_help_names_analyse_and_every_input(capsys):
+    for argv in (["--help"], ["analyse", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "`la-seg analyse` (LA surface with its wall IIR map" in text
+    assert "surface (.vtk and .ply with per-vertex IIR, .stl), pictures, analysis.{csv,json}." in text
+    for option in ("--images", "--masks", "--ckpt_path", "--predict_config", "--shell.inner_mm"):
+        assert option in text
