@@ -621,7 +621,9 @@ def _lightning_cli(argv: list[str], typed: list[str], from_command_line: bool, s
             "prog": "la-seg",
             "description": "la-seg: left-atrium segmentation from LGE MRI with a DINOv2 encoder. "
             "Subcommands: fit, validate, test, predict (Lightning); `la-seg synth` (synthetic data), "
-            "`la-seg export-nnunet` and `la-seg evaluate` (side by side with nnU-Net).",
+            "`la-seg export-nnunet` and `la-seg evaluate` (side by side with nnU-Net), `la-seg analyse` "
+            "(LA surface with its wall IIR map, fibrosis share, Utah stage, LA size and shape). "
+            "`la-seg SUBCOMMAND --help` describes each.",
             "exit_on_error": False,
             "allow_abbrev": False,  # `--trainer.max_epoch 1` must not silently mean max_epochs
             **{name: {"exit_on_error": False, "allow_abbrev": False} for name in parsed_subcommands(argv)},

@@ -16,9 +16,18 @@ from scipy.spatial import cKDTree
 from vtkmodules.util.numpy_support import vtk_to_numpy
 from vtkmodules.vtkIOGeometry import vtkSTLReader
 from vtkmodules.vtkIOLegacy import vtkPolyDataReader
+from vtkmodules.vtkIOPLY import vtkPLYReader
 
 from la_seg.analysis.measures import size_and_shape
-from la_seg.analysis.surface import RAS_TO_LPS, la_surface, open_edges, voxel_to_world, write_stl, write_vtk
+from la_seg.analysis.surface import (
+    RAS_TO_LPS,
+    la_surface,
+    open_edges,
+    voxel_to_world,
+    write_ply,
+    write_stl,
+    write_vtk,
+)
 from la_seg.analysis.wall import (
     BloodPool,
     Shell,
@@ -218,6 +227,49 @@ def test_written_surfaces_open_in_vtk_in_lps_with_their_iir(tmp_path):
     np.testing.assert_allclose(np.sort(stl.bounds * RAS_TO_LPS, axis=0), mesh.bounds, atol=1e-4)
 
 
+def _ply_vertex_properties(path: Path) -> dict[str, np.ndarray]:
+    """The vertex element's float properties of a binary little-endian PLY, read from its header."""
+    data = path.read_bytes()
+    end = data.index(b"end_header\n") + len(b"end_header\n")
+    header = data[:end].decode("ascii").splitlines()
+    vertex = header.index(next(line for line in header if line.startswith("element vertex")))
+    count = int(header[vertex].split()[2])
+    names = []
+    for line in header[vertex + 1 :]:
+        if not line.startswith("property float "):
+            break
+        names.append(line.split()[2])
+    table = np.frombuffer(data, dtype=[(name, "<f4") for name in names], count=count, offset=end)
+    return {name: table[name] for name in names}
+
+
+def test_the_ply_surface_opens_in_vtk_in_lps_with_its_iir(tmp_path):
+    geometry = _grid((30, 30, 20))
+    mesh = la_surface(
+        _ellipsoid(geometry, _world(geometry)[15, 15, 10], 8.0), geometry, smoothing_iterations=5
+    )
+    iir = np.linspace(0.5, 2.0, len(mesh.vertices))
+    write_ply(tmp_path / "case.ply", mesh, {"IIR": iir})
+    reader = vtkPLYReader()
+    reader.SetFileName(str(tmp_path / "case.ply"))
+    reader.Update()
+    polydata = reader.GetOutput()
+    comments = [reader.GetComments().GetValue(i) for i in range(reader.GetComments().GetNumberOfValues())]
+    assert "SPACE=LPS" in comments  # where Slicer reads a PLY's coordinate system
+    np.testing.assert_allclose(
+        vtk_to_numpy(polydata.GetPoints().GetData()), mesh.vertices * RAS_TO_LPS, atol=1e-4
+    )
+    triangles = vtk_to_numpy(polydata.GetPolys().GetConnectivityArray()).reshape(-1, 3)
+    np.testing.assert_array_equal(triangles, mesh.faces)
+    properties = _ply_vertex_properties(tmp_path / "case.ply")
+    np.testing.assert_allclose(properties["IIR"], iir, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.stack([properties[a] for a in "xyz"], axis=1), mesh.vertices * RAS_TO_LPS, atol=1e-4
+    )
+    assert trimesh.load(tmp_path / "case.ply", process=False).volume == pytest.approx(mesh.volume, rel=1e-4)
+    assert not list(tmp_path.glob("*.la-seg-tmp"))
+
+
 def test_analyse_end_to_end_on_masks_that_predict_wrote(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_dataset(tmp_path / "data", cases=2, seed=77, shape=(40, 36, 9), spacing=(0.8, 0.8, 3.0))
@@ -248,6 +300,7 @@ def test_analyse_end_to_end_on_masks_that_predict_wrote(tmp_path, monkeypatch, c
         assert row["prob_volume_ml"] == pytest.approx(probability.sum() * 0.8 * 0.8 * 3.0 / 1000, rel=1e-4)
         assert row["review"]  # a mask of most of the volume touches its border
         assert len(_read_vtk(out / f"{row['case_id']}.vtk")[2]["IIR"]) == row["vertices"]
+        assert len(_ply_vertex_properties(out / f"{row['case_id']}.ply")["IIR"]) == row["vertices"]
         for view in ("anterior", "posterior"):
             assert (out / f"{row['case_id']}_{view}.png").stat().st_size > 0
     text = (out / "analysis.csv").read_text()
@@ -260,6 +313,34 @@ def test_analyse_end_to_end_on_masks_that_predict_wrote(tmp_path, monkeypatch, c
     labels = ["analyse", "--images", "data", "--out", "labels", "--thresholds.fibrosis", "1.1"]
     main([*labels, *SMALL_POOL])
     assert "'fibrosis': 1.1," in (tmp_path / "labels" / "analysis.csv").read_text()
+
+
+def test_analyse_with_a_checkpoint_runs_predict_first_and_analyses_its_masks(tmp_path, monkeypatch, capsys):
+    """--ckpt_path: `la-seg predict` of a checkpoint a real fit wrote, into <out>/masks, then the analysis."""
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "data", cases=6, seed=8, shape=(40, 36, 9), spacing=(0.8, 0.8, 3.0))
+    short = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--data.batch_size", "8"]
+    main(["fit", *TINY_CLI, "--data.root", "data", *short])
+    ckpt = next((tmp_path / "runs").glob("**/checkpoints/best.ckpt"))
+    # a one-batch model is far from the LA: a low threshold gives predict a mask to analyse
+    config = ["trainer: {accelerator: cpu, enable_progress_bar: false}", "data: {num_workers: 0}"]
+    (tmp_path / "predict.yaml").write_text("\n".join([*config, "model: {threshold: 0.01}"]))
+    analyse = ["analyse", "--images", "data", "--ckpt_path", str(ckpt), "--out", "analysis"]
+    main([*analyse, "--predict_config", "predict.yaml"])
+    out = tmp_path / "analysis"
+    rows = _rows(out)
+    assert [row["case_id"] for row in rows] == [f"train_{i}" for i in range(1, 7)]
+    for row in rows:
+        assert Path(row["mask_path"]).resolve() == out / "masks" / f"{row['case_id']}.nii.gz"
+        mask = np.asarray(nib.load(out / "masks" / f"{row['case_id']}.nii.gz").dataobj)
+        probability = np.asarray(nib.load(out / "masks" / f"{row['case_id']}_prob.nii.gz").dataobj)
+        assert row["volume_ml"] == pytest.approx(mask.astype(bool).sum() * 0.8 * 0.8 * 3.0 / 1000)
+        assert row["prob_volume_ml"] == pytest.approx(probability.sum() * 0.8 * 0.8 * 3.0 / 1000, rel=1e-4)
+    assert (out / "masks" / "volumes.csv").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*analyse, "--masks", "data"])
+    assert "give --masks or --ckpt_path, not both" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -293,3 +374,15 @@ def test_bad_input_gives_one_clear_line(tmp_path, monkeypatch, capsys, case, mes
         main([*command, *([] if case == "pool" else SMALL_POOL)])
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("la-seg: error: ") and message in error[-1], error
+
+
+def test_help_names_analyse_and_every_input(capsys):
+    for argv in (["--help"], ["analyse", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "`la-seg analyse` (LA surface with its wall IIR map" in text
+    assert "surface (.vtk and .ply with per-vertex IIR, .stl), pictures, analysis.{csv,json}." in text
+    for option in ("--images", "--masks", "--ckpt_path", "--predict_config", "--shell.inner_mm"):
+        assert option in text

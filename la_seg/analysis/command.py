@@ -2,9 +2,10 @@
 stage, LA size and shape and pictures; a table over all cases with the method and thresholds beside it.
 
 Inputs are a folder of LGE volumes (any la-seg layout) and a folder of LA masks on their grids (`la-seg
-predict`'s output, matched by case id; `<case>_prob.nii.gz` beside a mask adds the probability volume), or,
-without --masks, the data set's own labels. Outputs go to --out, never into an input folder, one run at a
-time (a lock file), every file written atomically.
+predict`'s output, matched by case id; `<case>_prob.nii.gz` beside a mask adds the probability volume), the
+masks and probabilities `la-seg predict --ckpt_path` writes into <out>/masks first, or the data set's own
+labels. Outputs go to --out, never into an input folder, one run at a time (a lock file), every file written
+atomically.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import la_seg
 from la_seg.analysis.measures import size_and_shape
 from la_seg.analysis.pictures import IIR_RANGE, surface_views
-from la_seg.analysis.surface import la_surface, open_edges, voxel_to_world, write_stl, write_vtk
+from la_seg.analysis.surface import la_surface, open_edges, voxel_to_world, write_ply, write_stl, write_vtk
 from la_seg.analysis.wall import (
     UTAH_STAGES,
     BloodPool,
@@ -40,6 +41,7 @@ from la_seg.evaluate import binarise_prediction, check_same_grid, find_predictio
 from la_seg.plausibility import Plausibility, case_reasons, review_fields, review_line
 
 STEM = "analysis"
+PREDICTED = "masks"  # the folder of --out that `la-seg predict` writes into for --ckpt_path
 COLUMNS = (
     "case_id", "volume_ml", "prob_volume_ml", "mesh_volume_ml", "area_cm2", "sphericity", "diameter_1_mm",
     "diameter_2_mm", "diameter_3_mm", "blood_pool_mean", "blood_pool_voxels", "mean_iir", "fibrosis_percent",
@@ -52,6 +54,8 @@ def analyse(
     images: Path,
     out: Path,
     masks: Path | None = None,
+    ckpt_path: str | None = None,
+    predict_config: str | None = None,
     layout: Layout = "auto",
     shell: Shell = Shell(),  # noqa: B008 (frozen, so sharing is safe)
     thresholds: Thresholds = Thresholds(),  # noqa: B008 (frozen)
@@ -60,13 +64,17 @@ def analyse(
     plausibility: Plausibility = Plausibility(),  # noqa: B008 (frozen)
     overwrite: bool = False,
 ) -> list[dict]:
-    """Analyse every case: surface (.vtk with per-vertex IIR, .stl), pictures, analysis.{csv,json} in --out.
+    """Analyse every case: surface (.vtk and .ply with per-vertex IIR, .stl), pictures, analysis.{csv,json}.
 
     Args:
         images: the LGE volumes: a data set folder (any layout), a folder of volume files or one file.
         out: the folder to write into (created; never an input folder).
         masks: the LA masks, `<case>.nii.gz` on each image's grid (la-seg predict's --writer.output_dir);
             default: the data set's own labels.
+        ckpt_path: instead of --masks, segment --images first with `la-seg predict --ckpt_path` (a checkpoint
+            file, best / last, several, or a folder of fold runs) into <out>/masks, with probabilities.
+        predict_config: the config of that predict run (its --config: a shipped name such as giant.yaml or
+            a file), for what the checkpoint does not set: model.tta, trainer.accelerator, data.num_workers.
         layout: layout of --images; `auto` detects it.
         shell: --shell.inner_mm / outer_mm / step_mm: where the wall is sampled along each normal.
         thresholds: --thresholds.fibrosis / dense_scar: IIR thresholds.
@@ -82,7 +90,13 @@ def analyse(
     for option, path in (("--images", images), ("--masks", masks)):
         if path is not None and not path.exists():
             raise DataError(f"{option} {path} does not exist")
-    pairs = _pairs(images, layout, masks)
+    if ckpt_path is not None and masks is not None:
+        raise DataError("give --masks or --ckpt_path, not both: --ckpt_path writes the masks it analyses")
+    if predict_config is not None and ckpt_path is None:
+        raise DataError(
+            "--predict_config needs --ckpt_path: it configures the predict run --ckpt_path starts"
+        )
+    cases = find_cases(images, layout, require_labels=masks is None and ckpt_path is None)
     refuse_writing_into_inputs(out, (images, masks), "--out")
     if out.is_file():
         raise DataError(f"--out {out} is a file; give a folder")
@@ -92,6 +106,10 @@ def analyse(
             raise DataError(
                 f"analysis files exist: {existing}; pass --overwrite true or choose another --out"
             )
+        if ckpt_path is not None:
+            masks = out / PREDICTED
+            _predict(images, ckpt_path, masks, predict_config, overwrite)
+        pairs = _pairs(cases, images, masks)
         settings = dict(shell=shell, thresholds=thresholds, pool=blood_pool, smoothing=smoothing_iterations)
         rows = []
         for case, mask_path in pairs:
@@ -104,9 +122,19 @@ def analyse(
     return rows
 
 
-def _pairs(images: Path, layout: Layout, masks: Path | None) -> list[tuple[Case, Path | None]]:
+def _predict(images: Path, ckpt_path: str, masks: Path, config: str | None, overwrite: bool) -> None:
+    """`la-seg predict` itself into `masks`, so the analysed masks are predict's: its checkpoint rules,
+    preprocessing, calibrated threshold, post-processing and review flags."""
+    from la_seg.cli import run  # imported here: la_seg.cli imports this module when it runs `analyse`
+
+    written = ["--writer.output_dir", str(masks), "--writer.save_probabilities", "true"]
+    written += ["--writer.overwrite", str(overwrite).lower()]
+    options = [] if config is None else ["--config", config]
+    run(["predict", *options, "--ckpt_path", ckpt_path, "--data.predict_root", str(images), *written], False)
+
+
+def _pairs(cases: list[Case], images: Path, masks: Path | None) -> list[tuple[Case, Path | None]]:
     """Each image case with its mask file (None: the case's own label); every case needs one."""
-    cases = find_cases(images, layout, require_labels=masks is None)
     if masks is None:
         return [(case, None) for case in cases]
     found = find_predictions(masks)
@@ -158,6 +186,7 @@ def analyse_case(
     surface = out / f"{case.case_id}.vtk"
     write_vtk(surface, mesh, {"IIR": iir}, title)
     write_stl(out / f"{case.case_id}.stl", mesh)
+    write_ply(out / f"{case.case_id}.ply", mesh, {"IIR": iir})
     surface_views(mesh, iir, thresholds, out / case.case_id, case.case_id)
     return {
         "case_id": case.case_id,

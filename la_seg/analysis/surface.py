@@ -1,9 +1,10 @@
-"""The LA surface: a closed triangle mesh of the mask in world mm, smoothed without shrinking, and its files.
+"""The LA surface: a closed triangle mesh of the mask in world mm, smoothed without shrinking, and its files
+(VTK PolyData, STL, PLY).
 
 Vertices are computed in RAS mm (la-seg's world: the input's affine, its axes scaled to the spacing la-seg
 measures with, which is the header's except for overrides such as Utah 2018's). Files are written in LPS
-with `SPACE=LPS` in their header: 3D Slicer reads that comment in mesh headers and assumes LPS without it,
-as do ITK-based tools, so the surface lies on the image in Slicer; ParaView ignores the comment and shows
+with `SPACE=LPS` in their header (a comment line in PLY): 3D Slicer reads it there and assumes LPS without
+it, as do ITK-based tools, so the surface lies on the image in Slicer; ParaView ignores the comment and shows
 LPS coordinates (flip x and y to overlay a NIfTI shown in RAS).
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 import trimesh
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from skimage.measure import marching_cubes
+from trimesh.exchange.ply import export_ply
 from trimesh.exchange.stl import export_stl
 from trimesh.smoothing import filter_taubin
 
@@ -91,6 +93,27 @@ def write_vtk(path: Path, mesh: trimesh.Trimesh, point_data: dict[str, np.ndarra
 
 def write_stl(path: Path, mesh: trimesh.Trimesh) -> None:
     """Binary STL in LPS mm, its 80-byte header naming the coordinate system (`SPACE=LPS`), atomically."""
-    lps = trimesh.Trimesh(mesh.vertices * RAS_TO_LPS, mesh.faces, process=False)  # det +1: winding kept
+    lps = _in_lps(mesh)
     with atomic_path(path) as tmp:
         tmp.write_bytes(_STL_HEADER + export_stl(lps)[len(_STL_HEADER) :])
+
+
+def write_ply(path: Path, mesh: trimesh.Trimesh, point_data: dict[str, np.ndarray]) -> None:
+    """Binary PLY in LPS mm with a `comment SPACE=LPS` header line (Slicer reads the frame from PLY comments)
+    and each of `point_data` as a float vertex property, atomically.
+
+    VTK's PLY reader (Slicer, ParaView) keeps only the geometry; readers of named vertex properties (trimesh,
+    plyfile) get the values too.
+    """
+    lps = _in_lps(mesh)
+    for name, values in point_data.items():
+        lps.vertex_attributes[name] = values.astype(np.float32)
+    data = export_ply(lps, encoding="binary")
+    end = data.index(b"end_header\n")  # the header is ASCII lines before the binary body
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data[:end] + b"comment SPACE=LPS\n" + data[end:])
+
+
+def _in_lps(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """The mesh with x and y negated: a rotation (det +1), so its faces keep their outward winding."""
+    return trimesh.Trimesh(mesh.vertices * RAS_TO_LPS, mesh.faces, process=False)
