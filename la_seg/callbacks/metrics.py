@@ -14,6 +14,7 @@ from la_seg.checkpoints import INFERENCE_FIELDS
 from la_seg.data.preprocess import INPUT_FIELDS
 from la_seg.metrics import CumulativeCaseMetrics, EmptyDistance, gather_cases
 from la_seg.plausibility import disagreement_reasons, review_fields
+from la_seg.qc import png_bytes, qc_picture, save_png, write_page
 from la_seg.report import METRIC_KEYS, format_table, report_stem, write_report
 
 
@@ -26,34 +27,45 @@ class SegmentationMetrics(L.Callback):
     `test_<folder>.{csv,json}` for data.test_root; never over an earlier one), and prints the table. With an
     ensemble or test-time flips, each JSON case also carries its voters' `agreement`
     (la_seg.inference.Agreement), and the header the ensemble's members and passes. Every case has `review`
-    and `review_reason`: a mask that cannot be right (la_seg.plausibility) or voters that disagree.
+    and `review_reason`: a mask that cannot be right (la_seg.plausibility) or voters that disagree. With
+    `qc_page`, `test` also writes `<report stem>.html` beside the report, a row per case with its picture
+    (`<report stem>_qc/<case>.png`, la_seg.qc), flagged cases and the lowest Dice first.
 
     Args:
         surface_metrics_in_validation: also compute HD95/ASSD during validation (slower).
         empty_distance: HD95/ASSD of a case with an empty prediction or reference: `nan` (left out of the
             means, whose n says how many cases they cover) or `max` (the image diagonal in mm, as
             challenges penalise a missed LA).
+        qc_page: after `test`, write the QC page and its pictures (a small PNG per case, kept in memory as
+            such until the end of the run).
     """
 
     def __init__(
-        self, surface_metrics_in_validation: bool = False, empty_distance: EmptyDistance = "nan"
+        self,
+        surface_metrics_in_validation: bool = False,
+        empty_distance: EmptyDistance = "nan",
+        qc_page: bool = True,
     ) -> None:
         self.surface_metrics_in_validation = surface_metrics_in_validation
         self.empty_distance = empty_distance
+        self.qc_page = qc_page
         self._cases = CumulativeCaseMetrics(surface_metrics_in_validation, empty_distance)
         self._agreements: list[dict] = []
+        self._pictures: list[dict] = []
 
     def _start(self, surface: bool) -> None:
         self._cases = CumulativeCaseMetrics(surface, self.empty_distance)
         self._agreements = []
+        self._pictures = []
 
-    def _collect(self, outputs: dict) -> None:
+    def _collect(self, outputs: dict) -> dict:
+        """Score one case; returns its report row."""
         geometry, agreement = outputs["geometry"], outputs.get("agreement")
         reasons = list(outputs.get("review_reasons", []))
         if agreement is not None:
             self._agreements.append({"case_id": outputs["case_id"], "agreement": agreement})
             reasons += disagreement_reasons(agreement["mean_pairwise_dice"], agreement["review_below"])
-        self._cases.update(
+        return self._cases.update(
             outputs["case_id"],
             outputs["pred"],
             outputs["label"],
@@ -94,7 +106,17 @@ class SegmentationMetrics(L.Callback):
         self._start(surface=True)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(outputs)
+        row = self._collect(outputs)
+        if self.qc_page:
+            picture = qc_picture(
+                batch["image"].detach().float(),
+                outputs["pred"],
+                row["case_id"],
+                row["volume_pred_ml"],
+                row["review_reason"],
+                reference=outputs["label"],
+            )
+            self._pictures.append({"case_id": row["case_id"], "png": png_bytes(picture)})
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         rows, summary = self._publish(pl_module, "test", METRIC_KEYS)
@@ -103,6 +125,8 @@ class SegmentationMetrics(L.Callback):
                 pl_module.log(f"test/{key}", summary[key]["mean"], sync_dist=False)
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call under DDP: every rank
         agreements = {row["case_id"]: row["agreement"] for row in gather_cases(self._agreements)}
+        pictures = {row["case_id"]: row["png"] for row in gather_cases(self._pictures)}
+        self._pictures = []
         if trainer.is_global_zero:
             header = report_header(trainer, pl_module, rows, summary, self.empty_distance)
             name, scored = _scored_data(trainer)
@@ -110,6 +134,23 @@ class SegmentationMetrics(L.Callback):
             paths = write_report(rows, summary, out_dir, report_stem(out_dir, name), header, agreements)
             table = format_table(rows, summary, header)
             rank_zero_info(f"\n{table}\nReport: {paths[0]} and {paths[1].name} (scored {scored['what']})")
+            if self.qc_page:
+                page = write_qc_page(rows, pictures, paths[0].with_suffix(".html"), scored["what"])
+                rank_zero_info(f"QC page: {page}")
+
+
+def write_qc_page(rows: list[dict], pictures: dict[str, bytes], page: Path, scored: str) -> Path:
+    """The test's QC page at `page`, its pictures in the folder `<page stem>_qc` beside it."""
+    folder = page.with_name(f"{page.stem}_qc")
+    entries = []
+    for row in rows:
+        picture = folder / f"{row['case_id']}.png"
+        save_png(picture, pictures[row["case_id"]])
+        entries.append(
+            {key: row[key] for key in ("case_id", "dice", "review", "review_reason")}
+            | {"volume_ml": row["volume_pred_ml"], "picture": f"{folder.name}/{picture.name}"}
+        )
+    return write_page(page, f"la-seg test: {scored}", entries)
 
 
 def inference_settings(pl_module: L.LightningModule) -> dict[str, Any]:

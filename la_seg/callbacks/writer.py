@@ -10,10 +10,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
 
-from la_seg.atomic import FolderLock, atomic_path, refuse_writing_into_inputs, write_csv
-from la_seg.callbacks.images import PANEL, overlay
+from la_seg.atomic import FolderLock, refuse_writing_into_inputs, write_csv
 from la_seg.data.datamodule import CaseShards
 from la_seg.data.io import Geometry, write_nifti
 from la_seg.distributed import decide_on_rank_zero, reported_elsewhere
@@ -21,8 +19,10 @@ from la_seg.errors import DataError
 from la_seg.inference import AGREEMENT_DIGITS
 from la_seg.metrics import gather_cases, volume_ml
 from la_seg.plausibility import REVIEW_COLUMNS, disagreement_reasons, review_fields, review_line
+from la_seg.qc import qc_picture, save_png, write_page
 
 VOLUMES_CSV = "volumes.csv"
+QC_PAGE = "qc.html"
 # Maps written beside `<case_id>.nii.gz` masks: `la-seg evaluate` skips them.
 COMPANION_SUFFIXES = ("_prob", "_uncertainty")
 VOLUME_COLUMNS = ("case_id", "volume_ml", "image_path", "spacing_mm")
@@ -51,7 +51,10 @@ class NiftiPredictionWriter(BasePredictionWriter):
         output_dir: folder for the masks (required for `la-seg predict`).
         overwrite: replace existing outputs.
         save_probabilities: also write `<case_id>_prob.nii.gz` (float32 LA probability).
-        save_png: also write `<case_id>.png`: axial, coronal and sagittal mid-LA slices with the mask in red.
+        save_png: also write `<case_id>.png` (la_seg.qc): three labelled slices through the mask, the mask in
+            red, the case id and LA volume above, a red banner with the reason on a case flagged for review.
+        qc_page: also write `qc.html`, a page of every case's picture (implies save_png), flagged cases first
+            (la_seg.qc). Off by default: the output folder then holds masks and volumes.csv only.
         review_below: with several voters, flag a case for review when their mean pairwise Dice is below this;
             None: the model's `review_below` (calibrated on validation at the end of fit, or its default).
     """
@@ -62,13 +65,15 @@ class NiftiPredictionWriter(BasePredictionWriter):
         overwrite: bool = False,
         save_probabilities: bool = False,
         save_png: bool = False,
+        qc_page: bool = False,
         review_below: float | None = None,
     ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir) if output_dir else None
         self.overwrite = overwrite
         self.save_probabilities = save_probabilities
-        self.save_png = save_png
+        self.qc_page = qc_page
+        self.save_png = save_png or qc_page
         self.review_below = review_below
         self.save_uncertainty = False  # set at predict start: whether the model has several voters
         self._pool: ThreadPoolExecutor | None = None
@@ -109,12 +114,13 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self.lock()
         if not self.overwrite:
             self._refuse_existing([c.case_id for c in cases])
-        else:  # an old table would claim cases this run may fail to write
-            (self.output_dir / VOLUMES_CSV).unlink(missing_ok=True)
+        else:  # an old table or page would claim cases this run may fail to write
+            for name in self.run_files():
+                (self.output_dir / name).unlink(missing_ok=True)
 
     def reserve_outputs(self, cases: Iterable[tuple[str, Path]]) -> None:
         """Refuse inputs whose outputs would share a name (case-insensitively, as on macOS and Windows)."""
-        owners: dict[str, tuple[str, Path | None]] = {VOLUMES_CSV: (VOLUMES_CSV, None)}
+        owners: dict[str, tuple[str, Path | None]] = {n.casefold(): (n, None) for n in self.run_files()}
         for case_id, source in cases:
             for name in self.output_names(case_id):
                 taken = owners.setdefault(name.casefold(), (name, source))
@@ -126,9 +132,13 @@ class NiftiPredictionWriter(BasePredictionWriter):
                     "(names are compared ignoring letter case); rename one of the inputs"
                 )
 
+    def run_files(self) -> list[str]:
+        """The files written once per run, after every case."""
+        return [VOLUMES_CSV, QC_PAGE] if self.qc_page else [VOLUMES_CSV]
+
     def _refuse_existing(self, case_ids: list[str]) -> None:
         candidates = [self.output_dir / n for c in case_ids for n in self.output_names(c)]
-        existing = [p for p in [*candidates, self.output_dir / VOLUMES_CSV] if p.exists()]
+        existing = [p for p in [*candidates, *(self.output_dir / n for n in self.run_files())] if p.exists()]
         if existing:
             self.release()
             shown = ", ".join(str(p) for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
@@ -190,14 +200,15 @@ class NiftiPredictionWriter(BasePredictionWriter):
         if prediction.get("uncertainty") is not None:
             outputs["uncertainty"] = prediction["uncertainty"].detach().float().cpu()
         image = batch["image"].detach().float().cpu() if self.save_png else None
-        future = self._pool.submit(self._write_case, prediction["case_id"], geometry, outputs, image)
+        future = self._pool.submit(self._write_case, row, geometry, outputs, image)
         self._pending.append((row, future))
 
     def _write_case(
-        self, case_id: str, geometry: Geometry, outputs: dict[str, torch.Tensor], image: torch.Tensor | None
+        self, row: dict, geometry: Geometry, outputs: dict[str, torch.Tensor], image: torch.Tensor | None
     ) -> None:
-        """`outputs`: the mask, and the float32 maps to write (`prob`, `uncertainty`), slices last."""
-        mask = outputs["mask"]
+        """`row`: the case's volumes.csv row; `outputs`: the mask, and the float32 maps to write (`prob`,
+        `uncertainty`), slices last."""
+        case_id, mask = row["case_id"], outputs["mask"]
         for kind, suffix in zip(("mask", "prob", "uncertainty"), ("", *COMPANION_SUFFIXES), strict=True):
             if kind in outputs:
                 array = outputs[kind].numpy()
@@ -207,9 +218,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
                     lambda p, data=in_file: write_nifti(p, data, geometry),
                 )
         if image is not None:
-            _write(
-                self.output_dir / f"{case_id}.png", lambda p: _save_png(p, mid_slices_picture(image, mask))
-            )
+            picture = qc_picture(image, mask, case_id, row["volume_ml"], row["review_reason"])
+            _write(self.output_dir / f"{case_id}.png", lambda p: save_png(p, picture))
 
     def close(self) -> list[dict]:
         """Wait for every queued write and return the rows of the cases written; re-raises the first
@@ -258,6 +268,11 @@ class NiftiPredictionWriter(BasePredictionWriter):
                     f"Wrote {len(rows)} mask(s) and {VOLUMES_CSV} to {self.output_dir}; "
                     f"{len(flagged)} flagged for review"
                 )
+                if self.qc_page:
+                    page = self.output_dir / QC_PAGE
+                    pictures = [row | {"picture": f"{row['case_id']}.png"} for row in rows]
+                    _write(page, lambda p: write_page(p, f"la-seg predict: {self.output_dir}", pictures))
+                    rank_zero_info(f"QC page: {page}")
         finally:
             self.release()
 
@@ -267,29 +282,10 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self.release()
 
 
-def mid_slices_picture(image: torch.Tensor, mask: torch.Tensor) -> Image.Image:
-    """Slices through the mask's centre (slices last: axial, then the two others), the mask in red."""
-    centre = mask.nonzero().float().mean(0).round().long() if mask.any() else torch.tensor(mask.shape) // 2
-    low, high = image.min(), image.max()
-    grey = (image - low) / (high - low) if high > low else torch.zeros_like(image)
-    views = [
-        (grey[:, :, centre[2]], mask[:, :, centre[2]]),
-        (grey[:, centre[1], :], mask[:, centre[1], :]),
-        (grey[centre[0], :, :], mask[centre[0], :, :]),
-    ]
-    tiles = torch.cat([overlay(g, pred=m, size=PANEL) for g, m in views], dim=2)
-    return Image.fromarray((tiles.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-
-
 def _volume_table(rows: list[dict], columns: tuple[str, ...]) -> list[list]:
     """Volumes in mL with 3 decimals, Dice with 4."""
     digits = {"volume_ml": 3, "volume_spread_ml": 3, "mean_pairwise_dice": AGREEMENT_DIGITS}
     return [[f"{r[c]:.{digits[c]}f}" if c in digits else r[c] for c in columns] for r in rows]
-
-
-def _save_png(path: Path, picture: Image.Image) -> None:
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
 
 
 def _write(path: Path, write: Callable[[Path], None]) -> None:

@@ -78,7 +78,8 @@ def run_test(tmp_path: Path, empty_distance: str) -> tuple[dict, dict, Path, Pat
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         max_epochs=1,
-        callbacks=[SegmentationMetrics(empty_distance=empty_distance)],
+        # its batches are case ids, with no image to picture: no QC page (tests/test_qc_page.py)
+        callbacks=[SegmentationMetrics(empty_distance=empty_distance, qc_page=False)],
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
