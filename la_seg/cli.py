@@ -32,7 +32,13 @@ from la_seg.callbacks import (
     TensorBoardImages,
 )
 from la_seg.callbacks.layout import ChannelsLastDecoder
-from la_seg.callbacks.termination import EXIT_STATUS, StopOnNonFiniteLoss, StopOnSigterm, sigterm_stop
+from la_seg.callbacks.termination import (
+    SIGINT_STATUS,
+    StopOnNonFiniteLoss,
+    StopOnSigterm,
+    sigterm_stop,
+    stop_status,
+)
 from la_seg.checkpoints import (
     CALIBRATED_FIELDS,
     INPUT_DEFAULTS,
@@ -64,7 +70,6 @@ from la_seg.plausibility import low_dice_warning
 from la_seg.runtime import apply_cpu_precision, configure_threads, on_command_line, quiet_lightning
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-SIGINT_STATUS = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -555,8 +560,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(argv, from_command_line)
     except SIGTERMException:  # a SystemExit (status 0) to Lightning: a job script would see success
+        status = stop_status()
         print(f"la-seg: {sigterm_stop(clear=True) or 'stopped by SIGTERM'}", file=sys.stderr)
-        raise SystemExit(EXIT_STATUS) from None
+        raise SystemExit(status) from None
     except KeyboardInterrupt:  # Ctrl-C where Lightning does not handle it (synth, export-nnunet, evaluate)
         print(
             "la-seg: stopped by SIGINT (Ctrl-C): nothing half-written is left under a final name; run the "
@@ -565,9 +571,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         raise SystemExit(SIGINT_STATUS) from None
     except Exception as error:
+        status = stop_status()
         if (stop := sigterm_stop(clear=True)) is not None:  # SIGTERM ended the loader workers too
             print(f"la-seg: {stop}", file=sys.stderr)
-            raise SystemExit(EXIT_STATUS) from None
+            raise SystemExit(status) from None
         if os.environ.get("LA_SEG_DEBUG") == "1":
             raise
         if not is_reported_elsewhere(error):  # under DDP, one process prints an error that all ranks share

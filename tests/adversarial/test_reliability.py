@@ -377,13 +377,13 @@ def sigterm_during(monkeypatch):
 
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
-    def arm(step: str, at: int) -> list:
+    def arm(step: str, at: int, signum: int = signal.SIGTERM) -> list:
         original, calls = getattr(LASegModule, step), []
 
         def step_then_signal(self, *args, **kwargs):
             calls.append(1)
             if len(calls) == at:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signum)
             return original(self, *args, **kwargs)
 
         monkeypatch.setattr(LASegModule, step, step_then_signal)
@@ -393,13 +393,49 @@ def sigterm_during(monkeypatch):
     signal.signal(signal.SIGTERM, previous)
 
 
-def _stopped(result) -> str:
+def _stopped(result, name: str = "SIGTERM", status: int = 143) -> str:
     printed = result.out + result.err
     assert "Traceback" not in printed, printed[-3000:]
-    assert result.code == 143, printed[-3000:]
+    assert result.code == status, printed[-3000:]
     last = result.err.strip().splitlines()[-1]
-    assert last.startswith("la-seg: stopped by SIGTERM"), last
+    assert last.startswith(f"la-seg: stopped by {name}"), last
     return last
+
+
+def test_ctrl_c_during_fit_stops_after_the_step_saves_a_resumable_checkpoint_and_exits_130(
+    la_seg, tmp_path, synth_root, sigterm_during
+):
+    """A first Ctrl-C is a SIGTERM stop with its own name and status: the step ends, last.ckpt resumes it
+    exactly, and pytest's own Ctrl-C handler is back afterwards."""
+    import torch
+
+    handler = signal.getsignal(signal.SIGINT)
+    fit = ["fit", *TINY, "--data.root", str(synth_root), "--trainer.max_epochs", "2",
+           "--trainer.limit_train_batches", "3"]  # fmt: skip
+    steps = sigterm_during("training_step", at=2, signum=signal.SIGINT)
+    result = la_seg(*fit)
+    last = _stopped(result, "SIGINT", 130)
+    assert "Ctrl-C: stopping after the current step" in result.err
+    assert signal.getsignal(signal.SIGINT) is handler
+    checkpoint = tmp_path / "runs" / "demo" / "version_0" / "checkpoints" / "last.ckpt"
+    assert "--ckpt_path runs/demo/version_0/checkpoints/last.ckpt" in last
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2 and state["epoch"] == 0
+    assert la_seg(*fit, "--ckpt_path", str(checkpoint)).code == 0
+    assert len(steps) == 6, "resumed mid-epoch: epoch 0's last batch and epoch 1's three, none twice"
+
+
+def test_ctrl_c_during_predict_keeps_the_finished_cases_and_exits_130(la_seg, trained_checkpoint, tmp_path,
+                                                                     sigterm_during):  # fmt: skip
+    inputs = tmp_path / "in"
+    for seed in range(4):
+        valid_image(inputs, f"case{seed}.nii.gz", seed)
+    out = tmp_path / "out"
+    sigterm_during("predict_step", at=2, signum=signal.SIGINT)
+    last = _stopped(la_seg(*predict(trained_checkpoint, inputs, out)), "SIGINT", 130)
+    assert str(out) in last and "--writer.overwrite true" in last
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["case0.nii.gz", "case1.nii.gz"]
+    assert_no_partial_outputs(out)
 
 
 def test_sigterm_during_fit_saves_a_resumable_checkpoint_and_exits_143(
