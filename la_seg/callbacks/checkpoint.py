@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -16,6 +18,27 @@ class RunCheckpoint(ModelCheckpoint):
 
     _last_written_step = -1
     best_epoch: int | None = None  # the epoch that wrote best_model_path (for the summary after fit)
+    _stage: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._stage = stage
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Only a resumed fit continues the run's record (best score, last.ckpt): validate / test / predict
+        save nothing, and their folder may differ from the one recorded (predict logs nowhere, a path given
+        absolute), where Lightning would warn that the record is not reloaded. A resumed fit whose folder is
+        the recorded one spelt otherwise (relative, absolute) keeps it: else its best score is lost."""
+        if self._stage != TrainerFn.FITTING:
+            return
+        recorded = state_dict.get("dirpath")
+        if (
+            recorded is not None
+            and self.dirpath is not None
+            and Path(recorded).resolve() == Path(self.dirpath).resolve()
+        ):
+            state_dict = {**state_dict, "dirpath": self.dirpath}
+        super().load_state_dict(state_dict)
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)

@@ -130,7 +130,9 @@ class StopOnSigterm(Callback):
         """Saves what `fit` can resume from; the line that says what was kept and how to go on."""
         if trainer.state.fn == TrainerFn.FITTING:
             path = self._checkpoint_path(trainer)
-            trainer.save_checkpoint(path)  # atomic (DataOnlyCheckpointIO); the loops' state resumes mid-epoch
+            trainer.save_checkpoint(
+                path, weights_only=False
+            )  # the full state, to resume; atomic (DataOnlyCheckpointIO)
             return (
                 f"stopped by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; saved "
                 f"{path}: resume with the same command and --ckpt_path {path}"

@@ -439,20 +439,23 @@ def test_ctrl_c_during_predict_keeps_the_finished_cases_and_exits_130(la_seg, tr
 
 
 def test_sigterm_during_fit_saves_a_resumable_checkpoint_and_exits_143(
-    la_seg, tmp_path, synth_root, sigterm_during
+    la_seg, tmp_path, synth_root, sigterm_during, recwarn
 ):
     import torch
 
     fit = ["fit", *TINY, "--data.root", str(synth_root), "--trainer.max_epochs", "2",
            "--trainer.limit_train_batches", "3"]  # fmt: skip
     steps = sigterm_during("training_step", at=2)
-    last = _stopped(la_seg(*fit))
+    stop = la_seg(*fit)
+    last = _stopped(stop)
+    assert "`weights_only` was not set" not in stop.err  # the stop's save says it keeps the full state
     checkpoint = tmp_path / "runs" / "demo" / "version_0" / "checkpoints" / "last.ckpt"
     assert "--ckpt_path runs/demo/version_0/checkpoints/last.ckpt" in last
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert state["global_step"] == 2 and state["epoch"] == 0
     result = la_seg(*fit, "--ckpt_path", str(checkpoint))  # the step counter is past its signal now
     assert result.code == 0, result.err[-3000:]
+    assert not _warned(recwarn, "The dirpath has changed"), "an absolute --ckpt_path keeps the run's record"
     assert len(steps) == 6, "resumed mid-epoch: epoch 0's last batch and epoch 1's three, none twice"
 
 
@@ -597,3 +600,31 @@ def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, synth_root):
     last = err.strip().splitlines()[-1]
     assert last.startswith("la-seg: stopped by SIGTERM") and "--ckpt_path" in last, last
     torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+# ---- Lightning's warnings that contradicted the manual -----------------------------------------------------
+def _warned(recwarn, text: str) -> list[str]:
+    return [str(w.message) for w in recwarn if text in str(w.message)]
+
+
+def test_predict_and_test_from_a_checkpoint_leave_its_run_record_alone(
+    la_seg, trained_checkpoint, tmp_path, synth_root, recwarn
+):
+    """Only a resumed fit reloads the run's checkpoint record: predict (no logger) and a test given the
+    checkpoint's absolute path resolve another checkpoint folder, where Lightning warned on every run."""
+    inputs = tmp_path / "in"
+    valid_image(inputs, "case0.nii.gz", 0)
+    assert la_seg(*predict(trained_checkpoint, inputs, tmp_path / "out")).code == 0
+    test = ["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", str(trained_checkpoint.absolute())]
+    assert la_seg(*test).code == 0
+    assert not _warned(recwarn, "The dirpath has changed")
+
+
+def test_the_demo_config_logs_within_an_epoch_of_the_readmes_smallest_data(la_seg, tmp_path, recwarn):
+    """README's other-scanner data (8 coarse cases) gives the demo config its shortest epochs."""
+    from la_seg.data.synthetic import write_dataset
+
+    write_dataset(tmp_path / "coarse_data", 8, 0, shape=(112, 96, 24), spacing=(1.3, 1.3, 4.0))
+    fit = ["fit", *TINY, "--data.root", "coarse_data", "--trainer.max_epochs", "1"]
+    assert la_seg(*fit).code == 0
+    assert not _warned(recwarn, "log_every_n_steps")
