@@ -382,7 +382,7 @@ def test_help_names_analyse_and_every_input(capsys):
             main(argv)
         assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "`la-seg analyse` (LA surface with its wall IIR map" in text
+    assert "analyse LA surface with its wall IIR map" in text
     assert "surface (.vtk and .ply with per-vertex IIR, .stl), pictures, analysis.{csv,json}." in text
     for option in ("--images", "--masks", "--ckpt_path", "--predict_config", "--shell.inner_mm"):
         assert option in text

@@ -211,10 +211,17 @@ def test_usage_lines_name_the_subcommand(command, capsys):
 
 
 def test_help_lists_every_subcommand_and_each_subcommand_has_its_own(capsys):
-    """Only the subcommand being run gets a parser (start-up time); help still shows them all."""
-    with pytest.raises(SystemExit):
+    """Only the subcommand being run gets a parser (start-up time); help still shows them all, one whole
+    sentence each."""
+    with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
-    assert "{fit,validate,test,predict}" in capsys.readouterr().out
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    every = ("fit", "validate", "test", "predict", "synth", "evaluate", "export-nnunet", "analyse")
+    assert out.startswith(f"usage: la-seg {{{','.join(every)}}} ...")
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert list(lines) == list(every)
+    assert all(line.endswith(".") and len(line) <= 100 for line in lines.values())
     for command in ("fit", "validate", "test", "predict"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
