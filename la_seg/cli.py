@@ -561,6 +561,7 @@ def synth(
     seed: int = 0,
     shape: tuple[int, int, int] = (160, 160, 40),
     spacing: tuple[float, float, float] = (0.625, 0.625, 2.5),
+    scar: float | None = None,
 ) -> None:
     """Write a LAScarQS-task-2-style tree of synthetic LGE-like volumes (LA label 420).
 
@@ -570,11 +571,13 @@ def synth(
         seed: random seed (same seed, same bytes).
         shape: volume shape (X, Y, Z), slices on the last axis.
         spacing: voxel spacing in mm.
+        scar: wall enhancement patches of known area (IIR about 1.7) over this share of the LA wall, times
+            0.5..1.5 per case; default: the wall's random patchy enhancement of unknown extent.
     """
     from la_seg.data.synthetic import write_dataset  # only `synth` needs it
 
     with FolderLock(out, "--out"):  # a second synth into `out` would pair its images with this one's labels
-        folders = write_dataset(Path(out), cases, seed, shape=tuple(shape), spacing=tuple(spacing))
+        folders = write_dataset(Path(out), cases, seed, shape=tuple(shape), spacing=tuple(spacing), scar=scar)
     print(f"Wrote {len(folders)} synthetic cases to {out}")
 
 

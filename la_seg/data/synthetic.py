@@ -18,7 +18,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import distance_transform_edt, gaussian_filter
+from skimage.measure import marching_cubes
 
 from la_seg.data.io import Geometry, write_nifti
 from la_seg.errors import DataError
@@ -34,6 +35,8 @@ _SIGNAL_SCALE = 600.0  # blood pool grey value, roughly a scanner's range
 # Grey values relative to blood (1.0) at the inversion time of an LGE scan: healthy myocardium nulled,
 # blood bright, enhanced (fibrotic) wall brighter still.
 _BLOOD, _MYOCARDIUM, _ENHANCED, _TISSUE, _LUNG = 1.0, 0.12, 1.4, 0.35, 0.06
+# `scar` patches: well above the dense-scar IIR (1.32), so blur, bias and noise keep them above it
+_SCAR = 2.2
 
 
 def synthesize_case(
@@ -42,6 +45,7 @@ def synthesize_case(
     spacing: tuple[float, float, float] = (0.625, 0.625, 2.5),
     partial_volume: bool = False,
     anatomy_fov_mm: float | None = None,
+    scar: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One phantom on a `shape` grid of `spacing` mm: image int16 (X, Y, Z) and label uint16 (LA = 420).
 
@@ -50,9 +54,10 @@ def synthesize_case(
     the label follows the partial-volume rule of manual labels: a voxel is LA when at least half of it is.
     Otherwise each voxel is sampled at its centre. `anatomy_fov_mm`: the heart is as large as in a field of
     view of this many mm whatever the grid covers (hearts do not grow with the scanner's field of view);
-    None scales it to the grid's smallest extent.
+    None scales it to the grid's smallest extent. `scar`: see _scar_patches; None keeps the LA wall's
+    random patchy enhancement of unknown extent.
     """
-    image, fraction = _synthesize(rng, shape, spacing, partial_volume, anatomy_fov_mm)
+    image, fraction, _ = _synthesize(rng, shape, spacing, partial_volume, anatomy_fov_mm, scar)
     return image, (fraction >= 0.5).astype(np.uint16) * LA_LABEL
 
 
@@ -69,6 +74,20 @@ def case_la_fraction(
     return _synthesize(_case_rng(seed, index), shape, spacing, True, anatomy_fov_mm)[1]
 
 
+def case_scar_fraction(
+    seed: int,
+    index: int,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    scar: float,
+    partial_volume: bool = False,
+    anatomy_fov_mm: float | None = None,
+) -> float:
+    """The true enhanced share (0..1) of the LA wall area in case `index` that write_dataset(seed, ...,
+    scar=scar) writes: what `la-seg analyse` should measure as its fibrosis and dense-scar fractions."""
+    return _synthesize(_case_rng(seed, index), shape, spacing, partial_volume, anatomy_fov_mm, scar)[2]
+
+
 def _case_rng(seed: int, index: int) -> np.random.Generator:
     """Case `index` of a data set depends only on (seed, index): a larger data set extends a smaller one."""
     return np.random.default_rng([seed, index])
@@ -80,8 +99,10 @@ def _synthesize(
     spacing: tuple[float, float, float],
     partial_volume: bool,
     anatomy_fov_mm: float | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """synthesize_case's image and the LA share of each voxel (0 or 1 without partial volume)."""
+    scar: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """synthesize_case's image, the LA share of each voxel (0 or 1 without partial volume) and the true
+    enhanced share of the wall area (None without `scar`)."""
     shape, spacing = _check_grid(shape, spacing)
     fov = np.array(shape) * np.array(spacing)
     reference_fov = float(fov.min()) if anatomy_fov_mm is None else float(anatomy_fov_mm)
@@ -112,10 +133,15 @@ def _synthesize(
     la = d_la < 0
     image[la] = _BLOOD
     wall = (d_la >= 0) & (d_la < la_wall)
-    enhanced = np.zeros_like(wall)  # patchy fibrosis: a smooth field thresholded, evaluated on the wall only
-    field = _smooth_field(rng, frame, wavelength=(8.0, 20.0), voxels=np.nonzero(wall))
-    enhanced[wall] = field > rng.uniform(0.1, 0.4)
-    image[enhanced] = _ENHANCED * _jitter(rng, 0.9, 1.1)
+    if scar is None:
+        enhanced = np.zeros_like(wall)  # patchy fibrosis: a smooth field thresholded on the wall only
+        field = _smooth_field(rng, frame, wavelength=(8.0, 20.0), voxels=np.nonzero(wall))
+        enhanced[wall] = field > rng.uniform(0.1, 0.4)
+        image[enhanced] = _ENHANCED * _jitter(rng, 0.9, 1.1)
+        scar_share = None
+    else:
+        enhanced, scar_share = _scar_patches(rng, frame, d_la, wall, scar)
+        image[enhanced] = _SCAR * _jitter(rng, 0.95, 1.05)
     fraction = la.astype(np.float32)
     if partial_volume:
         image = _block_mean(image, factor)
@@ -128,7 +154,50 @@ def _synthesize(
     real = image + noise * rng.standard_normal(shape, dtype=np.float32)
     image = np.hypot(real, noise * rng.standard_normal(shape, dtype=np.float32))  # Rician magnitude
     image = np.clip(np.rint(image * _SIGNAL_SCALE * _jitter(rng, 0.8, 1.2)), 0, np.iinfo(np.int16).max)
-    return image.astype(np.int16), fraction
+    return image.astype(np.int16), fraction, scar_share
+
+
+def _scar_patches(
+    rng: np.random.Generator, frame: _Frame, d_la: np.ndarray, wall: np.ndarray, scar: float
+) -> tuple[np.ndarray, float]:
+    """Wall enhancement of known area: the wall voxels to enhance and the enhanced share of the LA surface.
+
+    The case's target share is `scar` times a per-case factor 0.5..1.5 (at most 1). Patches are where a
+    smooth field (wavelengths 10-25 mm) on the LA surface (marching cubes of its signed distance) is above
+    the area-weighted quantile that leaves that share; a wall voxel is enhanced through the whole wall
+    thickness when the field is above it at its nearest LA voxel, so every normal through a patch meets it,
+    as `la-seg analyse` samples the wall.
+    """
+    if not 0.0 <= scar <= 1.0:
+        raise DataError(f"synthetic scar must be a share of the wall area in 0..1, got {scar}")
+    target = min(1.0, scar * rng.uniform(0.5, 1.5))
+    waves = [(rng.normal(size=3), rng.uniform(10.0, 25.0), rng.uniform(0, 2 * np.pi)) for _ in range(6)]
+
+    def field(points: np.ndarray) -> np.ndarray:  # anatomy mm (N, 3)
+        return sum(np.cos(2 * np.pi / w * points @ (k / np.linalg.norm(k)) + p) for k, w, p in waves)
+
+    near = np.nonzero(d_la < _MARGIN_MM)  # the LA and its wall, with room around them
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in near)
+    origin = np.array([b.start for b in box])
+    verts, faces, _, _ = marching_cubes(d_la[box], level=0.0, spacing=frame.spacing)
+    world = verts + (origin - (np.array(frame.shape) - 1) / 2) * frame.spacing
+    surface = field((world - frame.shift) @ frame.rotation / frame.scale)
+    triangle = np.cross(world[faces[:, 1]] - world[faces[:, 0]], world[faces[:, 2]] - world[faces[:, 0]])
+    areas = np.zeros(len(world))
+    np.add.at(areas, faces, np.repeat(np.linalg.norm(triangle, axis=1)[:, None] / 6.0, 3, axis=1))
+    order = np.argsort(-surface)
+    covered = np.cumsum(areas[order]) / areas.sum()
+    above = order[: int(np.searchsorted(covered, target - 1e-9)) + 1] if target > 0 else order[:0]
+    threshold = surface[above].min() if len(above) else np.inf
+    share = float(areas[surface >= threshold].sum() / areas.sum())
+
+    _, nearest = distance_transform_edt(d_la[box] >= 0, sampling=frame.spacing, return_indices=True)
+    in_wall = np.nonzero(wall[box])
+    la_voxel = [nearest[axis][in_wall] + origin[axis] for axis in range(3)]
+    enhanced = np.zeros_like(wall)
+    wall_voxels = tuple(i + o for i, o in zip(in_wall, origin, strict=True))
+    enhanced[wall_voxels] = field(frame.at(la_voxel)) >= threshold
+    return enhanced, share
 
 
 def write_dataset(
@@ -140,14 +209,15 @@ def write_dataset(
     partial_volume: bool = False,
     anatomy_fov_mm: float | None = None,
     prefix: str = "train_",
+    scar: float | None = None,
 ) -> list[Path]:
     """Write `cases` phantoms as out/train_1..train_N/{enhanced,atriumSegImgMO}.nii.gz and return the folders.
 
     Case i depends only on (seed, i) (`_case_rng`), so a larger data set extends a smaller one. Each case
     folder appears complete (written beside, then renamed). Existing non-empty case folders are kept when they
     hold what these settings give (an interrupted run rerun, or more cases) and refused otherwise, rather
-    than overwritten. `partial_volume` and `anatomy_fov_mm`: see synthesize_case; `prefix` names the case
-    folders (`<prefix><i>`).
+    than overwritten. `partial_volume`, `anatomy_fov_mm` and `scar`: see synthesize_case (case_scar_fraction
+    gives each case's true enhanced share); `prefix` names the case folders (`<prefix><i>`).
     """
     out = Path(out)
     if cases < 1:
@@ -158,10 +228,11 @@ def write_dataset(
     affine = np.eye(4)
     affine[:3, :3] = np.diag(spacing)
     affine[:3, 3] = origin
+    settings = (shape, spacing, partial_volume, anatomy_fov_mm, scar)
     made = {}
     for i, folder in enumerate(folders, start=1):  # checked before anything is written
         if folder.is_dir() and any(folder.iterdir()):
-            made[i] = synthesize_case(_case_rng(seed, i), shape, spacing, partial_volume, anatomy_fov_mm)
+            made[i] = synthesize_case(_case_rng(seed, i), *settings)
             if not _holds(folder, made[i], affine):
                 raise DataError(
                     f"refusing to overwrite the non-empty case folder {folder}: it holds other data than "
@@ -170,7 +241,7 @@ def write_dataset(
     for i, folder in enumerate(folders, start=1):
         if i in made:
             continue  # complete (renamed into place whole) and of these settings
-        image, label = synthesize_case(_case_rng(seed, i), shape, spacing, partial_volume, anatomy_fov_mm)
+        image, label = synthesize_case(_case_rng(seed, i), *settings)
         staging = out / f".{folder.name}.partial"  # a killed run's is replaced
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -248,6 +319,10 @@ class _Frame:
             terms[0][box[0], None, None] + terms[1][None, box[1], None] + terms[2][None, None, box[2]]
             for terms in self.terms
         ]
+
+    def at(self, voxels: list[np.ndarray]) -> np.ndarray:
+        """Anatomy coordinates (N, 3) of the voxels at the index arrays `voxels`."""
+        return np.stack([sum(terms[row][voxels[row]] for row in range(3)) for terms in self.terms], axis=-1)
 
     def box(self, low: np.ndarray, high: np.ndarray) -> tuple[slice, slice, slice]:
         """The grid box holding the anatomy-space box [low, high] (empty slices where it misses the grid)."""

@@ -163,3 +163,16 @@ def test_anatomy_in_mm_keeps_the_heart_size_across_geometries():
 def test_prefix_names_the_case_folders(tmp_path):
     folders = write_dataset(tmp_path, cases=1, seed=0, shape=SMALL, prefix="C_")
     assert [f.name for f in folders] == ["C_1"]
+
+
+def test_scar_patches_replace_the_wall_enhancement_and_keep_the_label():
+    """`scar` changes the wall only: same LA label; 0 leaves no enhanced wall; each case has its own share."""
+    plain_image, plain_label = synthesize_case(np.random.default_rng([4, 1]), shape=SMALL)
+    clean_image, clean_label = synthesize_case(np.random.default_rng([4, 1]), shape=SMALL, scar=0.0)
+    np.testing.assert_array_equal(plain_label, clean_label)
+    assert clean_image.max() < plain_image.max()  # no wall brighter than blood
+    shares = [synthetic.case_scar_fraction(4, i, SMALL, (0.625, 0.625, 2.5), scar=0.2) for i in (1, 2, 3)]
+    assert all(0.1 <= share <= 0.3 for share in shares) and len(set(shares)) == 3
+    assert synthetic.case_scar_fraction(4, 1, SMALL, (0.625, 0.625, 2.5), scar=0.0) == 0.0
+    with pytest.raises(DataError, match="scar"):
+        synthesize_case(np.random.default_rng(0), shape=SMALL, scar=1.5)
