@@ -200,6 +200,23 @@ class FolderLock:
         self.release()
 
 
+@contextmanager
+def claim_output_folder(
+    out: Path, inputs: Iterable[Path | None], outputs: Iterable[Path], overwrite: bool, what: str
+) -> Iterator[None]:
+    """`--out` taken for one run of a command that writes a report into a folder: never an input nor a file,
+    held by this run alone (FolderLock), and its earlier `outputs` (`what`: "report", ...) kept unless
+    `overwrite`; they are looked for only once the folder is held."""
+    refuse_writing_into_inputs(out, inputs, "--out")
+    if out.is_file():
+        raise DataError(f"--out {out} is a file; give a folder")
+    with FolderLock(out, "--out"):
+        existing = [str(path) for path in outputs if path.exists()]
+        if existing and not overwrite:
+            raise DataError(f"{what} files exist: {existing}; pass --overwrite true or choose another --out")
+        yield
+
+
 def _holder(lock_file: Path) -> str:
     """Who holds `lock_file`, as its holder wrote it (empty while the holder is starting)."""
     try:

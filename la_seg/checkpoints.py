@@ -497,16 +497,17 @@ def input_spec(checkpoint: dict) -> InputSpec:
     )
 
 
-def check_member_input(checkpoint: dict, first: dict[str, Any]) -> None:
-    """An ensemble member must have been trained on volumes read as the first member's (`first`: its
-    SHARED_INPUT_FIELDS): the data are read, laid out and normalised once for all members."""
-    trained = network_settings(checkpoint)
+def check_member_input(checkpoint: dict, first: InputSpec) -> None:
+    """An ensemble member must have been trained on volumes read as the first member's (their
+    SHARED_INPUT_FIELDS agree): the data are read, laid out and normalised once for all members."""
+    trained = input_spec(checkpoint)
     for field in SHARED_INPUT_FIELDS:
-        if trained[field] != first[field]:
+        if getattr(trained, field) != getattr(first, field):
+            ours, theirs = getattr(trained, field), getattr(first, field)
             raise DataError(
-                f"{_name(checkpoint)} was trained with data.{field} {trained[field]}, the ensemble's first "
-                f"member with {first[field]}: an ensemble's members share how volumes are read; ensemble "
-                "models trained with one setting"
+                f"{_name(checkpoint)} was trained with data.{field} {ours}, the ensemble's first member with "
+                f"{theirs}: an ensemble's members share how volumes are read; ensemble models trained with "
+                "one setting"
             )
 
 

@@ -43,7 +43,6 @@ from la_seg.checkpoints import (
     CALIBRATED_FIELDS,
     INPUT_DEFAULTS,
     NETWORK_FIELDS,
-    SHARED_INPUT_FIELDS,
     DataOnlyCheckpointIO,
     SameCheckpointOnEveryRank,
     best_validation_dice,
@@ -283,7 +282,7 @@ class LASegCLI(LightningCLI):
                 checkpoint = self.preloaded.pop(path, None) or load_checkpoint(path)
                 augmentation = training_augmentation(checkpoint)
                 check_tta_trained(self.model.hparams.tta, augmentation, f"checkpoint {path}")
-                check_member_input(checkpoint, {f: self.model.hparams[f] for f in SHARED_INPUT_FIELDS})
+                check_member_input(checkpoint, self.model.input_spec)
                 warn_if_low_dice(checkpoint, path, self.model.plausibility.min_val_dice)
                 self.model.add_member(load_member(path, weights, checkpoint))
 
@@ -571,8 +570,8 @@ def synth(
         seed: random seed (same seed, same bytes).
         shape: volume shape (X, Y, Z), slices on the last axis.
         spacing: voxel spacing in mm.
-        scar: wall enhancement patches of known area (IIR about 1.7) over this share of the LA wall, times
-            0.5..1.5 per case; default: the wall's random patchy enhancement of unknown extent.
+        scar: wall enhancement patches of known area (IIR about 2.2 before blur) over this share of the LA
+            wall, times 0.5..1.5 per case; default: the wall's random patchy enhancement of unknown extent.
     """
     from la_seg.data.synthetic import write_dataset  # only `synth` needs it
 

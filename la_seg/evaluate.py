@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import la_seg
-from la_seg.atomic import FolderLock, refuse_writing_into_inputs
+from la_seg.atomic import claim_output_folder
 from la_seg.callbacks.writer import COMPANION_SUFFIXES
 from la_seg.data.io import AFFINE_TOLERANCE_MM, Volume, read_image, read_label
 from la_seg.data.layouts import Layout, find_cases
@@ -83,13 +83,8 @@ def evaluate(
     references = find_references(ref, ref_layout)
     pairs = match_cases(predictions, references, missing, pred, ref)
     out_dir = Path(out).expanduser() if out is not None else _beside(pred)
-    refuse_writing_into_inputs(out_dir, (pred, ref), "--out")
-    if out_dir.is_file():
-        raise DataError(f"--out {out_dir} is a file; give a folder")
-    with FolderLock(out_dir, "--out"):  # held before the existing report is looked for: one run at a time
-        existing = [str(path) for path in (out_dir / f"{REPORT_STEM}{s}" for s in SUFFIXES) if path.exists()]
-        if existing and not overwrite:
-            raise DataError(f"report files exist: {existing}; pass --overwrite true or choose another --out")
+    reports = [out_dir / f"{REPORT_STEM}{suffix}" for suffix in SUFFIXES]
+    with claim_output_folder(out_dir, (pred, ref), reports, overwrite, "report"):
         return _score_and_report(pred, ref, out_dir, pairs, references, metrics, label, missing, plausibility)
 
 

@@ -32,7 +32,7 @@ from la_seg.analysis.wall import (
     vertex_areas,
     wall_iir,
 )
-from la_seg.atomic import FolderLock, refuse_writing_into_inputs, write_csv, write_json
+from la_seg.atomic import claim_output_folder, write_csv, write_json
 from la_seg.callbacks.writer import COMPANION_SUFFIXES
 from la_seg.data.io import Volume, read_image, read_label
 from la_seg.data.layouts import Case, Layout, find_cases
@@ -97,15 +97,8 @@ def analyse(
             "--predict_config needs --ckpt_path: it configures the predict run --ckpt_path starts"
         )
     cases = find_cases(images, layout, require_labels=masks is None and ckpt_path is None)
-    refuse_writing_into_inputs(out, (images, masks), "--out")
-    if out.is_file():
-        raise DataError(f"--out {out} is a file; give a folder")
-    with FolderLock(out, "--out"):  # one run at a time; killed runs' temp files are removed
-        existing = [str(p) for p in (out / f"{STEM}.csv", out / f"{STEM}.json") if p.exists()]
-        if existing and not overwrite:
-            raise DataError(
-                f"analysis files exist: {existing}; pass --overwrite true or choose another --out"
-            )
+    tables = [out / f"{STEM}.csv", out / f"{STEM}.json"]
+    with claim_output_folder(out, (images, masks), tables, overwrite, "analysis"):
         if ckpt_path is not None:
             masks = out / PREDICTED
             _predict(images, ckpt_path, masks, predict_config, overwrite)

@@ -136,8 +136,8 @@ def _stored_entry(image_file: Path, label_file: Path | None, meta_file: Path) ->
     """A disk entry, memory-mapped, checked against its geometry: a truncated file, an object array or one of
     another shape or type (a damaged or replaced entry) raises instead of feeding wrong voxels."""
     geometry = _geometry_from_json(json.loads(meta_file.read_text()))
-    axes, _ = geometry.slices_last_layout()
-    shape = (geometry.shape[axes[2]], geometry.shape[axes[0]], geometry.shape[axes[1]])
+    x, y, z = geometry.slices_last_shape
+    shape = (z, x, y)  # slices first
     arrays = []
     for path, dtype in ((image_file, np.float16), (label_file, np.uint8)):
         array = np.load(path, mmap_mode="r", allow_pickle=False) if path is not None else None

@@ -121,6 +121,12 @@ class Geometry:
         axes, _ = self.slices_last_layout()
         return tuple(self.spacing[a] for a in axes)  # type: ignore[return-value]
 
+    @property
+    def slices_last_shape(self) -> tuple[int, int, int]:
+        """`shape` in the slices-last layout."""
+        axes, _ = self.slices_last_layout()
+        return tuple(self.shape[a] for a in axes)  # type: ignore[return-value]
+
     def to_slices_last(self, array: ArrayT) -> ArrayT:
         """A (numpy or torch) array in the file's axis order, in the model's layout (a contiguous copy where
         axes move or flip, so torch.from_numpy takes it)."""

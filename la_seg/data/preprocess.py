@@ -183,9 +183,8 @@ class InputSpec:
     def volume_grid(self, geometry: Geometry) -> SliceGrid:
         """`grid` of the volume `geometry` describes; a spacing that cannot be resampled is refused naming
         the file (slice_grid alone does not know it)."""
-        axes, _ = geometry.slices_last_layout()
         try:
-            return self.grid([geometry.shape[a] for a in axes], geometry.slices_last_spacing)
+            return self.grid(geometry.slices_last_shape, geometry.slices_last_spacing)
         except DataError as error:
             raise DataError(f"{geometry.source}: {error}") from None
 
