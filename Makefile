@@ -8,9 +8,14 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # Reinstall only when the dependency list changes, so a second `make install` is quick.
+# TORCH_INDEX: a wheel index to take torch from first, e.g. https://download.pytorch.org/whl/cpu for a
+# CPU-only torch without the CUDA libraries; empty: pip's default torch.
+TORCH_INDEX ?=
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/pip install -q torch torchvision --index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -10,3 +10,5 @@ LA_SEG=.venv/bin/la-seg
 pages=$(ls -t runs/demo/version_*/test_*.html)
 page=${pages%%$'\n'*}
 echo "QC page (open in a browser): $PWD/$page"
+echo "Run folder (checkpoints, split.json, config, TensorBoard events, test report): $PWD/$(dirname "$page")"
+echo "Phantoms: $PWD/demo_data   TensorBoard: .venv/bin/tensorboard --logdir runs"

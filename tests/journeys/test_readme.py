@@ -1,5 +1,6 @@
-"""README is executable: every shell block of README.md runs here, command by command, on small synthetic
-data, and its Python snippet runs on what those commands wrote.
+"""README and docs/ are executable: every shell block of README.md and then of each docs/ page runs here,
+command by command, in one working folder (a page's commands may use what README's wrote), on small synthetic
+data, and their Python snippets run on what those commands wrote.
 
 Substitutions (real data and hardware -> this test):
 
@@ -12,6 +13,7 @@ Substitutions (real data and hardware -> this test):
 | --config giant.yaml                      | demo.yaml with a tiny ViT, 1 short epoch, logger name giant |
 | /models/dinov2_vitg14_pretrain.pth       | random weights of that tiny ViT, saved as a file            |
 | $nnUNet_raw                              | `nnunet_raw`                                                |
+| `la-seg analyse` of LAScarQS-size atria  | `--blood_pool.erosion_mm 1`: these phantoms' atria hold 1-3 mL |
 | nnunet_pred (nnU-Net's predictions)      | the exported reference labels (a perfect stand-in)          |
 
 Skipped, saying so: `make` (CI runs `make test`; `make demo` is the demo), `tensorboard` (a viewer), and
@@ -32,7 +34,10 @@ import torch
 from la_seg.data.synthetic import write_dataset
 from tests.journeys.conftest import TINY
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REPOSITORY = Path(__file__).resolve().parents[2]
+README = REPOSITORY / "README.md"
+# README first, then the reference pages in a fixed order
+DOCUMENTS = [README, *sorted((REPOSITORY / "docs").glob("*.md"))]
 SKIPPED = {
     "make": "CI runs `make test`; `make demo` is the demo itself",
     "tensorboard": "a viewer, nothing to check",
@@ -86,6 +91,8 @@ def substitute(argv: list[str]) -> list[str]:
         for real, here in PATHS.items():
             word = word.replace(real, here)
         out.append("data" if word == "..." else word)
+    if out[0] == "analyse":  # the sandbox's small phantoms: 3 mm of erosion would leave no blood pool
+        out += ["--blood_pool.erosion_mm", "1"]
     if "--config" in out and out[out.index("--config") + 1] == "giant.yaml":
         at = out.index("--config")
         tiny = [*TINY_MODEL, "--trainer.logger.init_args.name", "giant"]
@@ -128,9 +135,10 @@ def run_block(la_seg, block: str, sandbox: Path, skipped: list[str]) -> None:
         la_seg(*argv)
 
 
-def test_every_readme_shell_block_runs(la_seg, sandbox):
-    blocks = shell_blocks(README.read_text())
-    assert len(blocks) >= 4, "README lost its command blocks?"
+def test_every_readme_and_docs_shell_block_runs(la_seg, sandbox):
+    text = "\n".join(document.read_text() for document in DOCUMENTS)
+    blocks = shell_blocks(text)
+    assert len(shell_blocks(README.read_text())) >= 3, "README lost its command blocks?"
     skipped: list[str] = []
     first, *others = blocks
     run_block(la_seg, first, sandbox, skipped)  # make demo / make test
@@ -142,8 +150,14 @@ def test_every_readme_shell_block_runs(la_seg, sandbox):
     assert (sandbox / "runs" / "giant" / "fold_4").is_dir() and (sandbox / "laseg_pred_evaluation").is_dir()
     assert {line.split(":")[0] for line in skipped} == set(SKIPPED)  # each skip is one README really has
 
-    # the Python snippet, on the fold runs the commands above wrote
-    snippet = re.search(r"```python\n(.*?)```", README.read_text(), flags=re.S).group(1)
-    scope: dict = {}
-    exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102 (our own README)
-    assert scope["result"].mask.shape == scope["image"].shape
+    assert (sandbox / "analysis" / "analysis.csv").is_file()
+
+    # the Python snippets, on the fold runs the commands above wrote
+    python = re.compile(r"```python\n(.*?)```", re.S)
+    snippets = [(doc, code) for doc in DOCUMENTS for code in python.findall(doc.read_text())]
+    assert snippets, "the docs lost their Python example?"
+    for document, snippet in snippets:
+        scope: dict = {}
+        exec(compile(snippet, str(document.relative_to(REPOSITORY)), "exec"), scope)  # noqa: S102 (our own docs)
+        if "result" in scope:  # the ensemble example
+            assert scope["result"].mask.shape == scope["image"].shape
