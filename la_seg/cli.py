@@ -133,22 +133,19 @@ def run(argv: list[str], from_command_line: bool) -> None:
 
 
 def run_function(name: str, args: list[str]) -> None:
-    """Parse `args` for the function of `la-seg name` (jsonargparse: options from its signature, help from its
-    docstring) and call it."""
-    from jsonargparse import auto_parser
+    """Run the function of `la-seg name` through jsonargparse (options from its signature, help from its
+    docstring); an unknown option names the nearest known one."""
+    from jsonargparse import CLI, capture_parser
 
     command = function_command(name)
-    parser = auto_parser(
-        command, as_positional=False, prog=f"la-seg {name}", exit_on_error=False, allow_abbrev=False
-    )
-    try:
-        arguments = parser.instantiate(parser.parse_args(args))
-    except ArgumentError as error:
-        raise with_nearest_option(error, [parser]) from None
-    arguments.pop("config", None)
     if "torch" in sys.modules:  # one torch thread per available core; a command without torch needs none
         configure_threads()
-    command(**arguments)
+    parser = {"prog": f"la-seg {name}", "exit_on_error": False, "allow_abbrev": False}
+    try:
+        CLI(command, args=args, as_positional=False, **parser)
+    except ArgumentError as error:  # the parser again, built only to list its options (no parsing, no run)
+        options = capture_parser(lambda: CLI(command, args=args, as_positional=False, **parser))
+        raise with_nearest_option(error, [options]) from None
 
 
 def function_command(name: str) -> Callable[..., None]:
