@@ -18,7 +18,7 @@ and to its exit, beside `python -c "import torch"` as the floor: `--help`, optio
 subcommand's and fit's), `synth` of two small cases, `predict` of one 112x96x24 volume with a demo-sized
 checkpoint (fitted once, one step, not timed), `evaluate` of that mask and `export-nnunet` of a small set.
 Runs alternate over commands, so a drifting load hits them alike; the CPU and the load average before and
-after are recorded.
+after are recorded. With `--pythonpath DIR` the commands run from that checkout (one per call).
 """
 
 from __future__ import annotations
@@ -211,7 +211,8 @@ def measure_commands(args: argparse.Namespace) -> dict:
     """`--commands`: every command's median time to its first line and to its exit, over `repeats` runs."""
     from la_seg.runtime import cpu_model
 
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    checkout = (args.pythonpath or [REPO])[0].resolve()  # one checkout per call: before / after in turn
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
     before = load_now()
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="la-seg-startup-") as tmp:
@@ -241,7 +242,7 @@ def measure_commands(args: argparse.Namespace) -> dict:
         "cpu_cores_available": len(os.sched_getaffinity(0)),
         "load_before": before,
         "load_after": load_now(),
-        **describe_checkout(REPO),
+        **describe_checkout(checkout),
         "commands": commands,
     }
 

@@ -6,6 +6,7 @@ measures that)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -77,6 +78,16 @@ def test_evaluate_and_export_answer_without_the_model_stack(tmp_path, cases):
 def test_predict_refuses_writing_into_its_input_before_reading_the_checkpoint(tmp_path, cases):
     """The output folder is checked first: the checkpoint named does not even exist."""
     argv = ["predict", "--config", "demo.yaml", "--ckpt_path", str(tmp_path / "missing.ckpt")]
-    _, output = loaded_by([*argv, "--data.predict_root", str(cases), "--writer.output_dir", str(cases)], tmp_path)
+    argv += ["--data.predict_root", str(cases), "--writer.output_dir", str(cases)]
+    _, output = loaded_by(argv, tmp_path)
     assert "--writer.output_dir" in output and "never writes into its input" in output
     assert "missing.ckpt" not in output
+
+
+def test_the_benchmark_times_the_first_line_apart_from_the_exit(load_benchmark, tmp_path):
+    """benchmarks/startup.py --commands: the first line (stderr counts) is timed apart from the exit."""
+    timed = load_benchmark("startup").timed
+    script = "import sys, time; print('first', file=sys.stderr, flush=True); time.sleep(1.0); print('last')"
+    result = timed([sys.executable, "-c", script], tmp_path, dict(os.environ))
+    assert result["first_line"] == "first" and result["output_tail"] == "last" and result["status"] == 0
+    assert result["exit_s"] - result["first_line_s"] >= 0.9
