@@ -102,8 +102,10 @@ class LASegCLI(LightningCLI):
         if self.held_ckpt_path is not None:
             config.ckpt_path = self.held_ckpt_path
         if self.subcommand == "predict":  # never into the input: refused before the checkpoint is read
-            data = config.data
-            check_output_dir(config.writer.output_dir or None, [data.predict_root, data.root, data.test_root])
+            roots = [config.data[field] for field in ("predict_root", "root", "test_root")]
+            # a root that is neither file nor folder (a FIFO) is the data module's to refuse, naming it
+            inputs = [root for root in roots if root and (Path(root).is_dir() or Path(root).is_file())]
+            check_output_dir(config.writer.output_dir or None, inputs)
         apply_cpu_precision(config.trainer, self.given_options)
         self.checkpoints = apply_checkpoint_rule(config, self.subcommand, self.given_options)
         resolved = self.checkpoints
