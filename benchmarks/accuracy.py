@@ -56,6 +56,7 @@ from la_seg.data.io import read_label
 from la_seg.data.synthetic import case_la_fraction, write_dataset
 from la_seg.errors import DataError
 from la_seg.inference import check_tta_trained
+from la_seg.runs import checkpoint_in, version_folder_of, versions
 
 RESULTS = Path(__file__).parent / "results"
 GEOMETRIES = {  # prefix: (shape, spacing mm)
@@ -128,8 +129,7 @@ def fit(work: Path, args: argparse.Namespace, data: list[str]) -> Path:
     """`la-seg fit`; the run's best checkpoint."""
     progress(f"la-seg fit {args.config} {' '.join(args.options)}")
     la_seg(["fit", "--config", args.config, *QUIET, *logger_options(work, args), *data, *args.options])
-    runs = sorted((work / "runs" / args.name).glob("version_*"), key=lambda p: int(p.name[8:]))
-    return runs[-1] / "checkpoints" / "best.ckpt"
+    return checkpoint_in(versions(work / "runs" / args.name)[-1], "best")
 
 
 def fit_folds(work: Path, args: argparse.Namespace) -> Path:
@@ -167,7 +167,7 @@ def fold_data(work: Path, args: argparse.Namespace) -> list[str]:
 
 def run_folder(ckpt: Path) -> Path:
     """Where `test` of `ckpt` reports: under the checkpoint's run, or under an ensemble's folder of runs."""
-    return ckpt if ckpt.is_dir() else ckpt.parent.parent
+    return ckpt if ckpt.is_dir() else version_folder_of(ckpt) or ckpt.parent.parent
 
 
 def test(work: Path, args: argparse.Namespace, ckpt: Path, data: list[str], extra: list[str]) -> dict:

@@ -37,7 +37,7 @@ from throughput import compute_dtype  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from la_seg.cli import resolve_config_paths  # noqa: E402
+from la_seg.config_file import resolve_config_paths  # noqa: E402
 from la_seg.data.preprocess import InputSpec  # noqa: E402
 from la_seg.inference import Ensemble, EnsembleMember  # noqa: E402
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig  # noqa: E402

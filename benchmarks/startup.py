@@ -4,6 +4,7 @@
     python benchmarks/startup.py --json benchmarks/results/startup_cpu.json      # giant, ~4.5 GB weights
     python benchmarks/startup.py --backbone vit_small_patch14_dinov2 --backbone-kwargs '{"depth": 4}'
     python benchmarks/startup.py --pythonpath /tmp/la-seg-base --pythonpath .   # before / after
+    python benchmarks/startup.py --commands --repeats 3 --json benchmarks/results/startup_commands.json
 
 Each run is a fresh `python -m la_seg.cli predict --config giant.yaml` process with a local weights file
 (random weights written once to a cache path), on one volume with few slices so the forward passes stay short.
@@ -11,6 +12,13 @@ The forward time comes from the run itself: a Lightning callback (added with `--
 each predict batch. Everything else, imports, building the model, loading weights, reading and writing files,
 is the startup overhead. With several `--pythonpath` checkouts the runs alternate (a, b, a, b, ...), so a
 drifting load hits them alike. Target: at most 10 s on CPU.
+
+`--commands` measures what a user meets first (issue 28): each command's seconds to its first output line
+and to its exit, beside `python -c "import torch"` as the floor: `--help`, option typos (a plain
+subcommand's and fit's), `synth` of two small cases, `predict` of one 112x96x24 volume with a demo-sized
+checkpoint (fitted once, one step, not timed), `evaluate` of that mask and `export-nnunet` of a small set.
+Runs alternate over commands, so a drifting load hits them alike; the CPU and the load average before and
+after are recorded. With `--pythonpath DIR` the commands run from that checkout (one per call).
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs per checkout (the median is reported)")
     p.add_argument("--python", default=sys.executable, help="the interpreter of the runs")
     p.add_argument("--json", type=Path, default=None, help="write the results here (also printed)")
+    p.add_argument("--commands", action="store_true", help="time every command's first line and exit instead")
     p.add_argument("overrides", nargs="*", help="further la-seg predict options, after `--`")
     args = p.parse_args(argv)
     if args.slices < 1 or args.repeats < 1 or min(args.shape) < 1:
@@ -130,9 +139,127 @@ def describe_checkout(checkout: Path) -> dict:
     return {"pythonpath": str(checkout), "commit": commit.stdout.strip() or None}
 
 
+def timed(command: list[str], cwd: Path, env: dict) -> dict:
+    """Seconds from start to the first line the process prints (stdout or stderr) and to its exit."""
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    first = process.stdout.readline()
+    first_line_s = time.perf_counter() - start
+    rest = process.stdout.read()
+    status = process.wait()
+    exit_s = time.perf_counter() - start
+    lines = (first + rest).strip().splitlines() or [""]
+    return {
+        "first_line_s": first_line_s,
+        "exit_s": exit_s,
+        "status": status,
+        "first_line": first.strip()[:120],
+        "output_tail": lines[-1][:200],
+    }
+
+
+def prepare_commands(args: argparse.Namespace, work: Path, env: dict) -> dict[str, Path]:
+    """Data and a one-step demo-sized checkpoint (not timed)."""
+    la_seg = [args.python, "-m", "la_seg.cli"]
+    data, one = work / "data", work / "one"
+    steps = [
+        [*la_seg, "synth", "--out", str(data), "--cases", "8", "--shape", "[48, 44, 12]",
+         "--spacing", "[1.6, 1.6, 4]"],
+        [*la_seg, "synth", "--out", str(one), "--cases", "1", "--shape", "[112, 96, 24]", "--seed", "3"],
+        [*la_seg, "fit", "--config", "demo.yaml", "--data.root", str(data), "--trainer.max_epochs", "1",
+         "--trainer.limit_train_batches", "1", "--data.num_workers", "0",
+         "--trainer.enable_progress_bar", "false"],
+    ]  # fmt: skip
+    for step in steps:
+        done = subprocess.run(step, cwd=work, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"startup.py: preparing failed: {' '.join(step)}\n{done.stderr[-2000:]}")
+    from la_seg.runs import find_checkpoint
+
+    return {"data": data, "one": one, "ckpt": find_checkpoint(work / "runs" / "demo", "last")}
+
+
+def command_lines(args: argparse.Namespace, work: Path, prepared: dict[str, Path], index: int) -> dict:
+    """Each timed command, writing into fresh folders of run `index`."""
+    la_seg = [args.python, "-m", "la_seg.cli"]
+    masks = work / f"masks_{index}"
+    return {
+        "import torch (floor)": [args.python, "-c", "import torch; print(torch.__version__)"],
+        "--help": [*la_seg, "--help"],
+        "option typo (synth --outt)": [*la_seg, "synth", "--outt", "x"],
+        "option typo (fit --data.rooot)": [*la_seg, "fit", "--config", "demo.yaml", "--data.rooot", "x"],
+        "synth 2 cases 112x96x24": [*la_seg, "synth", "--out", str(work / f"synth_{index}"), "--cases", "2",
+                                    "--shape", "[112, 96, 24]"],
+        "predict 1 volume 112x96x24": [*la_seg, "predict", "--config", "demo.yaml", "--ckpt_path",
+                                       str(prepared["ckpt"]), "--data.predict_root", str(prepared["one"]),
+                                       "--writer.output_dir", str(masks), "--data.num_workers", "0"],
+        "evaluate 1 case": [*la_seg, "evaluate", "--pred", str(masks), "--ref", str(prepared["one"]),
+                            "--out", str(work / f"evaluate_{index}")],
+        "export-nnunet 8 cases": [*la_seg, "export-nnunet", "--data.root", str(prepared["data"]),
+                                  "--out", str(work / f"nnunet_{index}")],
+    }  # fmt: skip
+
+
+def load_now() -> dict:
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return {"load_average": list(os.getloadavg()), "uptime": uptime}
+
+
+def measure_commands(args: argparse.Namespace) -> dict:
+    """`--commands`: every command's median time to its first line and to its exit, over `repeats` runs."""
+    from la_seg.runtime import cpu_model
+
+    checkout = (args.pythonpath or [REPO])[0].resolve()  # one checkout per call: before / after in turn
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    before = load_now()
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="la-seg-startup-") as tmp:
+        work = Path(tmp)
+        prepared = prepare_commands(args, work, env)
+        for repeat in range(args.repeats):
+            for name, command in command_lines(args, work, prepared, repeat).items():
+                result = timed(command, work, env)
+                runs.setdefault(name, []).append(result)
+                took = f"first line {result['first_line_s']:.2f} s, exit {result['exit_s']:.2f} s"
+                print(f"[startup] {name}: {took} (status {result['status']})", file=sys.stderr, flush=True)
+    commands = {
+        name: {
+            "first_line_s": statistics.median(r["first_line_s"] for r in measured),
+            "exit_s": statistics.median(r["exit_s"] for r in measured),
+            "statuses": sorted({r["status"] for r in measured}),
+            "first_line": measured[-1]["first_line"],
+            "output_tail": measured[-1]["output_tail"],
+            "runs": [{k: r[k] for k in ("first_line_s", "exit_s")} for r in measured],
+        }
+        for name, measured in runs.items()
+    }
+    return {
+        "mode": "commands",
+        "repeats": args.repeats,
+        "cpu_model": cpu_model(),
+        "cpu_cores_available": len(os.sched_getaffinity(0)),
+        "load_before": before,
+        "load_after": load_now(),
+        **describe_checkout(checkout),
+        "commands": commands,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+    if args.commands:
+        from la_seg.atomic import atomic_write_text
+
+        report = measure_commands(args)
+        text = json.dumps(report, indent=2)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.json, text + "\n")
+        print(text)
+        return report
     from random_weights import ensure_random_weights
 
     from la_seg.atomic import atomic_write_text

@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--warmup must be >= 0")
     if min(args.volume_shape) < 1:
         p.error(f"--volume-shape must be positive, got {args.volume_shape}")
-    from la_seg.cli import CONFIG_DIR, resolve_config_paths
+    from la_seg.config_file import CONFIG_DIR, resolve_config_paths
 
     args.config_path = resolve_config_paths(["--config", args.config])[1]  # before any data is written
     if not Path(args.config_path).is_file():
@@ -133,8 +133,8 @@ def cli_args(args: argparse.Namespace, workdir: Path, total_steps: int) -> list[
 
 def build(args: argparse.Namespace, workdir: Path, total_steps: int):
     """(module, datamodule, trainer) exactly as `la-seg fit` builds them, less checkpointing and stopping."""
-    from la_seg.cli import LASegCLI
     from la_seg.data.datamodule import LADataModule
+    from la_seg.lightning_cli import LASegCLI
     from la_seg.module import LASegModule
 
     cli = LASegCLI(LASegModule, LADataModule, run=False, args=cli_args(args, workdir, total_steps))

@@ -24,6 +24,7 @@ import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
+from la_seg import runs
 from la_seg.atomic import atomic_path, loader_worker_ends_ignored
 from la_seg.data.preprocess import INPUT_FIELDS, InputSpec
 from la_seg.distributed import reported_elsewhere
@@ -275,7 +276,6 @@ def _source(record: dict) -> str:
 
 
 # ---- the checkpoints that --ckpt_path names ---------------------------------------------------------------
-FOLD_RUN = re.compile(r"fold_(\d+)")
 DATAMODULE_KEY = "LADataModule"  # where Lightning stores the data module's state (its split) in a checkpoint
 
 
@@ -302,16 +302,12 @@ def run_folder_checkpoints(folder: Path) -> list[Path]:
     """The best.ckpt of each run in `folder`: its cross-validation's `fold_N` folders (each fold's latest
     `version_*` with a best.ckpt, by fold), else its `version_*` runs (by number), or the folder's own
     checkpoints/best.ckpt when it is one run's version folder."""
-    if (folder / "checkpoints").is_dir():
-        runs = [folder]
+    if (folder / runs.CHECKPOINTS).is_dir():
+        found_runs = [folder]
     else:
-        folds = sorted(
-            (p for p in folder.iterdir() if p.is_dir() and FOLD_RUN.fullmatch(p.name)),
-            key=lambda p: int(p.name[5:]),
-        )
-        if folds:
-            found = [find_run_checkpoint(fold, "best") for fold in folds]
-            missing = [fold for fold, path in zip(folds, found, strict=True) if path is None]
+        if fold_runs := runs.folds(folder):
+            found = [runs.find_checkpoint(fold, "best") for fold in fold_runs]
+            missing = [fold for fold, path in zip(fold_runs, found, strict=True) if path is None]
             if missing:
                 raise DataError(
                     f"--ckpt_path {folder}: {missing[0]} has no version_*/checkpoints/best.ckpt (was that "
@@ -319,21 +315,20 @@ def run_folder_checkpoints(folder: Path) -> list[Path]:
                     '--ckpt_path "[a.ckpt, b.ckpt]"'
                 )
             return found
-        versions = [p for p in folder.glob("version_*") if re.fullmatch(r"version_\d+", p.name)]
-        runs = sorted((p for p in versions if (p / "checkpoints").is_dir()), key=lambda p: int(p.name[8:]))
-    if not runs:
+        found_runs = [p for p in runs.versions(folder) if (p / runs.CHECKPOINTS).is_dir()]
+    if not found_runs:
         raise DataError(
             f"--ckpt_path {folder}: the folder holds no fold runs (no fold_*/version_* or "
             "version_*/checkpoints folders, nor a checkpoints folder of its own); pass a checkpoint file, "
             "a list of files, or a run folder"
         )
-    missing = [run for run in runs if not (run / "checkpoints" / "best.ckpt").is_file()]
+    missing = [run for run in found_runs if not runs.checkpoint_in(run, "best").is_file()]
     if missing:
         raise DataError(
-            f"--ckpt_path {folder}: {missing[0] / 'checkpoints'} has no best.ckpt (was that run's training "
-            'interrupted?); list the checkpoints to use instead, e.g. --ckpt_path "[a.ckpt, b.ckpt]"'
+            f"--ckpt_path {folder}: {missing[0] / runs.CHECKPOINTS} has no best.ckpt (was that run's "
+            'training interrupted?); list the checkpoints to use instead, e.g. --ckpt_path "[a.ckpt, b.ckpt]"'
         )
-    return [run / "checkpoints" / "best.ckpt" for run in runs]
+    return [runs.checkpoint_in(run, "best") for run in found_runs]
 
 
 def check_one_cross_validation(folder: str, checkpoints: list[dict]) -> None:
@@ -389,7 +384,7 @@ def trained_data(checkpoint: dict) -> dict[str, str | None]:
 
 def _run_name(checkpoint: dict) -> str:
     path = Path(checkpoint[SOURCE_KEY])
-    return str(path.parent.parent) if path.parent.name == "checkpoints" else str(path)
+    return str(runs.version_folder_of(path) or path)
 
 
 # ---- rebuilding a checkpoint's network ---------------------------------------------------------------------
@@ -435,17 +430,6 @@ def best_validation_dice(checkpoint: dict) -> float | None:
     states = [s for s in checkpoint.get("callbacks", {}).values() if isinstance(s, dict)]
     scores = [s.get("best_model_score") for s in states if s.get("monitor") == "val/dice"]
     return max((float(score) for score in scores if score is not None), default=None)
-
-
-# ---- finding a run's checkpoint ----------------------------------------------------------------------------
-def find_run_checkpoint(run_dir: Path, which: str) -> Path | None:
-    """`<run_dir>/version_N/checkpoints/<which>.ckpt` of the highest N that has one, or None."""
-    candidates = []
-    for path in Path(run_dir).glob(f"version_*/checkpoints/{which}.ckpt"):
-        match = re.fullmatch(r"version_(\d+)", path.parent.parent.name)
-        if match:
-            candidates.append((int(match.group(1)), path))
-    return max(candidates)[1] if candidates else None
 
 
 # ---- one checkpoint for every rank -------------------------------------------------------------------------

@@ -9,12 +9,14 @@ barrier: no rank goes on before the decision is taken.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from typing import TypeVar
-
-import lightning as L
+from typing import TYPE_CHECKING, TypeVar
 
 from la_seg.errors import DataError
+
+if TYPE_CHECKING:  # `la-seg` imports this module before it knows whether a run needs Lightning
+    import lightning as L
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
@@ -74,7 +76,29 @@ def end_process_group() -> None:
     """Destroy the process group (if any) while the interpreter is whole: Lightning does so at exit for NCCL
     only, and a gloo group left to interpreter finalization can abort the process (`terminate called without
     an active exception`, SIGABRT instead of la-seg's exit status; seen after an error on two CPU ranks)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # never imported: no process group to end
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- the command line of the ranks Lightning starts -------------------------------------------------------
+# Lightning's DDP launcher starts a node's other ranks by running this process's sys.argv again: what rank 0
+# decided while parsing (a config's path, a checkpoint it resolved) travels to them there.
+
+
+def relaunch_with(argv: list[str]) -> None:
+    """The other ranks of this node run `la-seg argv` (e.g. with the shipped configs' paths resolved)."""
+    sys.argv[1:] = argv
+
+
+def relaunch_with_option(option: str, value: str) -> None:
+    """The other ranks of this node get `option value` appended: the last one given wins, so they take rank
+    0's answer (e.g. `--ckpt_path best` resolved to its file) instead of finding their own."""
+    sys.argv += [option, value]
+
+
+def say(message: str) -> None:
+    """A line for the user (stderr), printed once however many ranks parse the command."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    rank_zero_only(print)(message, file=sys.stderr)

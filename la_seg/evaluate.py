@@ -17,13 +17,12 @@ import torch
 
 import la_seg
 from la_seg.atomic import claim_output_folder
-from la_seg.callbacks.writer import COMPANION_SUFFIXES
 from la_seg.data.io import AFFINE_TOLERANCE_MM, Volume, read_image, read_label
 from la_seg.data.layouts import Layout, find_cases
 from la_seg.errors import DataError
 from la_seg.metrics import case_metrics, summarise
 from la_seg.plausibility import Plausibility, case_reasons, review_fields
-from la_seg.report import REPORT_COLUMNS, SUFFIXES, format_table, write_report
+from la_seg.report import COMPANION_SUFFIXES, REPORT_COLUMNS, SUFFIXES, format_table, write_report
 
 REPORT_STEM = "test_metrics"  # in a folder of its own (--out), replaced only with --overwrite
 

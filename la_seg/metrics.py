@@ -23,8 +23,6 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
-from torchmetrics.functional.classification import binary_f1_score, binary_jaccard_index
 
 Spacing = Sequence[float]
 EmptyDistance = Literal["nan", "max"]
@@ -34,6 +32,8 @@ def overlap_3d(pred: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """Dice and IoU of two binary volumes of the same shape."""
     if not pred.any() and not ref.any():
         return 1.0, 1.0
+    from torchmetrics.functional.classification import binary_f1_score, binary_jaccard_index  # see below
+
     p, r = pred.reshape(-1).int(), ref.reshape(-1).int()
     return float(binary_f1_score(p, r)), float(binary_jaccard_index(p, r))
 
@@ -45,6 +45,8 @@ def overlap_per_slice(pred: torch.Tensor, ref: torch.Tensor) -> tuple[list[float
     keep = (p.sum(1) + r.sum(1)) > 0
     if not keep.any():
         return [], []
+    from torchmetrics.functional.classification import binary_f1_score  # see below
+
     p, r = p[keep], r[keep]
     dice = binary_f1_score(p, r, multidim_average="samplewise")
     inter = (p & r).sum(1).float()
@@ -61,6 +63,10 @@ def surface_distances(
             return math.nan, math.nan
         penalty = 0.0 if not pred.any() and not ref.any() else image_diagonal_mm(pred.shape, spacing)
         return penalty, penalty
+    # MONAI and torchmetrics are imported where they count: each loads torchvision's models with it (seconds),
+    # which neither `la-seg evaluate --help` nor a bad option needs
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
     p, r = pred[None, None].float(), ref[None, None].float()
     spacing = [float(s) for s in spacing]
     with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal use of a deprecated argument

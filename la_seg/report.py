@@ -14,6 +14,8 @@ from la_seg.plausibility import REVIEW_COLUMNS, review_line
 REPORT_COLUMNS = ("case_id", "dice", "iou", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml")
 METRIC_KEYS = REPORT_COLUMNS[1:]
 SUFFIXES = (".csv", ".json")
+# Maps `la-seg predict` writes beside `<case_id>.nii.gz` masks: `la-seg evaluate` and `analyse` skip them.
+COMPANION_SUFFIXES = ("_prob", "_uncertainty")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 

@@ -11,12 +11,14 @@ import timm
 import torch
 from test_cli import TINY  # noqa: I001 (tests/ is on sys.path under pytest)
 
-from la_seg import cli
-from la_seg.checkpoints import DATAMODULE_KEY, find_run_checkpoint, load_checkpoint, trained_data
-from la_seg.cli import LASegCLI, describe_error, main
-from la_seg.errors import DataError
+from la_seg import checkpoint_rule
+from la_seg.checkpoints import DATAMODULE_KEY, DataOnlyCheckpointIO, load_checkpoint, trained_data
+from la_seg.cli import main
+from la_seg.errors import DataError, describe_error
+from la_seg.lightning_cli import LASegCLI
 from la_seg.models.segmenter import SegmenterConfig
 from la_seg.module import LASegModule
+from la_seg.runs import find_checkpoint
 
 # The network TINY (demo.yaml and its overrides) builds, as a module would record it.
 TINY_NET = SegmenterConfig(
@@ -85,7 +87,7 @@ def test_network_settings_come_from_the_checkpoint(monkeypatch, synth_root, cont
     )  # trained 2.5D, not in the config
     assert model.hparams.threshold == 0.7 and model.hparams.postprocess == "none"  # inference choices apply
     assert model.inference_settings()["threshold"] == 0.7
-    assert isinstance(built.trainer.strategy.checkpoint_io, cli.DataOnlyCheckpointIO)
+    assert isinstance(built.trainer.strategy.checkpoint_io, DataOnlyCheckpointIO)
 
 
 @pytest.mark.parametrize(
@@ -231,8 +233,8 @@ def test_best_is_the_highest_version_not_the_newest_file(tmp_path):
         (tmp_path / version / "checkpoints").mkdir(parents=True)
         (tmp_path / version / "checkpoints" / "best.ckpt").write_bytes(b"")
     os.utime(tmp_path / "version_2" / "checkpoints" / "best.ckpt", (4e9, 4e9))  # touched last
-    assert find_run_checkpoint(tmp_path, "best") == tmp_path / "version_10" / "checkpoints" / "best.ckpt"
-    assert find_run_checkpoint(tmp_path, "last") is None
+    assert find_checkpoint(tmp_path, "best") == tmp_path / "version_10" / "checkpoints" / "best.ckpt"
+    assert find_checkpoint(tmp_path, "last") is None
 
 
 def test_model_config_errors_name_the_option(capsys, synth_root):
@@ -257,7 +259,7 @@ def test_system_errors_are_one_line(capsys, monkeypatch, synth_root, context_ckp
     def fail(path):
         raise error
 
-    monkeypatch.setattr(cli, "load_checkpoint", fail)
+    monkeypatch.setattr(checkpoint_rule, "load_checkpoint", fail)
     line = one_error_line(
         capsys, ["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", str(context_ckpt)]
     )

@@ -32,7 +32,7 @@ DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.stra
 # on_predict_start 5 s after rank 0, and fails if it resolves --ckpt_path itself instead of taking rank 0's.
 LATE_RANK = """
 import os, time
-import la_seg.cli
+import la_seg.checkpoint_rule
 from la_seg.callbacks.writer import NiftiPredictionWriter
 from la_seg.cli import main
 
@@ -42,7 +42,7 @@ if os.environ.get("LOCAL_RANK", "0") != "0":
     def resolving(*args):
         raise AssertionError("rank 1 resolved --ckpt_path itself")
 
-    la_seg.cli.find_run_checkpoint = resolving
+    la_seg.checkpoint_rule.find_checkpoint = resolving
 
 def late(self, trainer, pl_module):
     if trainer.global_rank == 1:

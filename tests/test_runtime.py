@@ -134,8 +134,9 @@ def test_auto_accelerator_resolves_by_the_hardware(monkeypatch):
 
 def test_cli_applies_the_cpu_precision(monkeypatch, tmp_path, capsys):
     """A config's bf16-mixed becomes 32-true on an emulated-bf16 CPU; `--trainer.precision` is honoured."""
-    from la_seg.cli import LASegCLI, resolve_config_paths
+    from la_seg.config_file import resolve_config_paths
     from la_seg.data.datamodule import LADataModule
+    from la_seg.lightning_cli import LASegCLI
     from la_seg.module import LASegModule
 
     _torch_cpu_probes(monkeypatch, False, False)

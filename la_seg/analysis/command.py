@@ -33,12 +33,12 @@ from la_seg.analysis.wall import (
     wall_iir,
 )
 from la_seg.atomic import claim_output_folder, write_csv, write_json
-from la_seg.callbacks.writer import COMPANION_SUFFIXES
 from la_seg.data.io import Volume, read_image, read_label
 from la_seg.data.layouts import Case, Layout, find_cases
 from la_seg.errors import DataError
 from la_seg.evaluate import binarise_prediction, check_same_grid, find_predictions
 from la_seg.plausibility import Plausibility, case_reasons, review_fields, review_line
+from la_seg.report import COMPANION_SUFFIXES
 
 STEM = "analysis"
 PREDICTED = "masks"  # the folder of --out that `la-seg predict` writes into for --ckpt_path

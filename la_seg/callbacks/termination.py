@@ -24,28 +24,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from la_seg import runs
 from la_seg.atomic import loader_worker_ends_ignored
 from la_seg.errors import DataError
-
-EXIT_STATUS = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
-SIGINT_STATUS = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
-_STOPS: list[str] = []  # the line of a SIGTERM or SIGINT stop in this run (la-seg's main reads and clears it)
-_SIGNALS: list[str] = []  # which signal stopped this run
-
-
-def sigterm_stop(clear: bool = False) -> str | None:
-    """The line to print when this run was stopped by SIGTERM or SIGINT, else None; `clear` starts a new
-    run."""
-    message = _STOPS[-1] if _STOPS else None
-    if clear:
-        _STOPS.clear()
-        _SIGNALS.clear()
-    return message
-
-
-def stop_status() -> int:
-    """The exit status of a stopped run: 130 after Ctrl-C, 143 after SIGTERM."""
-    return SIGINT_STATUS if "SIGINT" in _SIGNALS else EXIT_STATUS
+from la_seg.stops import record_stop, say_more
 
 
 class StopOnSigterm(Callback):
@@ -120,11 +102,10 @@ class StopOnSigterm(Callback):
             return
         self._restore_sigint()
         name = "SIGINT" if self.interrupted and not trainer.received_sigterm else "SIGTERM"
-        _SIGNALS.append(name)
         stage = getattr(trainer.state.fn, "value", trainer.state.fn)
-        _STOPS.append(f"stopped by {name} during {stage}")  # said even if what follows fails
+        record_stop(name, f"stopped by {name} during {stage}")  # said even if what follows fails
         with loader_worker_ends_ignored():  # the stop is handled whole, the save included
-            _STOPS.append(self._stop_message(trainer, stage, name))
+            say_more(self._stop_message(trainer, stage, name))
 
     def _stop_message(self, trainer, stage: str, name: str) -> str:
         """Saves what `fit` can resume from; the line that says what was kept and how to go on."""
@@ -154,7 +135,7 @@ class StopOnSigterm(Callback):
             path = callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST)
             callback.last_model_path = path
             return Path(path)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        return runs.checkpoint_in(trainer.log_dir or trainer.default_root_dir, "last")
 
 
 class StopOnNonFiniteLoss(Callback):
@@ -172,3 +153,16 @@ class StopOnNonFiniteLoss(Callback):
                 f"{trainer.global_step} (--model.lr {lr}); no checkpoint is written from here: lower "
                 "--model.lr, or add warm-up (--model.warmup_epochs), and train again"
             )
+
+
+class DiscardRunWithoutCheckpoint(Callback):
+    """A fit that fails before its first checkpoint leaves no run folder behind (no empty version_N): `run` is
+    the outermost folder this fit creates. Added by the CLI; the SIGTERM save (StopOnSigterm, before this
+    callback) counts as a checkpoint."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.is_global_zero:
+            runs.remove_unless_checkpointed(self.run)

@@ -20,13 +20,22 @@ from la_seg.inference import AGREEMENT_DIGITS
 from la_seg.metrics import gather_cases, volume_ml
 from la_seg.plausibility import REVIEW_COLUMNS, disagreement_reasons, review_fields, review_line
 from la_seg.qc import qc_picture, save_png, write_page
+from la_seg.report import COMPANION_SUFFIXES
 
 VOLUMES_CSV = "volumes.csv"
 QC_PAGE = "qc.html"
-# Maps written beside `<case_id>.nii.gz` masks: `la-seg evaluate` skips them.
-COMPANION_SUFFIXES = ("_prob", "_uncertainty")
 VOLUME_COLUMNS = ("case_id", "volume_ml", "image_path", "spacing_mm")
 AGREEMENT_COLUMNS = ("volume_spread_ml", "mean_pairwise_dice")  # only with several voters
+
+
+def check_output_dir(output_dir: str | Path | None, inputs: Iterable[str | Path | None]) -> None:
+    """predict's --writer.output_dir is given and is none of the inputs, nor inside one; checked by the CLI
+    before a model is built, and again by the writer with every case's files."""
+    if output_dir is None:
+        raise DataError(
+            "--writer.output_dir is required for `la-seg predict`: the folder to write masks into"
+        )
+    refuse_writing_into_inputs(output_dir, inputs, "--writer.output_dir")
 
 
 class NiftiPredictionWriter(BasePredictionWriter):
@@ -104,12 +113,9 @@ class NiftiPredictionWriter(BasePredictionWriter):
     def prepare(self, cases: list, roots: list[str | None]) -> None:
         """Before anything is written: refuse writing into the inputs, colliding names and (unless overwrite)
         existing outputs; lock the output folder and remove a killed run's temp files. Once per run."""
-        if self.output_dir is None:
-            raise DataError(
-                "--writer.output_dir is required for `la-seg predict`: the folder to write masks into"
-            )
-        inputs = [*roots, *(c.image_path for c in cases), *(c.label_path for c in cases)]
-        refuse_writing_into_inputs(self.output_dir, inputs, "--writer.output_dir")
+        check_output_dir(
+            self.output_dir, [*roots, *(c.image_path for c in cases), *(c.label_path for c in cases)]
+        )
         self.reserve_outputs((c.case_id, Path(c.image_path)) for c in cases)
         self.lock()
         if not self.overwrite:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from la_seg.cli import CONFIG_DIR
+from la_seg.config_file import CONFIG_DIR
 from la_seg.data.synthetic import write_dataset
 from tests.journeys.conftest import TINY
 

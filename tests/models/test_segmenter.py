@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from la_seg.cli import CONFIG_DIR
+from la_seg.config_file import CONFIG_DIR
 from la_seg.errors import DataError
 from la_seg.models import ImageGuidedDecoder, LASegmenter, SegmenterConfig
 
