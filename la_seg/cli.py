@@ -32,6 +32,7 @@ from la_seg.callbacks import (
     TensorBoardImages,
 )
 from la_seg.callbacks.layout import ChannelsLastDecoder
+from la_seg.callbacks.progress import lightning_progress_bar
 from la_seg.callbacks.termination import (
     SIGINT_STATUS,
     StopOnNonFiniteLoss,
@@ -260,6 +261,7 @@ class LASegCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             first = {path: self.preloaded[path] for path in self.member_paths[:1] if path in self.preloaded}
             kwargs["plugins"] = [*plugins, DataOnlyCheckpointIO(first)]  # the one checkpoint Lightning reads
+        self.trainer_defaults["callbacks"] = lightning_progress_bar(self._get(self.config_init, "trainer"))
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
