@@ -86,22 +86,23 @@ class Progress:
             elif self.enabled and self._due():
                 self._line(self._status(note))
 
-    def close(self, note: str = "") -> None:
-        """The work has ended: the last line (or the bar's last state); repeated calls do nothing."""
+    def close(self, completed: bool = True, note: str = "") -> None:
+        """The work has ended: its last line (none where it failed: the error says why) or the bar's last
+        state; repeated calls do nothing."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             if self._bar is not None:
                 self._bar.close()
-            elif self.enabled and self.done != self._done_at_last:
+            elif self.enabled and completed and self.done != self._done_at_last:
                 self._line(self._status(note, final=True))
 
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(completed=kind is None)
 
     def _due(self) -> bool:
         if self.total is not None and self.done >= self.total:
@@ -132,12 +133,14 @@ class Progress:
 def tracked(items: Iterable[Item], what: str, total: int | None = None, **options) -> Iterator[Item]:
     """Yields `items`, counting each as done when the loop body has finished with it."""
     progress = Progress(what, total if total is not None else _length(items), **options)
+    completed = False
     try:
         for item in items:
             yield item
             progress.advance()
+        completed = True
     finally:
-        progress.close()
+        progress.close(completed)
 
 
 def _length(items: Iterable) -> int | None:

@@ -81,6 +81,15 @@ def test_on_a_terminal_the_bar_redraws_in_place_and_disabled_progress_says_nothi
     assert quiet.getvalue() == ""
 
 
+def test_failed_work_ends_without_a_last_line_that_reads_as_done():
+    log = io.StringIO()
+    with pytest.raises(ValueError):
+        for n in tracked(range(6), "evaluate: cases scored", stream=log):
+            if n == 2:
+                raise ValueError("case 3 is on another grid")
+    assert log.getvalue().splitlines() == ["evaluate: cases scored: 0/6"]
+
+
 def test_durations_read_as_a_person_would_say_them():
     assert [duration(s) for s in (4.4, 200, 7500)] == ["4 s", "3 min 20 s", "2 h 05 min"]
 

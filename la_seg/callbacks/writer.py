@@ -241,7 +241,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self._pool.shutdown()
         self._pending = []
         if self._progress is not None:
-            self._progress.close()
+            self._progress.close(completed=not errors)
         if errors:
             raise errors[0]
         return rows
