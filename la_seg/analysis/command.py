@@ -1,5 +1,6 @@
 """`la-seg analyse`: per case, the LA surface with its wall IIR map, the enhanced share of the wall, the Utah
-stage, LA size and shape and pictures; a table over all cases with the method and thresholds beside it.
+stage, LA size and shape and pictures; a table over all cases with the method and thresholds beside it, and
+the QC page (la_seg.qc) with a row per case, the cases flagged for review first.
 
 Inputs are a folder of LGE volumes (any la-seg layout) and a folder of LA masks on their grids (`la-seg
 predict`'s output, matched by case id; `<case>_prob.nii.gz` beside a mask adds the probability volume), the
