@@ -121,7 +121,10 @@ def measure_blood_pool(
 ) -> PoolIntensity:
     """The intensity of the LA mask eroded by `settings.erosion_mm` (with its shading where asked); a
     DataError when too few voxels remain (the message names the option; the caller prefixes the case)."""
-    pool = distance_transform_edt(mask, sampling=spacing) > settings.erosion_mm
+    # the mask's box and one voxel of background around it: every mask voxel's nearest background voxel lies
+    # there, and the distance transform of a whole 640 x 640 x 44 volume took 13 s of a case's 25
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(mask))
+    pool = distance_transform_edt(mask[box], sampling=spacing) > settings.erosion_mm
     count = int(pool.sum())
     if count < settings.min_voxels:
         raise DataError(
@@ -129,13 +132,13 @@ def measure_blood_pool(
             f"--blood_pool.min_voxels {settings.min_voxels}: too small to normalise the wall by (lower "
             "--blood_pool.erosion_mm for a small LA or a coarse grid)"
         )
-    values = image[pool].astype(np.float64)
+    values = image[box][pool].astype(np.float64)
     mean = float(values.mean())
     if settings.shading == "none":
         return PoolIntensity(mean, count)
     if mean <= 0:
         raise DataError(f"the LA blood pool's mean intensity is {mean:g}: no shading to fit in a dark pool")
-    voxels = np.argwhere(pool).astype(np.float64)
+    voxels = (np.argwhere(pool) + [b.start for b in box]).astype(np.float64)
     centre, scale = voxels.mean(axis=0), float(voxels.std()) or 1.0
     terms = _quadratic_terms((voxels - centre) / scale)
     coefficients = np.linalg.lstsq(terms, np.log(np.maximum(values, mean * 1e-3)), rcond=None)[0]
