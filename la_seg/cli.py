@@ -256,12 +256,13 @@ class LASegCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """Every checkpoint Lightning reads goes through la-seg's data-only loader (a trainer plugin), unless
         the config names a CheckpointIO of its own."""
-        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        settings = self._get(self.config_init, "trainer", default={})
+        plugins = settings.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             first = {path: self.preloaded[path] for path in self.member_paths[:1] if path in self.preloaded}
             kwargs["plugins"] = [*plugins, DataOnlyCheckpointIO(first)]  # the one checkpoint Lightning reads
-        self.trainer_defaults["callbacks"] = lightning_progress_bar(self._get(self.config_init, "trainer"))
+        self.trainer_defaults["callbacks"] = lightning_progress_bar(settings)  # la_seg.callbacks.progress
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
