@@ -22,6 +22,7 @@ from la_seg.data.layouts import Layout, find_cases
 from la_seg.errors import DataError
 from la_seg.metrics import case_metrics, summarise
 from la_seg.plausibility import Plausibility, case_reasons, review_fields
+from la_seg.progress import tracked
 from la_seg.report import COMPANION_SUFFIXES, REPORT_COLUMNS, SUFFIXES, format_table, write_report
 
 REPORT_STEM = "test_metrics"  # in a folder of its own (--out), replaced only with --overwrite
@@ -102,7 +103,7 @@ def _score_and_report(
     values: set[float] = set()  # every value found in the predictions
     rows = [
         score_case(case_id, path, references[case_id], label, metrics.empty_distance, values, plausibility)
-        for case_id, path in pairs.items()
+        for case_id, path in tracked(pairs.items(), "evaluate: cases scored", len(pairs))
     ]
     if label is not None and label not in values:
         check_label_present(label, values, references, pred, ref)

@@ -18,6 +18,7 @@ from la_seg.callbacks import (
     TensorBoardImages,
 )
 from la_seg.callbacks.layout import ChannelsLastDecoder
+from la_seg.callbacks.progress import lightning_progress_bar
 from la_seg.callbacks.termination import DiscardRunWithoutCheckpoint, StopOnNonFiniteLoss, StopOnSigterm
 from la_seg.callbacks.writer import check_output_dir
 from la_seg.checkpoint_rule import ResolvedCheckpoints, apply_checkpoint_rule
@@ -140,6 +141,7 @@ class LASegCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             first = self.checkpoints.first_preloaded() if self.checkpoints is not None else {}
             kwargs["plugins"] = [*plugins, DataOnlyCheckpointIO(first)]  # the one checkpoint Lightning reads
+        self.trainer_defaults["callbacks"] = lightning_progress_bar(config.get("trainer", {}))
         return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:

@@ -35,6 +35,7 @@ from la_seg.data.split import (
     read_split_file,
 )
 from la_seg.errors import DataError
+from la_seg.progress import tracked
 
 FILE_ENDING = ".nii.gz"
 CASE_IDS_FILE = (
@@ -158,10 +159,9 @@ def export_nnunet(
         _check_target(target, overwrite)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{dataset_name}."))
         try:
-            for case_id in training:
-                write_case(cases[case_id], staging / "imagesTr", staging / "labelsTr", ids[case_id])
-            for case_id in plan.test:
-                write_case(cases[case_id], staging / "imagesTs", staging / "labelsTs", ids[case_id])
+            parts = [(case_id, "Tr") for case_id in training] + [(case_id, "Ts") for case_id in plan.test]
+            for case_id, part in tracked(parts, "export-nnunet: cases written"):
+                write_case(cases[case_id], staging / f"images{part}", staging / f"labels{part}", ids[case_id])
             exported = {ids[case_id]: case_id for case_id in (*training, *plan.test)}
             _write_metadata(staging, exported, plan, ids, len(training), data)
             _replace(staging, target)

@@ -106,9 +106,17 @@ def review_order(rows: Sequence[dict]) -> list[dict]:
     return sorted(rows, key=key)
 
 
-def write_page(path: Path, title: str, rows: Sequence[dict]) -> Path:
-    """Write the QC page: one table row per case (`case_id`, `picture`: a file name relative to the page,
-    `volume_ml`, `review`, `review_reason`, and `dice` where a reference exists), in review order.
+def write_page(
+    path: Path,
+    title: str,
+    rows: Sequence[dict],
+    columns: Sequence[tuple[str, str, str]] = (),
+    legend: str | None = None,
+) -> Path:
+    """Write the QC page: one table row per case (`case_id`, `picture`: a file name relative to the page, or
+    `pictures`: several, `volume_ml`, `review`, `review_reason`, and `dice` where a reference exists), in
+    review order. `columns`: further cells of each row, as (key, header, format spec);
+    `legend`: what the pictures show (default: the masks' colours).
 
     An inline script marks `<body data-pictures="loaded N/M">` once the pictures have loaded, for a browser
     test; the page needs nothing but its pictures."""
@@ -120,13 +128,19 @@ def write_page(path: Path, title: str, rows: Sequence[dict]) -> Path:
         case, dice = html.escape(str(row["case_id"])), row.get("dice")
         dice_cell = f"<td>{'nan' if dice is None or math.isnan(dice) else f'{dice:.4f}'}</td>"
         reason = html.escape(row["review_reason"]) if row["review"] else ""
+        pictures = row["pictures"] if "pictures" in row else [row["picture"]]
+        images = "".join(f'<img src="{html.escape(quote(name))}" alt="{case}">' for name in pictures)
+        extra = "".join(f"<td>{html.escape(format(row[key], spec))}</td>" for key, _, spec in columns)
         cells.append(
             f'<tr data-case="{case}" data-review="{int(bool(row["review"]))}"><td>{case}</td>'
-            f'<td><img src="{html.escape(quote(row["picture"]))}" alt="{case}"></td>'
-            f"<td>{row['volume_ml']:.1f}</td>{dice_cell if with_dice else ''}"
+            f'<td class="views">{images}</td><td>{row["volume_ml"]:.1f}</td>'
+            f"{dice_cell if with_dice else ''}{extra}"
             f'<td class="review">{reason}</td></tr>'
         )
+    if legend is None:
+        legend = f"Mask in red{', reference in green' if with_dice else ''}."
     head = "<th>case</th><th>views</th><th>LA volume (mL)</th>" + ("<th>Dice</th>" if with_dice else "")
+    head += "".join(f"<th>{html.escape(header)}</th>" for _, header, _ in columns)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -135,11 +149,13 @@ table {{ border-collapse: collapse; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }}
 tr[data-review="1"] {{ background: #fdecea; }}
 td.review {{ color: #b00000; font-weight: bold; }}
+td.views {{ white-space: nowrap; }}
+td.views img {{ max-height: 320px; }}
 </style></head>
 <body data-pictures="loading">
 <h1>{html.escape(title)}</h1>
 <p>{len(rows)} case(s), {flagged} flagged for review; flagged cases first, then the lowest Dice, then the
-LA volume furthest from this run's median. Mask in red{", reference in green" if with_dice else ""}.</p>
+LA volume furthest from this run's median. {html.escape(legend)}</p>
 <table><thead><tr>{head}<th>review</th></tr></thead>
 <tbody>
 {chr(10).join(cells)}

@@ -150,15 +150,13 @@ def test_an_ellipsoid_has_its_three_diameters_and_volume():
     assert measures["sphericity"] < 0.95
 
 
-def test_a_wall_with_known_patches_gives_their_area_shares():
+def _sphere_with_patches(radius: float = 15.0):
     """A sphere of blood (100) in a dark wall (30), with a cap of dense scar (IIR 1.5) over 30 % of its area
     and a belt of fibrosis below dense scar (IIR 1.25) over 20 % (a cap above height h holds (R - h) / 2R of a
-    sphere's area)."""
-    radius = 15.0
+    sphere's area): image, mask, geometry and each voxel's height above the centre (mm)."""
     geometry = _grid((60, 54, 36), spacing=(0.8, 0.8, 1.2))
     world = _world(geometry)
-    centre = world[30, 27, 18]
-    offset = world - centre
+    offset = world - world[30, 27, 18]
     distance = np.linalg.norm(offset, axis=-1)
     mask = distance <= radius
     image = np.full(geometry.shape, 20.0, dtype=np.float32)
@@ -167,15 +165,25 @@ def test_a_wall_with_known_patches_gives_their_area_shares():
     height = offset[..., 2] / np.maximum(distance, 1e-6)  # z / r: the cap and belt bounds on every shell
     image[wall & (height > 0.4)] = 150.0
     image[wall & (height < -0.6)] = 125.0
-    pool_mean, _ = measure_blood_pool(image, mask, geometry.spacing, BloodPool())
-    assert pool_mean == pytest.approx(100.0)
+    return image, mask, geometry, offset[..., 2]
+
+
+def _shares(image, mask, geometry, shading: str = "quadratic") -> tuple[float, float]:
+    """(fibrosis, dense scar) % of the wall, as analyse measures them."""
+    pool = measure_blood_pool(image, mask, geometry.spacing, BloodPool(shading=shading))
     mesh = la_surface(mask, geometry, smoothing_iterations=20)
-    iir = wall_iir(image, np.linalg.inv(voxel_to_world(geometry)), mesh, Shell(), pool_mean)
+    iir = wall_iir(image, np.linalg.inv(voxel_to_world(geometry)), mesh, Shell(), pool)
     areas = vertex_areas(mesh)
-    dense = enhanced_percent(iir, areas, Thresholds().dense_scar)
-    fibrosis = enhanced_percent(iir, areas, Thresholds().fibrosis)
-    assert dense == pytest.approx(30.0, abs=3.0)
-    assert fibrosis == pytest.approx(50.0, abs=3.0)
+    return enhanced_percent(iir, areas, Thresholds().fibrosis), enhanced_percent(iir, areas, 1.32)
+
+
+def test_a_wall_with_known_patches_gives_their_area_shares():
+    image, mask, geometry, _ = _sphere_with_patches()
+    assert measure_blood_pool(image, mask, geometry.spacing, BloodPool()).mean == pytest.approx(100.0)
+    for shading in ("quadratic", "none"):  # nothing to fit in a uniform pool: the same shares
+        fibrosis, dense = _shares(image, mask, geometry, shading)
+        assert dense == pytest.approx(30.0, abs=3.0)
+        assert fibrosis == pytest.approx(50.0, abs=3.0)
     assert utah_stage(fibrosis) == "IV"
     assert [utah_stage(p) for p in (0.0, 9.9, 10.0, 19.9, 20.0, 29.9, 30.0)] == [
         "I",
@@ -186,6 +194,17 @@ def test_a_wall_with_known_patches_gives_their_area_shares():
         "III",
         "IV",
     ]
+
+
+def test_coil_shading_across_the_atrium_is_fitted_out_of_the_blood_pool_reference():
+    """Shading from 0.8 below the sphere to 1.25 above it (as receiver coils shade an image): the single pool
+    mean loses the fibrosis belt (1.25 x 0.8) and counts shaded blood as enhanced; the fitted one does not."""
+    image, mask, geometry, height = _sphere_with_patches()
+    shaded = image * np.exp(np.log(1.25) * height / 18.0).astype(np.float32)
+    fibrosis, dense = _shares(shaded, mask, geometry)
+    assert fibrosis == pytest.approx(50.0, abs=3.0) and dense == pytest.approx(30.0, abs=3.0)
+    single_mean = _shares(shaded, mask, geometry, "none")
+    assert abs(single_mean[0] - 50.0) > 5.0 or abs(single_mean[1] - 30.0) > 5.0
 
 
 def _rows(out: Path) -> list[dict]:

@@ -1,6 +1,7 @@
 """The QC page: labelled pictures, and a page from real `predict` and `test` runs that a real browser shows
 with every picture loaded, the cases that most need review first."""
 
+import json
 import math
 import shutil
 import subprocess
@@ -12,6 +13,9 @@ import pytest
 import torch
 
 from la_seg.cli import main
+from la_seg.data.io import read_label, write_nifti
+from la_seg.data.layouts import find_cases
+from la_seg.data.synthetic import write_dataset
 from la_seg.qc import REVIEW_RED, qc_picture, review_order
 from tests.tiny_options import TINY_CLI
 
@@ -103,3 +107,33 @@ def test_predict_and_test_pages_load_every_picture_sorted_for_review(tmp_path, s
     dice = [math.inf if math.isnan(d) else d for d in dice]  # an empty mask's Dice: after the scored
     keys = [(not row["review"], d) for row, d in zip(shown.rows, dice, strict=True)]
     assert keys == sorted(keys)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (.ci/run installs Debian's chromium)")
+def test_the_analyse_page_shows_each_cases_surfaces_mask_and_shares_flagged_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "data", cases=3, seed=77, shape=(40, 36, 9), spacing=(0.8, 0.8, 3.0), scar=0.2)
+    main(["predict", *TINY_CLI, "--untrained", "true", "--data.predict_root", "data", "--writer.output_dir",
+          "masks", "--writer.save_png", "true"])  # fmt: skip
+    volumes = {}
+    for case in find_cases(tmp_path / "data"):  # the true masks, analysed beside predict's pictures
+        label, mask = read_label(case.label_path), tmp_path / "masks" / f"{case.case_id}.nii.gz"
+        mask.unlink()
+        write_nifti(mask, label.data.astype(np.uint8), label.geometry)
+        volumes[case.case_id] = label.data.astype(bool).sum() * 0.8 * 0.8 * 3.0 / 1000
+    largest = max(volumes, key=volumes.get)
+    below_largest = sorted(volumes.values())[-2] + 0.01  # flags the largest LA for review
+    plausible = ["--plausibility.min_volume_ml", "0", "--plausibility.max_volume_ml", str(below_largest)]
+    small_pool = ["--blood_pool.erosion_mm", "1.5", "--blood_pool.min_voxels", "20"]
+    main(["analyse", "--images", "data", "--masks", "masks", "--out", "analysis", *small_pool, *plausible])
+    shown = shown_in_browser(tmp_path / "analysis" / "analysis.html")
+    assert shown.pictures == "loaded 9/9"  # anterior, posterior and predict's mask picture per case
+    rows = json.loads((tmp_path / "analysis" / "analysis.json").read_text())["cases"]
+    by_case = {row["case_id"]: row for row in rows}
+    assert [row["review"] for row in shown.rows] == [True, False, False]
+    assert shown.rows[0]["cells"][0] == largest and "LA volume" in shown.rows[0]["cells"][-1]
+    for row in shown.rows:  # cells: case, views, volume, fibrosis, dense scar, Utah stage, mean IIR, review
+        case = by_case[row["cells"][0]]
+        assert row["cells"][2:7] == [f"{case['volume_ml']:.1f}", f"{case['fibrosis_percent']:.1f}",
+                                     f"{case['dense_scar_percent']:.1f}", case["utah_stage"],
+                                     f"{case['mean_iir']:.2f}"]  # fmt: skip

@@ -1,5 +1,6 @@
 """`la-seg analyse`: per case, the LA surface with its wall IIR map, the enhanced share of the wall, the Utah
-stage, LA size and shape and pictures; a table over all cases with the method and thresholds beside it.
+stage, LA size and shape and pictures; a table over all cases with the method and thresholds beside it, and
+the QC page (la_seg.qc) with a row per case, the cases flagged for review first.
 
 Inputs are a folder of LGE volumes (any la-seg layout) and a folder of LA masks on their grids (`la-seg
 predict`'s output, matched by case id; `<case>_prob.nii.gz` beside a mask adds the probability volume), the
@@ -10,6 +11,7 @@ atomically.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 
 import la_seg
 from la_seg.analysis.measures import size_and_shape
-from la_seg.analysis.pictures import IIR_RANGE, surface_views
+from la_seg.analysis.pictures import IIR_RANGE, VIEWS, surface_views
 from la_seg.analysis.surface import la_surface, open_edges, voxel_to_world, write_ply, write_stl, write_vtk
 from la_seg.analysis.wall import (
     UTAH_STAGES,
@@ -32,15 +34,24 @@ from la_seg.analysis.wall import (
     vertex_areas,
     wall_iir,
 )
-from la_seg.atomic import claim_output_folder, write_csv, write_json
+from la_seg.atomic import atomic_path, claim_output_folder, write_csv, write_json
 from la_seg.data.io import Volume, read_image, read_label
 from la_seg.data.layouts import Case, Layout, find_cases
 from la_seg.errors import DataError
 from la_seg.evaluate import binarise_prediction, check_same_grid, find_predictions
 from la_seg.plausibility import Plausibility, case_reasons, review_fields, review_line
+from la_seg.qc import write_page
 from la_seg.report import COMPANION_SUFFIXES
 
 STEM = "analysis"
+PAGE = f"{STEM}.html"
+# the QC page's cells beyond case, pictures, LA volume and review
+PAGE_COLUMNS = (
+    ("fibrosis_percent", "fibrosis (% of wall)", ".1f"),
+    ("dense_scar_percent", "dense scar (% of wall)", ".1f"),
+    ("utah_stage", "Utah stage", ""),
+    ("mean_iir", "mean IIR", ".2f"),
+)  # fmt: skip
 PREDICTED = "masks"  # the folder of --out that `la-seg predict` writes into for --ckpt_path
 COLUMNS = (
     "case_id", "volume_ml", "prob_volume_ml", "mesh_volume_ml", "area_cm2", "sphericity", "diameter_1_mm",
@@ -97,22 +108,54 @@ def analyse(
             "--predict_config needs --ckpt_path: it configures the predict run --ckpt_path starts"
         )
     cases = find_cases(images, layout, require_labels=masks is None and ckpt_path is None)
-    tables = [out / f"{STEM}.csv", out / f"{STEM}.json"]
+    tables = [out / f"{STEM}.csv", out / f"{STEM}.json", out / PAGE]
     with claim_output_folder(out, (images, masks), tables, overwrite, "analysis"):
         if ckpt_path is not None:
             masks = out / PREDICTED
             _predict(images, ckpt_path, masks, predict_config, overwrite)
         pairs = _pairs(cases, images, masks)
         settings = dict(shell=shell, thresholds=thresholds, pool=blood_pool, smoothing=smoothing_iterations)
-        rows = []
+        rows, pictures = [], []
         for case, mask_path in pairs:
             rows.append(analyse_case(case, mask_path, out, plausibility=plausibility, **settings))
+            pictures.append(_mask_picture(case.case_id, mask_path, out))
             print(_case_line(rows[-1]))
         method = describe_method(shell, thresholds, blood_pool, smoothing_iterations)
         write_csv(out / f"{STEM}.csv", COLUMNS, ([row[c] for c in COLUMNS] for row in rows), method)
         write_json(out / f"{STEM}.json", {"method": method, "cases": rows})
-    print(f"Analysis of {len(rows)} case(s): {out / STEM}.csv and {STEM}.json")
+        write_qc_page(out, rows, pictures, thresholds)
+    print(f"Analysis of {len(rows)} case(s): {out / STEM}.csv and {STEM}.json; QC page {out / PAGE}")
     return rows
+
+
+def write_qc_page(
+    out: Path, rows: list[dict], mask_pictures: list[str | None], thresholds: Thresholds
+) -> None:
+    """`<out>/analysis.html` (la_seg.qc's page): a row per case with its IIR pictures (and predict's picture
+    of the mask where it drew one), LA volume, the enhanced shares, Utah stage and review flag, flagged
+    first."""
+    entries = []
+    for row, mask_picture in zip(rows, mask_pictures, strict=True):
+        views = [f"{row['case_id']}_{view}.png" for view in VIEWS]
+        entries.append(row | {"pictures": [*views, *([mask_picture] if mask_picture else [])]})
+    legend = (
+        f"The LA surface coloured by IIR ({IIR_RANGE[0]:g}-{IIR_RANGE[1]:g}; fibrosis > "
+        f"{thresholds.fibrosis:g}, dense scar > {thresholds.dense_scar:g}) from the front and the back; "
+        "la-seg predict's picture of the mask (red) where it drew one."
+    )
+    write_page(out / PAGE, f"la-seg analyse: {out}", entries, PAGE_COLUMNS, legend)
+
+
+def _mask_picture(case_id: str, mask_path: Path | None, out: Path) -> str | None:
+    """predict's picture of the mask (`<case>.png` beside it, --writer.save_png), copied into `out` so the
+    page moves with its folder; None where predict drew none."""
+    source = None if mask_path is None else mask_path.with_name(f"{case_id}.png")
+    if source is None or not source.is_file():
+        return None
+    name = f"{case_id}_mask.png"
+    with atomic_path(out / name) as tmp:
+        shutil.copyfile(source, tmp)
+    return name
 
 
 def _predict(images: Path, ckpt_path: str, masks: Path, config: str | None, overwrite: bool) -> None:
@@ -121,6 +164,7 @@ def _predict(images: Path, ckpt_path: str, masks: Path, config: str | None, over
     from la_seg.cli import run  # imported here: la_seg.cli imports this module when it runs `analyse`
 
     written = ["--writer.output_dir", str(masks), "--writer.save_probabilities", "true"]
+    written += ["--writer.save_png", "true"]  # the mask's picture on the QC page
     written += ["--writer.overwrite", str(overwrite).lower()]
     options = [] if config is None else ["--config", config]
     run(["predict", *options, "--ckpt_path", ckpt_path, "--data.predict_root", str(images), *written], False)
@@ -158,12 +202,12 @@ def analyse_case(
     if not mask.any():
         raise DataError(f"case {case.case_id}: the mask {source} is empty: no LA to analyse")
     try:
-        pool_mean, pool_voxels = measure_blood_pool(image.data, mask, geometry.spacing, pool)
+        pool_intensity = measure_blood_pool(image.data, mask, geometry.spacing, pool)
     except DataError as error:
         raise DataError(f"case {case.case_id} ({source}): {error}") from None
     mesh = la_surface(mask, geometry, smoothing)
     to_world = voxel_to_world(geometry)
-    iir = wall_iir(image.data, np.linalg.inv(to_world), mesh, shell, pool_mean)
+    iir = wall_iir(image.data, np.linalg.inv(to_world), mesh, shell, pool_intensity)
     areas = vertex_areas(mesh)
     fibrosis = enhanced_percent(iir, areas, thresholds.fibrosis)
     mask_world = np.argwhere(mask) @ to_world[:3, :3].T + to_world[:3, 3]
@@ -184,8 +228,8 @@ def analyse_case(
     return {
         "case_id": case.case_id,
         **size_and_shape(mask_world, geometry.voxel_volume_mm3, mesh, probability),
-        "blood_pool_mean": pool_mean,
-        "blood_pool_voxels": pool_voxels,
+        "blood_pool_mean": pool_intensity.mean,
+        "blood_pool_voxels": pool_intensity.voxels,
         "mean_iir": float(np.average(iir, weights=areas)),
         "fibrosis_percent": fibrosis,
         "dense_scar_percent": enhanced_percent(iir, areas, thresholds.dense_scar),
@@ -227,8 +271,10 @@ def describe_method(shell: Shell, thresholds: Thresholds, pool: BloodPool, smoot
         "la_seg_version": la_seg.__version__,
         "surface": f"marching cubes of the mask at 0.5, Taubin-smoothed {smoothing} passes; world mm; files "
         "in LPS (header SPACE=LPS), analysis in RAS",
-        "iir": "max LGE intensity along the outward vertex normal over the shell (trilinear) / mean of the "
-        "LA blood pool eroded by blood_pool.erosion_mm (Khurram et al., Heart Rhythm 2014)",
+        "iir": "max along the outward vertex normal over the shell of the LGE intensity (trilinear) / the LA "
+        "blood pool's, the mask eroded by blood_pool.erosion_mm (Khurram et al., Heart Rhythm 2014): with "
+        "blood_pool.shading quadratic its intensity at the sample, a log-quadratic field fitted to the pool "
+        "(coil shading) averaging its mean; with none its mean",
         "shell_mm": asdict(shell),
         "blood_pool": asdict(pool),
         "thresholds_iir": asdict(thresholds),

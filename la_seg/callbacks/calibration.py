@@ -42,6 +42,7 @@ from la_seg.errors import DataError
 from la_seg.inference import POSTPROCESSING, case_agreement, check_tta_trained, postprocess_mask
 from la_seg.metrics import overlap_3d, surface_distances
 from la_seg.plausibility import case_reasons
+from la_seg.progress import Progress, tracked
 
 # The test-time augmentations with several voters, each calibrated a review threshold of its own.
 REVIEW_TTA = ("flips", "rot180")
@@ -118,7 +119,7 @@ class InferenceCalibration(L.Callback):
     def calibrate(self, pl_module, datamodule, path: str) -> dict:
         """The record for `path`'s weights (loaded into `pl_module`) on the data module's validation cases;
         its settings are None when no setting gives plausible masks on every case (`how.refused` says why).
-        Prints a line per case segmented: on large validation sets this takes minutes."""
+        Reports its progress (la_seg.progress): on large validation sets this takes minutes."""
         checkpoint = load_checkpoint(path)
         pl_module.on_load_checkpoint(checkpoint)
         pl_module.load_state_dict(checkpoint["state_dict"])
@@ -132,7 +133,7 @@ class InferenceCalibration(L.Callback):
         volumes = []  # per case, on the CPU: what the flips need again
         ensemble, device = pl_module.ensemble(), pl_module.device
         chunk, tta = pl_module.eval_chunk(device), pl_module.hparams.tta
-        for n, item in enumerate(dataset, start=1):
+        for item in tracked(dataset, "calibration: validation cases segmented", len(dataset)):
             image, label = item["image"].to(device), item["label"].to(device).bool()
             geometry = item["geometry"]
             spacing, voxel_mm3 = geometry.slices_last_spacing, getattr(geometry, "voxel_volume_mm3", None)
@@ -149,7 +150,6 @@ class InferenceCalibration(L.Callback):
                 if reasons:
                     implausible[(threshold, post)][item["case_id"]] = "; ".join(reasons)
             volumes.append((item["image"], spacing))
-            rank_zero_info(f"calibration: {n}/{len(dataset)} validation cases segmented ({item['case_id']})")
         table = {
             f"{t}/{p}": {
                 "dice": float(np.mean([d for d, _, _ in s])),
@@ -176,13 +176,15 @@ class InferenceCalibration(L.Callback):
         threshold, post = chosen
         agreements: dict[str, list[float]] = {}
         if trained_for_flips(datamodule):  # else flips show anatomy the model never saw: no measure of doubt
-            for voters in REVIEW_TTA:
-                agreements[voters] = []
-                for n, (image, spacing) in enumerate(volumes, start=1):
-                    result = ensemble.segment_volume(image.to(device), threshold, chunk, voters, spacing)
-                    agreement = case_agreement(result.voter_masks, list(result.voter_names), spacing)
-                    agreements[voters].append(agreement["mean_pairwise_dice"])
-                    rank_zero_info(f"calibration: agreement under tta {voters}: {n}/{len(volumes)} cases")
+            what = f"calibration: agreement under tta {' and '.join(REVIEW_TTA)}, case passes"
+            with Progress(what, len(REVIEW_TTA) * len(volumes)) as progress:
+                for voters in REVIEW_TTA:
+                    agreements[voters] = []
+                    for image, spacing in volumes:
+                        result = ensemble.segment_volume(image.to(device), threshold, chunk, voters, spacing)
+                        agreement = case_agreement(result.voter_masks, list(result.voter_names), spacing)
+                        agreements[voters].append(agreement["mean_pairwise_dice"])
+                        progress.advance()
         by_tta = {v: float(np.quantile(a, self.review_quantile)) for v, a in agreements.items()}
         quantile = by_tta.get(tta, by_tta.get("flips"))
         review_below = quantile if quantile is not None else pl_module.review_below()

@@ -19,6 +19,7 @@ from la_seg.errors import DataError
 from la_seg.inference import AGREEMENT_DIGITS
 from la_seg.metrics import gather_cases, volume_ml
 from la_seg.plausibility import REVIEW_COLUMNS, disagreement_reasons, review_fields, review_line
+from la_seg.progress import Progress
 from la_seg.qc import qc_picture, save_png, write_page
 from la_seg.report import COMPANION_SUFFIXES
 
@@ -88,6 +89,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[tuple[dict, Future]] = []
         self._lock: FolderLock | None = None
+        self._progress: Progress | None = None
 
     def output_names(self, case_id: str) -> list[str]:
         """Every file name this writer gives one case: the one list that reservations and writes share."""
@@ -108,7 +110,9 @@ class NiftiPredictionWriter(BasePredictionWriter):
         data = trainer.datamodule  # the labelled data (root, test_root) is input too, never written into
         roots = [getattr(data, name, None) for name in ("predict_root", "root", "test_root")]
         decide_on_rank_zero(trainer, lambda: self.prepare(cases, roots))
-        self.start()
+        own = sum(CaseShards.owner(i, trainer.world_size) == trainer.global_rank for i in range(len(cases)))
+        where = f" by rank 0 (of {trainer.world_size})" if trainer.world_size > 1 else ""
+        self.start(Progress(f"predict: cases written{where}", own, enabled=trainer.is_global_zero))
 
     def prepare(self, cases: list, roots: list[str | None]) -> None:
         """Before anything is written: refuse writing into the inputs, colliding names and (unless overwrite)
@@ -166,10 +170,11 @@ class NiftiPredictionWriter(BasePredictionWriter):
         lock.acquire()
         self._lock = lock
 
-    def start(self) -> None:
-        """Start the background writer."""
+    def start(self, progress: Progress | None = None) -> None:
+        """Start the background writer; `progress` counts the cases as their files are written."""
         self._pool = ThreadPoolExecutor(max_workers=2)
         self._pending = []
+        self._progress = progress
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
@@ -207,6 +212,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
             outputs["uncertainty"] = prediction["uncertainty"].detach().float().cpu()
         image = batch["image"].detach().float().cpu() if self.save_png else None
         future = self._pool.submit(self._write_case, row, geometry, outputs, image)
+        if self._progress is not None:
+            future.add_done_callback(lambda _: self._progress.advance())
         self._pending.append((row, future))
 
     def _write_case(
@@ -239,6 +246,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
                 errors.append(error)
         self._pool.shutdown()
         self._pending = []
+        if self._progress is not None:
+            self._progress.close(completed=not errors)
         if errors:
             raise errors[0]
         return rows

@@ -29,7 +29,8 @@ def test_synth_with_scar_fit_predict_analyse(la_seg, tmp_path):
     assert [row["case_id"] for row in predicted] == [f"train_{i}" for i in (1, 2, 3, 4)]
     for i, row in enumerate(json.loads((tmp_path / "true" / "analysis.json").read_text())["cases"], start=1):
         true = 100 * case_scar_fraction(5, i, scar=0.2, **GRID)
-        # The patches are dense scar throughout (2.2 x blood). The image's blur spreads them past their edges,
-        # above 1.2 but not 1.32: fibrosis reads 1.5-5 points above the patches here, dense scar within 1.
+        # The patches are dense scar throughout (2.2 x blood): both fractions read them. Case 1's coil shading
+        # lifted its blood above 1.2 x the pool's single mean (fibrosis 24.3 % for 19.3 %); the fitted shading
+        # of the pool (la_seg.analysis.wall) reads 21.0 %, the rest of the excess being blur at patch edges.
         assert row["dense_scar_percent"] == pytest.approx(true, abs=3.0)
-        assert true - 1.0 <= row["fibrosis_percent"] <= true + 6.0
+        assert row["fibrosis_percent"] == pytest.approx(true, abs=3.0)
