@@ -141,48 +141,63 @@ def test_cases_beyond_15pct_name_the_neighbour_kept_as_la(accuracy, tmp_path):
 
 @pytest.mark.slow
 def test_quick_run_scores_the_reports_its_own_test_commands_wrote(accuracy, tmp_path):
-    """The whole benchmark on tiny data: fit, `test` as configured, `test` with flips (two reports in one run
-    folder), each scored from the report that command wrote."""
+    """The whole benchmark on tiny data: fit on the training family, then per family `test` as configured and
+    `test` with flips (two reports per family in one run folder), each scored from the report that command
+    wrote, and `predict`'s masks split by LA share."""
     out = tmp_path / "accuracy.json"
     flips = ["--data.augmentation.hflip", "true", "--data.augmentation.vflip", "true"]
     accuracy.main(["--quick", "--work-dir", str(tmp_path / "work"), "--json", str(out), "--", *flips])
     result = json.loads(out.read_text())
-    assert sorted(result["per_geometry"]) == ["A", "B", "C"]
-    assert [c["case_id"] for c in result["cases"]] == ["A_1", "B_1", "C_1"]
-    assert all(0.0 <= c["dice"] <= 1.0 and c["volume_ref_ml"] > 0 for c in result["cases"])
-    assert result["review"]["review_below"] is not None and "flagged" in result["review"]
-    shares = result["partial_volume"]["per_geometry"]  # scored on the masks `la-seg predict` wrote
-    for g, s in result["per_geometry"].items():  # the same masks as `test` scored
-        assert shares[g]["dice"] == pytest.approx(s["dice_mean"], abs=1e-6)
+    assert list(result["families"]) == ["training_family", "heldout_setting"]
+    assert result["settings"]["families"] == {"training_family": "varied", "heldout_setting": "heldout"}
+    for family in result["families"].values():
+        assert sorted(family["per_geometry"]) == ["A", "B", "C"]
+        assert [c["case_id"] for c in family["cases"]] == ["A_1", "B_1", "C_1"]
+        assert all(0.0 <= c["dice"] <= 1.0 and c["volume_ref_ml"] > 0 for c in family["cases"])
+        assert family["review"]["review_below"] is not None and "flagged" in family["review"]
+        shares = family["partial_volume"]["per_geometry"]  # scored on the masks `la-seg predict` wrote
+        for g, s in family["per_geometry"].items():  # the same masks as `test` scored
+            assert shares[g]["dice"] == pytest.approx(s["dice_mean"], abs=1e-6)
+            assert 0.0 <= shares[g]["dice_grid_limit"] <= 1.0
+        beyond = {c["case_id"] for c in family["cases"] if abs(c["volume_error_pct"]) > 15}
+        assert {c["case_id"] for c in family["beyond_15pct"]} == beyond
+        assert all(c["cause"] for c in family["beyond_15pct"])
+        assert family["done_when"]["beyond_15pct"] == len(beyond)
     run = Path(result["checkpoint"]).parent.parent
-    assert sorted(p.name for p in run.glob("test_*.json")) == ["test_heldout-2.json", "test_heldout.json"]
+    assert sorted(p.name for p in run.glob("test_*.json")) == [
+        "test_test-heldout-2.json",
+        "test_test-heldout.json",
+        "test_test-varied-2.json",
+        "test_test-varied.json",
+    ]
+    assert "training_family" in accuracy.table([str(out)]) and "heldout_setting" in accuracy.table([str(out)])
 
-    # the same checkpoint with test-time half turns: one `test`, whose own voters give the review flags
+    # the same checkpoint with test-time half turns: one `test` per family, whose own voters give the flags
     half_turns = tmp_path / "rot180.json"
     options = ["--", *flips, "--model.tta", "rot180"]
     accuracy.main(["--quick", "--work-dir", str(tmp_path / "work"), "--json", str(half_turns),
                    "--ckpt", result["checkpoint"], *options])  # fmt: skip
-    rotated = json.loads(half_turns.read_text())
+    rotated = json.loads(half_turns.read_text())["families"]["heldout_setting"]
     assert rotated["inference"]["tta"] == "rot180" and rotated["review"]["n"] == 3
-    assert len(list(run.glob("test_*.json"))) == 3
-    report = json.loads((run / "test_heldout-3.json").read_text())
+    assert len(list(run.glob("test_*.json"))) == 6
+    report = json.loads((run / "test_test-heldout-3.json").read_text())
     assert all(c["agreement"]["voters"] == ["identity", "flip_xy"] for c in report["cases"])
 
 
 @pytest.mark.slow
 def test_quick_folds_score_the_ensemble_its_agreement_and_each_member(accuracy, tmp_path):
     """`--folds 2`: two fold runs, `test` of their folder (the ensemble, whose members' agreement gives the
-    review flags) and of each member alone, each scored from the report that command wrote."""
+    review flags) and of each member alone, per family, each scored from the report that command wrote."""
     out = tmp_path / "ensemble.json"
     accuracy.main(["--quick", "--folds", "2", "--work-dir", str(tmp_path / "work"), "--json", str(out)])
     result = json.loads(out.read_text())
-    assert [c["case_id"] for c in result["cases"]] == ["A_1", "B_1", "C_1"]
-    members = result["members_alone"]
+    family = result["families"]["heldout_setting"]
+    assert [c["case_id"] for c in family["cases"]] == ["A_1", "B_1", "C_1"]
+    members = family["members_alone"]
     assert [Path(m).parts[-4] for m in members] == ["fold_0", "fold_1"]
     assert all(m["overall"]["n"] == 3 for m in members.values())
-    assert result["review"]["n"] == 3 and "spearman_agreement_vs_dice" in result["review"]
+    assert family["review"]["n"] == 3 and "spearman_agreement_vs_dice" in family["review"]
     folder = Path(result["checkpoint"])
-    assert (folder / "accuracy_scores.json").is_file() and (
-        folder / "ensemble" / "test_heldout.json"
-    ).is_file()
-    assert len(list(folder.glob("fold_*/version_0/test_heldout.json"))) == 2  # each member alone
+    assert (folder / "accuracy_scores_test-heldout.json").is_file()
+    assert (folder / "ensemble" / "test_test-heldout.json").is_file()
+    assert len(list(folder.glob("fold_*/version_0/test_test-heldout.json"))) == 2  # each member alone

@@ -286,3 +286,29 @@ def test_labels_stay_whole_and_world_consistent(monkeypatch):
     assert (rotated != straight).sum() > 0.2 * straight.sum()  # the grid turned under the anatomy ...
     np.testing.assert_allclose(rotated_centre, straight_centre, atol=1.3)  # ... which stays put in world mm
     assert rotated.sum() == pytest.approx(straight.sum(), rel=0.05)
+
+
+def test_synth_command_takes_the_style(tmp_path, capsys):
+    from la_seg.cli import main
+
+    main(
+        [
+            "synth",
+            "--out",
+            str(tmp_path / "d"),
+            "--cases",
+            "1",
+            "--shape",
+            "[48, 48, 8]",
+            "--style",
+            "heldout",
+        ]
+    )
+    written = nib.load(tmp_path / "d" / "train_1" / "enhanced.nii.gz").affine
+    angle = synthetic.case_physics(0, 1, "heldout").grid_angle_deg
+    np.testing.assert_allclose(np.degrees(np.arctan2(written[1, 0], written[0, 0])), angle, atol=1e-6)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", "--out", str(tmp_path / "e"), "--style", "modern"])
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("la-seg: error: ") and "style" in line and "heldout" in line
