@@ -15,15 +15,15 @@ held-out setting's (`synthetic.HELDOUT`), which nothing is trained, validated or
 `la-seg test`s the held-out set, once as configured and once
 with test-time flips (for the review flags; with `-- --model.tta rot180` or `flips` the configured test's own
 voters give them). With `--folds K`, K models instead, one per fold of a K-fold
-cross-validation of the training and validation cases, tested as the folder ensemble (`--ckpt_path` the
-run folder; review flags from the members' agreement) and each alone. Reports per geometry Dice, HD95 and
-the signed LA-volume error per case (mean, sd, worst, how many within +-5 % and beyond +-15 %), whether the
-issues' bars are met, how many of the cases flagged for review are among the worst, and for every case
-beyond +-15 % its cause: where its wrong voxels lie (the phantom's structures regenerated from its seed).
-Then `la-seg predict`s the held-out set and splits the masks' errors by how much of each voxel is LA (the phantoms' partial volume): how many voxels each
-grid leaves partly LA, how often the model is wrong on them, and the Dice a geometry would have at the best
-geometry's error rates (on its partly-LA voxels; on every voxel): whether a geometry's gap is its grid's or
-the model's.
+cross-validation of the training and validation cases, tested as the folder ensemble (`--ckpt_path` the run
+folder; review flags from the members' agreement) and each alone. Reports per geometry Dice, HD95 and the
+signed LA-volume error per case (mean, sd, worst, how many within +-5 % and beyond +-15 %), whether the
+issues' bars are met, how many of the cases flagged for review are among the worst, and for every case beyond
++-15 % its cause: where its wrong voxels lie (the phantom's structures regenerated from its seed). Then
+`la-seg predict`s the held-out set and splits the masks' errors by how much of each voxel is LA (the phantoms'
+partial volume): how many voxels each grid leaves partly LA, how often the model is wrong on them, and the
+Dice a geometry would have at the best geometry's error rates (on its partly-LA voxels; on every voxel):
+whether a geometry's gap is its grid's or the model's.
 
     python benchmarks/accuracy.py --name stretch --json benchmarks/results/accuracy_14ep_stretch.json \\
         -- --data.in_plane stretch --trainer.max_epochs 14   # ~15 min on a quiet core, 35 min on a busy one
