@@ -9,16 +9,21 @@ geometries, with one heart size in mm whatever the field of view:
     C  1.3 x 1.3 x 4 mm,       112 x 96 x 24    (thick slices, non-square)
 
 trains one model with `la-seg fit` (the demo recipe, `demo.yaml`, unless options after `--` change it) on the
-training part, then `la-seg test`s it on a fixed held-out set of another seed, once as configured and once
+training part, phantoms of the training family (`synthetic.VARIED`: physics drawn per case, as centres
+differ), then scores it on two held-out sets of another seed (FAMILIES): the training family's and the
+held-out setting's (`synthetic.HELDOUT`), which nothing is trained, validated or calibrated on. Per family it
+`la-seg test`s the held-out set, once as configured and once
 with test-time flips (for the review flags; with `-- --model.tta rot180` or `flips` the configured test's own
 voters give them). With `--folds K`, K models instead, one per fold of a K-fold
-cross-validation of the training and validation cases, tested as the folder ensemble (`--ckpt_path` the
-run folder; review flags from the members' agreement) and each alone. Reports per geometry Dice, HD95 and
-the signed LA-volume error per case (mean, sd, worst, how many beyond +-5 %), whether the issue's bar is met,
-and how many of the cases flagged for review are among the worst. Then `la-seg predict`s the held-out set and
-splits the masks' errors by how much of each voxel is LA (the phantoms' partial volume): how many voxels each
-grid leaves partly LA, how often the model is wrong on them, and the Dice a geometry would have at the best
-geometry's error rates: whether a geometry's gap is its grid's or the model's.
+cross-validation of the training and validation cases, tested as the folder ensemble (`--ckpt_path` the run
+folder; review flags from the members' agreement) and each alone. Reports per geometry Dice, HD95 and the
+signed LA-volume error per case (mean, sd, worst, how many within +-5 % and beyond +-15 %), whether the
+issues' bars are met, how many of the cases flagged for review are among the worst, and for every case beyond
++-15 % its cause: where its wrong voxels lie (the phantom's structures regenerated from its seed). Then
+`la-seg predict`s the held-out set and splits the masks' errors by how much of each voxel is LA (the phantoms'
+partial volume): how many voxels each grid leaves partly LA, how often the model is wrong on them, and the
+Dice a geometry would have at the best geometry's error rates (on its partly-LA voxels; on every voxel):
+whether a geometry's gap is its grid's or the model's.
 
     python benchmarks/accuracy.py --name stretch --json benchmarks/results/accuracy_14ep_stretch.json \\
         -- --data.in_plane stretch --trainer.max_epochs 14   # ~15 min on a quiet core, 35 min on a busy one
@@ -53,7 +58,17 @@ from la_seg.checkpoints import (
 )
 from la_seg.cli import main as la_seg
 from la_seg.data.io import read_label
-from la_seg.data.synthetic import case_la_fraction, write_dataset
+from la_seg.data.synthetic import (
+    FAT_CODE,
+    LA_CODE,
+    LA_WALL_CODE,
+    OTHER_WALL_CODE,
+    POOL_CODE,
+    POOL_NAMES,
+    case_la_fraction,
+    case_structures,
+    write_dataset,
+)
 from la_seg.errors import DataError
 from la_seg.inference import check_tta_trained
 from la_seg.runs import checkpoint_in, version_folder_of, versions
@@ -65,10 +80,20 @@ GEOMETRIES = {  # prefix: (shape, spacing mm)
     "C": ((112, 96, 24), (1.3, 1.3, 4.0)),
 }
 HELDOUT_SEED = 1  # the held-out phantoms' seed (the training and validation ones: 0)
+TRAINING_STYLE = "varied"  # the training family (synthetic.VARIED): training, validation and calibration
+# Held-out phantoms per family: (folder under work-dir, synthetic style). "heldout_setting"
+# (synthetic.HELDOUT) is a generator setting nothing is trained or tuned on.
+FAMILIES = {
+    "training_family": ("test-varied", TRAINING_STYLE),
+    "heldout_setting": ("test-heldout", "heldout"),
+}
+DATA_FOLDER = "data-varied"  # training and validation phantoms (seed 0, TRAINING_STYLE)
 ANATOMY_FOV_MM = 100.0  # the heart's size: as in the demo's 100 mm field of view, on every geometry
 VOLUME_TOLERANCE = 5.0  # % signed LA-volume error counted as within tolerance
+VOLUME_LIMIT = 15.0  # % signed LA-volume error no case may exceed (issue 31); each beyond gets its cause
 DICE_MARGIN = 0.01  # every geometry's mean Dice >= best geometry's - this
-WITHIN_TARGET = 0.95  # fraction of held-out cases within the volume tolerance
+DICE_TARGETS = {"A": 0.96, "B": 0.96, "C": 0.93}  # issue 31's mean Dice per geometry
+WITHIN_TARGET = 0.90  # fraction of held-out cases within the volume tolerance (issue 31)
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
@@ -109,16 +134,20 @@ def progress(message: str) -> None:
 
 
 def make_data(work: Path, args: argparse.Namespace) -> dict[str, list[str]]:
-    """Phantoms of every geometry (reused when present): `data` (train + val, seed 0), `heldout` (seed 1)."""
+    """Phantoms of every geometry (reused when present): DATA_FOLDER (train + val, seed 0, the training
+    family) and each family's held-out folder (seed 1); the train / val split."""
     split: dict[str, list[str]] = {"train": [], "val": []}
+    parts = [(DATA_FOLDER, args.train + args.val, 0, TRAINING_STYLE)]
+    parts += [(folder, args.heldout, HELDOUT_SEED, style) for folder, style in FAMILIES.values()]
     for prefix, (shape, spacing) in GEOMETRIES.items():
-        parts = (("data", args.train + args.val, 0), ("heldout", args.heldout, HELDOUT_SEED))
-        for folder, cases, seed in parts:
+        for folder, cases, seed, style in parts:
             root = work / folder
             wanted = [root / f"{prefix}_{i}" for i in range(1, cases + 1)]
             if not all((f / "atriumSegImgMO.nii.gz").is_file() for f in wanted):
                 progress(f"writing {cases} {folder} phantoms of geometry {prefix} {shape} at {spacing} mm")
-                write_dataset(root, cases, seed, shape, spacing, True, ANATOMY_FOV_MM, prefix=f"{prefix}_")
+                write_dataset(
+                    root, cases, seed, shape, spacing, True, ANATOMY_FOV_MM, prefix=f"{prefix}_", style=style
+                )
         ids = [f"{prefix}_{i}" for i in range(1, args.train + args.val + 1)]
         split["train"] += ids[: args.train]
         split["val"] += ids[args.train :]
@@ -160,9 +189,8 @@ def logger_options(work: Path, args: argparse.Namespace) -> list[str]:
 
 
 def fold_data(work: Path, args: argparse.Namespace) -> list[str]:
-    """Data options of a K-fold run: every case of data/ in the folds, the held-out folder as test set."""
-    data = ["--data.root", str(work / "data"), "--data.test_root", str(work / "heldout")]
-    return [*data, "--data.folds", str(args.folds)]
+    """Data options of a K-fold run: every case of DATA_FOLDER in the folds (test sets added per family)."""
+    return ["--data.root", str(work / DATA_FOLDER), "--data.folds", str(args.folds)]
 
 
 def run_folder(ckpt: Path) -> Path:
@@ -215,6 +243,8 @@ def summarise(cases: list[dict]) -> dict:
         "volume_error_pct_worst": float(errors[worst]),
         "volume_error_worst_case": cases[worst]["case_id"],
         "beyond_5pct": int((np.abs(errors) > VOLUME_TOLERANCE).sum()),
+        "within_5pct_fraction": float((np.abs(errors) <= VOLUME_TOLERANCE).mean()),
+        "beyond_15pct": int((np.abs(errors) > VOLUME_LIMIT).sum()),
     }
 
 
@@ -223,7 +253,8 @@ def score(report: dict) -> dict:
     cases = report["cases"]
     per_geometry = {g: summarise([c for c in cases if c["case_id"].startswith(f"{g}_")]) for g in GEOMETRIES}
     best = max(s["dice_mean"] for s in per_geometry.values())
-    within = sum(abs(volume_error(c)) <= VOLUME_TOLERANCE for c in cases) / len(cases)
+    errors = [abs(volume_error(c)) for c in cases]
+    within = sum(e <= VOLUME_TOLERANCE for e in errors) / len(cases)
     return {
         "per_geometry": per_geometry,
         "overall": summarise(cases),
@@ -231,8 +262,12 @@ def score(report: dict) -> dict:
             "every_geometry_dice_within_0.01_of_best": all(
                 s["dice_mean"] >= best - DICE_MARGIN for s in per_geometry.values()
             ),
+            "dice_targets_met": {
+                g: per_geometry[g]["dice_mean"] >= target for g, target in DICE_TARGETS.items()
+            },
             "fraction_within_5pct": within,
-            "at_least_95pct_within_5pct": within >= WITHIN_TARGET,
+            "at_least_90pct_within_5pct": within >= WITHIN_TARGET,
+            "beyond_15pct": sum(e > VOLUME_LIMIT for e in errors),
         },
         "inference": report["header"].get("inference"),
         "cases": [
@@ -249,19 +284,28 @@ def score(report: dict) -> dict:
     }
 
 
-SHARE_BANDS = (0.0, 0.25, 0.5, 0.75, 1.0)  # voxels partly LA, by the LA share of the voxel
+SHARE_BANDS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# where a false positive can lie: the phantoms' structures (synthetic.case_structures' codes)
+STRUCTURES = {
+    "partly-LA boundary voxel": LA_CODE,
+    "LA wall": LA_WALL_CODE,
+    "epicardial fat": FAT_CODE,
+    "other myocardium or wall": OTHER_WALL_CODE,
+    **{name: POOL_CODE + k for k, name in enumerate(POOL_NAMES)},
+    "tissue, lung or background": 0,
+}  # voxels partly LA, by the LA share of the voxel
 
 
-def predict(work: Path, args: argparse.Namespace, ckpt: Path) -> Path:
-    """`la-seg predict` of the held-out folder (the settings `test` used) into a new folder of the run."""
-    masks = run_folder(ckpt) / f"heldout_masks_{time.strftime('%Y%m%d-%H%M%S')}"
+def predict(work: Path, args: argparse.Namespace, ckpt: Path, folder: str) -> Path:
+    """`la-seg predict` of a held-out folder (the settings `test` used) into a new folder of the run."""
+    masks = run_folder(ckpt) / f"{folder}_masks_{time.strftime('%Y%m%d-%H%M%S')}"
     progress(f"la-seg predict {ckpt} into {masks}")
-    data = ["--data.predict_root", str(work / "heldout"), "--writer.output_dir", str(masks)]
+    data = ["--data.predict_root", str(work / folder), "--writer.output_dir", str(masks)]
     la_seg(["predict", "--config", args.config, *QUIET, *data, *args.options, "--ckpt_path", str(ckpt)])
     return masks
 
 
-def share_figures(masks: Path, args: argparse.Namespace) -> dict:
+def share_figures(masks: Path, args: argparse.Namespace, style: str) -> dict:
     """Is a geometry's Dice gap its grid's or the model's? Per geometry: how many voxels the LA's boundary
     leaves partly LA (per LA voxel), the model's error rate on them by LA share (SHARE_BANDS) and its errors
     on whole voxels (% of the LA volume), and the Dice it would have if its partly-LA voxels were as often
@@ -276,7 +320,7 @@ def share_figures(masks: Path, args: argparse.Namespace) -> dict:
         progress(f"LA share of every voxel of the {args.heldout} held-out phantoms of geometry {prefix}")
         rows, case_cuts = [], []
         for i in range(1, args.heldout + 1):
-            share = case_la_fraction(HELDOUT_SEED, i, shape, spacing, ANATOMY_FOV_MM)
+            share = case_la_fraction(HELDOUT_SEED, i, shape, spacing, ANATOMY_FOV_MM, style)
             called = read_label(masks / f"{prefix}_{i}.nii.gz").data > 0
             reference = share >= 0.5
             wrong = called != reference
@@ -304,6 +348,16 @@ def share_figures(masks: Path, args: argparse.Namespace) -> dict:
 
     measured = {g: dice(c, c[:, 4::2]) for g, c in counts.items()}
     best = max(measured, key=measured.get)
+    # the best geometry's errors on whole voxels, per LA voxel: false positives, false negatives
+    whole_rates = counts[best][:, 1:3].sum(0) / counts[best][:, 0].sum()
+
+    def grid_limit(c: np.ndarray) -> float:
+        """The Dice of a model as good as on the best geometry, on this grid: every partly-LA voxel judged at
+        the best geometry's rates (band by band) and whole voxels wrong as often as there."""
+        at_best = c.copy()
+        at_best[:, 1:3] = c[:, :1] * whole_rates
+        return dice(at_best, c[:, 3::2] * rates[best])
+
     bands = [f"[{lo}, {hi})" for lo, hi in zip(SHARE_BANDS[:-1], SHARE_BANDS[1:], strict=True)]
     return {
         "masks": str(masks),
@@ -318,12 +372,38 @@ def share_figures(masks: Path, args: argparse.Namespace) -> dict:
                 },
                 "dice": measured[g],
                 "dice_at_best_rates": dice(c, c[:, 3::2] * rates[best]),
+                "dice_grid_limit": grid_limit(c),
                 "effective_la_share_cut": mean_sd(cuts[g][:, 0]),
                 "partly_la_volume_error_pct": mean_sd(cuts[g][:, 1]),
             }
             for g, c in counts.items()
         },
     }
+
+
+def beyond_limit(masks: Path, cases: list[dict], args: argparse.Namespace, style: str) -> list[dict]:
+    """Every held-out case whose LA volume is off by more than VOLUME_LIMIT %, with its cause: where its
+    wrong voxels lie (the phantom's structure at each voxel's centre, regenerated from its seed), as % of
+    the LA volume, and the largest share named."""
+    found = []
+    for case in cases:
+        if abs(case["volume_error_pct"]) <= VOLUME_LIMIT:
+            continue
+        prefix, index = case["case_id"].split("_")
+        shape, spacing = GEOMETRIES[prefix]
+        share = case_la_fraction(HELDOUT_SEED, int(index), shape, spacing, ANATOMY_FOV_MM, style)
+        structures = case_structures(HELDOUT_SEED, int(index), shape, spacing, ANATOMY_FOV_MM, style)
+        called, reference = read_label(masks / f"{case['case_id']}.nii.gz").data > 0, share >= 0.5
+        la_voxels = reference.sum()
+        wrong = {
+            name: 100 * float((called & ~reference & (structures == code)).sum()) / la_voxels
+            for name, code in STRUCTURES.items()
+        }
+        wrong["LA missed"] = 100 * float((~called & reference).sum()) / la_voxels
+        worst = max(wrong, key=wrong.get)
+        cause = f"{worst} called LA" if worst != "LA missed" else "LA missed"
+        found.append({**case, "wrong_pct_of_la": wrong, "cause": f"{cause} ({wrong[worst]:.1f} % of the LA)"})
+    return found
 
 
 def member_figures(scored: dict) -> dict:
@@ -371,15 +451,57 @@ def run(args: argparse.Namespace) -> dict:
     if args.folds > 1:
         ckpt, data = fit_folds(work, args), [*fold_data(work, args), "--data.fold", "0"]
     else:
-        data = ["--data.root", str(work / "data"), "--data.split_file", str(split_file)]
+        data = ["--data.root", str(work / DATA_FOLDER), "--data.split_file", str(split_file)]
         ckpt = args.ckpt or fit(work, args, data)
-        data += ["--data.test_root", str(work / "heldout")]
     fitted = time.perf_counter()
-    report = test(work, args, ckpt, data, [])
-    plain = score(report)
-    (run_folder(ckpt) / "accuracy_scores.json").write_text(json.dumps(plain, indent=1))
     members = run_folder_checkpoints(ckpt) if ckpt.is_dir() else [ckpt]
     checkpoint = load_checkpoint(members[0])
+    families = {
+        family: evaluate_family(work, args, ckpt, members, checkpoint, data, folder, style)
+        for family, (folder, style) in FAMILIES.items()
+    }
+    return {
+        "question": "on held-out hearts of the training family and of a setting nothing was tuned on, does "
+        "every scanner geometry reach its Dice and LA volume targets (issues 19, 31)?",
+        "families": families,
+        "checkpoint": str(ckpt),
+        "checkpoint_calibration": stored_calibration(checkpoint),
+        "settings": {
+            "config": args.config,
+            "options": args.options,
+            "geometries": {g: {"shape": s, "spacing_mm": sp} for g, (s, sp) in GEOMETRIES.items()},
+            "anatomy_fov_mm": ANATOMY_FOV_MM,
+            "partial_volume": True,
+            "training_style": TRAINING_STYLE,
+            "families": {family: style for family, (_, style) in FAMILIES.items()},
+            "train_per_geometry": args.train,
+            "val_per_geometry": args.val,
+            "heldout_per_geometry": args.heldout,
+            "heldout_seed": HELDOUT_SEED,
+            "folds": args.folds,
+            "threads": os.environ.get("OMP_NUM_THREADS"),
+        },
+        "seconds": {"fit": round(fitted - started, 1), "total": round(time.perf_counter() - started, 1)},
+    }
+
+
+def evaluate_family(
+    work: Path,
+    args: argparse.Namespace,
+    ckpt: Path,
+    members: list[Path],
+    checkpoint: dict,
+    data: list[str],
+    folder: str,
+    style: str,
+) -> dict:
+    """One family's held-out set: `la-seg test` scored per geometry, the review flags, each member alone (an
+    ensemble), and `la-seg predict`'s masks split by LA share with a cause for every case beyond
+    VOLUME_LIMIT."""
+    data = [*data, "--data.test_root", str(work / folder)]
+    report = test(work, args, ckpt, data, [])
+    plain = score(report)
+    (run_folder(ckpt) / f"accuracy_scores_{folder}.json").write_text(json.dumps(plain, indent=1))
     review, alone = None, None
     if any(c.get("agreement") for c in report["cases"]):  # voters as configured: members, or --model.tta
         review = review_figures(report, plain)
@@ -392,63 +514,59 @@ def run(args: argparse.Namespace) -> dict:
         except DataError as refused:
             progress(f"no review flags: {refused}")
             review = {"note": f"no review flags: {refused}"}
-    calibration = stored_calibration(checkpoint)
+    masks = predict(work, args, ckpt, folder)
     return {
-        "question": "does every scanner geometry reach the same Dice and LA volume (issue 19)?",
+        "style": style,
         **plain,
-        "partial_volume": share_figures(predict(work, args, ckpt), args),
+        "partial_volume": share_figures(masks, args, style),
+        "beyond_15pct": beyond_limit(masks, plain["cases"], args, style),
         "review": review,
-        "checkpoint": str(ckpt),
         "members_alone": alone,
-        "checkpoint_calibration": calibration,
-        "settings": {
-            "config": args.config,
-            "options": args.options,
-            "geometries": {g: {"shape": s, "spacing_mm": sp} for g, (s, sp) in GEOMETRIES.items()},
-            "anatomy_fov_mm": ANATOMY_FOV_MM,
-            "partial_volume": True,
-            "train_per_geometry": args.train,
-            "val_per_geometry": args.val,
-            "heldout_per_geometry": args.heldout,
-            "heldout_seed": HELDOUT_SEED,
-            "folds": args.folds,
-            "threads": os.environ.get("OMP_NUM_THREADS"),
-        },
-        "seconds": {"fit": round(fitted - started, 1), "total": round(time.perf_counter() - started, 1)},
     }
 
 
 def table(paths: list[str]) -> str:
-    """A markdown table of result files side by side: per geometry Dice, HD95, volume error, beyond +-5 %."""
+    """A markdown table of result files: per family and geometry Dice, volume error, cases within +-5 % and
+    beyond +-15 %, and the resolution-aware figures; then every case beyond +-15 % with its cause."""
     lines = [
-        "| run | geometry | Dice mean (min) | HD95 mm mean (max) | volume error % mean +- sd (worst) "
-        "| beyond 5 % | partly-LA voxels per LA voxel | Dice at the best geometry's partly-LA error rates |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | family | geometry | Dice mean (min) | HD95 mm mean | volume error % mean +- sd (worst) "
+        "| within 5 % | beyond 15 % | partly-LA voxels per LA voxel | Dice at the best geometry's partly-LA "
+        "rates | Dice at the best geometry's rates on every voxel |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    causes = []
     for path in paths:
         result = json.loads(Path(path).read_text())
         name = Path(path).stem
-        shares = result.get("partial_volume", {}).get("per_geometry", {})  # before round 9: none
-        for g, s in result["per_geometry"].items():
-            share = shares.get(g)
-            share_columns = (
-                f"{share['partly_la_voxels_per_la_voxel']:.2f} | {share['dice_at_best_rates']:.3f}"
-                if share
-                else "- | -"
-            )
+        families = result.get("families", {"-": result})  # before issue 31: one held-out set
+        for family, figures in families.items():
+            shares = figures.get("partial_volume", {}).get("per_geometry", {})  # before round 9: none
+            for g, s in figures["per_geometry"].items():
+                share = shares.get(g, {})
+                columns = [
+                    f"{share['partly_la_voxels_per_la_voxel']:.2f}" if share else "-",
+                    f"{share['dice_at_best_rates']:.3f}" if share else "-",
+                    f"{share['dice_grid_limit']:.3f}" if "dice_grid_limit" in share else "-",
+                ]
+                within = s.get("within_5pct_fraction", 1 - s["beyond_5pct"] / s["n"])
+                lines.append(
+                    f"| {name} | {family} | {g} | {s['dice_mean']:.3f} ({s['dice_min']:.3f}) | "
+                    f"{s['hd95_mm_mean']:.1f} | {s['volume_error_pct_mean']:+.1f} +- "
+                    f"{s['volume_error_pct_sd']:.1f} ({s['volume_error_pct_worst']:+.1f}) | "
+                    f"{100 * within:.0f} % | {s.get('beyond_15pct', '-')} | {' | '.join(columns)} |"
+                )
+            done, overall = figures["done_when"], figures["overall"]
             lines.append(
-                f"| {name} | {g} | {s['dice_mean']:.3f} ({s['dice_min']:.3f}) | {s['hd95_mm_mean']:.1f} "
-                f"({s['hd95_mm_max']:.1f}) | {s['volume_error_pct_mean']:+.1f} +- "
-                f"{s['volume_error_pct_sd']:.1f} ({s['volume_error_pct_worst']:+.1f}) | "
-                f"{s['beyond_5pct']}/{s['n']} | {share_columns} |"
+                f"| {name} | {family} | all | {overall['dice_mean']:.3f} ({overall['dice_min']:.3f}) | | "
+                f"worst {overall['volume_error_pct_worst']:+.1f} | "
+                f"{100 * done['fraction_within_5pct']:.0f} % | "
+                f"{done.get('beyond_15pct', '-')} | | | |"
             )
-        done = result["done_when"]
-        lines.append(
-            f"| {name} | all | {result['overall']['dice_mean']:.3f} | | within 5 %: "
-            f"{100 * done['fraction_within_5pct']:.0f} % | Dice bar met: "
-            f"{done['every_geometry_dice_within_0.01_of_best']} | | |"
-        )
-    return "\n".join(lines)
+            causes += [
+                f"* {name}, {family}, {c['case_id']}: {c['volume_error_pct']:+.1f} %, {c['cause']}"
+                for c in figures.get("beyond_15pct", [])
+            ]
+    return "\n".join(lines + ([""] if causes else []) + causes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -459,22 +577,24 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.json, result)
-    for g, s in result["per_geometry"].items():
-        progress(
-            f"{g}: Dice {s['dice_mean']:.3f} (min {s['dice_min']:.3f}), HD95 {s['hd95_mm_mean']:.1f} mm, "
-            f"volume error {s['volume_error_pct_mean']:+.1f} +- {s['volume_error_pct_sd']:.1f} % "
-            f"(worst {s['volume_error_pct_worst']:+.1f} %), beyond 5 %: {s['beyond_5pct']}/{s['n']}"
-        )
-    shares = result["partial_volume"]
-    for g, s in shares["per_geometry"].items():
-        rates = ", ".join(f"{band} {rate:.2f}" for band, rate in s["error_rate_by_la_share"].items())
-        progress(
-            f"{g}: {s['partly_la_voxels_per_la_voxel']:.2f} partly-LA voxels per LA voxel, wrong by LA share "
-            f"{rates}; Dice at {shares['best']}'s rates {s['dice_at_best_rates']:.3f}; LA share cut at "
-            f"{s['effective_la_share_cut']['mean']:.3f} +- {s['effective_la_share_cut']['sd']:.3f}, volume "
-            f"error from partly-LA voxels sd {s['partly_la_volume_error_pct']['sd']:.1f} %"
-        )
-    progress(f"done when: {result['done_when']}; written to {args.json}")
+    for family, figures in result["families"].items():
+        shares = figures["partial_volume"]
+        for g, s in figures["per_geometry"].items():
+            share = shares["per_geometry"][g]
+            progress(
+                f"{family} {g}: Dice {s['dice_mean']:.3f} (min {s['dice_min']:.3f}), volume error "
+                f"{s['volume_error_pct_mean']:+.1f} +- {s['volume_error_pct_sd']:.1f} % (worst "
+                f"{s['volume_error_pct_worst']:+.1f} %), within 5 %: "
+                f"{100 * s['within_5pct_fraction']:.0f} %, "
+                f"beyond 15 %: {s['beyond_15pct']}; {share['partly_la_voxels_per_la_voxel']:.2f} partly-LA "
+                f"voxels per LA voxel, Dice at {shares['best']}'s partly-LA rates "
+                f"{share['dice_at_best_rates']:.3f}, at its rates on every voxel "
+                f"{share['dice_grid_limit']:.3f}"
+            )
+        for case in figures["beyond_15pct"]:
+            progress(f"{family} {case['case_id']}: {case['volume_error_pct']:+.1f} %, {case['cause']}")
+        progress(f"{family} done when: {figures['done_when']}")
+    progress(f"written to {args.json}")
 
 
 if __name__ == "__main__":

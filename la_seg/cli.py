@@ -9,6 +9,7 @@ import sys
 from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from la_seg.atomic import FolderLock
 from la_seg.config_file import resolve_config_paths
@@ -57,6 +58,7 @@ def synth(
     shape: tuple[int, int, int] = (160, 160, 40),
     spacing: tuple[float, float, float] = (0.625, 0.625, 2.5),
     scar: float | None = None,
+    style: Literal["classic", "varied", "heldout"] = "classic",
 ) -> None:
     """Write a LAScarQS-task-2-style tree of synthetic LGE-like volumes (LA label 420).
 
@@ -68,11 +70,18 @@ def synth(
         spacing: voxel spacing in mm.
         scar: wall enhancement patches of known area (IIR about 2.2 before blur) over this share of the LA
             wall, times 0.5..1.5 per case; default: the wall's random patchy enhancement of unknown extent.
+        style: the phantoms' physics. classic: one fixed physics (the demo's data). varied: the training
+            family, each case drawing contrast, wall, fat, neighbours, LA warp, grid rotation (in the
+            affine), bias and noise over ranges as centres differ. heldout: a setting no training family
+            case has (another pulmonary-vein arrangement, closer neighbours, more warp and noise), for
+            benchmarks. Ranges: la_seg/data/synthetic.py (VARIED, HELDOUT).
     """
     from la_seg.data.synthetic import write_dataset  # only `synth` needs it
 
     with FolderLock(out, "--out"):  # a second synth into `out` would pair its images with this one's labels
-        folders = write_dataset(Path(out), cases, seed, shape=tuple(shape), spacing=tuple(spacing), scar=scar)
+        folders = write_dataset(
+            Path(out), cases, seed, shape=tuple(shape), spacing=tuple(spacing), scar=scar, style=style
+        )
     print(f"Wrote {len(folders)} synthetic cases to {out}")
 
 

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypedDict, get_args
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -56,8 +57,9 @@ FLIP_NEEDS: dict[str, tuple[str, ...]] = {
     "flip_y": ("hflip",),
     "flip_xy": ("hflip", "vflip"),
 }
-# Post-processing of a binary mask (model.postprocess): none, or keep the largest 3D connected component.
-Postprocess = Literal["none", "largest_component"]
+# Post-processing of a binary mask (model.postprocess): none, keep the largest 3D connected component, or
+# keep the largest part after cutting the mask at its narrow necks (postprocess_mask).
+Postprocess = Literal["none", "largest_component", "largest_part"]
 POSTPROCESSING: tuple[str, ...] = get_args(Postprocess)
 # Mean pairwise Dice below which a case is flagged for review (writer.review_below).
 REVIEW_BELOW = 0.9
@@ -347,12 +349,43 @@ class Ensemble(nn.Module):
 
 
 def postprocess_mask(mask: Tensor, postprocess: str) -> Tensor:
-    """`postprocess` (POSTPROCESSING) applied to a binary (X, Y, Z) mask; an empty mask is returned as is."""
+    """`postprocess` (POSTPROCESSING) applied to a binary (X, Y, Z) mask (slices last); an empty mask is
+    returned as is.
+
+    `largest_part` drops a neighbouring chamber or vessel that a thin wall's partial-volume voxels joined to
+    the LA, which `largest_component` keeps whole: the mask's core (eroded by one pixel in-plane, so bridges
+    up to two pixels wide vanish) is split into 3D components, every mask voxel goes to its nearest core
+    component, and the largest component of the voxels that went to the largest core is kept. Thin parts
+    without a core of their own (vein tips, small sections in the end slices) follow the core beside them.
+    """
     if postprocess not in POSTPROCESSING:
         raise DataError(f"postprocess must be one of {list(POSTPROCESSING)}, got {postprocess!r}")
     if postprocess == "none" or not mask.any():
         return mask
+    if postprocess == "largest_part":
+        mask = _largest_part(mask)
     return _keep_largest_component()(mask[None]).squeeze(0).bool()
+
+
+def _largest_part(mask: Tensor) -> Tensor:
+    """The voxels of `mask` nearest to its largest core component (postprocess_mask); `mask` itself when it
+    has no core."""
+    from scipy import ndimage  # only this post-processing needs it
+
+    whole = mask.cpu().numpy().astype(bool)
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(whole))
+    array = whole[box]
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[:, :, 1] = True
+    core = ndimage.binary_erosion(array, structure=in_plane)
+    parts, count = ndimage.label(core, structure=np.ones((3, 3, 3), bool))
+    if count == 0:
+        return mask
+    largest = int(np.argmax(np.bincount(parts.ravel())[1:])) + 1
+    nearest = ndimage.distance_transform_edt(parts == 0, return_distances=False, return_indices=True)
+    kept = np.zeros_like(whole)
+    kept[box] = array & (parts[tuple(nearest)] == largest)
+    return torch.from_numpy(kept).to(mask.device)
 
 
 @functools.cache

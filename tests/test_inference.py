@@ -261,3 +261,24 @@ def test_postprocess_mask_keeps_the_largest_component_and_names_a_bad_choice():
     assert torch.equal(postprocess_mask(empty, "largest_component"), empty)
     with pytest.raises(DataError, match="postprocess must be one of"):
         postprocess_mask(mask, "opening")
+
+
+def test_largest_part_drops_a_neighbour_joined_by_a_thin_bridge():
+    """A neighbouring pool joined to the LA through a two-pixel bridge (a thin wall's partial-volume voxels):
+    largest_component keeps both, largest_part only the LA, with its one-pixel vein tip and its small end
+    slice (no core of their own)."""
+    mask = torch.zeros(40, 40, 7, dtype=torch.bool)
+    mask[5:20, 5:20, 1:5] = True  # the LA, 900 voxels
+    mask[12, 20:24, 1:5] = True  # a vein tip one pixel wide
+    mask[10:12, 10:12, 5] = True  # a small section in an end slice
+    mask[22:36, 5:20, 1:5] = True  # a neighbour of 840 voxels
+    mask[20:22, 11:13, 2:4] = True  # the bridge
+    whole = postprocess_mask(mask, "largest_component")
+    assert torch.equal(whole, mask)
+    kept = postprocess_mask(mask, "largest_part")
+    assert kept[5:20, 5:20, 1:5].all() and kept[12, 20:24, 1:5].all() and kept[10:12, 10:12, 5].all()
+    assert not kept[22:36].any()
+    assert kept.sum() <= 900 + 16 + 4 + 8
+    lone = torch.zeros(6, 6, 3, dtype=torch.bool)
+    lone[2, 1:5, 1] = True  # no core at all: kept as it is
+    assert torch.equal(postprocess_mask(lone, "largest_part"), lone)

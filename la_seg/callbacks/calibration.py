@@ -1,8 +1,8 @@
 """Inference settings chosen on the validation cases at the end of fit, as nnU-Net chooses post-processing.
 
 When training ends, the best checkpoint's weights segment every validation case. First the post-processing
-(`none` or `largest_component`) at the configured threshold: the higher mean 3D Dice, near-ties (within
-`tie_dice`) going to `largest_component` (it only removes islands, which barely move Dice but ruin HD95, and
+(POSTPROCESSING) at the configured threshold: the higher mean 3D Dice, near-ties (within `tie_dice`) going
+to `largest_component` (it only removes islands, which barely move Dice but ruin HD95, and
 validation cases may have none: on the accuracy benchmark a tie went to `none` by 0.0006 Dice and held-out
 islands raised mean HD95 from ~3 to ~10 mm). Then the threshold, on a small grid with that post-processing:
 among those whose mean validation Dice is within `dice_margin` of the best, the one that puts the most

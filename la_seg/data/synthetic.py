@@ -8,12 +8,22 @@ laid out in mm for a 100 mm field of view and scaled to the actual one, so small
 whole heart. Everything is vectorised numpy: each shape is evaluated only in the box around it and the smooth
 fields are outer products of 1D waves, so large phantoms (640 x 640 x 44) take seconds; the same seed gives
 the same bytes on disk.
+
+Three styles (`style`, `la-seg synth --style`). `classic`: the fixed physics above (the demo's data, every
+earlier seed's bytes). `varied`, the training family: each case draws its physics over the ranges of
+`VARIED` (domain randomisation, as centres differ): blood 1.2-8.5x myocardium, a thin LA wall enhanced above
+the blood pool, epicardial fat nearly as bright as blood, other chambers as bright as the LA, pulled towards
+it behind walls down to 1 mm, the LA warped by a smooth field in mm, the scanner grid rotated in-plane (the
+affine says so), bias field and Rician noise. `heldout`, the held-out setting that nothing is trained or tuned
+on: a pulmonary-vein arrangement the training family never has (a left common trunk and a right middle
+vein), with neighbours closer, the LA warped more and noise higher than any training case (`HELDOUT`).
 """
 
 from __future__ import annotations
 
 import itertools
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -37,6 +47,166 @@ _SIGNAL_SCALE = 600.0  # blood pool grey value, roughly a scanner's range
 _BLOOD, _MYOCARDIUM, _ENHANCED, _TISSUE, _LUNG = 1.0, 0.12, 1.4, 0.35, 0.06
 # `scar` patches: well above the dense-scar IIR (1.32), so blur, bias and noise keep them above it
 _SCAR = 2.2
+# Where the other blood pools are pulled from, towards the LA's nominal centre (anatomy mm)
+_LA_NOMINAL_CENTRE = np.array([0.0, 10.0, 0.0])
+POOL_NAMES = ("LV", "RV", "RA", "ascending aorta", "descending aorta")
+
+
+@dataclass(frozen=True)
+class Physics:
+    """One case's physics: grey values relative to the LA blood pool (1.0) and wall geometry in mm.
+
+    Wall thicknesses and the enhancement are further jittered per case by 0.85-1.15 and 0.9-1.1 (as
+    `classic` always did); `enhanced_cut` is the threshold on a unit-variance smooth field above which the LA
+    wall is enhanced (lower: more of it); `noise` and `bias` are the ranges the Rician noise's sd and the bias
+    field's (linear, quadratic) log-coefficients are drawn from.
+    """
+
+    myocardium: float
+    enhanced: float
+    enhanced_cut: tuple[float, float]
+    tissue: float
+    fat: float
+    fat_mm: float
+    pools: float  # the other chambers' and vessels' blood, relative to the LA's
+    la_wall_mm: float
+    septum_mm: float
+    pool_walls_mm: tuple[float, float, float, float, float]  # POOL_NAMES order
+    pull_mm: float  # every other pool moved this far towards the LA
+    warp_mm: float  # amplitude of the smooth field added to the LA's signed distance
+    noise: tuple[float, float]
+    bias: tuple[float, float]
+    grid_angle_deg: float  # the scanner grid's in-plane rotation (about the through-plane axis)
+    veins: str  # "four" or "left_trunk_right_middle"
+
+    @property
+    def blood_to_myocardium(self) -> float:
+        return 1.0 / self.myocardium
+
+
+CLASSIC = Physics(
+    myocardium=_MYOCARDIUM,
+    enhanced=_ENHANCED,
+    enhanced_cut=(0.1, 0.4),
+    tissue=_TISSUE,
+    fat=_TISSUE,
+    fat_mm=0.0,
+    pools=_BLOOD,
+    la_wall_mm=2.5,
+    septum_mm=_SEPTUM_MM,
+    pool_walls_mm=(8.0, 3.5, 2.5, 2.0, 2.0),
+    pull_mm=0.0,
+    warp_mm=0.0,
+    noise=(0.03, 0.07),
+    bias=(0.2, 0.15),
+    grid_angle_deg=0.0,
+    veins="four",
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Ranges a style draws each case's Physics from: (low, high) uniform; blood_to_myocardium log-uniform."""
+
+    blood_to_myocardium: tuple[float, float]
+    enhanced: tuple[float, float]
+    enhanced_cut: tuple[float, float]
+    tissue: tuple[float, float]
+    fat: tuple[float, float]
+    fat_mm: tuple[float, float]
+    pools: tuple[float, float]
+    la_wall_mm: tuple[float, float]
+    septum_mm: tuple[float, float]
+    lv_wall_mm: tuple[float, float]
+    pool_wall_mm: tuple[float, float]  # RV, RA and both aortas, each drawn
+    pull_mm: tuple[float, float]
+    warp_mm: tuple[float, float]
+    noise: tuple[float, float]
+    bias: tuple[float, float]
+    grid_angle_deg: tuple[float, float]
+    veins: str
+
+    def draw(self, rng: np.random.Generator) -> Physics:
+        low, high = np.log(self.blood_to_myocardium)
+        return Physics(
+            myocardium=float(np.exp(-rng.uniform(low, high))),
+            enhanced=float(rng.uniform(*self.enhanced)),
+            enhanced_cut=self.enhanced_cut,
+            tissue=float(rng.uniform(*self.tissue)),
+            fat=float(rng.uniform(*self.fat)),
+            fat_mm=float(rng.uniform(*self.fat_mm)),
+            pools=float(rng.uniform(*self.pools)),
+            la_wall_mm=float(rng.uniform(*self.la_wall_mm)),
+            septum_mm=float(rng.uniform(*self.septum_mm)),
+            pool_walls_mm=(
+                float(rng.uniform(*self.lv_wall_mm)),
+                *(float(w) for w in rng.uniform(*self.pool_wall_mm, size=4)),
+            ),
+            pull_mm=float(rng.uniform(*self.pull_mm)),
+            warp_mm=float(rng.uniform(*self.warp_mm)),
+            noise=self.noise,
+            bias=self.bias,
+            grid_angle_deg=float(rng.uniform(*self.grid_angle_deg)),
+            veins=self.veins,
+        )
+
+
+# The training family: what centres differ in, each drawn per case.
+VARIED = Family(
+    blood_to_myocardium=(1.2, 8.5),
+    enhanced=(1.05, 1.7),
+    enhanced_cut=(-0.8, 0.4),
+    tissue=(0.2, 0.5),
+    fat=(0.6, 0.95),
+    fat_mm=(0.0, 4.0),
+    pools=(0.9, 1.1),
+    la_wall_mm=(1.0, 2.6),
+    septum_mm=(1.0, 3.0),
+    lv_wall_mm=(5.0, 9.0),
+    pool_wall_mm=(1.0, 3.0),
+    pull_mm=(0.0, 5.0),
+    warp_mm=(0.0, 3.0),
+    noise=(0.02, 0.10),
+    bias=(0.35, 0.3),
+    grid_angle_deg=(-12.0, 12.0),
+    veins="four",
+)
+# The held-out setting: the low-contrast, bright-fat end of VARIED combined with what no training case has:
+# another pulmonary-vein arrangement, neighbours pulled closer, a stronger warp and more noise.
+HELDOUT = Family(
+    blood_to_myocardium=(1.2, 1.6),
+    enhanced=(1.2, 1.6),
+    enhanced_cut=(-0.8, 0.4),
+    tissue=(0.3, 0.5),
+    fat=(0.85, 0.95),
+    fat_mm=(2.0, 4.0),
+    pools=(0.95, 1.1),
+    la_wall_mm=(1.0, 2.0),
+    septum_mm=(1.0, 2.0),
+    lv_wall_mm=(5.0, 9.0),
+    pool_wall_mm=(1.0, 2.0),
+    pull_mm=(5.0, 8.0),
+    warp_mm=(3.0, 4.0),
+    noise=(0.10, 0.13),
+    bias=(0.35, 0.3),
+    grid_angle_deg=(-12.0, 12.0),
+    veins="left_trunk_right_middle",
+)
+STYLES = {"classic": None, "varied": VARIED, "heldout": HELDOUT}
+
+
+def draw_physics(rng: np.random.Generator, style: str) -> Physics:
+    """A case's physics: CLASSIC without a draw (so classic seeds keep their bytes), else drawn from the
+    style's Family (its first draws from the case's generator)."""
+    if style not in STYLES:
+        raise DataError(f"synthetic style must be one of {list(STYLES)}, got {style!r}")
+    family = STYLES[style]
+    return CLASSIC if family is None else family.draw(rng)
+
+
+def case_physics(seed: int, index: int, style: str) -> Physics:
+    """The physics of case `index` that write_dataset(seed, ..., style=style) writes."""
+    return draw_physics(_case_rng(seed, index), style)
 
 
 def synthesize_case(
@@ -46,6 +216,7 @@ def synthesize_case(
     partial_volume: bool = False,
     anatomy_fov_mm: float | None = None,
     scar: float | None = None,
+    style: str = "classic",
 ) -> tuple[np.ndarray, np.ndarray]:
     """One phantom on a `shape` grid of `spacing` mm: image int16 (X, Y, Z) and label uint16 (LA = 420).
 
@@ -55,10 +226,12 @@ def synthesize_case(
     Otherwise each voxel is sampled at its centre. `anatomy_fov_mm`: the heart is as large as in a field of
     view of this many mm whatever the grid covers (hearts do not grow with the scanner's field of view);
     None scales it to the grid's smallest extent. `scar`: see _scar_patches; None keeps the LA wall's
-    random patchy enhancement of unknown extent.
+    random patchy enhancement of unknown extent. `style`: classic, varied or heldout (the module's
+    docstring); the grid of a varied or heldout case is rotated in-plane by its Physics.grid_angle_deg,
+    which write_dataset writes into the affine (`grid_affine`).
     """
-    image, fraction, _ = _synthesize(rng, shape, spacing, partial_volume, anatomy_fov_mm, scar)
-    return image, (fraction >= 0.5).astype(np.uint16) * LA_LABEL
+    case = _synthesize(rng, shape, spacing, partial_volume, anatomy_fov_mm, scar, style)
+    return case.image, (case.fraction >= 0.5).astype(np.uint16) * LA_LABEL
 
 
 def case_la_fraction(
@@ -67,11 +240,29 @@ def case_la_fraction(
     shape: tuple[int, int, int],
     spacing: tuple[float, float, float],
     anatomy_fov_mm: float | None = None,
+    style: str = "classic",
 ) -> np.ndarray:
     """How much of each voxel is LA (float32, 0..1) in case `index` that write_dataset(seed, ...,
     partial_volume=True) writes; its label is where this is at least 0.5. Lets a benchmark ask how many
     voxels a grid leaves partly LA."""
-    return _synthesize(_case_rng(seed, index), shape, spacing, True, anatomy_fov_mm)[1]
+    return _synthesize(_case_rng(seed, index), shape, spacing, True, anatomy_fov_mm, style=style).fraction
+
+
+# case_structures' codes: 0 tissue, lung or background; then these; a pool k of POOL_NAMES is POOL_CODE + k
+LA_CODE, LA_WALL_CODE, FAT_CODE, OTHER_WALL_CODE, POOL_CODE = 1, 2, 3, 4, 10
+
+
+def case_structures(
+    seed: int,
+    index: int,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    anatomy_fov_mm: float | None = None,
+    style: str = "classic",
+) -> np.ndarray:
+    """What lies at each voxel's centre (uint8 codes above) in case `index` that write_dataset(seed, ...)
+    writes: where a mask's false positives are (a neighbouring pool, the LA wall, fat)."""
+    return _synthesize(_case_rng(seed, index), shape, spacing, False, anatomy_fov_mm, style=style).structures
 
 
 def case_scar_fraction(
@@ -85,12 +276,35 @@ def case_scar_fraction(
 ) -> float:
     """The true enhanced share (0..1) of the LA wall area in case `index` that write_dataset(seed, ...,
     scar=scar) writes: what `la-seg analyse` should measure as its fibrosis and dense-scar fractions."""
-    return _synthesize(_case_rng(seed, index), shape, spacing, partial_volume, anatomy_fov_mm, scar)[2]
+    return _synthesize(
+        _case_rng(seed, index), shape, spacing, partial_volume, anatomy_fov_mm, scar
+    ).scar_share  # type: ignore[return-value]
+
+
+def grid_affine(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], angle_deg: float = 0.0
+) -> np.ndarray:
+    """The affine of a phantom grid: centred on the world origin, voxel axes rotated by `angle_deg` about the
+    through-plane (last) axis."""
+    rotation = _rotation(np.deg2rad([0.0, 0.0, angle_deg])).astype(np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(spacing)
+    affine[:3, 3] = rotation @ (-(np.array(shape) - 1) / 2 * np.array(spacing))
+    return affine
 
 
 def _case_rng(seed: int, index: int) -> np.random.Generator:
     """Case `index` of a data set depends only on (seed, index): a larger data set extends a smaller one."""
     return np.random.default_rng([seed, index])
+
+
+@dataclass
+class _Case:
+    image: np.ndarray  # int16
+    fraction: np.ndarray  # LA share per voxel (0 or 1 without partial volume)
+    scar_share: float | None  # the true enhanced share of the wall area (None without `scar`)
+    structures: np.ndarray  # case_structures' codes (at the fine grid's sub-voxels with partial volume)
+    physics: Physics
 
 
 def _synthesize(
@@ -100,44 +314,62 @@ def _synthesize(
     partial_volume: bool,
     anatomy_fov_mm: float | None,
     scar: float | None = None,
-) -> tuple[np.ndarray, np.ndarray, float | None]:
-    """synthesize_case's image, the LA share of each voxel (0 or 1 without partial volume) and the true
-    enhanced share of the wall area (None without `scar`)."""
+    style: str = "classic",
+) -> _Case:
+    """synthesize_case's phantom with what benchmarks and tests ask of it."""
     shape, spacing = _check_grid(shape, spacing)
+    physics = draw_physics(rng, style)
     fov = np.array(shape) * np.array(spacing)
     reference_fov = float(fov.min()) if anatomy_fov_mm is None else float(anatomy_fov_mm)
     scale = reference_fov / _FOV_MM * rng.uniform(0.85, 1.15)  # per-case heart size
     rotation = _rotation(np.deg2rad(rng.uniform([-10, -10, -20], [10, 10, 20])))
     shift = rng.uniform([-0.12, -0.12, -0.08], [0.12, 0.12, 0.08]) * fov
-    # Anatomy coordinates (mm, 100 mm FOV): x right, y posterior, z superior; pose = rotate, scale, shift.
+    # Anatomy coordinates (mm, 100 mm FOV): x right, y posterior, z superior; pose = rotate, scale, shift,
+    # in world mm; the grid's own axes are world's rotated by the grid angle.
+    if physics.grid_angle_deg:
+        grid = _rotation(np.deg2rad([0.0, 0.0, physics.grid_angle_deg]))
+        rotation, shift = grid.T @ rotation, grid.T.astype(np.float64) @ shift
     factor = _supersampling(spacing) if partial_volume else (1, 1, 1)
     fine_shape = tuple(n * f for n, f in zip(shape, factor, strict=True))
     fine_spacing = tuple(s / f for s, f in zip(spacing, factor, strict=True))
     frame = _Frame(fine_shape, fine_spacing, rotation, shift, scale)
 
-    d_la, la_wall = _left_atrium(rng, frame)
-    others = _other_blood_pools(rng, frame)
+    d_la, la_wall = _left_atrium(rng, frame, physics)
+    others = _other_blood_pools(rng, frame, physics)
 
-    image = _TISSUE * (1.0 + 0.25 * _smooth_field(rng, frame, wavelength=(15.0, 40.0)))
+    image = physics.tissue * (1.0 + 0.25 * _smooth_field(rng, frame, wavelength=(15.0, 40.0)))
     for side in (-1.0, 1.0):  # lungs, lateral and posterior
         image[_ellipsoid(frame, [40.0 * side, 18.0, 0.0], [16.0, 30.0, 70.0]) < 0] = _LUNG
+    structures = np.zeros(fine_shape, np.uint8)
+    if physics.fat_mm > 0:  # epicardial fat: a patchy layer outside every wall
+        outside_walls = np.minimum.reduce([d_la - la_wall, *(distance - wall for distance, wall in others)])
+        fat = (outside_walls >= 0) & (outside_walls < physics.fat_mm)
+        fat[fat] = _smooth_field(rng, frame, wavelength=(10.0, 30.0), voxels=np.nonzero(fat)) > -0.5
+        image[fat] = physics.fat
+        structures[fat] = FAT_CODE
     myocardium = d_la < la_wall
     for distance, wall in others:
         myocardium |= distance < wall
-    image[myocardium] = _MYOCARDIUM
+    image[myocardium] = physics.myocardium
+    structures[myocardium] = OTHER_WALL_CODE
     # Blood where one chamber holds the voxel and the others are a septum away (no other distance below
     # the septum); the LA wall always separates the LA from its neighbours.
-    near = sum((distance < _SEPTUM_MM).astype(np.uint8) for distance, _ in others)
-    inside = np.logical_or.reduce([distance < 0 for distance, _ in others])
-    image[inside & (near == 1) & (d_la >= la_wall)] = _BLOOD
+    near = sum((distance < physics.septum_mm).astype(np.uint8) for distance, _ in others)
+    outside_la = d_la >= la_wall
+    for k, (distance, _) in enumerate(others):
+        pool = (distance < 0) & (near == 1) & outside_la
+        image[pool] = physics.pools
+        structures[pool] = POOL_CODE + k
     la = d_la < 0
     image[la] = _BLOOD
     wall = (d_la >= 0) & (d_la < la_wall)
+    structures[wall] = LA_WALL_CODE
+    structures[la] = LA_CODE
     if scar is None:
         enhanced = np.zeros_like(wall)  # patchy fibrosis: a smooth field thresholded on the wall only
         field = _smooth_field(rng, frame, wavelength=(8.0, 20.0), voxels=np.nonzero(wall))
-        enhanced[wall] = field > rng.uniform(0.1, 0.4)
-        image[enhanced] = _ENHANCED * _jitter(rng, 0.9, 1.1)
+        enhanced[wall] = field > rng.uniform(*physics.enhanced_cut)
+        image[enhanced] = physics.enhanced * _jitter(rng, 0.9, 1.1)
         scar_share = None
     else:
         enhanced, scar_share = _scar_patches(rng, frame, d_la, wall, scar)
@@ -149,12 +381,12 @@ def _synthesize(
         frame = _Frame(shape, spacing, rotation, shift, scale)
 
     image = gaussian_filter(image, sigma=(0.7, 0.7, 0.3), mode="nearest")
-    image *= _bias_field(rng, frame, fov)
-    noise = np.float32(rng.uniform(0.03, 0.07))
+    image *= _bias_field(rng, frame, fov, physics.bias)
+    noise = np.float32(rng.uniform(*physics.noise))
     real = image + noise * rng.standard_normal(shape, dtype=np.float32)
     image = np.hypot(real, noise * rng.standard_normal(shape, dtype=np.float32))  # Rician magnitude
     image = np.clip(np.rint(image * _SIGNAL_SCALE * _jitter(rng, 0.8, 1.2)), 0, np.iinfo(np.int16).max)
-    return image.astype(np.int16), fraction, scar_share
+    return _Case(image.astype(np.int16), fraction, scar_share, structures, physics)
 
 
 def _scar_patches(
@@ -210,30 +442,36 @@ def write_dataset(
     anatomy_fov_mm: float | None = None,
     prefix: str = "train_",
     scar: float | None = None,
+    style: str = "classic",
 ) -> list[Path]:
     """Write `cases` phantoms as out/train_1..train_N/{enhanced,atriumSegImgMO}.nii.gz and return the folders.
 
     Case i depends only on (seed, i) (`_case_rng`), so a larger data set extends a smaller one. Each case
     folder appears complete (written beside, then renamed). Existing non-empty case folders are kept when they
     hold what these settings give (an interrupted run rerun, or more cases) and refused otherwise, rather
-    than overwritten. `partial_volume`, `anatomy_fov_mm` and `scar`: see synthesize_case (case_scar_fraction
-    gives each case's true enhanced share); `prefix` names the case folders (`<prefix><i>`).
+    than overwritten. `partial_volume`, `anatomy_fov_mm`, `scar` and `style`: see synthesize_case
+    (case_scar_fraction gives each case's true enhanced share, case_physics its physics); `prefix` names the
+    case folders (`<prefix><i>`).
     """
     out = Path(out)
     if cases < 1:
         raise DataError(f"number of synthetic cases must be at least 1, got {cases}")
     shape, spacing = _check_grid(shape, spacing)
+    draw_physics(np.random.default_rng(0), style)  # an unknown style refused before anything is made
     folders = [out / f"{prefix}{i}" for i in range(1, cases + 1)]
-    origin = -(np.array(shape) - 1) / 2 * np.array(spacing)  # grid centred on the world origin
-    affine = np.eye(4)
-    affine[:3, :3] = np.diag(spacing)
-    affine[:3, 3] = origin
-    settings = (shape, spacing, partial_volume, anatomy_fov_mm, scar)
+    settings = (shape, spacing, partial_volume, anatomy_fov_mm, scar, style)
+
+    def make(i: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+        """Case i's (image, label) and affine."""
+        case = _synthesize(_case_rng(seed, i), *settings)
+        label = (case.fraction >= 0.5).astype(np.uint16) * LA_LABEL
+        return (case.image, label), grid_affine(shape, spacing, case.physics.grid_angle_deg)
+
     made = {}
     for i, folder in enumerate(folders, start=1):  # checked before anything is written
         if folder.is_dir() and any(folder.iterdir()):
-            made[i] = synthesize_case(_case_rng(seed, i), *settings)
-            if not _holds(folder, made[i], affine):
+            made[i] = make(i)
+            if not _holds(folder, *made[i]):
                 raise DataError(
                     f"refusing to overwrite the non-empty case folder {folder}: it holds other data than "
                     "these settings give"
@@ -241,7 +479,7 @@ def write_dataset(
     for i, folder in enumerate(folders, start=1):
         if i in made:
             continue  # complete (renamed into place whole) and of these settings
-        image, label = synthesize_case(_case_rng(seed, i), *settings)
+        (image, label), affine = make(i)
         staging = out / f".{folder.name}.partial"  # a killed run's is replaced
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -348,35 +586,78 @@ def _jitter(rng: np.random.Generator, low: float = 0.85, high: float = 1.15) -> 
     return float(rng.uniform(low, high))
 
 
-def _left_atrium(rng: np.random.Generator, frame: _Frame) -> tuple[np.ndarray, float]:
-    """The LA's signed distance and wall thickness: body, four pulmonary veins leaving posterior-laterally,
-    appendage anterior-left."""
+def _left_atrium(rng: np.random.Generator, frame: _Frame, physics: Physics) -> tuple[np.ndarray, float]:
+    """The LA's signed distance and wall thickness: body, pulmonary veins leaving posterior-laterally (four,
+    or a left common trunk and a right middle vein: physics.veins), appendage anterior-left; warped by a
+    smooth field of up to physics.warp_mm (_warp)."""
     la_centre = np.array([0.0, 10.0, 0.0]) + rng.uniform(-3, 3, 3)
     la_axes = np.array([19.0, 13.0, 13.0]) * rng.uniform(0.85, 1.15, 3)
-    d_la = _ellipsoid(frame, la_centre, la_axes)
+    body = _ellipsoid(frame, la_centre, la_axes)
+    tubes = []  # (start, end, radius at start, radius at end)
     for side in (-1.0, 1.0):
+        trunk = physics.veins != "four" and side < 0  # the left veins leave through one short trunk
+        if trunk:
+            ostium = la_centre + la_axes * np.array([0.55 * side, 0.35, 0.0])
+            trunk_end = ostium + 9.0 * _jitter(rng) * np.array([side, 0.5, 0.0]) / np.hypot(1.0, 0.5)
+            tubes.append((ostium, trunk_end, 6.5 * _jitter(rng), 5.5))
         for level in (-1.0, 1.0):
-            start = la_centre + la_axes * np.array([0.55 * side, 0.35, 0.4 * level])
+            start = trunk_end if trunk else la_centre + la_axes * np.array([0.55 * side, 0.35, 0.4 * level])
             direction = np.array([side, 0.6 * _jitter(rng, 0.6, 1.4), 0.35 * level * _jitter(rng, 0.5, 1.5)])
             end = start + 18.0 * _jitter(rng, 0.8, 1.25) * direction / np.linalg.norm(direction)
             radius = 4.2 * _jitter(rng)
-            d_la = np.minimum(d_la, _tube(frame, start, end, radius, radius))
+            tubes.append((start, end, radius, radius))
+    if physics.veins != "four":  # a right middle vein between the two right ones
+        start = la_centre + la_axes * np.array([0.6, 0.3, 0.0])
+        end = start + 15.0 * _jitter(rng) * np.array([1.0, 0.5, 0.0]) / np.hypot(1.0, 0.5)
+        tubes.append((start, end, 3.0 * _jitter(rng), 2.8))
     laa_start = la_centre + la_axes * np.array([-0.7, -0.55, 0.35])
     laa_direction = np.array([-0.6, -0.7, 0.3]) / np.linalg.norm([-0.6, -0.7, 0.3])
     laa_end = laa_start + 13.0 * _jitter(rng) * laa_direction
-    d_la = np.minimum(d_la, _tube(frame, laa_start, laa_end, 5.0 * _jitter(rng), 2.5 * _jitter(rng)))
-    return d_la, 2.5 * _jitter(rng)
+    tubes.append((laa_start, laa_end, 5.0 * _jitter(rng), 2.5 * _jitter(rng)))
+    if physics.warp_mm > 0:  # roots from the centre: a vein stays joined where the warp dents the body
+        tubes += [(la_centre, start, r, r) for start, _, r, _ in tubes]
+    branches = np.full(frame.shape, _FAR, np.float32)
+    for tube in tubes:
+        branches = np.minimum(branches, _tube(frame, *tube))
+    if physics.warp_mm > 0:
+        _warp(rng, frame, body, branches, physics.warp_mm)
+    return np.minimum(body, branches), physics.la_wall_mm * _jitter(rng)
 
 
-def _other_blood_pools(rng: np.random.Generator, frame: _Frame) -> list[tuple[np.ndarray, float]]:
-    """(signed distance, wall thickness) of the pools as bright as the LA: LV, RV, RA, ascending and
-    descending aorta."""
+_BRANCH_DENT_MM = 1.0  # the most the warp may shrink a vein or the appendage: they stay whole
+
+
+def _warp(rng: np.random.Generator, frame: _Frame, body: np.ndarray, branches: np.ndarray, warp_mm: float):
+    """One smooth field (wavelengths 15-40 mm, in anatomy mm) moves the LA's surface by up to `warp_mm`, in
+    place: the body both ways, the veins and appendage outwards fully and inwards by at most
+    _BRANCH_DENT_MM, so that no vein is cut off."""
+    near = np.nonzero(np.minimum(body, branches) < _MARGIN_MM)
+    bend = warp_mm * np.tanh(_smooth_field(rng, frame, wavelength=(15.0, 40.0), voxels=near))
+    body[near] += bend
+    branches[near] += np.minimum(bend, _BRANCH_DENT_MM)
+
+
+def _other_blood_pools(
+    rng: np.random.Generator, frame: _Frame, physics: Physics
+) -> list[tuple[np.ndarray, float]]:
+    """(signed distance, wall thickness) of the pools as bright as the LA (POOL_NAMES: LV, RV, RA, ascending
+    and descending aorta), each moved physics.pull_mm towards the LA."""
+
+    def pulled(*points) -> list[np.ndarray]:
+        towards = _LA_NOMINAL_CENTRE - np.mean(points, axis=0)
+        move = physics.pull_mm * towards / np.linalg.norm(towards)
+        return [np.asarray(point, np.float64) + move for point in points]
+
+    lv, rv, ra = pulled([-14.0, -34.0, -20.0]), pulled([18.0, -52.0, -14.0]), pulled([31.0, -6.0, -2.0])
+    ascending = pulled([2.0, -20.0, -2.0], [4.0, -14.0, 60.0])
+    descending = pulled([-18.0, 38.0, -60.0], [-18.0, 36.0, 60.0])
+    walls = physics.pool_walls_mm
     return [
-        (_ellipsoid(frame, [-14.0, -34.0, -20.0], np.array([22.0, 20.0, 28.0]) * _jitter(rng)), 8.0),
-        (_ellipsoid(frame, [18.0, -52.0, -14.0], np.array([22.0, 10.0, 22.0]) * _jitter(rng)), 3.5),
-        (_ellipsoid(frame, [31.0, -6.0, -2.0], np.array([15.0, 15.0, 17.0]) * _jitter(rng)), 2.5),
-        (_tube(frame, [2.0, -20.0, -2.0], [4.0, -14.0, 60.0], 13.0 * _jitter(rng), 12.0), 2.0),
-        (_tube(frame, [-18.0, 38.0, -60.0], [-18.0, 36.0, 60.0], 10.0 * _jitter(rng), 10.0), 2.0),
+        (_ellipsoid(frame, *lv, np.array([22.0, 20.0, 28.0]) * _jitter(rng)), walls[0]),
+        (_ellipsoid(frame, *rv, np.array([22.0, 10.0, 22.0]) * _jitter(rng)), walls[1]),
+        (_ellipsoid(frame, *ra, np.array([15.0, 15.0, 17.0]) * _jitter(rng)), walls[2]),
+        (_tube(frame, *ascending, 13.0 * _jitter(rng), 12.0), walls[3]),
+        (_tube(frame, *descending, 10.0 * _jitter(rng), 10.0), walls[4]),
     ]
 
 
@@ -438,10 +719,13 @@ def _smooth_field(rng: np.random.Generator, frame: _Frame, wavelength: tuple[flo
     return field * np.float32(np.sqrt(2.0 / waves))
 
 
-def _bias_field(rng: np.random.Generator, frame: _Frame, fov: np.ndarray) -> np.ndarray:
-    """Smooth multiplicative coil-sensitivity shading, about 0.7 to 1.4 across the field of view."""
+def _bias_field(
+    rng: np.random.Generator, frame: _Frame, fov: np.ndarray, bias: tuple[float, float]
+) -> np.ndarray:
+    """Smooth multiplicative coil-sensitivity shading across the field of view: exp of a linear and a
+    quadratic term per axis, coefficients up to `bias` (classic (0.2, 0.15): about 0.7 to 1.4)."""
     u = [frame.world[i] / np.float32(fov[i] / 2) for i in range(3)]  # -1..1 over the FOV
-    linear = rng.uniform(-0.2, 0.2, 3)
-    quadratic = rng.uniform(-0.15, 0.15, 3)
+    linear = rng.uniform(-bias[0], bias[0], 3)
+    quadratic = rng.uniform(-bias[1], bias[1], 3)
     x, y, z = (np.exp(np.float32(linear[i]) * u[i] + np.float32(quadratic[i]) * u[i] ** 2) for i in range(3))
     return (x[:, None, None] * y[None, :, None] * z[None, None, :]).astype(np.float32)

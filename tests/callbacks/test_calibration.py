@@ -13,6 +13,7 @@ from la_seg.cli import main
 from la_seg.data.datamodule import LADataModule
 from la_seg.data.transforms import AugmentationConfig
 from la_seg.errors import DataError
+from la_seg.inference import POSTPROCESSING
 
 
 @pytest.mark.slow
@@ -29,11 +30,9 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, m
     checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     record = stored_calibration(checkpoint)
     settings = record["settings"]
-    assert settings["threshold"] in (0.4, 0.5) and settings["postprocess"] in ("none", "largest_component")
+    assert settings["threshold"] in (0.4, 0.5) and settings["postprocess"] in POSTPROCESSING
     assert 0.0 <= settings["review_below"] <= 1.0
-    assert set(record["how"]["scores"]) == {
-        f"{t}/{p}" for t in (0.4, 0.5) for p in ("none", "largest_component")
-    }
+    assert set(record["how"]["scores"]) == {f"{t}/{p}" for t in (0.4, 0.5) for p in POSTPROCESSING}
     assert len(record["how"]["validation_agreement"]) == len(record["how"]["validation_cases"]) >= 1
     for entry in record["how"]["scores"].values():  # each case's signed LA-volume error, in % of its LA
         assert len(entry["volume_error_pct"]) == len(record["how"]["validation_cases"])

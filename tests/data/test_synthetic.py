@@ -1,10 +1,13 @@
 """Synthetic LGE phantoms: a readable LAScarQS tree, reproducible to the byte, not solvable by intensity."""
 
+import dataclasses
 import time
 
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
+from scipy.stats import spearmanr
 
 from la_seg.data import DataError, find_cases, read_case, synthetic, write_dataset
 from la_seg.data.synthetic import case_la_fraction, synthesize_case
@@ -176,3 +179,136 @@ def test_scar_patches_replace_the_wall_enhancement_and_keep_the_label():
     assert synthetic.case_scar_fraction(4, 1, SMALL, (0.625, 0.625, 2.5), scar=0.0) == 0.0
     with pytest.raises(DataError, match="scar"):
         synthesize_case(np.random.default_rng(0), shape=SMALL, scar=1.5)
+
+
+# The per-case factors of the training family and the held-out setting (synthetic.VARIED, synthetic.HELDOUT)
+FACTORS = ("enhanced", "tissue", "fat", "fat_mm", "pools", "la_wall_mm", "septum_mm", "pull_mm", "warp_mm")
+C_GRID = dict(shape=(112, 96, 24), spacing=(1.3, 1.3, 4.0), anatomy_fov_mm=100.0)
+
+
+def test_varied_draws_every_factor_per_case_within_its_range():
+    physics = [synthetic.case_physics(0, i, "varied") for i in range(1, 13)]
+    family = synthetic.VARIED
+
+    def check(values, low, high):
+        assert all(low <= v <= high for v in values)
+        assert np.ptp(values) > 0.4 * (high - low)  # drawn, not fixed: 12 draws spread over the range
+
+    for name in FACTORS:
+        check([getattr(p, name) for p in physics], *getattr(family, name))
+    check([p.blood_to_myocardium for p in physics], *family.blood_to_myocardium)
+    check([p.grid_angle_deg for p in physics], *family.grid_angle_deg)
+    check([p.pool_walls_mm[0] for p in physics], *family.lv_wall_mm)
+    for k in range(1, 5):
+        check([p.pool_walls_mm[k] for p in physics], *family.pool_wall_mm)
+    assert all(p.veins == "four" and p.enhanced > 1.0 for p in physics)  # the wall brighter than blood
+
+
+def test_the_image_follows_each_case_physics():
+    """Blood over myocardium, measured on the image (LA median over the median of the walls' inner voxels),
+    follows the drawn contrast case by case, down to the low-contrast end (Rician noise and blur lift dark
+    walls, so high contrasts read somewhat lower); the other pools are as bright as the LA."""
+    drawn, measured, pools = [], [], []
+    for i in range(1, 7):
+        image, _ = synthesize_case(synthetic._case_rng(2, i), style="varied", **C_GRID)
+        structures = synthetic.case_structures(2, i, style="varied", **C_GRID)
+        blood = np.median(image[structures == synthetic.LA_CODE])
+        drawn.append(synthetic.case_physics(2, i, "varied").blood_to_myocardium)
+        inner = ndimage.binary_erosion(structures == synthetic.OTHER_WALL_CODE)
+        measured.append(blood / np.median(image[inner]))
+        pools.append(np.median(image[structures >= synthetic.POOL_CODE]) / blood)
+    assert all(0.6 * d < m < 1.2 * d for d, m in zip(drawn, measured, strict=True))
+    assert spearmanr(drawn, measured)[0] > 0.7
+    assert min(measured) < 2.5 and max(measured) > 4.0
+    assert all(0.8 < p < 1.25 for p in pools)
+
+
+def test_heldout_setting_lies_outside_the_training_family():
+    """The held-out setting has a vein arrangement no training case has, and neighbours, warp and noise
+    beyond every training case's; contrast at the training family's low end."""
+    varied, heldout = synthetic.VARIED, synthetic.HELDOUT
+    assert heldout.pull_mm[0] >= varied.pull_mm[1] and heldout.warp_mm[0] >= varied.warp_mm[1]
+    assert heldout.noise[0] >= varied.noise[1]
+    physics = [synthetic.case_physics(1, i, "heldout") for i in range(1, 9)]
+    assert all(p.veins == "left_trunk_right_middle" for p in physics)
+    assert all(p.pull_mm > varied.pull_mm[1] and p.warp_mm > varied.warp_mm[1] for p in physics)
+    assert all(1.2 <= p.blood_to_myocardium <= 1.6 for p in physics)
+    # the same case's anatomy with the other vein arrangement: another LA
+    _, four = synthesize_case(synthetic._case_rng(1, 1), style="varied", **C_GRID)
+    _, other = synthesize_case(synthetic._case_rng(1, 1), style="heldout", **C_GRID)
+    assert (four != other).sum() > 0.1 * (four > 0).sum()
+
+
+def test_classic_draws_nothing_and_an_unknown_style_is_named():
+    assert synthetic.case_physics(0, 1, "classic") is synthetic.CLASSIC
+    with pytest.raises(DataError, match="style must be one of.*'modern'"):
+        write_dataset("/nonexistent", cases=1, seed=0, shape=SMALL, style="modern")
+
+
+def test_varied_same_seed_same_bytes_and_rotated_grid_in_the_affine(tmp_path):
+    first = write_dataset(tmp_path / "a", cases=2, seed=3, shape=SMALL, style="varied")
+    again = write_dataset(tmp_path / "b", cases=2, seed=3, shape=SMALL, style="varied")
+    assert _files(first) == _files(again)
+    for i, case in enumerate(find_cases(tmp_path / "a", require_labels=True), start=1):
+        image, label = read_case(case)
+        angle = synthetic.case_physics(3, i, "varied").grid_angle_deg
+        affine = image.geometry.affine
+        np.testing.assert_allclose(np.degrees(np.arctan2(affine[1, 0], affine[0, 0])), angle, atol=1e-6)
+        assert image.geometry.spacing == pytest.approx((0.625, 0.625, 2.5))
+        np.testing.assert_allclose(label.geometry.affine, affine)
+
+
+def test_labels_stay_whole_and_world_consistent(monkeypatch):
+    """The LA label is one piece off the grid's border in every style, and a case's LA lies at the same place
+    in world mm whatever the grid's in-plane rotation (the affine carries it)."""
+    for style in ("varied", "heldout"):
+        for i in (1, 2):
+            _, label = synthesize_case(synthetic._case_rng(4, i), style=style, partial_volume=True, **C_GRID)
+            pieces, count = ndimage.label(label > 0, structure=np.ones((3, 3, 3)))
+            assert count >= 1 and np.bincount(pieces.ravel())[1:].max() >= 0.99 * (label > 0).sum()
+            assert not label[[0, -1]].any() and not label[:, [0, -1]].any()
+
+    def world(angle: float) -> tuple[np.ndarray, np.ndarray]:
+        """Case 1's LA label and centroid in world mm, its grid rotated by `angle` degrees."""
+        draw = synthetic.draw_physics
+        monkeypatch.setattr(
+            synthetic,
+            "draw_physics",
+            lambda rng, style: dataclasses.replace(draw(rng, style), grid_angle_deg=angle),
+        )
+        _, label = synthesize_case(synthetic._case_rng(4, 1), style="varied", **C_GRID)
+        monkeypatch.setattr(synthetic, "draw_physics", draw)
+        voxels = np.argwhere(label > 0)
+        affine = synthetic.grid_affine(C_GRID["shape"], C_GRID["spacing"], angle)
+        return label > 0, nib.affines.apply_affine(affine, voxels).mean(axis=0)
+
+    (rotated, rotated_centre), (straight, straight_centre) = world(12.0), world(0.0)
+    assert (rotated != straight).sum() > 0.2 * straight.sum()  # the grid turned under the anatomy ...
+    np.testing.assert_allclose(rotated_centre, straight_centre, atol=1.3)  # ... which stays put in world mm
+    assert rotated.sum() == pytest.approx(straight.sum(), rel=0.05)
+
+
+def test_synth_command_takes_the_style(tmp_path, capsys):
+    from la_seg.cli import main
+
+    main(
+        [
+            "synth",
+            "--out",
+            str(tmp_path / "d"),
+            "--cases",
+            "1",
+            "--shape",
+            "[48, 48, 8]",
+            "--style",
+            "heldout",
+        ]
+    )
+    written = nib.load(tmp_path / "d" / "train_1" / "enhanced.nii.gz").affine
+    angle = synthetic.case_physics(0, 1, "heldout").grid_angle_deg
+    np.testing.assert_allclose(np.degrees(np.arctan2(written[1, 0], written[0, 0])), angle, atol=1e-6)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", "--out", str(tmp_path / "e"), "--style", "modern"])
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("la-seg: error: ") and "style" in line and "heldout" in line
