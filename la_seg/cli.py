@@ -61,7 +61,7 @@ from la_seg.checkpoints import (
 )
 from la_seg.data.datamodule import LADataModule
 from la_seg.distributed import end_process_group, is_reported_elsewhere
-from la_seg.errors import DataError
+from la_seg.errors import DataError, naming_options
 from la_seg.inference import check_tta_trained
 from la_seg.models.segmenter import SegmenterConfig
 from la_seg.module import LASegModule, load_member
@@ -265,7 +265,10 @@ class LASegCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         if self.subcommand:
             check_log_dir_writable(self.config[self.subcommand])
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except ValueError as error:  # a network's argument: name the option that sets it
+            raise naming_options(error) from error
         log_dir = self.trainer.log_dir if self.subcommand == "fit" else None  # no collective before launch
         missing = [f for f in (Path(log_dir), *Path(log_dir).parents) if not f.exists()] if log_dir else []
         self.fresh_run = missing[-1] if missing else None  # the outermost folder this fit will create

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, NotRequired, TypedDict
 
@@ -25,6 +24,7 @@ from la_seg.checkpoints import (
 from la_seg.data.io import Geometry, Orientation
 from la_seg.data.preprocess import DEFAULT_INPUT, InPlane, InputSpec, labels_to_input
 from la_seg.errors import DataError
+from la_seg.hub import backbone_weights, with_weights_file
 from la_seg.inference import (
     POSTPROCESSING,
     REVIEW_BELOW,
@@ -159,7 +159,7 @@ class LASegModule(L.LightningModule):
         )
         self.plausibility = plausibility
         self.net_config = net
-        self.net = LASegmenter(net)
+        self.net = LASegmenter(with_weights_file(net, download=True))
         # MONAI is imported only where used: `la-seg predict --help` should not pay for it.
         if loss == "bce":
             self.loss_fn: nn.Module = nn.BCEWithLogitsLoss()
@@ -379,7 +379,7 @@ class LASegModule(L.LightningModule):
         """Rebuild the model from a checkpoint alone (read once, as data), without any download.
 
         A self-contained checkpoint skips the hub entirely; a lean one rebuilds its backbone from the
-        recorded source with the hub switched to offline, so only cached or local weights are used.
+        recorded source, where only a local file or the hub cache will do (la_seg.hub).
         `kwargs` override hyper-parameters (e.g. `threshold`, or `net` with another weights path).
         """
         checkpoint = load_checkpoint(checkpoint_path)
@@ -392,8 +392,8 @@ class LASegModule(L.LightningModule):
             net = SegmenterConfig(**net) if isinstance(net, dict) else net
             if holds_backbone(checkpoint):
                 net = dataclasses.replace(net, pretrained=False, weights=None)
-        with _hub_offline():
-            module = cls(**{**hparams, **kwargs, "net": net})
+        backbone_weights(net, download=False)  # a DataError here when not local: the build then finds it
+        module = cls(**{**hparams, **kwargs, "net": net})
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"])
         return module.to(map_location) if map_location is not None else module
@@ -413,13 +413,9 @@ def load_member(
     config = network_to_rebuild(checkpoint, weights)
     stored = holds_backbone(checkpoint)
     try:
-        with _hub_offline():
-            holder = _NetHolder(config, empty_backbone=stored)
-    except OSError as error:
-        raise DataError(
-            f"checkpoint {path} does not contain its frozen backbone {config.backbone}, whose pretrained "
-            f"weights are not available offline ({error}); download them once, or pass --model.net.weights"
-        ) from None
+        holder = _NetHolder(config, empty_backbone=stored)
+    except DataError as error:
+        raise DataError(f"checkpoint {path} does not contain its frozen backbone: {error}") from None
     holder.on_load_checkpoint(checkpoint)
     holder.load_state_dict(checkpoint["state_dict"])
     return EnsembleMember(str(path), holder.net.eval(), input_spec(checkpoint))
@@ -432,7 +428,8 @@ class _NetHolder(nn.Module):
     def __init__(self, config: SegmenterConfig, empty_backbone: bool) -> None:
         super().__init__()
         self.net_config = config
-        self.net = LASegmenter(config, empty_backbone=empty_backbone)
+        built = config if empty_backbone else with_weights_file(config, download=False)
+        self.net = LASegmenter(built, empty_backbone=empty_backbone)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         read_backbone_record(self, checkpoint)
@@ -460,16 +457,3 @@ def warmup_cosine_schedule(
 def locals_without_self(scope: dict) -> dict:
     """The constructor's arguments, as `save_hyperparameters` should record them."""
     return {k: v for k, v in scope.items() if k not in ("self", "__class__")}
-
-
-@contextmanager
-def _hub_offline():
-    """Let huggingface_hub (timm's hub loader) use its local cache only; it reads the flag at call time."""
-    import huggingface_hub.constants as hub
-
-    previous = hub.HF_HUB_OFFLINE
-    hub.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = previous
