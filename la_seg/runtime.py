@@ -56,19 +56,11 @@ class Bf16Support(NamedTuple):
 
 
 def native_bf16_support() -> Bf16Support:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), from torch's probes or cpuinfo."""
-    import torch
-
-    probes = {
-        "AMX": getattr(torch.cpu, "_is_amx_tile_supported", None),
-        "AVX512-BF16": getattr(torch.cpu, "_is_avx512_bf16_supported", None),
-    }
-    if all(probe is not None for probe in probes.values()):
-        found = [name for name, probe in probes.items() if probe()]
-    else:
-        flags = cpu_flags()
-        cpuinfo_flags = (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"))
-        found = [name for name, flag in cpuinfo_flags if flag in flags]
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), from the CPU's feature flags
+    (torch's own probes are private: torch.cpu._is_amx_tile_supported)."""
+    flags = cpu_flags()
+    cpuinfo_flags = (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"))
+    found = [name for name, flag in cpuinfo_flags if flag in flags]
     if found:
         return Bf16Support(True, f"native bf16 ({' and '.join(found)})")
     return Bf16Support(False, f"no native bf16 (no AVX512-BF16 or AMX; CPU capability {cpu_capability()})")
