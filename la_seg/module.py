@@ -40,9 +40,9 @@ from la_seg.metrics import gather_cases
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
 from la_seg.plausibility import Plausibility, case_reasons
 
-# Largest chunk segment_volume runs on CPU. A CPU forward is compute-bound from a few slices on; bigger chunks
-# only add GB-sized activations that the allocator maps and page-faults afresh for every op (base at 448 px,
-# bf16: 64-slice chunks 2.56 s/slice, 4-slice chunks 1.92 s/slice; see benchmarks/README.md).
+# Largest chunk whole-volume inference runs on CPU. A CPU forward is compute-bound from a few slices on;
+# bigger chunks only add GB-sized activations that the allocator maps and page-faults afresh for every op
+# (measured: benchmarks/README.md, "Large chunks hurt on CPU").
 CPU_EVAL_CHUNK = 4
 
 
@@ -209,7 +209,7 @@ class LASegModule(L.LightningModule):
 
     # ---- whole-volume evaluation --------------------------------------------------------------------
     def eval_chunk(self, device: torch.device) -> int:
-        """Slices per forward pass in segment_volume on `device`."""
+        """Slices per forward pass of whole-volume inference on `device`."""
         chunk = self.hparams.eval_batch_size
         return min(chunk, CPU_EVAL_CHUNK) if device.type == "cpu" else chunk
 
@@ -271,13 +271,6 @@ class LASegModule(L.LightningModule):
         """The configured post-processing of a binary (X, Y, Z) mask."""
         return postprocess_mask(mask, self.hparams.postprocess)
 
-    def segment_volume(
-        self, image: torch.Tensor, spacing: tuple[float, float, float] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probability map and binary mask, both (X, Y, Z) in the volume's original geometry."""
-        result = self.infer(image, spacing)
-        return result.prob, result.mask
-
     def review_below(self) -> float:
         """Mean pairwise Dice below which a case is flagged (model.review_below; older checkpoints: 0.9)."""
         return float(self.hparams.get("review_below", REVIEW_BELOW))
@@ -303,7 +296,7 @@ class LASegModule(L.LightningModule):
                 total += self.loss_fn(logits[index, None].float(), target) * target.shape[0]
         return total / depth
 
-    def _evaluate(self, batch: dict, stage: str) -> EvalOutput:
+    def _evaluate(self, batch: dict) -> EvalOutput:
         """The loss is the module's own net's (the first member, unflipped), whatever votes: it stays the
         training loss on the model's slices, comparable with training and with single-model runs."""
         image, label, geometry = batch["image"], batch["label"], batch["geometry"]
@@ -329,7 +322,7 @@ class LASegModule(L.LightningModule):
             self.log(f"{stage}/loss", mean, batch_size=len(rows), sync_dist=False)
 
     def validation_step(self, batch: dict, batch_idx: int) -> EvalOutput:
-        return self._evaluate(batch, "val")
+        return self._evaluate(batch)
 
     def on_validation_epoch_start(self) -> None:
         self._case_losses = []
@@ -338,7 +331,7 @@ class LASegModule(L.LightningModule):
         self._log_case_loss("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> EvalOutput:
-        return self._evaluate(batch, "test")
+        return self._evaluate(batch)
 
     def on_test_epoch_start(self) -> None:
         self._case_losses = []

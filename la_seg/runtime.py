@@ -1,10 +1,10 @@
 """CPU runtime policy: OpenMP threads that degrade gracefully under load, and a precision the CPU runs fast.
 
 Why: with PyTorch's default OpenMP threads spinning while they wait, two threads on a machine where another
-process keeps one core busy slow every op many-fold (`make demo`: 2.5 min idle, over 15 min with one busy
-core). Passive waiting gives the core back instead. And bf16 on a CPU without native bf16 (AVX2 only) is
-emulated, about 6.6x slower than fp32, so the paper's `bf16-mixed` only pays where the CPU has AVX512-BF16 or
-AMX. This module must not import torch at module level: `prefer_passive_openmp` runs before torch loads.
+process keeps one core busy slow every op many-fold. Passive waiting gives the core back instead. And bf16 on
+a CPU without native bf16 (AVX2 only) is emulated, several times slower than fp32, so the paper's `bf16-mixed`
+only pays where the CPU has AVX512-BF16 or AMX (measured: benchmarks/README.md, "Figures once quoted in
+code"). This module must not import torch at module level: `prefer_passive_openmp` runs before torch loads.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ def _checkpoint_filter(vit: nn.Module) -> Callable:
 def _load_weights_assigning(vit: nn.Module, path: Path, device: torch.device) -> None:
     """Loads the weights file `path` into a model built on the meta device: timm's reader, then its checkpoint
     filter of the model's family, then the tensors assigned (on `device`, in the model's dtype) instead of
-    copied into randomly initialised ones, which for the giant ViT took ~15 s of CPU time for nothing."""
+    copied into randomly initialised ones, a giant ViT's random initialisation being CPU time thrown away
+    (measured: benchmarks/README.md, "Figures once quoted in code")."""
     state = _checkpoint_filter(vit)(timm.models.load_state_dict(str(path)), vit)
     reference = vit.state_dict()  # meta tensors: the target dtypes
     state = {
