@@ -103,7 +103,8 @@ def fake_segmenters(net: SegmenterConfig, members: int, mode: FakeTensorMode) ->
     cpu = torch.device("cpu")
     with torch.device("meta"):
         nets = [LASegmenter(net) for _ in range(members)]
-    nets = [n._apply(lambda t: mode.fake_tensor_converter.from_meta_and_device(mode, t, cpu)) for n in nets]
+    with mode:  # to_empty's fresh tensors are fake ones under the mode: shapes, no storage
+        nets = [n.to_empty(device=cpu) for n in nets]
     for other in nets[1:]:
         other.backbone = nets[0].backbone  # what Ensemble.add does for equal fingerprints
     return nets
@@ -133,7 +134,7 @@ def flops_figures(config_name: str, img_size: int | None, members: int) -> dict:
     path, config = load_config(config_name)
     net = net_config(config, img_size)
     progress(f"FLOPs: {members} x {net.backbone} at {net.img_size} px on fake tensors")
-    mode = FakeTensorMode()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # to_empty reads the meta tensors (shapes only)
     nets = fake_segmenters(net, members, mode)
     with mode:
         x = torch.empty(1, 3, net.img_size, net.img_size)

@@ -57,7 +57,6 @@ def measure(case: str, taps: int, args: argparse.Namespace) -> dict:
     indices = sorted({round(i * (depth - 1) / (taps - 1)) for i in range(taps)}) if taps > 1 else [depth - 1]
     backbone = DINOBackbone(
         "vit_small_patch14_dinov2",
-        pretrained=False,
         img_size=args.img_size,
         indices=indices,
         model_kwargs={"depth": depth},

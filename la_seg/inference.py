@@ -14,7 +14,7 @@ Entry points:
     result.prob, result.mask, result.uncertainty              # (X, Y, Z) float32, bool, float32 or None
     result.agreement(spacing=geometry.slices_last_spacing)   # Agreement or None (a single voter)
 
-A single model is the one-member case and takes the same path as LASegModule.segment_volume, with the same
+A single model is the one-member case and takes the same path as LASegModule.infer, with the same
 result bit for bit and no extra copies.
 """
 

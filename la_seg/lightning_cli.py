@@ -25,7 +25,7 @@ from la_seg.checkpoint_rule import ResolvedCheckpoints, apply_checkpoint_rule
 from la_seg.checkpoints import INPUT_DEFAULTS, DataOnlyCheckpointIO, SameCheckpointOnEveryRank
 from la_seg.data.datamodule import LADataModule
 from la_seg.distributed import relaunch_with_option
-from la_seg.errors import with_nearest_option
+from la_seg.errors import naming_options, with_nearest_option
 from la_seg.fit_summary import fit_summary, warn_if_fit_failed
 from la_seg.module import LASegModule
 from la_seg.runs import RunLayout
@@ -143,6 +143,13 @@ class LASegCLI(LightningCLI):
             kwargs["plugins"] = [*plugins, DataOnlyCheckpointIO(first)]  # the one checkpoint Lightning reads
         self.trainer_defaults["callbacks"] = lightning_progress_bar(config.get("trainer", {}))
         return super().instantiate_trainer(**kwargs)
+
+    def instantiate_classes(self) -> None:
+        """Models raise ValueErrors about their own arguments; the user reads the option that sets each."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            raise naming_options(error) from error
 
     def after_instantiate_classes(self) -> None:
         """The callbacks every run has, and an ensemble's other members."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, NotRequired, TypedDict
 
@@ -25,6 +24,7 @@ from la_seg.checkpoints import (
 from la_seg.data.io import Geometry, Orientation
 from la_seg.data.preprocess import DEFAULT_INPUT, InPlane, InputSpec, labels_to_input
 from la_seg.errors import DataError
+from la_seg.hub import backbone_weights, with_weights_file
 from la_seg.inference import (
     POSTPROCESSING,
     REVIEW_BELOW,
@@ -40,9 +40,9 @@ from la_seg.metrics import gather_cases
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
 from la_seg.plausibility import Plausibility, case_reasons
 
-# Largest chunk segment_volume runs on CPU. A CPU forward is compute-bound from a few slices on; bigger chunks
-# only add GB-sized activations that the allocator maps and page-faults afresh for every op (base at 448 px,
-# bf16: 64-slice chunks 2.56 s/slice, 4-slice chunks 1.92 s/slice; see benchmarks/README.md).
+# Largest chunk whole-volume inference runs on CPU. A CPU forward is compute-bound from a few slices on;
+# bigger chunks only add GB-sized activations that the allocator maps and page-faults afresh for every op
+# (measured: benchmarks/README.md, "Large chunks hurt on CPU").
 CPU_EVAL_CHUNK = 4
 
 
@@ -159,7 +159,7 @@ class LASegModule(L.LightningModule):
         )
         self.plausibility = plausibility
         self.net_config = net
-        self.net = LASegmenter(net)
+        self.net = LASegmenter(with_weights_file(net, download=True))
         # MONAI is imported only where used: `la-seg predict --help` should not pay for it.
         if loss == "bce":
             self.loss_fn: nn.Module = nn.BCEWithLogitsLoss()
@@ -209,7 +209,7 @@ class LASegModule(L.LightningModule):
 
     # ---- whole-volume evaluation --------------------------------------------------------------------
     def eval_chunk(self, device: torch.device) -> int:
-        """Slices per forward pass in segment_volume on `device`."""
+        """Slices per forward pass of whole-volume inference on `device`."""
         chunk = self.hparams.eval_batch_size
         return min(chunk, CPU_EVAL_CHUNK) if device.type == "cpu" else chunk
 
@@ -271,13 +271,6 @@ class LASegModule(L.LightningModule):
         """The configured post-processing of a binary (X, Y, Z) mask."""
         return postprocess_mask(mask, self.hparams.postprocess)
 
-    def segment_volume(
-        self, image: torch.Tensor, spacing: tuple[float, float, float] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probability map and binary mask, both (X, Y, Z) in the volume's original geometry."""
-        result = self.infer(image, spacing)
-        return result.prob, result.mask
-
     def review_below(self) -> float:
         """Mean pairwise Dice below which a case is flagged (model.review_below; older checkpoints: 0.9)."""
         return float(self.hparams.get("review_below", REVIEW_BELOW))
@@ -303,7 +296,7 @@ class LASegModule(L.LightningModule):
                 total += self.loss_fn(logits[index, None].float(), target) * target.shape[0]
         return total / depth
 
-    def _evaluate(self, batch: dict, stage: str) -> EvalOutput:
+    def _evaluate(self, batch: dict) -> EvalOutput:
         """The loss is the module's own net's (the first member, unflipped), whatever votes: it stays the
         training loss on the model's slices, comparable with training and with single-model runs."""
         image, label, geometry = batch["image"], batch["label"], batch["geometry"]
@@ -329,7 +322,7 @@ class LASegModule(L.LightningModule):
             self.log(f"{stage}/loss", mean, batch_size=len(rows), sync_dist=False)
 
     def validation_step(self, batch: dict, batch_idx: int) -> EvalOutput:
-        return self._evaluate(batch, "val")
+        return self._evaluate(batch)
 
     def on_validation_epoch_start(self) -> None:
         self._case_losses = []
@@ -338,7 +331,7 @@ class LASegModule(L.LightningModule):
         self._log_case_loss("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> EvalOutput:
-        return self._evaluate(batch, "test")
+        return self._evaluate(batch)
 
     def on_test_epoch_start(self) -> None:
         self._case_losses = []
@@ -379,7 +372,7 @@ class LASegModule(L.LightningModule):
         """Rebuild the model from a checkpoint alone (read once, as data), without any download.
 
         A self-contained checkpoint skips the hub entirely; a lean one rebuilds its backbone from the
-        recorded source with the hub switched to offline, so only cached or local weights are used.
+        recorded source, where only a local file or the hub cache will do (la_seg.hub).
         `kwargs` override hyper-parameters (e.g. `threshold`, or `net` with another weights path).
         """
         checkpoint = load_checkpoint(checkpoint_path)
@@ -392,8 +385,8 @@ class LASegModule(L.LightningModule):
             net = SegmenterConfig(**net) if isinstance(net, dict) else net
             if holds_backbone(checkpoint):
                 net = dataclasses.replace(net, pretrained=False, weights=None)
-        with _hub_offline():
-            module = cls(**{**hparams, **kwargs, "net": net})
+        backbone_weights(net, download=False)  # a DataError here when not local: the build then finds it
+        module = cls(**{**hparams, **kwargs, "net": net})
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"])
         return module.to(map_location) if map_location is not None else module
@@ -413,13 +406,9 @@ def load_member(
     config = network_to_rebuild(checkpoint, weights)
     stored = holds_backbone(checkpoint)
     try:
-        with _hub_offline():
-            holder = _NetHolder(config, empty_backbone=stored)
-    except OSError as error:
-        raise DataError(
-            f"checkpoint {path} does not contain its frozen backbone {config.backbone}, whose pretrained "
-            f"weights are not available offline ({error}); download them once, or pass --model.net.weights"
-        ) from None
+        holder = _NetHolder(config, empty_backbone=stored)
+    except DataError as error:
+        raise DataError(f"checkpoint {path} does not contain its frozen backbone: {error}") from None
     holder.on_load_checkpoint(checkpoint)
     holder.load_state_dict(checkpoint["state_dict"])
     return EnsembleMember(str(path), holder.net.eval(), input_spec(checkpoint))
@@ -432,7 +421,8 @@ class _NetHolder(nn.Module):
     def __init__(self, config: SegmenterConfig, empty_backbone: bool) -> None:
         super().__init__()
         self.net_config = config
-        self.net = LASegmenter(config, empty_backbone=empty_backbone)
+        built = config if empty_backbone else with_weights_file(config, download=False)
+        self.net = LASegmenter(built, empty_backbone=empty_backbone)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         read_backbone_record(self, checkpoint)
@@ -460,16 +450,3 @@ def warmup_cosine_schedule(
 def locals_without_self(scope: dict) -> dict:
     """The constructor's arguments, as `save_hyperparameters` should record them."""
     return {k: v for k, v in scope.items() if k not in ("self", "__class__")}
-
-
-@contextmanager
-def _hub_offline():
-    """Let huggingface_hub (timm's hub loader) use its local cache only; it reads the flag at call time."""
-    import huggingface_hub.constants as hub
-
-    previous = hub.HF_HUB_OFFLINE
-    hub.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = previous

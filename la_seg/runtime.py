@@ -1,10 +1,10 @@
 """CPU runtime policy: OpenMP threads that degrade gracefully under load, and a precision the CPU runs fast.
 
 Why: with PyTorch's default OpenMP threads spinning while they wait, two threads on a machine where another
-process keeps one core busy slow every op many-fold (`make demo`: 2.5 min idle, over 15 min with one busy
-core). Passive waiting gives the core back instead. And bf16 on a CPU without native bf16 (AVX2 only) is
-emulated, about 6.6x slower than fp32, so the paper's `bf16-mixed` only pays where the CPU has AVX512-BF16 or
-AMX. This module must not import torch at module level: `prefer_passive_openmp` runs before torch loads.
+process keeps one core busy slow every op many-fold. Passive waiting gives the core back instead. And bf16 on
+a CPU without native bf16 (AVX2 only) is emulated, several times slower than fp32, so the paper's `bf16-mixed`
+only pays where the CPU has AVX512-BF16 or AMX (measured: benchmarks/README.md, "Figures once quoted in
+code"). This module must not import torch at module level: `prefer_passive_openmp` runs before torch loads.
 """
 
 from __future__ import annotations
@@ -56,19 +56,11 @@ class Bf16Support(NamedTuple):
 
 
 def native_bf16_support() -> Bf16Support:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), from torch's probes or cpuinfo."""
-    import torch
-
-    probes = {
-        "AMX": getattr(torch.cpu, "_is_amx_tile_supported", None),
-        "AVX512-BF16": getattr(torch.cpu, "_is_avx512_bf16_supported", None),
-    }
-    if all(probe is not None for probe in probes.values()):
-        found = [name for name, probe in probes.items() if probe()]
-    else:
-        flags = cpu_flags()
-        cpuinfo_flags = (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"))
-        found = [name for name, flag in cpuinfo_flags if flag in flags]
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), from the CPU's feature flags
+    (torch's own probes are private: torch.cpu._is_amx_tile_supported)."""
+    flags = cpu_flags()
+    cpuinfo_flags = (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"))
+    found = [name for name, flag in cpuinfo_flags if flag in flags]
     if found:
         return Bf16Support(True, f"native bf16 ({' and '.join(found)})")
     return Bf16Support(False, f"no native bf16 (no AVX512-BF16 or AMX; CPU capability {cpu_capability()})")

@@ -107,10 +107,9 @@ def test_trained_backbones_are_never_shared(tiny_net):
 def test_module_segments_a_volume_as_its_net_does_slice_by_slice(tiny_net, image):
     """The module's whole-volume path (a one-member ensemble) against the net written out slice by slice."""
     module = LASegModule(net=tiny_net, in_plane="stretch", eval_batch_size=CHUNK, threshold=0.4).eval()
-    prob, mask = module.segment_volume(image)
-    torch.testing.assert_close(prob, reference_prob(module.net, image), atol=1e-5, rtol=1e-4)
-    assert torch.equal(mask, prob > 0.4)
     result = module.infer(image)
+    torch.testing.assert_close(result.prob, reference_prob(module.net, image), atol=1e-5, rtol=1e-4)
+    assert torch.equal(result.mask, result.prob > 0.4)
     assert result.uncertainty is None and result.voter_masks == []
     assert result.agreement(spacing=(1.0, 1.0, 1.0)) is None
 

@@ -15,6 +15,7 @@ from la_seg.data.io import Geometry
 from la_seg.data.layouts import find_cases
 from la_seg.data.preprocess import labels_to_input, restore_geometry, slices_to_input
 from la_seg.errors import DataError
+from la_seg.inference import postprocess_mask
 from la_seg.metrics import overlap_3d
 from la_seg.module import LASegModule, warmup_cosine_schedule
 from la_seg.plausibility import Plausibility
@@ -44,14 +45,15 @@ def test_overfits_one_batch(tiny_net, synth_root):
     assert dice > 0.9
 
 
-def test_segment_volume_returns_original_geometry(tiny_net):
+def test_inference_returns_the_volume_geometry_and_post_processes_the_mask(tiny_net):
     module = LASegModule(
-        net=tiny_net, in_plane="stretch", eval_batch_size=3, postprocess="largest_component"
+        net=tiny_net, in_plane="stretch", eval_batch_size=3, postprocess="largest_component", threshold=0.3
     ).eval()
     image = torch.rand(50, 37, 7)
-    prob, mask = module.segment_volume(image)
-    assert prob.shape == mask.shape == image.shape
-    assert mask.dtype == torch.bool and 0 <= float(prob.min()) <= float(prob.max()) <= 1
+    result = module.infer(image)
+    assert result.prob.shape == result.mask.shape == image.shape
+    assert result.mask.dtype == torch.bool and 0 <= float(result.prob.min()) <= float(result.prob.max()) <= 1
+    assert torch.equal(result.mask, postprocess_mask(result.prob > 0.3, "largest_component"))
 
 
 def test_only_trainable_parameters_reach_the_optimiser(tiny_net):

@@ -74,40 +74,32 @@ def test_on_command_line():
     assert not runtime.on_command_line("model.threshold", ["--model.threshold_grid", "0.5"])
 
 
-def _torch_cpu_probes(monkeypatch, amx: bool, avx512_bf16: bool):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+def _cpu_with(monkeypatch, tmp_path, amx: bool, avx512_bf16: bool) -> None:
+    """A /proc/cpuinfo whose first CPU has (or lacks) the two bf16 features."""
+    flags = ["fpu", "avx2", "avx512f"] + ["amx_bf16"] * amx + ["avx512_bf16"] * avx512_bf16
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"model name\t: Intel Xeon\nflags\t\t: {' '.join(flags)}\n")
+    monkeypatch.setattr(runtime, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(runtime.cpu_flags, "__defaults__", (cpuinfo,))
 
 
 @pytest.mark.parametrize(
     ("amx", "avx512_bf16", "native", "named"),
     [
-        (True, True, True, "AMX and AVX512-BF16"),
-        (False, True, True, "AVX512-BF16"),
+        (True, True, True, "native bf16 (AMX and AVX512-BF16)"),
+        (False, True, True, "native bf16 (AVX512-BF16)"),
         (False, False, False, "no native bf16"),
     ],
 )
-def test_native_bf16_from_torch_probes(monkeypatch, amx, avx512_bf16, native, named):
-    _torch_cpu_probes(monkeypatch, amx, avx512_bf16)
+def test_native_bf16_from_the_cpu_flags(monkeypatch, tmp_path, amx, avx512_bf16, native, named):
+    _cpu_with(monkeypatch, tmp_path, amx, avx512_bf16)
     support = runtime.native_bf16_support()
-    assert support.native is native and named in support.reason
+    assert support.native is native and support.reason.startswith(named)
+    assert runtime.cpu_model(runtime.CPUINFO) == "Intel Xeon"
 
 
-def test_native_bf16_falls_back_to_cpuinfo(monkeypatch, tmp_path):
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        monkeypatch.delattr(torch.cpu, probe, raising=False)
-    cpuinfo = tmp_path / "cpuinfo"
-    monkeypatch.setattr(runtime, "CPUINFO", cpuinfo)
-    monkeypatch.setattr(runtime.cpu_flags, "__defaults__", (cpuinfo,))
-    cpuinfo.write_text("model name\t: AMD EPYC 7R13\nflags\t\t: fpu sse2 avx2 fma\n")
-    assert runtime.native_bf16_support().native is False
-    cpuinfo.write_text("model name\t: Intel Xeon\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
-    assert runtime.native_bf16_support() == (True, "native bf16 (AMX and AVX512-BF16)")
-    assert runtime.cpu_model(cpuinfo) == "Intel Xeon"
-
-
-def test_apply_cpu_precision_rewrites_only_cpu_runs(monkeypatch, capsys):
-    _torch_cpu_probes(monkeypatch, False, False)
+def test_apply_cpu_precision_rewrites_only_cpu_runs(monkeypatch, tmp_path, capsys):
+    _cpu_with(monkeypatch, tmp_path, False, False)
     trainer = Namespace(accelerator="cpu", precision="bf16-mixed")
     runtime.apply_cpu_precision(trainer, ["fit", "--config", "giant.yaml"])
     assert trainer.precision == "32-true"
@@ -139,7 +131,7 @@ def test_cli_applies_the_cpu_precision(monkeypatch, tmp_path, capsys):
     from la_seg.lightning_cli import LASegCLI
     from la_seg.module import LASegModule
 
-    _torch_cpu_probes(monkeypatch, False, False)
+    _cpu_with(monkeypatch, tmp_path, False, False)
     monkeypatch.chdir(tmp_path)
     paper = tmp_path / "paper_precision.yaml"
     paper.write_text("trainer: {precision: bf16-mixed}\n")
@@ -153,5 +145,5 @@ def test_cli_applies_the_cpu_precision(monkeypatch, tmp_path, capsys):
     assert "32-true instead of the config's bf16-mixed" in capsys.readouterr().err
     assert precision("--trainer.precision", "bf16-mixed") == "bf16-mixed"
     assert "bf16-mixed (set on the command line)" in capsys.readouterr().err
-    _torch_cpu_probes(monkeypatch, True, True)
+    _cpu_with(monkeypatch, tmp_path, True, True)
     assert precision() == "bf16-mixed"

@@ -10,15 +10,21 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """`best.ckpt` by the monitor and, with `save_last`, `last.ckpt` after every epoch, whatever the monitor.
+    """`best.ckpt` by the monitor and, with `save_last`, `last.ckpt` after every validation and epoch,
+    whatever the monitor.
 
     Lightning >= 2.5 rewrites last.ckpt only when a top-k checkpoint was saved at the same step, so a run
-    preempted after its best epoch would resume from that best epoch and silently lose every later one.
+    preempted after its best epoch would resume from that best epoch and silently lose every later one. This
+    callback therefore writes last.ckpt itself (ModelCheckpoint's top-k saving runs with save_last off),
+    through public hooks and `Trainer.save_checkpoint` only.
     """
 
-    _last_written_step = -1
-    best_epoch: int | None = None  # the epoch that wrote best_model_path (for the summary after fit)
-    _stage: str | None = None
+    def __init__(self, *args, save_last: bool | None = None, **kwargs) -> None:
+        super().__init__(*args, save_last=False, **kwargs)
+        self.keeps_last = bool(save_last)
+        self.best_epoch: int | None = None  # the epoch that wrote best_model_path (for the summary after fit)
+        self._last_written_step = -1
+        self._stage: str | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -40,26 +46,30 @@ class RunCheckpoint(ModelCheckpoint):
             state_dict = {**state_dict, "dirpath": self.dirpath}
         super().load_state_dict(state_dict)
 
-    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
-        super()._save_last_checkpoint(trainer, monitor_candidates)
-        if self.save_last:
-            self._last_written_step = trainer.global_step
-
-    def _update_best_and_save(self, current, trainer: L.Trainer, monitor_candidates: dict) -> None:
-        super()._update_best_and_save(current, trainer, monitor_candidates)
-        self.best_epoch = trainer.current_epoch
-
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        best = self.best_model_score
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):  # else the epoch's end saves (after validation)
-            self._refresh_last(trainer)
+        self._note_best(best, trainer)
+        self._write_last(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        best = self.best_model_score
         super().on_train_epoch_end(trainer, pl_module)
-        self._refresh_last(trainer)
+        self._note_best(best, trainer)
+        self._write_last(trainer)
 
-    def _refresh_last(self, trainer: L.Trainer) -> None:
-        stale = self._last_written_step != trainer.global_step
-        training = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-        if self.save_last and stale and training and not trainer.fast_dev_run and trainer.global_step > 0:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def _note_best(self, before, trainer: L.Trainer) -> None:
+        """best_epoch follows best_model_score, which ModelCheckpoint replaces with each new best."""
+        if self.best_model_score is not before:
+            self.best_epoch = trainer.current_epoch
+
+    def _write_last(self, trainer: L.Trainer) -> None:
+        """last.ckpt of this step, once (a validation at the epoch's end and the epoch's end share one)."""
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        fresh = self._last_written_step != trainer.global_step and trainer.global_step > 0
+        if not (self.keeps_last and fitting and fresh and not trainer.fast_dev_run):
+            return
+        path = str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        self._last_written_step = trainer.global_step
+        self.last_model_path = path  # before saving: the checkpoint records where its run's last.ckpt is
+        trainer.save_checkpoint(path, self.save_weights_only)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import os
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -25,10 +24,10 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import nibabel as nib
 import nrrd
 import numpy as np
+import psutil
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
-from nibabel.orientations import io_orientation
-from nrrd.reader import _determine_datatype
+from nibabel.orientations import axcodes2ornt, io_orientation
 
 from la_seg.atomic import atomic_path, refuse_writing_into_inputs
 from la_seg.errors import DataError
@@ -65,12 +64,25 @@ _READ_ERRORS = (
 )
 _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a grey value or a label can be
 _SINGULAR_DETERMINANT = 1e-12
-# NRRD space axis names and their sign in RAS; LPS data (the ITK default) flips x and y.
-_RAS_SIGN = {"left": -1, "right": 1, "posterior": -1, "anterior": 1, "inferior": -1, "superior": 1}
-_AXIS = {"left": 0, "right": 0, "posterior": 1, "anterior": 1, "inferior": 2, "superior": 2}
+# NRRD space axis names as the letters of nibabel's orientation tools (LPS, the ITK default, flips x and y).
+_SPACE_LETTER = dict(left="L", right="R", posterior="P", anterior="A", inferior="I", superior="S")
 _FRAMELESS_SPACES = ("scanner-xyz", "3d-right-handed", "3d-left-handed")
 _ORTHOGONAL_COSINE = 1e-3  # |cos| between two voxel axes above this (0.06 degrees): sheared
-_RAS_LETTER = {"L": "left", "R": "right", "P": "posterior", "A": "anterior", "I": "inferior", "S": "superior"}
+# The NRRD format's voxel type names (its specification's synonyms, "_t" suffix dropped) as numpy type codes;
+# pynrrd keeps its own table private, and the header alone must give the size before any voxel is read.
+_NRRD_TYPES = {
+    **dict.fromkeys(("signed char", "int8"), "i1"),
+    **dict.fromkeys(("uchar", "unsigned char", "uint8"), "u1"),
+    **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16"), "i2"),
+    **dict.fromkeys(("ushort", "unsigned short", "unsigned short int", "uint16"), "u2"),
+    **dict.fromkeys(("int", "signed int", "int32"), "i4"),
+    **dict.fromkeys(("uint", "unsigned int", "uint32"), "u4"),
+    **dict.fromkeys(("longlong", "long long", "long long int", "signed long long", "int64"), "i8"),
+    **dict.fromkeys(("signed long long int",), "i8"),
+    **dict.fromkeys(("ulonglong", "unsigned long long", "unsigned long long int", "uint64"), "u8"),
+    "float": "f4",
+    "double": "f8",
+}
 
 
 # Not frozen: Lightning's batch transfer (apply_to_collection) rebuilds dataclasses and refuses frozen ones.
@@ -391,9 +403,7 @@ def _nrrd_header(path: Path) -> _Header:
     header = nrrd.read_header(str(path))  # Fortran index order: axes come out (X, Y, Z) like nibabel
     _check_data_file(header, path)
     shape = _spatial_shape(tuple(int(n) for n in header["sizes"]), path)
-    if header.get("type") == "block":
-        raise DataError(f"{path} holds NRRD 'block' voxels; expected numbers")
-    dtype = _check_dtype(_determine_datatype(header), path)
+    dtype = _nrrd_dtype(header, path)
     affine = np.eye(4)
     directions = header.get("space directions")
     if directions is not None:
@@ -423,6 +433,14 @@ def _check_data_file(header: dict, path: Path) -> None:
         raise DataError(f"{path} is a detached NRRD header whose data file {target} does not exist")
 
 
+def _nrrd_dtype(header: dict, path: Path) -> np.dtype:
+    """The voxels' dtype that the header's `type` and `endian` name, or a DataError naming the file."""
+    name = str(header.get("type", "")).lower().removesuffix("_t")
+    if name not in _NRRD_TYPES:
+        raise DataError(f"{path} holds NRRD {name!r} voxels; expected numbers (e.g. short, uchar, float)")
+    return np.dtype(_NRRD_TYPES[name]).newbyteorder(">" if header.get("endian") == "big" else "<")
+
+
 def _is_none_row(direction) -> bool:
     """pynrrd gives a non-spatial axis's 'none' direction as None or a row of NaN."""
     return not np.isfinite(np.asarray(direction, dtype=np.float64)).any()
@@ -443,15 +461,21 @@ def _ras_sign(space: str | None, path: Path) -> np.ndarray:
         )
         return np.ones(3)
     names = lowered.split("-")
+    codes = [_SPACE_LETTER.get(name, "?") for name in names] if len(names) == 3 else []
     letters = space.upper().removesuffix("T") if len(space) == 4 else space.upper()
-    if len(names) != 3 and len(letters) == 3:
-        names = [_RAS_LETTER.get(letter, "") for letter in letters]
-    if len(names) != 3 or not all(name in _RAS_SIGN for name in names) or len({_AXIS[n] for n in names}) != 3:
+    if not codes and len(letters) == 3:  # the short forms: LPS, RAS, LAS and their time variants (LPST)
+        codes = list(letters)
+    try:
+        orientation = axcodes2ornt(codes) if len(codes) == 3 else None
+    except ValueError:  # nibabel: an axis named twice
+        orientation = None
+    # nibabel gives (RAS axis, sign) per world axis; a world space keeps x, y, z in order (no permutation)
+    if orientation is None or np.isnan(orientation).any() or list(orientation[:, 0]) != [0, 1, 2]:
         raise DataError(
             f"{path} has an unknown NRRD space {space!r}; expected e.g. left-posterior-superior (LPS), "
             "right-anterior-superior (RAS), left-anterior-superior (LAS) or scanner-xyz"
         )
-    return np.array([_RAS_SIGN[name] for name in names])
+    return orientation[:, 1]
 
 
 def _warn_sheared(affine: np.ndarray, path: Path) -> None:
@@ -519,24 +543,13 @@ def _check_geometry(affine: np.ndarray, spacing: Sequence[float], path: Path) ->
         raise DataError(f"{path} has a degenerate (singular) affine, zero or parallel axes:\n{affine}")
 
 
-def _available_memory() -> int:
-    """Bytes of memory available now: MemAvailable (counts reclaimable cache) or free pages."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def _check_memory(header: _Header, path: Path) -> None:
     """Refuse a volume whose voxels (plus their float32 copy) cannot fit in memory, before allocating it."""
     voxels = math.prod(int(n) for n in header.shape)  # Python ints: a NIfTI-2 header can overflow int64
     needed = voxels * (header.dtype.itemsize + 4)
-    available = _available_memory()
+    memory = psutil.virtual_memory()  # available counts reclaimable cache (Linux: MemAvailable)
+    available, total = memory.available, memory.total
     if needed > available:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         raise DataError(
             f"{path} claims shape {header.shape} of {header.dtype} ({needed / 2**30:.1f} GiB to read), "
             f"more than the {available / 2**30:.1f} GiB of memory available "

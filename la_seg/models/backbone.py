@@ -12,11 +12,9 @@ from typing import Any
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import Tensor, nn
 
 from la_seg.data.preprocess import check_img_size
-from la_seg.errors import DataError
 from la_seg.models.fusion import BlockFusion
 
 # timm architectures this backbone accepts: DINOv2 (VisionTransformer, patch 14, with and without registers)
@@ -45,63 +43,18 @@ def _checkpoint_filter(vit: nn.Module) -> Callable:
     return importlib.import_module(type(vit).__module__).checkpoint_filter_fn
 
 
-def _load_pretrained_assigning(vit: nn.Module, device: torch.device) -> None:
-    """Loads the weights named by ``vit.pretrained_cfg`` (a local file or the hub) into a model built on the
-    meta device.
-
-    timm's own ``load_pretrained`` does the work (source, checkpoint filter, checks); only its final
-    ``load_state_dict`` is made to assign the loaded tensors (on ``device``, in the model's dtype) instead of
-    copying them into randomly initialised ones, which for the giant ViT took ~15 s of CPU time for nothing.
-    """
-
-    def assign(state_dict: dict[str, Tensor], strict: bool = True):
-        reference = vit.state_dict()  # meta tensors: the target dtypes
-        state = {
-            key: value.to(device=device, dtype=reference[key].dtype) if key in reference else value
-            for key, value in state_dict.items()
-        }
-        return nn.Module.load_state_dict(vit, state, strict=strict, assign=True)
-
-    vit.load_state_dict = assign
-    try:
-        timm.models.load_pretrained(vit, num_classes=0, filter_fn=_checkpoint_filter(vit))
-    finally:
-        del vit.load_state_dict
-
-
-HUB_PROBE_SECONDS = 5.0
-
-
-def check_hub_reachable(pretrained_cfg: dict, name: str) -> None:
-    """Fail within seconds, naming --model.net.weights, where hub weights are neither cached nor reachable
-    (offline clusters): huggingface_hub would otherwise retry for minutes and then print its own error."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    import huggingface_hub
-
-    repo = pretrained_cfg.get("hf_hub_id")
-    if not repo:
-        return
-    filename = pretrained_cfg.get("hf_hub_filename") or "model.safetensors"
-    if isinstance(huggingface_hub.try_to_load_from_cache(repo, filename), str):
-        return
-    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    reason = "HF_HUB_OFFLINE is set" if offline else None
-    if not offline and not proxied:
-        host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
-        try:
-            socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
-        except OSError as error:
-            reason = f"{host} cannot be reached ({error})"
-    if reason:
-        raise DataError(
-            f"the pretrained weights of {name} are not in the local hub cache and {reason}: pass "
-            f"--model.net.weights with a local copy of the hub file {filename} of {repo} (or Meta's original "
-            ".pth), e.g. downloaded once with `hf download " + f"{repo} {filename}`"
-        )
+def _load_weights_assigning(vit: nn.Module, path: Path, device: torch.device) -> None:
+    """Loads the weights file `path` into a model built on the meta device: timm's reader, then its checkpoint
+    filter of the model's family, then the tensors assigned (on `device`, in the model's dtype) instead of
+    copied into randomly initialised ones, a giant ViT's random initialisation being CPU time thrown away
+    (measured: benchmarks/README.md, "Figures once quoted in code")."""
+    state = _checkpoint_filter(vit)(timm.models.load_state_dict(str(path)), vit)
+    reference = vit.state_dict()  # meta tensors: the target dtypes
+    state = {
+        key: value.to(device=device, dtype=reference[key].dtype) if key in reference else value
+        for key, value in state.items()
+    }
+    vit.load_state_dict(state, strict=True, assign=True)
 
 
 def _materialise(vit: nn.Module, device: torch.device) -> None:
@@ -113,7 +66,9 @@ def _materialise(vit: nn.Module, device: torch.device) -> None:
                 empty = torch.empty_like(tensor, device=device)
                 is_param = isinstance(tensor, nn.Parameter)
                 setattr(module, name, nn.Parameter(empty, tensor.requires_grad) if is_param else empty)
-    reinit_non_persistent_buffers(vit)
+    for module in vit.modules():  # the public per-module hook of timm's layers that own such buffers
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
 
 
 class DINOBackbone(nn.Module):
@@ -126,17 +81,17 @@ class DINOBackbone(nn.Module):
     setting) the ViT is frozen: it runs under ``no_grad`` (no activations are kept for backward) and stays in
     eval mode whatever the trainer asks.
 
-    Weights (``weights`` file or ``pretrained`` hub weights) are loaded into a model built on the meta device,
-    with no random initialisation that they would overwrite. ``empty=True`` builds the ViT the same way but
-    loads nothing: its parameters are uninitialised memory, for when a checkpoint that holds the backbone is
-    loaded right after (``pretrained`` and ``weights`` are then only a record). ``device`` is where the ViT's
-    tensors are created (default: torch's default device, the CPU unless set).
+    ``weights``, a local file (timm's hub file of the model, found by la_seg.hub, or Meta's original .pth), is
+    loaded into a model built on the meta device, with no random initialisation that it would overwrite;
+    without it the ViT is randomly initialised. ``empty=True`` builds the ViT on the meta device and loads
+    nothing: its parameters are uninitialised memory, for when a checkpoint that holds the backbone is loaded
+    right after. ``device`` is where the ViT's tensors are created (default: torch's default device, the CPU
+    unless set). The backbone never reaches the network.
     """
 
     def __init__(
         self,
         name: str = "vit_giant_patch14_dinov2",
-        pretrained: bool = True,
         weights: str | Path | None = None,
         img_size: int = 448,
         trainable_blocks: int = 0,
@@ -152,14 +107,14 @@ class DINOBackbone(nn.Module):
             raise ValueError(f"backbone {name!r} is not a timm DINOv2 / DINOv3 model; valid names: {valid}")
         if trainable_blocks < -1:
             raise ValueError(f"trainable_blocks must be -1 (all), 0 (frozen) or k > 0: {trainable_blocks}")
-        img_size = check_img_size(img_size, "data.img_size")
+        img_size = check_img_size(img_size)
         model_kwargs = dict(model_kwargs or {})
         reserved = sorted(set(model_kwargs) & set(_RESERVED_KWARGS))
         if reserved:
             raise ValueError(f"model_kwargs may not set {reserved}: DINOBackbone sets them itself")
         device = torch.device(device) if device is not None else torch.get_default_device()
         kwargs: dict[str, Any] = dict(img_size=img_size, dynamic_img_size=True, num_classes=0, **model_kwargs)
-        self.vit, self.patch_size = self._build(name, pretrained, weights, kwargs, empty, device)
+        self.vit, self.patch_size = self._build(name, weights, kwargs, empty, device)
 
         depth = len(self.vit.blocks)
         self.indices = self._check_indices(indices, depth)
@@ -184,36 +139,24 @@ class DINOBackbone(nn.Module):
         self.train(self.training)
 
     def _build(
-        self,
-        name: str,
-        pretrained: bool,
-        weights: str | Path | None,
-        kwargs: dict,
-        empty: bool,
-        device: torch.device,
+        self, name: str, weights: str | Path | None, kwargs: dict, empty: bool, device: torch.device
     ) -> tuple[nn.Module, int]:
         """The timm ViT and its patch size: built on the meta device (so the patch size is checked before
         anything is computed), then loaded, left uninitialised (``empty``) or, without weights, random."""
         path = None if weights is None or empty else Path(weights).expanduser()
-        if path is not None:
-            if not path.is_file():
-                raise FileNotFoundError(f"backbone weights file not found: {path}")
-            # A file override of the pretrained config: timm's checkpoint filter then also converts the
-            # original Meta .pth layouts (checkpoint_path= would skip that conversion).
-            kwargs = dict(kwargs, pretrained_cfg_overlay=dict(file=str(path)))
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"backbone weights file not found: {path}")
         with torch.device("meta"):
             vit = timm.create_model(name, pretrained=False, **kwargs)
         patch_size = self._check_img_size(kwargs["img_size"], vit, name)
-        if not (empty or path is not None or pretrained):
+        if not (empty or path is not None):
             with torch.device(device):
                 return timm.create_model(name, pretrained=False, **kwargs), patch_size
-        if not empty:
-            if path is None:
-                check_hub_reachable(vit.pretrained_cfg, name)
+        if path is not None:
             try:
-                _load_pretrained_assigning(vit, device)
+                _load_weights_assigning(vit, path, device)
             except RuntimeError as err:
-                raise RuntimeError(f"could not load {name} weights from {path or 'the hub'}: {err}") from err
+                raise RuntimeError(f"could not load {name} weights from {path}: {err}") from err
         _materialise(vit, device)
         return vit, patch_size
 
@@ -223,8 +166,8 @@ class DINOBackbone(nn.Module):
         patch = int(vit.patch_embed.patch_size[0])
         if img_size % patch:
             nearest = max(patch, round(img_size / patch) * patch)
-            raise DataError(
-                f"data.img_size={img_size} is not a multiple of the patch size {patch} of {name}; "
+            raise ValueError(
+                f"img_size={img_size} is not a multiple of the patch size {patch} of {name}; "
                 f"use e.g. {nearest}"
             )
         return patch
@@ -286,10 +229,12 @@ class DINOBackbone(nn.Module):
 
     def _run(self, x: Tensor, sink: Callable[[Tensor], None]) -> None:
         """Runs the ViT up to its deepest tapped block and hands each tapped block's normalised map to `sink`
-        as soon as the block has run (a forward hook): no list of every block's map is built here.
+        as soon as the block has run (a forward hook): no list of every block's map is built here, where
+        timm's forward_intermediates would hold them all until the last block has run.
 
-        With gradient checkpointing (a trainable ViT) the blocks run again in backward, where a hook's
-        LayerNorm would be missing: timm's own list of maps is taken then, each cast as it is handed on.
+        With gradient checkpointing (a trainable ViT) the blocks run again in backward, where a hook would
+        hand its map on a second time: timm's own list of patch tokens is taken then, each mapped as it is
+        handed on. Both paths share one per-block transform (_patch_map).
         """
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) image batch, got shape {tuple(x.shape)}")
@@ -298,36 +243,37 @@ class DINOBackbone(nn.Module):
         size = self.vit.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
         x = (x - self.mean) / self.std
         checkpointed = bool(getattr(self.vit, "grad_checkpointing", False))
+        prefix = self.vit.num_prefix_tokens
         hooks = []
         if not checkpointed:
 
             def tap(_block: nn.Module, _inputs: Any, tokens: Tensor) -> None:
-                sink(self._block_map(tokens, size))
+                sink(self._patch_map(tokens[:, prefix:], size))
 
             hooks = [self.vit.blocks[i].register_forward_hook(tap) for i in self.indices]
         try:
             with torch.no_grad() if self.frozen else nullcontext():
-                # Without hooks timm returns every tapped block's map; with them only the deepest block's
-                # raw tokens are asked for (stop_early: no later block runs), and dropped.
-                maps = self.vit.forward_intermediates(
+                # Without hooks timm returns every tapped block's patch tokens; with them only the deepest
+                # block's are asked for (stop_early: no later block runs), and dropped.
+                tokens = self.vit.forward_intermediates(
                     x,
                     indices=list(self.indices) if checkpointed else [self.indices[-1]],
-                    norm=checkpointed,
+                    norm=False,
                     stop_early=True,
-                    output_fmt="NCHW" if checkpointed else "NLC",
+                    output_fmt="NLC",
                     intermediates_only=True,
                 )
-                for i in range(len(maps) if checkpointed else 0):
-                    sink(_in_autocast_dtype(maps[i]))
-                    maps[i] = None  # each fp32 map freed once cast
+                for i in range(len(tokens) if checkpointed else 0):
+                    sink(self._patch_map(tokens[i], size))
+                    tokens[i] = None  # each block's tokens freed once mapped
         finally:
             for hook in hooks:
                 hook.remove()
 
-    def _block_map(self, tokens: Tensor, size: tuple[int, int]) -> Tensor:
-        """A block's (B, N, C) tokens -> its normalised (B, C, h, w) map as timm's forward_intermediates makes
-        it (final norm, prefix tokens dropped), in the autocast dtype (_in_autocast_dtype)."""
-        normed = _in_autocast_dtype(self.vit.norm(tokens)[:, self.vit.num_prefix_tokens :])
+    def _patch_map(self, patch_tokens: Tensor, size: tuple[int, int]) -> Tensor:
+        """A block's (B, h*w, C) patch tokens -> its (B, C, h, w) map as timm's forward_intermediates makes it
+        with ``norm=True`` (the final norm), in the autocast dtype (_in_autocast_dtype)."""
+        normed = _in_autocast_dtype(self.vit.norm(patch_tokens))
         return normed.reshape(normed.shape[0], *size, -1).permute(0, 3, 1, 2).contiguous()
 
     @torch.no_grad()

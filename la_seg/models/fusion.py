@@ -8,8 +8,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from la_seg.errors import DataError
-
 FusionMode = Literal["softmax", "mean", "last"]
 FUSION_MODES: tuple[str, ...] = get_args(FusionMode)
 
@@ -33,7 +31,7 @@ class BlockFusion(nn.Module):
         if groups < 1 or num_blocks < 1:
             raise ValueError(f"need num_blocks >= 1 and groups >= 1, got {num_blocks} and {groups}")
         if groups > num_blocks:
-            raise DataError(f"net.fusion_groups={groups} exceeds the {num_blocks} tapped blocks ")
+            raise ValueError(f"groups={groups} exceeds the {num_blocks} tapped blocks")
         self.num_blocks = num_blocks
         self.groups = groups
         self.mode = mode
@@ -44,14 +42,11 @@ class BlockFusion(nn.Module):
         else:
             self.group_indices = [part.tolist() for part in np.array_split(np.arange(num_blocks), groups)]
         if mode == "softmax" and min(len(idx) for idx in self.group_indices) < 2:
-            fix = (
-                f"use net.fusion_groups <= {num_blocks // 2} (1 is the paper)"
-                if num_blocks >= 2
-                else "tap at least 2 blocks (net.indices)"
-            )
-            raise DataError(
-                f"net.fusion_groups={groups} over {num_blocks} tapped blocks leaves a softmax over a single "
-                f"block: its weight is a constant 1 and cannot learn; {fix} or net.fusion: last"
+            half = num_blocks // 2
+            fix = f"use groups <= {half} (1 is the paper)" if num_blocks >= 2 else "tap at least 2 blocks"
+            raise ValueError(
+                f"groups={groups} over {num_blocks} tapped blocks leaves a softmax over a single block: its "
+                f"weight is a constant 1 and cannot learn; {fix} or mode='last'"
             )
         # Each group as a slice of the blocks: a view of the weights, where indexing with a Python list would
         # copy the index to the device and wait for it in every forward pass.

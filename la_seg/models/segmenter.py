@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from la_seg.errors import DataError
 from la_seg.models.backbone import DINOBackbone
 from la_seg.models.decoder import ImageGuidedDecoder
 from la_seg.models.fusion import BlockFusion, FusionMode
@@ -35,6 +33,8 @@ class SegmenterConfig:
 class LASegmenter(nn.Module):
     """(B, 3, H, W) slices in [0, 1] -> (B, 1, H, W) LA logits, for any H, W that are multiples of the patch.
 
+    The backbone loads ``config.weights``, a local file: with ``pretrained`` and no file, la_seg.hub finds
+    the hub's first (``with_weights_file``); the network never reaches the hub itself.
     ``empty_backbone=True`` builds the backbone without weights or initialisation (see ``DINOBackbone``),
     for when a checkpoint that holds them is loaded right after.
     """
@@ -43,14 +43,15 @@ class LASegmenter(nn.Module):
         super().__init__()
         levels = len(config.decoder_channels)
         if config.fusion_groups not in (1, levels):
-            raise DataError(
-                f"net.fusion_groups must be 1 (one fused map, the paper) or {levels} (one per decoder level, "
-                f"len(net.decoder_channels)), got {config.fusion_groups}"
+            raise ValueError(
+                f"fusion_groups={config.fusion_groups}: it must be 1 (one fused map, the paper) or {levels} "
+                "(one per decoder level, len(decoder_channels))"
             )
+        if config.pretrained and config.weights is None and not empty_backbone:
+            raise ValueError("pretrained=True needs the local weights file in weights (see la_seg.hub)")
         self.config = config
         self.backbone = DINOBackbone(
             name=config.backbone,
-            pretrained=config.pretrained,
             weights=config.weights,
             img_size=config.img_size,
             trainable_blocks=config.trainable_blocks,
@@ -79,10 +80,6 @@ class LASegmenter(nn.Module):
             return False
         fusion_learns = any(p.requires_grad for p in self.fusion.parameters())
         return fusion_learns or not self.backbone.frozen
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """The parameters the optimiser should see (a frozen backbone contributes none)."""
-        return (p for p in self.parameters() if p.requires_grad)
 
     def fusion_weights(self) -> list[Tensor]:
         """Per-group block weights (detached), for logging: one tensor with the paper's single group."""

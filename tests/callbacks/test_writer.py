@@ -127,9 +127,11 @@ def test_colliding_outputs_are_refused_before_anything_is_written(tmp_path, ids,
     assert not (tmp_path / "out").exists()
 
 
-def test_distinct_names_pass_the_reservation(tmp_path):
-    writer = NiftiPredictionWriter(str(tmp_path / "out"))  # no probabilities: c and c_prob do not clash
-    writer.reserve_outputs([("c", tmp_path / "c.nii.gz"), ("c_prob", tmp_path / "c_prob.nii.gz")])
+def test_names_clash_only_with_the_outputs_the_run_writes(tmp_path):
+    cases = [("c", tmp_path / "c.nii.gz"), ("c_prob", tmp_path / "c_prob.nii.gz")]
+    NiftiPredictionWriter(str(tmp_path / "out")).reserve_outputs(cases)  # no probabilities: no c_prob.nii.gz
+    with pytest.raises(DataError, match="collides"):
+        NiftiPredictionWriter(str(tmp_path / "out"), save_probabilities=True).reserve_outputs(cases)
 
 
 def test_a_second_run_into_a_locked_folder_fails_at_once(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from la_seg.data import Case, DataError, Geometry, find_cases, read_case, read_image, read_label, write_nifti
-from la_seg.data.io import check_header
+from la_seg.data.io import _NRRD_TYPES, _nrrd_dtype, check_header
 
 AFFINE = np.array(
     [
@@ -151,6 +151,37 @@ def test_nrrd_affine_from_lps_header(tmp_path):
     expected = np.array([[-1.0, 0, 0, -10.0], [0, -1.0, 0, -20.0], [0, 0, 2.0, 30.0], [0, 0, 0, 1]])
     np.testing.assert_allclose(volume.geometry.affine, expected)  # LPS -> RAS
     assert volume.geometry.spacing == (1.0, 1.0, 2.0)
+
+
+NRRD_TYPE_NAMES = [*_NRRD_TYPES, "int8_t", "uint16_t", "uint64_t"]  # the spec allows a "_t" suffix
+
+
+@pytest.mark.parametrize("endian", ["little", "big"])
+@pytest.mark.parametrize("name", NRRD_TYPE_NAMES)
+def test_nrrd_voxel_types_read_as_pynrrd_reads_them(tmp_path, name, endian):
+    """la-seg names the voxel type from the header alone (to refuse oversized volumes before reading):
+    every type name of the NRRD format gives the dtype and values that pynrrd's reader gives."""
+    path = tmp_path / "scan.nrrd"
+    header = f"NRRD0004\ntype: {name}\ndimension: 3\nsizes: 2 2 2\nspacings: 1 1 1\nencoding: raw\n"
+    voxels = np.random.default_rng(0).integers(0, 100, 64, dtype=np.uint8).tobytes()
+    for width in (1, 2, 4, 8):  # the voxel size is whatever pynrrd reads without a size mismatch
+        path.write_bytes(f"{header}endian: {endian}\n\n".encode() + voxels[: 8 * width])
+        try:
+            expected, _ = nrrd.read(str(path))
+            break
+        except nrrd.NRRDError:
+            continue
+    assert _nrrd_dtype(nrrd.read_header(str(path)), path) == expected.dtype
+    np.testing.assert_array_equal(read_image(path).data, expected.astype(np.float32))
+
+
+def test_nrrd_space_with_permuted_axes_is_refused(tmp_path):
+    """A world space lists x, y, z in order; 'posterior-left-superior' would need its axes swapped."""
+    path = tmp_path / "scan.nrrd"
+    header = {"space": "posterior-left-superior", "space directions": np.eye(3)}
+    nrrd.write(str(path), np.zeros((2, 2, 2), np.int16), header)
+    with pytest.raises(DataError, match="scan.nrrd has an unknown NRRD space 'posterior-left-superior'"):
+        read_image(path)
 
 
 def test_nrrd_without_directions_uses_spacings(tmp_path):

@@ -14,7 +14,8 @@ def _epoch(path) -> int:
 def test_last_holds_the_last_epoch_and_resume_continues_from_it(la_seg, journey_data, tmp_path):
     # lr 0: val/dice never improves after the first epoch, so best.ckpt stays at epoch 0
     common = [*TINY, "--data.root", journey_data, "--model.lr", "0", "--model.scheduler", "none"]
-    la_seg("fit", *common, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2")
+    out, err = la_seg("fit", *common, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2")
+    assert " at epoch 0: " in out + err  # the fit summary names the best epoch
     checkpoints = tmp_path / "runs" / "demo" / "version_0" / "checkpoints"
     assert _epoch(checkpoints / "best.ckpt") == 0
     assert _epoch(checkpoints / "last.ckpt") == 2

@@ -75,20 +75,24 @@ def test_without_image_guidance_the_image_only_sets_the_size():
         torch.testing.assert_close(plain(feats, image), plain(feats, torch.zeros_like(image)))
 
 
-def test_raw_image_instead_of_stem():
-    decoder = ImageGuidedDecoder(24, channels=CHANNELS, stem_channels=0)
-    assert decoder.stems is None
-    assert n_params(decoder) < n_params(ImageGuidedDecoder(24, channels=CHANNELS))
+def test_raw_image_instead_of_stem_still_guides():
+    """stem_channels=0: the image itself, not a learnt stem of it, is concatenated at every stage."""
+    torch.manual_seed(0)
+    decoder = ImageGuidedDecoder(24, channels=CHANNELS, stem_channels=0).eval()
     feats, image = inputs(56, 84)
-    assert decoder(feats, image).shape == (2, 1, 56, 84)
+    with torch.no_grad():
+        assert not torch.allclose(decoder(feats, image), decoder(feats, image.flip(-1)))
 
 
-@pytest.mark.parametrize("maps", [1, 3])
-def test_other_level_counts(maps):
-    decoder = ImageGuidedDecoder(24, channels=(16, 8, 8))
-    assert decoder.num_levels == 3
-    feats, image = inputs(maps=maps)
-    assert decoder(feats, image).shape == (2, 1, 56, 56)
+def test_three_levels_take_one_map_or_one_per_level():
+    torch.manual_seed(0)
+    decoder = ImageGuidedDecoder(24, channels=(16, 8, 8)).eval()
+    feats, image = inputs(maps=3)
+    with torch.no_grad():
+        assert not torch.allclose(decoder(feats, image), decoder(feats[::-1], image))
+        torch.testing.assert_close(decoder(feats[:1], image), decoder(feats[:1] * 3, image))
+    with pytest.raises(ValueError):
+        decoder(feats[:2], image)
 
 
 def test_bad_arguments_raise():

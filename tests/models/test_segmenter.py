@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from la_seg.config_file import CONFIG_DIR
-from la_seg.errors import DataError
+from la_seg.errors import naming_options
 from la_seg.models import ImageGuidedDecoder, LASegmenter, SegmenterConfig
 
 # 2 blocks per group with 4 fusion groups; layer scale 1 (not timm's 1e-5 init) so random blocks differ
@@ -38,8 +38,13 @@ def batch(h: int = 56, w: int = 56, n: int = 2, seed: int = 0):
     return image, (image[:, :1] > 0.5).float()
 
 
+def trainable(model: LASegmenter) -> list[torch.nn.Parameter]:
+    """What LASegModule.build_optimizer hands the optimiser."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def train_steps(model: LASegmenter, steps: int = 4) -> None:
-    optimiser = torch.optim.Adam(model.trainable_parameters(), lr=0.05)
+    optimiser = torch.optim.Adam(trainable(model), lr=0.05)
     image, target = batch()
     model.train()
     for _ in range(steps):
@@ -73,9 +78,9 @@ def test_frozen_backbone_gets_no_gradient():
     assert all(p.grad is None for p in model.backbone.parameters())
     assert model.fusion.logits.grad is not None
     assert all(p.grad is not None for p in model.decoder.parameters())
-    trainable = {id(p) for p in model.trainable_parameters()}
-    assert not trainable & {id(p) for p in model.backbone.parameters()}
-    assert trainable == {id(p) for p in (*model.fusion.parameters(), *model.decoder.parameters())}
+    learning = {id(p) for p in trainable(model)}
+    assert not learning & {id(p) for p in model.backbone.parameters()}
+    assert learning == {id(p) for p in (*model.fusion.parameters(), *model.decoder.parameters())}
 
 
 def test_last_block_trainable():
@@ -134,7 +139,7 @@ def test_image_guidance_ablation():
 
 
 def test_fusion_groups_must_be_one_or_one_per_decoder_level():
-    with pytest.raises(DataError, match=r"net.fusion_groups must be 1 .* or 4 .*got 3"):
+    with pytest.raises(ValueError, match=r"^fusion_groups=3: it must be 1 .* or 4 "):
         build(fusion_groups=3)
     for groups in (1, 3):
         model = build(fusion_groups=groups, decoder_channels=[16, 8, 8])
@@ -156,8 +161,14 @@ def test_demo_fusion_learns():
     torch.nn.functional.binary_cross_entropy_with_logits(model.train()(image), target).backward()
     assert model.fusion.logits.grad is not None and (model.fusion.logits.grad != 0).all()
     # Four groups over the demo's four blocks would be four softmaxes over one block each: refused.
-    with pytest.raises(DataError, match="net.fusion_groups=4 over 4 tapped blocks"):
+    with pytest.raises(ValueError, match="^groups=4 over 4 tapped blocks") as refused:
         LASegmenter(dataclasses.replace(net, fusion_groups=4))
+    # The command line names the options that set the network's arguments.
+    assert str(naming_options(refused.value)) == (
+        "model.net.fusion_groups=4 over 4 tapped blocks leaves a softmax over a single block: its weight is "
+        "a constant 1 and cannot learn; use model.net.fusion_groups <= 2 (1 is the paper) or "
+        "model.net.fusion='last'"
+    )
 
 
 def test_empty_backbone_is_filled_by_a_checkpoint_state_dict():
