@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from la_seg.callbacks import (
     InferenceCalibration,
     NiftiPredictionWriter,
+    RunCheckpoint,
     SegmentationMetrics,
     TensorBoardImages,
 )
@@ -160,6 +161,10 @@ class LASegCLI(LightningCLI):
         # without one (la_seg/callbacks/termination.py); decoders take the memory layout their device
         # prefers (la_seg/callbacks/layout.py)
         callbacks.extend([StopOnSigterm(), StopOnNonFiniteLoss(), ChannelsLastDecoder()])
+        if self.subcommand == "fit" and self.checkpoints is not None:
+            for callback in callbacks:
+                if isinstance(callback, RunCheckpoint):
+                    callback.continues_run = True
         if self.subcommand == "fit" and (run := self.fresh_run()) is not None:
             callbacks.append(DiscardRunWithoutCheckpoint(run))  # last: after StopOnSigterm's save
         if self.checkpoints is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -25,9 +26,13 @@ class RunCheckpoint(ModelCheckpoint):
         self.best_epoch: int | None = None  # the epoch that wrote best_model_path (for the summary after fit)
         self._last_written_step = -1
         self._stage: str | None = None
+        self.continues_run = False  # set by the CLI for `fit --ckpt_path`, before Lightning knows of it
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():
+            if self.continues_run:  # a resumed fit writes into its own run's checkpoints folder
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
         self._stage = stage
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from tests.journeys.conftest import TINY
@@ -20,8 +22,12 @@ def test_last_holds_the_last_epoch_and_resume_continues_from_it(la_seg, journey_
     assert _epoch(checkpoints / "best.ckpt") == 0
     assert _epoch(checkpoints / "last.ckpt") == 2
 
-    _, err = la_seg("fit", *common, "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "2",
-                    "--ckpt_path", "last")  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, err = la_seg("fit", *common, "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "2",
+                        "--ckpt_path", "last")  # fmt: skip
+    warned = [str(w.message) for w in caught]
+    assert not [m for m in warned if "exists and is not empty" in m], "a resume continues its own run folder"
     assert "last.ckpt" in err
     assert _epoch(checkpoints / "last.ckpt") == 3
     assert not (tmp_path / "runs" / "demo" / "version_1").exists(), "a resume logs into the run it resumes"
