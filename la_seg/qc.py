@@ -19,14 +19,25 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from la_seg.atomic import atomic_path, atomic_write_text
-from la_seg.callbacks.images import overlay
 
 TILE = 160  # pixels per view: three views make a 480 px wide picture, small enough for a page of many cases
 LINE = 18  # pixels per text line
 REVIEW_RED = (200, 0, 0)
+
+
+def overlay(
+    grey: torch.Tensor, ref: torch.Tensor | None = None, pred: torch.Tensor | None = None, size: int = TILE
+) -> torch.Tensor:
+    """(3, size, size) float picture of a 2D slice (values in [0, 1]) with the reference in green and the
+    prediction in red: the one overlay renderer of TensorBoard pictures and the writer's PNGs."""
+    planes = [grey.float()] + [(m if m is not None else torch.zeros_like(grey)).float() for m in (ref, pred)]
+    planes = F.interpolate(torch.stack(planes)[None].cpu(), size=(size, size), mode="nearest")[0]
+    grey, ref_plane, pred_plane = planes.clamp(0, 1)
+    return torch.stack([grey * 0.6 + 0.4 * pred_plane, grey * 0.6 + 0.4 * ref_plane, grey * 0.6]).clamp(0, 1)
 
 
 def qc_picture(

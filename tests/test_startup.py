@@ -91,3 +91,16 @@ def test_the_benchmark_times_the_first_line_apart_from_the_exit(load_benchmark, 
     result = timed([sys.executable, "-c", script], tmp_path, dict(os.environ))
     assert result["first_line"] == "first" and result["output_tail"] == "last" and result["status"] == 0
     assert result["exit_s"] - result["first_line_s"] >= 0.9
+
+
+def test_analyse_in_a_fresh_process_loads_no_lightning(cases, tmp_path):
+    """A command's own imports, first in a fresh interpreter: the circle qc -> callbacks -> metrics -> qc
+    broke `la-seg analyse` while every in-process test, with the callbacks imported earlier, passed."""
+    loaded, said = loaded_by(
+        ["analyse", "--images", str(cases), "--out", str(tmp_path / "a"), "--blood_pool.erosion_mm", "0.5",
+         "--blood_pool.min_voxels", "1", "--plausibility.min_volume_ml", "0"],
+        tmp_path,
+    )  # fmt: skip
+    assert "la-seg: error" not in said, said
+    assert (tmp_path / "a" / "analysis.csv").is_file(), said
+    assert not loaded & {"lightning", "timm"}, f"analyse loaded {sorted(loaded)}"

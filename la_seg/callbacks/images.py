@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 
+from la_seg.qc import overlay
+
 PANEL = 192  # pixels per panel side in the grid
 
 
@@ -59,24 +61,13 @@ class TensorBoardImages(L.Callback):
             )
 
 
-def overlay(
-    grey: torch.Tensor, ref: torch.Tensor | None = None, pred: torch.Tensor | None = None, size: int = PANEL
-) -> torch.Tensor:
-    """(3, size, size) float picture of a 2D slice (values in [0, 1]) with the reference in green and the
-    prediction in red: the one overlay renderer of TensorBoard pictures and the writer's PNGs."""
-    planes = [grey.float()] + [(m if m is not None else torch.zeros_like(grey)).float() for m in (ref, pred)]
-    planes = F.interpolate(torch.stack(planes)[None].cpu(), size=(size, size), mode="nearest")[0]
-    grey, ref_plane, pred_plane = planes.clamp(0, 1)
-    return torch.stack([grey * 0.6 + 0.4 * pred_plane, grey * 0.6 + 0.4 * ref_plane, grey * 0.6]).clamp(0, 1)
-
-
 def overlay_row(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     """(3, PANEL, 2*PANEL): the slice with the largest reference area alone, then with the overlay."""
     areas = label.reshape(-1, label.shape[-1]).sum(0)
     k = int(areas.argmax()) if areas.any() else label.shape[-1] // 2
     grey = image[..., k].float().cpu().clamp(0, 1)
     plain = F.interpolate(grey[None, None], size=(PANEL, PANEL), mode="nearest")[0].expand(3, -1, -1)
-    return torch.cat([plain, overlay(grey, label[..., k], pred[..., k])], dim=2)
+    return torch.cat([plain, overlay(grey, label[..., k], pred[..., k], size=PANEL)], dim=2)
 
 
 def fusion_figure(weights: list[torch.Tensor], epoch: int) -> Figure:
