@@ -251,18 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
     if args.commands:
-        from la_seg.atomic import atomic_write_text
-
-        report = measure_commands(args)
-        text = json.dumps(report, indent=2)
-        if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.json, text + "\n")
-        print(text)
-        return report
+        return publish(measure_commands(args), args.json)
     from random_weights import ensure_random_weights
 
-    from la_seg.atomic import atomic_write_text
     from la_seg.runtime import describe_cpu
 
     checkouts = [path.resolve() for path in (args.pythonpath or [REPO])]
@@ -292,10 +283,17 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average": list(os.getloadavg()),
         "checkouts": results,
     }
+    return publish(report, args.json)
+
+
+def publish(report: dict, path: Path | None) -> dict:
+    """Print `report` as JSON and, with --json, write it there (atomically)."""
+    from la_seg.atomic import atomic_write_text
+
     text = json.dumps(report, indent=2)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.json, text + "\n")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text + "\n")
     print(text)
     return report
 
