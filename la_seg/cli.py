@@ -1,6 +1,8 @@
 """`la-seg`: the entry point. It links each subcommand to what runs it and imports only that: `--help`, an
-argument error, `synth`, `evaluate`, `export-nnunet` and `analyse` answer without Lightning or the model,
-which fit / validate / test / predict load (la_seg/lightning_cli.py). Any failure ends as one error line."""
+argument error (fit / validate / test / predict's mistyped options by their recorded names,
+la_seg/option_names.py), `synth`, `evaluate`, `export-nnunet` and `analyse` answer without Lightning or the
+model, which fit / validate / test / predict load (la_seg/lightning_cli.py). Any failure ends as one error
+line."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from la_seg.atomic import FolderLock
 from la_seg.config_file import resolve_config_paths
 from la_seg.distributed import end_process_group, is_reported_elsewhere, relaunch_with
 from la_seg.errors import describe_error, with_nearest_option
+from la_seg.option_names import check_typed_options
 from la_seg.runtime import configure_threads, quiet_lightning
 from la_seg.stops import SIGINT_STATUS, is_lightning_stop, sigterm_stop, stop_status
 
@@ -132,6 +135,7 @@ def run(argv: list[str], from_command_line: bool) -> None:
     if argv[0] in FUNCTION_COMMANDS:
         run_function(argv[0], argv[1:])
         return
+    check_typed_options(argv)  # a typo answered before Lightning loads
     typed, argv = argv, resolve_config_paths(argv)
     if from_command_line:  # DDP re-launches sys.argv: let it carry the resolved config paths
         relaunch_with(argv)

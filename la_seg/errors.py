@@ -82,9 +82,15 @@ def with_nearest_option(error: ArgumentError, parsers: Iterable[ArgumentParser])
     unknown = _UNKNOWN.search(str(error))
     if unknown is None:
         return error
-    known = sorted({option for parser in parsers for option in _OPTION.findall(parser.format_help())})
-    near = difflib.get_close_matches(unknown.group(1), known, n=1, cutoff=0.8)
-    return DataError(f"unknown option {unknown.group(1)}: did you mean {near[0]}?") if near else error
+    known = {option for parser in parsers for option in _OPTION.findall(parser.format_help())}
+    return nearest_option(unknown.group(1), known) or error
+
+
+def nearest_option(unknown: str, known: Iterable[str]) -> DataError | None:
+    """The error for option `unknown` naming the nearest of `known` (`--data.rooot`: did you mean
+    --data.root?); None when none is near enough to name."""
+    near = difflib.get_close_matches(unknown, sorted(known), n=1, cutoff=0.8)
+    return DataError(f"unknown option {unknown}: did you mean {near[0]}?") if near else None
 
 
 # The command-line option that sets each argument of la-seg's networks (la_seg.models): the models raise

@@ -52,6 +52,8 @@ def cases(tmp_path_factory):
         (["fitt"], "invalid choice: 'fitt'"),
         (["synth", "--help"], "usage: la-seg synth"),
         (["synth", "--outt", "x"], "did you mean --out?"),
+        (["fit", "--config", "demo.yaml", "--data.rooot", "x"], "did you mean --data.root?"),
+        (["predict", "--trainer.devics", "2"], "did you mean --trainer.devices?"),
         (["synth", "--out", "data", "--cases", "1", "--shape", "[24, 20, 4]"], "Wrote 1 synthetic cases"),
     ],
 )  # fmt: skip
