@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal, NotRequired, TypedDict
+from typing import Literal, NotRequired, TypedDict, get_args
 
 import lightning as L
 import torch
@@ -44,6 +44,10 @@ from la_seg.plausibility import Plausibility, case_reasons
 # bigger chunks only add GB-sized activations that the allocator maps and page-faults afresh for every op
 # (measured: benchmarks/README.md, "Large chunks hurt on CPU").
 CPU_EVAL_CHUNK = 4
+
+
+Loss = Literal["bce", "dice_bce", "batch_dice_bce"]
+LOSSES: tuple[str, ...] = get_args(Loss)
 
 
 class EvalOutput(TypedDict):
@@ -116,7 +120,7 @@ class LASegModule(L.LightningModule):
         target_spacing: float = DEFAULT_INPUT.target_spacing,
         intensity_headroom: float = DEFAULT_INPUT.intensity_headroom,
         orientation: Orientation = DEFAULT_INPUT.orientation,
-        loss: Literal["bce", "dice_bce", "batch_dice_bce"] = "bce",
+        loss: Loss = "bce",
         optimizer: Literal["adam", "adamw"] = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -160,15 +164,9 @@ class LASegModule(L.LightningModule):
         self.plausibility = plausibility
         self.net_config = net
         self.net = LASegmenter(with_weights_file(net, download=True))
-        # MONAI is imported only where used: `la-seg predict --help` should not pay for it.
-        if loss == "bce":
-            self.loss_fn: nn.Module = nn.BCEWithLogitsLoss()
-        elif loss in ("dice_bce", "batch_dice_bce"):
-            from monai.losses import DiceCELoss
-
-            self.loss_fn = DiceCELoss(sigmoid=True, batch=loss == "batch_dice_bce")
-        else:
-            raise ValueError(f"model.loss must be 'bce', 'dice_bce' or 'batch_dice_bce', got {loss!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss must be one of {list(LOSSES)}, got {loss!r}")
+        self._loss_fn: nn.Module | None = None  # built on first use (loss_fn): predict needs none
         if postprocess not in POSTPROCESSING:
             raise ValueError(f"model.postprocess must be one of {list(POSTPROCESSING)}, got {postprocess!r}")
         if compile:
@@ -180,6 +178,19 @@ class LASegModule(L.LightningModule):
         # The inference settings chosen on validation at the end of fit (la_seg.callbacks.calibration), as
         # the checkpoint records them; None for a checkpoint without, or before one is loaded.
         self.calibration: dict | None = None
+
+    @property
+    def loss_fn(self) -> nn.Module:
+        """The training loss, built on first use: predict never computes one, and MONAI's losses take a
+        second to import."""
+        if self._loss_fn is None:
+            if self.hparams.loss == "bce":
+                self._loss_fn = nn.BCEWithLogitsLoss()
+            else:
+                from monai.losses import DiceCELoss
+
+                self._loss_fn = DiceCELoss(sigmoid=True, batch=self.hparams.loss == "batch_dice_bce")
+        return self._loss_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -262,6 +262,18 @@ def test_postprocess_mask_keeps_the_largest_component_and_names_a_bad_choice():
         postprocess_mask(mask, "opening")
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_largest_component_is_monais(seed):
+    """la-seg keeps the component MONAI's KeepLargestConnectedComponent keeps (26-connected, the first of
+    equal ones), on random masks of many components, diagonal contacts and ties included."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(12, 10, 6, generator=generator) < 0.05 + 0.02 * seed  # 7 to 24 components
+    expected = KeepLargestConnectedComponent()(mask[None]).squeeze(0).bool()
+    assert torch.equal(postprocess_mask(mask, "largest_component"), expected)
+
+
 def test_largest_part_drops_a_neighbour_joined_by_a_thin_bridge():
     """A neighbouring pool joined to the LA through a two-pixel bridge (a thin wall's partial-volume voxels):
     largest_component keeps both, largest_part only the LA, with its one-pixel vein tip and its small end

@@ -216,7 +216,9 @@ def test_batch_dice_counts_the_batch_as_one_region(tiny_net):
 
 
 def test_unknown_loss_is_one_line_naming_the_choices(tiny_net):
-    with pytest.raises(ValueError, match="model.loss must be 'bce', 'dice_bce' or 'batch_dice_bce'"):
+    with pytest.raises(
+        ValueError, match=r"model.loss must be one of \['bce', 'dice_bce', 'batch_dice_bce'\], got 'dice'"
+    ):
         LASegModule(net=tiny_net, in_plane="stretch", loss="dice")
 
 

@@ -22,10 +22,10 @@ try:
     main()  # as the console script does: argv from sys.argv
 except SystemExit:
     pass
-heavy = ("torch", "lightning", "timm", "monai", "torchvision", "torchmetrics")
+heavy = ("torch", "lightning", "timm", "monai", "torchvision", "torchmetrics", "albumentations")
 print(json.dumps(sorted(name for name in heavy if name in sys.modules)))
 """
-MODEL_STACK = {"lightning", "timm", "monai", "torchvision", "torchmetrics"}
+MODEL_STACK = {"lightning", "timm", "monai", "torchvision", "torchmetrics", "albumentations"}
 
 
 def loaded_by(argv: list[str], cwd) -> tuple[set[str], str]:
@@ -84,6 +84,16 @@ def test_predict_refuses_writing_into_its_input_before_reading_the_checkpoint(tm
     _, output = loaded_by(argv, tmp_path)
     assert "--writer.output_dir" in output and "never writes into its input" in output
     assert "missing.ckpt" not in output
+
+
+def test_predict_loads_neither_monai_nor_the_training_augmentation(tmp_path, cases):
+    """What only training needs stays unloaded in predict: MONAI (the loss; the largest component is
+    scipy's) and albumentations (even as a type, which jsonargparse would import)."""
+    argv = ["predict", "--config", "demo.yaml", "--untrained", "true", "--data.predict_root", str(cases)]
+    argv += ["--writer.output_dir", str(tmp_path / "masks"), "--data.num_workers", "0"]
+    loaded, said = loaded_by(argv, tmp_path)
+    assert (tmp_path / "masks" / "volumes.csv").is_file(), said
+    assert not loaded & {"monai", "albumentations"}, f"predict loaded {sorted(loaded)}"
 
 
 def test_the_benchmark_times_the_first_line_apart_from_the_exit(load_benchmark, tmp_path):

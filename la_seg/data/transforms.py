@@ -9,13 +9,8 @@ the image only.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-
-# albumentations asks PyPI for a newer version on import (a network call and a warning on offline machines).
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
 
 # Elastic deformation strength (pixels of the resized slice) and smoothness: mild, local warps of a few pixels
 # at 448 px, which keep the atrium plausible.
@@ -74,8 +69,16 @@ class AugmentationConfig:
         object.__setattr__(self, "gamma", (float(gamma[0]), float(gamma[1])))
 
 
-def build_train_transform(cfg: AugmentationConfig) -> A.Compose | None:
-    """The training transform described by `cfg`; None when augmentation is disabled or every part is off."""
+def build_train_transform(cfg: AugmentationConfig) -> Callable[..., dict] | None:
+    """The training transform described by `cfg` (an albumentations Compose); None when augmentation is
+    disabled or every part is off."""
+    # Imported here, for training only: evaluation and predict do without albumentations and OpenCV (even as
+    # a type: jsonargparse runs a TYPE_CHECKING import of a module whose class it reads). albumentations asks
+    # PyPI for a newer version on import (a network call, and a warning offline) unless told not to.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations as A
+    import cv2
+
     if not cfg.enabled:
         return None
     border = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}
