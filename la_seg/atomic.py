@@ -263,3 +263,24 @@ def refuse_writing_into_inputs(
                 f"{option} {output} holds the input {given} and would be replaced; la-seg never writes "
                 "into its input: choose another folder"
             )
+
+
+def check_output_dir(output_dir: str | Path | None, inputs: Iterable[str | Path | None]) -> None:
+    """predict's --writer.output_dir is given and is none of the inputs, nor inside one; checked when typed
+    before Lightning loads, by the CLI before a model is built, and by the writer with every case's files."""
+    if output_dir is None:
+        raise DataError(
+            "--writer.output_dir is required for `la-seg predict`: the folder to write masks into"
+        )
+    refuse_writing_into_inputs(output_dir, inputs, "--writer.output_dir")
+
+
+# The data folders predict may read, so never writes into: --data.predict_root, --data.root, --data.test_root
+PREDICT_ROOTS = ("predict_root", "root", "test_root")
+
+
+def check_predict_roots(output_dir: str | Path | None, roots: Iterable[str | Path | None]) -> None:
+    """check_output_dir against the data roots that exist: a root that is neither file nor folder (a FIFO)
+    is the data module's to refuse, naming it."""
+    existing = [root for root in roots if root and (Path(root).is_dir() or Path(root).is_file())]
+    check_output_dir(output_dir, existing)

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from la_seg.atomic import FolderLock
+from la_seg.atomic import PREDICT_ROOTS, FolderLock, check_predict_roots
 from la_seg.config_file import resolve_config_paths
 from la_seg.distributed import end_process_group, is_reported_elsewhere, relaunch_with
 from la_seg.errors import describe_error, with_nearest_option
 from la_seg.option_names import check_typed_options
-from la_seg.runtime import configure_threads, quiet_lightning
+from la_seg.runtime import configure_threads, quiet_lightning, typed_value
 from la_seg.stops import SIGINT_STATUS, is_lightning_stop, sigterm_stop, stop_status
 
 # `la-seg --help`: one line each, la-seg's words (Lightning's docstrings are cut at their first line break)
@@ -136,6 +136,8 @@ def run(argv: list[str], from_command_line: bool) -> None:
         run_function(argv[0], argv[1:])
         return
     check_typed_options(argv)  # a typo answered before Lightning loads
+    if argv[0] == "predict" and (output_dir := typed_value("writer.output_dir", argv)):  # and so is this
+        check_predict_roots(output_dir, [typed_value(f"data.{root}", argv) for root in PREDICT_ROOTS])
     typed, argv = argv, resolve_config_paths(argv)
     if from_command_line:  # DDP re-launches sys.argv: let it carry the resolved config paths
         relaunch_with(argv)

@@ -11,6 +11,7 @@ from pathlib import Path
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from la_seg.atomic import PREDICT_ROOTS, check_predict_roots
 from la_seg.callbacks import (
     InferenceCalibration,
     NiftiPredictionWriter,
@@ -21,7 +22,6 @@ from la_seg.callbacks import (
 from la_seg.callbacks.layout import ChannelsLastDecoder
 from la_seg.callbacks.progress import lightning_progress_bar
 from la_seg.callbacks.termination import DiscardRunWithoutCheckpoint, StopOnNonFiniteLoss, StopOnSigterm
-from la_seg.callbacks.writer import check_output_dir
 from la_seg.checkpoint_rule import ResolvedCheckpoints, apply_checkpoint_rule
 from la_seg.checkpoints import INPUT_DEFAULTS, DataOnlyCheckpointIO, SameCheckpointOnEveryRank
 from la_seg.data.datamodule import LADataModule
@@ -104,10 +104,8 @@ class LASegCLI(LightningCLI):
         if self.held_ckpt_path is not None:
             config.ckpt_path = self.held_ckpt_path
         if self.subcommand == "predict":  # never into the input: refused before the checkpoint is read
-            roots = [config.data[field] for field in ("predict_root", "root", "test_root")]
-            # a root that is neither file nor folder (a FIFO) is the data module's to refuse, naming it
-            inputs = [root for root in roots if root and (Path(root).is_dir() or Path(root).is_file())]
-            check_output_dir(config.writer.output_dir or None, inputs)
+            roots = [config.data[field] for field in PREDICT_ROOTS]
+            check_predict_roots(config.writer.output_dir or None, roots)
         apply_cpu_precision(config.trainer, self.given_options)
         self.checkpoints = apply_checkpoint_rule(config, self.subcommand, self.given_options)
         resolved = self.checkpoints

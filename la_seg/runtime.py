@@ -139,6 +139,17 @@ def on_command_line(option: str, argv: Sequence[str]) -> bool:
     return any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in argv)
 
 
+def typed_value(option: str, argv: Sequence[str]) -> str | None:
+    """The value typed last for `--option` (as `--option value` or `--option=value`); None if not typed."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == f"--{option}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(f"--{option}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def runs_on_cpu(accelerator) -> bool:
     """Whether Lightning's `accelerator` setting resolves to the CPU on this machine."""
     if not isinstance(accelerator, str):

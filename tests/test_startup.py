@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from la_seg.cli import main
 from la_seg.data.synthetic import write_dataset
 
 # Runs `la-seg ARGS` in a fresh interpreter and prints, last, the heavy libraries it has loaded.
@@ -77,13 +78,20 @@ def test_evaluate_and_export_answer_without_the_model_stack(tmp_path, cases):
         assert not loaded & MODEL_STACK, f"la-seg {' '.join(argv)} loaded {sorted(loaded & MODEL_STACK)}"
 
 
-def test_predict_refuses_writing_into_its_input_before_reading_the_checkpoint(tmp_path, cases):
-    """The output folder is checked first: the checkpoint named does not even exist."""
+def test_predict_refuses_writing_into_its_input_before_reading_the_checkpoint(tmp_path, cases, capsys):
+    """The output folder is checked first (the checkpoint named does not even exist): typed, before Lightning
+    loads (a fresh process); from a config file, once the parser has read it (in this process)."""
     argv = ["predict", "--config", "demo.yaml", "--ckpt_path", str(tmp_path / "missing.ckpt")]
-    argv += ["--data.predict_root", str(cases), "--writer.output_dir", str(cases)]
-    _, output = loaded_by(argv, tmp_path)
-    assert "--writer.output_dir" in output and "never writes into its input" in output
-    assert "missing.ckpt" not in output
+    typed = ["--data.predict_root", str(cases), "--writer.output_dir", str(cases / "masks")]
+    loaded, said = loaded_by([*argv, *typed], tmp_path)
+    paths = {"data": {"predict_root": str(cases)}, "writer": {"output_dir": str(cases / "masks")}}
+    (tmp_path / "paths.yaml").write_text(json.dumps(paths))
+    with pytest.raises(SystemExit):
+        main([*argv, "--config", str(tmp_path / "paths.yaml")])
+    for output in (said, capsys.readouterr().err):
+        assert "--writer.output_dir" in output and "never writes into its input" in output
+        assert "missing.ckpt" not in output
+    assert "lightning" not in loaded
 
 
 def test_predict_loads_neither_monai_nor_the_training_augmentation(tmp_path, cases):

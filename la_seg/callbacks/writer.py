@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from la_seg.atomic import FolderLock, refuse_writing_into_inputs, write_csv
+from la_seg.atomic import PREDICT_ROOTS, FolderLock, check_output_dir, write_csv
 from la_seg.data.datamodule import CaseShards
 from la_seg.data.io import Geometry, write_nifti
 from la_seg.distributed import decide_on_rank_zero, reported_elsewhere
@@ -27,16 +27,6 @@ VOLUMES_CSV = "volumes.csv"
 QC_PAGE = "qc.html"
 VOLUME_COLUMNS = ("case_id", "volume_ml", "image_path", "spacing_mm")
 AGREEMENT_COLUMNS = ("volume_spread_ml", "mean_pairwise_dice")  # only with several voters
-
-
-def check_output_dir(output_dir: str | Path | None, inputs: Iterable[str | Path | None]) -> None:
-    """predict's --writer.output_dir is given and is none of the inputs, nor inside one; checked by the CLI
-    before a model is built, and again by the writer with every case's files."""
-    if output_dir is None:
-        raise DataError(
-            "--writer.output_dir is required for `la-seg predict`: the folder to write masks into"
-        )
-    refuse_writing_into_inputs(output_dir, inputs, "--writer.output_dir")
 
 
 class NiftiPredictionWriter(BasePredictionWriter):
@@ -108,7 +98,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
         # Rank 0 checks the folder, locks it and clears it once; the broadcast is also the barrier that keeps
         # every rank from writing before then (a rank checking for itself would see rank 0's fresh masks).
         data = trainer.datamodule  # the labelled data (root, test_root) is input too, never written into
-        roots = [getattr(data, name, None) for name in ("predict_root", "root", "test_root")]
+        roots = [getattr(data, name, None) for name in PREDICT_ROOTS]
         decide_on_rank_zero(trainer, lambda: self.prepare(cases, roots))
         own = sum(CaseShards.owner(i, trainer.world_size) == trainer.global_rank for i in range(len(cases)))
         where = f" by rank 0 (of {trainer.world_size})" if trainer.world_size > 1 else ""
