@@ -539,7 +539,14 @@ def _check_geometry(affine: np.ndarray, spacing: Sequence[float], path: Path) ->
         raise DataError(f"{path} has voxel spacing {values.tolist()} mm; every spacing must be positive")
     if not np.isfinite(affine).all():
         raise DataError(f"{path} has a non-finite affine:\n{affine}")
-    if abs(np.linalg.det(affine[:3, :3])) < _SINGULAR_DETERMINANT * float(np.prod(values)):
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(axes, axis=0)
+    # judged on the axes' directions too: scale alone (1e30 mm beside 1 mm) must not hide two parallel axes
+    if (
+        abs(np.linalg.det(axes)) < _SINGULAR_DETERMINANT * float(np.prod(values))
+        or not (norms > 0).all()
+        or abs(np.linalg.det(axes / norms)) < _SINGULAR_DETERMINANT
+    ):
         raise DataError(f"{path} has a degenerate (singular) affine, zero or parallel axes:\n{affine}")
 
 
