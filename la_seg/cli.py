@@ -6,6 +6,7 @@ line."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from argparse import ArgumentError
@@ -122,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     finally:
         end_process_group()
+        if from_command_line:  # the process ends now: its last garbage collection would walk every object
+            # of torch and Lightning (0.9 s on 2 cores). Each output is closed and renamed by now, and nothing
+            # of la-seg's relies on finalizers at exit, which Python does not promise anyway.
+            gc.freeze()
 
 
 def run(argv: list[str], from_command_line: bool) -> None:
