@@ -196,16 +196,19 @@ HELDOUT = Family(
 STYLES = {"classic": None, "varied": VARIED, "heldout": HELDOUT}
 
 
-def draw_physics(rng: np.random.Generator, style: str) -> Physics:
+def draw_physics(rng: np.random.Generator, style: str | Family) -> Physics:
     """A case's physics: CLASSIC without a draw (so classic seeds keep their bytes), else drawn from the
-    style's Family (its first draws from the case's generator)."""
+    style's Family (its first draws from the case's generator); a Family itself is drawn from as a style (a
+    benchmark's variant of one: the same draws, other ranges)."""
+    if isinstance(style, Family):
+        return style.draw(rng)
     if style not in STYLES:
         raise DataError(f"synthetic style must be one of {list(STYLES)}, got {style!r}")
     family = STYLES[style]
     return CLASSIC if family is None else family.draw(rng)
 
 
-def case_physics(seed: int, index: int, style: str) -> Physics:
+def case_physics(seed: int, index: int, style: str | Family) -> Physics:
     """The physics of case `index` that write_dataset(seed, ..., style=style) writes."""
     return draw_physics(_case_rng(seed, index), style)
 
@@ -217,7 +220,7 @@ def synthesize_case(
     partial_volume: bool = False,
     anatomy_fov_mm: float | None = None,
     scar: float | None = None,
-    style: str = "classic",
+    style: str | Family = "classic",
 ) -> tuple[np.ndarray, np.ndarray]:
     """One phantom on a `shape` grid of `spacing` mm: image int16 (X, Y, Z) and label uint16 (LA = 420).
 
@@ -241,7 +244,7 @@ def case_la_fraction(
     shape: tuple[int, int, int],
     spacing: tuple[float, float, float],
     anatomy_fov_mm: float | None = None,
-    style: str = "classic",
+    style: str | Family = "classic",
 ) -> np.ndarray:
     """How much of each voxel is LA (float32, 0..1) in case `index` that write_dataset(seed, ...,
     partial_volume=True) writes; its label is where this is at least 0.5. Lets a benchmark ask how many
@@ -257,7 +260,7 @@ def _la_fraction(
     shape: tuple[int, int, int],
     spacing: tuple[float, float, float],
     anatomy_fov_mm: float | None,
-    style: str,
+    style: str | Family,
 ) -> np.ndarray:
     fraction = _synthesize(_case_rng(seed, index), shape, spacing, True, anatomy_fov_mm, style=style).fraction
     fraction.setflags(write=False)
@@ -274,7 +277,7 @@ def case_structures(
     shape: tuple[int, int, int],
     spacing: tuple[float, float, float],
     anatomy_fov_mm: float | None = None,
-    style: str = "classic",
+    style: str | Family = "classic",
 ) -> np.ndarray:
     """What lies at each voxel's centre (uint8 codes above) in case `index` that write_dataset(seed, ...)
     writes: where a mask's false positives are (a neighbouring pool, the LA wall, fat)."""
@@ -330,7 +333,7 @@ def _synthesize(
     partial_volume: bool,
     anatomy_fov_mm: float | None,
     scar: float | None = None,
-    style: str = "classic",
+    style: str | Family = "classic",
 ) -> _Case:
     """synthesize_case's phantom with what benchmarks and tests ask of it."""
     shape, spacing = _check_grid(shape, spacing)
@@ -458,7 +461,7 @@ def write_dataset(
     anatomy_fov_mm: float | None = None,
     prefix: str = "train_",
     scar: float | None = None,
-    style: str = "classic",
+    style: str | Family = "classic",
 ) -> list[Path]:
     """Write `cases` phantoms as out/train_1..train_N/{enhanced,atriumSegImgMO}.nii.gz and return the folders.
 

@@ -239,6 +239,17 @@ def test_heldout_setting_lies_outside_the_training_family():
     assert (four != other).sum() > 0.1 * (four > 0).sum()
 
 
+def test_a_family_with_one_factor_swapped_changes_only_that_factor():
+    """A Family is a style (benchmarks/heldout_factors.py): the held-out setting with the training family's
+    pull drawn instead keeps every other factor of each case, and a style's own Family draws as its name."""
+    swapped = dataclasses.replace(synthetic.HELDOUT, pull_mm=synthetic.VARIED.pull_mm)
+    for i in range(1, 5):
+        heldout, variant = synthetic.case_physics(1, i, "heldout"), synthetic.case_physics(1, i, swapped)
+        assert variant.pull_mm <= synthetic.VARIED.pull_mm[1] < heldout.pull_mm
+        assert dataclasses.replace(variant, pull_mm=heldout.pull_mm) == heldout
+        assert synthetic.case_physics(1, i, synthetic.VARIED) == synthetic.case_physics(1, i, "varied")
+
+
 def test_classic_draws_nothing_and_an_unknown_style_is_named():
     assert synthetic.case_physics(0, 1, "classic") is synthetic.CLASSIC
     with pytest.raises(DataError, match="style must be one of.*'modern'"):
