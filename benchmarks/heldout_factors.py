@@ -30,7 +30,7 @@ from la_seg.data.synthetic import HELDOUT, VARIED, write_dataset  # noqa: E402
 # Each group of the held-out setting's factors (HELDOUT's fields) that a variant draws from VARIED's ranges
 GROUPS = {
     "as held out": (),
-    "veins (four, as trained)": ("veins",),
+    "veins (as trained: one variant at most)": ("veins",),
     "neighbours (pull, walls)": ("pull_mm", "pool_wall_mm", "septum_mm"),
     "warp": ("warp_mm",),
     "noise": ("noise",),

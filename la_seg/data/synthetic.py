@@ -14,9 +14,10 @@ earlier seed's bytes). `varied`, the training family: each case draws its physic
 `VARIED` (domain randomisation, as centres differ): blood 1.2-8.5x myocardium, a thin LA wall enhanced above
 the blood pool, epicardial fat nearly as bright as blood, other chambers as bright as the LA, pulled towards
 it behind walls down to 1 mm, the LA warped by a smooth field in mm, the scanner grid rotated in-plane (the
-affine says so), bias field and Rician noise. `heldout`, the held-out setting that nothing is trained or tuned
-on: a pulmonary-vein arrangement the training family never has (a left common trunk and a right middle
-vein), with neighbours closer, the LA warped more and noise higher than any training case (`HELDOUT`).
+affine says so), bias field and Rician noise, and the pulmonary veins as four, with a left common trunk or
+with a right middle vein (as patients vary). `heldout`, the held-out setting that nothing is trained or tuned
+on: both vein variants at once, which no training case has, with neighbours closer, the LA warped more and
+noise higher than any training case (`HELDOUT`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ _LA_NOMINAL_CENTRE = np.array([0.0, 10.0, 0.0])
 POOL_NAMES = ("LV", "RV", "RA", "ascending aorta", "descending aorta")
 
 
+# Pulmonary-vein arrangements: four separate veins; the left pair through one common trunk; an extra right
+# middle vein; both variants at once (each variant is common in patients, 15-30 %)
+VEIN_ARRANGEMENTS = ("four", "left_trunk", "right_middle", "left_trunk_right_middle")
+
+
 @dataclass(frozen=True)
 class Physics:
     """One case's physics: grey values relative to the LA blood pool (1.0) and wall geometry in mm.
@@ -78,7 +84,7 @@ class Physics:
     noise: tuple[float, float]
     bias: tuple[float, float]
     grid_angle_deg: float  # the scanner grid's in-plane rotation (about the through-plane axis)
-    veins: str  # "four" or "left_trunk_right_middle"
+    veins: str  # one of VEIN_ARRANGEMENTS
 
     @property
     def blood_to_myocardium(self) -> float:
@@ -125,7 +131,7 @@ class Family:
     noise: tuple[float, float]
     bias: tuple[float, float]
     grid_angle_deg: tuple[float, float]
-    veins: str
+    veins: tuple[str, ...]  # the VEIN_ARRANGEMENTS drawn from, each as likely
 
     def draw(self, rng: np.random.Generator) -> Physics:
         low, high = np.log(self.blood_to_myocardium)
@@ -148,7 +154,9 @@ class Family:
             noise=self.noise,
             bias=self.bias,
             grid_angle_deg=float(rng.uniform(*self.grid_angle_deg)),
-            veins=self.veins,
+            # last, and only where there is a choice: the other draws, and a one-arrangement family's cases,
+            # stay as they were before families drew their veins
+            veins=self.veins[int(rng.integers(len(self.veins)))] if len(self.veins) > 1 else self.veins[0],
         )
 
 
@@ -170,7 +178,7 @@ VARIED = Family(
     noise=(0.02, 0.10),
     bias=(0.35, 0.3),
     grid_angle_deg=(-12.0, 12.0),
-    veins="four",
+    veins=("four", "left_trunk", "right_middle"),
 )
 # The held-out setting: the low-contrast, bright-fat end of VARIED combined with what no training case has:
 # another pulmonary-vein arrangement, neighbours pulled closer, a stronger warp and more noise.
@@ -191,7 +199,7 @@ HELDOUT = Family(
     noise=(0.10, 0.13),
     bias=(0.35, 0.3),
     grid_angle_deg=(-12.0, 12.0),
-    veins="left_trunk_right_middle",
+    veins=("left_trunk_right_middle",),
 )
 STYLES = {"classic": None, "varied": VARIED, "heldout": HELDOUT}
 
@@ -606,15 +614,16 @@ def _jitter(rng: np.random.Generator, low: float = 0.85, high: float = 1.15) -> 
 
 
 def _left_atrium(rng: np.random.Generator, frame: _Frame, physics: Physics) -> tuple[np.ndarray, float]:
-    """The LA's signed distance and wall thickness: body, pulmonary veins leaving posterior-laterally (four,
-    or a left common trunk and a right middle vein: physics.veins), appendage anterior-left; warped by a
+    """The LA's signed distance and wall thickness: body, pulmonary veins leaving posterior-laterally (four;
+    the left ones through a common trunk; a right middle vein; or both: physics.veins), appendage
+    anterior-left; warped by a
     smooth field of up to physics.warp_mm (_warp)."""
     la_centre = np.array([0.0, 10.0, 0.0]) + rng.uniform(-3, 3, 3)
     la_axes = np.array([19.0, 13.0, 13.0]) * rng.uniform(0.85, 1.15, 3)
     body = _ellipsoid(frame, la_centre, la_axes)
     tubes = []  # (start, end, radius at start, radius at end)
     for side in (-1.0, 1.0):
-        trunk = physics.veins != "four" and side < 0  # the left veins leave through one short trunk
+        trunk = "left_trunk" in physics.veins and side < 0  # the left veins leave through one short trunk
         if trunk:
             ostium = la_centre + la_axes * np.array([0.55 * side, 0.35, 0.0])
             trunk_end = ostium + 9.0 * _jitter(rng) * np.array([side, 0.5, 0.0]) / np.hypot(1.0, 0.5)
@@ -625,7 +634,7 @@ def _left_atrium(rng: np.random.Generator, frame: _Frame, physics: Physics) -> t
             end = start + 18.0 * _jitter(rng, 0.8, 1.25) * direction / np.linalg.norm(direction)
             radius = 4.2 * _jitter(rng)
             tubes.append((start, end, radius, radius))
-    if physics.veins != "four":  # a right middle vein between the two right ones
+    if "right_middle" in physics.veins:  # a right middle vein between the two right ones
         start = la_centre + la_axes * np.array([0.6, 0.3, 0.0])
         end = start + 15.0 * _jitter(rng) * np.array([1.0, 0.5, 0.0]) / np.hypot(1.0, 0.5)
         tubes.append((start, end, 3.0 * _jitter(rng), 2.8))

@@ -201,7 +201,8 @@ def test_varied_draws_every_factor_per_case_within_its_range():
     check([p.pool_walls_mm[0] for p in physics], *family.lv_wall_mm)
     for k in range(1, 5):
         check([p.pool_walls_mm[k] for p in physics], *family.pool_wall_mm)
-    assert all(p.veins == "four" and p.enhanced > 1.0 for p in physics)  # the wall brighter than blood
+    assert all(p.enhanced > 1.0 for p in physics)  # the wall brighter than blood
+    assert {p.veins for p in physics} == set(family.veins)  # each arrangement among 12 cases
 
 
 def test_the_image_follows_each_case_physics():
@@ -231,6 +232,8 @@ def test_heldout_setting_lies_outside_the_training_family():
     assert heldout.noise[0] >= varied.noise[1]
     physics = [synthetic.case_physics(1, i, "heldout") for i in range(1, 9)]
     assert all(p.veins == "left_trunk_right_middle" for p in physics)
+    assert "left_trunk_right_middle" not in varied.veins
+    assert set(varied.veins) < set(synthetic.VEIN_ARRANGEMENTS)
     assert all(p.pull_mm > varied.pull_mm[1] and p.warp_mm > varied.warp_mm[1] for p in physics)
     assert all(1.2 <= p.blood_to_myocardium <= 1.6 for p in physics)
     # the same case's anatomy with the other vein arrangement: another LA
