@@ -384,7 +384,8 @@ def share_figures(masks: Path, args: argparse.Namespace, style: str) -> dict:
 def beyond_limit(masks: Path, cases: list[dict], args: argparse.Namespace, style: str) -> list[dict]:
     """Every held-out case whose LA volume is off by more than VOLUME_LIMIT %, with its cause: where its
     wrong voxels lie (the phantom's structure at each voxel's centre, regenerated from its seed), as % of
-    the LA volume, and the largest share named."""
+    the LA volume, and the largest share on the side of the error named: what was called LA for too large a
+    volume, LA missed for too small a one."""
     found = []
     for case in cases:
         if abs(case["volume_error_pct"]) <= VOLUME_LIMIT:
@@ -400,7 +401,8 @@ def beyond_limit(masks: Path, cases: list[dict], args: argparse.Namespace, style
             for name, code in STRUCTURES.items()
         }
         wrong["LA missed"] = 100 * float((~called & reference).sum()) / la_voxels
-        worst = max(wrong, key=wrong.get)
+        added = {name: share for name, share in wrong.items() if name != "LA missed"}
+        worst = max(added, key=added.get) if case["volume_error_pct"] > 0 else "LA missed"
         cause = f"{worst} called LA" if worst != "LA missed" else "LA missed"
         found.append({**case, "wrong_pct_of_la": wrong, "cause": f"{cause} ({wrong[worst]:.1f} % of the LA)"})
     return found

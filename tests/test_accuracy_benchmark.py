@@ -139,6 +139,30 @@ def test_cases_beyond_15pct_name_the_neighbour_kept_as_la(accuracy, tmp_path):
     assert found["wrong_pct_of_la"]["LA missed"] == 0.0
 
 
+def test_a_too_large_volume_is_caused_by_what_was_called_la_even_beside_a_larger_miss(accuracy, tmp_path):
+    """22 % of the LA missed, RA and the descending aorta (20 % each) called LA: +18 % in all. The cause is
+    the largest structure called LA, not the larger miss, which does not make a volume too large."""
+    shape, spacing = accuracy.GEOMETRIES["C"]
+    style, index = "varied", 2
+    share = case_la_fraction(accuracy.HELDOUT_SEED, index, shape, spacing, accuracy.ANATOMY_FOV_MM, style)
+    structures = synthetic.case_structures(
+        accuracy.HELDOUT_SEED, index, shape, spacing, accuracy.ANATOMY_FOV_MM, style
+    )
+    reference = share >= 0.5
+    la = int(reference.sum())
+    called = reference.copy()
+    called[tuple(np.argwhere(reference)[: int(0.22 * la)].T)] = False
+    for name in ("RA", "descending aorta"):
+        code = synthetic.POOL_CODE + synthetic.POOL_NAMES.index(name)
+        called[tuple(np.argwhere((structures == code) & ~reference)[: int(0.20 * la)].T)] = True
+    nib.save(nib.Nifti1Image(called.astype(np.uint8), np.eye(4)), tmp_path / f"C_{index}.nii.gz")
+    error = 100 * (called.sum() / la - 1)
+    cases = [{"case_id": f"C_{index}", "volume_error_pct": error}]
+    (found,) = accuracy.beyond_limit(tmp_path, cases, None, style)
+    assert found["wrong_pct_of_la"]["LA missed"] > max(found["wrong_pct_of_la"]["RA"], 19.0)
+    assert found["cause"].split(" called LA")[0] in ("RA", "descending aorta"), found["cause"]
+
+
 @pytest.mark.slow
 def test_quick_run_scores_the_reports_its_own_test_commands_wrote(accuracy, tmp_path):
     """The whole benchmark on tiny data: fit on the training family, then per family `test` as configured and
