@@ -248,8 +248,12 @@ def interrupted(argv: list[str], cwd: Path, started: Callable[[], bool]) -> Resu
     """Run `la-seg ARGV` as a process and send it SIGINT (Ctrl-C) once `started()` holds."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("LA_SEG_DEBUG", None)
+    # Ctrl-C as at a terminal, whose foreground command has SIGINT's default action even where this test
+    # runs from a background job (which ignores SIGINT, and so would its children)
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     process = subprocess.Popen([sys.executable, "-m", "la_seg.cli", *map(str, argv)], cwd=cwd, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_sigint)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
         while not started() and process.poll() is None and time.monotonic() < deadline:
