@@ -43,8 +43,8 @@ GROUPS = {
     "neighbours (pull, walls)": from_training("pull_mm", "pool_wall_mm", "septum_mm"),
     "warp": from_training("warp_mm"),
     "noise": from_training("noise"),
-    "contrast (blood, wall, fat)": from_training(
-        "blood_to_myocardium", "enhanced", "tissue", "fat", "fat_mm", "la_wall_mm"
+    "contrast (blood, wall, fat, pools)": from_training(
+        "blood_to_myocardium", "enhanced", "tissue", "fat", "fat_mm", "la_wall_mm", "pools"
     ),
     "all (the training family)": from_training(*(f.name for f in dataclasses.fields(HELDOUT))),
 }

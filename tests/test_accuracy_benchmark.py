@@ -1,6 +1,7 @@
 """benchmarks/accuracy.py's figures from a test report: per geometry, the issue's bar, the review flags."""
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -225,3 +226,28 @@ def test_quick_folds_score_the_ensemble_its_agreement_and_each_member(accuracy, 
     assert (folder / "accuracy_scores_test-heldout.json").is_file()
     assert (folder / "ensemble" / "test_test-heldout.json").is_file()
     assert len(list(folder.glob("fold_*/version_0/test_test-heldout.json"))) == 2  # each member alone
+
+
+def test_each_heldout_factor_variant_changes_only_its_group(load_benchmark):
+    """heldout_factors.py: each variant is the held-out setting with only its group changed, the groups
+    together cover every factor that differs from the training family, and the last is the training family's
+    ranges throughout."""
+    factors = load_benchmark("heldout_factors")
+    heldout, varied = synthetic.HELDOUT, synthetic.VARIED
+    differing = {
+        f.name for f in dataclasses.fields(heldout) if getattr(heldout, f.name) != getattr(varied, f.name)
+    }
+    grouped = set()
+    for name, changes in factors.GROUPS.items():
+        variant = dataclasses.replace(heldout, **changes)
+        changed = {
+            f.name
+            for f in dataclasses.fields(heldout)
+            if getattr(variant, f.name) != getattr(heldout, f.name)
+        }
+        assert changed <= set(changes), name
+        if name != "all (the training family)":
+            grouped |= changed
+    assert grouped == differing
+    everything = dataclasses.replace(heldout, **factors.GROUPS["all (the training family)"])
+    assert dataclasses.replace(everything, veins=varied.veins) == varied
