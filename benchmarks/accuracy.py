@@ -65,6 +65,7 @@ from la_seg.data.synthetic import (
     OTHER_WALL_CODE,
     POOL_CODE,
     POOL_NAMES,
+    Family,
     case_la_fraction,
     case_structures,
     write_dataset,
@@ -139,19 +140,25 @@ def make_data(work: Path, args: argparse.Namespace) -> dict[str, list[str]]:
     split: dict[str, list[str]] = {"train": [], "val": []}
     parts = [(DATA_FOLDER, args.train + args.val, 0, TRAINING_STYLE)]
     parts += [(folder, args.heldout, HELDOUT_SEED, style) for folder, style in FAMILIES.values()]
-    for prefix, (shape, spacing) in GEOMETRIES.items():
+    for prefix in GEOMETRIES:
         for folder, cases, seed, style in parts:
-            root = work / folder
-            wanted = [root / f"{prefix}_{i}" for i in range(1, cases + 1)]
-            if not all((f / "atriumSegImgMO.nii.gz").is_file() for f in wanted):
-                progress(f"writing {cases} {folder} phantoms of geometry {prefix} {shape} at {spacing} mm")
-                write_dataset(
-                    root, cases, seed, shape, spacing, True, ANATOMY_FOV_MM, prefix=f"{prefix}_", style=style
-                )
+            write_phantoms(work / folder, prefix, cases, seed, style)
         ids = [f"{prefix}_{i}" for i in range(1, args.train + args.val + 1)]
         split["train"] += ids[: args.train]
         split["val"] += ids[args.train :]
     return split
+
+
+def write_phantoms(root: Path, prefix: str, cases: int, seed: int, style: str | Family) -> None:
+    """Geometry `prefix`'s first `cases` partial-volume phantoms of `seed` and `style` in `root`, unless all
+    are there already."""
+    shape, spacing = GEOMETRIES[prefix]
+    wanted = [root / f"{prefix}_{i}" / "atriumSegImgMO.nii.gz" for i in range(1, cases + 1)]
+    if not all(path.is_file() for path in wanted):
+        progress(f"writing {cases} {root.name} phantoms of geometry {prefix} {shape} at {spacing} mm")
+        write_dataset(
+            root, cases, seed, shape, spacing, True, ANATOMY_FOV_MM, prefix=f"{prefix}_", style=style
+        )
 
 
 def fit(work: Path, args: argparse.Namespace, data: list[str]) -> Path:

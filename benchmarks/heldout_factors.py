@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402  (benchmarks/ is no package)
 
 from la_seg.atomic import write_json  # noqa: E402
-from la_seg.data.synthetic import HELDOUT, VARIED, write_dataset  # noqa: E402
+from la_seg.data.synthetic import HELDOUT, VARIED  # noqa: E402
 
 
 def from_training(*fields: str) -> dict:
@@ -76,14 +76,8 @@ def run(args: argparse.Namespace) -> dict:
     for index, (name, changes) in enumerate(GROUPS.items()):
         family = dataclasses.replace(HELDOUT, **changes)
         folder = variant_folder(work, index)
-        for prefix, (shape, spacing) in accuracy.GEOMETRIES.items():
-            wanted = [folder / f"{prefix}_{i}" / "atriumSegImgMO.nii.gz" for i in range(1, args.cases + 1)]
-            if not all(path.is_file() for path in wanted):
-                accuracy.progress(f"writing {args.cases} phantoms of geometry {prefix}, {name}")
-                write_dataset(
-                    folder, args.cases, accuracy.HELDOUT_SEED, shape, spacing, True, accuracy.ANATOMY_FOV_MM,
-                    prefix=f"{prefix}_", style=family,
-                )  # fmt: skip
+        for prefix in accuracy.GEOMETRIES:
+            accuracy.write_phantoms(folder, prefix, args.cases, accuracy.HELDOUT_SEED, family)
         report = accuracy.test(work, test_args, args.ckpt, [*data, "--data.test_root", str(folder)], [])
         scores = accuracy.score(report)
         variants[name] = {

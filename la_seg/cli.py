@@ -76,9 +76,10 @@ def synth(
             wall, times 0.5..1.5 per case; default: the wall's random patchy enhancement of unknown extent.
         style: the phantoms' physics. classic: one fixed physics (the demo's data). varied: the training
             family, each case drawing contrast, wall, fat, neighbours, LA warp, grid rotation (in the
-            affine), bias and noise over ranges as centres differ. heldout: a setting no training family
-            case has (another pulmonary-vein arrangement, closer neighbours, more warp and noise), for
-            benchmarks. Ranges: la_seg/data/synthetic.py (VARIED, HELDOUT).
+            affine), bias, noise and its pulmonary veins (four, a left common trunk or a right middle vein)
+            over ranges as centres and patients differ. heldout: a setting no training family case has
+            (both vein variants at once, closer neighbours, more warp and noise), for benchmarks. Ranges:
+            la_seg/data/synthetic.py (VARIED, HELDOUT).
     """
     from la_seg.data.synthetic import write_dataset  # only `synth` needs it
 

@@ -390,8 +390,8 @@ def _largest_part(mask: Tensor) -> Tensor:
 
 def _largest_component(mask: Tensor) -> Tensor:
     """The largest 26-connected component of `mask` (the first of equals), as MONAI's
-    KeepLargestConnectedComponent keeps it (tests/test_module.py compares the two); through scipy, as MONAI's
-    import alone takes about a second, more than predict's whole inference on a small volume."""
+    KeepLargestConnectedComponent keeps it (tests/test_inference.py compares the two); through scipy, as
+    MONAI's import alone takes about a second, more than predict's whole inference on a small volume."""
     from scipy import ndimage
 
     parts, count = ndimage.label(mask.cpu().numpy().astype(bool), structure=np.ones((3, 3, 3), bool))

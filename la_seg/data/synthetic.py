@@ -181,7 +181,7 @@ VARIED = Family(
     veins=("four", "left_trunk", "right_middle"),
 )
 # The held-out setting: the low-contrast, bright-fat end of VARIED combined with what no training case has:
-# another pulmonary-vein arrangement, neighbours pulled closer, a stronger warp and more noise.
+# both vein variants at once, neighbours pulled closer, a stronger warp and more noise.
 HELDOUT = Family(
     blood_to_myocardium=(1.2, 1.6),
     enhanced=(1.2, 1.6),
@@ -616,8 +616,7 @@ def _jitter(rng: np.random.Generator, low: float = 0.85, high: float = 1.15) -> 
 def _left_atrium(rng: np.random.Generator, frame: _Frame, physics: Physics) -> tuple[np.ndarray, float]:
     """The LA's signed distance and wall thickness: body, pulmonary veins leaving posterior-laterally (four;
     the left ones through a common trunk; a right middle vein; or both: physics.veins), appendage
-    anterior-left; warped by a
-    smooth field of up to physics.warp_mm (_warp)."""
+    anterior-left; warped by a smooth field of up to physics.warp_mm (_warp)."""
     la_centre = np.array([0.0, 10.0, 0.0]) + rng.uniform(-3, 3, 3)
     la_axes = np.array([19.0, 13.0, 13.0]) * rng.uniform(0.85, 1.15, 3)
     body = _ellipsoid(frame, la_centre, la_axes)
