@@ -96,6 +96,7 @@ VOLUME_TOLERANCE = 5.0  # % signed LA-volume error counted as within tolerance
 VOLUME_LIMIT = 15.0  # % signed LA-volume error no case may exceed (issue 31); each beyond gets its cause
 NEIGHBOUR_LIMIT = 5.0  # % of the LA's volume in one neighbouring chamber or vessel called LA: a case names it
 DICE_MARGIN = 0.01  # every geometry's mean Dice >= best geometry's - this
+DOUBT_DICE = 0.8  # a case below this Dice is one the model's doubt (expected Dice) should flag
 DICE_TARGETS = {"A": 0.96, "B": 0.96, "C": 0.93}  # issue 31's mean Dice per geometry
 WITHIN_TARGET = 0.90  # fraction of held-out cases within the volume tolerance (issue 31)
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -466,6 +467,46 @@ def review_figures(report: dict, plain: dict) -> dict:
     }
 
 
+def doubt_figures(report: dict, figures: dict) -> dict:
+    """Do the cases the model doubts ("model unsure": expected Dice below the calibrated
+    review_expected_dice) single out the bad ones? How many are flagged, how many of the cases below Dice
+    DOUBT_DICE, beyond +-15 % and keeping a neighbour are among them, and Spearman's rho of expected Dice
+    against Dice."""
+    cases = [c for c in report["cases"] if c.get("expected_dice") is not None]
+    if not cases:
+        return {"note": "no expected_dice in the report (written before 2026-12-04)"}
+    flagged = sorted(c["case_id"] for c in cases if "model unsure" in (c.get("review_reason") or ""))
+    bad = sorted(c["case_id"] for c in cases if c["dice"] < DOUBT_DICE)
+    lists = {"beyond_15pct": figures["beyond_15pct"], "neighbour_called_la": figures["neighbour_called_la"]}
+    rho, p = spearmanr([c["expected_dice"] for c in cases], [c["dice"] for c in cases])
+    return {
+        "review_expected_dice": report["header"].get("inference", {}).get("review_expected_dice"),
+        "n": len(cases),
+        "flagged": flagged,
+        f"dice_below_{DOUBT_DICE}": bad,
+        f"dice_below_{DOUBT_DICE}_flagged": len(set(bad) & set(flagged)),
+        **{f"{name}_flagged": sum(c["case_id"] in flagged for c in found) for name, found in lists.items()},
+        "spearman_expected_vs_dice": {"rho": float(rho), "p_value": float(p)},
+    }
+
+
+def doubt_line(doubt: dict, figures: dict) -> str:
+    """`doubt_figures` in one line."""
+    bad = f"dice_below_{DOUBT_DICE}"
+    among = [
+        f"{doubt[bad + '_flagged']} of {len(doubt[bad])} below Dice {DOUBT_DICE}",
+        f"{doubt['beyond_15pct_flagged']} of {len(figures['beyond_15pct'])} beyond +-15 %",
+        f"{doubt['neighbour_called_la_flagged']} of {len(figures['neighbour_called_la'])} keeping a "
+        "neighbour",
+    ]
+    level = doubt["review_expected_dice"]
+    return (
+        f"model unsure (expected Dice below {level:.3f}) in {len(doubt['flagged'])} of {doubt['n']}, "
+        f"among them {', '.join(among)}; Spearman rho of expected Dice against Dice "
+        f"{doubt['spearman_expected_vs_dice']['rho']:.2f}"
+    )
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     work = args.work_dir
@@ -548,6 +589,7 @@ def evaluate_family(
         "members_alone": alone,
     }
     add_causes(figures, masks)
+    figures["doubt"] = doubt_figures(report, figures)
     return figures
 
 
@@ -629,6 +671,9 @@ def table(paths: list[str]) -> str:
                 f"* {name}, {family}, {c['case_id']}: {c['volume_error_pct']:+.1f} %, {c['cause']}"
                 for c in figures.get("beyond_15pct", [])
             ]
+            doubt = figures.get("doubt") or {}
+            if "flagged" in doubt:  # since 2026-12-04
+                notes.append(f"* {name}, {family}: {doubt_line(doubt, figures)}")
             for c in figures.get("neighbour_called_la", []):  # since 2026-12-04
                 kept = [f"{n} called LA ({v:.1f} % of the LA)" for n, v in c["neighbours_pct_of_la"].items()]
                 case = f"{c['case_id']}: Dice {c['dice']:.3f}, {c['volume_error_pct']:+.1f} %"
@@ -666,6 +711,8 @@ def main(argv: list[str] | None = None) -> None:
             progress(f"{family} {case['case_id']}: {case['volume_error_pct']:+.1f} %, {case['cause']}")
         for case in figures["neighbour_called_la"]:
             progress(f"{family} {case['case_id']}: neighbours called LA {case['neighbours_pct_of_la']}")
+        if "flagged" in figures["doubt"]:
+            progress(f"{family}: {doubt_line(figures['doubt'], figures)}")
         progress(f"{family} done when: {figures['done_when']}")
     progress(f"written to {args.json}")
 

@@ -48,12 +48,20 @@ NETWORK_FIELDS = (
     "stem_channels",
 )
 # Choices that may change after training; they are recorded with the results instead.
-INFERENCE_FIELDS = ("threshold", "tta", "postprocess", "eval_batch_size", "review_below", "plausibility")
+INFERENCE_FIELDS = (
+    "threshold",
+    "tta",
+    "postprocess",
+    "eval_batch_size",
+    "review_below",
+    "review_expected_dice",
+    "plausibility",
+)
 # The inference settings chosen on the validation cases at the end of fit (la_seg.callbacks.calibration):
 # a checkpoint's `CALIBRATION_KEY` holds {"settings": {field: value}, "how": {...}}. At validate / test /
 # predict they replace the config's values, unless given on the command line (--model.threshold ...).
 CALIBRATION_KEY = "inference_calibration"
-CALIBRATED_FIELDS = ("threshold", "postprocess", "review_below")
+CALIBRATED_FIELDS = ("threshold", "postprocess", "review_below", "review_expected_dice")
 # How the input is made (la_seg.data.preprocess, la_seg.data.io): module settings linked from data.*, part of
 # the network's settings; checkpoints written before these existed stretched, clipped at the 99.5th percentile
 # and sliced volumes in their files' array order.

@@ -120,8 +120,10 @@ class VolumeResult:
     # With keep_logits: the first member's unflipped float32 (Z, S, S) slice logits in model geometry, which
     # its training loss is computed on (whatever else votes).
     logits: Tensor | None = None
-    # Why the mask cannot be right (la_seg.plausibility), filled by the caller that post-processes it.
+    # Why the mask cannot be right (la_seg.plausibility), filled by the caller that post-processes it, with
+    # the post-processed mask's expected Dice under `prob` (la_seg.plausibility.expected_dice).
     review_reasons: list[str] = field(default_factory=list)
+    expected_dice: float | None = None
 
     def agreement(
         self, spacing: Sequence[float], review_below: float = REVIEW_BELOW, voxel_mm3: float | None = None

@@ -38,7 +38,7 @@ from la_seg.inference import (
 )
 from la_seg.metrics import gather_cases
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
-from la_seg.plausibility import Plausibility, case_reasons
+from la_seg.plausibility import Plausibility, case_reasons, doubt_reasons, expected_dice
 
 # Largest chunk whole-volume inference runs on CPU. A CPU forward is compute-bound from a few slices on;
 # bigger chunks only add GB-sized activations that the allocator maps and page-faults afresh for every op
@@ -59,6 +59,7 @@ class EvalOutput(TypedDict):
     geometry: Geometry
     agreement: NotRequired[Agreement | None]  # with an ensemble or test-time flips: how far the voters agree
     review_reasons: NotRequired[list[str]]  # why the mask cannot be right (la_seg.plausibility)
+    expected_dice: NotRequired[float | None]  # the mask's Dice if the probabilities were right
 
 
 class PredictOutput(TypedDict):
@@ -71,6 +72,7 @@ class PredictOutput(TypedDict):
     uncertainty: NotRequired[torch.Tensor | None]  # float32 voters' variance (ensemble or TTA), else None
     agreement: NotRequired[Agreement | None]  # per-case agreement of the voters, else None
     review_reasons: NotRequired[list[str]]  # why the mask cannot be right (la_seg.plausibility)
+    expected_dice: NotRequired[float | None]  # the mask's Dice if the probabilities were right
 
 
 class LASegModule(L.LightningModule):
@@ -103,6 +105,8 @@ class LASegModule(L.LightningModule):
             the same way in validation, test and predict.
         review_below: with several voters (an ensemble, `tta: flips` or `rot180`), a case is flagged for
             review when their mean pairwise Dice is below this.
+        review_expected_dice: a case is flagged for review when its mask's expected Dice under the model's
+            own probabilities (la_seg.plausibility.expected_dice) is below this; 0: never.
         plausibility: what a plausible LA mask looks like (volume range, border, components) and the
             validation Dice floor of a working model (la_seg.plausibility); a case outside it is flagged for
             review with the reason.
@@ -131,6 +135,7 @@ class LASegModule(L.LightningModule):
         tta: TTA = "none",
         postprocess: Postprocess = "none",
         review_below: float = REVIEW_BELOW,
+        review_expected_dice: float = 0.0,
         plausibility: Plausibility = Plausibility(),  # noqa: B008 (frozen)
         save_backbone: bool = False,
         compile: bool = False,
@@ -140,6 +145,8 @@ class LASegModule(L.LightningModule):
             raise DataError(f"model.threshold must lie strictly between 0 and 1, got {threshold}")
         if eval_batch_size < 1:
             raise DataError(f"model.eval_batch_size must be at least 1 slice, got {eval_batch_size}")
+        if not 0.0 <= review_expected_dice <= 1.0:
+            raise DataError(f"model.review_expected_dice must be in [0, 1], got {review_expected_dice}")
         if isinstance(net, dict):  # hparams read back from YAML
             net = SegmenterConfig(**net)
         # la_seg.data.preprocess's input record; its fields stay flat hyper-parameters (the checkpoint format)
@@ -273,8 +280,10 @@ class LASegModule(L.LightningModule):
         threshold, chunk, tta = self.hparams.threshold, self.eval_chunk(image.device), self.hparams.tta
         result = self.ensemble().segment_volume(image, threshold, chunk, tta, spacing, keep_logits)
         mask = self.postprocess(result.mask)
+        result.expected_dice = expected_dice(result.prob, mask)
         if spacing is not None:  # the component rule judges the mask before post-processing hides it
             result.review_reasons = case_reasons(mask, spacing, voxel_mm3, result.mask, self.plausibility)
+            result.review_reasons += doubt_reasons(result.expected_dice, self.review_expected_dice())
         result.mask = mask
         return result
 
@@ -285,6 +294,10 @@ class LASegModule(L.LightningModule):
     def review_below(self) -> float:
         """Mean pairwise Dice below which a case is flagged (model.review_below; older checkpoints: 0.9)."""
         return float(self.hparams.get("review_below", REVIEW_BELOW))
+
+    def review_expected_dice(self) -> float:
+        """Expected Dice below which a case is flagged (model.review_expected_dice; older checkpoints: 0)."""
+        return float(self.hparams.get("review_expected_dice", 0.0))
 
     @torch.no_grad()
     def eval_loss(
@@ -322,6 +335,7 @@ class LASegModule(L.LightningModule):
             geometry=geometry,
             agreement=result.agreement(spacing, self.review_below(), voxel_mm3=voxel_mm3),
             review_reasons=result.review_reasons,
+            expected_dice=result.expected_dice,
         )
 
     def _log_case_loss(self, stage: str) -> None:
@@ -362,6 +376,7 @@ class LASegModule(L.LightningModule):
             uncertainty=result.uncertainty,
             agreement=result.agreement(spacing, self.review_below(), voxel_mm3=voxel_mm3),
             review_reasons=result.review_reasons,
+            expected_dice=result.expected_dice,
         )
 
     # ---- checkpoints (the format lives in la_seg/checkpoints.py) ------------------------------------------

@@ -13,6 +13,9 @@ from la_seg.plausibility import REVIEW_COLUMNS, review_line
 
 REPORT_COLUMNS = ("case_id", "dice", "iou", "hd95_mm", "assd_mm", "volume_pred_ml", "volume_ref_ml")
 METRIC_KEYS = REPORT_COLUMNS[1:]
+# The model's own estimate of a case's Dice (la_seg.plausibility.expected_dice); none when only masks are
+# scored (`la-seg evaluate`).
+EXPECTED_DICE = "expected_dice"
 SUFFIXES = (".csv", ".json")
 # Maps `la-seg predict` writes beside `<case_id>.nii.gz` masks: `la-seg evaluate` and `analyse` skip them.
 COMPANION_SUFFIXES = ("_prob", "_uncertainty")
@@ -45,9 +48,10 @@ def write_report(
     out_dir = Path(out_dir)
     remove_stale_temp_files(out_dir)
     csv_path, json_path = (out_dir / f"{stem}{suffix}" for suffix in SUFFIXES)
-    write_csv(csv_path, [*REPORT_COLUMNS, "failed", *REVIEW_COLUMNS], [_csv_row(row) for row in rows])
-    keys = (*REPORT_COLUMNS, "failed", *REVIEW_COLUMNS, "slice_dice", "slice_iou")
-    cases = [{k: row[k] for k in keys} for row in rows]
+    columns = [*REPORT_COLUMNS, "failed", EXPECTED_DICE, *REVIEW_COLUMNS]
+    write_csv(csv_path, columns, [_csv_row(row) for row in rows])
+    keys = (*REPORT_COLUMNS, "failed", EXPECTED_DICE, *REVIEW_COLUMNS, "slice_dice", "slice_iou")
+    cases = [{k: row.get(k) for k in keys} for row in rows]
     for case in cases:
         if case["case_id"] in (agreements or {}):
             case["agreement"] = agreements[case["case_id"]]
@@ -88,7 +92,8 @@ def format_table(rows: list[dict], summary: dict, header: dict[str, Any]) -> str
 def _csv_row(row: dict) -> list:
     """One case's CSV cells; an undefined metric (a failed case's HD95/ASSD) is an empty cell (README)."""
     metrics = [_fmt(row[k], undefined="") for k in METRIC_KEYS]
-    return [row["case_id"], *metrics, int(row["failed"]), *_review(row)]
+    expected = _fmt(row.get(EXPECTED_DICE), undefined="")
+    return [row["case_id"], *metrics, int(row["failed"]), expected, *_review(row)]
 
 
 def _review(row: dict) -> tuple[int, str]:

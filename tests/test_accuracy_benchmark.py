@@ -223,6 +223,29 @@ def test_causes_are_re_derived_from_a_runs_saved_masks_unless_its_phantoms_chang
     assert heldout["beyond_15pct"][0]["cause"].startswith("LV called LA")
 
 
+def test_doubt_figures_count_the_bad_cases_the_model_flagged_itself(accuracy):
+    """Of four cases the model doubts two ("model unsure"): the two below Dice 0.8; one of them is beyond
+    +-15 %, the other keeps a neighbour. A report written before expected_dice says so."""
+    unsure = "model unsure: expected Dice {} below review_expected_dice 0.92"
+    rows = [("A_1", 0.95, 0.96, ""), ("A_2", 0.90, 0.94, "LA volume 3.0 mL below 5 mL (min_volume_ml)"),
+            ("B_1", 0.70, 0.88, unsure.format(0.88)), ("C_1", 0.40, 0.81, unsure.format(0.81))]  # fmt: skip
+    cases = [{"case_id": k, "dice": d, "expected_dice": e, "review_reason": r} for k, d, e, r in rows]
+    report = {"header": {"inference": {"review_expected_dice": 0.92}}, "cases": cases}
+    figures = {"beyond_15pct": [{"case_id": "C_1"}, {"case_id": "A_2"}]}
+    figures["neighbour_called_la"] = [{"case_id": "B_1"}]
+    doubt = accuracy.doubt_figures(report, figures)
+    assert doubt["flagged"] == ["B_1", "C_1"] and doubt["dice_below_0.8"] == ["B_1", "C_1"]
+    assert doubt["dice_below_0.8_flagged"] == 2 and doubt["review_expected_dice"] == 0.92
+    assert doubt["beyond_15pct_flagged"] == 1 and doubt["neighbour_called_la_flagged"] == 1
+    assert doubt["spearman_expected_vs_dice"]["rho"] == pytest.approx(1.0)
+    assert "4 of 4" not in accuracy.doubt_line(doubt, figures) and "2 of 4" in accuracy.doubt_line(
+        doubt, figures
+    )
+    for case in cases:
+        del case["expected_dice"]
+    assert "note" in accuracy.doubt_figures(report, figures)
+
+
 @pytest.mark.slow
 def test_quick_run_scores_the_reports_its_own_test_commands_wrote(accuracy, tmp_path):
     """The whole benchmark on tiny data: fit on the training family, then per family `test` as configured and
@@ -247,6 +270,9 @@ def test_quick_run_scores_the_reports_its_own_test_commands_wrote(accuracy, tmp_
         assert {c["case_id"] for c in family["beyond_15pct"]} == beyond
         assert all(c["cause"] for c in family["beyond_15pct"])
         assert family["done_when"]["beyond_15pct"] == len(beyond)
+        assert family["done_when"]["neighbour_called_la"] == len(family["neighbour_called_la"])
+        doubt = family["doubt"]  # the model's own doubt, from the report `test` wrote
+        assert doubt["n"] == 3 and 0.0 <= doubt["review_expected_dice"] <= 1.0
     run = Path(result["checkpoint"]).parent.parent
     assert sorted(p.name for p in run.glob("test_*.json")) == [
         "test_test-heldout-2.json",

@@ -303,6 +303,7 @@ def test_inference_settings_are_exposed(tiny_net):
         "postprocess": "largest_component",
         "eval_batch_size": 32,
         "review_below": 0.9,
+        "review_expected_dice": 0.0,
         "plausibility": dataclasses.asdict(Plausibility()),
         "weights": None,
         "calibration": None,

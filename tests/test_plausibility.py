@@ -17,6 +17,8 @@ from la_seg.plausibility import (
     border_fraction,
     case_reasons,
     disagreement_reasons,
+    doubt_reasons,
+    expected_dice,
     large_components,
     low_dice_warning,
     review_fields,
@@ -155,3 +157,22 @@ def test_calibration_never_chooses_an_implausible_setting():
     assert choose(table, 0.5, 0.001, 0.1, 5.0) == (0.5, "largest_component")
     every = _table([(key, entry["dice"], huge) for key, entry in table.items()])
     assert choose(every, 0.5, 0.001, 0.01, 5.0) is None  # nothing plausible: nothing chosen
+
+
+def test_expected_dice_is_the_masks_dice_if_the_probabilities_were_right():
+    """Sure of every voxel: 1. Unsure (0.6 inside the mask, 0.4 in as many voxels around it): 2 * 0.6 n /
+    (0.6 n + 0.4 n + n) = 0.6. Nothing marked while the model gave LA a chance: 0; nothing anywhere: 1."""
+    mask = box()
+    assert expected_dice(mask.float(), mask) == 1.0
+    around = box(low=(10, 20, 10), size=(40, 20, 10)) & ~mask  # as many voxels as the mask
+    assert int(around.sum()) == int(mask.sum())
+    unsure = 0.6 * mask.float() + 0.4 * around.float()
+    assert expected_dice(unsure, mask) == pytest.approx(0.6)
+    assert expected_dice(unsure, torch.zeros_like(mask)) == 0.0
+    assert expected_dice(torch.zeros(mask.shape), torch.zeros_like(mask)) == 1.0
+
+
+def test_doubt_is_a_reason_only_below_the_level():
+    assert doubt_reasons(0.95, 0.0) == [] and doubt_reasons(0.93, 0.93) == []
+    (reason,) = doubt_reasons(0.8412, 0.93)
+    assert reason == "model unsure: expected Dice 0.8412 below review_expected_dice 0.93"

@@ -19,7 +19,10 @@ once per test-time augmentation with several voters (`flips`, `rot180`: their ag
 each has its own threshold, `how.review_below_by_tta`, which test / predict take for the `model.tta` they
 run): a held-out case is flagged when its voters agree less than all but that fraction of the validation
 cases did; without flip training it stays as configured (flipped slices show anatomy the model never saw,
-and test / predict refuse flips for such a model). All of it, with the scores it was chosen on, goes into
+and test / predict refuse flips for such a model). Likewise, with or without voters, `review_expected_dice`
+is the `review_quantile` quantile of the validation cases' expected Dice (la_seg.plausibility.expected_dice)
+at the chosen setting: a case is flagged when the model is less sure of its mask than of all but that
+fraction of the validation cases. All of it, with the scores it was chosen on, goes into
 the best checkpoint (`la_seg.checkpoints.write_calibration`); validate / test / predict then use those
 settings unless they are given on the command line, and reports record them (`inference.calibration`).
 """
@@ -41,7 +44,7 @@ from la_seg.checkpoints import load_checkpoint, write_calibration
 from la_seg.errors import DataError
 from la_seg.inference import POSTPROCESSING, case_agreement, check_tta_trained, postprocess_mask
 from la_seg.metrics import overlap_3d, surface_distances
-from la_seg.plausibility import case_reasons
+from la_seg.plausibility import case_reasons, expected_dice
 from la_seg.progress import Progress, tracked
 
 # The test-time augmentations with several voters, each calibrated a review threshold of its own.
@@ -54,8 +57,8 @@ class InferenceCalibration(L.Callback):
     Args:
         enabled: calibrate at the end of every fit that has validation cases and a best checkpoint.
         thresholds: the probability thresholds compared (with each post-processing).
-        review_quantile: the review threshold is this quantile of the validation cases' agreement (per
-            test-time augmentation with several voters).
+        review_quantile: the review thresholds are this quantile of the validation cases' agreement (per
+            test-time augmentation with several voters) and of their expected Dice.
         tie_dice: mean Dice differences up to this between post-processings count as a tie, which goes to
             `largest_component`.
         dice_margin: thresholds whose mean validation Dice is more than this below the best are never chosen.
@@ -110,7 +113,8 @@ class InferenceCalibration(L.Callback):
                 chosen = record["settings"]
                 rank_zero_info(
                     f"calibration on {len(cases)} validation cases: threshold {chosen['threshold']}, "
-                    f"postprocess {chosen['postprocess']}, review_below {chosen['review_below']:.4f}; "
+                    f"postprocess {chosen['postprocess']}, review_below {chosen['review_below']:.4f}, "
+                    f"review_expected_dice {chosen['review_expected_dice']:.4f}; "
                     f"stored in {path}"
                 )
         trainer.strategy.barrier("la_seg_calibration")
@@ -130,6 +134,7 @@ class InferenceCalibration(L.Callback):
         combos = list(itertools.product(thresholds, POSTPROCESSING))
         scores: dict[tuple[float, str], list[tuple[float, float, float | None]]] = {c: [] for c in combos}
         implausible: dict[tuple[float, str], dict[str, str]] = {c: {} for c in combos}  # case id -> why
+        expected: dict[tuple[float, str], list[float]] = {c: [] for c in combos}  # per case, the model's own
         volumes = []  # per case, on the CPU: what the flips need again
         ensemble, device = pl_module.ensemble(), pl_module.device
         chunk, tta = pl_module.eval_chunk(device), pl_module.hparams.tta
@@ -146,6 +151,7 @@ class InferenceCalibration(L.Callback):
                 hd95 = surface_distances(mask, label, spacing)[0]  # NaN for an empty mask: left out
                 volume_error = 100.0 * (float(mask.sum()) / reference - 1.0) if reference else None
                 scores[(threshold, post)].append((dice, hd95, volume_error))
+                expected[(threshold, post)].append(expected_dice(prob, mask))
                 reasons = case_reasons(mask, spacing, voxel_mm3, raw, pl_module.plausibility)
                 if reasons:
                     implausible[(threshold, post)][item["case_id"]] = "; ".join(reasons)
@@ -188,8 +194,14 @@ class InferenceCalibration(L.Callback):
         by_tta = {v: float(np.quantile(a, self.review_quantile)) for v, a in agreements.items()}
         quantile = by_tta.get(tta, by_tta.get("flips"))
         review_below = quantile if quantile is not None else pl_module.review_below()
+        doubt = expected[(threshold, post)]
         return {
-            "settings": {"threshold": threshold, "postprocess": post, "review_below": review_below},
+            "settings": {
+                "threshold": threshold,
+                "postprocess": post,
+                "review_below": review_below,
+                "review_expected_dice": float(np.quantile(doubt, self.review_quantile)),
+            },
             "how": {
                 "checkpoint": str(path),
                 "validation_cases": [c.case_id for c in dataset.cases],
@@ -212,6 +224,10 @@ class InferenceCalibration(L.Callback):
                 else "kept as configured: the model was not trained with flips (data.augmentation.hflip and "
                 "vflip), so their agreement says nothing",
                 "review_below_by_tta": by_tta,
+                "review_expected_dice_rule": f"quantile {self.review_quantile} of the validation cases' "
+                "expected Dice (la_seg.plausibility.expected_dice) at the chosen threshold and "
+                "post-processing",
+                "validation_expected_dice": doubt,
                 "validation_agreement": agreements.get("flips", []),
                 "validation_agreement_by_tta": agreements,
             },

@@ -74,6 +74,7 @@ class SegmentationMetrics(L.Callback):
             slice_axis=geometry.slice_axis,
             spacing_source=getattr(geometry, "spacing_source", "unrecorded"),
             source=str(geometry.source),
+            expected_dice=outputs.get("expected_dice"),
             **review_fields(reasons),
         )
 

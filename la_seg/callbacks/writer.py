@@ -21,7 +21,7 @@ from la_seg.metrics import gather_cases, volume_ml
 from la_seg.plausibility import REVIEW_COLUMNS, disagreement_reasons, review_fields, review_line
 from la_seg.progress import Progress
 from la_seg.qc import qc_picture, save_png, write_page
-from la_seg.report import COMPANION_SUFFIXES
+from la_seg.report import COMPANION_SUFFIXES, EXPECTED_DICE
 
 VOLUMES_CSV = "volumes.csv"
 QC_PAGE = "qc.html"
@@ -31,9 +31,10 @@ AGREEMENT_COLUMNS = ("volume_spread_ml", "mean_pairwise_dice")  # only with seve
 
 class NiftiPredictionWriter(BasePredictionWriter):
     """For each case writes `<output_dir>/<case_id>.nii.gz` (uint8 mask, the input's shape and affine)
-    and, at the end, `<output_dir>/volumes.csv` (case id, LA volume in mL, source image, spacing used, and
-    `review` with its `review_reason`: a mask that cannot be right, la_seg.plausibility; each flagged case
-    also gets a console line).
+    and, at the end, `<output_dir>/volumes.csv` (case id, LA volume in mL, source image, spacing used, the
+    mask's `expected_dice` under the model's own probabilities, and `review` with its `review_reason`: a mask
+    that cannot be right or that the model doubts, la_seg.plausibility; each flagged case also gets a console
+    line).
 
     Writing runs in a background thread so the next case is segmented meanwhile. Before any case is
     segmented, the writer refuses an output folder that holds or lies inside an input, reserves every
@@ -186,6 +187,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
             "image_path": str(geometry.source),
             "spacing_mm": "x".join(f"{s:g}" for s in geometry.spacing),
         }
+        row[EXPECTED_DICE] = prediction.get("expected_dice")
         reasons = list(prediction.get("review_reasons", []))
         agreement = prediction.get("agreement")
         if agreement is not None:
@@ -264,7 +266,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
                 raise reported_elsewhere(DataError(f"{int(failed)} other rank(s) failed to write masks"))
             if trainer.is_global_zero:
                 voters = AGREEMENT_COLUMNS if self.save_uncertainty else ()
-                columns = VOLUME_COLUMNS + voters + REVIEW_COLUMNS
+                columns = (*VOLUME_COLUMNS, *voters, EXPECTED_DICE, *REVIEW_COLUMNS)
                 write_csv(self.output_dir / VOLUMES_CSV, columns, _volume_table(rows, columns))
                 flagged = [row for row in rows if row["review"]]
                 for row in flagged:
@@ -288,9 +290,13 @@ class NiftiPredictionWriter(BasePredictionWriter):
 
 
 def _volume_table(rows: list[dict], columns: tuple[str, ...]) -> list[list]:
-    """Volumes in mL with 3 decimals, Dice with 4."""
-    digits = {"volume_ml": 3, "volume_spread_ml": 3, "mean_pairwise_dice": AGREEMENT_DIGITS}
-    return [[f"{r[c]:.{digits[c]}f}" if c in digits else r[c] for c in columns] for r in rows]
+    """Volumes in mL with 3 decimals, Dice with 4; an unknown figure (None) is an empty cell."""
+    digits = {"volume_ml": 3, "volume_spread_ml": 3, "mean_pairwise_dice": AGREEMENT_DIGITS, EXPECTED_DICE: 4}
+
+    def cell(value, column: str):
+        return "" if value is None else f"{value:.{digits[column]}f}" if column in digits else value
+
+    return [[cell(r[c], c) for c in columns] for r in rows]
 
 
 def _write(path: Path, write: Callable[[Path], None]) -> None:

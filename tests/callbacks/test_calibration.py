@@ -3,6 +3,7 @@ predict unless given on the command line, recorded in the report."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from test_cli import TINY  # noqa: I001 (tests/ is on sys.path under pytest)
@@ -46,6 +47,10 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, m
     assert len(agreements["rot180"]) == len(record["how"]["validation_cases"])
     assert network_settings(checkpoint)["in_plane"] == "spacing"
     assert network_settings(checkpoint)["target_spacing"] == 2.0
+    # the model's own doubt: the quantile of the validation cases' expected Dice at the chosen setting
+    doubt = record["how"]["validation_expected_dice"]
+    assert len(doubt) == len(record["how"]["validation_cases"]) and all(0.0 <= e <= 1.0 for e in doubt)
+    assert settings["review_expected_dice"] == pytest.approx(float(np.quantile(doubt, 0.1)))
 
     # test: the chosen settings, recorded with how they were chosen; the network's input settings follow
     main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best"])
@@ -53,7 +58,11 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, m
     assert inference["threshold"] == settings["threshold"]
     assert inference["postprocess"] == settings["postprocess"]
     assert inference["review_below"] == pytest.approx(settings["review_below"])
+    assert inference["review_expected_dice"] == pytest.approx(settings["review_expected_dice"])
     assert inference["calibration"]["settings"] == settings
+    for case in json.loads((run / "test_heldout.json").read_text())["cases"]:
+        unsure = case["expected_dice"] < settings["review_expected_dice"]
+        assert ("model unsure" in case["review_reason"]) == unsure, case
     # ... unless given on the command line
     main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best", "--model.threshold", "0.7"])
     inference = json.loads((run / "test_heldout-2.json").read_text())["header"]["inference"]

@@ -8,10 +8,13 @@ import csv
 import json
 import logging
 
+import nibabel as nib
 import pytest
 import torch
 
 from la_seg.checkpoints import stored_calibration
+from la_seg.data.io import read_label
+from la_seg.plausibility import expected_dice
 from tests.journeys.conftest import TINY
 
 pytestmark = pytest.mark.slow
@@ -67,3 +70,31 @@ def test_a_failed_fit_is_warned_about_and_its_implausible_settings_refused(la_se
     _, err = la_seg("predict", *TINY, *strict, "--ckpt_path", best, "--data.predict_root", journey_data,
                     "--writer.output_dir", "masks")  # fmt: skip
     assert sum(LOW_DICE in line for line in err.splitlines()) == 1
+
+
+def test_a_mask_the_model_doubts_is_flagged_and_its_expected_dice_is_that_of_its_written_maps(
+    la_seg, journey_data, tmp_path, caplog
+):
+    """volumes.csv's expected_dice is the written mask's Dice under the written probability map (the seam
+    between the writer's table and its files); a case is flagged "model unsure" exactly when it is below
+    `model.review_expected_dice`."""
+    # untrained weights give probabilities up to about 0.42: a threshold under that gives masks to doubt
+    predict = ["predict", *TINY, "--untrained", "true", "--data.predict_root", journey_data,
+               "--writer.save_probabilities", "true", "--model.threshold", "0.41"]  # fmt: skip
+    la_seg(*predict, "--writer.output_dir", "masks")
+    rows = read_csv(tmp_path / "masks" / "volumes.csv")
+    for row in rows:
+        mask = read_label(tmp_path / "masks" / f"{row['case_id']}.nii.gz").data > 0
+        prob = nib.load(tmp_path / "masks" / f"{row['case_id']}_prob.nii.gz").get_fdata()
+        own = expected_dice(torch.from_numpy(prob), torch.from_numpy(mask))
+        assert float(row["expected_dice"]) == pytest.approx(own, abs=1e-4)
+        assert "model unsure" not in row["review_reason"]  # model.review_expected_dice 0: never
+    caplog.set_level(logging.INFO)  # the review lines reach the console through the root logger here
+    ranked = sorted(float(row["expected_dice"]) for row in rows)
+    assert ranked[0] < ranked[-1]
+    floor = (ranked[0] + ranked[-1]) / 2
+    out, err = la_seg(*predict, "--writer.output_dir", "doubted", "--model.review_expected_dice", str(floor))
+    for row in read_csv(tmp_path / "doubted" / "volumes.csv"):
+        unsure = float(row["expected_dice"]) < floor
+        assert ("model unsure" in row["review_reason"]) == unsure and (row["review"] == "True" or not unsure)
+        assert not unsure or f"la-seg: review {row['case_id']}" in out + err + caplog.text
