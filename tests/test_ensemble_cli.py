@@ -139,7 +139,7 @@ def test_one_member_without_flips_writes_the_same_files_as_a_single_checkpoint(i
             assert gzip.decompress((single / name).read_bytes()) == gzip.decompress(
                 (listed / name).read_bytes()
             )
-    columns = ["case_id", "volume_ml", "image_path", "spacing_mm", "review", "review_reason"]
+    columns = ["case_id", "volume_ml", "image_path", "spacing_mm", "expected_dice", "review", "review_reason"]
     assert list(read_volumes(single)[0]) == columns  # no agreement columns: one voter
     assert read_volumes(single) == read_volumes(listed)
 
