@@ -400,7 +400,7 @@ def wrong_voxels(masks: Path, case_id: str, style: str) -> dict[str, float]:
     share = case_la_fraction(HELDOUT_SEED, int(index), shape, spacing, ANATOMY_FOV_MM, style)
     structures = case_structures(HELDOUT_SEED, int(index), shape, spacing, ANATOMY_FOV_MM, style)
     called, reference = read_label(masks / f"{case_id}.nii.gz").data > 0, share >= 0.5
-    la_voxels = reference.sum()
+    la_voxels = int(reference.sum())
     wrong = {
         name: 100 * float((called & ~reference & (structures == code)).sum()) / la_voxels
         for name, code in STRUCTURES.items()

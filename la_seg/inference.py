@@ -15,7 +15,8 @@ Entry points:
     result.agreement(spacing=geometry.slices_last_spacing)   # Agreement or None (a single voter)
 
 A single model is the one-member case and takes the same path as LASegModule.infer, with the same
-result bit for bit and no extra copies.
+result bit for bit and no extra copies. A field of view wider than the model input (S pixels at the input's
+mm per pixel) is covered with overlapping S x S windows, as nnU-Net slides its patch: nothing is cut away.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from la_seg.models.segmenter import LASegmenter
 from la_seg.plausibility import disagreement_reasons
 
 TTA = Literal["none", "flips", "rot180"]
+# Windows over a slice wider than the model input overlap by this share of their side; their probabilities
+# are averaged where they overlap.
+WINDOW_OVERLAP = 0.25
 # In-plane flips of a (N, C, H, W) model input, H and W being the volume's X and Y (see slices_to_input).
 FLIP_DIMS: dict[str, tuple[int, ...]] = {
     "identity": (),
@@ -308,7 +312,8 @@ class Ensemble(nn.Module):
         keep_logits: bool = False,
     ) -> VolumeResult:
         """Segments an (X, Y, Z) volume in [0, 1] (slices last) of `spacing` mm per voxel (needed by members
-        with in_plane "spacing"), `chunk` slices per backbone pass.
+        with in_plane "spacing"), `chunk` model inputs per backbone pass: slices, or where a slice is wider
+        than the input, windows of slices (plane_windows; their probabilities averaged where they overlap).
 
         Each voter's probability is assembled in model geometry, restored to (X, Y) once, then folded into a
         running mean and variance, so memory holds one full-size float map per output plus a bool mask per
@@ -324,13 +329,26 @@ class Ensemble(nn.Module):
         per_voter: list[list[Tensor]] = [[] for _ in voter_names]
         first_logits: list[Tensor] = []
         grids = self.grids(tuple(image.shape), spacing)
+        windows = {k: plane_windows(grids[k].plane, k[0]) for k in self.input_kinds}
         kind_of = {m: p.kind for p in self.passes for m in p.members}
         voter_grids = [grids[kind_of[m]] for m in range(len(self.heads))] if several else [grids[kind_of[0]]]
         depth = image.shape[-1]
-        for start in range(0, depth, int(chunk)):
-            index = slice(start, min(depth, start + int(chunk)))
-            inputs = {k: slices_to_input(image, k[0], k[1], index, grids[k]) for k in self.input_kinds}
+        step = max(1, int(chunk) // max(len(w) for w in windows.values()))  # windows x slices per pass
+        for start in range(0, depth, step):
+            index = slice(start, min(depth, start + step))
+            inputs = {
+                k: cut_windows(slices_to_input(image, k[0], k[1], index, grids[k]), windows[k])
+                for k in windows
+            }
             member_probs = self(inputs, tta, first_logits if keep_logits else None)
+            member_probs = [
+                [join_windows(p, windows[kind_of[m]], grids[kind_of[m]].plane) for p in flipped]
+                for m, flipped in enumerate(member_probs)
+            ]
+            if keep_logits:
+                first_logits[-1] = join_windows(
+                    first_logits[-1], windows[kind_of[0]], grids[kind_of[0]].plane
+                )
             voters = [_sum(flipped) for flipped in member_probs] if several else member_probs[0]
             for stack, probs in zip(per_voter, voters, strict=True):
                 stack.append(probs)
@@ -348,6 +366,41 @@ class Ensemble(nn.Module):
         uncertainty = None if m2 is None else (m2 / len(voter_names)).clamp_(min=0.0)
         logits = torch.cat(first_logits) if keep_logits else None
         return VolumeResult(mean, mean > threshold, uncertainty, voter_names, masks, logits)
+
+
+def plane_windows(plane: Sequence[int], side: int) -> list[tuple[slice, slice]]:
+    """`side` x `side` windows covering a `plane` of at least that size (MONAI's dense_patch_slices), each
+    overlapping the next by WINDOW_OVERLAP of a side; a plane of one window's size gets that one window."""
+    if tuple(plane) == (side, side):
+        return [(slice(0, side), slice(0, side))]
+    from monai.data.utils import dense_patch_slices  # a 3 s import, for wide fields of view only
+
+    interval = [max(1, int(side * (1 - WINDOW_OVERLAP)))] * 2
+    return [
+        (slice(int(x.start), int(x.stop)), slice(int(y.start), int(y.stop)))
+        for x, y in dense_patch_slices(tuple(plane), (side, side), interval)
+    ]
+
+
+def cut_windows(planes: Tensor, windows: list[tuple[slice, slice]]) -> Tensor:
+    """(N, C, H, W) planes as (len(windows) * N, C, S, S) inputs, window after window."""
+    if len(windows) == 1:
+        return planes
+    return torch.cat([planes[..., x, y] for x, y in windows])
+
+
+def join_windows(outputs: Tensor, windows: list[tuple[slice, slice]], plane: Sequence[int]) -> Tensor:
+    """The inverse of cut_windows for (len(windows) * N, S, S) outputs: (N, *plane), the mean of the windows
+    that cover each pixel."""
+    if len(windows) == 1:
+        return outputs
+    parts = outputs.unflatten(0, (len(windows), -1))
+    total = outputs.new_zeros((parts.shape[1], *plane))
+    count = outputs.new_zeros(tuple(plane))
+    for (x, y), part in zip(windows, parts, strict=True):
+        total[:, x, y] += part
+        count[x, y] += 1
+    return total / count
 
 
 def postprocess_mask(mask: Tensor, postprocess: str) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 
@@ -14,7 +15,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from la_seg.data.preprocess import restore_geometry, slices_to_input
 from la_seg.errors import DataError
-from la_seg.inference import FLIP_DIMS, Ensemble, case_agreement, postprocess_mask
+from la_seg.inference import (
+    FLIP_DIMS,
+    Ensemble,
+    case_agreement,
+    cut_windows,
+    join_windows,
+    plane_windows,
+    postprocess_mask,
+)
 from la_seg.metrics import volume_ml
 from la_seg.models.segmenter import LASegmenter
 from la_seg.module import LASegModule
@@ -293,3 +302,42 @@ def test_largest_part_drops_a_neighbour_joined_by_a_thin_bridge():
     lone = torch.zeros(6, 6, 3, dtype=torch.bool)
     lone[2, 1:5, 1] = True  # no core at all: kept as it is
     assert torch.equal(postprocess_mask(lone, "largest_part"), lone)
+
+
+@pytest.mark.parametrize(
+    ("plane", "side"), [((28, 28), 28), ((40, 36), 28), ((146, 125), 112), ((30, 200), 28)]
+)
+def test_windows_cover_the_plane_and_join_back(plane, side):
+    """Every pixel of a plane wider than the input lies in a window; cut then joined, a plane comes back."""
+    windows = plane_windows(plane, side)
+    covered = torch.zeros(plane)
+    for x, y in windows:
+        assert (x.stop - x.start, y.stop - y.start) == (side, side)
+        covered[x, y] += 1
+    assert covered.min() >= 1
+    planes = torch.rand(3, 2, *plane)
+    cut = cut_windows(planes, windows)
+    assert cut.shape == (3 * len(windows), 2, side, side)
+    torch.testing.assert_close(join_windows(cut[:, 0], windows, plane), planes[:, 0])
+
+
+def test_a_field_of_view_wider_than_the_input_is_segmented_window_by_window(tiny_net):
+    """40 x 36 mm at 1 mm per pixel into a 28 px input: the module's probabilities are the mean of its net on
+    the four 28 x 28 windows that cover the slice, written out here independently; nothing is cut away."""
+    net_config = dataclasses.replace(tiny_net, img_size=28)
+    module = LASegModule(net=net_config, in_plane="spacing", target_spacing=1.0, eval_batch_size=8).eval()
+    image = torch.rand(40, 36, 3, generator=torch.Generator().manual_seed(1))
+    total, count = torch.zeros(3, 40, 36), torch.zeros(40, 36)
+    for ox, oy in itertools.product(
+        (0, 12), (0, 8)
+    ):  # windows 21 px apart (a quarter overlap), the last flush
+        with torch.no_grad():
+            window = image[ox : ox + 28, oy : oy + 28]
+            total[:, ox : ox + 28, oy : oy + 28] += torch.sigmoid(module.net(slices_to_input(window, 28)))[
+                :, 0
+            ]
+        count[ox : ox + 28, oy : oy + 28] += 1
+    expected = (total / count).permute(1, 2, 0)
+    result = module.infer(image, spacing=(1.0, 1.0, 1.0))
+    torch.testing.assert_close(result.prob, expected, atol=1e-5, rtol=1e-4)
+    assert result.prob[0, 0].min() > 0 and result.prob[-1, -1].min() > 0  # corners: the model's, not a 0 fill

@@ -107,9 +107,10 @@ class LADataModule(L.LightningDataModule):
             patient, so they land in one part. A duplicate between data.root and data.test_root is refused.
         in_plane: how a slice becomes the img_size x img_size input: "stretch" (resized to it, whatever its
             millimetres per pixel and aspect ratio: the paper) or "spacing" (resampled to `target_spacing` mm
-            per pixel, aspect kept, then padded or cropped, centred, to img_size). Linked to `model.in_plane`.
-        target_spacing: mm per pixel of the input with in_plane "spacing" (img_size x target_spacing mm of
-            field of view are kept). Linked to `model.target_spacing`.
+            per pixel, aspect kept, padded to img_size; a wider slice is seen through img_size windows).
+            Linked to `model.in_plane`.
+        target_spacing: mm per pixel of the input with in_plane "spacing" (one window holds img_size x
+            target_spacing mm). Linked to `model.target_spacing`.
         intensity_headroom: grey values are scaled so that each volume's 0.5th percentile is 0 and its
             99.5th 1 / intensity_headroom, then clipped to [0, 1]: voxels up to this many times brighter keep
             their contrast (LGE's enhanced wall is brighter than the blood pool, which the 99.5th percentile

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from la_seg.data.cache import CacheMode, VolumeCache
 from la_seg.data.io import Geometry, SliceAxis
 from la_seg.data.layouts import Case, check_labelled
-from la_seg.data.preprocess import DEFAULT_INPUT, InputSpec, labels_to_input, slices_to_input
+from la_seg.data.preprocess import DEFAULT_INPUT, InputSpec, SliceGrid, labels_to_input, slices_to_input
 from la_seg.errors import DataError
 
 if TYPE_CHECKING:
@@ -36,7 +36,8 @@ class SliceDataset(Dataset):
 
     All slices that contain LA are used; of the slices without LA, a fraction `empty_slice_fraction` is kept,
     drawn once from `seed` (so the choice is identical on every DDP rank and every run). Items go through the
-    same slices_to_input / labels_to_input as evaluation (on the `spec`'s grid), then the optional
+    same slices_to_input / labels_to_input as evaluation (on a random S x S window of the `spec`'s grid, the
+    whole slice when it fits), then the optional
     albumentations `transform` on the (S, S, 3) float32 image and (S, S) uint8 mask; the image is clamped back
     to [0, 1] afterwards. `spec`: the model's input (la_seg.data.preprocess.InputSpec), which also says how
     volumes are normalised and laid out (see VolumeCache).
@@ -98,8 +99,8 @@ class SliceDataset(Dataset):
         # Only the needed slices are read; edge replication within them equals that of the full volume.
         image = torch.from_numpy(np.asarray(entry.image[lo:hi], dtype=np.float32)).permute(1, 2, 0)
         label = torch.from_numpy(np.array(entry.label[z : z + 1])).permute(1, 2, 0)
-        grid = self.spec.volume_grid(entry.geometry)
         size = self.spec.img_size
+        grid = random_window(self.spec.volume_grid(entry.geometry), size)
         x = slices_to_input(image, size, context, slice(z - lo, z - lo + 1), grid)[0]
         y = labels_to_input(label, size, grid=grid)[0]
         if self.transform is None:
@@ -122,6 +123,14 @@ class SliceDataset(Dataset):
         if self._seeded_pid != os.getpid():
             self.transform.set_random_seed(torch.initial_seed() % 2**32)
             self._seeded_pid = os.getpid()
+
+
+def random_window(grid: SliceGrid, side: int) -> SliceGrid:
+    """A `side` x `side` window of `grid`'s plane at a place drawn from torch's generator (seeded per
+    DataLoader worker): a slice wider than the model input is trained on all of it, a window at a time, as
+    inference covers it with windows (la_seg.inference)."""
+    origin = [int(torch.randint(0, extent - side + 1, ())) for extent in grid.plane]
+    return grid.window(origin, side)
 
 
 @dataclass(frozen=True)

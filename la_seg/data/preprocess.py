@@ -3,8 +3,10 @@
 How a slice becomes an S x S input (`in_plane`): `stretch` (the paper) resizes every slice to S x S,
 whatever its millimetres per pixel and aspect ratio; `spacing` resamples it to `target_spacing` mm per pixel
 on both axes (aspect kept) and pads or crops the result, centred, to S x S, as nnU-Net resamples to a target
-spacing. A SliceGrid holds where one volume's slices land; restore_geometry undoes it exactly onto the
-input's grid (the parts cropped away get probability 0).
+spacing. A SliceGrid holds where one volume's slices land: in a plane of at least S x S that holds the whole
+resized slice (slice_grid), which evaluation and prediction cover with S x S windows (la_seg.inference), or
+in one S x S window of it (SliceGrid.window: a training item). restore_geometry undoes it exactly onto the
+input's grid.
 
 The torch functions run on whatever device their tensor lives on (CPU in dataloader workers during training,
 the GPU during evaluation and prediction), so training, evaluation and prediction share one code path.
@@ -93,11 +95,21 @@ MAX_RESAMPLED_SIDE = 8192
 
 @dataclass(frozen=True)
 class SliceGrid:
-    """Where the (X, Y) slices of one volume land in the S x S model input: resized to `size` (pixels), its
-    first pixel at `offset` in the input (negative: that many pixels are cropped away)."""
+    """Where the (X, Y) slices of one volume land: resized to `size` (pixels), its first pixel at `offset`
+    in a `plane` of pixels (negative: that many pixels are cut away). slice_grid's planes hold the whole
+    slice, padded to at least S x S: nothing of a field of view wider than S pixels is lost."""
 
     size: tuple[int, int]
     offset: tuple[int, int]
+    plane: tuple[int, int]
+
+    def window(self, origin: Sequence[int], side: int) -> SliceGrid:
+        """The `side` x `side` window of this plane whose first pixel is `origin` (a training item's view of a
+        slice wider than the model input)."""
+        if not all(0 <= o <= p - side for o, p in zip(origin, self.plane, strict=True)):
+            raise ValueError(f"a {side}-pixel window at {tuple(origin)} leaves the {self.plane} plane")
+        offset = tuple(o - w for o, w in zip(self.offset, origin, strict=True))
+        return SliceGrid(self.size, offset, (side, side))  # type: ignore[arg-type]
 
 
 def check_in_plane(in_plane: str, target_spacing: float, name: str = "in_plane") -> None:
@@ -119,7 +131,7 @@ def slice_grid(
     size = check_img_size(img_size)
     check_in_plane(in_plane, target_spacing)
     if in_plane == "stretch":
-        return SliceGrid((size, size), (0, 0))
+        return SliceGrid((size, size), (0, 0), (size, size))
     if spacing is None:
         raise DataError("in_plane 'spacing' needs the volume's voxel spacing")
     scaled = [int(n) * float(s) / target_spacing for n, s in zip(xy[:2], spacing[:2], strict=True)]
@@ -131,7 +143,9 @@ def slice_grid(
             "(fix the header or give --data.spacing) or target_spacing is too small"
         )
     resized = tuple(max(1, round(side)) for side in scaled)
-    return SliceGrid(resized, tuple((size - r) // 2 for r in resized))  # type: ignore[arg-type]
+    plane = tuple(max(size, r) for r in resized)
+    offset = tuple((p - r) // 2 for p, r in zip(plane, resized, strict=True))
+    return SliceGrid(resized, offset, plane)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -193,30 +207,29 @@ INPUT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(InputSpec))
 DEFAULT_INPUT = InputSpec()  # the defaults of every option that sets a field (data.*, model.*)
 
 
-def _window(offset: int, resized: int, size: int) -> tuple[slice, slice]:
-    """(source in the resized slice, destination in the input) along one axis of a placement."""
+def _window(offset: int, resized: int, side: int) -> tuple[slice, slice]:
+    """(source in the resized slice, destination in the plane) along one axis of a placement."""
     src, dst = max(-offset, 0), max(offset, 0)
-    length = min(resized - src, size - dst)
+    length = min(resized - src, side - dst)
     return slice(src, src + length), slice(dst, dst + length)
 
 
-def _place(resized: torch.Tensor, grid: SliceGrid, size: int) -> torch.Tensor:
-    """(N, C, h, w) resized slices padded with zeros or cropped, centred, to (N, C, size, size)."""
-    if grid.offset == (0, 0) and tuple(resized.shape[-2:]) == (size, size):
+def _place(resized: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
+    """(N, C, h, w) resized slices placed in `grid`'s plane: (N, C, *plane), zeros around them."""
+    if grid.offset == (0, 0) and tuple(resized.shape[-2:]) == grid.plane:
         return resized
-    out = resized.new_zeros((*resized.shape[:-2], size, size))
-    (sx, dx), (sy, dy) = (_window(o, r, size) for o, r in zip(grid.offset, grid.size, strict=True))
+    out = resized.new_zeros((*resized.shape[:-2], *grid.plane))
+    (sx, dx), (sy, dy) = (_window(*axis) for axis in zip(grid.offset, grid.size, grid.plane, strict=True))
     out[..., dx, dy] = resized[..., sx, sy]
     return out
 
 
 def _unplace(placed: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
-    """The inverse of _place: (N, C, S, S) back to (N, C, h, w), zeros where the slice was cropped away."""
-    size = placed.shape[-1]
-    if grid.offset == (0, 0) and tuple(grid.size) == (size, size):
+    """The inverse of _place: (N, C, *plane) back to (N, C, h, w), zeros where the plane did not reach."""
+    if grid.offset == (0, 0) and tuple(grid.size) == grid.plane:
         return placed
     out = placed.new_zeros((*placed.shape[:-2], *grid.size))
-    (sx, dx), (sy, dy) = (_window(o, r, size) for o, r in zip(grid.offset, grid.size, strict=True))
+    (sx, dx), (sy, dy) = (_window(*axis) for axis in zip(grid.offset, grid.size, grid.plane, strict=True))
     out[..., sx, sy] = placed[..., dx, dy]
     return out
 
@@ -242,28 +255,29 @@ def slices_to_input(
     index: slice | None = None,
     grid: SliceGrid | None = None,
 ) -> torch.Tensor:
-    """The slices of a slices-last (X, Y, Z) volume in [0, 1] as a (Z', 3, S, S) float32 input in [0, 1].
+    """The slices of a slices-last (X, Y, Z) volume in [0, 1] as a (Z', 3, *plane) float32 input in [0, 1]
+    (S x S without a grid).
 
     Channels are the grey value repeated (as in the paper), or with `slice_context` the slices k-1, k, k+1
     (edge-replicated at the first and last slice). `index` selects which slices are produced, so evaluation
     can run in chunks; neighbours still come from the whole volume. Every needed slice is resized once, to
-    `grid` (slice_grid; None: stretched to S x S).
+    `grid` (slice_grid, or one window of it; None: stretched to S x S).
     """
     size = check_img_size(img_size)
     _check_volume(volume, "volume")
+    grid = grid or SliceGrid((size, size), (0, 0), (size, size))
     depth = volume.shape[2]
     wanted = torch.arange(depth, device=volume.device)[index if index is not None else slice(None)]
     if wanted.numel() == 0:
-        return volume.new_zeros((0, 3, size, size), dtype=torch.float32)
+        return volume.new_zeros((0, 3, *grid.plane), dtype=torch.float32)
     if slice_context:
         channels = torch.stack([(wanted - 1).clamp(min=0), wanted, (wanted + 1).clamp(max=depth - 1)], dim=1)
     else:
         channels = wanted[:, None]
     needed, position = torch.unique(channels, return_inverse=True)
-    grid = grid or SliceGrid((size, size), (0, 0))
     slices = volume[:, :, needed].permute(2, 0, 1)[:, None].float()
-    resized = _place(_resize(slices, grid.size), grid, size)[:, 0]
-    out = resized[position]  # (Z', 1 or 3, S, S)
+    resized = _place(_resize(slices, grid.size), grid)[:, 0]
+    out = resized[position]  # (Z', 1 or 3, *plane)
     if not slice_context:
         out = out.expand(-1, 3, -1, -1)
     # Bilinear weights are a convex combination: only rounding can leave [0, 1].
@@ -273,7 +287,8 @@ def slices_to_input(
 def labels_to_input(
     label: torch.Tensor, img_size: int, index: slice | None = None, grid: SliceGrid | None = None
 ) -> torch.Tensor:
-    """The slices of a slices-last (X, Y, Z) binary label as a (Z', 1, S, S) float32 target in {0, 1}.
+    """The slices of a slices-last (X, Y, Z) binary label as a (Z', 1, *plane) float32 target in {0, 1}
+    (S x S without a grid).
 
     Resized like the image (bilinear, antialiased, as float) and thresholded at 0.5, so image and target stay
     aligned and restore_geometry is its inverse.
@@ -281,20 +296,20 @@ def labels_to_input(
     size = check_img_size(img_size)
     _check_volume(label, "label")
     slices = label[:, :, index if index is not None else slice(None)].permute(2, 0, 1)[:, None].float()
+    grid = grid or SliceGrid((size, size), (0, 0), (size, size))
     if slices.shape[0] == 0:
-        return slices.new_zeros((0, 1, size, size))
-    grid = grid or SliceGrid((size, size), (0, 0))
-    return (_place(_resize(slices, grid.size), grid, size) > 0.5).float()
+        return slices.new_zeros((0, 1, *grid.plane))
+    return (_place(_resize(slices, grid.size), grid) > 0.5).float()
 
 
 def restore_geometry(
     probs: torch.Tensor, shape: tuple[int, int, int], grid: SliceGrid | None = None
 ) -> torch.Tensor:
-    """Map per-slice model outputs (Z, S, S) back to the slices-last (X, Y, Z) grid (float32).
+    """Map per-slice model outputs (Z, *plane) (S x S without a grid) back to the slices-last (X, Y, Z) grid
+    (float32).
 
     The exact inverse of the resize in slices_to_input / labels_to_input with the same `grid`: the padding
-    dropped (what was cropped away comes back as 0), bilinear (antialiased) back to (X, Y), slices moved to
-    the last axis. For probabilities; logits only with a stretching grid (the 0 fill is a probability).
+    dropped, bilinear (antialiased) back to (X, Y), slices moved to the last axis.
     """
     if probs.ndim != 3:
         raise DataError(f"probs must be a (Z, S, S) tensor, got shape {tuple(probs.shape)}")

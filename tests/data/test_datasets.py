@@ -271,3 +271,28 @@ def test_datasets_that_need_labels_refuse_unlabelled_cases(cases):
         with pytest.raises(DataError, match=r"labels are required but 1 case\(s\) have none.*train_2"):
             make()
     assert "label" not in VolumeDataset(unlabelled, with_labels=False, cache="none")[1]
+
+
+def test_a_slice_wider_than_the_input_is_trained_on_windows_that_reach_its_edges(tmp_path):
+    """30 x 28 px at 0.625 mm into a 14 px input at 0.625 mm: an LA in the corner, outside a centred crop,
+    is in some items, each a 14 x 14 window whose label lies on its bright blob (image and label aligned)."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 5, SHAPE).astype(np.float32)
+    label = np.zeros(SHAPE, dtype=np.uint16)
+    label[0:5, 0:5, :] = 420  # a centred 14 px crop keeps rows 8-21 and columns 7-20 only
+    image[label > 0] += 300
+    folder = tmp_path / "data" / "train_1"
+    folder.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(image, AFFINE), folder / "enhanced.nii.gz")
+    nib.save(nib.Nifti1Image(label, AFFINE), folder / "atriumSegImgMO.nii.gz")
+    cases = find_cases(tmp_path / "data", "lascarqs", require_labels=True)
+    spec = InputSpec(img_size=14, in_plane="spacing", target_spacing=0.625)
+    ds = SliceDataset(cases, spec, cache="none")
+    torch.manual_seed(0)
+    items = [ds[0] for _ in range(40)]
+    assert all(item["image"].shape == (3, 14, 14) and item["label"].shape == (1, 14, 14) for item in items)
+    with_la = [item for item in items if item["label"].any()]
+    assert 0 < len(with_la) < len(items)
+    for item in with_la:
+        la = item["label"][0] > 0
+        assert item["image"][0][la].min() > item["image"][0][~la].max()

@@ -163,26 +163,28 @@ def test_restore_geometry_checks_depth():
         restore_geometry(torch.rand(5, 28, 28), (30, 28, 6))
 
 
-# ---- in_plane "spacing": resample to a common mm per pixel, aspect kept, pad or crop to img_size ----------
+# ---- in_plane "spacing": resample to a common mm per pixel, aspect kept, padded to at least img_size ------
 def test_stretch_grid_is_the_plain_resize():
     volume = torch.rand(30, 20, 3)
     grid = slice_grid((30, 20), 28, "stretch", (1.3, 1.3, 4.0))
-    assert grid == SliceGrid((28, 28), (0, 0))
+    assert grid == SliceGrid((28, 28), (0, 0), (28, 28))
     assert torch.equal(slices_to_input(volume, 28, grid=grid), slices_to_input(volume, 28))
 
 
 @pytest.mark.parametrize(
-    ("xy", "spacing", "target", "size", "offset"),
+    ("xy", "spacing", "target", "size", "offset", "plane"),
     [
-        ((112, 96), (1.3, 1.3), 1.3, (112, 96), (0, 8)),  # non-square: aspect kept, padded in Y only
-        ((160, 160), (0.625, 0.625), 1.25, (80, 80), (16, 16)),  # fine slices halved, padded all round
-        ((112, 96), (1.3, 1.3), 1.0, (146, 125), (-17, -7)),  # a larger field of view is cropped, centred
-        ((40, 40), (1.0, 2.0), 1.0, (40, 80), (36, 16)),  # anisotropic pixels become square
+        ((112, 96), (1.3, 1.3), 1.3, (112, 96), (0, 8), (112, 112)),  # non-square: aspect kept, padded in Y
+        ((160, 160), (0.625, 0.625), 1.25, (80, 80), (16, 16), (112, 112)),  # fine slices halved, padded
+        ((112, 96), (1.3, 1.3), 1.0, (146, 125), (0, 0), (146, 125)),  # a larger field of view is kept whole
+        ((40, 40), (1.0, 2.0), 1.0, (40, 80), (36, 16), (112, 112)),  # anisotropic pixels become square
+        ((100, 40), (1.0, 1.0), 1.0, (100, 40), (6, 36), (112, 112)),
+        ((40, 300), (1.0, 1.0), 1.0, (40, 300), (36, 0), (112, 300)),  # wider on one axis only
     ],
 )
-def test_spacing_grid_keeps_millimetres_per_pixel(xy, spacing, target, size, offset):
+def test_spacing_grid_keeps_millimetres_per_pixel(xy, spacing, target, size, offset, plane):
     grid = slice_grid(xy, 112, "spacing", spacing, target)
-    assert grid == SliceGrid(size, offset)
+    assert grid == SliceGrid(size, offset, plane)
 
 
 def _disc(shape, spacing, radius_mm):
@@ -208,14 +210,24 @@ def test_spacing_round_trip_gives_the_input_grid_back(shape, spacing, target):
     assert changed < 0.06
 
 
-def test_what_is_cropped_away_comes_back_as_zero():
-    probs = torch.ones(2, 28, 28)
-    grid = slice_grid(
-        (40, 40), 28, "spacing", (1.0, 1.0), 1.0
-    )  # 40 px at 1 mm into 28 px: 6 px cropped a side
-    restored = restore_geometry(probs, (40, 40, 2), grid)
-    assert restored[20, 20, 0] == pytest.approx(1.0)
-    assert restored[0, 20, 0] == 0.0 and restored[39, 20, 1] == 0.0
+def test_a_wide_field_of_view_is_kept_whole_and_a_window_is_one_part_of_it():
+    """40 px at 1 mm with a 28 px input: the plane holds all 40 px (nothing is cut away); a window of it is
+    the input at that place, and only its own part comes back from restore_geometry."""
+    label = torch.zeros(40, 40, 2, dtype=torch.uint8)
+    label[1:4, 30:35] = 1  # beyond a centred 28 px crop (6 px a side)
+    grid = slice_grid((40, 40), 28, "spacing", (1.0, 1.0), 1.0)
+    assert grid.plane == (40, 40)
+    whole = labels_to_input(label, 28, grid=grid)[:, 0]
+    assert torch.equal(restore_geometry(whole, (40, 40, 2), grid), label.float())
+    window = grid.window((0, 12), 28)
+    assert window == SliceGrid((40, 40), (0, -12), (28, 28))
+    assert torch.equal(labels_to_input(label, 28, grid=window)[:, 0], whole[:, :28, 12:])
+    assert torch.equal(
+        slices_to_input(label.float(), 28, grid=window),
+        slices_to_input(label.float(), 28, grid=grid)[..., :28, 12:],
+    )
+    with pytest.raises(ValueError, match="leaves the"):
+        grid.window((13, 0), 28)
 
 
 @pytest.mark.parametrize(("mode", "target"), [("square", 1.0), ("spacing", 0.0), ("spacing", float("nan"))])
