@@ -328,9 +328,8 @@ def test_a_field_of_view_wider_than_the_input_is_segmented_window_by_window(tiny
     module = LASegModule(net=net_config, in_plane="spacing", target_spacing=1.0, eval_batch_size=8).eval()
     image = torch.rand(40, 36, 3, generator=torch.Generator().manual_seed(1))
     total, count = torch.zeros(3, 40, 36), torch.zeros(40, 36)
-    for ox, oy in itertools.product(
-        (0, 12), (0, 8)
-    ):  # windows 21 px apart (a quarter overlap), the last flush
+    # windows 21 px apart (a quarter overlap), the last one flush with the slice's edge
+    for ox, oy in itertools.product((0, 12), (0, 8)):
         with torch.no_grad():
             window = image[ox : ox + 28, oy : oy + 28]
             total[:, ox : ox + 28, oy : oy + 28] += torch.sigmoid(module.net(slices_to_input(window, 28)))[

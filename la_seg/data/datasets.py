@@ -128,7 +128,9 @@ class SliceDataset(Dataset):
 def random_window(grid: SliceGrid, side: int) -> SliceGrid:
     """A `side` x `side` window of `grid`'s plane at a place drawn from torch's generator (seeded per
     DataLoader worker): a slice wider than the model input is trained on all of it, a window at a time, as
-    inference covers it with windows (la_seg.inference)."""
+    inference covers it with windows (la_seg.inference). A slice that fits is its own window: no draw."""
+    if grid.plane == (side, side):
+        return grid
     origin = [int(torch.randint(0, extent - side + 1, ())) for extent in grid.plane]
     return grid.window(origin, side)
 

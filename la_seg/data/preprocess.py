@@ -2,7 +2,7 @@
 
 How a slice becomes an S x S input (`in_plane`): `stretch` (the paper) resizes every slice to S x S,
 whatever its millimetres per pixel and aspect ratio; `spacing` resamples it to `target_spacing` mm per pixel
-on both axes (aspect kept) and pads or crops the result, centred, to S x S, as nnU-Net resamples to a target
+on both axes (aspect kept) and pads the result, centred, to at least S x S, as nnU-Net resamples to a target
 spacing. A SliceGrid holds where one volume's slices land: in a plane of at least S x S that holds the whole
 resized slice (slice_grid), which evaluation and prediction cover with S x S windows (la_seg.inference), or
 in one S x S window of it (SliceGrid.window: a training item). restore_geometry undoes it exactly onto the
@@ -111,6 +111,11 @@ class SliceGrid:
         offset = tuple(o - w for o, w in zip(self.offset, origin, strict=True))
         return SliceGrid(self.size, offset, (side, side))  # type: ignore[arg-type]
 
+    @classmethod
+    def stretched(cls, side: int) -> SliceGrid:
+        """Slices resized to fill the `side` x `side` input (in_plane "stretch", and no grid given)."""
+        return cls((side, side), (0, 0), (side, side))
+
 
 def check_in_plane(in_plane: str, target_spacing: float, name: str = "in_plane") -> None:
     """A DataError naming the field for an unknown mode or a target spacing that is not a positive number."""
@@ -131,7 +136,7 @@ def slice_grid(
     size = check_img_size(img_size)
     check_in_plane(in_plane, target_spacing)
     if in_plane == "stretch":
-        return SliceGrid((size, size), (0, 0), (size, size))
+        return SliceGrid.stretched(size)
     if spacing is None:
         raise DataError("in_plane 'spacing' needs the volume's voxel spacing")
     scaled = [int(n) * float(s) / target_spacing for n, s in zip(xy[:2], spacing[:2], strict=True)]
@@ -265,7 +270,7 @@ def slices_to_input(
     """
     size = check_img_size(img_size)
     _check_volume(volume, "volume")
-    grid = grid or SliceGrid((size, size), (0, 0), (size, size))
+    grid = grid or SliceGrid.stretched(size)
     depth = volume.shape[2]
     wanted = torch.arange(depth, device=volume.device)[index if index is not None else slice(None)]
     if wanted.numel() == 0:
@@ -296,7 +301,7 @@ def labels_to_input(
     size = check_img_size(img_size)
     _check_volume(label, "label")
     slices = label[:, :, index if index is not None else slice(None)].permute(2, 0, 1)[:, None].float()
-    grid = grid or SliceGrid((size, size), (0, 0), (size, size))
+    grid = grid or SliceGrid.stretched(size)
     if slices.shape[0] == 0:
         return slices.new_zeros((0, 1, *grid.plane))
     return (_place(_resize(slices, grid.size), grid) > 0.5).float()
