@@ -1,5 +1,6 @@
 """fit on RAS volumes -> test, predict and evaluate the same held-out patients stored LPS (NIfTI) and in an
-LPS NRRD space: the same scores and, mapped back through the affines, the same masks as their RAS copies."""
+LPS NRRD space: the same scores and, mapped back through the affines, the same masks as their RAS copies,
+with slices that fit one input window and slices that take several."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
 
 
-def test_fit_on_ras_then_test_predict_and_evaluate_lps_copies(la_seg, journey_data, tmp_path):
-    la_seg("fit", *TINY, "--data.root", journey_data, "--trainer.max_epochs", "2")
+@pytest.mark.parametrize("mm_per_pixel", ["4.0", "1.0"])  # 77 mm slices: one 28 px window, or 3 x 3 of them
+def test_fit_on_ras_then_test_predict_and_evaluate_lps_copies(la_seg, journey_data, tmp_path, mm_per_pixel):
+    tiny = [*TINY, "--data.target_spacing", mm_per_pixel]
+    la_seg("fit", *tiny, "--data.root", journey_data, "--trainer.max_epochs", "2")
     best = tmp_path / "runs" / "demo" / "version_0" / "checkpoints" / "best.ckpt"
     held = tmp_path / "RAS"
     write_dataset(held, cases=3, seed=77, shape=(48, 44, 12), spacing=(1.6, 1.6, 4.0))
@@ -32,7 +35,7 @@ def test_fit_on_ras_then_test_predict_and_evaluate_lps_copies(la_seg, journey_da
         storages[storage] = write_storage(held, tmp_path / storage, storage)
     # two epochs of a tiny model give probabilities in a narrow band: thresholded at their median, masks that
     # follow the image (any threshold must give the same mask in every storage)
-    la_seg("predict", *TINY, "--ckpt_path", best, "--data.predict_root", held, "--writer.output_dir",
+    la_seg("predict", *tiny, "--ckpt_path", best, "--data.predict_root", held, "--writer.output_dir",
            tmp_path / "maps", "--writer.save_probabilities", "true")  # fmt: skip
     probs = np.concatenate(
         [nib.load(p).get_fdata().ravel() for p in (tmp_path / "maps").glob("*_prob.nii.gz")]
@@ -40,10 +43,10 @@ def test_fit_on_ras_then_test_predict_and_evaluate_lps_copies(la_seg, journey_da
     threshold = ["--model.threshold", f"{np.median(probs):.6f}"]
     scores, masks = {}, {}
     for storage, root in storages.items():
-        la_seg("test", *TINY, *threshold, "--ckpt_path", best, "--data.test_root", root)
+        la_seg("test", *tiny, *threshold, "--ckpt_path", best, "--data.test_root", root)
         report = json.loads((best.parent.parent / f"test_{storage}.json").read_text())
         scores[storage] = {case["case_id"]: case["dice"] for case in report["cases"]}
-        la_seg("predict", *TINY, *threshold, "--ckpt_path", best, "--data.predict_root", root,
+        la_seg("predict", *tiny, *threshold, "--ckpt_path", best, "--data.predict_root", root,
                "--writer.output_dir", tmp_path / f"masks_{storage}")  # fmt: skip
         la_seg("evaluate", "--pred", tmp_path / f"masks_{storage}", "--ref", root)
         evaluation = json.loads((tmp_path / f"masks_{storage}_evaluation" / "test_metrics.json").read_text())
