@@ -90,7 +90,6 @@ FAMILIES = {
     "training_family": ("test-varied", TRAINING_STYLE),
     "heldout_setting": ("test-heldout", "heldout"),
 }
-DATA_FOLDER = "data-varied"  # training and validation phantoms (seed 0, TRAINING_STYLE)
 ANATOMY_FOV_MM = 100.0  # the heart's size: as in the demo's 100 mm field of view, on every geometry
 VOLUME_TOLERANCE = 5.0  # % signed LA-volume error counted as within tolerance
 VOLUME_LIMIT = 15.0  # % signed LA-volume error no case may exceed (issue 31); each beyond gets its cause
@@ -120,6 +119,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-flips", action="store_true", help="skip the test-time-flips test (review flags)"
     )
+    parser.add_argument(
+        "--training-style",
+        choices=("varied", "heldout"),
+        default=TRAINING_STYLE,
+        help="style of the training and validation phantoms (seed 0); 'heldout' trains on the held-out "
+        "setting's own physics: a ceiling for that setting, not a result (it is no longer held out)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="result file")
     parser.add_argument("--quick", action="store_true", help="tiny: 2+1 cases per geometry, 1 short epoch")
     parser.add_argument("options", nargs="*", help="after --: options passed to la-seg fit and test")
@@ -138,11 +144,16 @@ def progress(message: str) -> None:
     print(f"[accuracy {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def data_folder(args: argparse.Namespace) -> str:
+    """The training and validation phantoms' folder under work-dir (seed 0, --training-style)."""
+    return f"data-{args.training_style}"
+
+
 def make_data(work: Path, args: argparse.Namespace) -> dict[str, list[str]]:
-    """Phantoms of every geometry (reused when present): DATA_FOLDER (train + val, seed 0, the training
-    family) and each family's held-out folder (seed 1); the train / val split."""
+    """Phantoms of every geometry (reused when present): data_folder (train + val, seed 0, --training-style)
+    and each family's held-out folder (seed 1); the train / val split."""
     split: dict[str, list[str]] = {"train": [], "val": []}
-    parts = [(DATA_FOLDER, args.train + args.val, 0, TRAINING_STYLE)]
+    parts = [(data_folder(args), args.train + args.val, 0, args.training_style)]
     parts += [(folder, args.heldout, HELDOUT_SEED, style) for folder, style in FAMILIES.values()]
     for prefix in GEOMETRIES:
         for folder, cases, seed, style in parts:
@@ -200,8 +211,8 @@ def logger_options(work: Path, args: argparse.Namespace) -> list[str]:
 
 
 def fold_data(work: Path, args: argparse.Namespace) -> list[str]:
-    """Data options of a K-fold run: every case of DATA_FOLDER in the folds (test sets added per family)."""
-    return ["--data.root", str(work / DATA_FOLDER), "--data.folds", str(args.folds)]
+    """Data options of a K-fold run: every case of data_folder in the folds (test sets added per family)."""
+    return ["--data.root", str(work / data_folder(args)), "--data.folds", str(args.folds)]
 
 
 def run_folder(ckpt: Path) -> Path:
@@ -517,7 +528,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.folds > 1:
         ckpt, data = fit_folds(work, args), [*fold_data(work, args), "--data.fold", "0"]
     else:
-        data = ["--data.root", str(work / DATA_FOLDER), "--data.split_file", str(split_file)]
+        data = ["--data.root", str(work / data_folder(args)), "--data.split_file", str(split_file)]
         ckpt = args.ckpt or fit(work, args, data)
     fitted = time.perf_counter()
     members = run_folder_checkpoints(ckpt) if ckpt.is_dir() else [ckpt]
@@ -538,7 +549,7 @@ def run(args: argparse.Namespace) -> dict:
             "geometries": {g: {"shape": s, "spacing_mm": sp} for g, (s, sp) in GEOMETRIES.items()},
             "anatomy_fov_mm": ANATOMY_FOV_MM,
             "partial_volume": True,
-            "training_style": TRAINING_STYLE,
+            "training_style": args.training_style,
             "families": {family: style for family, (_, style) in FAMILIES.items()},
             "train_per_geometry": args.train,
             "val_per_geometry": args.val,
