@@ -214,3 +214,43 @@ def test_fusion_memory_benchmark_reports_every_case_and_equal_gradients(tmp_path
     }
     assert all(set(by_taps) == {"2", "4"} for by_taps in report["peak_above_start_mb"].values())
     assert report["train_fusion_grad_identical"] == {"2": True, "4": True}
+
+
+@pytest.mark.slow
+def test_field_of_view_pads_in_world_space_and_scores_every_copy(load_benchmark, tmp_path):
+    """field_of_view.py's copies keep every voxel's world position (the pad on the high sides only) and are
+    scored against the padded reference, case by case, for each copy and checkout."""
+    import nibabel as nib
+    import numpy as np
+    from tiny_options import TINY_CLI
+
+    from la_seg.cli import main as la_seg
+    from la_seg.data.synthetic import write_dataset
+
+    field_of_view = load_benchmark("field_of_view")
+    write_dataset(tmp_path / "data", cases=3, seed=0, shape=(40, 36, 6), spacing=(1.6, 1.6, 4.0))
+    la_seg(["fit", *TINY_CLI, "--data.root", "data", "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "1", "--trainer.enable_model_summary", "false"])  # fmt: skip
+    ckpt = tmp_path / "runs" / "demo" / "version_0" / "checkpoints" / "best.ckpt"
+    out = tmp_path / "fov.json"
+    record = field_of_view.main(["--ckpt", str(ckpt), "--cases", str(tmp_path / "data"), "--pad-mm", "16",
+                                 "--work-dir", str(tmp_path / "work"), "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == record
+    assert [r["copy"] for r in record["results"]] == ["as_stored", "dark", "drawn"]
+    for result in record["results"]:
+        assert result["scores"]["train"]["cases"] == 3 and 0 <= result["scores"]["train"]["dice_mean"] <= 1
+    for fill in ("dark", "drawn"):
+        stored = tmp_path / "data" / "train_1"
+        padded = tmp_path / "work" / f"data_{fill}_16mm" / "train_1"
+        for name in ("enhanced.nii.gz", "atriumSegImgMO.nii.gz"):
+            before, after = nib.load(stored / name), nib.load(padded / name)
+            assert np.array_equal(after.affine, before.affine) and after.shape == (50, 46, 6)  # 16 mm: 10 px
+            assert np.array_equal(np.asarray(after.dataobj)[:40, :36], np.asarray(before.dataobj))
+        label = np.asarray(nib.load(padded / "atriumSegImgMO.nii.gz").dataobj)
+        assert not label[40:].any() and not label[:, 36:].any()
+        image = np.asarray(nib.load(stored / "enhanced.nii.gz").dataobj)
+        pad = np.asarray(nib.load(padded / "enhanced.nii.gz").dataobj)[40:]
+        if fill == "dark":
+            assert np.all(pad == pad.flat[0])
+        else:
+            assert np.isin(pad, image).all() and len(np.unique(pad)) > 1

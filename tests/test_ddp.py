@@ -24,7 +24,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tiny_options import TINY_CLI
 
 from la_seg.cli import main
+from la_seg.data.preprocess import slice_grid
 from la_seg.data.synthetic import write_dataset
+from la_seg.inference import plane_windows
 
 TINY = [*TINY_CLI, "--trainer.enable_model_summary", "false"]
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
@@ -153,6 +155,31 @@ def test_predict_and_test_on_two_ranks_match_one_process(fitted, tmp_path, capfd
     assert ddp_report["cases"] == one_report["cases"] and ddp_report["summary"] == one_report["summary"]
     # each case counted once (a repeated case once moved the mean by ~4e-4)
     assert logged_test_loss(ddp_run) == pytest.approx(logged_test_loss(one_run), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_windows_of_a_wide_field_of_view_on_two_ranks_match_one_process(fitted, tmp_path, capfd):
+    """Slices wider than the input are cut into overlapping windows and joined again: on two ranks, with
+    fewer inputs per pass than a slice has windows, the probabilities and masks of one process."""
+    write_dataset(tmp_path / "wide", cases=3, seed=2, shape=(48, 40, 5), spacing=(3.0, 3.0, 4.0))
+    grid = slice_grid((48, 40), 28, "spacing", (3.0, 3.0), 4.0)  # TINY's input: 28 px of 4 mm
+    assert len(plane_windows(grid.plane, 28)) == 4  # 144 x 120 mm on 112 x 112 mm windows: 2 x 2
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single.mkdir()
+    shutil.copytree(fitted / "runs", ddp / "runs")
+    predict = ["predict", *TINY, "--data.predict_root", str(tmp_path / "wide"), "--writer.output_dir",
+               "masks", "--writer.save_probabilities", "true", "--model.eval_batch_size", "6"]  # fmt: skip
+    best = str(fitted / "runs" / "demo" / "version_0" / "checkpoints" / "best.ckpt")
+    code, err = one_process(single, [*predict, "--ckpt_path", best], capfd)
+    assert code == 0, err[-3000:]
+    predicted = two_ranks(ddp, [*predict, "--ckpt_path", "best"])
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    one, two = masks(single / "masks"), masks(ddp / "masks")
+    assert one.keys() == two.keys() and len(one) == 6  # a mask and a probability map per case
+    for name, values in one.items():
+        assert np.allclose(two[name], values, atol=1e-6), name
+    probabilities = [values for name, values in one.items() if name.endswith("_prob.nii.gz")]
+    assert all(p.shape == (48, 40, 5) and (p > 0).all() for p in probabilities)  # no 0 fill outside a crop
 
 
 # `la-seg` for a 2-rank fit recording, per rank, the cases its SliceDataset holds and every case it decodes.

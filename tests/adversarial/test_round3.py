@@ -3,7 +3,7 @@ checkpoints, training that diverges, references that are images, configs with a 
 unclear one-liners (absurd spacing, a NIfTI-2 size beyond 64 bits, a damaged disk cache, a full disk inside
 torch's writer, a FIFO as a root) and the report's empty HD95 cell.
 
-Races run real `la-seg` processes started together, on data large enough that their work overlaps.
+Races run real `la-seg` processes, the second started while the first holds its output folder.
 """
 
 from __future__ import annotations
@@ -31,29 +31,56 @@ from hostile import phantom, save_nifti, valid_image
 from la_seg.data.split import DataSplit
 from la_seg.data.synthetic import write_dataset
 
-RACE_CASES = 30  # each run works for seconds after its ~7 s start: two started together overlap
+RACE_CASES = 30  # each run works for seconds after its ~7 s start: long enough to interrupt
 
 
-def started_together(argv_a: list[str], argv_b: list[str], cwd: Path) -> list[tuple[int, Result]]:
-    """Run two `la-seg` commands as processes started at the same moment; (pid, result) of each."""
+# `la-seg` whose first FolderLock, once taken, is held until the test lets go, when LA_SEG_TEST_HELD names a
+# file (it appears when the lock is taken; the same name with ".release" lets go): the second run meets a
+# held folder on any machine, however loaded (two runs merely started together once did not overlap).
+HOLDING = """
+import os, time
+from pathlib import Path
+from la_seg.atomic import FolderLock
+from la_seg.cli import main
+
+acquire = FolderLock.acquire
+held = Path(os.environ.get("LA_SEG_TEST_HELD", ""))
+
+def holding(self):
+    acquire(self)
+    if held.name and not held.exists():
+        held.write_text(str(os.getpid()))
+        deadline = time.monotonic() + 300
+        while not held.with_suffix(".release").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+FolderLock.acquire = holding
+main()
+"""
+
+
+def second_while_first_holds(argv_a: list[str], argv_b: list[str], cwd: Path) -> list[tuple[int, Result]]:
+    """Run `la-seg ARGV_A` and, while it holds its output folder, `la-seg ARGV_B`; (pid, result) of each."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("LA_SEG_DEBUG", None)
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "la_seg.cli", *map(str, argv)],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for argv in (argv_a, argv_b)
-    ]
-    results = []
-    for process in processes:
-        out, err = process.communicate(timeout=600)
-        results.append((process.pid, Result(process.returncode, out, err)))
-    return results
+    script, held = cwd / "holding.py", cwd / "held"
+    script.write_text(HOLDING)
+
+    def start(argv: list[str], **extra: str) -> subprocess.Popen:
+        command = [sys.executable, str(script), *map(str, argv)]
+        return subprocess.Popen(command, cwd=cwd, env={**env, **extra}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    first = start(argv_a, LA_SEG_TEST_HELD=str(held))
+    deadline = time.monotonic() + 300
+    while not held.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = start(argv_b)
+    out, err = second.communicate(timeout=600)
+    held.with_suffix(".release").touch()
+    results = [(second.pid, Result(second.returncode, out, err))]
+    out, err = first.communicate(timeout=600)
+    return [(first.pid, Result(first.returncode, out, err)), *results]
 
 
 def one_wins(results: list[tuple[int, Result]], folder: Path) -> int:
@@ -86,7 +113,7 @@ def race_root(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_two_synth_runs_into_one_folder(tmp_path):
     out = tmp_path / "out"
-    results = started_together(
+    results = second_while_first_holds(
         ["synth", "--out", out, "--cases", RACE_CASES, "--seed", "1"],
         ["synth", "--out", out, "--cases", RACE_CASES, "--seed", "2"],
         tmp_path,
@@ -101,7 +128,7 @@ def test_two_synth_runs_into_one_folder(tmp_path):
 def test_two_exports_into_one_folder(tmp_path, race_root):
     out = tmp_path / "raw"
     export = ["export-nnunet", "--data.root", race_root, "--out", out]
-    one_wins(started_together(export, export, tmp_path), out / "Dataset501_LA")
+    one_wins(second_while_first_holds(export, export, tmp_path), out / "Dataset501_LA")
     assert len(list((out / "Dataset501_LA" / "imagesTr").iterdir())) == RACE_CASES
     assert sorted(p.name for p in out.iterdir()) == ["Dataset501_LA"], "no lock or staging folder left"
 
@@ -114,7 +141,7 @@ def test_two_evaluations_into_one_folder(tmp_path, race_root):
         os.symlink(case / "atriumSegImgMO.nii.gz", pred / f"{case.name}.nii.gz")
     out = tmp_path / "report"
     evaluate = ["evaluate", "--pred", pred, "--ref", race_root, "--out", out]
-    one_wins(started_together(evaluate, evaluate, tmp_path), out)
+    one_wins(second_while_first_holds(evaluate, evaluate, tmp_path), out)
     assert sorted(p.name for p in out.iterdir()) == ["test_metrics.csv", "test_metrics.json"]
 
 
