@@ -30,7 +30,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from la_seg.atomic import write_json
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from startup import describe_checkout  # noqa: E402  (benchmarks/ is no package)
+
+from la_seg.atomic import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -54,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.ckpt.is_file() or not args.cases.is_dir() or not args.pad_mm > 0:
         p.error("--ckpt must be a file, --cases a folder of case folders, --pad-mm > 0")
+    for name in ("ckpt", "cases", "work_dir"):  # the predict runs start in --work-dir
+        setattr(args, name, getattr(args, name).resolve())
     return args
 
 
@@ -103,10 +108,14 @@ def predict(checkout: Path, ckpt: Path, cases: Path, out: Path) -> float:
     command = [sys.executable, "-m", "la_seg.cli", "predict", "--ckpt_path", str(ckpt)]
     command += ["--data.predict_root", str(cases), "--writer.output_dir", str(out)]
     command += ["--trainer.enable_progress_bar", "false"]
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    # run outside any checkout: `python -m` puts the working folder first on sys.path, before PYTHONPATH
+    where = [sys.executable, "-c", "import la_seg; print(la_seg.__file__)"]
+    imported = subprocess.run(where, cwd=out.parent, env=env, capture_output=True, text=True).stdout.strip()
+    if not Path(imported).is_relative_to(checkout):
+        raise SystemExit(f"field_of_view.py: --pythonpath {checkout} imports la_seg from {imported}")
     start = time.perf_counter()
-    done = subprocess.run(
-        command, env={**os.environ, "PYTHONPATH": str(checkout)}, capture_output=True, text=True
-    )
+    done = subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"field_of_view.py: predict by {checkout} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -131,11 +140,6 @@ def score(cases: Path, masks: Path) -> dict:
         }
         for geometry, values in by_geometry.items()
     }
-
-
-def describe_checkout(checkout: Path) -> dict:
-    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return {"pythonpath": str(checkout), "commit": commit.stdout.strip() or None}
 
 
 def main(argv: list[str] | None = None) -> dict:

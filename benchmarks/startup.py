@@ -135,8 +135,12 @@ def default_weights(args: argparse.Namespace) -> Path:
 
 
 def describe_checkout(checkout: Path) -> dict:
-    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return {"pythonpath": str(checkout), "commit": commit.stdout.strip() or None}
+    """The checkout's path, commit and whether its tracked files differ from that commit (edited)."""
+    git = ["git", "-C", str(checkout)]
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    status = [*git, "status", "--porcelain", "--untracked-files=no"]
+    edited = bool(subprocess.run(status, capture_output=True, text=True).stdout)
+    return {"pythonpath": str(checkout), "commit": commit or None, "edited": edited}
 
 
 def timed(command: list[str], cwd: Path, env: dict) -> dict:

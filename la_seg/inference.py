@@ -38,9 +38,12 @@ from la_seg.models.segmenter import LASegmenter
 from la_seg.plausibility import disagreement_reasons
 
 TTA = Literal["none", "flips", "rot180"]
-# Windows over a slice wider than the model input overlap by this share of their side; their probabilities
-# are averaged where they overlap.
+# Windows over a slice wider than the model input overlap by this share of their side; where they overlap,
+# their probabilities are averaged with Gaussian weights of this share of a side as sigma around each window's
+# centre (MONAI's sliding_window_inference "gaussian" mode and nnU-Net: 1/8), so that a window's edge, where
+# it sees a structure cut off, counts little against a window that holds it whole.
 WINDOW_OVERLAP = 0.25
+WINDOW_SIGMA = 0.125
 # In-plane flips of a (N, C, H, W) model input, H and W being the volume's X and Y (see slices_to_input).
 FLIP_DIMS: dict[str, tuple[int, ...]] = {
     "identity": (),
@@ -313,7 +316,7 @@ class Ensemble(nn.Module):
     ) -> VolumeResult:
         """Segments an (X, Y, Z) volume in [0, 1] (slices last) of `spacing` mm per voxel (needed by members
         with in_plane "spacing"), `chunk` model inputs per backbone pass: slices, or where a slice is wider
-        than the input, windows of slices (plane_windows; their probabilities averaged where they overlap).
+        than the input, windows of slices (plane_windows; joined by join_windows where they overlap).
 
         Each voter's probability is assembled in model geometry, restored to (X, Y) once, then folded into a
         running mean and variance, so memory holds one full-size float map per output plus a bool mask per
@@ -390,17 +393,25 @@ def cut_windows(planes: Tensor, windows: list[tuple[slice, slice]]) -> Tensor:
 
 
 def join_windows(outputs: Tensor, windows: list[tuple[slice, slice]], plane: Sequence[int]) -> Tensor:
-    """The inverse of cut_windows for (len(windows) * N, S, S) outputs: (N, *plane), the mean of the windows
-    that cover each pixel."""
+    """The inverse of cut_windows for (len(windows) * N, S, S) outputs: (N, *plane), at each pixel the mean of
+    the windows that cover it, weighted by a Gaussian around each window's centre (WINDOW_SIGMA); a pixel that
+    one window covers gets that window's value. The weight is the product of MONAI's 1D importance maps (each
+    at least 1e-3): its 2D map clamps the whole corner of a window to 1e-3, where two windows side by side
+    would then count alike whichever holds the pixel nearer its centre."""
     if len(windows) == 1:
         return outputs
+    from monai.data.utils import compute_importance_map  # plane_windows imported MONAI already
+
+    side = outputs.shape[-1]
+    line = compute_importance_map((side,), "gaussian", WINDOW_SIGMA, outputs.device, outputs.dtype)
+    weight = line[:, None] * line[None, :]
     parts = outputs.unflatten(0, (len(windows), -1))
     total = outputs.new_zeros((parts.shape[1], *plane))
-    count = outputs.new_zeros(tuple(plane))
+    weights = outputs.new_zeros(tuple(plane))
     for (x, y), part in zip(windows, parts, strict=True):
-        total[:, x, y] += part
-        count[x, y] += 1
-    return total / count
+        total[:, x, y] += part * weight
+        weights[x, y] += weight
+    return total / weights
 
 
 def postprocess_mask(mask: Tensor, postprocess: str) -> Tensor:

@@ -321,22 +321,35 @@ def test_windows_cover_the_plane_and_join_back(plane, side):
     torch.testing.assert_close(join_windows(cut[:, 0], windows, plane), planes[:, 0])
 
 
+def test_where_windows_overlap_the_one_that_holds_a_pixel_nearer_its_centre_counts_more():
+    """A window's edge, where it sees a structure cut off, must not halve what the other window sees whole."""
+    windows = plane_windows((40, 28), 28)  # X: 0-28 and 12-40
+    assert [(x.start, y.start) for x, y in windows] == [(0, 0), (12, 0)]
+    joined = join_windows(torch.stack([torch.ones(28, 28), torch.zeros(28, 28)]), windows, (40, 28))[0]
+    assert joined[:12].eq(1).all() and joined[28:].eq(0).all()  # one window only: its value
+    assert joined[13].min() > 0.99 and joined[26].max() < 0.01  # near a centre (13.5, 25.5): that window's
+    torch.testing.assert_close(joined[19] + joined[20], torch.ones(28))  # halfway: even
+
+
 def test_a_field_of_view_wider_than_the_input_is_segmented_window_by_window(tiny_net):
     """40 x 36 mm at 1 mm per pixel into a 28 px input: the module's probabilities are the mean of its net on
-    the four 28 x 28 windows that cover the slice, written out here independently; nothing is cut away."""
+    the four 28 x 28 windows that cover the slice, each weighted by a Gaussian of sigma 28 / 8 px around its
+    centre (each axis' factor at least 1e-3), written out here independently; nothing is cut away."""
     net_config = dataclasses.replace(tiny_net, img_size=28)
     module = LASegModule(net=net_config, in_plane="spacing", target_spacing=1.0, eval_batch_size=8).eval()
     image = torch.rand(40, 36, 3, generator=torch.Generator().manual_seed(1))
-    total, count = torch.zeros(3, 40, 36), torch.zeros(40, 36)
+    from_centre = torch.arange(28) - 13.5
+    gaussian = torch.exp(-(from_centre**2) / (2 * 3.5**2)).clamp(min=1e-3)
+    weight = gaussian[:, None] * gaussian[None, :]
+    total, weights = torch.zeros(3, 40, 36), torch.zeros(40, 36)
     # windows 21 px apart (a quarter overlap), the last one flush with the slice's edge
     for ox, oy in itertools.product((0, 12), (0, 8)):
         with torch.no_grad():
             window = image[ox : ox + 28, oy : oy + 28]
-            total[:, ox : ox + 28, oy : oy + 28] += torch.sigmoid(module.net(slices_to_input(window, 28)))[
-                :, 0
-            ]
-        count[ox : ox + 28, oy : oy + 28] += 1
-    expected = (total / count).permute(1, 2, 0)
+            prob = torch.sigmoid(module.net(slices_to_input(window, 28)))[:, 0]
+        total[:, ox : ox + 28, oy : oy + 28] += prob * weight
+        weights[ox : ox + 28, oy : oy + 28] += weight
+    expected = (total / weights).permute(1, 2, 0)
     result = module.infer(image, spacing=(1.0, 1.0, 1.0))
     torch.testing.assert_close(result.prob, expected, atol=1e-5, rtol=1e-4)
     assert result.prob[0, 0].min() > 0 and result.prob[-1, -1].min() > 0  # corners: the model's, not a 0 fill
