@@ -144,16 +144,16 @@ def progress(message: str) -> None:
     print(f"[accuracy {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def data_folder(args: argparse.Namespace) -> str:
+def data_folder(training_style: str) -> str:
     """The training and validation phantoms' folder under work-dir (seed 0, --training-style)."""
-    return f"data-{args.training_style}"
+    return f"data-{training_style}"
 
 
 def make_data(work: Path, args: argparse.Namespace) -> dict[str, list[str]]:
     """Phantoms of every geometry (reused when present): data_folder (train + val, seed 0, --training-style)
     and each family's held-out folder (seed 1); the train / val split."""
     split: dict[str, list[str]] = {"train": [], "val": []}
-    parts = [(data_folder(args), args.train + args.val, 0, args.training_style)]
+    parts = [(data_folder(args.training_style), args.train + args.val, 0, args.training_style)]
     parts += [(folder, args.heldout, HELDOUT_SEED, style) for folder, style in FAMILIES.values()]
     for prefix in GEOMETRIES:
         for folder, cases, seed, style in parts:
@@ -212,7 +212,7 @@ def logger_options(work: Path, args: argparse.Namespace) -> list[str]:
 
 def fold_data(work: Path, args: argparse.Namespace) -> list[str]:
     """Data options of a K-fold run: every case of data_folder in the folds (test sets added per family)."""
-    return ["--data.root", str(work / data_folder(args)), "--data.folds", str(args.folds)]
+    return ["--data.root", str(work / data_folder(args.training_style)), "--data.folds", str(args.folds)]
 
 
 def run_folder(ckpt: Path) -> Path:
@@ -528,7 +528,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.folds > 1:
         ckpt, data = fit_folds(work, args), [*fold_data(work, args), "--data.fold", "0"]
     else:
-        data = ["--data.root", str(work / data_folder(args)), "--data.split_file", str(split_file)]
+        training = work / data_folder(args.training_style)
+        data = ["--data.root", str(training), "--data.split_file", str(split_file)]
         ckpt = args.ckpt or fit(work, args, data)
     fitted = time.perf_counter()
     members = run_folder_checkpoints(ckpt) if ckpt.is_dir() else [ckpt]

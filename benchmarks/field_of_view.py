@@ -29,11 +29,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from startup import describe_checkout  # noqa: E402  (benchmarks/ is no package)
 
 from la_seg.atomic import write_json  # noqa: E402
+from la_seg.metrics import overlap_3d  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -125,11 +127,11 @@ def score(cases: Path, masks: Path) -> dict:
     """Per geometry (the case id before '_'): mean and min Dice, mean and worst signed LA-volume error %."""
     by_geometry: dict[str, list[tuple[float, float]]] = {}
     for case in sorted(p for p in cases.iterdir() if (p / LABEL).is_file()):
-        reference = np.asarray(nib.load(case / LABEL).dataobj) > 0
-        mask = np.asarray(nib.load(masks / f"{case.name}.nii.gz").dataobj) > 0
-        dice = 2 * (reference & mask).sum() / (reference.sum() + mask.sum())
+        reference = torch.from_numpy(np.asarray(nib.load(case / LABEL).dataobj) > 0)
+        mask = torch.from_numpy(np.asarray(nib.load(masks / f"{case.name}.nii.gz").dataobj) > 0)
+        dice, _ = overlap_3d(mask, reference)
         error = 100 * (int(mask.sum()) - int(reference.sum())) / int(reference.sum())
-        by_geometry.setdefault(case.name.split("_")[0], []).append((float(dice), float(error)))
+        by_geometry.setdefault(case.name.split("_")[0], []).append((dice, float(error)))
     return {
         geometry: {
             "cases": len(values),

@@ -70,13 +70,9 @@ def run(args: argparse.Namespace) -> dict:
     split = work / "split.json"
     if not split.is_file():
         raise SystemExit(f"heldout_factors.py: no {split}: --work-dir is the accuracy.py run's work folder")
-    test_args = argparse.Namespace(
-        options=[],
-        config=args.config,
-        name=f"factors_{args.ckpt.stem}",
-        training_style=accuracy.TRAINING_STYLE,
-    )
-    data = ["--data.root", str(work / accuracy.data_folder(test_args)), "--data.split_file", str(split)]
+    test_args = argparse.Namespace(options=[], config=args.config, name=f"factors_{args.ckpt.stem}")
+    training = accuracy.data_folder(accuracy.TRAINING_STYLE)
+    data = ["--data.root", str(work / training), "--data.split_file", str(split)]
     variants = {}
     for index, (name, changes) in enumerate(GROUPS.items()):
         family = dataclasses.replace(HELDOUT, **changes)
