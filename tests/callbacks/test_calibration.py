@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_cli import TINY  # noqa: I001 (tests/ is on sys.path under pytest)
 
-from la_seg.callbacks.calibration import InferenceCalibration, choose, trained_for_flips
+from la_seg.callbacks.calibration import InferenceCalibration, choose, doubt_level, trained_for_flips
 from la_seg.checkpoints import CALIBRATION_KEY, network_settings, stored_calibration, write_calibration
 from la_seg.cli import main
 from la_seg.data.datamodule import LADataModule
@@ -47,10 +47,17 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, m
     assert len(agreements["rot180"]) == len(record["how"]["validation_cases"])
     assert network_settings(checkpoint)["in_plane"] == "spacing"
     assert network_settings(checkpoint)["target_spacing"] == 2.0
-    # the model's own doubt: the quantile of the validation cases' expected Dice at the chosen setting
-    doubt = record["how"]["validation_expected_dice"]
-    assert len(doubt) == len(record["how"]["validation_cases"]) and all(0.0 <= e <= 1.0 for e in doubt)
-    assert settings["review_expected_dice"] == pytest.approx(float(np.quantile(doubt, 0.1)))
+    # the model's own doubt: the quantile of the validation cases' expected Dice at the chosen setting, raised
+    # above that of every validation case below Dice 0.8 (a model trained this briefly has some)
+    doubt, dice = record["how"]["validation_expected_dice"], record["how"]["validation_dice"]
+    cases = record["how"]["validation_cases"]
+    assert len(doubt) == len(dice) == len(cases) and all(0.0 <= e <= 1.0 for e in doubt)
+    chosen = record["how"]["scores"][f"{settings['threshold']}/{settings['postprocess']}"]
+    assert np.mean(dice) == pytest.approx(chosen["dice"], abs=1e-3)  # each case's Dice at the chosen setting
+    failures = [case for case, d in zip(cases, dice, strict=True) if d < 0.8]
+    assert failures and sorted(record["how"]["review_expected_dice_raised_by"]) == sorted(failures)
+    assert settings["review_expected_dice"] >= float(np.quantile(doubt, 0.1))
+    assert all(e < settings["review_expected_dice"] for e, d in zip(doubt, dice, strict=True) if d < 0.8)
 
     # test: the chosen settings, recorded with how they were chosen; the network's input settings follow
     main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best"])
@@ -94,12 +101,34 @@ def test_a_calibration_record_round_trips_through_the_file(tmp_path):
     [
         ({"thresholds": [0.0]}, "thresholds"),
         ({"review_quantile": 2}, "quantile"),
+        ({"review_dice": -0.1}, "review_dice"),
         ({"volume_tolerance": 0}, "volume_tolerance"),
     ],
 )
 def test_bad_calibration_settings_are_refused(kwargs, match):
     with pytest.raises(DataError, match=match):
         InferenceCalibration(**kwargs)
+
+
+def test_review_level_is_relative_to_the_model_unless_validation_shows_failures_it_would_pass():
+    ids = ["A", "B", "C", "D"]
+    # a good model: no validation failure, the quantile of its own doubt
+    level, raised = doubt_level([0.95, 0.96, 0.94, 0.97], [0.92, 0.93, 0.91, 0.94], ids, 0.1, 0.8)
+    assert level == pytest.approx(np.quantile([0.95, 0.96, 0.94, 0.97], 0.1)) and raised == []
+    # a weak model of few validation cases, all below Dice 0.8: their quantile is about their least sure one,
+    # which would pass nearly every mask; the level goes above the surest failure, so all of them are caught
+    expected, dice = [0.685, 0.687, 0.618, 0.66], [0.74, 0.76, 0.65, 0.81]
+    level, raised = doubt_level(expected, dice, ids, 0.1, 0.8)
+    assert raised == ["C", "A", "B"] and level == pytest.approx(0.6871)
+    assert all(e < level for e, d in zip(expected, dice, strict=True) if d < 0.8)
+    # a confident failure: the model's doubt cannot tell it from a good mask, so nearly everything is flagged
+    level, raised = doubt_level([0.95, 0.96, 0.94, 0.97], [0.92, 0.5, 0.91, 0.94], ids, 0.1, 0.8)
+    assert raised == ["B"] and level == pytest.approx(0.9601)
+    level, _ = doubt_level([0.9, 1.0], [0.9, 0.1], ids[:2], 0.1, 0.8)
+    assert level == 1.0  # never above 1
+    # review_dice 0: relative only
+    level, raised = doubt_level(expected, dice, ids, 0.1, 0.0)
+    assert level == pytest.approx(np.quantile(expected, 0.1)) and raised == []
 
 
 def _table(rows):
