@@ -71,7 +71,7 @@ class ResolvedCheckpoints:
             check_tta_trained(model.hparams.tta, training_augmentation(checkpoint), f"checkpoint {path}")
             check_member_input(checkpoint, model.input_spec)
             warn_if_low_dice(checkpoint, path, model.plausibility.min_val_dice)
-            model.add_member(load_member(path, weights, checkpoint))
+            model.add_member(load_member(path, weights, checkpoint), best_validation_dice(checkpoint))
 
 
 def apply_checkpoint_rule(

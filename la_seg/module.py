@@ -8,11 +8,13 @@ from typing import Literal, NotRequired, TypedDict, get_args
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from la_seg.checkpoints import (
     INFERENCE_FIELDS,
     INPUT_DEFAULTS,
+    best_validation_dice,
     holds_backbone,
     input_spec,
     load_checkpoint,
@@ -38,7 +40,13 @@ from la_seg.inference import (
 )
 from la_seg.metrics import gather_cases
 from la_seg.models.segmenter import LASegmenter, SegmenterConfig
-from la_seg.plausibility import Plausibility, case_reasons, doubt_reasons, expected_dice
+from la_seg.plausibility import (
+    Plausibility,
+    case_reasons,
+    doubt_reasons,
+    expected_dice,
+    failed_run_reasons,
+)
 
 # Largest chunk whole-volume inference runs on CPU. A CPU forward is compute-bound from a few slices on;
 # bigger chunks only add GB-sized activations that the allocator maps and page-faults afresh for every op
@@ -185,6 +193,10 @@ class LASegModule(L.LightningModule):
         # The inference settings chosen on validation at the end of fit (la_seg.callbacks.calibration), as
         # the checkpoint records them; None for a checkpoint without, or before one is loaded.
         self.calibration: dict | None = None
+        # The best val/dice each voting checkpoint's run had reached (la_seg.checkpoints.best_validation_dice;
+        # None where unknown), by member name: below plausibility.min_val_dice every mask is flagged.
+        self.trained_dice: float | None = None
+        self._member_dice: dict[str, float | None] = {}
 
     @property
     def loss_fn(self) -> nn.Module:
@@ -232,10 +244,12 @@ class LASegModule(L.LightningModule):
         return min(chunk, CPU_EVAL_CHUNK) if device.type == "cpu" else chunk
 
     # ---- ensemble members ------------------------------------------------------------------------------
-    def add_member(self, member: EnsembleMember) -> None:
-        """Another model that votes at test / predict time (e.g. another fold's checkpoint). Its fusion and
-        decoder join the ensemble; a frozen backbone equal to one already there is not kept twice."""
+    def add_member(self, member: EnsembleMember, trained_dice: float | None = None) -> None:
+        """Another model that votes at test / predict time (e.g. another fold's checkpoint), with the best
+        val/dice its run reached. Its fusion and decoder join the ensemble; a frozen backbone equal to one
+        already there is not kept twice."""
         self.ensemble().add(member)
+        self._member_dice[member.name] = trained_dice
 
     @property
     def has_voters(self) -> bool:
@@ -284,6 +298,8 @@ class LASegModule(L.LightningModule):
         if spacing is not None:  # the component rule judges the mask before post-processing hides it
             result.review_reasons = case_reasons(mask, spacing, voxel_mm3, result.mask, self.plausibility)
             result.review_reasons += doubt_reasons(result.expected_dice, self.review_expected_dice())
+            runs = {self.member_name: self.trained_dice, **self._member_dice}
+            result.review_reasons += failed_run_reasons(runs, self.plausibility.min_val_dice)
         result.mask = mask
         return result
 
@@ -386,6 +402,9 @@ class LASegModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         read_backbone_record(self, checkpoint)
         self.calibration = stored_calibration(checkpoint)
+        # a resumed fit goes on improving: its validation is not judged by the epoch it resumes from
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        self.trained_dice = None if fitting else best_validation_dice(checkpoint)
 
     def inference_settings(self) -> dict:
         """The choices that may differ from training (recorded in reports): threshold, post-processing, ...,

@@ -6,7 +6,9 @@ of the volume's border (a threshold that marks nearly everything), or, before po
 into many large components; the reasons combine with the voters' disagreement (Agreement.review) and the
 model's own doubt (`expected_dice` below `model.review_expected_dice`) into one `review` flag and a
 `review_reason` text, in volumes.csv, the test report and on the console. A run whose best
-validation Dice is below a floor gets one warning line after fit and again at test / predict.
+validation Dice is below a floor gets one warning line after fit and again at test / predict, and every mask
+its checkpoint (or an ensemble it votes in) writes is flagged: a model that learnt the wrong structure makes
+masks of plausible size.
 
 Defaults, and why. Adult LA volumes are tens of mL (CMR, appendage and vein ostia included: about 30-150 mL,
 dilated atria in AF 100-250 mL, rarely above); no adult LA is below 5 mL. The synthetic phantoms (`la-seg
@@ -151,6 +153,21 @@ def doubt_reasons(expected: float, review_expected_dice: float) -> list[str]:
     return [f"model unsure: {doubt} below review_expected_dice {review_expected_dice:.4g}"]
 
 
+def failed_run_reasons(best_dice: dict[str, float | None], floor: float) -> list[str]:
+    """A review reason for each voting checkpoint (name -> the best val/dice its run reached, None: unknown)
+    whose run is below the floor: its masks may look plausible and still be wrong."""
+    return [
+        f"failed run: {name} reached a best val/dice of only {dice:.4f}, below min_val_dice {floor:g}"
+        for name, dice in best_dice.items()
+        if failed_run(dice, floor)
+    ]
+
+
+def failed_run(best_dice: float | None, floor: float) -> bool:
+    """Whether a run's best val/dice (None or NaN: unknown, no verdict) is below the floor."""
+    return best_dice is not None and not math.isnan(best_dice) and best_dice < floor
+
+
 def review_fields(reasons: Sequence[str]) -> dict:
     """The REVIEW_COLUMNS of a table row: the flag and its reasons as one text (empty: nothing to review)."""
     return dict(zip(REVIEW_COLUMNS, (bool(reasons), "; ".join(reasons)), strict=True))
@@ -163,7 +180,7 @@ def review_line(case_id: str, where: str, reason: str) -> str:
 
 def low_dice_warning(best_dice: float | None, floor: float, what: str) -> str | None:
     """One warning line when `what`'s best validation Dice is below the floor (None: nothing to say)."""
-    if best_dice is None or math.isnan(best_dice) or best_dice >= floor:
+    if not failed_run(best_dice, floor):
         return None
     return (
         f"la-seg: warning: {what} reached a best val/dice of only {best_dice:.4f}, below "

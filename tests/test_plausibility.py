@@ -19,6 +19,7 @@ from la_seg.plausibility import (
     disagreement_reasons,
     doubt_reasons,
     expected_dice,
+    failed_run_reasons,
     large_components,
     low_dice_warning,
     review_fields,
@@ -107,6 +108,16 @@ def test_the_low_dice_warning_names_the_run_and_the_floor():
     assert "model.plausibility.min_val_dice" in warning and "\n" not in warning
     assert low_dice_warning(0.93, 0.5, "run") is None
     assert low_dice_warning(None, 0.5, "run") is None and low_dice_warning(math.nan, 0.5, "run") is None
+
+
+def test_every_voting_checkpoint_of_a_failed_run_is_a_review_reason():
+    runs = {"a.ckpt": 0.12, "b.ckpt": 0.91, "c.ckpt": None, "d.ckpt": math.nan, "e.ckpt": 0.3}
+    reasons = failed_run_reasons(runs, 0.5)
+    assert reasons == [
+        "failed run: a.ckpt reached a best val/dice of only 0.1200, below min_val_dice 0.5",
+        "failed run: e.ckpt reached a best val/dice of only 0.3000, below min_val_dice 0.5",
+    ]
+    assert failed_run_reasons(runs, 0.0) == []
 
 
 def test_the_best_validation_dice_is_read_from_the_checkpoint_callback_state():

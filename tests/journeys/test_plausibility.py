@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -71,6 +72,22 @@ def test_a_failed_fit_is_warned_about_and_its_implausible_settings_refused(la_se
     _, err = la_seg("predict", *TINY, *strict, "--ckpt_path", best, "--data.predict_root", journey_data,
                     "--writer.output_dir", "masks")  # fmt: skip
     assert sum(LOW_DICE in line for line in err.splitlines()) == 1
+
+    # a failed run's masks are flagged even where they look plausible (a model may learn the wrong
+    # structure), alone and in an ensemble; a run above the floor adds no such reason
+    rules = {"min_volume_ml": 0, "max_volume_ml": 1e9, "max_border_fraction": 1, "max_components": 99999}
+    lenient = [arg for field, value in rules.items() for arg in (f"--model.plausibility.{field}", str(value))]
+    lenient += ["--model.review_expected_dice", "0"]
+    shutil.copy(best, "copy.ckpt")  # another member of the same run
+    for floor, ckpt, folder in [("1.0", best, "failed"), ("1.0", f"[{best}, copy.ckpt]", "ensemble"),
+                                ("0.0", best, "passed")]:  # fmt: skip
+        la_seg("predict", *TINY, *lenient, "--model.plausibility.min_val_dice", floor, "--ckpt_path", ckpt,
+               "--data.predict_root", journey_data, "--writer.output_dir", folder)  # fmt: skip
+        for row in read_csv(tmp_path / folder / "volumes.csv"):
+            failed = [r for r in row["review_reason"].split("; ") if r.startswith("failed run: ")]
+            assert len(failed) == {"failed": 1, "ensemble": 2, "passed": 0}[folder], row
+            assert row["review"] == ("True" if failed else row["review"])
+            assert all("below min_val_dice 1" in reason for reason in failed)
 
 
 def test_a_mask_the_model_doubts_is_flagged_and_its_expected_dice_is_that_of_its_written_maps(
