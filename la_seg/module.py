@@ -194,9 +194,10 @@ class LASegModule(L.LightningModule):
         # the checkpoint records them; None for a checkpoint without, or before one is loaded.
         self.calibration: dict | None = None
         # The best val/dice each voting checkpoint's run had reached (la_seg.checkpoints.best_validation_dice;
-        # None where unknown), by member name: below plausibility.min_val_dice every mask is flagged.
+        # None where unknown), this module's and its added members': below plausibility.min_val_dice every
+        # mask is flagged.
         self.trained_dice: float | None = None
-        self._member_dice: dict[str, float | None] = {}
+        self._member_dice: list[float | None] = []
 
     @property
     def loss_fn(self) -> nn.Module:
@@ -249,7 +250,7 @@ class LASegModule(L.LightningModule):
         val/dice its run reached. Its fusion and decoder join the ensemble; a frozen backbone equal to one
         already there is not kept twice."""
         self.ensemble().add(member)
-        self._member_dice[member.name] = trained_dice
+        self._member_dice.append(trained_dice)
 
     @property
     def has_voters(self) -> bool:
@@ -298,7 +299,7 @@ class LASegModule(L.LightningModule):
         if spacing is not None:  # the component rule judges the mask before post-processing hides it
             result.review_reasons = case_reasons(mask, spacing, voxel_mm3, result.mask, self.plausibility)
             result.review_reasons += doubt_reasons(result.expected_dice, self.review_expected_dice())
-            runs = {self.member_name: self.trained_dice, **self._member_dice}
+            runs = [self.trained_dice, *self._member_dice]
             result.review_reasons += failed_run_reasons(runs, self.plausibility.min_val_dice)
         result.mask = mask
         return result
@@ -403,7 +404,10 @@ class LASegModule(L.LightningModule):
         read_backbone_record(self, checkpoint)
         self.calibration = stored_calibration(checkpoint)
         # a resumed fit goes on improving: its validation is not judged by the epoch it resumes from
-        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        try:
+            fitting = self.trainer.state.fn == TrainerFn.FITTING
+        except RuntimeError:  # not attached to a Trainer (load_from_checkpoint)
+            fitting = False
         self.trained_dice = None if fitting else best_validation_dice(checkpoint)
 
     def inference_settings(self) -> dict:

@@ -153,14 +153,16 @@ def doubt_reasons(expected: float, review_expected_dice: float) -> list[str]:
     return [f"model unsure: {doubt} below review_expected_dice {review_expected_dice:.4g}"]
 
 
-def failed_run_reasons(best_dice: dict[str, float | None], floor: float) -> list[str]:
-    """A review reason for each voting checkpoint (name -> the best val/dice its run reached, None: unknown)
-    whose run is below the floor: its masks may look plausible and still be wrong."""
-    return [
-        f"failed run: {name} reached a best val/dice of only {dice:.4f}, below min_val_dice {floor:g}"
-        for name, dice in best_dice.items()
-        if failed_run(dice, floor)
-    ]
+def failed_run_reasons(best_dice: Sequence[float | None], floor: float) -> list[str]:
+    """The review reason when a voting checkpoint's run (the best val/dice each run reached, None: unknown)
+    is below the floor: its masks may look plausible and still be wrong. The console's warning names the
+    checkpoints; the reason does not, so that a table is the same whichever way its path was typed."""
+    failed = [f"{dice:.4f}" for dice in best_dice if failed_run(dice, floor)]
+    if not failed:
+        return []
+    which = "its run" if len(best_dice) == 1 else f"{len(failed)} of {len(best_dice)} ensemble members' runs"
+    scores = ", ".join(failed)
+    return [f"failed run: {which} reached a best val/dice of only {scores}, below min_val_dice {floor:g}"]
 
 
 def failed_run(best_dice: float | None, floor: float) -> bool:

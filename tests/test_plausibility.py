@@ -111,13 +111,15 @@ def test_the_low_dice_warning_names_the_run_and_the_floor():
 
 
 def test_every_voting_checkpoint_of_a_failed_run_is_a_review_reason():
-    runs = {"a.ckpt": 0.12, "b.ckpt": 0.91, "c.ckpt": None, "d.ckpt": math.nan, "e.ckpt": 0.3}
-    reasons = failed_run_reasons(runs, 0.5)
-    assert reasons == [
-        "failed run: a.ckpt reached a best val/dice of only 0.1200, below min_val_dice 0.5",
-        "failed run: e.ckpt reached a best val/dice of only 0.3000, below min_val_dice 0.5",
+    runs = [0.12, 0.91, None, math.nan, 0.3]  # unknown (None, NaN): no verdict
+    assert failed_run_reasons(runs, 0.5) == [
+        "failed run: 2 of 5 ensemble members' runs reached a best val/dice of only 0.1200, 0.3000, below "
+        "min_val_dice 0.5"
     ]
-    assert failed_run_reasons(runs, 0.0) == []
+    assert failed_run_reasons([0.12], 0.5) == [
+        "failed run: its run reached a best val/dice of only 0.1200, below min_val_dice 0.5"
+    ]
+    assert failed_run_reasons(runs, 0.0) == [] and failed_run_reasons([None], 0.5) == []
 
 
 def test_the_best_validation_dice_is_read_from_the_checkpoint_callback_state():
