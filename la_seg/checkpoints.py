@@ -432,11 +432,16 @@ def write_calibration(path: str | Path, record: dict) -> None:
     save_checkpoint_file(checkpoint, path)
 
 
+# The monitors whose best score is the run's validation Dice: val/dice, or it smoothed over epochs
+# (la_seg.callbacks.metrics, what the configs monitor since 2026-12-04)
+DICE_MONITORS = ("val/dice", "val/dice_ema")
+
+
 def best_validation_dice(checkpoint: dict) -> float | None:
-    """The best val/dice its run had reached when `checkpoint` was written (its ModelCheckpoint's record), or
-    None where no checkpoint callback monitored val/dice."""
+    """The best validation Dice its run had reached when `checkpoint` was written (its ModelCheckpoint's
+    record of a DICE_MONITORS monitor), or None where no checkpoint callback monitored one."""
     states = [s for s in checkpoint.get("callbacks", {}).values() if isinstance(s, dict)]
-    scores = [s.get("best_model_score") for s in states if s.get("monitor") == "val/dice"]
+    scores = [s.get("best_model_score") for s in states if s.get("monitor") in DICE_MONITORS]
     return max((float(score) for score in scores if score is not None), default=None)
 
 

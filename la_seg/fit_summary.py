@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shlex
 
+from la_seg.checkpoints import DICE_MONITORS
 from la_seg.distributed import say
 from la_seg.plausibility import low_dice_warning
 
@@ -46,7 +47,7 @@ def warn_if_fit_failed(trainer, log_dir: str | None) -> None:
     scores = [
         float(callback.best_model_score)
         for callback in trainer.checkpoint_callbacks
-        if getattr(callback, "monitor", None) == "val/dice" and callback.best_model_score is not None
+        if getattr(callback, "monitor", None) in DICE_MONITORS and callback.best_model_score is not None
     ]
     floor = trainer.lightning_module.plausibility.min_val_dice
     warning = low_dice_warning(max(scores, default=None), floor, f"run {log_dir}")

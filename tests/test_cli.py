@@ -109,6 +109,13 @@ def test_fit_resume_test_and_predict(workdir, synth_root):
     events = EventAccumulator(str(run))
     events.Reload()
     assert len(events.Scalars("val/dice")) == 2  # one validation per epoch: epoch 0 was not run again
+    # val/dice smoothed over epochs (what best.ckpt is chosen by), carried through the resume
+    dice = [event.value for event in events.Scalars("val/dice")]
+    ema = [event.value for event in events.Scalars("val/dice_ema")]
+    assert ema[0] == pytest.approx(dice[0], abs=1e-6)
+    assert ema[1] == pytest.approx(ema[0] + 0.1 * (dice[1] - ema[0]), abs=1e-6)
+    best_epoch = max(range(2), key=lambda epoch: (round(ema[epoch], 6), -epoch))  # a tie keeps the first
+    assert read_ckpt(run / "checkpoints" / "best.ckpt")["epoch"] == best_epoch
 
     # test: that run's held-out cases, report beside the run
     main(["test", *TINY, *data, "--ckpt_path", "best"])

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 import la_seg
 from la_seg.checkpoints import INFERENCE_FIELDS
 from la_seg.data.preprocess import INPUT_FIELDS
+from la_seg.errors import DataError
 from la_seg.metrics import CumulativeCaseMetrics, EmptyDistance, gather_cases
 from la_seg.plausibility import disagreement_reasons, review_fields
 from la_seg.qc import png_bytes, qc_picture, save_png, write_page
@@ -20,7 +22,8 @@ from la_seg.report import METRIC_KEYS, format_table, report_stem, write_report
 
 class SegmentationMetrics(L.Callback):
     """Logs `{val,test}/dice`, `/iou` (means over cases, 3D), `/dice_slice`, `/iou_slice` (pooled slices)
-    and `/failed` (cases with an empty prediction or reference).
+    and `/failed` (cases with an empty prediction or reference); during fit also `val/dice_ema`, val/dice
+    smoothed over epochs, which the configs' checkpoint monitors.
 
     Each case is counted once under DDP. After `test`, writes the report (la_seg/report.py) into the run's
     log folder, named after what it scored (`test_heldout.{csv,json}` for the split's test part,
@@ -38,6 +41,10 @@ class SegmentationMetrics(L.Callback):
             challenges penalise a missed LA).
         qc_page: after `test`, write the QC page and its pictures (a small PNG per case, kept in memory as
             such until the end of the run).
+        dice_smoothing: val/dice_ema = s * previous + (1 - s) * val/dice, from the first validation's
+            val/dice (nnU-Net picks its best checkpoint by such an average, s 0.9): on a few validation cases
+            one lucky early epoch otherwise wins best.ckpt (on the accuracy benchmark, epoch 3 of 40 with 3
+            validation hearts, 0.10 Dice below the last epoch on held-out hearts). 0: val/dice itself.
     """
 
     def __init__(
@@ -45,8 +52,13 @@ class SegmentationMetrics(L.Callback):
         surface_metrics_in_validation: bool = False,
         empty_distance: EmptyDistance = "nan",
         qc_page: bool = True,
+        dice_smoothing: float = 0.9,
     ) -> None:
+        if not 0.0 <= dice_smoothing < 1.0:
+            raise DataError(f"metrics.dice_smoothing must be in [0, 1), got {dice_smoothing}")
         self.surface_metrics_in_validation = surface_metrics_in_validation
+        self.dice_smoothing = float(dice_smoothing)
+        self.dice_ema: float | None = None  # val/dice_ema so far (kept in checkpoints: a resumed fit goes on)
         self.empty_distance = empty_distance
         self.qc_page = qc_page
         self._cases = CumulativeCaseMetrics(surface_metrics_in_validation, empty_distance)
@@ -98,9 +110,23 @@ class SegmentationMetrics(L.Callback):
         self._collect(outputs)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._publish(
+        _, summary = self._publish(
             pl_module, "val", METRIC_KEYS if self.surface_metrics_in_validation else ("dice", "iou")
         )
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            pl_module.log("val/dice_ema", self.smooth(float(summary["dice"]["mean"])), sync_dist=False)
+
+    def smooth(self, dice: float) -> float:
+        """val/dice_ema after a validation whose val/dice is `dice`."""
+        ema = dice if self.dice_ema is None else self.dice_ema
+        self.dice_ema = ema + (1.0 - self.dice_smoothing) * (dice - ema)  # exactly ema when dice is ema
+        return self.dice_ema
+
+    def state_dict(self) -> dict:
+        return {"dice_ema": self.dice_ema}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.dice_ema = state_dict.get("dice_ema")
 
     # test
     def on_test_epoch_start(self, trainer, pl_module) -> None:
