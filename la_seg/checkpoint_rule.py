@@ -127,6 +127,13 @@ def apply_checkpoint_rule(
         apply_checkpoint_data(config, checkpoint, given_options)
     if subcommand != "fit":
         warn_if_low_dice(checkpoint, str(ckpt), config.model.plausibility.min_val_dice)
+        if stored_calibration(checkpoint) is None:
+            say(
+                f"la-seg: {ckpt} carries no inference settings chosen on validation (a last.ckpt, or a fit "
+                "whose calibration chose none): the config's threshold and post-processing apply, and a case "
+                f"is flagged 'model unsure' only below model.review_expected_dice "
+                f"({config.model.review_expected_dice:g})"
+            )
     check_tta_trained(config.model.tta, training_augmentation(checkpoint), f"checkpoint {ckpt}")
     return resolved
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from la_seg.checkpoints import stored_calibration
 from la_seg.config_file import CONFIG_DIR
 from la_seg.data.synthetic import write_dataset
 from tests.journeys.conftest import TINY
@@ -51,9 +52,20 @@ def test_fit_test_other_data_predict_and_evaluate(la_seg, journey_data, tmp_path
 
     # predict with and without flips, then score the flipped folder (its uncertainty maps are not masks)
     best = run / "checkpoints" / "best.ckpt"
+    uncalibrated = "carries no inference settings chosen on validation"
     for name, extra in (("masks", []), ("flipped", ["--model.tta", "flips"])):
-        la_seg("predict", *TINY, "--ckpt_path", best, "--data.predict_root", journey_data,
-               "--writer.output_dir", tmp_path / name, *extra)  # fmt: skip
+        _, err = la_seg("predict", *TINY, "--ckpt_path", best, "--data.predict_root", journey_data,
+                        "--writer.output_dir", tmp_path / name, *extra)  # fmt: skip
+        assert (uncalibrated in err) == (stored_calibration(torch.load(best, weights_only=True)) is None)
+    # last.ckpt carries no calibration: la-seg says what applies instead (the doubt level among it)
+    last = run / "checkpoints" / "last.ckpt"
+    _, err = la_seg("predict", *TINY, "--ckpt_path", last, "--data.predict_root", journey_data,
+                    "--writer.output_dir", tmp_path / "from_last")  # fmt: skip
+    assert [line for line in err.splitlines() if uncalibrated in line] == [
+        f"la-seg: {last} {uncalibrated} (a last.ckpt, or a fit whose calibration chose none): the config's "
+        "threshold and post-processing apply, and a case is flagged 'model unsure' only below "
+        "model.review_expected_dice (0)"
+    ]
     assert (tmp_path / "flipped" / "train_1_uncertainty.nii.gz").is_file()
     la_seg("evaluate", "--pred", tmp_path / "flipped", "--ref", journey_data)
     with open(tmp_path / "flipped_evaluation" / "test_metrics.csv") as handle:
