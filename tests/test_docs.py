@@ -16,19 +16,19 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 def anchors(page: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
-    headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)
+    headings = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), flags=re.M)
     return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
 
 
 def test_readme_is_a_manual_not_a_notebook():
-    lines = (REPOSITORY / "README.md").read_text().splitlines()
+    lines = (REPOSITORY / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 300, f"README has {len(lines)} lines: reference to docs/, results to benchmarks/"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPOSITORY)))
 def test_every_link_resolves(page):
     broken = []
-    for target in LINK.findall(page.read_text()):
+    for target in LINK.findall(page.read_text(encoding="utf-8")):
         if target.startswith(("http://", "https://", "mailto:")):
             continue
         path, _, anchor = target.partition("#")
@@ -41,6 +41,6 @@ def test_every_link_resolves(page):
 
 
 def test_every_docs_page_is_linked_from_readme():
-    readme = (REPOSITORY / "README.md").read_text()
+    readme = (REPOSITORY / "README.md").read_text(encoding="utf-8")
     unlinked = [p.name for p in DOCS if f"(docs/{p.name})" not in readme]
     assert not unlinked, f"docs pages README does not link: {unlinked}"

@@ -38,7 +38,7 @@ def watched(module: str) -> bool:
 
 def sources() -> dict[Path, ast.Module]:
     files = sorted(path for folder in SCANNED for path in (ROOT / folder).rglob("*.py"))
-    return {path: ast.parse(path.read_text(), filename=str(path)) for path in files}
+    return {path: ast.parse(path.read_text(encoding="utf-8"), filename=str(path)) for path in files}
 
 
 def own_names(trees: dict[Path, ast.Module]) -> set[str]:

@@ -136,9 +136,9 @@ def run_block(la_seg, block: str, sandbox: Path, skipped: list[str]) -> None:
 
 
 def test_every_readme_and_docs_shell_block_runs(la_seg, sandbox):
-    text = "\n".join(document.read_text() for document in DOCUMENTS)
+    text = "\n".join(document.read_text(encoding="utf-8") for document in DOCUMENTS)
     blocks = shell_blocks(text)
-    assert len(shell_blocks(README.read_text())) >= 3, "README lost its command blocks?"
+    assert len(shell_blocks(README.read_text(encoding="utf-8"))) >= 3, "README lost its command blocks?"
     skipped: list[str] = []
     first, *others = blocks
     run_block(la_seg, first, sandbox, skipped)  # make demo / make test
@@ -154,7 +154,7 @@ def test_every_readme_and_docs_shell_block_runs(la_seg, sandbox):
 
     # the Python snippets, on the fold runs the commands above wrote
     python = re.compile(r"```python\n(.*?)```", re.S)
-    snippets = [(doc, code) for doc in DOCUMENTS for code in python.findall(doc.read_text())]
+    snippets = [(doc, code) for doc in DOCUMENTS for code in python.findall(doc.read_text(encoding="utf-8"))]
     assert snippets, "the docs lost their Python example?"
     for document, snippet in snippets:
         scope: dict = {}
