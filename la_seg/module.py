@@ -8,7 +8,6 @@ from typing import Literal, NotRequired, TypedDict, get_args
 
 import lightning as L
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from la_seg.checkpoints import (
@@ -403,12 +402,7 @@ class LASegModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         read_backbone_record(self, checkpoint)
         self.calibration = stored_calibration(checkpoint)
-        # a resumed fit goes on improving: its validation is not judged by the epoch it resumes from
-        try:
-            fitting = self.trainer.state.fn == TrainerFn.FITTING
-        except RuntimeError:  # not attached to a Trainer (load_from_checkpoint)
-            fitting = False
-        self.trained_dice = None if fitting else best_validation_dice(checkpoint)
+        self.trained_dice = best_validation_dice(checkpoint)
 
     def inference_settings(self) -> dict:
         """The choices that may differ from training (recorded in reports): threshold, post-processing, ...,
