@@ -92,9 +92,11 @@ def read_ckpt(path):
 @pytest.mark.slow
 def test_fit_resume_test_and_predict(workdir, synth_root):
     data = ["--data.root", str(synth_root)]
-    main(["fit", *TINY, *data, "--trainer.max_epochs", "1"])
+    bias_field = ["--data.augmentation.bias_field", "true"]  # off in the shipped configs: run it end to end
+    main(["fit", *TINY, *data, *bias_field, "--trainer.max_epochs", "1"])
     run = workdir / "runs" / "demo" / "version_0"
     assert {"config.yaml", "split.json", "hparams.yaml"} <= {p.name for p in run.iterdir()}
+    assert "bias_field: true" in (run / "config.yaml").read_text()
     first_steps = read_ckpt(run / "checkpoints" / "last.ckpt")["global_step"]
     split = json.loads((run / "split.json").read_text())
     events = EventAccumulator(str(run))
@@ -103,7 +105,7 @@ def test_fit_resume_test_and_predict(workdir, synth_root):
     assert {"val/slices", "fusion/weights"} <= set(events.Tags()["images"])
 
     # resume where it stopped: same run folder, the epoch counter goes on
-    main(["fit", *TINY, *data, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    main(["fit", *TINY, *data, *bias_field, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     assert sorted(p.name for p in (workdir / "runs" / "demo").iterdir()) == ["version_0"]
     assert read_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 2 * first_steps
     events = EventAccumulator(str(run))

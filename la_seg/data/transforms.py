@@ -31,6 +31,9 @@ class AugmentationConfig:
         brightness_contrast: maximum relative brightness and contrast change; 0 disables.
         gamma: range of the random gamma correction in percent, e.g. (80, 120) = gamma 0.8 to 1.2;
             (100, 100) disables.
+        bias_field: a smooth multiplicative intensity field across the slice, as an MRI coil's bias field
+            brightens one side of a scan (`la_seg.data.bias_field`). Off by default: on the few-hearts
+            phantom benchmark it changed Dice by less than one seed's spread (benchmarks/README.md, round 16).
         noise: additive Gaussian noise (standard deviation 1 to 5 % of the intensity range).
         blur: Gaussian blur (sigma 0.1 to 1 pixel), mimicking lower in-plane resolution.
         hflip: random flip of the slice's second axis (the volume's Y). Off by default: it mirrors the
@@ -47,6 +50,7 @@ class AugmentationConfig:
     elastic: bool = True
     brightness_contrast: float = 0.2
     gamma: tuple[float, float] = (80.0, 120.0)
+    bias_field: bool = False
     noise: bool = True
     blur: bool = True
     hflip: bool = False
@@ -110,6 +114,10 @@ def build_train_transform(cfg: AugmentationConfig) -> Callable[..., dict] | None
                 **border,
             )
         )
+    if cfg.bias_field:
+        from la_seg.data.bias_field import BiasField
+
+        transforms.append(BiasField(p=cfg.p))
     # Gamma before anything that can push values outside [0, 1] (a power of a negative value is NaN).
     if cfg.gamma != (100.0, 100.0):
         transforms.append(A.RandomGamma(gamma_limit=cfg.gamma, p=cfg.p))

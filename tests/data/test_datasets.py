@@ -227,10 +227,36 @@ def test_intensity_augmentation_leaves_mask_alone():
     assert np.isfinite(out["image"]).all()
 
 
+def test_bias_field_shades_the_slice_smoothly_and_leaves_mask_alone():
+    no_geometry = {"rotate_limit": 0, "scale_limit": 0, "shift_limit": 0, "elastic": False}
+    no_intensity = {"brightness_contrast": 0, "gamma": (100, 100), "noise": False, "blur": False}
+    cfg = AugmentationConfig(**no_geometry, **no_intensity, bias_field=True, p=1.0)
+    transform = build_train_transform(cfg)
+    assert [type(t).__name__ for t in transform] == ["BiasField"]
+    image, mask = np.full((56, 56, 3), 0.5, dtype=np.float32), _square_pair()[1]
+    fields = []
+    for seed in range(3):
+        transform.set_random_seed(seed)
+        out = transform(image=image, mask=mask)
+        field = out["image"] / image
+        assert np.array_equal(out["mask"], mask) and out["image"].dtype == np.float32
+        assert np.allclose(field[..., 0], field[..., 2])  # one field for the repeated grey channels
+        assert field.max() / field.min() > 1.1  # it shades the slice ...
+        steps = np.abs(np.diff(field[..., 0], axis=0)).max(), np.abs(np.diff(field[..., 0], axis=1)).max()
+        assert max(steps) < 0.25 * (field.max() - field.min())  # ... smoothly: no pixel jumps like noise
+        fields.append(field)
+    transform.set_random_seed(0)
+    assert np.allclose(transform(image=image, mask=mask)["image"] / image, fields[0])
+    assert not np.allclose(fields[0], fields[1])
+
+
 def test_transform_config():
     assert build_train_transform(AugmentationConfig(enabled=False)) is None
     names = [type(t).__name__ for t in build_train_transform(AugmentationConfig())]
     assert "HorizontalFlip" not in names and "Affine" in names and "ElasticTransform" in names
+    assert "BiasField" not in names
+    with_bias = build_train_transform(AugmentationConfig(bias_field=True))
+    assert "BiasField" in [type(t).__name__ for t in with_bias]
     with pytest.raises(ValueError, match="augmentation.p"):
         AugmentationConfig(p=2)
     with pytest.raises(ValueError, match="gamma"):
@@ -238,7 +264,7 @@ def test_transform_config():
 
 
 def test_slice_dataset_with_transform_in_workers(cases):
-    transform = build_train_transform(AugmentationConfig(p=1.0))
+    transform = build_train_transform(AugmentationConfig(p=1.0, bias_field=True))
     ds = SliceDataset(cases, stretched(28), transform=transform, empty_slice_fraction=0.0)
     batches = list(DataLoader(ds, batch_size=3, num_workers=2, shuffle=False))
     images = torch.cat([b["image"] for b in batches])
@@ -256,7 +282,7 @@ def test_workers_draw_different_augmentations(tmp_path):
     folder.mkdir()
     nib.save(nib.Nifti1Image(image, AFFINE), folder / "enhanced.nii.gz")
     nib.save(nib.Nifti1Image(label, AFFINE), folder / "atriumSegImgMO.nii.gz")
-    transform = build_train_transform(AugmentationConfig(p=1.0))
+    transform = build_train_transform(AugmentationConfig(p=1.0, bias_field=True))
     ds = SliceDataset(find_cases(tmp_path), stretched(28), transform=transform)
     first, second = list(DataLoader(ds, batch_size=1, num_workers=2, shuffle=False))[:2]  # one per worker
     assert not torch.equal(first["image"], second["image"])
