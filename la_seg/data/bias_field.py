@@ -25,9 +25,6 @@ COEFF_RANGE = (0.0, 0.1)
 class BiasField(A.ImageOnlyTransform):
     """Multiplies an (H, W, C) float image by one smooth random field shared by its channels."""
 
-    def __init__(self, p: float = 0.5) -> None:
-        super().__init__(p=p)
-
     def get_params(self) -> dict[str, Any]:
         return {"seed": int(self.random_generator.integers(2**31 - 1))}
 

@@ -227,11 +227,14 @@ def test_intensity_augmentation_leaves_mask_alone():
     assert np.isfinite(out["image"]).all()
 
 
+ONLY_BIAS_FIELD = {
+    **{"rotate_limit": 0, "scale_limit": 0, "shift_limit": 0, "elastic": False},
+    **{"brightness_contrast": 0, "gamma": (100, 100), "noise": False, "blur": False, "bias_field": True},
+}
+
+
 def test_bias_field_shades_the_slice_smoothly_and_leaves_mask_alone():
-    no_geometry = {"rotate_limit": 0, "scale_limit": 0, "shift_limit": 0, "elastic": False}
-    no_intensity = {"brightness_contrast": 0, "gamma": (100, 100), "noise": False, "blur": False}
-    cfg = AugmentationConfig(**no_geometry, **no_intensity, bias_field=True, p=1.0)
-    transform = build_train_transform(cfg)
+    transform = build_train_transform(AugmentationConfig(**ONLY_BIAS_FIELD, p=1.0))
     assert [type(t).__name__ for t in transform] == ["BiasField"]
     image, mask = np.full((56, 56, 3), 0.5, dtype=np.float32), _square_pair()[1]
     fields = []
@@ -273,8 +276,10 @@ def test_slice_dataset_with_transform_in_workers(cases):
     assert images.min() >= 0 and images.max() <= 1 and set(labels.unique().tolist()) <= {0.0, 1.0}
 
 
-def test_workers_draw_different_augmentations(tmp_path):
-    """Forked workers inherit the transform's generator; each must reseed, or they augment in lockstep."""
+@pytest.mark.parametrize("fields", [{}, ONLY_BIAS_FIELD], ids=["all", "bias_field_only"])
+def test_workers_draw_different_augmentations(tmp_path, fields):
+    """Forked workers inherit the transform's generator; each must reseed, or they augment in lockstep (the
+    bias field draws its seed from that generator too)."""
     image = np.tile(np.random.default_rng(0).random((30, 28, 1), dtype=np.float32), (1, 1, 4))
     label = np.zeros((30, 28, 4), dtype=np.uint16)
     label[8:20, 6:18] = 420
@@ -282,7 +287,7 @@ def test_workers_draw_different_augmentations(tmp_path):
     folder.mkdir()
     nib.save(nib.Nifti1Image(image, AFFINE), folder / "enhanced.nii.gz")
     nib.save(nib.Nifti1Image(label, AFFINE), folder / "atriumSegImgMO.nii.gz")
-    transform = build_train_transform(AugmentationConfig(p=1.0, bias_field=True))
+    transform = build_train_transform(AugmentationConfig(**{"p": 1.0, "bias_field": True, **fields}))
     ds = SliceDataset(find_cases(tmp_path), stretched(28), transform=transform)
     first, second = list(DataLoader(ds, batch_size=1, num_workers=2, shuffle=False))[:2]  # one per worker
     assert not torch.equal(first["image"], second["image"])
