@@ -228,9 +228,9 @@ def test_intensity_augmentation_leaves_mask_alone():
 
 
 ONLY_BIAS_FIELD = {
-    **{"rotate_limit": 0, "scale_limit": 0, "shift_limit": 0, "elastic": False},
-    **{"brightness_contrast": 0, "gamma": (100, 100), "noise": False, "blur": False, "bias_field": True},
-}
+    "rotate_limit": 0, "scale_limit": 0, "shift_limit": 0, "elastic": False,
+    "brightness_contrast": 0, "gamma": (100, 100), "noise": False, "blur": False, "bias_field": True,
+}  # fmt: skip
 
 
 def test_bias_field_shades_the_slice_smoothly_and_leaves_mask_alone():
