@@ -31,6 +31,10 @@ class AugmentationConfig:
         brightness_contrast: maximum relative brightness and contrast change; 0 disables.
         gamma: range of the random gamma correction in percent, e.g. (80, 120) = gamma 0.8 to 1.2;
             (100, 100) disables.
+        surroundings_brightening: the largest relative brightening of everything outside the atrium (wall,
+            myocardium, fat, neighbours) while the atrium keeps its grey values: the gain is drawn from
+            [1, 1 + limit] per slice (`la_seg.data.surroundings`); 0 disables. Scans differ in how bright
+            their tissue is relative to the blood pool, and a model trained on a few learns theirs.
         bias_field: a smooth multiplicative intensity field across the slice, as an MRI coil's bias field
             brightens one side of a scan (`la_seg.data.bias_field`). Off by default: on the few-hearts
             phantom benchmark it changed Dice by less than one seed's spread (benchmarks/README.md, round 16).
@@ -50,6 +54,7 @@ class AugmentationConfig:
     elastic: bool = True
     brightness_contrast: float = 0.2
     gamma: tuple[float, float] = (80.0, 120.0)
+    surroundings_brightening: float = 0.5
     bias_field: bool = False
     noise: bool = True
     blur: bool = True
@@ -58,7 +63,13 @@ class AugmentationConfig:
     p: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("rotate_limit", "scale_limit", "shift_limit", "brightness_contrast"):
+        for name in (
+            "rotate_limit",
+            "scale_limit",
+            "shift_limit",
+            "brightness_contrast",
+            "surroundings_brightening",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"augmentation.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.scale_limit < 1.0:
@@ -114,6 +125,10 @@ def build_train_transform(cfg: AugmentationConfig) -> Callable[..., dict] | None
                 **border,
             )
         )
+    if cfg.surroundings_brightening > 0:  # after the geometric transforms: it reads the mask they moved
+        from la_seg.data.surroundings import BrightenSurroundings
+
+        transforms.append(BrightenSurroundings(limit=cfg.surroundings_brightening, p=cfg.p))
     if cfg.bias_field:
         from la_seg.data.bias_field import BiasField
 

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from tiny_options import stretched
 from torch.utils.data import DataLoader
 
@@ -227,10 +228,12 @@ def test_intensity_augmentation_leaves_mask_alone():
     assert np.isfinite(out["image"]).all()
 
 
-ONLY_BIAS_FIELD = {
-    "rotate_limit": 0, "scale_limit": 0, "shift_limit": 0, "elastic": False,
-    "brightness_contrast": 0, "gamma": (100, 100), "noise": False, "blur": False, "bias_field": True,
+NO_AUGMENTATION = {
+    "rotate_limit": 0, "scale_limit": 0, "shift_limit": 0, "elastic": False, "brightness_contrast": 0,
+    "gamma": (100, 100), "surroundings_brightening": 0, "noise": False, "blur": False,
 }  # fmt: skip
+ONLY_BIAS_FIELD = {**NO_AUGMENTATION, "bias_field": True}
+ONLY_SURROUNDINGS = {**NO_AUGMENTATION, "surroundings_brightening": 0.5}
 
 
 def test_bias_field_shades_the_slice_smoothly_and_leaves_mask_alone():
@@ -253,17 +256,64 @@ def test_bias_field_shades_the_slice_smoothly_and_leaves_mask_alone():
     assert not np.allclose(fields[0], fields[1])
 
 
+def test_surroundings_brightened_around_an_atrium_that_keeps_its_grey_values():
+    transform = build_train_transform(AugmentationConfig(**ONLY_SURROUNDINGS, p=1.0))
+    assert [type(t).__name__ for t in transform] == ["BrightenSurroundings"]
+    image, mask = np.full((56, 56, 3), 0.4, dtype=np.float32), _square_pair()[1]
+    gains = []
+    for seed in range(4):
+        transform.set_random_seed(seed)
+        out = transform(image=image, mask=mask)
+        assert np.array_equal(out["mask"], mask) and out["image"].dtype == np.float32
+        gain = out["image"] / image
+        assert np.allclose(gain[15:25, 20:34], 1.0, atol=1e-3)  # the atrium's core keeps its grey values
+        assert np.allclose(gain[45:, :], gain[50, 5])  # far outside: one gain ...
+        assert 1.0 < gain[50, 5, 0] <= 1.5  # ... drawn from [1, 1 + limit]
+        steps = np.abs(np.diff(gain[..., 0], axis=1)).max()
+        assert steps < 0.6 * (gain[50, 5, 0] - 1.0)  # it rises over pixels at the boundary, not in a step
+        gains.append(gain[50, 5, 0])
+    assert len(set(np.round(gains, 6))) == 4
+    transform.set_random_seed(0)
+    assert np.isclose((transform(image=image, mask=mask)["image"] / image)[50, 5, 0], gains[0])
+    bright = np.full_like(image, 0.9)
+    assert transform(image=bright, mask=mask)["image"].max() <= 1.0  # clipped to the input range
+    empty = np.zeros_like(mask)
+    assert np.array_equal(transform(image=image, mask=empty)["image"], image)  # no atrium: left alone
+
+
+def test_surroundings_follow_the_mask_the_geometric_transforms_moved():
+    cfg = AugmentationConfig(**{**ONLY_SURROUNDINGS, "rotate_limit": 40, "shift_limit": 0.15}, p=1.0)
+    transform = build_train_transform(cfg)
+    image, mask = np.full((56, 56, 3), 0.4, dtype=np.float32), _square_pair()[1]
+    for seed in range(3):
+        transform.set_random_seed(seed)
+        out = transform(image=image, mask=mask)
+        assert not np.array_equal(out["mask"], mask)  # moved
+        core = ndimage.binary_erosion(out["mask"], iterations=4)
+        rim = ndimage.binary_dilation(out["mask"], iterations=6) ^ ndimage.binary_dilation(
+            out["mask"], iterations=5
+        )
+        assert core.any() and np.allclose(out["image"][core], 0.4, atol=1e-3)
+        filled = out["image"][..., 0] > 0  # the affine's constant fill stays 0
+        assert (out["image"][rim & filled] > 0.4 + 1e-4).all()
+
+
 def test_transform_config():
     assert build_train_transform(AugmentationConfig(enabled=False)) is None
     names = [type(t).__name__ for t in build_train_transform(AugmentationConfig())]
     assert "HorizontalFlip" not in names and "Affine" in names and "ElasticTransform" in names
-    assert "BiasField" not in names
+    assert "BiasField" not in names and "BrightenSurroundings" in names
+    assert "BrightenSurroundings" not in [
+        type(t).__name__ for t in build_train_transform(AugmentationConfig(surroundings_brightening=0))
+    ]
     with_bias = build_train_transform(AugmentationConfig(bias_field=True))
     assert "BiasField" in [type(t).__name__ for t in with_bias]
     with pytest.raises(ValueError, match="augmentation.p"):
         AugmentationConfig(p=2)
     with pytest.raises(ValueError, match="gamma"):
         AugmentationConfig(gamma=(120, 80))
+    with pytest.raises(ValueError, match="augmentation.surroundings_brightening"):
+        AugmentationConfig(surroundings_brightening=-0.1)
 
 
 def test_slice_dataset_with_transform_in_workers(cases):
@@ -276,10 +326,14 @@ def test_slice_dataset_with_transform_in_workers(cases):
     assert images.min() >= 0 and images.max() <= 1 and set(labels.unique().tolist()) <= {0.0, 1.0}
 
 
-@pytest.mark.parametrize("fields", [{}, ONLY_BIAS_FIELD], ids=["all", "bias_field_only"])
+@pytest.mark.parametrize(
+    "fields",
+    [{"bias_field": True}, ONLY_BIAS_FIELD, ONLY_SURROUNDINGS],
+    ids=["all", "bias_field_only", "surroundings_only"],
+)
 def test_workers_draw_different_augmentations(tmp_path, fields):
     """Forked workers inherit the transform's generator; each must reseed, or they augment in lockstep (the
-    bias field draws its seed from that generator too)."""
+    bias field and the surroundings' gain draw from that generator too)."""
     image = np.tile(np.random.default_rng(0).random((30, 28, 1), dtype=np.float32), (1, 1, 4))
     label = np.zeros((30, 28, 4), dtype=np.uint16)
     label[8:20, 6:18] = 420
@@ -287,7 +341,7 @@ def test_workers_draw_different_augmentations(tmp_path, fields):
     folder.mkdir()
     nib.save(nib.Nifti1Image(image, AFFINE), folder / "enhanced.nii.gz")
     nib.save(nib.Nifti1Image(label, AFFINE), folder / "atriumSegImgMO.nii.gz")
-    transform = build_train_transform(AugmentationConfig(**{"p": 1.0, "bias_field": True, **fields}))
+    transform = build_train_transform(AugmentationConfig(**{"p": 1.0, **fields}))
     ds = SliceDataset(find_cases(tmp_path), stretched(28), transform=transform)
     first, second = list(DataLoader(ds, batch_size=1, num_workers=2, shuffle=False))[:2]  # one per worker
     assert not torch.equal(first["image"], second["image"])
