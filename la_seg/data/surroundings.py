@@ -30,6 +30,10 @@ class BrightenSurroundings(A.ImageOnlyTransform):
         super().__init__(p=p)
         self.limit = limit
 
+    @property
+    def targets_as_params(self) -> list[str]:
+        return ["mask"]  # albumentations then refuses a call without one, naming it
+
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         gain = float(self.random_generator.uniform(1.0, 1.0 + self.limit))
         return {"gain": gain, "atrium": np.asarray(data["mask"], dtype=np.float32)}

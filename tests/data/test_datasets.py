@@ -279,6 +279,8 @@ def test_surroundings_brightened_around_an_atrium_that_keeps_its_grey_values():
     assert transform(image=bright, mask=mask)["image"].max() <= 1.0  # clipped to the input range
     empty = np.zeros_like(mask)
     assert np.array_equal(transform(image=image, mask=empty)["image"], image)  # no atrium: left alone
+    with pytest.raises(ValueError, match="mask"):
+        transform(image=image)
 
 
 def test_surroundings_follow_the_mask_the_geometric_transforms_moved():
