@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from la_seg.data import synthetic
 from la_seg.data.synthetic import case_la_fraction
@@ -336,3 +337,32 @@ def test_each_heldout_factor_variant_changes_only_its_group(load_benchmark):
     assert grouped == differing
     everything = dataclasses.replace(heldout, **factors.GROUPS["all (the training family)"])
     assert dataclasses.replace(everything, veins=varied.veins) == varied
+
+
+def test_a_too_small_volume_says_whether_the_la_lost_its_rim_or_a_part(accuracy, tmp_path):
+    """The LA without its outermost in-plane voxels (1.3 mm on geometry C) lost its rim: all it misses lies
+    within RIM_MM of its boundary. The LA without its core (deeper than 3 mm) lost none of its rim."""
+    style, index = "varied", 2
+    reference, _ = _heart_c(accuracy, style, index)
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    depth = ndimage.distance_transform_edt(reference, sampling=accuracy.GEOMETRIES["C"][1])
+    found = {}
+    for name, mask in (
+        ("rim", ndimage.binary_erosion(reference, in_plane)),
+        ("core", reference & (depth <= 3)),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.eye(4)), folder / f"C_{index}.nii.gz")
+        volume_error = 100 * (mask.sum() / reference.sum() - 1)
+        assert volume_error < -15
+        case = {"case_id": f"C_{index}", "volume_error_pct": volume_error}
+        (found[name],) = accuracy.causes(folder, [case], style)["beyond_15pct"]
+    rim, core = (found[name]["wrong_pct_of_la"] for name in ("rim", "core"))
+    assert rim[accuracy.MISSED_AT_RIM] == pytest.approx(rim["LA missed"]) and rim["LA missed"] > 15
+    assert core[accuracy.MISSED_AT_RIM] == 0.0 and core["LA missed"] > 15
+    assert found["rim"]["cause"] == (
+        f"LA missed ({rim['LA missed']:.1f} % of the LA, {rim['LA missed']:.1f} % at its rim)"
+    )
+    assert found["core"]["cause"].endswith(", 0.0 % at its rim)")
