@@ -625,23 +625,24 @@ def add_causes(figures: dict, masks: Path) -> None:
 
 
 def recause(path: Path) -> None:
-    """Rewrite a result file's causes from the masks its run saved (the latest predict of each family's
-    folder in the checkpoint's run folder): for results written before a rule changed. A family whose
-    phantoms the generator no longer draws (their structures would be other hearts') is left as written."""
+    """Rewrite a result file's causes from the masks its run saved (the predict each family's figures
+    name: a later run from the same checkpoint, at another threshold, saves its masks beside them): for
+    results written before a rule changed. A family whose phantoms the generator no longer draws (their
+    structures would be other hearts') is left as written."""
     result = json.loads(path.read_text())
     runs = run_folder(Path(result["checkpoint"]))
     work = next(p.parent for p in runs.parents if p.name == "runs")  # work-dir/runs/NAME/version_N
     for family, figures in result["families"].items():
         folder = FAMILIES[family][0]
-        masks = sorted(runs.glob(f"{folder}_masks_*"))
-        if not masks:
-            raise SystemExit(f"{path}: no saved masks of {folder} in {runs}")
+        masks = Path(figures["partial_volume"]["masks"])
+        if not masks.is_dir():
+            raise SystemExit(f"{path}: the {family} masks its run saved are gone: {masks}")
         changed = [c["case_id"] for c in figures["cases"] if not drawn_as_now(work / folder, c, figures)]
         if changed:
             progress(f"{family}: left as written: {changed[0]} is not what {figures['style']!r} draws now")
             continue
-        progress(f"{family}: causes from {masks[-1]}")
-        add_causes(figures, masks[-1])
+        progress(f"{family}: causes from {masks}")
+        add_causes(figures, masks)
     write_json(path, result)
 
 

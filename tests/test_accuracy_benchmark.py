@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -192,9 +193,9 @@ def test_a_neighbour_kept_beside_a_missed_la_part_is_named_though_the_volume_is_
 
 
 def test_causes_are_re_derived_from_a_runs_saved_masks_unless_its_phantoms_changed(accuracy, tmp_path):
-    """`--causes`: a result file's families get their causes again from the masks the run saved; a family
-    whose phantoms on disk the generator no longer draws keeps what it had (another heart's structures
-    would name the wrong neighbours)."""
+    """`--causes`: a result file's families get their causes again from the masks the run saved (the ones
+    its figures name, not a later run's beside them); a family whose phantoms on disk the generator no
+    longer draws keeps what it had (another heart's structures would name the wrong neighbours)."""
     work = tmp_path / "work"
     ckpt = work / "runs" / "x" / "version_0" / "checkpoints" / "best.ckpt"
     ckpt.parent.mkdir(parents=True)
@@ -208,8 +209,12 @@ def test_causes_are_re_derived_from_a_runs_saved_masks_unless_its_phantoms_chang
         _, structures = _heart_c(accuracy, style, 1)
         called = (np.asarray(label.dataobj) > 0) | (structures == synthetic.POOL_CODE)  # the LV kept too
         nib.save(nib.Nifti1Image(called.astype(np.uint8), label.affine), masks / "C_1.nii.gz")
+        later = ckpt.parent.parent / f"{folder}_masks_20261204-010000"  # a later --ckpt run's: the LA alone
+        later.mkdir()
+        nib.save(label, later / "C_1.nii.gz")
         cases = [{"case_id": "C_1", "dice": 0.5, "volume_error_pct": 80.0}]
-        families[family] = {"style": style, "cases": cases, "done_when": {}, "beyond_15pct": ["as written"]}
+        families[family] = {"style": style, "cases": cases, "done_when": {}, "beyond_15pct": ["as written"],
+                            "partial_volume": {"masks": str(masks)}}  # fmt: skip
     result = tmp_path / "result.json"
     result.write_text(json.dumps({"checkpoint": str(ckpt), "families": families}))
     changed = work / accuracy.FAMILIES["training_family"][0] / "C_1" / "atriumSegImgMO.nii.gz"
@@ -222,6 +227,9 @@ def test_causes_are_re_derived_from_a_runs_saved_masks_unless_its_phantoms_chang
     (kept,) = heldout["neighbour_called_la"]
     assert set(kept["neighbours_pct_of_la"]) == {"LV"} and heldout["done_when"]["neighbour_called_la"] == 1
     assert heldout["beyond_15pct"][0]["cause"].startswith("LV called LA")
+    shutil.rmtree(ckpt.parent.parent / f"{accuracy.FAMILIES['heldout_setting'][0]}_masks_20261204-000000")
+    with pytest.raises(SystemExit, match="heldout_setting masks its run saved are gone"):
+        accuracy.recause(result)
 
 
 def test_doubt_figures_count_the_bad_cases_the_model_flagged_itself(accuracy):
