@@ -95,9 +95,7 @@ ANATOMY_FOV_MM = 100.0  # the heart's size: as in the demo's 100 mm field of vie
 VOLUME_TOLERANCE = 5.0  # % signed LA-volume error counted as within tolerance
 VOLUME_LIMIT = 15.0  # % signed LA-volume error no case may exceed (issue 31); each beyond gets its cause
 NEIGHBOUR_LIMIT = 5.0  # % of the LA's volume in one neighbouring chamber or vessel called LA: a case names it
-RIM_MM = (
-    2.0  # LA missed this close to the LA's boundary is its rim (a boundary drawn inside), the rest a part
-)
+RIM_MM = 2.0  # LA missed this close to its boundary is its rim (a boundary drawn inside), not a part lost
 DICE_MARGIN = 0.01  # every geometry's mean Dice >= best geometry's - this
 DOUBT_DICE = 0.8  # a case below this Dice is one the model's doubt (expected Dice) should flag
 DICE_TARGETS = {"A": 0.96, "B": 0.96, "C": 0.93}  # issue 31's mean Dice per geometry
