@@ -29,6 +29,7 @@ whether a geometry's gap is its grid's or the model's.
     python benchmarks/accuracy.py --name stretch --json benchmarks/results/accuracy_14ep_stretch.json \\
         -- --data.in_plane stretch --trainer.max_epochs 14   # ~15 min on a quiet core, 35 min on a busy one
     python benchmarks/accuracy.py --name ensemble3 --folds 3   # a 3-fold ensemble against its members
+    python benchmarks/accuracy.py --name distinct --train 5 --val 1 --distinct-hearts   # 18 hearts, not 6
     python benchmarks/accuracy.py --ckpt runs/x/version_0/checkpoints/best.ckpt -- --model.tta rot180
     python benchmarks/accuracy.py --quick               # a smoke run (~2 min): checks the pipeline only
     python benchmarks/accuracy.py --table benchmarks/results/accuracy_*.json   # markdown table of results
@@ -128,12 +129,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="style of the training and validation phantoms (seed 0); 'heldout' trains on the held-out "
         "setting's own physics: a ceiling for that setting, not a result (it is no longer held out)",
     )
+    parser.add_argument(
+        "--distinct-hearts",
+        action="store_true",
+        help="every training and validation case a heart of its own (default: case i of every geometry is "
+        "heart i, so the training cases hold --train hearts)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="result file")
     parser.add_argument("--quick", action="store_true", help="tiny: 2+1 cases per geometry, 1 short epoch")
     parser.add_argument("options", nargs="*", help="after --: options passed to la-seg fit and test")
     args = parser.parse_args(argv)
     if args.folds < 1 or (args.folds > 1 and args.ckpt is not None):
         parser.error("--folds must be >= 1, and trains its models: it does not take --ckpt")
+    if args.folds > 1 and args.distinct_hearts:
+        parser.error(
+            "--folds cross-validates every case of the training folder: it does not take --distinct-hearts"
+        )
     if args.quick:
         args.train, args.val, args.heldout = 2, 1, 1
         args.options = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", *args.options]
@@ -153,16 +164,35 @@ def data_folder(training_style: str) -> str:
 
 def make_data(work: Path, args: argparse.Namespace) -> dict[str, list[str]]:
     """Phantoms of every geometry (reused when present): data_folder (train + val, seed 0, --training-style)
-    and each family's held-out folder (seed 1); the train / val split."""
-    split: dict[str, list[str]] = {"train": [], "val": []}
-    parts = [(data_folder(args.training_style), args.train + args.val, 0, args.training_style)]
-    parts += [(folder, args.heldout, HELDOUT_SEED, style) for folder, style in FAMILIES.values()]
+    and each family's held-out folder (seed 1); the train / val split (split_ids)."""
+    split = split_ids(args)
     for prefix in GEOMETRIES:
-        for folder, cases, seed, style in parts:
-            write_phantoms(work / folder, prefix, cases, seed, style)
-        ids = [f"{prefix}_{i}" for i in range(1, args.train + args.val + 1)]
-        split["train"] += ids[: args.train]
-        split["val"] += ids[args.train :]
+        ours = [
+            int(case_id.split("_")[1]) for case_id in split["train"] + split["val"] if case_id[0] == prefix
+        ]
+        write_phantoms(work / data_folder(args.training_style), prefix, max(ours), 0, args.training_style)
+        for folder, style in FAMILIES.values():
+            write_phantoms(work / folder, prefix, args.heldout, HELDOUT_SEED, style)
+    return split
+
+
+def split_ids(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The train / val case ids. Case i of every geometry is heart i, so that geometries differ only in their
+    grid, and 5 training cases per geometry are 5 hearts; with --distinct-hearts every case is a heart of its
+    own, as every case of a real data set is a patient of its own (geometry j trains on hearts j * train + 1
+    to (j + 1) * train and validates on hearts after all of those)."""
+    split: dict[str, list[str]] = {"train": [], "val": []}
+    for j, prefix in enumerate(GEOMETRIES):
+        if args.distinct_hearts:
+            first_val = len(GEOMETRIES) * args.train + j * args.val + 1
+            train, val = (
+                range(j * args.train + 1, (j + 1) * args.train + 1),
+                range(first_val, first_val + args.val),
+            )
+        else:
+            train, val = range(1, args.train + 1), range(args.train + 1, args.train + args.val + 1)
+        split["train"] += [f"{prefix}_{i}" for i in train]
+        split["val"] += [f"{prefix}_{i}" for i in val]
     return split
 
 
@@ -564,6 +594,7 @@ def run(args: argparse.Namespace) -> dict:
             "families": {family: style for family, (_, style) in FAMILIES.items()},
             "train_per_geometry": args.train,
             "val_per_geometry": args.val,
+            "distinct_hearts": args.distinct_hearts,
             "heldout_per_geometry": args.heldout,
             "heldout_seed": HELDOUT_SEED,
             "folds": args.folds,

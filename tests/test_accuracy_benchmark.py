@@ -374,3 +374,40 @@ def test_a_too_small_volume_says_whether_the_la_lost_its_rim_or_a_part(accuracy,
         f"LA missed ({rim['LA missed']:.1f} % of the LA, {rim['LA missed']:.1f} % at its rim)"
     )
     assert found["core"]["cause"].endswith(", 0.0 % at its rim)")
+
+
+def test_distinct_hearts_give_every_training_and_validation_case_a_heart_of_its_own(
+    accuracy, monkeypatch, tmp_path
+):
+    """By default case i of every geometry is heart i (phantom i of seed 0); --distinct-hearts keeps the
+    cases per geometry and the held-out sets but draws no heart twice, writing each geometry's phantoms up
+    to the last heart it uses."""
+    written = []
+    monkeypatch.setattr(accuracy, "write_phantoms", lambda root, *args: written.append((root.name, *args)))
+    sizes = ["--train", "3", "--val", "2", "--heldout", "4", "--work-dir", str(tmp_path)]
+    shared = accuracy.make_data(tmp_path, accuracy.parse_args(sizes))
+    shared_written, written[:] = list(written), []
+    distinct = accuracy.make_data(tmp_path, accuracy.parse_args([*sizes, "--distinct-hearts"]))
+
+    def hearts(ids):
+        return [int(case_id.split("_")[1]) for case_id in ids]
+
+    assert shared["train"] == [f"{g}_{i}" for g in "ABC" for i in (1, 2, 3)]
+    assert shared["val"] == [f"{g}_{i}" for g in "ABC" for i in (4, 5)]
+    assert len(set(hearts(shared["train"]))) == 3
+    for part in ("train", "val"):  # the same cases per geometry
+        assert [c[0] for c in distinct[part]] == [c[0] for c in shared[part]]
+    every = hearts(distinct["train"] + distinct["val"])
+    assert len(set(every)) == len(every) == 15
+    data = {
+        prefix: cases for folder, prefix, cases, seed, _ in written if folder == "data-varied" and seed == 0
+    }
+    assert data == {
+        g: max(hearts(c for c in distinct["train"] + distinct["val"] if c[0] == g)) for g in "ABC"
+    }
+    assert [w for w in written if w[0] != "data-varied"] == [
+        w for w in shared_written if w[0] != "data-varied"
+    ]
+    assert {w[2] for w in shared_written if w[0] == "data-varied"} == {5}
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--folds", "2", "--distinct-hearts"])
