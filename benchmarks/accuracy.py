@@ -163,37 +163,31 @@ def data_folder(training_style: str) -> str:
 
 
 def make_data(work: Path, args: argparse.Namespace) -> dict[str, list[str]]:
-    """Phantoms of every geometry (reused when present): data_folder (train + val, seed 0, --training-style)
-    and each family's held-out folder (seed 1); the train / val split (split_ids)."""
-    split = split_ids(args)
-    for prefix in GEOMETRIES:
-        ours = [
-            int(case_id.split("_")[1]) for case_id in split["train"] + split["val"] if case_id[0] == prefix
-        ]
-        write_phantoms(work / data_folder(args.training_style), prefix, max(ours), 0, args.training_style)
-        for folder, style in FAMILIES.values():
-            write_phantoms(work / folder, prefix, args.heldout, HELDOUT_SEED, style)
-    return split
-
-
-def split_ids(args: argparse.Namespace) -> dict[str, list[str]]:
-    """The train / val case ids. Case i of every geometry is heart i, so that geometries differ only in their
-    grid, and 5 training cases per geometry are 5 hearts; with --distinct-hearts every case is a heart of its
-    own, as every case of a real data set is a patient of its own (geometry j trains on hearts j * train + 1
-    to (j + 1) * train and validates on hearts after all of those)."""
+    """Phantoms of every geometry (reused when present): data_folder (train + val, seed 0, --training-style,
+    up to the last heart a geometry uses) and each family's held-out folder (seed 1); the train / val
+    split."""
     split: dict[str, list[str]] = {"train": [], "val": []}
     for j, prefix in enumerate(GEOMETRIES):
-        if args.distinct_hearts:
-            first_val = len(GEOMETRIES) * args.train + j * args.val + 1
-            train, val = (
-                range(j * args.train + 1, (j + 1) * args.train + 1),
-                range(first_val, first_val + args.val),
-            )
-        else:
-            train, val = range(1, args.train + 1), range(args.train + 1, args.train + args.val + 1)
+        train, val = training_hearts(args, j)
+        last = max([*train, *val])
+        write_phantoms(work / data_folder(args.training_style), prefix, last, 0, args.training_style)
+        for folder, style in FAMILIES.values():
+            write_phantoms(work / folder, prefix, args.heldout, HELDOUT_SEED, style)
         split["train"] += [f"{prefix}_{i}" for i in train]
         split["val"] += [f"{prefix}_{i}" for i in val]
     return split
+
+
+def training_hearts(args: argparse.Namespace, j: int) -> tuple[range, range]:
+    """The training and validation hearts (phantom indices of seed 0) of the j-th geometry. Case i of every
+    geometry is heart i, so that geometries differ only in their grid, and 5 training cases per geometry are
+    5 hearts; with --distinct-hearts every case is a heart of its own, as every case of a real data set is a
+    patient of its own (geometry j trains on hearts j * train + 1 to (j + 1) * train and validates on hearts
+    after all of those)."""
+    if not args.distinct_hearts:
+        return range(1, args.train + 1), range(args.train + 1, args.train + args.val + 1)
+    first_val = len(GEOMETRIES) * args.train + j * args.val + 1
+    return range(j * args.train + 1, (j + 1) * args.train + 1), range(first_val, first_val + args.val)
 
 
 def write_phantoms(root: Path, prefix: str, cases: int, seed: int, style: str | Family) -> None:
