@@ -151,7 +151,13 @@ def test_a_phantoms_true_label_is_not_flagged(case):
 def _table(entries):
     """A calibration score table: (key, Dice, implausible cases) per setting; every volume right."""
     return {
-        key: {"dice": dice, "hd95_mm": 2.0, "volume_error_pct": [0.0], "implausible": implausible}
+        key: {
+            "dice": dice,
+            "dice_per_case": [dice],
+            "hd95_mm": 2.0,
+            "volume_error_pct": [0.0],
+            "implausible": implausible,
+        }
         for key, dice, implausible in entries
     }
 
@@ -166,10 +172,13 @@ def test_calibration_never_chooses_an_implausible_setting():
             ("0.5/largest_component", 0.91, {}),
         ]
     )
-    assert choose(table, 0.3, 0.001, 0.01, 5.0) == (0.5, "largest_component")  # configured 0.3 implausible
-    assert choose(table, 0.5, 0.001, 0.1, 5.0) == (0.5, "largest_component")
+    assert choose(table, 0.3, 0.001, 0.01, 5.0, 0.05) == (
+        0.5,
+        "largest_component",
+    )  # configured 0.3 implausible
+    assert choose(table, 0.5, 0.001, 0.1, 5.0, 0.05) == (0.5, "largest_component")
     every = _table([(key, entry["dice"], huge) for key, entry in table.items()])
-    assert choose(every, 0.5, 0.001, 0.01, 5.0) is None  # nothing plausible: nothing chosen
+    assert choose(every, 0.5, 0.001, 0.01, 5.0, 0.05) is None  # nothing plausible: nothing chosen
 
 
 def test_expected_dice_is_the_masks_dice_if_the_probabilities_were_right():

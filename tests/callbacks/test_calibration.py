@@ -6,9 +6,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from test_cli import TINY  # noqa: I001 (tests/ is on sys.path under pytest)
 
-from la_seg.callbacks.calibration import InferenceCalibration, choose, doubt_level, trained_for_flips
+from la_seg.callbacks.calibration import (
+    InferenceCalibration,
+    choose,
+    doubt_level,
+    evidence_against,
+    trained_for_flips,
+)
 from la_seg.checkpoints import CALIBRATION_KEY, network_settings, stored_calibration, write_calibration
 from la_seg.cli import main
 from la_seg.data.datamodule import LADataModule
@@ -33,6 +41,10 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, m
     settings = record["settings"]
     assert settings["threshold"] in (0.4, 0.5) and settings["postprocess"] in POSTPROCESSING
     assert 0.0 <= settings["review_below"] <= 1.0
+    # the configured 0.5 moves only on the validation cases' evidence, which the record names
+    evidence = record["how"]["evidence_against_configured"]
+    assert settings["threshold"] == 0.5 or evidence.startswith(("implausible", "LA volumes", "Dice at"))
+    assert record["how"]["evidence_p"] == 0.05
     assert set(record["how"]["scores"]) == {f"{t}/{p}" for t in (0.4, 0.5) for p in POSTPROCESSING}
     assert len(record["how"]["validation_agreement"]) == len(record["how"]["validation_cases"]) >= 1
     for entry in record["how"]["scores"].values():  # each case's signed LA-volume error, in % of its LA
@@ -103,6 +115,7 @@ def test_a_calibration_record_round_trips_through_the_file(tmp_path):
         ({"review_quantile": 2}, "quantile"),
         ({"review_dice": -0.1}, "review_dice"),
         ({"volume_tolerance": 0}, "volume_tolerance"),
+        ({"evidence_p": 0}, "evidence_p"),
     ],
 )
 def test_bad_calibration_settings_are_refused(kwargs, match):
@@ -132,14 +145,22 @@ def test_review_level_is_relative_to_the_model_unless_validation_shows_failures_
 
 
 def _table(rows):
-    """Score table entries (Dice, HD95, per-case signed volume errors in %) as the calibration writes them."""
+    """Score table entries (Dice, HD95, per-case signed volume errors in %; each case's Dice the mean unless
+    given) as the calibration writes them."""
     return {
-        key: {"dice": dice, "hd95_mm": hd95, "volume_error_pct": errors} for key, dice, hd95, errors in rows
+        key: {
+            "dice": float(np.mean(per_case[0])) if per_case else dice,
+            "dice_per_case": per_case[0] if per_case else [dice] * len(errors),
+            "hd95_mm": hd95,
+            "volume_error_pct": errors,
+        }
+        for key, dice, hd95, errors, *per_case in rows
     }
 
 
-def _choose(table, dice_margin=0.01):
-    return choose(table, 0.5, tie_dice=0.001, dice_margin=dice_margin, volume_tolerance=5.0)
+def _choose(table, dice_margin=0.01, evidence_p=1.0):
+    """The rule as it was before evidence_p (1: every threshold competes) unless evidence_p is given."""
+    return choose(table, 0.5, 0.001, dice_margin, 5.0, evidence_p)
 
 
 def test_choose_post_processing_first_then_the_threshold_that_gets_the_volumes_right():
@@ -187,6 +208,62 @@ def test_choose_lets_volumes_overrule_a_small_dice_gain():
     # a case without LA (no volume error) counts as no case within tolerance, not as an error
     empty = _table([("0.5/none", 0.9, 2.2, [None, 1.0]), ("0.5/largest_component", 0.9, 2.2, [None, 1.0])])
     assert _choose(empty) == (0.5, "largest_component")
+
+
+def test_the_configured_threshold_stands_unless_the_validation_patients_reject_it():
+    def table(volumes, dice):
+        """{threshold: per-case volume errors} and {threshold: per-case Dice}, largest_component only."""
+        return _table([(f"{t}/largest_component", 0.0, 2.0, volumes[t], dice[t]) for t in volumes])
+
+    # Round 7's six validation cases, every one 3-7 % short at 0.5: a bias no patient spread explains
+    short = {0.4: [-3.4, -3.2, -2.9, -2.8, -0.8, -0.7], 0.5: [-5.8, -5.5, -5.7, -5.4, -4.0, -3.5]}
+    even = {0.4: [0.95] * 6, 0.5: [0.95] * 6}
+    assert _choose(table(short, even), evidence_p=0.05) == (0.4, "largest_component")
+    assert "-5.0 %" in evidence_against(table(short, even), 0.5, "largest_component", 0.05)
+    # Round 18: one heart on three grids, its volumes either way at 0.5, Dice a little higher at 0.6: the
+    # rule alone chose 0.6 (worse than 0.5 on every held-out set); no evidence, 0.5 stands
+    one_heart = {0.5: [-1.0, 7.0, 4.9], 0.6: [-4.0, 3.1, 1.0]}
+    dice = {0.5: [0.80, 0.81, 0.816], 0.6: [0.82, 0.806, 0.836]}
+    assert _choose(table(one_heart, dice)) == (0.6, "largest_component")
+    assert _choose(table(one_heart, dice), evidence_p=0.05) == (0.5, "largest_component")
+    # Round 19: three hearts all short at 0.5 but by their own amounts; as many within 5 % at 0.3
+    varied = {0.3: [-9.0, 2.0, -3.0], 0.5: [-25.0, -4.0, -12.0]}
+    dice = {0.3: [0.70, 0.78, 0.74], 0.5: [0.69, 0.78, 0.73]}
+    assert _choose(table(varied, dice)) == (0.3, "largest_component")
+    assert _choose(table(varied, dice), evidence_p=0.05) == (0.5, "largest_component")
+    # ... and the same hearts seen twice as often are evidence
+    twice = {t: errors * 2 for t, errors in varied.items()}
+    assert _choose(table(twice, {t: d * 2 for t, d in dice.items()}), evidence_p=0.05)[0] == 0.3
+    # Dice higher at another threshold in every case, volumes unbiased: the thresholds compete
+    unbiased = {0.4: [1.0, -2.0, 3.0, 4.0], 0.5: [-1.0, -4.0, 1.0, 2.5]}
+    gains = {0.4: [0.93, 0.92, 0.95, 0.90], 0.5: [0.91, 0.905, 0.93, 0.885]}
+    assert "Dice at 0.4" in evidence_against(table(unbiased, gains), 0.5, "largest_component", 0.05)
+    assert _choose(table(unbiased, gains), evidence_p=0.05) == (0.4, "largest_component")
+    # a configured threshold that is implausible on a case cannot stand: the rule chooses
+    flawed = table(short, even)
+    flawed["0.5/largest_component"]["implausible"] = {"case_1": "LA volume 1186 mL"}
+    assert _choose(flawed, evidence_p=0.05) == (0.4, "largest_component")
+
+
+@given(
+    errors=st.lists(st.floats(-60, 60), min_size=1, max_size=12),
+    shift=st.floats(-20, 20),
+    order=st.randoms(use_true_random=False),
+)
+def test_threshold_evidence_needs_patients_and_not_their_order(errors, shift, order):
+    """One patient never moves the threshold; the decision is the same in any case order; and the threshold
+    moves only when the validation cases' volume errors are biased or another threshold's Dice is higher."""
+    volumes = {0.4: [e + shift for e in errors], 0.5: errors}
+    rows = [(f"{t}/largest_component", 0.9, 2.0, v, [0.9] * len(v)) for t, v in volumes.items()]
+    chosen = _choose(_table(rows), evidence_p=0.05)
+    if len(errors) == 1:
+        assert chosen == (0.5, "largest_component")
+    order.shuffle(permutation := list(range(len(errors))))
+    shuffled = {t: [v[i] for i in permutation] for t, v in volumes.items()}
+    rows = [(f"{t}/largest_component", 0.9, 2.0, v, [0.9] * len(v)) for t, v in shuffled.items()]
+    assert _choose(_table(rows), evidence_p=0.05) == chosen
+    if chosen[0] != 0.5:
+        assert evidence_against(_table(rows), 0.5, "largest_component", 0.05) is not None
 
 
 def test_review_threshold_is_calibrated_only_for_a_model_trained_with_flips():
