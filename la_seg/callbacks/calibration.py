@@ -143,9 +143,10 @@ class InferenceCalibration(L.Callback):
                 how = record["how"]
                 evidence = how["evidence_against_configured"]
                 why = (
-                    f"{how['configured_threshold']:g} not kept: {evidence}"
+                    f"chosen on validation, which rejects the configured {how['configured_threshold']:g}: "
+                    f"{evidence}"
                     if evidence
-                    else f"the configured one: no evidence against it at p < {self.evidence_p:g}"
+                    else f"as configured: validation shows no evidence against it at p < {self.evidence_p:g}"
                 )
                 rank_zero_info(
                     f"calibration on {len(cases)} validation cases: threshold {chosen['threshold']} ({why}), "
@@ -337,8 +338,8 @@ def evidence_against(table: dict[str, dict], configured: float, post: str, evide
     """Why the validation cases reject the configured threshold with post-processing `post`, or None: its
     masks are implausible on some case, or, at p < evidence_p, their signed LA-volume errors at it differ from
     zero (two-sided one-sample t-test) or another threshold's per-case Dice is higher (one-sided paired
-    t-test). Each case counts as a patient of its own; fewer than two cases carry no such evidence.
-    evidence_p 1 rejects it always."""
+    t-test, Bonferroni-corrected for the thresholds compared). Each case counts as a patient of its own;
+    fewer than two cases carry no such evidence. evidence_p 1 rejects it always."""
     if evidence_p >= 1.0:
         return "calibration.evidence_p is 1: every threshold competes"
     at_configured = table[f"{configured}/{post}"]
@@ -350,12 +351,15 @@ def evidence_against(table: dict[str, dict], configured: float, post: str, evide
     p = t_test_p(errors, "two-sided")
     if p < evidence_p:
         return f"LA volumes at {configured:g} off by {np.mean(errors):+.1f} % on average (p {p:.3g})"
-    for key, scores in table.items():
-        threshold, other_post = key.split("/")
-        if other_post != post or float(threshold) == configured or scores.get("implausible"):
-            continue
+    settings = (key.split("/") + [scores] for key, scores in table.items())
+    others = {
+        threshold: scores
+        for threshold, other_post, scores in settings
+        if other_post == post and float(threshold) != configured and not scores.get("implausible")
+    }
+    for threshold, scores in others.items():
         gains = np.subtract(scores["dice_per_case"], at_configured["dice_per_case"])
-        p = t_test_p(gains, "greater")
+        p = min(1.0, t_test_p(gains, "greater") * len(others))  # Bonferroni: one test per threshold compared
         if p < evidence_p:
             return f"Dice at {threshold} higher by {np.mean(gains):+.4f} case by case (p {p:.3g})"
     return None

@@ -239,6 +239,13 @@ def test_the_configured_threshold_stands_unless_the_validation_patients_reject_i
     gains = {0.4: [0.93, 0.92, 0.95, 0.90], 0.5: [0.91, 0.905, 0.93, 0.885]}
     assert "Dice at 0.4" in evidence_against(table(unbiased, gains), 0.5, "largest_component", 0.05)
     assert _choose(table(unbiased, gains), evidence_p=0.05) == (0.4, "largest_component")
+    # one comparison at p 0.039 is evidence; the same gain among three thresholds compared is not
+    gains = {0.4: [0.92, 0.93, 0.90, 0.915], 0.5: [0.91, 0.91, 0.90, 0.90]}
+    assert evidence_against(table(unbiased, gains), 0.5, "largest_component", 0.05).startswith("Dice at 0.4")
+    three = table(
+        {**unbiased, 0.3: unbiased[0.5], 0.6: unbiased[0.5]}, {**gains, 0.3: gains[0.5], 0.6: gains[0.5]}
+    )
+    assert evidence_against(three, 0.5, "largest_component", 0.05) is None
     # a configured threshold that is implausible on a case cannot stand: the rule chooses
     flawed = table(short, even)
     flawed["0.5/largest_component"]["implausible"] = {"case_1": "LA volume 1186 mL"}
