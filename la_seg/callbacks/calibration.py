@@ -16,7 +16,7 @@ patients, show it wrong beyond their own spread (`evidence_p`): their LA-volume 
 (a one-sample t-test against zero), or another threshold's Dice beats it case by case (a paired t-test).
 Patients differ more than thresholds do: on the accuracy benchmark one or three validation hearts chose 0.6
 or 0.3 where the configured 0.5 scored as well or better on every held-out set measured (eight checkpoints,
-benchmarks/README.md rounds 18-19), while six validation cases all 3-7 % short carry the move to 0.4.
+benchmarks/README.md rounds 18-20), while six validation cases all 3-7 % short carry the move to 0.4.
 
 The review threshold, for a model trained with flips (data.augmentation.hflip and vflip), is set to the
 `review_quantile` quantile of the validation cases' agreement (mean pairwise Dice of the test-time flips),
