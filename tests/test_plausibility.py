@@ -172,10 +172,8 @@ def test_calibration_never_chooses_an_implausible_setting():
             ("0.5/largest_component", 0.91, {}),
         ]
     )
-    assert choose(table, 0.3, 0.001, 0.01, 5.0, 0.05) == (
-        0.5,
-        "largest_component",
-    )  # configured 0.3 implausible
+    # configured 0.3 implausible
+    assert choose(table, 0.3, 0.001, 0.01, 5.0, 0.05) == (0.5, "largest_component")
     assert choose(table, 0.5, 0.001, 0.1, 5.0, 0.05) == (0.5, "largest_component")
     every = _table([(key, entry["dice"], huge) for key, entry in table.items()])
     assert choose(every, 0.5, 0.001, 0.01, 5.0, 0.05) is None  # nothing plausible: nothing chosen

@@ -352,12 +352,11 @@ def evidence_against(table: dict[str, dict], configured: float, post: str, evide
     p = t_test_p(errors, "two-sided")
     if p < evidence_p:
         return f"LA volumes at {configured:g} off by {np.mean(errors):+.1f} % on average (p {p:.3g})"
-    settings = (key.split("/") + [scores] for key, scores in table.items())
-    others = {
-        threshold: scores
-        for threshold, other_post, scores in settings
-        if other_post == post and float(threshold) != configured and not scores.get("implausible")
-    }
+    others = {}  # the other plausible thresholds with this post-processing
+    for key, scores in table.items():
+        threshold, other_post = key.split("/")
+        if other_post == post and float(threshold) != configured and not scores.get("implausible"):
+            others[threshold] = scores
     for threshold, scores in others.items():
         gains = np.subtract(scores["dice_per_case"], at_configured["dice_per_case"])
         p = min(1.0, t_test_p(gains, "greater") * len(others))  # Bonferroni: one test per threshold compared
