@@ -135,6 +135,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="every training and validation case a heart of its own (default: case i of every geometry is "
         "heart i, so the training cases hold --train hearts)",
     )
+    parser.add_argument(
+        "--heart-scale",
+        type=float,
+        default=1.0,
+        help="hearts this many times the default size (LA about 22 mL), every grid's field of view with them "
+        "(1.5: LA about 75 mL, as in atrial fibrillation; 3.4x the voxels); use a work-dir of its own",
+    )
     parser.add_argument("--json", type=Path, default=None, help="result file")
     parser.add_argument("--quick", action="store_true", help="tiny: 2+1 cases per geometry, 1 short epoch")
     parser.add_argument("options", nargs="*", help="after --: options passed to la-seg fit and test")
@@ -145,12 +152,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--folds cross-validates every case of the training folder: it does not take --distinct-hearts"
         )
+    if args.heart_scale <= 0:
+        parser.error(f"--heart-scale must be positive, got {args.heart_scale}")
     if args.quick:
         args.train, args.val, args.heldout = 2, 1, 1
         args.options = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", *args.options]
         args.work_dir = args.work_dir.with_name(args.work_dir.name + "-quick")
     args.json = args.json or RESULTS / ("accuracy_quick.json" if args.quick else f"{args.name}.json")
     return args
+
+
+def phantom_grid(prefix: str, heart_scale: float) -> tuple[tuple[int, ...], tuple[float, ...], float]:
+    """Geometry `prefix`'s shape and spacing, and the anatomy's field of view (mm), for hearts `heart_scale`
+    times the default size: the field of view grows with the heart, the voxel spacing stays."""
+    shape, spacing = GEOMETRIES[prefix]
+    return tuple(round(n * heart_scale) for n in shape), spacing, ANATOMY_FOV_MM * heart_scale
 
 
 def progress(message: str) -> None:
@@ -170,9 +186,11 @@ def make_data(work: Path, args: argparse.Namespace) -> dict[str, list[str]]:
     for j, prefix in enumerate(GEOMETRIES):
         train, val = training_hearts(args, j)
         last = max([*train, *val])
-        write_phantoms(work / data_folder(args.training_style), prefix, last, 0, args.training_style)
+        write_phantoms(
+            work / data_folder(args.training_style), prefix, last, 0, args.training_style, args.heart_scale
+        )
         for folder, style in FAMILIES.values():
-            write_phantoms(work / folder, prefix, args.heldout, HELDOUT_SEED, style)
+            write_phantoms(work / folder, prefix, args.heldout, HELDOUT_SEED, style, args.heart_scale)
         split["train"] += [f"{prefix}_{i}" for i in train]
         split["val"] += [f"{prefix}_{i}" for i in val]
     return split
@@ -190,15 +208,23 @@ def training_hearts(args: argparse.Namespace, j: int) -> tuple[range, range]:
     return range(j * args.train + 1, (j + 1) * args.train + 1), range(first_val, first_val + args.val)
 
 
-def write_phantoms(root: Path, prefix: str, cases: int, seed: int, style: str | Family) -> None:
+def write_phantoms(
+    root: Path, prefix: str, cases: int, seed: int, style: str | Family, heart_scale: float = 1.0
+) -> None:
     """Geometry `prefix`'s first `cases` partial-volume phantoms of `seed` and `style` in `root`, unless all
     are there already."""
-    shape, spacing = GEOMETRIES[prefix]
+    shape, spacing, anatomy_fov_mm = phantom_grid(prefix, heart_scale)
     wanted = [root / f"{prefix}_{i}" / "atriumSegImgMO.nii.gz" for i in range(1, cases + 1)]
+    there = next((path for path in wanted if path.is_file()), None)
+    if there is not None and read_label(there).data.shape != shape:
+        raise SystemExit(
+            f"{there} is {read_label(there).data.shape}, not {shape}: phantoms of another --heart-scale; "
+            "use a --work-dir of its own"
+        )
     if not all(path.is_file() for path in wanted):
         progress(f"writing {cases} {root.name} phantoms of geometry {prefix} {shape} at {spacing} mm")
         write_dataset(
-            root, cases, seed, shape, spacing, True, ANATOMY_FOV_MM, prefix=f"{prefix}_", style=style
+            root, cases, seed, shape, spacing, True, anatomy_fov_mm, prefix=f"{prefix}_", style=style
         )
 
 
@@ -365,11 +391,12 @@ def share_figures(masks: Path, args: argparse.Namespace, style: str) -> dict:
     seed (seconds per case)."""
     counts: dict[str, np.ndarray] = {}  # per case: LA voxels, whole FP, whole FN, then (n, wrong) per band
     cuts: dict[str, np.ndarray] = {}  # per case: effective LA-share cut, partly-LA volume error %
-    for prefix, (shape, spacing) in GEOMETRIES.items():
+    for prefix in GEOMETRIES:
+        shape, spacing, anatomy_fov_mm = phantom_grid(prefix, args.heart_scale)
         progress(f"LA share of every voxel of the {args.heldout} held-out phantoms of geometry {prefix}")
         rows, case_cuts = [], []
         for i in range(1, args.heldout + 1):
-            share = case_la_fraction(HELDOUT_SEED, i, shape, spacing, ANATOMY_FOV_MM, style)
+            share = case_la_fraction(HELDOUT_SEED, i, shape, spacing, anatomy_fov_mm, style)
             called = read_label(masks / f"{prefix}_{i}.nii.gz").data > 0
             reference = share >= 0.5
             wrong = called != reference
@@ -430,14 +457,14 @@ def share_figures(masks: Path, args: argparse.Namespace, style: str) -> dict:
     }
 
 
-def wrong_voxels(masks: Path, case_id: str, style: str) -> dict[str, float]:
+def wrong_voxels(masks: Path, case_id: str, style: str, heart_scale: float = 1.0) -> dict[str, float]:
     """Where a predicted mask is wrong, as % of the reference LA volume: each structure called LA (the
     phantom's structure at each voxel's centre, regenerated from its seed), the LA missed, and of that the
     LA missed within RIM_MM of the LA's boundary (a boundary drawn inside the LA rather than a part lost)."""
     prefix, index = case_id.split("_")
-    shape, spacing = GEOMETRIES[prefix]
-    share = case_la_fraction(HELDOUT_SEED, int(index), shape, spacing, ANATOMY_FOV_MM, style)
-    structures = case_structures(HELDOUT_SEED, int(index), shape, spacing, ANATOMY_FOV_MM, style)
+    shape, spacing, anatomy_fov_mm = phantom_grid(prefix, heart_scale)
+    share = case_la_fraction(HELDOUT_SEED, int(index), shape, spacing, anatomy_fov_mm, style)
+    structures = case_structures(HELDOUT_SEED, int(index), shape, spacing, anatomy_fov_mm, style)
     called, reference = read_label(masks / f"{case_id}.nii.gz").data > 0, share >= 0.5
     la_voxels = int(reference.sum())
     wrong = {
@@ -451,7 +478,7 @@ def wrong_voxels(masks: Path, case_id: str, style: str) -> dict[str, float]:
     return wrong
 
 
-def causes(masks: Path, cases: list[dict], style: str) -> dict[str, list[dict]]:
+def causes(masks: Path, cases: list[dict], style: str, heart_scale: float = 1.0) -> dict[str, list[dict]]:
     """Every held-out case's wrong voxels (`wrong_voxels`), read for two lists. `beyond_15pct`: each case
     whose LA volume is off by more than VOLUME_LIMIT %, with its cause, the largest share on the side of the
     error: what was called LA for too large a volume, LA missed for too small a one. `neighbour_called_la`:
@@ -460,7 +487,7 @@ def causes(masks: Path, cases: list[dict], style: str) -> dict[str, list[dict]]:
     the mask wrong), with those neighbours."""
     beyond, neighbours = [], []
     for case in cases:
-        wrong = wrong_voxels(masks, case["case_id"], style)
+        wrong = wrong_voxels(masks, case["case_id"], style, heart_scale)
         kept = {name: round(wrong[name], 1) for name in POOL_NAMES if wrong[name] >= NEIGHBOUR_LIMIT}
         if kept:
             neighbours.append({**case, "neighbours_pct_of_la": kept})
@@ -581,8 +608,13 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {
             "config": args.config,
             "options": args.options,
-            "geometries": {g: {"shape": s, "spacing_mm": sp} for g, (s, sp) in GEOMETRIES.items()},
-            "anatomy_fov_mm": ANATOMY_FOV_MM,
+            "geometries": {
+                g: {"shape": shape, "spacing_mm": spacing}
+                for g in GEOMETRIES
+                for shape, spacing, _ in [phantom_grid(g, args.heart_scale)]
+            },
+            "heart_scale": args.heart_scale,
+            "anatomy_fov_mm": ANATOMY_FOV_MM * args.heart_scale,
             "partial_volume": True,
             "training_style": args.training_style,
             "families": {family: style for family, (_, style) in FAMILIES.items()},
@@ -630,6 +662,7 @@ def evaluate_family(
     masks = predict(work, args, ckpt, folder)
     figures = {
         "style": style,
+        "heart_scale": args.heart_scale,
         **plain,
         "partial_volume": share_figures(masks, args, style),
         "review": review,
@@ -642,7 +675,7 @@ def evaluate_family(
 
 def add_causes(figures: dict, masks: Path) -> None:
     """A family's `causes` from `la-seg predict`'s masks, into its figures and its bar."""
-    found = causes(masks, figures["cases"], figures["style"])
+    found = causes(masks, figures["cases"], figures["style"], figures.get("heart_scale", 1.0))
     figures.update(found)
     figures["done_when"]["neighbour_called_la"] = len(found["neighbour_called_la"])
 
@@ -672,8 +705,8 @@ def recause(path: Path) -> None:
 def drawn_as_now(phantoms: Path, case: dict, figures: dict) -> bool:
     """Whether a run's phantom on disk has the LA that its style draws now."""
     prefix, index = case["case_id"].split("_")
-    shape, spacing = GEOMETRIES[prefix]
-    share = case_la_fraction(HELDOUT_SEED, int(index), shape, spacing, ANATOMY_FOV_MM, figures["style"])
+    shape, spacing, anatomy_fov_mm = phantom_grid(prefix, figures.get("heart_scale", 1.0))
+    share = case_la_fraction(HELDOUT_SEED, int(index), shape, spacing, anatomy_fov_mm, figures["style"])
     label = read_label(phantoms / case["case_id"] / "atriumSegImgMO.nii.gz").data
     return np.array_equal(label > 0, share >= 0.5)
 

@@ -81,7 +81,7 @@ def test_partial_volume_figures_split_errors_by_la_share(accuracy, tmp_path):
             band_voxels[prefix] = band_voxels.get(prefix, 0) + band.sum()
             band_wrong[prefix] = band_wrong.get(prefix, 0) + (band & called).sum()
         dice[prefix], rate[prefix] = np.mean(scores), band_wrong[prefix] / band_voxels[prefix]
-    figures = accuracy.share_figures(tmp_path, argparse.Namespace(heldout=2), "classic")
+    figures = accuracy.share_figures(tmp_path, argparse.Namespace(heldout=2, heart_scale=1.0), "classic")
     assert figures["best"] == max("ABC", key=lambda g: dice[g])
     for g, f in figures["per_geometry"].items():
         # no whole voxel is wrong anywhere: judged at the best geometry's rates on every voxel is judged at
@@ -112,7 +112,7 @@ def test_grid_limit_judges_whole_voxels_at_the_best_geometrys_rates(accuracy, tm
         extra = outside[: int(0.1 * called.sum())]
         called[tuple(extra.T)] = True
         nib.save(nib.Nifti1Image(called.astype(np.uint8), np.eye(4)), tmp_path / f"{prefix}_1.nii.gz")
-    figures = accuracy.share_figures(tmp_path, argparse.Namespace(heldout=1), "classic")
+    figures = accuracy.share_figures(tmp_path, argparse.Namespace(heldout=1, heart_scale=1.0), "classic")
     for f in figures["per_geometry"].values():
         assert f["errors_pct_of_la"]["whole_voxels"] == pytest.approx(10.0, abs=0.1)
         assert f["dice_grid_limit"] == pytest.approx(f["dice"], abs=1e-3) and f["dice"] < 0.96
@@ -400,7 +400,7 @@ def test_distinct_hearts_give_every_training_and_validation_case_a_heart_of_its_
     every = hearts(distinct["train"] + distinct["val"])
     assert len(set(every)) == len(every) == 15
     data = {
-        prefix: cases for folder, prefix, cases, seed, _ in written if folder == "data-varied" and seed == 0
+        prefix: cases for folder, prefix, cases, seed, *_ in written if folder == "data-varied" and seed == 0
     }
     assert data == {
         g: max(hearts(c for c in distinct["train"] + distinct["val"] if c[0] == g)) for g in "ABC"
@@ -411,3 +411,35 @@ def test_distinct_hearts_give_every_training_and_validation_case_a_heart_of_its_
     assert {w[2] for w in shared_written if w[0] == "data-varied"} == {5}
     with pytest.raises(SystemExit):
         accuracy.parse_args(["--folds", "2", "--distinct-hearts"])
+
+
+def test_heart_scale_grows_the_heart_and_every_field_of_view_and_refuses_phantoms_of_another(
+    accuracy, monkeypatch, tmp_path
+):
+    """--heart-scale S: every geometry keeps its spacing and gets S times the voxels per axis, and its
+    hearts S times the size (about S^3 times the LA volume); the phantoms are written at that scale, and a
+    work-dir holding phantoms of another scale is refused, naming the file, rather than mixed in."""
+    small = {g: accuracy.phantom_grid(g, 1.0) for g in "ABC"}
+    large = {g: accuracy.phantom_grid(g, 1.5) for g in "ABC"}
+    for g in "ABC":
+        assert small[g][:2] == accuracy.GEOMETRIES[g]
+        assert large[g][1] == small[g][1]
+        assert large[g][0] == tuple(round(1.5 * n) for n in small[g][0])
+        assert large[g][2] == 1.5 * small[g][2]
+    volumes = {}
+    for scale in (1.0, 1.5):
+        root = tmp_path / f"scale{scale}"
+        accuracy.write_phantoms(root, "C", 1, accuracy.HELDOUT_SEED, "varied", scale)
+        label = nib.load(root / "C_1" / "atriumSegImgMO.nii.gz")
+        assert label.shape == accuracy.phantom_grid("C", scale)[0]
+        volumes[scale] = (np.asarray(label.dataobj) > 0).sum()
+    assert 2.5 < volumes[1.5] / volumes[1.0] < 4.5  # 1.5^3 = 3.4, up to the grid's rounding of a 4 mm slab
+    with pytest.raises(SystemExit, match="C_1.*another --heart-scale"):
+        accuracy.write_phantoms(tmp_path / "scale1.5", "C", 2, accuracy.HELDOUT_SEED, "varied", 1.0)
+    assert not (tmp_path / "scale1.5" / "C_2").exists()
+    written = []
+    monkeypatch.setattr(accuracy, "write_phantoms", lambda root, *args: written.append(args))
+    accuracy.make_data(tmp_path, accuracy.parse_args(["--train", "1", "--val", "1", "--heart-scale", "1.5"]))
+    assert {w[-1] for w in written} == {1.5}
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--heart-scale", "0"])
