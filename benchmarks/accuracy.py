@@ -34,6 +34,7 @@ whether a geometry's gap is its grid's or the model's.
     python benchmarks/accuracy.py --quick               # a smoke run (~2 min): checks the pipeline only
     python benchmarks/accuracy.py --table benchmarks/results/accuracy_*.json   # markdown table of results
     python benchmarks/accuracy.py --causes RESULT.json   # causes re-derived from the run's saved masks
+    python benchmarks/accuracy.py --shares RESULT.json   # partly-LA figures re-derived from them
 
 Data and runs stay in --work-dir (default /tmp/la-seg-accuracy) so that later runs reuse the phantoms;
 `--ckpt PATH` evaluates an existing checkpoint without training. Progress goes to stderr.
@@ -387,14 +388,17 @@ def share_figures(masks: Path, args: argparse.Namespace, style: str) -> dict:
     wrong, band by band, as on the geometry with the best Dice (its whole-voxel errors kept). And per case,
     whether a volume spread is the grid's: the LA share the model in effect cut its partly-LA voxels at (as
     many of them lie above it as it called LA) and the volume error its partly-LA voxels make (% of the LA
-    volume), each as mean and sd over the cases. The held-out phantoms' shares are regenerated from their
-    seed (seconds per case)."""
+    volume), each as mean and sd over the cases. And what a through-plane stage could recover at most
+    (`facing_slice_axis`): the partly-LA voxels whose LA surface faces the slice axis (the share's gradient
+    within 45 degrees of it: the roof and floor a slice cuts obliquely), their errors, and the Dice if all of
+    them were right. The held-out phantoms' shares are regenerated from their seed (seconds per case)."""
     counts: dict[str, np.ndarray] = {}  # per case: LA voxels, whole FP, whole FN, then (n, wrong) per band
     cuts: dict[str, np.ndarray] = {}  # per case: effective LA-share cut, partly-LA volume error %
+    facing: dict[str, np.ndarray] = {}  # per case: facing voxels, FP and FN among them, all FP, all FN
     for prefix in GEOMETRIES:
         shape, spacing, anatomy_fov_mm = phantom_grid(prefix, args.heart_scale)
         progress(f"LA share of every voxel of the {args.heldout} held-out phantoms of geometry {prefix}")
-        rows, case_cuts = [], []
+        rows, case_cuts, case_facing = [], [], []
         for i in range(1, args.heldout + 1):
             share = case_la_fraction(HELDOUT_SEED, i, shape, spacing, anatomy_fov_mm, style)
             called = read_label(masks / f"{prefix}_{i}.nii.gz").data > 0
@@ -407,12 +411,17 @@ def share_figures(masks: Path, args: argparse.Namespace, style: str) -> dict:
                 in_band = partly & (band == b)
                 row += [in_band.sum(), (wrong & in_band).sum()]
             rows.append(row)
+            gradient = np.gradient(share.astype(np.float64), *spacing)  # phantoms slice along array axis 2
+            faces = partly & (np.abs(gradient[2]) > np.cos(np.pi / 4) * np.sqrt(sum(g**2 for g in gradient)))
+            fp, fn = called & ~reference, ~called & reference
+            case_facing.append([faces.sum(), (fp & faces).sum(), (fn & faces).sum(), fp.sum(), fn.sum()])
             descending = np.sort(share[partly])[::-1]
             n_called = int((called & partly).sum())
             cut = float(descending[n_called - 1]) if n_called else 1.0
             net = n_called - int((partly & reference).sum())
             case_cuts.append([cut, 100 * net / row[0]])
         counts[prefix], cuts[prefix] = np.array(rows, dtype=float), np.array(case_cuts)
+        facing[prefix] = np.array(case_facing, dtype=float)
     rates = {g: c[:, 4::2].sum(0) / np.maximum(c[:, 3::2].sum(0), 1) for g, c in counts.items()}
 
     def dice(c: np.ndarray, band_errors: np.ndarray) -> float:
@@ -451,9 +460,24 @@ def share_figures(masks: Path, args: argparse.Namespace, style: str) -> dict:
                 "dice_grid_limit": grid_limit(c),
                 "effective_la_share_cut": mean_sd(cuts[g][:, 0]),
                 "partly_la_volume_error_pct": mean_sd(cuts[g][:, 1]),
+                "facing_slice_axis": facing_figures(c[:, 0], facing[g]),
             }
             for g, c in counts.items()
         },
+    }
+
+
+def facing_figures(la_voxels: np.ndarray, facing: np.ndarray) -> dict:
+    """share_figures' partly-LA voxels facing the slice axis, from per-case LA voxels and [facing voxels,
+    false positives and negatives among them, all false positives, all false negatives]."""
+    n, fp_facing, fn_facing, fp, fn = facing.T
+    return {
+        "voxels_per_la_voxel": float(np.mean(n / la_voxels)),
+        "error_rate": float((fp_facing + fn_facing).sum() / max(n.sum(), 1)),
+        "errors_pct_of_la": float(100 * np.mean((fp_facing + fn_facing) / la_voxels)),
+        "dice_if_all_right": float(
+            np.mean(2 * (la_voxels - fn + fn_facing) / (2 * la_voxels - fn + fn_facing + fp - fp_facing))
+        ),
     }
 
 
@@ -702,6 +726,23 @@ def recause(path: Path) -> None:
     write_json(path, result)
 
 
+def reshare(path: Path) -> None:
+    """Rewrite a result file's `share_figures` from the masks its run saved: for results written before a
+    figure was added (the phantoms' shares are regenerated from their seed, at the run's heart scale)."""
+    result = json.loads(path.read_text())
+    settings = result["settings"]
+    args = argparse.Namespace(
+        heldout=settings["heldout_per_geometry"], heart_scale=settings.get("heart_scale", 1.0)
+    )
+    for family, figures in result["families"].items():
+        masks = Path(figures["partial_volume"]["masks"])
+        if not masks.is_dir():
+            raise SystemExit(f"{path}: the {family} masks its run saved are gone: {masks}")
+        progress(f"{family}: partly-LA figures from {masks}")
+        figures["partial_volume"] = share_figures(masks, args, figures["style"])
+    write_json(path, result)
+
+
 def drawn_as_now(phantoms: Path, case: dict, figures: dict) -> bool:
     """Whether a run's phantom on disk has the LA that its style draws now."""
     prefix, index = case["case_id"].split("_")
@@ -717,8 +758,9 @@ def table(paths: list[str]) -> str:
     lines = [
         "| run | family | geometry | Dice mean (min) | HD95 mm mean | volume error % mean +- sd (worst) "
         "| within 5 % | beyond 15 % | partly-LA voxels per LA voxel | Dice at the best geometry's partly-LA "
-        "rates | Dice at the best geometry's rates on every voxel |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "rates | Dice at the best geometry's rates on every voxel | Dice with the partly-LA voxels facing "
+        "the slice axis right |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     notes = []
     for path in paths:
@@ -733,6 +775,9 @@ def table(paths: list[str]) -> str:
                     f"{share['partly_la_voxels_per_la_voxel']:.2f}" if share else "-",
                     f"{share['dice_at_best_rates']:.3f}" if share else "-",
                     f"{share['dice_grid_limit']:.3f}" if "dice_grid_limit" in share else "-",
+                    f"{share['facing_slice_axis']['dice_if_all_right']:.3f}"
+                    if "facing_slice_axis" in share  # since round 21
+                    else "-",
                 ]
                 within = s.get("within_5pct_fraction", 1 - s["beyond_5pct"] / s["n"])
                 lines.append(
@@ -746,7 +791,7 @@ def table(paths: list[str]) -> str:
                 f"| {name} | {family} | all | {overall['dice_mean']:.3f} ({overall['dice_min']:.3f}) | | "
                 f"worst {overall['volume_error_pct_worst']:+.1f} | "
                 f"{100 * done['fraction_within_5pct']:.0f} % | "
-                f"{done.get('beyond_15pct', '-')} | | | |"
+                f"{done.get('beyond_15pct', '-')} | | | | |"
             )
             notes += [
                 f"* {name}, {family}, {c['case_id']}: {c['volume_error_pct']:+.1f} %, {c['cause']}"
@@ -770,6 +815,10 @@ def main(argv: list[str] | None = None) -> None:
         for path in sys.argv[2:]:
             recause(Path(path))
         return
+    if argv is None and sys.argv[1:2] == ["--shares"]:
+        for path in sys.argv[2:]:
+            reshare(Path(path))
+        return
     args = parse_args(argv)
     result = run(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -786,7 +835,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"beyond 15 %: {s['beyond_15pct']}; {share['partly_la_voxels_per_la_voxel']:.2f} partly-LA "
                 f"voxels per LA voxel, Dice at {shares['best']}'s partly-LA rates "
                 f"{share['dice_at_best_rates']:.3f}, at its rates on every voxel "
-                f"{share['dice_grid_limit']:.3f}"
+                f"{share['dice_grid_limit']:.3f}, with every partly-LA voxel facing the slice axis right "
+                f"{share['facing_slice_axis']['dice_if_all_right']:.3f}"
             )
         for case in figures["beyond_15pct"]:
             progress(f"{family} {case['case_id']}: {case['volume_error_pct']:+.1f} %, {case['cause']}")

@@ -118,6 +118,64 @@ def test_grid_limit_judges_whole_voxels_at_the_best_geometrys_rates(accuracy, tm
         assert f["dice_grid_limit"] == pytest.approx(f["dice"], abs=1e-3) and f["dice"] < 0.96
 
 
+def test_facing_slice_axis_counts_the_roof_and_floor_a_through_plane_stage_could_recover(accuracy, tmp_path):
+    """Masks that get every partly-LA voxel wrong (and the rest right): every facing voxel is an error, the
+    Dice if they were all right lies between the masks' and 1, and 4 mm slices leave the most such voxels;
+    a perfect mask has none wrong."""
+    for prefix, (shape, spacing) in accuracy.GEOMETRIES.items():
+        share = case_la_fraction(accuracy.HELDOUT_SEED, 1, shape, spacing, accuracy.ANATOMY_FOV_MM)
+        partly = (share > 0) & (share < 1)
+        nib.save(
+            nib.Nifti1Image(((share >= 0.5) ^ partly).astype(np.uint8), np.eye(4)),
+            tmp_path / f"{prefix}_1.nii.gz",
+        )
+        nib.save(nib.Nifti1Image((share >= 0.5).astype(np.uint8), np.eye(4)), tmp_path / f"{prefix}_2.nii.gz")
+    args = argparse.Namespace(heldout=1, heart_scale=1.0)
+    figures = accuracy.share_figures(tmp_path, args, "classic")["per_geometry"]
+    for f in figures.values():
+        facing = f["facing_slice_axis"]
+        assert facing["error_rate"] == 1.0 and facing["voxels_per_la_voxel"] > 0
+        assert facing["errors_pct_of_la"] == pytest.approx(100 * facing["voxels_per_la_voxel"])
+        assert f["dice"] < facing["dice_if_all_right"] < 1.0
+    assert figures["C"]["facing_slice_axis"]["voxels_per_la_voxel"] > max(
+        figures[g]["facing_slice_axis"]["voxels_per_la_voxel"] for g in "AB"
+    )
+    for prefix in accuracy.GEOMETRIES:
+        (tmp_path / f"{prefix}_2.nii.gz").rename(tmp_path / f"{prefix}_1.nii.gz")
+    for f in accuracy.share_figures(tmp_path, args, "classic")["per_geometry"].values():
+        assert (
+            f["facing_slice_axis"]["error_rate"] == 0.0 and f["facing_slice_axis"]["dice_if_all_right"] == 1.0
+        )
+
+
+def test_shares_are_re_derived_from_a_runs_saved_masks(accuracy, tmp_path):
+    """`--shares`: a result file written before a partly-LA figure existed gets every family's figures again
+    from the masks its run saved, the same as a new run's, and keeps the rest."""
+    families = {}
+    for family, (folder, style) in accuracy.FAMILIES.items():
+        masks = tmp_path / f"{folder}_masks"
+        masks.mkdir()
+        for prefix, (shape, spacing) in accuracy.GEOMETRIES.items():
+            share = case_la_fraction(accuracy.HELDOUT_SEED, 1, shape, spacing, accuracy.ANATOMY_FOV_MM, style)
+            nib.save(
+                nib.Nifti1Image((share >= 0.3).astype(np.uint8), np.eye(4)), masks / f"{prefix}_1.nii.gz"
+            )
+        families[family] = {"style": style, "partial_volume": {"masks": str(masks)}, "overall": "kept"}
+    result_file = tmp_path / "result.json"
+    result_file.write_text(json.dumps({"families": families, "settings": {"heldout_per_geometry": 1}}))
+    accuracy.reshare(result_file)
+    result = json.loads(result_file.read_text())
+    args = argparse.Namespace(heldout=1, heart_scale=1.0)
+    for family, figures in result["families"].items():
+        masks = Path(families[family]["partial_volume"]["masks"])
+        assert figures["partial_volume"] == accuracy.share_figures(masks, args, figures["style"])
+        assert "facing_slice_axis" in figures["partial_volume"]["per_geometry"]["C"]
+        assert figures["overall"] == "kept"
+    shutil.rmtree(tmp_path / "test-varied_masks")
+    with pytest.raises(SystemExit, match="masks its run saved are gone"):
+        accuracy.reshare(result_file)
+
+
 def _heart_c(accuracy, style, index):
     """A held-out heart on geometry C: its reference LA (at least half LA) and its structures."""
     geometry = (*accuracy.GEOMETRIES["C"], accuracy.ANATOMY_FOV_MM, style)
