@@ -2,7 +2,8 @@
 
 Synthesises partial-volume phantoms (`synthesize_case(partial_volume=True)`: each voxel averages its
 sub-voxels, and a voxel is LA when at least half of it is, as manual labels are drawn) on three scanner
-geometries, with one heart size in mm whatever the field of view:
+geometries, with one heart size in mm whatever the field of view (LA about 22 mL; `--heart-scale S` draws
+hearts S times that size and every field of view with them):
 
     A  0.625 x 0.625 x 2.5 mm, 160 x 160 x 40   (LAScarQS centre A, thin slices)
     B  1.25 mm isotropic,      96 x 96 x 64
@@ -24,13 +25,15 @@ case, whatever its volume, whose mask holds a neighbouring chamber or vessel (NE
 `la-seg predict`s the held-out set and splits the masks' errors by how much of each voxel is LA (the phantoms'
 partial volume): how many voxels each grid leaves partly LA, how often the model is wrong on them, and the
 Dice a geometry would have at the best geometry's error rates (on its partly-LA voxels; on every voxel):
-whether a geometry's gap is its grid's or the model's.
+whether a geometry's gap is its grid's or the model's; and the Dice with every partly-LA voxel whose surface
+faces the slice axis right (what a through-plane stage could recover at most).
 
     python benchmarks/accuracy.py --name stretch --json benchmarks/results/accuracy_14ep_stretch.json \\
         -- --data.in_plane stretch --trainer.max_epochs 14   # ~15 min on a quiet core, 35 min on a busy one
     python benchmarks/accuracy.py --name ensemble3 --folds 3   # a 3-fold ensemble against its members
     python benchmarks/accuracy.py --name distinct --train 5 --val 1 --distinct-hearts   # 18 hearts, not 6
     python benchmarks/accuracy.py --ckpt runs/x/version_0/checkpoints/best.ckpt -- --model.tta rot180
+    python benchmarks/accuracy.py --name adult --heart-scale 1.5 --work-dir /tmp/la-seg-acc-15   # LA ~75 mL
     python benchmarks/accuracy.py --quick               # a smoke run (~2 min): checks the pipeline only
     python benchmarks/accuracy.py --table benchmarks/results/accuracy_*.json   # markdown table of results
     python benchmarks/accuracy.py --causes RESULT.json   # causes re-derived from the run's saved masks
