@@ -220,10 +220,10 @@ def write_phantoms(
     shape, spacing, anatomy_fov_mm = phantom_grid(prefix, heart_scale)
     wanted = [root / f"{prefix}_{i}" / "atriumSegImgMO.nii.gz" for i in range(1, cases + 1)]
     there = next((path for path in wanted if path.is_file()), None)
-    if there is not None and read_label(there).data.shape != shape:
+    found = read_label(there).data.shape if there is not None else shape
+    if found != shape:
         raise SystemExit(
-            f"{there} is {read_label(there).data.shape}, not {shape}: phantoms of another --heart-scale; "
-            "use a --work-dir of its own"
+            f"{there} is {found}, not {shape}: phantoms of another --heart-scale; use a --work-dir of its own"
         )
     if not all(path.is_file() for path in wanted):
         progress(f"writing {cases} {root.name} phantoms of geometry {prefix} {shape} at {spacing} mm")
@@ -689,20 +689,19 @@ def evaluate_family(
     masks = predict(work, args, ckpt, folder)
     figures = {
         "style": style,
-        "heart_scale": args.heart_scale,
         **plain,
         "partial_volume": share_figures(masks, args, style),
         "review": review,
         "members_alone": alone,
     }
-    add_causes(figures, masks)
+    add_causes(figures, masks, args.heart_scale)
     figures["doubt"] = doubt_figures(report, figures)
     return figures
 
 
-def add_causes(figures: dict, masks: Path) -> None:
+def add_causes(figures: dict, masks: Path, heart_scale: float) -> None:
     """A family's `causes` from `la-seg predict`'s masks, into its figures and its bar."""
-    found = causes(masks, figures["cases"], figures["style"], figures.get("heart_scale", 1.0))
+    found = causes(masks, figures["cases"], figures["style"], heart_scale)
     figures.update(found)
     figures["done_when"]["neighbour_called_la"] = len(found["neighbour_called_la"])
 
@@ -715,17 +714,22 @@ def recause(path: Path) -> None:
     result = json.loads(path.read_text())
     runs = run_folder(Path(result["checkpoint"]))
     work = next(p.parent for p in runs.parents if p.name == "runs")  # work-dir/runs/NAME/version_N
+    heart_scale = result.get("settings", {}).get("heart_scale", 1.0)  # 1 before round 21
     for family, figures in result["families"].items():
         folder = FAMILIES[family][0]
         masks = Path(figures["partial_volume"]["masks"])
         if not masks.is_dir():
             raise SystemExit(f"{path}: the {family} masks its run saved are gone: {masks}")
-        changed = [c["case_id"] for c in figures["cases"] if not drawn_as_now(work / folder, c, figures)]
+        changed = [
+            c["case_id"]
+            for c in figures["cases"]
+            if not drawn_as_now(work / folder, c, figures["style"], heart_scale)
+        ]
         if changed:
             progress(f"{family}: left as written: {changed[0]} is not what {figures['style']!r} draws now")
             continue
         progress(f"{family}: causes from {masks}")
-        add_causes(figures, masks)
+        add_causes(figures, masks, heart_scale)
     write_json(path, result)
 
 
@@ -746,11 +750,11 @@ def reshare(path: Path) -> None:
     write_json(path, result)
 
 
-def drawn_as_now(phantoms: Path, case: dict, figures: dict) -> bool:
+def drawn_as_now(phantoms: Path, case: dict, style: str, heart_scale: float) -> bool:
     """Whether a run's phantom on disk has the LA that its style draws now."""
     prefix, index = case["case_id"].split("_")
-    shape, spacing, anatomy_fov_mm = phantom_grid(prefix, figures.get("heart_scale", 1.0))
-    share = case_la_fraction(HELDOUT_SEED, int(index), shape, spacing, anatomy_fov_mm, figures["style"])
+    shape, spacing, anatomy_fov_mm = phantom_grid(prefix, heart_scale)
+    share = case_la_fraction(HELDOUT_SEED, int(index), shape, spacing, anatomy_fov_mm, style)
     label = read_label(phantoms / case["case_id"] / "atriumSegImgMO.nii.gz").data
     return np.array_equal(label > 0, share >= 0.5)
 
