@@ -188,14 +188,15 @@ class InferenceCalibration(L.Callback):
             prob = ensemble.segment_volume(image, 0.5, chunk, tta, spacing).prob
             reference = float(label.sum())  # LA voxels: the volume error is a ratio of counts
             for threshold, post in combos:
-                raw = prob > threshold
-                mask = postprocess_mask(raw, post)
+                mask = postprocess_mask(prob > threshold, post)
                 dice = overlap_3d(mask, label)[0]
                 hd95 = surface_distances(mask, label, spacing)[0]  # NaN for an empty mask: left out
                 volume_error = 100.0 * (float(mask.sum()) / reference - 1.0) if reference else None
                 scores[(threshold, post)].append((dice, hd95, volume_error))
                 expected[(threshold, post)].append(expected_dice(prob, mask))
-                reasons = case_reasons(mask, spacing, voxel_mm3, raw, pl_module.plausibility)
+                # the mask this setting delivers: stray pieces its post-processing removes do not make it
+                # wrong (they still flag the case at test and predict, where the raw mask is judged)
+                reasons = case_reasons(mask, spacing, voxel_mm3, settings=pl_module.plausibility)
                 if reasons:
                     implausible[(threshold, post)][item["case_id"]] = "; ".join(reasons)
             volumes.append((item["image"], spacing))
@@ -256,12 +257,13 @@ class InferenceCalibration(L.Callback):
                 "checkpoint": str(path),
                 "validation_cases": case_ids,
                 "tta": tta,
-                "rule": "only settings whose masks are plausible (la_seg.plausibility) on every validation "
-                "case; post-processing: higher mean Dice at the configured threshold, within tie_dice "
-                "largest_component; threshold: the configured one unless a t-test over the validation cases "
-                "rejects it at evidence_p (volume errors at it differ from zero, or another threshold's "
-                "Dice is higher case by case), else of those within dice_margin of the best mean Dice, the "
-                "most validation cases with LA volume within +-volume_tolerance %, on a tie the higher Dice",
+                "rule": "only settings whose masks, after their post-processing, are plausible "
+                "(la_seg.plausibility) on every validation case; post-processing: higher mean Dice at the "
+                "configured threshold, within tie_dice largest_component; threshold: the configured one "
+                "unless a t-test over the validation cases rejects it at evidence_p (volume errors at it "
+                "differ from zero, or another threshold's Dice is higher case by case), else of those within "
+                "dice_margin of the best mean Dice, the most validation cases with LA volume within "
+                "+-volume_tolerance %, on a tie the higher Dice",
                 "plausibility": dataclasses.asdict(pl_module.plausibility),
                 "configured_threshold": configured,
                 "evidence_p": self.evidence_p,

@@ -309,3 +309,26 @@ def test_calibration_sees_the_images_validation_saw(tmp_path, monkeypatch, synth
     run = tmp_path / "runs" / "demo" / "version_0"
     record = stored_calibration(torch.load(run / "checkpoints" / "best.ckpt", weights_only=True))
     assert len(record["how"]["validation_cases"]) == len(seen) >= 1
+
+
+def test_stray_pieces_that_post_processing_removes_do_not_veto_a_threshold(tmp_path, monkeypatch, synth_root):
+    """Calibration judges each setting's mask as delivered: with every piece counted (component_ml 0,
+    max_components 1), a one-step model's raw masks fall apart, which makes `none` implausible at a
+    threshold and leaves `largest_component` there plausible (round 22: five 1 mL pieces on one validation
+    case moved the threshold from 0.5 to 0.6 and shrank held-out volumes)."""
+    monkeypatch.chdir(tmp_path)
+    rules = {"min_volume_ml": 0, "max_volume_ml": 1e9, "max_border_fraction": 1, "max_components": 1,
+             "component_ml": 0}  # fmt: skip
+    strict = [arg for field, value in rules.items() for arg in (f"--model.plausibility.{field}", str(value))]
+    main(["fit", *TINY, "--data.root", str(synth_root), *strict, "--trainer.max_epochs", "1",
+          "--trainer.limit_train_batches", "1", "--calibration.thresholds", "[0.3, 0.5, 0.7]"])  # fmt: skip
+    run = tmp_path / "runs" / "demo" / "version_0"
+    record = stored_calibration(torch.load(run / "checkpoints" / "best.ckpt", weights_only=True))
+    scores = record["how"]["scores"]
+    in_pieces = [k for k, e in scores.items() if any("components" in w for w in e["implausible"].values())]
+    assert in_pieces and all(key.endswith("/none") for key in in_pieces)
+    for key in in_pieces:  # the same threshold kept in one piece is judged on its own merits
+        kept = scores[key.replace("/none", "/largest_component")]["implausible"]
+        assert all("components" not in why for why in kept.values())
+    if not any(scores[f"{t}/largest_component"]["implausible"] for t in (0.3, 0.5, 0.7)):
+        assert record["settings"] is not None and record["settings"]["postprocess"] != "none"
