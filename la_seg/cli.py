@@ -59,7 +59,7 @@ def synth(
     out: Path,
     cases: int = 12,
     seed: int = 0,
-    shape: tuple[int, int, int] = (160, 160, 40),
+    shape: tuple[int, int, int] = (240, 240, 60),
     spacing: tuple[float, float, float] = (0.625, 0.625, 2.5),
     scar: float | None = None,
     style: Literal["classic", "varied", "heldout"] = "classic",
@@ -70,7 +70,9 @@ def synth(
         out: folder to create; gets out/train_1 .. out/train_N.
         cases: number of cases.
         seed: random seed (same seed, same bytes).
-        shape: volume shape (X, Y, Z), slices on the last axis.
+        shape: volume shape (X, Y, Z), slices on the last axis. The heart is drawn for the grid's smallest
+            extent (in mm): the default's 150 mm gives adult-size atria (LA about 35-95 mL); smaller grids
+            hold smaller hearts.
         spacing: voxel spacing in mm.
         scar: wall enhancement patches of known area (IIR about 2.2 before blur) over this share of the LA
             wall, times 0.5..1.5 per case; default: the wall's random patchy enhancement of unknown extent.

@@ -11,11 +11,11 @@ its checkpoint (or an ensemble it votes in) writes is flagged: a model that lear
 masks of plausible size.
 
 Defaults, and why. Adult LA volumes are tens of mL (CMR, appendage and vein ostia included: about 30-150 mL,
-dilated atria in AF 100-250 mL, rarely above); no adult LA is below 5 mL. The synthetic phantoms (`la-seg
-synth`, a heart drawn for a 100 mm field of view) hold 9-30 mL, and every model of benchmarks/results (the
-demo recipe, trained 8-60 epochs) predicted 8.7-32 mL on held-out phantoms: inside the range, so a working
-model is not flagged. Phantoms on much smaller grids (the tests' 48 x 44 x 12)
-hold 1-3 mL and are flagged unless `min_volume_ml` is lowered.
+dilated atria in AF 100-250 mL, rarely above); no adult LA is below 5 mL. The synthetic phantoms hold 9-30
+mL on a 100 mm field of view (`benchmarks/accuracy.py --heart-scale 1`; its models predicted 8.7-32 mL on
+held-out phantoms) and about 35-95 mL on `la-seg synth`'s default 150 mm: inside the range, so a working model
+is not flagged. Phantoms on much smaller grids (the tests' 48 x 44 x 12) hold 1-3 mL and are flagged unless
+`min_volume_ml` is lowered.
 """
 
 from __future__ import annotations

@@ -501,3 +501,7 @@ def test_heart_scale_grows_the_heart_and_every_field_of_view_and_refuses_phantom
     assert {w[-1] for w in written} == {1.5}
     with pytest.raises(SystemExit):
         accuracy.parse_args(["--heart-scale", "0"])
+    # adult hearts unless asked (the demo recipe's 1.5 mm per pixel is chosen for them); --quick's small ones
+    assert accuracy.parse_args([]).heart_scale == 1.5
+    assert accuracy.parse_args(["--quick"]).heart_scale == 1.0
+    assert accuracy.parse_args(["--quick", "--heart-scale", "2"]).heart_scale == 2.0

@@ -408,7 +408,7 @@ def test_help_names_analyse_and_every_input(capsys):
         assert option in text
 
 
-# synth's default grid (LAScarQS's 0.625 x 0.625 x 2.5 mm): on coarser grids a 2-3 mm wall blurs below the
+# LAScarQS's 0.625 x 0.625 x 2.5 mm, a 100 mm field of view: on coarser grids a 2-3 mm wall blurs below the
 # thresholds and analyse under-counts the patches (1 mm in-plane: 2-6 points)
 PHANTOM = {"shape": (160, 160, 40), "spacing": (0.625, 0.625, 2.5)}
 

@@ -5,9 +5,10 @@ wall with patchy enhancement, next to equally bright chambers and vessels (LV, R
 model must use shape and position, not intensity, to find the LA. Pose and size vary per case, and Rician
 noise, a smooth bias field, blur and anisotropic slices make it look like an acquisition. The anatomy is
 laid out in mm for a 100 mm field of view and scaled to the actual one, so small test volumes still hold a
-whole heart. Everything is vectorised numpy: each shape is evaluated only in the box around it and the smooth
-fields are outer products of 1D waves, so large phantoms (640 x 640 x 44) take seconds; the same seed gives
-the same bytes on disk.
+whole heart; the default grid (240 x 240 x 60 at LAScarQS's 0.625 x 0.625 x 2.5 mm: 150 mm) holds an
+adult-size one (LA about 35-95 mL). Everything is vectorised numpy: each shape is evaluated only in the box
+around it and the smooth fields are outer products of 1D waves, so large phantoms (640 x 640 x 44) take
+seconds; the same seed gives the same bytes on disk.
 
 Three styles (`style`, `la-seg synth --style`). `classic`: the fixed physics above (the demo's data, every
 earlier seed's bytes). `varied`, the training family: each case draws its physics over the ranges of
@@ -223,7 +224,7 @@ def case_physics(seed: int, index: int, style: str | Family) -> Physics:
 
 def synthesize_case(
     rng: np.random.Generator,
-    shape: tuple[int, int, int] = (160, 160, 40),
+    shape: tuple[int, int, int] = (240, 240, 60),
     spacing: tuple[float, float, float] = (0.625, 0.625, 2.5),
     partial_volume: bool = False,
     anatomy_fov_mm: float | None = None,
@@ -463,7 +464,7 @@ def write_dataset(
     out: str | Path,
     cases: int,
     seed: int,
-    shape: tuple[int, int, int] = (160, 160, 40),
+    shape: tuple[int, int, int] = (240, 240, 60),
     spacing: tuple[float, float, float] = (0.625, 0.625, 2.5),
     partial_volume: bool = False,
     anatomy_fov_mm: float | None = None,

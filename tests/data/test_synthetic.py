@@ -23,7 +23,7 @@ def test_default_case_looks_like_lge():
     start = time.perf_counter()
     image, label = synthesize_case(np.random.default_rng(0))
     assert time.perf_counter() - start < 5.0  # well under a second unloaded; generous for shared CI
-    assert image.shape == label.shape == (160, 160, 40)
+    assert image.shape == label.shape == (240, 240, 60)
     assert image.dtype == np.int16 and label.dtype == np.uint16
     assert set(np.unique(label)) == {0, 420}
     la = label > 0

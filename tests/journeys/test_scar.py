@@ -15,11 +15,12 @@ from tests.journeys.conftest import TINY
 
 pytestmark = pytest.mark.slow
 
-GRID = {"shape": (160, 160, 40), "spacing": (0.625, 0.625, 2.5)}  # synth's default: LAScarQS's grid
+GRID = {"shape": (160, 160, 40), "spacing": (0.625, 0.625, 2.5)}  # LAScarQS's spacing, a 100 mm field of view
 
 
 def test_synth_with_scar_fit_predict_analyse(la_seg, tmp_path):
-    la_seg("synth", "--out", "data", "--cases", "4", "--seed", "5", "--scar", "0.2")
+    shape = str(list(GRID["shape"]))
+    la_seg("synth", "--out", "data", "--cases", "4", "--seed", "5", "--scar", "0.2", "--shape", shape)
     la_seg("fit", *TINY, "--data.root", "data", "--trainer.max_epochs", "1")
     la_seg("predict", *TINY, "--ckpt_path", "runs/demo/version_0/checkpoints/best.ckpt",
            "--data.predict_root", "data", "--writer.output_dir", "masks")  # fmt: skip
