@@ -203,6 +203,9 @@ HELDOUT = Family(
     veins=("left_trunk_right_middle",),
 )
 STYLES = {"classic": None, "varied": VARIED, "heldout": HELDOUT}
+# The default grid (`la-seg synth` repeats it, so that its `--help` loads no numpy): LAScarQS's spacing over
+# 150 mm, where the heart is adult-size
+DEFAULT_SHAPE, DEFAULT_SPACING = (240, 240, 60), (0.625, 0.625, 2.5)
 
 
 def draw_physics(rng: np.random.Generator, style: str | Family) -> Physics:
@@ -224,8 +227,8 @@ def case_physics(seed: int, index: int, style: str | Family) -> Physics:
 
 def synthesize_case(
     rng: np.random.Generator,
-    shape: tuple[int, int, int] = (240, 240, 60),
-    spacing: tuple[float, float, float] = (0.625, 0.625, 2.5),
+    shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    spacing: tuple[float, float, float] = DEFAULT_SPACING,
     partial_volume: bool = False,
     anatomy_fov_mm: float | None = None,
     scar: float | None = None,
@@ -464,8 +467,8 @@ def write_dataset(
     out: str | Path,
     cases: int,
     seed: int,
-    shape: tuple[int, int, int] = (240, 240, 60),
-    spacing: tuple[float, float, float] = (0.625, 0.625, 2.5),
+    shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    spacing: tuple[float, float, float] = DEFAULT_SPACING,
     partial_volume: bool = False,
     anatomy_fov_mm: float | None = None,
     prefix: str = "train_",
