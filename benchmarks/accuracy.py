@@ -97,6 +97,7 @@ FAMILIES = {
     "heldout_setting": ("test-heldout", "heldout"),
 }
 ANATOMY_FOV_MM = 100.0  # the heart size at --heart-scale 1 (LA about 22 mL), on every geometry
+ADULT_HEART_SCALE = 1.5  # --heart-scale's default (LA about 75 mL), here and in heldout_factors.py
 VOLUME_TOLERANCE = 5.0  # % signed LA-volume error counted as within tolerance
 VOLUME_LIMIT = 15.0  # % signed LA-volume error no case may exceed (issue 31); each beyond gets its cause
 NEIGHBOUR_LIMIT = 5.0  # % of the LA's volume in one neighbouring chamber or vessel called LA: a case names it
@@ -158,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--folds cross-validates every case of the training folder: it does not take --distinct-hearts"
         )
     if args.heart_scale is None:
-        args.heart_scale = 1.0 if args.quick else 1.5
+        args.heart_scale = 1.0 if args.quick else ADULT_HEART_SCALE
     if args.heart_scale <= 0:
         parser.error(f"--heart-scale must be positive, got {args.heart_scale}")
     if args.quick:
@@ -215,6 +216,18 @@ def training_hearts(args: argparse.Namespace, j: int) -> tuple[range, range]:
     return range(j * args.train + 1, (j + 1) * args.train + 1), range(first_val, first_val + args.val)
 
 
+def check_heart_scale(labels: list[Path], prefix: str, heart_scale: float) -> None:
+    """Exit, naming the file, when the first of geometry `prefix`'s `labels` that exists is not on the grid of
+    `heart_scale` (phantoms written for another heart size)."""
+    shape = phantom_grid(prefix, heart_scale)[0]
+    there = next((path for path in labels if path.is_file()), None)
+    found = read_label(there).data.shape if there is not None else shape
+    if found != shape:
+        raise SystemExit(
+            f"{there} is {found}, not {shape}: phantoms of another --heart-scale; use a --work-dir of its own"
+        )
+
+
 def write_phantoms(
     root: Path, prefix: str, cases: int, seed: int, style: str | Family, heart_scale: float = 1.0
 ) -> None:
@@ -222,12 +235,7 @@ def write_phantoms(
     are there already."""
     shape, spacing, anatomy_fov_mm = phantom_grid(prefix, heart_scale)
     wanted = [root / f"{prefix}_{i}" / "atriumSegImgMO.nii.gz" for i in range(1, cases + 1)]
-    there = next((path for path in wanted if path.is_file()), None)
-    found = read_label(there).data.shape if there is not None else shape
-    if found != shape:
-        raise SystemExit(
-            f"{there} is {found}, not {shape}: phantoms of another --heart-scale; use a --work-dir of its own"
-        )
+    check_heart_scale(wanted, prefix, heart_scale)
     if not all(path.is_file() for path in wanted):
         progress(f"writing {cases} {root.name} phantoms of geometry {prefix} {shape} at {spacing} mm")
         write_dataset(

@@ -56,8 +56,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/la-seg-accuracy"))
     parser.add_argument("--cases", type=int, default=6, help="held-out hearts per geometry")
     parser.add_argument("--config", default="demo.yaml", help="the checkpoint's recipe (accuracy.py's)")
+    parser.add_argument(
+        "--heart-scale",
+        type=float,
+        default=accuracy.ADULT_HEART_SCALE,
+        help="the heart size the checkpoint's accuracy.py run drew (its --heart-scale; default 1.5)",
+    )
     parser.add_argument("--json", type=Path, default=accuracy.RESULTS / "heldout_factors.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.heart_scale <= 0:
+        parser.error(f"--heart-scale must be positive, got {args.heart_scale}")
+    return args
 
 
 def variant_folder(work: Path, index: int) -> Path:
@@ -72,13 +81,18 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"heldout_factors.py: no {split}: --work-dir is the accuracy.py run's work folder")
     test_args = argparse.Namespace(options=[], config=args.config, name=f"factors_{args.ckpt.stem}")
     training = accuracy.data_folder(accuracy.TRAINING_STYLE)
+    for prefix in accuracy.GEOMETRIES:  # variants of another heart size than the run's would test nothing
+        labels = sorted((work / training).glob(f"{prefix}_*/atriumSegImgMO.nii.gz"))
+        accuracy.check_heart_scale(labels, prefix, args.heart_scale)
     data = ["--data.root", str(work / training), "--data.split_file", str(split)]
     variants = {}
     for index, (name, changes) in enumerate(GROUPS.items()):
         family = dataclasses.replace(HELDOUT, **changes)
         folder = variant_folder(work, index)
         for prefix in accuracy.GEOMETRIES:
-            accuracy.write_phantoms(folder, prefix, args.cases, accuracy.HELDOUT_SEED, family)
+            accuracy.write_phantoms(
+                folder, prefix, args.cases, accuracy.HELDOUT_SEED, family, args.heart_scale
+            )
         report = accuracy.test(work, test_args, args.ckpt, [*data, "--data.test_root", str(folder)], [])
         scores = accuracy.score(report)
         variants[name] = {
@@ -96,6 +110,7 @@ def run(args: argparse.Namespace) -> dict:
         "training family's ranges (issue 31)?",
         "checkpoint": str(args.ckpt),
         "cases_per_geometry": args.cases,
+        "heart_scale": args.heart_scale,
         "heldout_seed": accuracy.HELDOUT_SEED,
         "variants": variants,
         "seconds": round(time.perf_counter() - started, 1),

@@ -505,3 +505,32 @@ def test_heart_scale_grows_the_heart_and_every_field_of_view_and_refuses_phantom
     assert accuracy.parse_args([]).heart_scale == 1.5
     assert accuracy.parse_args(["--quick"]).heart_scale == 1.0
     assert accuracy.parse_args(["--quick", "--heart-scale", "2"]).heart_scale == 2.0
+
+
+def test_heldout_factors_draws_its_variants_at_the_runs_heart_size(load_benchmark, monkeypatch, tmp_path):
+    """heldout_factors.py writes every variant at the heart size of the accuracy.py run whose checkpoint it
+    tests (adult by default, as accuracy.py), and refuses a work dir whose phantoms are of another size,
+    naming the file, before it writes anything: small hearts would price the factors for another model."""
+    factors = load_benchmark("heldout_factors")
+    accuracy = factors.accuracy
+    (tmp_path / "split.json").write_text("{}")
+    for prefix in accuracy.GEOMETRIES:
+        accuracy.write_phantoms(tmp_path / "data-varied", prefix, 1, 0, "varied", 1.0)
+    args = factors.parse_args(["--ckpt", str(tmp_path / "best.ckpt"), "--work-dir", str(tmp_path)])
+    assert args.heart_scale == accuracy.parse_args([]).heart_scale == 1.5
+    with pytest.raises(SystemExit, match="A_1.*another --heart-scale"):
+        factors.run(args)
+    assert not list(tmp_path.glob("test-heldout-factors-*"))
+    written = []
+    monkeypatch.setattr(accuracy, "write_phantoms", lambda root, *rest: written.append(rest[-1]))
+    monkeypatch.setattr(accuracy, "test", lambda *a: {"cases": []})
+    monkeypatch.setattr(
+        accuracy, "score", lambda report: {"per_geometry": {}, "overall": {"dice_mean": 0.0,
+            "volume_error_pct_mean": 0.0}, "done_when": {"fraction_within_5pct": 0.0, "beyond_15pct": 0}}
+    )  # fmt: skip
+    args.heart_scale = 1.0
+    result = factors.run(args)
+    assert set(written) == {1.0} and len(written) == len(factors.GROUPS) * len(accuracy.GEOMETRIES)
+    assert result["heart_scale"] == 1.0
+    with pytest.raises(SystemExit):
+        factors.parse_args(["--ckpt", "x", "--heart-scale", "0"])
