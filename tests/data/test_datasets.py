@@ -234,6 +234,7 @@ NO_AUGMENTATION = {
 }  # fmt: skip
 ONLY_BIAS_FIELD = {**NO_AUGMENTATION, "bias_field": True}
 ONLY_SURROUNDINGS = {**NO_AUGMENTATION, "surroundings_brightening": 0.5}
+ONLY_HISTOGRAM_SHIFT = {**NO_AUGMENTATION, "histogram_shift": True}
 
 
 def test_bias_field_shades_the_slice_smoothly_and_leaves_mask_alone():
@@ -254,6 +255,32 @@ def test_bias_field_shades_the_slice_smoothly_and_leaves_mask_alone():
     transform.set_random_seed(0)
     assert np.allclose(transform(image=image, mask=mask)["image"] / image, fields[0])
     assert not np.allclose(fields[0], fields[1])
+
+
+def test_histogram_shift_changes_tissue_ratios_and_keeps_their_order():
+    """Two tissues (a blood pool at 0.6 on a myocardium at 0.3): the curve changes their ratio, not only both
+    together, and never swaps them; the range's ends, the mask and a blank slice stay as they were."""
+    transform = build_train_transform(AugmentationConfig(**ONLY_HISTOGRAM_SHIFT, p=1.0))
+    assert [type(t).__name__ for t in transform] == ["HistogramShift"]
+    image, mask = np.full((56, 56, 3), 0.3, dtype=np.float32), _square_pair()[1]
+    image[mask > 0] = 0.6
+    image[0, 0], image[-1, -1] = 0.0, 1.0
+    ratios = []
+    for seed in range(6):
+        transform.set_random_seed(seed)
+        out = transform(image=image, mask=mask)
+        assert np.array_equal(out["mask"], mask) and out["image"].dtype == np.float32
+        assert np.allclose(out["image"][..., 0], out["image"][..., 2])  # one curve for the grey channels
+        assert out["image"][0, 0, 0] == 0.0 and np.isclose(out["image"][-1, -1, 0], 1.0)
+        blood, myocardium = out["image"][mask > 0][0, 0], out["image"][40, 40, 0]
+        assert blood > myocardium
+        ratios.append(blood / myocardium)
+    assert max(ratios) / min(ratios) > 1.2  # the ratio is what varies
+    transform.set_random_seed(0)
+    again = transform(image=image, mask=mask)["image"]
+    assert np.isclose(again[mask > 0][0, 0] / again[40, 40, 0], ratios[0])
+    blank = np.zeros_like(image)
+    assert np.array_equal(transform(image=blank, mask=mask)["image"], blank)
 
 
 def test_surroundings_brightened_around_an_atrium_that_keeps_its_grey_values():
@@ -310,6 +337,7 @@ def test_transform_config():
     ]
     with_bias = build_train_transform(AugmentationConfig(bias_field=True))
     assert "BiasField" in [type(t).__name__ for t in with_bias]
+    assert "HistogramShift" not in names
     with pytest.raises(ValueError, match="augmentation.p"):
         AugmentationConfig(p=2)
     with pytest.raises(ValueError, match="gamma"):
@@ -330,8 +358,8 @@ def test_slice_dataset_with_transform_in_workers(cases):
 
 @pytest.mark.parametrize(
     "fields",
-    [{"bias_field": True}, ONLY_BIAS_FIELD, ONLY_SURROUNDINGS],
-    ids=["all", "bias_field_only", "surroundings_only"],
+    [{"bias_field": True, "histogram_shift": True}, ONLY_BIAS_FIELD, ONLY_SURROUNDINGS, ONLY_HISTOGRAM_SHIFT],
+    ids=["all", "bias_field_only", "surroundings_only", "histogram_shift_only"],
 )
 def test_workers_draw_different_augmentations(tmp_path, fields):
     """Forked workers inherit the transform's generator; each must reseed, or they augment in lockstep (the
