@@ -109,6 +109,14 @@ WITHIN_TARGET = 0.90  # fraction of held-out cases within the volume tolerance (
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
+def positive_heart_scale(text: str) -> float:
+    """--heart-scale's type (here and in heldout_factors.py): a positive number."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=8, help="training cases per geometry")
@@ -142,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--heart-scale",
-        type=float,
+        type=positive_heart_scale,
         default=None,
         help="hearts this many times the size of a 100 mm field of view's, every grid's field of view with "
         "them (default 1.5: LA about 75 mL, adult size; 1: about 22 mL, rounds 3-20, and --quick's); use a "
@@ -160,8 +168,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.heart_scale is None:
         args.heart_scale = 1.0 if args.quick else ADULT_HEART_SCALE
-    if args.heart_scale <= 0:
-        parser.error(f"--heart-scale must be positive, got {args.heart_scale}")
     if args.quick:
         args.train, args.val, args.heldout = 2, 1, 1
         args.options = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", *args.options]

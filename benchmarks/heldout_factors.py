@@ -58,15 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default="demo.yaml", help="the checkpoint's recipe (accuracy.py's)")
     parser.add_argument(
         "--heart-scale",
-        type=float,
+        type=accuracy.positive_heart_scale,
         default=accuracy.ADULT_HEART_SCALE,
         help="the heart size the checkpoint's accuracy.py run drew (its --heart-scale; default 1.5)",
     )
     parser.add_argument("--json", type=Path, default=accuracy.RESULTS / "heldout_factors.json")
-    args = parser.parse_args(argv)
-    if args.heart_scale <= 0:
-        parser.error(f"--heart-scale must be positive, got {args.heart_scale}")
-    return args
+    return parser.parse_args(argv)
 
 
 def variant_folder(work: Path, index: int) -> Path:

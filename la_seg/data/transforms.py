@@ -40,8 +40,8 @@ class AugmentationConfig:
             phantom benchmark it changed Dice by less than one seed's spread (benchmarks/README.md, round 16).
         histogram_shift: a random monotone curve through the grey values (`la_seg.data.histogram_shift`):
             tissues change brightness relative to each other, as they do between scanners. Off by default:
-            on the adult-heart benchmark it fixed most of a low-contrast heart's wall called LA, not the
-            held-out setting's missed LA (benchmarks/README.md, round 23).
+            on the adult-heart benchmark it fixed most of a low-contrast heart's wall called LA, and the
+            held-out setting missed more of its LA (benchmarks/README.md, round 23).
         noise: additive Gaussian noise (standard deviation 1 to 5 % of the intensity range).
         blur: Gaussian blur (sigma 0.1 to 1 pixel), mimicking lower in-plane resolution.
         hflip: random flip of the slice's second axis (the volume's Y). Off by default: it mirrors the
