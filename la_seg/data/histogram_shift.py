@@ -4,34 +4,31 @@ to each other, not only all together.
 Scanners and sequences differ in how bright blood, myocardium, fat and an enhanced wall are relative to one
 another (blood 1.2 to 8 times the myocardium); brightness, contrast and gamma move every tissue together, so
 a model trained on a few scans still learns their ratios. MONAI's RandHistogramShift draws a random monotone
-piecewise-linear curve over the image's range (its ends fixed); this module only makes it an albumentations
-transform that draws from albumentations' generator, as la_seg.data.bias_field does. Imported by
-`build_train_transform` only.
+piecewise-linear curve over the image's range (its ends fixed); la_seg.data.seeded_monai makes it an
+albumentations transform. Imported by `build_train_transform` only.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import albumentations as A
 import numpy as np
 from monai.transforms import RandHistogramShift
+
+from la_seg.data.seeded_monai import SeededMonaiTransform
 
 # Control points of the curve, drawn per slice from this range: fewer points, larger shifts. MONAI's default
 # is 10; 4 to 8 moves a mid-grey tissue by up to about a quarter of the range.
 CONTROL_POINTS = (4, 8)
 
 
-class HistogramShift(A.ImageOnlyTransform):
+class HistogramShift(SeededMonaiTransform):
     """Maps an (H, W, C) float image through one random monotone curve shared by its channels."""
 
-    def get_params(self) -> dict[str, Any]:
-        return {"seed": int(self.random_generator.integers(2**31 - 1))}
+    def monai_transform(self) -> RandHistogramShift:
+        return RandHistogramShift(num_control_points=CONTROL_POINTS, prob=1.0)
 
     def apply(self, img: np.ndarray, seed: int, **params: Any) -> np.ndarray:
         if not img.max() > img.min():  # a blank slice: nothing to remap (MONAI would warn)
             return img
-        shift = RandHistogramShift(num_control_points=CONTROL_POINTS, prob=1.0)
-        shift.set_random_state(seed=seed)
-        out = np.asarray(shift(img))
-        return np.ascontiguousarray(out, dtype=img.dtype)
+        return super().apply(img, seed, **params)
