@@ -13,26 +13,28 @@ trains one model with `la-seg fit` (the demo recipe, `demo.yaml`, unless options
 training part, phantoms of the training family (`synthetic.VARIED`: physics drawn per case, as centres
 differ), then scores it on two held-out sets of another seed (FAMILIES): the training family's and the
 held-out setting's (`synthetic.HELDOUT`), which nothing is trained, validated or calibrated on. Per family it
-`la-seg test`s the held-out set, once as configured and once
-with test-time flips (for the review flags; with `-- --model.tta rot180` or `flips` the configured test's own
-voters give them). With `--folds K`, K models instead, one per fold of a K-fold
-cross-validation of the training and validation cases, tested as the folder ensemble (`--ckpt_path` the run
-folder; review flags from the members' agreement) and each alone. Reports per geometry Dice, HD95 and the
-signed LA-volume error per case (mean, sd, worst, how many within +-5 % and beyond +-15 %), whether the
-issues' bars are met, how many of the cases flagged for review are among the worst, and for every case beyond
-+-15 % its cause: where its wrong voxels lie (the phantom's structures regenerated from its seed), and every
-case, whatever its volume, whose mask holds a neighbouring chamber or vessel (NEIGHBOUR_LIMIT). Then
-`la-seg predict`s the held-out set and splits the masks' errors by how much of each voxel is LA (the phantoms'
-partial volume): how many voxels each grid leaves partly LA, how often the model is wrong on them, and the
-Dice a geometry would have at the best geometry's error rates (on its partly-LA voxels; on every voxel):
-whether a geometry's gap is its grid's or the model's; and the Dice with every partly-LA voxel whose surface
-faces the slice axis right (what a through-plane stage could recover at most).
+`la-seg test`s the held-out set, once as configured and once with test-time flips (for the review flags; with
+`-- --model.tta rot180` or `flips` the configured test's own voters give them). With `--folds K`, K models
+instead, one per fold of a K-fold cross-validation of the training and validation cases, tested as the folder
+ensemble (`--ckpt_path` the run folder; review flags from the members' agreement) and each alone; `--ckpt`
+given several times tests those checkpoints as one ensemble the same way (the recipe fitted with several
+seeds). Reports per geometry Dice, HD95 and the signed LA-volume error per case (mean, sd, worst, how many
+within +-5 % and beyond +-15 %), whether the issues' bars are met, how many of the cases flagged for review
+are among the worst, and for every case beyond +-15 % its cause: where its wrong voxels lie (the phantom's
+structures regenerated from its seed), and every case, whatever its volume, whose mask holds a neighbouring
+chamber or vessel (NEIGHBOUR_LIMIT). Then `la-seg predict`s the held-out set and splits the masks' errors by
+how much of each voxel is LA (the phantoms' partial volume): how many voxels each grid leaves partly LA, how
+often the model is wrong on them, and the Dice a geometry would have at the best geometry's error rates (on
+its partly-LA voxels; on every voxel): whether a geometry's gap is its grid's or the model's; and the Dice
+with every partly-LA voxel whose surface faces the slice axis right (what a through-plane stage could recover
+at most).
 
     python benchmarks/accuracy.py --name stretch --json benchmarks/results/accuracy_14ep_stretch.json \\
         -- --data.in_plane stretch --trainer.max_epochs 14   # ~15 min on a quiet core, 35 min on a busy one
     python benchmarks/accuracy.py --name ensemble3 --folds 3   # a 3-fold ensemble against its members
     python benchmarks/accuracy.py --name distinct --train 5 --val 1 --distinct-hearts   # 18 hearts, not 6
     python benchmarks/accuracy.py --ckpt runs/x/version_0/checkpoints/best.ckpt -- --model.tta rot180
+    python benchmarks/accuracy.py --name seeds3 --ckpt s0/best.ckpt --ckpt s1/best.ckpt --ckpt s2/best.ckpt
     python benchmarks/accuracy.py --name small --heart-scale 1 --work-dir /tmp/la-seg-acc-1   # LA ~22 mL
     python benchmarks/accuracy.py --quick               # a smoke run (~2 min): checks the pipeline only
     python benchmarks/accuracy.py --table benchmarks/results/accuracy_*.json   # markdown table of results
@@ -40,7 +42,8 @@ faces the slice axis right (what a through-plane stage could recover at most).
     python benchmarks/accuracy.py --shares RESULT.json   # partly-LA figures re-derived from them
 
 Data and runs stay in --work-dir (default /tmp/la-seg-accuracy) so that later runs reuse the phantoms;
-`--ckpt PATH` evaluates an existing checkpoint without training. Progress goes to stderr.
+`--ckpt PATH` evaluates an existing checkpoint without training (several: their ensemble). Progress goes to
+stderr.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +84,7 @@ from la_seg.data.synthetic import (
 )
 from la_seg.errors import DataError
 from la_seg.inference import check_tta_trained
-from la_seg.runs import checkpoint_in, version_folder_of, versions
+from la_seg.runs import ENSEMBLE_VERSION, checkpoint_in, version_folder_of, versions
 
 RESULTS = Path(__file__).parent / "results"
 GEOMETRIES = {  # prefix: (shape, spacing mm)
@@ -125,7 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default="demo.yaml", help="la-seg config (the recipe)")
     parser.add_argument("--name", default="accuracy", help="run name (logger name under work-dir/runs)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/la-seg-accuracy"))
-    parser.add_argument("--ckpt", type=Path, default=None, help="evaluate this checkpoint, no training")
+    parser.add_argument(
+        "--ckpt",
+        type=Path,
+        action="append",
+        default=None,
+        help="evaluate this checkpoint, no training; given several times: their ensemble",
+    )
     parser.add_argument(
         "--folds",
         type=int,
@@ -293,16 +303,43 @@ def run_folder(ckpt: Path) -> Path:
     return ckpt if ckpt.is_dir() else version_folder_of(ckpt) or ckpt.parent.parent
 
 
-def test(work: Path, args: argparse.Namespace, ckpt: Path, data: list[str], extra: list[str]) -> dict:
-    """`la-seg test` of a checkpoint (or a folder of fold runs: their ensemble) on the held-out folder; the
-    JSON report it wrote (in a run folder under `ckpt`'s, under a name of its own: found as the new file)."""
+@dataclass(frozen=True)
+class Voters:
+    """What `la-seg test` and `predict` are given: one checkpoint, a folder of fold runs, or several
+    checkpoints (their ensemble), and the folder their reports land in."""
+
+    checkpoints: tuple[Path, ...]
+    folder: Path
+
+    @classmethod
+    def of(cls, checkpoints: list[Path], work: Path, name: str) -> Voters:
+        if len(checkpoints) == 1:
+            return cls((checkpoints[0],), run_folder(checkpoints[0]))
+        return cls(tuple(checkpoints), work / "runs" / name / ENSEMBLE_VERSION)  # la-seg's ensemble layout
+
+    @property
+    def option(self) -> str:
+        """--ckpt_path: the one path, or the list of several."""
+        paths = [str(path) for path in self.checkpoints]
+        return paths[0] if len(paths) == 1 else f"[{', '.join(paths)}]"
+
+    @property
+    def members(self) -> list[Path]:
+        (only, *more) = self.checkpoints
+        if more:
+            return list(self.checkpoints)
+        return run_folder_checkpoints(only) if only.is_dir() else [only]
+
+
+def test(work: Path, args: argparse.Namespace, voters: Voters, data: list[str], extra: list[str]) -> dict:
+    """`la-seg test` of the voters on the held-out folder; the JSON report it wrote (in a run folder under
+    the voters' folder, under a name of its own: found as the new file)."""
     options = [*args.options, *extra]
-    progress(f"la-seg test {ckpt} {' '.join(options)}")
-    runs = run_folder(ckpt)
-    before = set(runs.glob("**/test_*.json"))
+    progress(f"la-seg test {voters.option} {' '.join(options)}")
+    before = set(voters.folder.glob("**/test_*.json"))
     config = ["--config", args.config, *QUIET]
-    la_seg(["test", *config, *logger_options(work, args), *data, *options, "--ckpt_path", str(ckpt)])
-    (report,) = set(runs.glob("**/test_*.json")) - before
+    la_seg(["test", *config, *logger_options(work, args), *data, *options, "--ckpt_path", voters.option])
+    (report,) = set(voters.folder.glob("**/test_*.json")) - before
     progress(f"report {report}")
     return json.loads(report.read_text())
 
@@ -392,12 +429,13 @@ STRUCTURES = {
 MISSED_AT_RIM = f"LA missed within {RIM_MM:g} mm of its boundary"
 
 
-def predict(work: Path, args: argparse.Namespace, ckpt: Path, folder: str) -> Path:
+def predict(work: Path, args: argparse.Namespace, voters: Voters, folder: str) -> Path:
     """`la-seg predict` of a held-out folder (the settings `test` used) into a new folder of the run."""
-    masks = run_folder(ckpt) / f"{folder}_masks_{time.strftime('%Y%m%d-%H%M%S')}"
-    progress(f"la-seg predict {ckpt} into {masks}")
+    masks = voters.folder / f"{folder}_masks_{time.strftime('%Y%m%d-%H%M%S')}"
+    progress(f"la-seg predict {voters.option} into {masks}")
     data = ["--data.predict_root", str(work / folder), "--writer.output_dir", str(masks)]
-    la_seg(["predict", "--config", args.config, *QUIET, *data, *args.options, "--ckpt_path", str(ckpt)])
+    options = [*QUIET, *data, *args.options, "--ckpt_path", voters.option]
+    la_seg(["predict", "--config", args.config, *options])
     return masks
 
 
@@ -631,23 +669,24 @@ def run(args: argparse.Namespace) -> dict:
     split_file = work / "split.json"
     split_file.write_text(json.dumps(split, indent=1) + "\n")
     if args.folds > 1:
-        ckpt, data = fit_folds(work, args), [*fold_data(work, args), "--data.fold", "0"]
+        ckpt, data = [fit_folds(work, args)], [*fold_data(work, args), "--data.fold", "0"]
     else:
         training = work / data_folder(args.training_style)
         data = ["--data.root", str(training), "--data.split_file", str(split_file)]
-        ckpt = args.ckpt or fit(work, args, data)
+        ckpt = args.ckpt or [fit(work, args, data)]
     fitted = time.perf_counter()
-    members = run_folder_checkpoints(ckpt) if ckpt.is_dir() else [ckpt]
-    checkpoint = load_checkpoint(members[0])
+    voters = Voters.of(ckpt, work, args.name)
+    checkpoint = load_checkpoint(voters.members[0])
     families = {
-        family: evaluate_family(work, args, ckpt, members, checkpoint, data, folder, style)
+        family: evaluate_family(work, args, voters, checkpoint, data, folder, style)
         for family, (folder, style) in FAMILIES.items()
     }
     return {
         "question": "on held-out hearts of the training family and of a setting nothing was tuned on, does "
         "every scanner geometry reach its Dice and LA volume targets (issues 19, 31)?",
         "families": families,
-        "checkpoint": str(ckpt),
+        "checkpoint": voters.option,
+        "reports": str(voters.folder),
         "checkpoint_calibration": stored_calibration(checkpoint),
         "settings": {
             "config": args.config,
@@ -677,8 +716,7 @@ def run(args: argparse.Namespace) -> dict:
 def evaluate_family(
     work: Path,
     args: argparse.Namespace,
-    ckpt: Path,
-    members: list[Path],
+    voters: Voters,
     checkpoint: dict,
     data: list[str],
     folder: str,
@@ -688,22 +726,25 @@ def evaluate_family(
     ensemble), and `la-seg predict`'s masks split by LA share with a cause for every case beyond
     VOLUME_LIMIT."""
     data = [*data, "--data.test_root", str(work / folder)]
-    report = test(work, args, ckpt, data, [])
+    report = test(work, args, voters, data, [])
     plain = score(report)
-    (run_folder(ckpt) / f"accuracy_scores_{folder}.json").write_text(json.dumps(plain, indent=1))
+    (voters.folder / f"accuracy_scores_{folder}.json").write_text(json.dumps(plain, indent=1))
     review, alone = None, None
     if any(c.get("agreement") for c in report["cases"]):  # voters as configured: members, or --model.tta
         review = review_figures(report, plain)
-    if len(members) > 1:  # the members' agreement is the ensemble's review signal; each member alone
-        alone = {str(m): member_figures(score(test(work, args, m, data, []))) for m in members}
+    if len(voters.members) > 1:  # the members' agreement is the ensemble's review signal; each member alone
+        alone = {
+            str(m): member_figures(score(test(work, args, Voters.of([m], work, args.name), data, [])))
+            for m in voters.members
+        }
     elif review is None and not args.no_flips:  # flips: la-seg allows them only for a model trained with them
         try:
-            check_tta_trained("flips", training_augmentation(checkpoint), f"checkpoint {ckpt}")
-            review = review_figures(test(work, args, ckpt, data, ["--model.tta", "flips"]), plain)
+            check_tta_trained("flips", training_augmentation(checkpoint), f"checkpoint {voters.option}")
+            review = review_figures(test(work, args, voters, data, ["--model.tta", "flips"]), plain)
         except DataError as refused:
             progress(f"no review flags: {refused}")
             review = {"note": f"no review flags: {refused}"}
-    masks = predict(work, args, ckpt, folder)
+    masks = predict(work, args, voters, folder)
     figures = {
         "style": style,
         **plain,
@@ -729,7 +770,7 @@ def recause(path: Path) -> None:
     results written before a rule changed. A family whose phantoms the generator no longer draws (their
     structures would be other hearts') is left as written."""
     result = json.loads(path.read_text())
-    runs = run_folder(Path(result["checkpoint"]))
+    runs = Path(result["reports"]) if "reports" in result else run_folder(Path(result["checkpoint"]))
     work = next(p.parent for p in runs.parents if p.name == "runs")  # work-dir/runs/NAME/version_N
     heart_scale = result.get("settings", {}).get("heart_scale", 1.0)  # 1 before round 21
     for family, figures in result["families"].items():

@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> dict:
             accuracy.write_phantoms(
                 folder, prefix, args.cases, accuracy.HELDOUT_SEED, family, args.heart_scale
             )
-        report = accuracy.test(work, test_args, args.ckpt, [*data, "--data.test_root", str(folder)], [])
+        voters = accuracy.Voters.of([args.ckpt], work, test_args.name)
+        report = accuracy.test(work, test_args, voters, [*data, "--data.test_root", str(folder)], [])
         scores = accuracy.score(report)
         variants[name] = {
             "changed": {field: list(value) for field, value in changes.items()},

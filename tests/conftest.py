@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,7 @@ def load_benchmark():
         script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
         spec = importlib.util.spec_from_file_location(f"la_seg_benchmark_{name}", script)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # as importlib's recipe: dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
 

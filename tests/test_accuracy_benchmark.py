@@ -360,6 +360,23 @@ def test_quick_run_scores_the_reports_its_own_test_commands_wrote(accuracy, tmp_
     report = json.loads((run / "test_test-heldout-3.json").read_text())
     assert all(c["agreement"]["voters"] == ["identity", "flip_xy"] for c in report["cases"])
 
+    # several --ckpt: one ensemble (as of a recipe fitted with several seeds), scored from the reports la-seg
+    # wrote into the run's ensemble folder, its members' agreement giving the flags, and each member alone
+    voted = tmp_path / "two.json"
+    best, last = result["checkpoint"], str(run / "checkpoints" / "last.ckpt")
+    accuracy.main(["--quick", "--name", "two", "--work-dir", str(tmp_path / "work"), "--json", str(voted),
+                   "--ckpt", best, "--ckpt", last, "--no-flips", "--", *flips])  # fmt: skip
+    ensemble = json.loads(voted.read_text())
+    assert ensemble["checkpoint"] == f"[{best}, {last}]"
+    folder = Path(ensemble["reports"])
+    assert folder == tmp_path / "work-quick" / "runs" / "two" / "ensemble"
+    family = ensemble["families"]["heldout_setting"]
+    assert list(family["members_alone"]) == [best, last]
+    assert family["review"]["n"] == 3 and "spearman_agreement_vs_dice" in family["review"]
+    report = json.loads((folder / "test_test-heldout.json").read_text())
+    assert all(c["agreement"]["voters"] == [best, last] for c in report["cases"])
+    assert Path(family["partial_volume"]["masks"]).parent == folder
+
 
 @pytest.mark.slow
 def test_quick_folds_score_the_ensemble_its_agreement_and_each_member(accuracy, tmp_path):
