@@ -7,6 +7,7 @@ transform; used by la_seg.data.bias_field and la_seg.data.histogram_shift.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import albumentations as A
@@ -18,8 +19,9 @@ class SeededMonaiTransform(A.ImageOnlyTransform):
     """Applies `monai_transform()` (a fresh MONAI Randomizable, prob 1) to an (H, W, C) float image, seeded
     from albumentations' generator; one draw is shared by the channels."""
 
+    @abstractmethod  # albumentations' metaclass derives from ABCMeta: the base cannot be instantiated
     def monai_transform(self) -> Randomizable:
-        raise NotImplementedError
+        """A fresh MONAI random transform with prob 1, drawn anew for every image."""
 
     def get_params(self) -> dict[str, Any]:
         return {"seed": int(self.random_generator.integers(2**31 - 1))}
