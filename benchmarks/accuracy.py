@@ -309,26 +309,22 @@ class Voters:
     checkpoints (their ensemble), and the folder their reports land in."""
 
     checkpoints: tuple[Path, ...]
+    members: tuple[Path, ...]  # the checkpoint files that vote: a fold folder's, found once
     folder: Path
 
     @classmethod
     def of(cls, checkpoints: list[Path], work: Path, name: str) -> Voters:
-        if len(checkpoints) == 1:
-            return cls((checkpoints[0],), run_folder(checkpoints[0]))
-        return cls(tuple(checkpoints), work / "runs" / name / ENSEMBLE_VERSION)  # la-seg's ensemble layout
+        (only, *more) = checkpoints
+        if more:
+            return cls(tuple(checkpoints), tuple(checkpoints), work / "runs" / name / ENSEMBLE_VERSION)
+        members = run_folder_checkpoints(only) if only.is_dir() else [only]
+        return cls((only,), tuple(members), run_folder(only))
 
     @property
     def option(self) -> str:
         """--ckpt_path: the one path, or the list of several."""
         paths = [str(path) for path in self.checkpoints]
         return paths[0] if len(paths) == 1 else f"[{', '.join(paths)}]"
-
-    @property
-    def members(self) -> list[Path]:
-        (only, *more) = self.checkpoints
-        if more:
-            return list(self.checkpoints)
-        return run_folder_checkpoints(only) if only.is_dir() else [only]
 
 
 def test(work: Path, args: argparse.Namespace, voters: Voters, data: list[str], extra: list[str]) -> dict:
