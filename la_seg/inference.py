@@ -1,5 +1,5 @@
-"""Whole-volume inference beyond one model: ensembles that share a frozen backbone pass, test-time flips, and
-per-voxel uncertainty with per-case agreement figures. Plain torch (no Lightning).
+"""Whole-volume inference beyond one model: ensembles that share a frozen backbone pass, test-time views
+(flips, gammas), and per-voxel uncertainty with per-case agreement figures. Plain torch (no Lightning).
 
 Why an ensemble is cheap here: k folds' models trained on the same frozen DINOv2 weights differ only in their
 fusion + decoder heads, so they can share one backbone pass per slice; with giant at 448 px the backbone is
@@ -37,32 +37,54 @@ from la_seg.metrics import overlap_3d, volume_ml
 from la_seg.models.segmenter import LASegmenter
 from la_seg.plausibility import disagreement_reasons
 
-TTA = Literal["none", "flips", "rot180"]
+TTA = Literal["none", "flips", "rot180", "gamma"]
 # Windows over a slice wider than the model input overlap by this share of their side; where they overlap,
 # their probabilities are averaged with Gaussian weights of this share of a side as sigma around each window's
 # centre (MONAI's sliding_window_inference "gaussian" mode and nnU-Net: 1/8), so that a window's edge, where
 # it sees a structure cut off, counts little against a window that holds it whole.
 WINDOW_OVERLAP = 0.25
 WINDOW_SIGMA = 0.125
-# In-plane flips of a (N, C, H, W) model input, H and W being the volume's X and Y (see slices_to_input).
-FLIP_DIMS: dict[str, tuple[int, ...]] = {
-    "identity": (),
-    "flip_x": (-2,),
-    "flip_y": (-1,),
-    "flip_xy": (-2, -1),
+
+
+@dataclass(frozen=True)
+class View:
+    """One test-time view of a model input: in-plane flips of an (N, C, H, W) input (H and W being the
+    volume's X and Y, see slices_to_input), then a gamma on its grey values in [0, 1]. `flips_trained` are
+    the data.augmentation flips that make a model invariant to it; a gamma needs the training's gamma range
+    to reach it (check_tta_trained)."""
+
+    flip_dims: tuple[int, ...] = ()
+    flips_trained: tuple[str, ...] = ()
+    gamma: float = 1.0
+
+    def show(self, x: Tensor) -> Tensor:
+        """The model input as this view shows it."""
+        x = x.flip(self.flip_dims) if self.flip_dims else x
+        return x.pow(self.gamma) if self.gamma != 1.0 else x
+
+    def restore(self, output: Tensor) -> Tensor:
+        """An (N, H, W) output of the shown input, back in the input's place (a gamma moves no pixel)."""
+        return output.flip(self.flip_dims) if self.flip_dims else output
+
+
+VIEWS: dict[str, View] = {
+    "identity": View(),
+    "flip_x": View((-2,), ("vflip",)),
+    "flip_y": View((-1,), ("hflip",)),
+    "flip_xy": View((-2, -1), ("hflip", "vflip")),
+    # the ends of the default training gamma range (data.augmentation.gamma [80, 120]): the same anatomy in
+    # another contrast between blood, wall and surroundings, which a model that learnt the LA's shape
+    # segments alike, and one that learnt a grey level does not (benchmarks/README.md, round 25)
+    "gamma_0.8": View(gamma=0.8),
+    "gamma_1.2": View(gamma=1.2),
 }
-# "rot180": identity and flip XY, an in-plane half turn that, unlike one flip, does not mirror the anatomy
-TTA_FLIPS: dict[str, tuple[str, ...]] = {
+# The voters of each model.tta: "rot180" is identity and flip XY, an in-plane half turn that, unlike one
+# flip, does not mirror the anatomy; "gamma" the identity and the two gammas.
+TTA_VIEWS: dict[str, tuple[str, ...]] = {
     "none": ("identity",),
-    "flips": tuple(FLIP_DIMS),
+    "flips": ("identity", "flip_x", "flip_y", "flip_xy"),
     "rot180": ("identity", "flip_xy"),
-}
-# The training augmentation (data.augmentation fields) that makes a model invariant to each flip.
-FLIP_NEEDS: dict[str, tuple[str, ...]] = {
-    "identity": (),
-    "flip_x": ("vflip",),
-    "flip_y": ("hflip",),
-    "flip_xy": ("hflip", "vflip"),
+    "gamma": ("identity", "gamma_0.8", "gamma_1.2"),
 }
 # Post-processing of a binary mask (model.postprocess): none, keep the largest 3D connected component, or
 # keep the largest part after cutting the mask at its narrow necks (postprocess_mask).
@@ -111,9 +133,9 @@ class Agreement(TypedDict):
 class VolumeResult:
     """Whole-volume outputs, slices last, in the volume's original (X, Y, Z) geometry.
 
-    Voters are the ensemble members when there are several (each averaged over its flips), otherwise the
-    test-time flips of the single model: members disagree about what they learnt (what an ensemble adds),
-    and with one model its flips are the only spread there is. `uncertainty` is the voters' variance of
+    Voters are the ensemble members when there are several (each averaged over its views), otherwise the
+    test-time views of the single model: members disagree about what they learnt (what an ensemble adds),
+    and with one model its views are the only spread there is. `uncertainty` is the voters' variance of
     the probability (population variance, in [0, 0.25]); not the entropy of the mean, which is high wherever
     the mean is near 0.5 even when every voter says the same, so it would not tell disagreement from a
     boundary that every model finds soft. None with a single voter.
@@ -124,8 +146,8 @@ class VolumeResult:
     uncertainty: Tensor | None  # float32 variance of the voters' probabilities
     voter_names: list[str]
     voter_masks: list[Tensor] = field(default_factory=list)  # bool, one per voter (only with >1 voter)
-    # With keep_logits: the first member's unflipped float32 (Z, S, S) slice logits in model geometry, which
-    # its training loss is computed on (whatever else votes).
+    # With keep_logits: the first member's float32 (Z, S, S) slice logits of the identity view in model
+    # geometry, which its training loss is computed on (whatever else votes).
     logits: Tensor | None = None
     # Why the mask cannot be right (la_seg.plausibility), filled by the caller that post-processes it, with
     # the post-processed mask's expected Dice under `prob` (la_seg.plausibility.expected_dice).
@@ -181,7 +203,7 @@ class _Head(nn.Module):
 
 @dataclass
 class _Pass:
-    """A backbone run once per chunk (and flip), the input it sees, and the members that decode it."""
+    """A backbone run once per chunk (and view), the input it sees, and the members that decode it."""
 
     backbone_key: str
     kind: InputKind
@@ -189,8 +211,8 @@ class _Pass:
 
 
 class Ensemble(nn.Module):
-    """Averages the probabilities of several LASegmenters (and of their test-time flips) in the original
-    geometry, running each distinct backbone once per chunk of slices (and flip).
+    """Averages the probabilities of several LASegmenters (and of their test-time views) in the original
+    geometry, running each distinct backbone once per chunk of slices (and view).
 
     Members share a backbone when both are frozen, of the same architecture with the same tapped blocks, and
     their weights have the same `fingerprint()` (or are the same module): the ensemble then holds that
@@ -259,7 +281,7 @@ class Ensemble(nn.Module):
         return list(dict.fromkeys(p.kind for p in self.passes))
 
     def describe(self) -> dict:
-        """Members and backbone passes per slice and flip, for reports."""
+        """Members and backbone passes per slice and view, for reports."""
         return {
             "members": list(self.names),
             "passes": [
@@ -278,26 +300,27 @@ class Ensemble(nn.Module):
     def forward(
         self, inputs: Mapping[InputKind, Tensor], tta: TTA = "none", first_logits: list[Tensor] | None = None
     ) -> list[list[Tensor]]:
-        """Per member, per flip of `tta` (in TTA_FLIPS order): (N, S, S) float32 probabilities, flipped back.
+        """Per member, per view of `tta` (in TTA_VIEWS order): (N, S, S) float32 probabilities, back in the
+        input's place.
 
         `inputs` maps each of `input_kinds` to its (N, 3, S, S) slice stack. Each pass runs its backbone once
-        per flip, on the flipped stack (DINOv2 features are not flip-equivariant); all its members decode it.
-        `first_logits`, if given, receives the first member's unflipped (N, S, S) float32 logits.
+        per view, on the stack as the view shows it (DINOv2 features are not flip-equivariant); all its
+        members decode it. `first_logits`, if given, receives the first member's (N, S, S) float32 logits of
+        the identity view.
         """
-        flips = _flips(tta)
+        views = _views(tta)
         probs: list[list[Tensor]] = [[] for _ in self.heads]
         for shared in self.passes:
             backbone = self.backbones[shared.backbone_key]
-            for flip in flips:
-                dims = FLIP_DIMS[flip]
-                x = inputs[shared.kind].flip(dims) if dims else inputs[shared.kind]
+            for name in views:
+                view = VIEWS[name]
+                x = view.show(inputs[shared.kind])
                 fused = backbone.fused(x, [self.heads[m].fusion for m in shared.members])
                 for m, maps in zip(shared.members, fused, strict=True):
                     logits = self.heads[m](maps, x).float()[:, 0]
-                    if m == 0 and not dims and first_logits is not None:
+                    if m == 0 and name == "identity" and first_logits is not None:
                         first_logits.append(logits)
-                    prob = torch.sigmoid(logits)
-                    probs[m].append(prob.flip(dims) if dims else prob)
+                    probs[m].append(view.restore(torch.sigmoid(logits)))
         return probs
 
     def grids(self, shape: Sequence[int], spacing: Sequence[float] | None) -> dict[InputKind, SliceGrid]:
@@ -320,15 +343,15 @@ class Ensemble(nn.Module):
 
         Each voter's probability is assembled in model geometry, restored to (X, Y) once, then folded into a
         running mean and variance, so memory holds one full-size float map per output plus a bool mask per
-        voter, whatever the number of members and flips.
+        voter, whatever the number of members and views.
         """
         if not self.heads:
             raise DataError("the ensemble has no members: add at least one model")
         if isinstance(chunk, bool) or int(chunk) < 1:
             raise DataError(f"chunk (slices per forward pass) must be a positive integer, got {chunk!r}")
-        flips = _flips(tta)
+        views = _views(tta)
         several = len(self.heads) > 1
-        voter_names = list(self.names) if several else list(flips)
+        voter_names = list(self.names) if several else list(views)
         per_voter: list[list[Tensor]] = [[] for _ in voter_names]
         first_logits: list[Tensor] = []
         grids = self.grids(tuple(image.shape), spacing)
@@ -345,14 +368,14 @@ class Ensemble(nn.Module):
             }
             member_probs = self(inputs, tta, first_logits if keep_logits else None)
             member_probs = [
-                [join_windows(p, windows[kind_of[m]], grids[kind_of[m]].plane) for p in flipped]
-                for m, flipped in enumerate(member_probs)
+                [join_windows(p, windows[kind_of[m]], grids[kind_of[m]].plane) for p in viewed]
+                for m, viewed in enumerate(member_probs)
             ]
             if keep_logits:
                 first_logits[-1] = join_windows(
                     first_logits[-1], windows[kind_of[0]], grids[kind_of[0]].plane
                 )
-            voters = [_sum(flipped) for flipped in member_probs] if several else member_probs[0]
+            voters = [_sum(viewed) for viewed in member_probs] if several else member_probs[0]
             for stack, probs in zip(per_voter, voters, strict=True):
                 stack.append(probs)
         mean = m2 = None
@@ -360,8 +383,8 @@ class Ensemble(nn.Module):
         for n, stack in enumerate(per_voter, start=1):
             voter = torch.cat(stack) if len(stack) > 1 else stack[0]
             stack.clear()
-            if several and len(flips) > 1:
-                voter = voter.div_(len(flips))  # a sum made here, not a caller's tensor
+            if several and len(views) > 1:
+                voter = voter.div_(len(views))  # a sum made here, not a caller's tensor
             prob = restore_geometry(voter, tuple(image.shape), voter_grids[0 if not several else n - 1])
             if len(voter_names) > 1:
                 masks.append(prob > threshold)
@@ -467,10 +490,10 @@ def _largest_component(mask: Tensor) -> Tensor:
     return torch.from_numpy(parts == largest).to(mask.device)
 
 
-def _flips(tta: str) -> tuple[str, ...]:
-    if tta not in TTA_FLIPS:
-        raise DataError(f"tta must be one of {list(TTA_FLIPS)}, got {tta!r}")
-    return TTA_FLIPS[tta]
+def _views(tta: str) -> tuple[str, ...]:
+    if tta not in TTA_VIEWS:
+        raise DataError(f"tta must be one of {list(TTA_VIEWS)}, got {tta!r}")
+    return TTA_VIEWS[tta]
 
 
 def _sum(tensors: list[Tensor]) -> Tensor:
@@ -493,22 +516,35 @@ def _welford_update(mean: Tensor | None, m2: Tensor | None, value: Tensor, n: in
 
 
 def check_tta_trained(tta: str, augmentation: dict | None, model: str) -> None:
-    """Refuse test-time flips that `model` was not trained to be invariant to: a mirrored LGE slice puts the
-    LA where the model never saw it (Dice 0.87 -> 0.41 on the demo). `augmentation` is the training's
-    data.augmentation (None: not recorded, as in checkpoints of la-seg before 0.1.1)."""
-    needed = sorted({field for flip in _flips(tta) for field in FLIP_NEEDS[flip]})
-    if not needed:
+    """Refuse test-time views that `model` was not trained to be invariant to: a mirrored LGE slice puts the
+    LA where the model never saw it (Dice 0.87 -> 0.41 on the demo), and a gamma beyond the training's range
+    shows it a contrast it never saw. `augmentation` is the training's data.augmentation (None: not
+    recorded, as in checkpoints of la-seg before 0.1.1)."""
+    views = [VIEWS[name] for name in _views(tta)]
+    flips = sorted({field for view in views for field in view.flips_trained})
+    gammas = sorted({view.gamma for view in views if view.gamma != 1.0})
+    if not flips and not gammas:
         return
     if augmentation is None:
         raise DataError(
             f"model.tta {tta}: {model} does not record its training augmentation, so whether it was trained "
-            "with flips is unknown; use model.tta none"
+            "for these test-time views is unknown; use model.tta none"
         )
-    enabled = augmentation.get("enabled", True)
-    missing = [field for field in needed if not (enabled and augmentation.get(field, False))]
+    active = augmentation.get("enabled", True) and augmentation.get("p", 0.5) > 0
+    missing = [field for field in flips if not (active and augmentation.get(field, False))]
     if missing:
         options = " and ".join(f"data.augmentation.{field} true" for field in missing)
         raise DataError(
             f"model.tta {tta}: {model} was trained without {', '.join(missing)} (a flipped slice shows it "
             f"anatomy it never saw, which lowers Dice); use model.tta none, or train with {options}"
+        )
+    low, high = (float(g) / 100.0 for g in augmentation.get("gamma", (100.0, 100.0)))
+    beyond = [g for g in gammas if not (active and low <= g <= high)]
+    if beyond:
+        trained = f"gamma {low:g} to {high:g}" if active else "no augmentation"
+        needed = f"[{100 * min(gammas[0], low):g}, {100 * max(gammas[-1], high):g}]"
+        raise DataError(
+            f"model.tta {tta}: {model} was trained with {trained}, which does not reach gamma "
+            f"{', '.join(f'{g:g}' for g in beyond)} (a contrast it never saw, which lowers Dice); use "
+            f"model.tta none, or train with data.augmentation.gamma {needed}"
         )

@@ -107,11 +107,13 @@ class LASegModule(L.LightningModule):
         threshold: probability above which a voxel is LA.
         tta: test-time augmentation at evaluation and prediction: `none`, `flips` (the mean over the
             identity and the in-plane flips in X, Y and both; 4x the cost) or `rot180` (identity and flip XY,
-            a half turn that does not mirror the anatomy; 2x the cost). Both need a model trained with flips.
+            a half turn that does not mirror the anatomy; 2x the cost), both for a model trained with flips,
+            or `gamma` (identity and gamma 0.8 and 1.2 on the grey values, 3x the cost; its agreement flags
+            masks that hang on one contrast), for a model whose training gamma range reaches both.
         postprocess: `none` or `largest_component` (keep the largest 3D connected component), applied
             the same way in validation, test and predict.
-        review_below: with several voters (an ensemble, `tta: flips` or `rot180`), a case is flagged for
-            review when their mean pairwise Dice is below this.
+        review_below: with several voters (an ensemble, `tta: flips`, `rot180` or `gamma`), a case is
+            flagged for review when their mean pairwise Dice is below this.
         review_expected_dice: a case is flagged for review when its mask's expected Dice under the model's
             own probabilities (la_seg.plausibility.expected_dice) is below this; 0: never.
         plausibility: what a plausible LA mask looks like (volume range, border, components) and the

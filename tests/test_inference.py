@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,13 @@ from tiny_options import member, stretched
 from torch.utils.flop_counter import FlopCounterMode
 
 from la_seg.data.preprocess import restore_geometry, slices_to_input
+from la_seg.data.transforms import AugmentationConfig
 from la_seg.errors import DataError
 from la_seg.inference import (
-    FLIP_DIMS,
+    VIEWS,
     Ensemble,
     case_agreement,
+    check_tta_trained,
     cut_windows,
     join_windows,
     plane_windows,
@@ -47,12 +50,18 @@ def make_net(config, seed: int, weights_from: LASegmenter | None = None) -> LASe
     return net.eval()
 
 
-def reference_prob(net: LASegmenter, image: torch.Tensor, slice_context: bool = False) -> torch.Tensor:
-    """One model on the whole volume, written out independently of la_seg.inference."""
+def reference_prob(
+    net: LASegmenter, image: torch.Tensor, slice_context: bool = False, gamma: float = 1.0
+) -> torch.Tensor:
+    """One model on the whole volume (its input's grey values raised to `gamma`), written out independently
+    of la_seg.inference."""
     with torch.no_grad():
         probs = [
             torch.sigmoid(
-                net(slices_to_input(image, net.config.img_size, slice_context, index=slice(s, s + CHUNK)))
+                net(
+                    slices_to_input(image, net.config.img_size, slice_context, index=slice(s, s + CHUNK))
+                    ** gamma
+                )
             )
             for s in range(0, image.shape[-1], CHUNK)
         ]
@@ -133,22 +142,66 @@ def flipped_runs(net: LASegmenter, image: torch.Tensor) -> list[torch.Tensor]:
     return runs
 
 
+def viewed_runs(net: LASegmenter, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every test-time view's run, by the view's name: the flipped runs, and the input's gammas."""
+    flips = dict(zip(("identity", "flip_x", "flip_y", "flip_xy"), flipped_runs(net, image), strict=True))
+    return {
+        **flips,
+        "gamma_0.8": reference_prob(net, image, gamma=0.8),
+        "gamma_1.2": reference_prob(net, image, gamma=1.2),
+    }
+
+
 @pytest.mark.parametrize(
     "tta, views",
-    [("flips", ["identity", "flip_x", "flip_y", "flip_xy"]), ("rot180", ["identity", "flip_xy"])],
+    [
+        ("flips", ["identity", "flip_x", "flip_y", "flip_xy"]),
+        ("rot180", ["identity", "flip_xy"]),
+        ("gamma", ["identity", "gamma_0.8", "gamma_1.2"]),
+    ],
 )
-def test_tta_averages_its_flipped_runs(tiny_net, image, tta, views):
+def test_tta_averages_its_viewed_runs(tiny_net, image, tta, views):
     net = make_net(tiny_net, 0)
     ensemble = Ensemble([member("model", net)]).eval()
     calls = count_calls(net.backbone)
     result = ensemble.segment_volume(image, chunk=CHUNK, tta=tta)
     assert calls[0] == len(views) * 2  # a backbone pass per view and chunk
-    every = dict(zip(FLIP_DIMS, flipped_runs(net, image), strict=True))
+    every = viewed_runs(net, image)
+    assert set(every) == set(VIEWS)  # every view is checked against a run written out here
     runs = torch.stack([every[view] for view in views])
     torch.testing.assert_close(result.prob, runs.mean(0), atol=1e-5, rtol=0)
     # One model: its views are the voters.
     assert result.voter_names == views and len(result.voter_masks) == len(views)
     torch.testing.assert_close(result.uncertainty, runs.var(0, unbiased=False), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "tta, training, refused",
+    [
+        ("gamma", {}, None),  # the default gamma range, 80 to 120 %, reaches both views
+        ("gamma", {"gamma": [70, 130]}, None),  # as a checkpoint stores it: a list
+        ("gamma", {"gamma": [90, 110]}, "trained with gamma 0.9 to 1.1, which does not reach gamma 0.8, 1.2"),
+        ("gamma", {"gamma": [80, 110]}, "does not reach gamma 1.2 "),
+        ("gamma", {"gamma": [100, 100]}, "data.augmentation.gamma [80, 120]"),
+        ("gamma", {"enabled": False}, "trained with no augmentation"),
+        ("gamma", {"p": 0.0}, "trained with no augmentation"),
+        ("gamma", None, "does not record its training augmentation"),
+        ("flips", {"hflip": True, "vflip": True}, None),
+        ("flips", {"hflip": True}, "data.augmentation.vflip true"),
+        ("rot180", {"hflip": True, "vflip": True, "p": 0.0}, "without hflip, vflip"),
+        ("none", {"enabled": False}, None),
+    ],
+)
+def test_a_test_time_view_needs_the_training_that_makes_a_model_invariant_to_it(tta, training, refused):
+    augmentation = None
+    if training is not None:
+        augmentation = {**dataclasses.asdict(AugmentationConfig()), **training}
+    if refused is None:
+        check_tta_trained(tta, augmentation, "checkpoint x.ckpt")
+        return
+    with pytest.raises(DataError, match=re.escape(refused)) as error:
+        check_tta_trained(tta, augmentation, "checkpoint x.ckpt")
+    assert str(error.value).startswith(f"model.tta {tta}: checkpoint x.ckpt ")
 
 
 def test_tta_with_shared_ensemble_shares_each_flipped_pass(tiny_net, image):

@@ -19,22 +19,24 @@ three or six validation hearts where the configured 0.5 scored as well or better
 held-out hearts (benchmarks/README.md rounds 18-20), while six validation cases all 3-7 % short carry the
 move to 0.4.
 
-The review threshold, for a model trained with flips (data.augmentation.hflip and vflip), is set to the
-`review_quantile` quantile of the validation cases' agreement (mean pairwise Dice of the test-time flips),
-once per test-time augmentation with several voters (`flips`, `rot180`: their agreements differ in level, so
-each has its own threshold, `how.review_below_by_tta`, which test / predict take for the `model.tta` they
-run): a held-out case is flagged when its voters agree less than all but that fraction of the validation
-cases did; without flip training it stays as configured (flipped slices show anatomy the model never saw,
-and test / predict refuse flips for such a model). Likewise, with or without voters, `review_expected_dice`
-is the `review_quantile` quantile of the validation cases' expected Dice (la_seg.plausibility.expected_dice)
-at the chosen setting: a case is flagged when the model is less sure of its mask than of all but that
-fraction of the validation cases; and it is raised above the expected Dice of every validation case whose
-mask's Dice is below `review_dice`, so that a mask as doubtful as a validation failure is never passed. (A
-quantile says how unsure the model is relative to itself: on the accuracy benchmark a 5-heart model's 3
-validation cases all scored about 0.7, their 0.1 quantile was their minimum, and it flagged 1 of 16
-training-family cases below Dice 0.8.) All of it, with the scores it was chosen on, goes into
-the best checkpoint (`la_seg.checkpoints.write_calibration`); validate / test / predict then use those
-settings unless they are given on the command line, and reports record them (`inference.calibration`).
+The review threshold is set to the `review_quantile` quantile of the validation cases' agreement (mean
+pairwise Dice of the test-time views), once per test-time augmentation with several voters that the model
+was trained for (`flips` and `rot180` with data.augmentation.hflip and vflip, `gamma` with a training gamma
+range that reaches 0.8 and 1.2: their agreements differ in level, so each has its own threshold,
+`how.review_below_by_tta`, which test / predict take for the `model.tta` they run): a held-out case is
+flagged when its voters agree less than all but that fraction of the validation cases did. `review_below`
+itself is that of the configured model.tta (of `flips` for `none`, which an ensemble's members use); views
+the model was not trained for get none (they show it slices it never saw, and test / predict refuse them).
+Likewise, with or without voters, `review_expected_dice` is the `review_quantile` quantile of the validation
+cases' expected Dice (la_seg.plausibility.expected_dice) at the chosen setting: a case is flagged when the
+model is less sure of its mask than of all but that fraction of the validation cases; and it is raised above
+the expected Dice of every validation case whose mask's Dice is below `review_dice`, so that a mask as
+doubtful as a validation failure is never passed. (A quantile says how unsure the model is relative to itself:
+on the accuracy benchmark a 5-heart model's 3 validation cases all scored about 0.7, their 0.1 quantile was
+their minimum, and it flagged 1 of 16 training-family cases below Dice 0.8.) All of it, with the scores it was
+chosen on, goes into the best checkpoint (`la_seg.checkpoints.write_calibration`); validate / test / predict
+then use those settings unless they are given on the command line, and reports record them
+(`inference.calibration`).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from la_seg.plausibility import case_reasons, expected_dice
 from la_seg.progress import Progress, tracked
 
 # The test-time augmentations with several voters, each calibrated a review threshold of its own.
-REVIEW_TTA = ("flips", "rot180")
+REVIEW_TTA = ("flips", "rot180", "gamma")
 
 
 class InferenceCalibration(L.Callback):
@@ -178,7 +180,7 @@ class InferenceCalibration(L.Callback):
         scores: dict[tuple[float, str], list[tuple[float, float, float | None]]] = {c: [] for c in combos}
         implausible: dict[tuple[float, str], dict[str, str]] = {c: {} for c in combos}  # case id -> why
         expected: dict[tuple[float, str], list[float]] = {c: [] for c in combos}  # per case, the model's own
-        volumes = []  # per case, on the CPU: what the flips need again
+        volumes = []  # per case, on the CPU: what the test-time views need again
         ensemble, device = pl_module.ensemble(), pl_module.device
         chunk, tta = pl_module.eval_chunk(device), pl_module.hparams.tta
         for item in tracked(dataset, "calibration: validation cases segmented", len(dataset)):
@@ -229,10 +231,12 @@ class InferenceCalibration(L.Callback):
         threshold, post = chosen
         evidence = evidence_against(table, configured, post, self.evidence_p)
         agreements: dict[str, list[float]] = {}
-        if trained_for_flips(datamodule):  # else flips show anatomy the model never saw: no measure of doubt
-            what = f"calibration: agreement under tta {' and '.join(REVIEW_TTA)}, case passes"
-            with Progress(what, len(REVIEW_TTA) * len(volumes)) as progress:
-                for voters in REVIEW_TTA:
+        # views the model was not trained for show it slices it never saw: their agreement measures no doubt
+        trained = [voters for voters in REVIEW_TTA if trained_for(voters, datamodule)]
+        if trained:
+            what = f"calibration: agreement under tta {' and '.join(trained)}, case passes"
+            with Progress(what, len(trained) * len(volumes)) as progress:
+                for voters in trained:
                     agreements[voters] = []
                     for image, spacing in volumes:
                         result = ensemble.segment_volume(image.to(device), threshold, chunk, voters, spacing)
@@ -274,12 +278,12 @@ class InferenceCalibration(L.Callback):
                 "volume_tolerance": self.volume_tolerance,
                 "scores": table,
                 "review_rule": f"quantile {self.review_quantile} of the validation cases' agreement (mean "
-                "pairwise Dice) of the voters of each model.tta: flips (identity, flip X, flip Y, flip XY) "
-                "and rot180 (identity, flip XY); review_below is that of the configured model.tta (flips "
-                "for none)"
+                "pairwise Dice) of the voters of each model.tta the model was trained for: flips (identity, "
+                "flip X, flip Y, flip XY), rot180 (identity, flip XY), gamma (identity, gamma 0.8, gamma "
+                "1.2); review_below is that of the configured model.tta (flips for none)"
                 if quantile is not None
-                else "kept as configured: the model was not trained with flips (data.augmentation.hflip and "
-                "vflip), so their agreement says nothing",
+                else "kept as configured: the model was not trained for the test-time views of the "
+                "configured model.tta (flips for none), so their agreement says nothing",
                 "review_below_by_tta": by_tta,
                 "review_expected_dice_rule": f"quantile {self.review_quantile} of the validation cases' "
                 "expected Dice (la_seg.plausibility.expected_dice) at the chosen threshold and "
@@ -394,10 +398,11 @@ def doubt_level(
     return level, [c for _, c in failures]
 
 
-def trained_for_flips(datamodule) -> bool:
-    """Whether the training augmentation makes the model invariant to test-time flips (inference's rule)."""
+def trained_for(tta: str, datamodule) -> bool:
+    """Whether the training augmentation makes the model invariant to the test-time views of `tta`
+    (inference's rule)."""
     try:
-        check_tta_trained("flips", dataclasses.asdict(datamodule.augmentation), "the model")
+        check_tta_trained(tta, dataclasses.asdict(datamodule.augmentation), "the model")
     except DataError:
         return False
     return True

@@ -15,7 +15,7 @@ from la_seg.callbacks.calibration import (
     choose,
     doubt_level,
     evidence_against,
-    trained_for_flips,
+    trained_for,
 )
 from la_seg.checkpoints import CALIBRATION_KEY, network_settings, stored_calibration, write_calibration
 from la_seg.cli import main
@@ -53,10 +53,10 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, m
     errors = [record["how"]["scores"][f"{t}/none"]["volume_error_pct"][0] for t in (0.4, 0.5)]
     assert None in errors or errors[0] >= errors[1]  # a lower threshold keeps more voxels
     by_tta = record["how"]["review_below_by_tta"]  # each test-time augmentation's voters: a threshold each
-    assert set(by_tta) == {"flips", "rot180"} and by_tta["flips"] == settings["review_below"]
+    assert set(by_tta) == {"flips", "rot180", "gamma"} and by_tta["flips"] == settings["review_below"]
     agreements = record["how"]["validation_agreement_by_tta"]
     assert agreements["flips"] == record["how"]["validation_agreement"]
-    assert len(agreements["rot180"]) == len(record["how"]["validation_cases"])
+    assert len(agreements["rot180"]) == len(agreements["gamma"]) == len(record["how"]["validation_cases"])
     assert network_settings(checkpoint)["in_plane"] == "spacing"
     assert network_settings(checkpoint)["target_spacing"] == 2.0
     # the model's own doubt: the quantile of the validation cases' expected Dice at the chosen setting, raised
@@ -86,14 +86,16 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, m
     main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best", "--model.threshold", "0.7"])
     inference = json.loads((run / "test_heldout-2.json").read_text())["header"]["inference"]
     assert inference["threshold"] == 0.7 and inference["postprocess"] == settings["postprocess"]
-    # test-time half turns: the review threshold calibrated for their voters
-    main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best", "--model.tta", "rot180"])
-    report = json.loads((run / "test_heldout-3.json").read_text())
-    assert report["header"]["inference"]["review_below"] == pytest.approx(by_tta["rot180"])
-    for case in report["cases"]:
-        agreement = case["agreement"]
-        assert agreement["voters"] == ["identity", "flip_xy"]
-        assert agreement["review"] == (agreement["mean_pairwise_dice"] < by_tta["rot180"])
+    # test-time half turns and gammas: the review threshold calibrated for their voters
+    voters = {"rot180": ["identity", "flip_xy"], "gamma": ["identity", "gamma_0.8", "gamma_1.2"]}
+    for number, (tta, names) in enumerate(voters.items(), start=3):
+        main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best", "--model.tta", tta])
+        report = json.loads((run / f"test_heldout-{number}.json").read_text())
+        assert report["header"]["inference"]["review_below"] == pytest.approx(by_tta[tta])
+        for case in report["cases"]:
+            agreement = case["agreement"]
+            assert agreement["voters"] == names
+            assert agreement["review"] == (agreement["mean_pairwise_dice"] < by_tta[tta])
 
 
 def test_a_calibration_record_round_trips_through_the_file(tmp_path):
@@ -273,10 +275,13 @@ def test_threshold_evidence_needs_patients_and_not_their_order(errors, shift, or
         assert evidence_against(_table(rows), 0.5, "largest_component", 0.05) is not None
 
 
-def test_review_threshold_is_calibrated_only_for_a_model_trained_with_flips():
-    assert trained_for_flips(LADataModule(augmentation=AugmentationConfig(hflip=True, vflip=True)))
-    assert not trained_for_flips(LADataModule(augmentation=AugmentationConfig(hflip=True)))
-    assert not trained_for_flips(LADataModule())
+def test_review_threshold_is_calibrated_only_for_the_views_a_model_was_trained_for():
+    flipped = LADataModule(augmentation=AugmentationConfig(hflip=True, vflip=True))
+    assert trained_for("flips", flipped) and trained_for("rot180", flipped) and trained_for("gamma", flipped)
+    assert not trained_for("flips", LADataModule(augmentation=AugmentationConfig(hflip=True)))
+    assert not trained_for("flips", LADataModule()) and trained_for("gamma", LADataModule())
+    assert not trained_for("gamma", LADataModule(augmentation=AugmentationConfig(gamma=(90, 110))))
+    assert not trained_for("gamma", LADataModule(augmentation=AugmentationConfig(enabled=False)))
 
 
 @pytest.mark.slow
