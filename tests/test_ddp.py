@@ -182,6 +182,58 @@ def test_windows_of_a_wide_field_of_view_on_two_ranks_match_one_process(fitted, 
     assert all(p.shape == (48, 40, 5) and (p > 0).all() for p in probabilities)  # no 0 fill outside a crop
 
 
+def close(a, b, tolerance: float = 1e-6) -> bool:
+    """Whether two JSON-like values are equal, their floats to `tolerance` (numbers in strings too: CSV)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], tolerance) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y, tolerance) for x, y in zip(a, b, strict=True))
+    try:
+        return a == b or abs(float(a) - float(b)) <= tolerance
+    except (TypeError, ValueError):
+        return False
+
+
+@pytest.mark.slow
+def test_voters_on_two_ranks_match_one_process(fitted, tmp_path, capfd):
+    """With test-time views (model.tta gamma) every case has voters: masks, uncertainty maps, volumes.csv's
+    agreement columns and the test report on two ranks are one process's, floats to rounding (each rank runs
+    one OpenMP thread, the one process several, so sums differ in their last bits)."""
+    single, single_test, ddp = tmp_path / "single", tmp_path / "single_test", tmp_path / "ddp"
+    single.mkdir()
+    shutil.copytree(fitted / "runs", single_test / "runs")
+    shutil.copytree(fitted / "runs", ddp / "runs")
+    cases = str(fitted / "data")
+    best = str(fitted / "runs" / "demo" / "version_0" / "checkpoints" / "best.ckpt")
+    voters = ["--model.tta", "gamma"]
+    predict = ["predict", *TINY, *voters, "--data.predict_root", cases, "--writer.output_dir", "masks"]
+    code, err = one_process(single, [*predict, "--ckpt_path", best], capfd)
+    assert code == 0, err[-3000:]
+    predicted = two_ranks(ddp, [*predict, "--ckpt_path", "best"])
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    one, two = masks(single / "masks"), masks(ddp / "masks")
+    assert one.keys() == two.keys() and len(one) == 10  # a mask and an uncertainty map per case
+    for name, values in one.items():
+        if name.endswith("_uncertainty.nii.gz"):
+            assert np.allclose(two[name], values, atol=1e-6) and values.max() > 0, name
+        else:
+            assert np.array_equal(two[name], values), name
+    rows = [(folder / "masks" / "volumes.csv").read_text().splitlines() for folder in (single, ddp)]
+    assert "mean_pairwise_dice" in rows[0][0]
+    assert close([r.split(",") for r in rows[0]], [r.split(",") for r in rows[1]], 1e-4)  # 4 decimals
+
+    test = ["test", *TINY, *voters, "--data.test_root", cases, "--ckpt_path", "best"]
+    code, err = one_process(single_test, test, capfd)
+    assert code == 0, err[-3000:]
+    tested = two_ranks(ddp, test)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    one_run, ddp_run = single_test / "runs" / "demo" / "version_0", ddp / "runs" / "demo" / "version_0"
+    reports = [json.loads((run / "test_data.json").read_text()) for run in (one_run, ddp_run)]
+    assert all("mean_pairwise_dice" in json.dumps(case) for case in reports[0]["cases"])
+    assert close(reports[1]["cases"], reports[0]["cases"], 1e-4)
+    assert close(reports[1]["summary"], reports[0]["summary"], 1e-4)
+
+
 # `la-seg` for a 2-rank fit recording, per rank, the cases its SliceDataset holds and every case it decodes.
 RECORDING = """
 import os
