@@ -204,12 +204,19 @@ def apply_calibration(config, checkpoint: dict, given_options: list[str]) -> Non
     for field, value in calibration["settings"].items():
         if field in CALIBRATED_FIELDS and not on_command_line(f"model.{field}", given_options):
             config.model[field] = applied[field] = value
-    by_tta = calibration.get("how", {}).get("review_below_by_tta") or {}
+    how = calibration.get("how", {})
+    by_tta = how.get("review_below_by_tta") or {}
     if config.model.tta in by_tta and "review_below" in applied:  # the voters this run uses, calibrated
         config.model.review_below = applied["review_below"] = by_tta[config.model.tta]
     if applied:
         chosen = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in applied.items())
         say(f"la-seg: inference settings chosen on validation at the end of fit: {chosen}")
+    if by_tta and "review_below" in applied and "agreement_postprocess" not in how:
+        say(
+            "la-seg: note: this checkpoint's review_below was calibrated on the voters' raw masks; agreement "
+            "now compares them post-processed, as delivered, where they agree more, so fewer cases may be "
+            "flagged than its calibration meant (a new fit calibrates it anew; --model.review_below sets it)"
+        )
 
 
 _NOT_A_DEFAULT = object()

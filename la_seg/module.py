@@ -351,7 +351,7 @@ class LASegModule(L.LightningModule):
             pred=result.mask,
             label=label.bool(),
             geometry=geometry,
-            agreement=result.agreement(spacing, self.review_below(), voxel_mm3=voxel_mm3),
+            agreement=result.agreement(spacing, self.hparams.postprocess, self.review_below(), voxel_mm3),
             review_reasons=result.review_reasons,
             expected_dice=result.expected_dice,
         )
@@ -392,7 +392,7 @@ class LASegModule(L.LightningModule):
             prob=result.prob,
             geometry=geometry,
             uncertainty=result.uncertainty,
-            agreement=result.agreement(spacing, self.review_below(), voxel_mm3=voxel_mm3),
+            agreement=result.agreement(spacing, self.hparams.postprocess, self.review_below(), voxel_mm3),
             review_reasons=result.review_reasons,
             expected_dice=result.expected_dice,
         )

@@ -18,6 +18,8 @@ from la_seg.data.preprocess import restore_geometry, slices_to_input
 from la_seg.data.transforms import AugmentationConfig
 from la_seg.errors import DataError
 from la_seg.inference import (
+    POSTPROCESSING,
+    TTA_VIEWS,
     VIEWS,
     Ensemble,
     case_agreement,
@@ -27,7 +29,7 @@ from la_seg.inference import (
     plane_windows,
     postprocess_mask,
 )
-from la_seg.metrics import volume_ml
+from la_seg.metrics import overlap_3d, volume_ml
 from la_seg.models.segmenter import LASegmenter
 from la_seg.module import LASegModule
 
@@ -129,7 +131,7 @@ def test_module_segments_a_volume_as_its_net_does_slice_by_slice(tiny_net, image
     torch.testing.assert_close(result.prob, reference_prob(module.net, image), atol=1e-5, rtol=1e-4)
     assert torch.equal(result.mask, result.prob > 0.4)
     assert result.uncertainty is None and result.voter_masks == []
-    assert result.agreement(spacing=(1.0, 1.0, 1.0)) is None
+    assert result.agreement((1.0, 1.0, 1.0), "none") is None
 
 
 def flipped_runs(net: LASegmenter, image: torch.Tensor) -> list[torch.Tensor]:
@@ -228,7 +230,7 @@ def test_uncertainty_is_zero_where_members_agree(tiny_net, image):
     result = copies.segment_volume(image, chunk=CHUNK)
     assert torch.count_nonzero(result.uncertainty) == 0
     assert torch.equal(result.prob, single.prob)
-    agreement = result.agreement(spacing=(1.0, 1.0, 2.0))
+    agreement = result.agreement((1.0, 1.0, 2.0), "none")
     assert agreement["mean_pairwise_dice"] == 1.0 and agreement["volume_spread_ml"] == 0.0
     assert not agreement["review"]
 
@@ -243,7 +245,7 @@ def test_uncertainty_is_positive_where_members_differ(tiny_net, image):
     assert differ.any() and (result.uncertainty[differ] > 0).all()
     assert result.uncertainty.dtype == torch.float32 and result.uncertainty.shape == image.shape
     spacing = (1.0, 1.5, 2.0)
-    agreement = result.agreement(spacing)
+    agreement = result.agreement(spacing, "none")
     expected = [volume_ml(p > threshold, spacing) for p in probs]
     assert agreement["volumes_ml"] == pytest.approx(expected, abs=1e-3)
     assert agreement["voters"] == ["a", "b"]
@@ -255,15 +257,62 @@ def test_case_agreement_on_hand_made_masks():
     a[:10] = True
     b[5:15] = True  # 10 voxels, 5 shared with a
     masks = [m.reshape(shape) for m in (a, b, empty)]
-    agreement = case_agreement(masks, ["a", "b", "empty"], spacing)
+    agreement = case_agreement(masks, ["a", "b", "empty"], spacing, "none")
     dice_ab = 2 * 5 / (10 + 10)
     assert agreement["mean_pairwise_dice"] == round((dice_ab + 0.0 + 0.0) / 3, 4)  # as printed in reports
     assert agreement["volumes_ml"] == pytest.approx([10 / 1000, 10 / 1000, 0.0])
     assert agreement["volume_spread_ml"] == pytest.approx(10 / 1000)
     assert agreement["review"] is True
-    assert case_agreement(masks, ["a", "b", "empty"], spacing, review_below=0.1)["review"] is False
-    both_empty = case_agreement([masks[2], masks[2]], ["x", "y"], spacing)
+    assert case_agreement(masks, ["a", "b", "empty"], spacing, "none", review_below=0.1)["review"] is False
+    both_empty = case_agreement([masks[2], masks[2]], ["x", "y"], spacing, "none")
     assert both_empty["mean_pairwise_dice"] == 1.0 and not both_empty["review"]
+
+
+@pytest.mark.parametrize("postprocess", POSTPROCESSING)
+@pytest.mark.parametrize("offset", [(0, 0, 0), (3, -2, 1)])
+def test_agreement_judges_each_voters_mask_as_delivered(postprocess, offset):
+    """A stray island in one voter's raw mask, which post-processing removes from the delivered mask, is no
+    disagreement about the LA; a neighbour joined to one voter's LA, which it keeps, is. Wherever the LA
+    lies."""
+    spacing = (1.5, 1.5, 2.5)
+
+    def boxes(*corners: tuple[slice, slice, slice]) -> torch.Tensor:
+        mask = torch.zeros(32, 32, 14, dtype=torch.bool)
+        for corner in corners:
+            mask[corner] = True
+        return mask.roll(offset, dims=(0, 1, 2))
+
+    la_box = (slice(6, 14), slice(6, 14), slice(3, 9))
+    la = boxes(la_box)
+    stray = boxes(la_box, (slice(26, 28), slice(26, 27), slice(11, 12)))  # two voxels far away
+    joined = boxes(la_box, (slice(6, 14), slice(14, 20), slice(3, 9)))  # a neighbour sharing a whole face
+    for voter, removed in ((stray, postprocess != "none"), (joined, False)):
+        agreement = case_agreement([la, voter], ["identity", "other"], spacing, postprocess)
+        assert agreement["postprocess"] == postprocess
+        delivered = [postprocess_mask(m, postprocess) for m in (la, voter)]
+        assert agreement["mean_pairwise_dice"] == round(overlap_3d(*delivered)[0], 4)
+        assert (agreement["mean_pairwise_dice"] == 1.0) == removed
+        assert agreement["volumes_ml"] == pytest.approx([volume_ml(m, spacing) for m in delivered])
+
+
+def test_named_views_vote_as_their_model_tta(tiny_net, image):
+    """Views asked for by name (as calibration asks for every view of several model.tta at once) are the
+    same runs as each model.tta's, whose voters are the views by name; unknown or repeated names are
+    refused."""
+    net = make_net(tiny_net, 0)
+    ensemble = Ensemble([member("a", net)]).eval()
+    union = ("identity", "flip_x", "flip_y", "flip_xy", "gamma_0.8", "gamma_1.2")
+    named = ensemble.segment_volume(image, 0.5, CHUNK, union)
+    assert named.voter_names == list(union)
+    masks = dict(zip(named.voter_names, named.voter_masks, strict=True))
+    for tta in ("flips", "rot180", "gamma"):
+        alone = ensemble.segment_volume(image, 0.5, CHUNK, tta)
+        assert alone.voter_names == list(TTA_VIEWS[tta])
+        for name, mask in zip(alone.voter_names, alone.voter_masks, strict=True):
+            assert torch.equal(mask, masks[name]), (tta, name)
+    for bad in (("identity", "rot90"), ("identity", "identity"), ()):
+        with pytest.raises(DataError, match="test-time views"):
+            ensemble.segment_volume(image, tta=bad)
 
 
 def test_flops_of_shared_ensemble(tiny_net):

@@ -84,7 +84,7 @@ def test_reasons_combine_into_one_flag_and_text():
         "review_reason": "empty mask; voters disagree: mean pairwise Dice 0.8000 below review_below 0.9",
     }
     assert disagreement_reasons(0.9, 0.9) == []  # 0.9000 is not below 0.9
-    agreement = case_agreement([box(), box()], ["a", "b"], SPACING, review_below=0.95)
+    agreement = case_agreement([box(), box()], ["a", "b"], SPACING, "none", review_below=0.95)
     assert agreement["review_below"] == 0.95 and not agreement["review"]
 
 

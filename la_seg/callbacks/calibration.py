@@ -20,7 +20,8 @@ held-out hearts (benchmarks/README.md rounds 18-20), while six validation cases 
 move to 0.4.
 
 The review threshold is set to the `review_quantile` quantile of the validation cases' agreement (mean
-pairwise Dice of the test-time views), once per test-time augmentation with several voters that the model
+pairwise Dice of the test-time views' masks, each after the chosen post-processing, as test and predict judge
+it: la_seg.inference.case_agreement), once per test-time augmentation with several voters that the model
 was trained for (`flips` and `rot180` with data.augmentation.hflip and vflip, `gamma` with a training gamma
 range that reaches 0.8 and 1.2: their agreements differ in level, so each has its own threshold,
 `how.review_below_by_tta`, which test / predict take for the `model.tta` they run): a held-out case is
@@ -55,10 +56,16 @@ from scipy import stats
 
 from la_seg.checkpoints import load_checkpoint, write_calibration
 from la_seg.errors import DataError
-from la_seg.inference import POSTPROCESSING, case_agreement, check_tta_trained, postprocess_mask
+from la_seg.inference import (
+    POSTPROCESSING,
+    TTA_VIEWS,
+    case_agreement,
+    check_tta_trained,
+    postprocess_mask,
+)
 from la_seg.metrics import overlap_3d, surface_distances
 from la_seg.plausibility import case_reasons, expected_dice
-from la_seg.progress import Progress, tracked
+from la_seg.progress import tracked
 
 # The test-time augmentations with several voters, each calibrated a review threshold of its own.
 REVIEW_TTA = ("flips", "rot180", "gamma")
@@ -230,19 +237,21 @@ class InferenceCalibration(L.Callback):
             return {"settings": None, "how": {"checkpoint": str(path), "refused": refused, "scores": table}}
         threshold, post = chosen
         evidence = evidence_against(table, configured, post, self.evidence_p)
-        agreements: dict[str, list[float]] = {}
         # views the model was not trained for show it slices it never saw: their agreement measures no doubt
         trained = [voters for voters in REVIEW_TTA if trained_for(voters, datamodule)]
+        agreements: dict[str, list[float]] = {voters: [] for voters in trained}
         if trained:
-            what = f"calibration: agreement under tta {' and '.join(trained)}, case passes"
-            with Progress(what, len(trained) * len(volumes)) as progress:
+            # every view once per case (the identity and flip XY vote in several model.tta): the module's own
+            # net, whose views are then the voters, by name
+            views = tuple(dict.fromkeys(view for voters in trained for view in TTA_VIEWS[voters]))
+            what = f"calibration: agreement under tta {' and '.join(trained)}, cases"
+            for image, spacing in tracked(volumes, what, len(volumes)):
+                result = ensemble.segment_volume(image.to(device), threshold, chunk, views, spacing)
+                masks = dict(zip(result.voter_names, result.voter_masks, strict=True))
                 for voters in trained:
-                    agreements[voters] = []
-                    for image, spacing in volumes:
-                        result = ensemble.segment_volume(image.to(device), threshold, chunk, voters, spacing)
-                        agreement = case_agreement(result.voter_masks, list(result.voter_names), spacing)
-                        agreements[voters].append(agreement["mean_pairwise_dice"])
-                        progress.advance()
+                    names = TTA_VIEWS[voters]
+                    agreement = case_agreement([masks[n] for n in names], names, spacing, post)
+                    agreements[voters].append(agreement["mean_pairwise_dice"])
         by_tta = {v: float(np.quantile(a, self.review_quantile)) for v, a in agreements.items()}
         quantile = by_tta.get(tta, by_tta.get("flips"))
         review_below = quantile if quantile is not None else pl_module.review_below()
@@ -278,13 +287,17 @@ class InferenceCalibration(L.Callback):
                 "volume_tolerance": self.volume_tolerance,
                 "scores": table,
                 "review_rule": f"quantile {self.review_quantile} of the validation cases' agreement (mean "
-                "pairwise Dice) of the voters of each model.tta the model was trained for: flips (identity, "
+                "pairwise Dice of the voters' masks after the chosen post-processing) of the voters of each "
+                "model.tta the model was trained for: flips (identity, "
                 "flip X, flip Y, flip XY), rot180 (identity, flip XY), gamma (identity, gamma 0.8, gamma "
                 "1.2); review_below is that of the configured model.tta (flips for none)"
                 if quantile is not None
                 else "kept as configured: the model was not trained for the test-time views of the "
                 "configured model.tta (flips for none), so their agreement says nothing",
                 "review_below_by_tta": by_tta,
+                # what the voters' masks went through before they were compared (la-seg 0.1.0 until
+                # 2026-12-06 compared them raw: such records lack this field)
+                "agreement_postprocess": post,
                 "review_expected_dice_rule": f"quantile {self.review_quantile} of the validation cases' "
                 "expected Dice (la_seg.plausibility.expected_dice) at the chosen threshold and "
                 f"post-processing, raised above the expected Dice of every validation case whose Dice is "

@@ -22,19 +22,29 @@ from la_seg.cli import main
 from la_seg.data.datamodule import LADataModule
 from la_seg.data.transforms import AugmentationConfig
 from la_seg.errors import DataError
-from la_seg.inference import POSTPROCESSING
+from la_seg.inference import POSTPROCESSING, Ensemble
 
 
 @pytest.mark.slow
-def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, monkeypatch, synth_root):
+def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(
+    tmp_path, monkeypatch, synth_root, capfd
+):
     monkeypatch.chdir(tmp_path)
     data = ["--data.root", str(synth_root), "--data.in_plane", "spacing", "--data.target_spacing", "2.0"]
     flips = ["--data.augmentation.hflip", "true", "--data.augmentation.vflip", "true"]  # for the review rule
     # a model trained this briefly gives masks no rule would pass: only an empty mask stays implausible
     rules = {"min_volume_ml": 0, "max_volume_ml": 1e9, "max_border_fraction": 1, "max_components": 99999}
     lenient = [arg for field, value in rules.items() for arg in (f"--model.plausibility.{field}", str(value))]
-    main(["fit", *TINY, *data, *flips, *lenient, "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
-          "2", "--calibration.thresholds", "[0.4, 0.5]"])  # fmt: skip
+    asked, segment = [], Ensemble.segment_volume  # the test-time views each whole-volume run is asked for
+
+    def recording(self, image, threshold=0.5, chunk=32, tta="none", *args, **kwargs):
+        asked.append(tta)
+        return segment(self, image, threshold, chunk, tta, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Ensemble, "segment_volume", recording)
+        main(["fit", *TINY, *data, *flips, *lenient, "--trainer.max_epochs", "1",
+              "--trainer.limit_train_batches", "2", "--calibration.thresholds", "[0.4, 0.5]"])  # fmt: skip
     run = tmp_path / "runs" / "demo" / "version_0"
     checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     record = stored_calibration(checkpoint)
@@ -57,6 +67,12 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, m
     agreements = record["how"]["validation_agreement_by_tta"]
     assert agreements["flips"] == record["how"]["validation_agreement"]
     assert len(agreements["rot180"]) == len(agreements["gamma"]) == len(record["how"]["validation_cases"])
+    for tta, levels in agreements.items():  # judged on the voters' masks as delivered
+        assert by_tta[tta] == pytest.approx(float(np.quantile(levels, 0.1)))
+    assert record["how"]["agreement_postprocess"] == settings["postprocess"]
+    # the three model.tta's voters: each of their six views once per validation case, not once per model.tta
+    every_view = ("identity", "flip_x", "flip_y", "flip_xy", "gamma_0.8", "gamma_1.2")
+    assert [tta for tta in asked if not isinstance(tta, str)] == [every_view] * len(agreements["flips"])
     assert network_settings(checkpoint)["in_plane"] == "spacing"
     assert network_settings(checkpoint)["target_spacing"] == 2.0
     # the model's own doubt: the quantile of the validation cases' expected Dice at the chosen setting, raised
@@ -94,8 +110,16 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(tmp_path, m
         assert report["header"]["inference"]["review_below"] == pytest.approx(by_tta[tta])
         for case in report["cases"]:
             agreement = case["agreement"]
-            assert agreement["voters"] == names
+            assert agreement["voters"] == names and agreement["postprocess"] == settings["postprocess"]
             assert agreement["review"] == (agreement["mean_pairwise_dice"] < by_tta[tta])
+    # a record from before agreement judged post-processed masks: its review_below is used, and said stale
+    older = {**record, "how": {k: v for k, v in record["how"].items() if k != "agreement_postprocess"}}
+    write_calibration(run / "checkpoints" / "best.ckpt", older)
+    capfd.readouterr()
+    main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best", "--model.tta", "gamma"])
+    assert "calibrated on the voters' raw masks" in capfd.readouterr().err
+    report = json.loads((run / "test_heldout-5.json").read_text())
+    assert report["header"]["inference"]["review_below"] == pytest.approx(by_tta["gamma"])
 
 
 def test_a_calibration_record_round_trips_through_the_file(tmp_path):
