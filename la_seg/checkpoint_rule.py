@@ -211,7 +211,7 @@ def apply_calibration(config, checkpoint: dict, given_options: list[str]) -> Non
     if applied:
         chosen = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in applied.items())
         say(f"la-seg: inference settings chosen on validation at the end of fit: {chosen}")
-    if by_tta and "review_below" in applied and "agreement_postprocess" not in how:
+    if config.model.tta in by_tta and "review_below" in applied and "agreement_postprocess" not in how:
         say(
             "la-seg: note: this checkpoint's review_below was calibrated on the voters' raw masks; agreement "
             "now compares them post-processed, as delivered, where they agree more, so fewer cases may be "

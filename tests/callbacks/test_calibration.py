@@ -120,6 +120,8 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(
     assert "calibrated on the voters' raw masks" in capfd.readouterr().err
     report = json.loads((run / "test_heldout-5.json").read_text())
     assert report["header"]["inference"]["review_below"] == pytest.approx(by_tta["gamma"])
+    main(["test", *TINY, "--data.root", str(synth_root), "--ckpt_path", "best"])  # no voters: nothing to say
+    assert "raw masks" not in capfd.readouterr().err
 
 
 def test_a_calibration_record_round_trips_through_the_file(tmp_path):
