@@ -206,12 +206,13 @@ def apply_calibration(config, checkpoint: dict, given_options: list[str]) -> Non
             config.model[field] = applied[field] = value
     how = calibration.get("how", {})
     by_tta = how.get("review_below_by_tta") or {}
-    if config.model.tta in by_tta and "review_below" in applied:  # the voters this run uses, calibrated
+    voters_calibrated = config.model.tta in by_tta and "review_below" in applied  # the voters this run uses
+    if voters_calibrated:
         config.model.review_below = applied["review_below"] = by_tta[config.model.tta]
     if applied:
         chosen = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in applied.items())
         say(f"la-seg: inference settings chosen on validation at the end of fit: {chosen}")
-    if config.model.tta in by_tta and "review_below" in applied and "agreement_postprocess" not in how:
+    if voters_calibrated and "agreement_postprocess" not in how:
         say(
             "la-seg: note: this checkpoint's review_below was calibrated on the voters' raw masks; agreement "
             "now compares them post-processed, as delivered, where they agree more, so fewer cases may be "
