@@ -12,7 +12,7 @@ Entry points:
     ensemble.eval()
     result = ensemble.segment_volume(image, threshold=0.5, chunk=32, tta="flips")   # image: (X, Y, Z)
     result.prob, result.mask, result.uncertainty              # (X, Y, Z) float32, bool, float32 or None
-    result.agreement(geometry.slices_last_spacing, "largest_part")   # Agreement or None (a single voter)
+    result.voter_agreement(geometry.slices_last_spacing, "largest_part")   # Agreement or None (one voter)
 
 A single model is the one-member case and takes the same path as LASegModule.infer, with the same
 result bit for bit and no extra copies. A field of view wider than the model input (S pixels at the input's
@@ -119,7 +119,7 @@ class EnsembleMember:
 
 
 class Agreement(TypedDict):
-    """How far the voters of one case agree (see VolumeResult.agreement)."""
+    """How far the voters of one case agree (see voter_agreements)."""
 
     voters: list[str]
     volumes_ml: list[float]  # LA volume of each voter's mask
@@ -154,8 +154,11 @@ class VolumeResult:
     # the post-processed mask's expected Dice under `prob` (la_seg.plausibility.expected_dice).
     review_reasons: list[str] = field(default_factory=list)
     expected_dice: float | None = None
+    # How far the voters agree, each voter's mask post-processed as the delivered one (voter_agreement),
+    # filled by the same caller; None for a single voter.
+    agreement: Agreement | None = None
 
-    def agreement(
+    def voter_agreement(
         self,
         spacing: Sequence[float],
         postprocess: str,
@@ -179,30 +182,56 @@ def case_agreement(
     review_below: float = REVIEW_BELOW,
     voxel_mm3: float | None = None,
 ) -> Agreement:
-    """Per-case agreement of binary masks, each first post-processed (postprocess_mask) as the delivered mask
-    is: LA volume per mask and its spread in mL, mean pairwise Dice, and whether that Dice is below
-    `review_below` (the case deserves a human look).
+    """Per-case agreement of binary masks, all of them one set of voters (voter_agreements)."""
+    if len(masks) != len(names):
+        raise ValueError(f"need one name per mask, got {len(masks)} masks, {len(names)} names")
+    named = dict(zip(names, masks, strict=True))
+    (agreement,) = voter_agreements(named, [names], spacing, postprocess, review_below, voxel_mm3)
+    return agreement
+
+
+def voter_agreements(
+    masks: Mapping[str, Tensor],
+    voter_sets: Sequence[Sequence[str]],
+    spacing: Sequence[float],
+    postprocess: str,
+    review_below: float = REVIEW_BELOW,
+    voxel_mm3: float | None = None,
+) -> list[Agreement]:
+    """Per-case agreement of each set of voters (names of `masks`), every binary mask first post-processed
+    (postprocess_mask) as the delivered mask is, once whatever number of sets it votes in: LA volume per mask
+    and its spread in mL, mean pairwise Dice, and whether that Dice is below `review_below` (the case
+    deserves a human look).
 
     Post-processed, because the delivered mask is what can be wrong: an island in one voter's raw mask that
     post-processing removes is no doubt about the delivered LA (the component rule judges the raw mask), yet
     it lowers agreement, and a calibrated review threshold with it. On the accuracy benchmark the raw masks of
     one good validation case (Dice 0.95) agreed at 0.964 for that reason, and the threshold calibrated on them
     passed two masks 47 % too large; post-processed, none (benchmarks/README.md, round 27)."""
-    if len(masks) != len(names) or len(masks) < 2:
-        raise ValueError(f"need >= 2 masks with one name each, got {len(masks)} masks, {len(names)} names")
-    masks = [postprocess_mask(mask, postprocess) for mask in masks]
-    volumes = [volume_ml(m, spacing, voxel_mm3) for m in masks]
-    dices = [overlap_3d(a, b)[0] for a, b in itertools.combinations(masks, 2)]
-    mean_dice = round(sum(dices) / len(dices), AGREEMENT_DIGITS)  # as printed: 0.9000 is not below 0.9
-    return Agreement(
-        voters=list(names),
-        volumes_ml=volumes,
-        volume_spread_ml=max(volumes) - min(volumes),
-        mean_pairwise_dice=mean_dice,
-        postprocess=postprocess,
-        review_below=review_below,
-        review=bool(disagreement_reasons(mean_dice, review_below)),
-    )
+    for names in voter_sets:
+        if len(set(names)) != len(names) or len(names) < 2 or not set(names) <= masks.keys():
+            raise ValueError(f"voters {list(names)}: need >= 2 distinct names among the masks' {list(masks)}")
+    voting = dict.fromkeys(name for names in voter_sets for name in names)
+    delivered = {name: postprocess_mask(masks[name], postprocess) for name in voting}
+    volumes = {name: volume_ml(mask, spacing, voxel_mm3) for name, mask in delivered.items()}
+    agreements = []
+    for names in voter_sets:
+        pairs = itertools.combinations(names, 2)
+        dices = [overlap_3d(delivered[a], delivered[b])[0] for a, b in pairs]
+        mean_dice = round(sum(dices) / len(dices), AGREEMENT_DIGITS)  # as printed: 0.9000 is not below 0.9
+        spread = [volumes[name] for name in names]
+        agreements.append(
+            Agreement(
+                voters=list(names),
+                volumes_ml=spread,
+                volume_spread_ml=max(spread) - min(spread),
+                mean_pairwise_dice=mean_dice,
+                postprocess=postprocess,
+                review_below=review_below,
+                review=bool(disagreement_reasons(mean_dice, review_below)),
+            )
+        )
+    return agreements
 
 
 class _Head(nn.Module):

@@ -291,13 +291,17 @@ class LASegModule(L.LightningModule):
     ) -> VolumeResult:
         """Whole-volume inference of the ensemble (one member: the module's net) with the configured flips;
         the mask post-processed. `spacing`: mm per voxel, slices last (needed with in_plane "spacing"; with
-        it, and `voxel_mm3` where known, `review_reasons` says why the mask cannot be right).
-        `keep_logits`: also the module's own net's unflipped slice logits (for the evaluation loss)."""
+        it, and `voxel_mm3` where known, `review_reasons` says why the mask cannot be right and `agreement`
+        how far several voters agree). `keep_logits`: also the module's own net's unflipped slice logits (for
+        the evaluation loss)."""
         threshold, chunk, tta = self.hparams.threshold, self.eval_chunk(image.device), self.hparams.tta
         result = self.ensemble().segment_volume(image, threshold, chunk, tta, spacing, keep_logits)
         mask = self.postprocess(result.mask)
         result.expected_dice = expected_dice(result.prob, mask)
-        if spacing is not None:  # the component rule judges the mask before post-processing hides it
+        if spacing is not None:
+            post, review_below = self.hparams.postprocess, self.review_below()
+            result.agreement = result.voter_agreement(spacing, post, review_below, voxel_mm3)
+            # the component rule judges the mask before post-processing hides it
             result.review_reasons = case_reasons(mask, spacing, voxel_mm3, result.mask, self.plausibility)
             result.review_reasons += doubt_reasons(result.expected_dice, self.review_expected_dice())
             runs = [self.trained_dice, *self._member_dice]
@@ -351,7 +355,7 @@ class LASegModule(L.LightningModule):
             pred=result.mask,
             label=label.bool(),
             geometry=geometry,
-            agreement=result.agreement(spacing, self.hparams.postprocess, self.review_below(), voxel_mm3),
+            agreement=result.agreement,
             review_reasons=result.review_reasons,
             expected_dice=result.expected_dice,
         )
@@ -392,7 +396,7 @@ class LASegModule(L.LightningModule):
             prob=result.prob,
             geometry=geometry,
             uncertainty=result.uncertainty,
-            agreement=result.agreement(spacing, self.hparams.postprocess, self.review_below(), voxel_mm3),
+            agreement=result.agreement,
             review_reasons=result.review_reasons,
             expected_dice=result.expected_dice,
         )

@@ -28,6 +28,7 @@ from la_seg.inference import (
     join_windows,
     plane_windows,
     postprocess_mask,
+    voter_agreements,
 )
 from la_seg.metrics import overlap_3d, volume_ml
 from la_seg.models.segmenter import LASegmenter
@@ -131,7 +132,7 @@ def test_module_segments_a_volume_as_its_net_does_slice_by_slice(tiny_net, image
     torch.testing.assert_close(result.prob, reference_prob(module.net, image), atol=1e-5, rtol=1e-4)
     assert torch.equal(result.mask, result.prob > 0.4)
     assert result.uncertainty is None and result.voter_masks == []
-    assert result.agreement((1.0, 1.0, 1.0), "none") is None
+    assert result.voter_agreement((1.0, 1.0, 1.0), "none") is None
 
 
 def flipped_runs(net: LASegmenter, image: torch.Tensor) -> list[torch.Tensor]:
@@ -230,7 +231,7 @@ def test_uncertainty_is_zero_where_members_agree(tiny_net, image):
     result = copies.segment_volume(image, chunk=CHUNK)
     assert torch.count_nonzero(result.uncertainty) == 0
     assert torch.equal(result.prob, single.prob)
-    agreement = result.agreement((1.0, 1.0, 2.0), "none")
+    agreement = result.voter_agreement((1.0, 1.0, 2.0), "none")
     assert agreement["mean_pairwise_dice"] == 1.0 and agreement["volume_spread_ml"] == 0.0
     assert not agreement["review"]
 
@@ -245,7 +246,7 @@ def test_uncertainty_is_positive_where_members_differ(tiny_net, image):
     assert differ.any() and (result.uncertainty[differ] > 0).all()
     assert result.uncertainty.dtype == torch.float32 and result.uncertainty.shape == image.shape
     spacing = (1.0, 1.5, 2.0)
-    agreement = result.agreement(spacing, "none")
+    agreement = result.voter_agreement(spacing, "none")
     expected = [volume_ml(p > threshold, spacing) for p in probs]
     assert agreement["volumes_ml"] == pytest.approx(expected, abs=1e-3)
     assert agreement["voters"] == ["a", "b"]
@@ -293,6 +294,31 @@ def test_agreement_judges_each_voters_mask_as_delivered(postprocess, offset):
         assert agreement["mean_pairwise_dice"] == round(overlap_3d(*delivered)[0], 4)
         assert (agreement["mean_pairwise_dice"] == 1.0) == removed
         assert agreement["volumes_ml"] == pytest.approx([volume_ml(m, spacing) for m in delivered])
+
+
+def test_voter_sets_share_each_delivered_mask(monkeypatch):
+    """Several sets of voters over the same views (calibration's trained model.tta) post-process each view
+    once, and each set's agreement is that set's alone; a set that is not >= 2 distinct known names is
+    refused."""
+    spacing = (1.5, 1.5, 2.5)
+    generator = torch.Generator().manual_seed(0)
+    masks = {name: torch.rand(12, 12, 6, generator=generator) > 0.4 for name in ("identity", "a", "b", "c")}
+    sets = [("identity", "a", "b", "c"), ("identity", "c"), ("identity", "a", "b")]
+    alone = [case_agreement([masks[n] for n in names], names, spacing, "largest_part") for names in sets]
+    calls = []
+    original = postprocess_mask
+
+    def counted(mask: torch.Tensor, postprocess: str) -> torch.Tensor:
+        calls.append(postprocess)
+        return original(mask, postprocess)
+
+    monkeypatch.setattr("la_seg.inference.postprocess_mask", counted)
+    assert voter_agreements(masks, sets, spacing, "largest_part") == alone
+    assert calls == ["largest_part"] * len(masks)
+    assert len({a["mean_pairwise_dice"] for a in alone}) == len(sets)  # the sets do differ
+    for bad in (("identity",), ("identity", "identity"), ("identity", "gamma_0.8")):
+        with pytest.raises(ValueError, match="distinct names"):
+            voter_agreements(masks, [bad], spacing, "none")
 
 
 def test_named_views_vote_as_their_model_tta(tiny_net, image):

@@ -21,7 +21,7 @@ move to 0.4.
 
 The review threshold is set to the `review_quantile` quantile of the validation cases' agreement (mean
 pairwise Dice of the test-time views' masks, each after the chosen post-processing, as test and predict judge
-it: la_seg.inference.case_agreement), once per test-time augmentation with several voters that the model
+it: la_seg.inference.voter_agreements), once per test-time augmentation with several voters that the model
 was trained for (`flips` and `rot180` with data.augmentation.hflip and vflip, `gamma` with a training gamma
 range that reaches 0.8 and 1.2: their agreements differ in level, so each has its own threshold,
 `how.review_below_by_tta`, which test / predict take for the `model.tta` they run): a held-out case is
@@ -59,9 +59,9 @@ from la_seg.errors import DataError
 from la_seg.inference import (
     POSTPROCESSING,
     TTA_VIEWS,
-    case_agreement,
     check_tta_trained,
     postprocess_mask,
+    voter_agreements,
 )
 from la_seg.metrics import overlap_3d, surface_distances
 from la_seg.plausibility import case_reasons, expected_dice
@@ -248,9 +248,8 @@ class InferenceCalibration(L.Callback):
             for image, spacing in tracked(volumes, what, len(volumes)):
                 result = ensemble.segment_volume(image.to(device), threshold, chunk, views, spacing)
                 masks = dict(zip(result.voter_names, result.voter_masks, strict=True))
-                for voters in trained:
-                    names = TTA_VIEWS[voters]
-                    agreement = case_agreement([masks[n] for n in names], names, spacing, post)
+                by_voters = voter_agreements(masks, [TTA_VIEWS[v] for v in trained], spacing, post)
+                for voters, agreement in zip(trained, by_voters, strict=True):
                     agreements[voters].append(agreement["mean_pairwise_dice"])
         by_tta = {v: float(np.quantile(a, self.review_quantile)) for v, a in agreements.items()}
         quantile = by_tta.get(tta, by_tta.get("flips"))
