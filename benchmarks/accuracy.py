@@ -49,6 +49,7 @@ stderr.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -62,6 +63,7 @@ from scipy.ndimage import distance_transform_edt
 from scipy.stats import spearmanr
 
 from la_seg.atomic import write_json
+from la_seg.callbacks.calibration import InferenceCalibration, validation_quantile
 from la_seg.checkpoints import (
     load_checkpoint,
     run_folder_checkpoints,
@@ -108,6 +110,7 @@ NEIGHBOUR_LIMIT = 5.0  # % of the LA's volume in one neighbouring chamber or ves
 RIM_MM = 2.0  # LA missed this close to its boundary is its rim (a boundary drawn inside), not a part lost
 DICE_MARGIN = 0.01  # every geometry's mean Dice >= best geometry's - this
 DOUBT_DICE = 0.8  # a case below this Dice is one the model's doubt (expected Dice) should flag
+STABILITY_DRAWS = 4000  # validation-sized sets drawn by threshold_stability
 DICE_TARGETS = {"A": 0.96, "B": 0.96, "C": 0.93}  # issue 31's mean Dice per geometry
 WITHIN_TARGET = 0.90  # fraction of held-out cases within the volume tolerance (issue 31)
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -587,10 +590,11 @@ def member_figures(scored: dict) -> dict:
     return {key: scored[key] for key in ("per_geometry", "overall", "done_when")}
 
 
-def review_figures(report: dict, plain: dict) -> dict:
-    """Do the cases flagged for review (flips' mean pairwise Dice below the model's review threshold) single
-    out the worst? Worst = lowest Dice of the plain (configured) test, as many as were flagged; also how many
-    of the cases beyond +-5 % volume are flagged, and Spearman's rho of agreement against Dice."""
+def review_figures(report: dict, plain: dict, calibration: dict | None) -> dict:
+    """Do the cases flagged for review (the voters' mean pairwise Dice below the model's review threshold)
+    single out the worst? Worst = lowest Dice of the plain (configured) test, as many as were flagged; also
+    how many of the cases beyond +-5 % volume are flagged, Spearman's rho of agreement against Dice, and how
+    far the flags rest on which cases calibration saw (threshold_stability)."""
     truth = {c["case_id"]: c for c in plain["cases"]}
     agreement = {c["case_id"]: c["agreement"] for c in report["cases"] if c.get("agreement")}
     if not agreement:
@@ -614,7 +618,79 @@ def review_figures(report: dict, plain: dict) -> dict:
         "beyond_5pct_flagged": len(set(beyond) & set(flagged)),
         "spearman_agreement_vs_dice": {"rho": float(rho), "p_value": float(p)},
         "review_below": report["header"].get("inference", {}).get("review_below"),
+        "agreement_by_case": {k: agreement[k]["mean_pairwise_dice"] for k in sorted(agreement)},
+        "threshold_stability": threshold_stability(
+            {k: a["mean_pairwise_dice"] for k, a in agreement.items()},
+            [k for k in agreement if abs(truth[k]["volume_error_pct"]) > VOLUME_LIMIT],
+            calibration,
+        ),
     }
+
+
+def percentiles(values: list[float], digits: int) -> dict[str, float]:
+    """The 5th, 50th and 95th percentiles of `values`, rounded."""
+    return {str(q): round(float(np.percentile(values, q)), digits) for q in (5, 50, 95)}
+
+
+def threshold_stability(agreement: dict[str, float], beyond: list[str], calibration: dict | None) -> dict:
+    """How far the review flags rest on which cases calibration saw. Sets of as many of these cases as
+    calibration had validation cases are drawn (without replacement, STABILITY_DRAWS times); each sets
+    review_below as calibration does (validation_quantile of their agreement) and judges the cases not drawn.
+    Reported: the level's and the flagged share's percentiles, and how often a case beyond +-VOLUME_LIMIT %
+    among those judged goes unflagged. On the training family the drawn cases stand for another fit's
+    validation cases; on the held-out setting, for validation cases of that setting itself."""
+    how = (calibration or {}).get("how") or {}
+    count = len(how.get("validation_cases", []))
+    # records before 2026-12-06 lack it; every benchmark run until then took the default
+    default = inspect.signature(InferenceCalibration).parameters["review_quantile"].default
+    quantile = how.get("review_quantile", default)
+    if not 2 <= count < len(agreement):
+        return {"note": f"{count} validation cases against {len(agreement)} test cases: nothing to draw"}
+    ids = sorted(agreement)
+    values = np.array([agreement[k] for k in ids])
+    bad = np.array([k in beyond for k in ids])
+    rng = np.random.default_rng(0)
+    levels, flagged_share, missed = [], [], []
+    for _ in range(STABILITY_DRAWS):
+        drawn = np.zeros(len(ids), dtype=bool)
+        drawn[rng.choice(len(ids), count, replace=False)] = True
+        level = validation_quantile(values[drawn], quantile)
+        flagged = values[~drawn] < level
+        levels.append(level)
+        flagged_share.append(float(flagged.mean()))
+        if bad[~drawn].any():
+            missed.append(float((bad[~drawn] & ~flagged).sum() / bad[~drawn].sum()))
+    return {
+        "validation_cases": count,
+        "quantile": quantile,
+        "quantile_from": "the calibration record" if "review_quantile" in how else "the default",
+        "draws": STABILITY_DRAWS,
+        "review_below_percentiles": percentiles(levels, 4),
+        "flagged_share_mean": float(np.mean(flagged_share)),
+        "flagged_share_percentiles": percentiles(flagged_share, 3),
+        f"beyond_{VOLUME_LIMIT:g}pct": sorted(beyond),
+        # over the draws whose judged cases hold such a case: how often one goes unflagged, and which share
+        "draws_with_one_unflagged": float(np.mean([m > 0 for m in missed])) if missed else None,
+        "unflagged_share_mean": float(np.mean(missed)) if missed else None,
+    }
+
+
+def stability_line(stability: dict) -> str:
+    """`threshold_stability` in one line."""
+    low, median, high = stability["review_below_percentiles"].values()
+    share_low, _, share_high = stability["flagged_share_percentiles"].values()
+    unflagged, beyond = stability["draws_with_one_unflagged"], f"beyond +-{VOLUME_LIMIT:g} %"
+    missed = (
+        f"no case {beyond}"
+        if unflagged is None
+        else f"a case {beyond} unflagged in {100 * unflagged:.0f} % of draws, "
+        f"{100 * stability['unflagged_share_mean']:.0f} % of them on average"
+    )
+    return (
+        f"review_below from {stability['validation_cases']} cases like these: {low:.4f} / {median:.4f} / "
+        f"{high:.4f} (5th / 50th / 95th percentile), flagging {100 * stability['flagged_share_mean']:.0f} % "
+        f"of the others ({100 * share_low:.0f}-{100 * share_high:.0f} %); {missed}"
+    )
 
 
 def doubt_figures(report: dict, figures: dict) -> dict:
@@ -726,8 +802,9 @@ def evaluate_family(
     plain = score(report)
     (voters.folder / f"accuracy_scores_{folder}.json").write_text(json.dumps(plain, indent=1))
     review, alone = None, None
+    calibration = stored_calibration(checkpoint)
     if any(c.get("agreement") for c in report["cases"]):  # voters as configured: members, or --model.tta
-        review = review_figures(report, plain)
+        review = review_figures(report, plain, calibration)
     if len(voters.members) > 1:  # the members' agreement is the ensemble's review signal; each member alone
         alone = {
             str(m): member_figures(score(test(work, args, Voters.of([m], work, args.name), data, [])))
@@ -736,7 +813,8 @@ def evaluate_family(
     elif review is None and not args.no_flips:  # flips: la-seg allows them only for a model trained with them
         try:
             check_tta_trained("flips", training_augmentation(checkpoint), f"checkpoint {voters.option}")
-            review = review_figures(test(work, args, voters, data, ["--model.tta", "flips"]), plain)
+            flips = test(work, args, voters, data, ["--model.tta", "flips"])
+            review = review_figures(flips, plain, calibration)
         except DataError as refused:
             progress(f"no review flags: {refused}")
             review = {"note": f"no review flags: {refused}"}
@@ -905,6 +983,9 @@ def main(argv: list[str] | None = None) -> None:
             progress(f"{family} {case['case_id']}: neighbours called LA {case['neighbours_pct_of_la']}")
         if "flagged" in figures["doubt"]:
             progress(f"{family}: {doubt_line(figures['doubt'], figures)}")
+        stability = (figures["review"] or {}).get("threshold_stability", {})
+        if "draws" in stability:
+            progress(f"{family}: {stability_line(stability)}")
         progress(f"{family} done when: {figures['done_when']}")
     progress(f"written to {args.json}")
 

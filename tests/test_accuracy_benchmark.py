@@ -57,10 +57,32 @@ def test_review_flags_are_scored_against_the_worst_cases(accuracy):
         ],
         "header": {"inference": {"review_below": 0.9}},
     }
-    review = accuracy.review_figures(flips, plain)
+    review = accuracy.review_figures(flips, plain, None)
     assert review["flagged"] == ["B_1"] and review["flagged_among_worst_by_dice"] == 1
     assert review["beyond_5pct_volume"] == ["B_1"] and review["beyond_5pct_flagged"] == 1
     assert review["review_below"] == 0.9
+    assert review["agreement_by_case"] == {"A_1": 0.98, "B_1": 0.80, "C_1": 0.95}
+    assert "nothing to draw" in review["threshold_stability"]["note"]  # no calibration record
+
+
+def test_threshold_stability_draws_validation_sized_sets_as_calibration_sets_its_level(accuracy):
+    """Levels set from 6 of 200 evenly spread agreements at quantile 0.1 (halfway between the lowest two
+    drawn) flag on average 3/14 of the others, as order statistics say; a case beyond +-15 % that agrees far
+    below every other is flagged whenever it is judged, and one that agrees as well as any is never."""
+    agreement = {f"A_{i}": 0.9 + i * 0.0005 for i in range(200)}
+    how = {"validation_cases": [f"v{i}" for i in range(6)], "review_quantile": 0.1}
+    stability = accuracy.threshold_stability(agreement, [], {"how": how})
+    assert stability["flagged_share_mean"] == pytest.approx(3 / 14, abs=0.01)
+    assert stability["quantile_from"] == "the calibration record" and stability["validation_cases"] == 6
+    low, median, high = stability["review_below_percentiles"].values()
+    assert 0.9 <= low < median < high <= 0.9 + 199 * 0.0005
+    assert stability["draws_with_one_unflagged"] is None  # no case beyond +-15 %
+    far_below = accuracy.threshold_stability({**agreement, "B_1": 0.5}, ["B_1"], {"how": how})
+    assert far_below["draws_with_one_unflagged"] == 0.0 and far_below["unflagged_share_mean"] == 0.0
+    as_good = accuracy.threshold_stability({**agreement, "B_1": 0.999}, ["B_1"], {"how": how})
+    assert as_good["draws_with_one_unflagged"] == 1.0
+    older = accuracy.threshold_stability(agreement, [], {"how": {"validation_cases": how["validation_cases"]}})
+    assert older["quantile_from"] == "the default" and older["quantile"] == 0.1
 
 
 def test_partial_volume_figures_split_errors_by_la_share(accuracy, tmp_path):
@@ -329,6 +351,8 @@ def test_quick_run_scores_the_reports_its_own_test_commands_wrote(accuracy, tmp_
         assert [c["case_id"] for c in family["cases"]] == ["A_1", "B_1", "C_1"]
         assert all(0.0 <= c["dice"] <= 1.0 and c["volume_ref_ml"] > 0 for c in family["cases"])
         assert family["review"]["review_below"] is not None and "flagged" in family["review"]
+        assert sorted(family["review"]["agreement_by_case"]) == ["A_1", "B_1", "C_1"]
+        assert "threshold_stability" in family["review"]
         shares = family["partial_volume"]["per_geometry"]  # scored on the masks `la-seg predict` wrote
         for g, s in family["per_geometry"].items():  # the same masks as `test` scored
             assert shares[g]["dice"] == pytest.approx(s["dice_mean"], abs=1e-6)

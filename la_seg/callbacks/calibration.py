@@ -251,7 +251,7 @@ class InferenceCalibration(L.Callback):
                 by_voters = voter_agreements(masks, [TTA_VIEWS[v] for v in trained], spacing, post)
                 for voters, agreement in zip(trained, by_voters, strict=True):
                     agreements[voters].append(agreement["mean_pairwise_dice"])
-        by_tta = {v: float(np.quantile(a, self.review_quantile)) for v, a in agreements.items()}
+        by_tta = {v: validation_quantile(a, self.review_quantile) for v, a in agreements.items()}
         quantile = by_tta.get(tta, by_tta.get("flips"))
         review_below = quantile if quantile is not None else pl_module.review_below()
         doubt = expected[(threshold, post)]
@@ -294,6 +294,7 @@ class InferenceCalibration(L.Callback):
                 else "kept as configured: the model was not trained for the test-time views of the "
                 "configured model.tta (flips for none), so their agreement says nothing",
                 "review_below_by_tta": by_tta,
+                "review_quantile": self.review_quantile,
                 # what the voters' masks went through before they were compared (la-seg 0.1.0 until
                 # 2026-12-06 compared them raw: such records lack this field)
                 "agreement_postprocess": post,
@@ -393,6 +394,13 @@ def t_test_p(values: Sequence[float], alternative: str) -> float:
     return float(stats.ttest_1samp(values, 0.0, alternative=alternative).pvalue)
 
 
+def validation_quantile(values: Sequence[float], quantile: float) -> float:
+    """A review level from the validation cases' values (agreement, expected Dice): their `quantile` quantile,
+    linear between order statistics (with 6 cases and 0.1: halfway between the lowest two, so that about 1 in
+    5 cases like them falls below it, not 1 in 10)."""
+    return float(np.quantile(values, quantile))
+
+
 def doubt_level(
     expected: Sequence[float],
     dice: Sequence[float],
@@ -403,7 +411,7 @@ def doubt_level(
     """review_expected_dice from the validation cases' expected and true Dice: their `quantile` quantile of
     expected Dice, raised just above (by 1e-4, expected Dice has 4 decimals) the expected Dice of every case
     whose true Dice is below `review_dice`; and the ids of those cases, least sure first."""
-    level = float(np.quantile(expected, quantile))
+    level = validation_quantile(expected, quantile)
     failures = sorted((e, c) for e, d, c in zip(expected, dice, case_ids, strict=True) if d < review_dice)
     if failures:
         level = max(level, min(1.0, round(failures[-1][0] + 1e-4, 4)))

@@ -67,6 +67,7 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(
     agreements = record["how"]["validation_agreement_by_tta"]
     assert agreements["flips"] == record["how"]["validation_agreement"]
     assert len(agreements["rot180"]) == len(agreements["gamma"]) == len(record["how"]["validation_cases"])
+    assert record["how"]["review_quantile"] == 0.1  # what the benchmark redraws its levels with
     for tta, levels in agreements.items():  # judged on the voters' masks as delivered
         assert by_tta[tta] == pytest.approx(float(np.quantile(levels, 0.1)))
     assert record["how"]["agreement_postprocess"] == settings["postprocess"]
