@@ -623,6 +623,7 @@ def review_figures(report: dict, plain: dict, calibration: dict | None) -> dict:
             {k: a["mean_pairwise_dice"] for k, a in agreement.items()},
             [k for k in agreement if abs(truth[k]["volume_error_pct"]) > VOLUME_LIMIT],
             calibration,
+            report["header"].get("inference", {}).get("review_below"),
         ),
     }
 
@@ -632,13 +633,17 @@ def percentiles(values: list[float], digits: int) -> dict[str, float]:
     return {str(q): round(float(np.percentile(values, q)), digits) for q in (5, 50, 95)}
 
 
-def threshold_stability(agreement: dict[str, float], beyond: list[str], calibration: dict | None) -> dict:
+def threshold_stability(
+    agreement: dict[str, float], beyond: list[str], calibration: dict | None, review_below: float | None
+) -> dict:
     """How far the review flags rest on which cases calibration saw. Sets of as many of these cases as
     calibration had validation cases are drawn (without replacement, STABILITY_DRAWS times); each sets
     review_below as calibration does (validation_quantile of their agreement) and judges the cases not drawn.
-    Reported: the level's and the flagged share's percentiles, and how often a case beyond +-VOLUME_LIMIT %
-    among those judged goes unflagged. On the training family the drawn cases stand for another fit's
-    validation cases; on the held-out setting, for validation cases of that setting itself."""
+    Reported: the level's and the flagged share's percentiles, how often a case beyond +-VOLUME_LIMIT % among
+    those judged goes unflagged, and the share of drawn levels below the run's `review_below` (near 1: its
+    calibration drew a level that flags more than most would). On the training family the drawn cases stand
+    for another fit's validation cases; on the held-out setting, for validation cases of that setting
+    itself."""
     how = (calibration or {}).get("how") or {}
     count = len(how.get("validation_cases", []))
     # records before 2026-12-06 lack it; every benchmark run until then took the default
@@ -660,12 +665,15 @@ def threshold_stability(agreement: dict[str, float], beyond: list[str], calibrat
         flagged_share.append(float(flagged.mean()))
         if bad[~drawn].any():
             missed.append(float((bad[~drawn] & ~flagged).sum() / bad[~drawn].sum()))
+    rank = None if review_below is None else float(np.mean(np.less(levels, review_below)))
     return {
         "validation_cases": count,
         "quantile": quantile,
         "quantile_from": "the calibration record" if "review_quantile" in how else "the default",
         "draws": STABILITY_DRAWS,
         "review_below_percentiles": percentiles(levels, 4),
+        "review_below": review_below,
+        "drawn_below_review_below": rank,
         "flagged_share_mean": float(np.mean(flagged_share)),
         "flagged_share_percentiles": percentiles(flagged_share, 3),
         f"beyond_{VOLUME_LIMIT:g}pct": sorted(beyond),
@@ -686,10 +694,14 @@ def stability_line(stability: dict) -> str:
         else f"a case {beyond} unflagged in {100 * unflagged:.0f} % of draws, "
         f"{100 * stability['unflagged_share_mean']:.0f} % of them on average"
     )
+    below = stability["drawn_below_review_below"]
+    level = stability["review_below"]
+    run = "" if below is None else f" (this run's {level:.4f}: above {100 * below:.0f} % of them)"
     return (
         f"review_below from {stability['validation_cases']} cases like these: {low:.4f} / {median:.4f} / "
-        f"{high:.4f} (5th / 50th / 95th percentile), flagging {100 * stability['flagged_share_mean']:.0f} % "
-        f"of the others ({100 * share_low:.0f}-{100 * share_high:.0f} %); {missed}"
+        f"{high:.4f} (5th / 50th / 95th percentile){run}, flagging "
+        f"{100 * stability['flagged_share_mean']:.0f} % of the others ({100 * share_low:.0f}-"
+        f"{100 * share_high:.0f} %); {missed}"
     )
 
 

@@ -71,17 +71,20 @@ def test_threshold_stability_draws_validation_sized_sets_as_calibration_sets_its
     below every other is flagged whenever it is judged, and one that agrees as well as any is never."""
     agreement = {f"A_{i}": 0.9 + i * 0.0005 for i in range(200)}
     how = {"validation_cases": [f"v{i}" for i in range(6)], "review_quantile": 0.1}
-    stability = accuracy.threshold_stability(agreement, [], {"how": how})
+    stability = accuracy.threshold_stability(agreement, [], {"how": how}, 0.9)
     assert stability["flagged_share_mean"] == pytest.approx(3 / 14, abs=0.01)
+    assert stability["drawn_below_review_below"] == 0.0  # no drawn level is below the lowest agreement
+    assert accuracy.threshold_stability(agreement, [], {"how": how}, 1.0)["drawn_below_review_below"] == 1.0
     assert stability["quantile_from"] == "the calibration record" and stability["validation_cases"] == 6
     low, median, high = stability["review_below_percentiles"].values()
     assert 0.9 <= low < median < high <= 0.9 + 199 * 0.0005
     assert stability["draws_with_one_unflagged"] is None  # no case beyond +-15 %
-    far_below = accuracy.threshold_stability({**agreement, "B_1": 0.5}, ["B_1"], {"how": how})
+    far_below = accuracy.threshold_stability({**agreement, "B_1": 0.5}, ["B_1"], {"how": how}, None)
     assert far_below["draws_with_one_unflagged"] == 0.0 and far_below["unflagged_share_mean"] == 0.0
-    as_good = accuracy.threshold_stability({**agreement, "B_1": 0.999}, ["B_1"], {"how": how})
+    as_good = accuracy.threshold_stability({**agreement, "B_1": 0.999}, ["B_1"], {"how": how}, None)
     assert as_good["draws_with_one_unflagged"] == 1.0
-    older = accuracy.threshold_stability(agreement, [], {"how": {"validation_cases": how["validation_cases"]}})
+    older = {"how": {"validation_cases": how["validation_cases"]}}  # a record before review_quantile
+    older = accuracy.threshold_stability(agreement, [], older, None)
     assert older["quantile_from"] == "the default" and older["quantile"] == 0.1
 
 
