@@ -158,10 +158,14 @@ class InferenceCalibration(L.Callback):
                     if evidence
                     else f"as configured: validation shows no evidence against it at p < {self.evidence_p:g}"
                 )
+                low, high = (round(100 * share) for share in how["review_flag_share"])
+                share = f"{low} %" if low == high else f"{low}-{high} %"
                 rank_zero_info(
                     f"calibration on {len(cases)} validation cases: threshold {chosen['threshold']} ({why}), "
                     f"postprocess {chosen['postprocess']}, review_below {chosen['review_below']:.4f}, "
-                    f"review_expected_dice {chosen['review_expected_dice']:.4f}{raised}; stored in {path}"
+                    f"review_expected_dice {chosen['review_expected_dice']:.4f}{raised} (each a "
+                    f"{self.review_quantile:g} quantile of {len(cases)} cases: it flags {share} of cases "
+                    f"like them on average); stored in {path}"
                 )
                 if failures:
                     rank_zero_warn(
@@ -295,6 +299,8 @@ class InferenceCalibration(L.Callback):
                 "configured model.tta (flips for none), so their agreement says nothing",
                 "review_below_by_tta": by_tta,
                 "review_quantile": self.review_quantile,
+                # between which shares of cases like the validation cases a level set so flags, on average
+                "review_flag_share": list(flag_share(len(case_ids), self.review_quantile)),
                 # what the voters' masks went through before they were compared (la-seg 0.1.0 until
                 # 2026-12-06 compared them raw: such records lack this field)
                 "agreement_postprocess": post,
@@ -396,9 +402,20 @@ def t_test_p(values: Sequence[float], alternative: str) -> float:
 
 def validation_quantile(values: Sequence[float], quantile: float) -> float:
     """A review level from the validation cases' values (agreement, expected Dice): their `quantile` quantile,
-    linear between order statistics (with 6 cases and 0.1: halfway between the lowest two, so that about 1 in
-    5 cases like them falls below it, not 1 in 10)."""
+    linear between order statistics (with 6 cases and 0.1: halfway between the lowest two; flag_share says
+    what share of cases like them falls below it)."""
     return float(np.quantile(values, quantile))
+
+
+def flag_share(cases: int, quantile: float) -> tuple[float, float]:
+    """Between which shares of new cases like the validation cases (exchangeable, no ties) fall below
+    validation_quantile of `cases` of them, on average: below the k-th lowest of n, k / (n + 1) whatever
+    their distribution, and the quantile lies between two neighbouring order statistics (where exactly
+    depends on the distribution). With 6 cases at 0.1: between 1/7 and 2/7, not 0.1."""
+    position = (cases - 1) * quantile  # 0-based, between order statistics k and k + 1 (1-based k + 1, k + 2)
+    lower = math.floor(position)
+    upper = lower if position == lower else lower + 1
+    return (lower + 1) / (cases + 1), (upper + 1) / (cases + 1)
 
 
 def doubt_level(

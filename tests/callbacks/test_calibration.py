@@ -15,7 +15,9 @@ from la_seg.callbacks.calibration import (
     choose,
     doubt_level,
     evidence_against,
+    flag_share,
     trained_for,
+    validation_quantile,
 )
 from la_seg.checkpoints import CALIBRATION_KEY, network_settings, stored_calibration, write_calibration
 from la_seg.cli import main
@@ -27,9 +29,10 @@ from la_seg.inference import POSTPROCESSING, Ensemble
 
 @pytest.mark.slow
 def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(
-    tmp_path, monkeypatch, synth_root, capfd
+    tmp_path, monkeypatch, synth_root, capfd, caplog
 ):
     monkeypatch.chdir(tmp_path)
+    caplog.set_level("INFO")
     data = ["--data.root", str(synth_root), "--data.in_plane", "spacing", "--data.target_spacing", "2.0"]
     flips = ["--data.augmentation.hflip", "true", "--data.augmentation.vflip", "true"]  # for the review rule
     # a model trained this briefly gives masks no rule would pass: only an empty mask stays implausible
@@ -68,6 +71,10 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(
     assert agreements["flips"] == record["how"]["validation_agreement"]
     assert len(agreements["rot180"]) == len(agreements["gamma"]) == len(record["how"]["validation_cases"])
     assert record["how"]["review_quantile"] == 0.1  # what the benchmark redraws its levels with
+    shares = flag_share(len(record["how"]["validation_cases"]), 0.1)  # what such a level flags, on average
+    assert record["how"]["review_flag_share"] == list(shares)
+    line = next(line for line in caplog.text.splitlines() if "calibration on" in line)
+    assert f"flags {round(100 * shares[0])}" in line and "% of cases like them on average" in line
     for tta, levels in agreements.items():  # judged on the voters' masks as delivered
         assert by_tta[tta] == pytest.approx(float(np.quantile(levels, 0.1)))
     assert record["how"]["agreement_postprocess"] == settings["postprocess"]
@@ -171,6 +178,30 @@ def test_review_level_is_relative_to_the_model_unless_validation_shows_failures_
     # review_dice 0: relative only
     level, raised = doubt_level(expected, dice, ids, 0.1, 0.0)
     assert level == pytest.approx(np.quantile(expected, 0.1)) and raised == []
+
+
+@pytest.mark.parametrize("cases", [1, 6, 11])
+@pytest.mark.parametrize("quantile", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("draw", ["uniform", "lognormal", "skewed_low"])
+def test_flag_share_bounds_what_a_level_set_on_so_many_cases_flags(cases, quantile, draw):
+    """A level set from a few validation cases flags more than its quantile of new cases like them: drawn
+    from any one continuous distribution, the share below it averages within flag_share (6 cases at 0.1:
+    between 1/7 and 2/7), exactly its bound where the level is one of the cases."""
+    generator = np.random.default_rng(cases)
+    size = (20000, cases + 1)  # per row: the validation cases, then a new case
+    draws = {
+        "uniform": generator.uniform(size=size),
+        "lognormal": generator.lognormal(size=size),
+        "skewed_low": 1 - generator.lognormal(size=size),  # agreement-like: a long tail of low values
+    }[draw]
+    levels = np.array([validation_quantile(row[:cases], quantile) for row in draws])
+    share = np.mean(draws[:, cases] < levels)
+    low, high = flag_share(cases, quantile)
+    assert low - 0.015 <= share <= high + 0.015
+    if low == high:
+        assert share == pytest.approx(low, abs=0.015)
+    assert flag_share(6, 0.1) == pytest.approx((1 / 7, 2 / 7))
+    assert flag_share(10_000, quantile) == pytest.approx((quantile, quantile), abs=1e-3)  # many: the quantile
 
 
 def _table(rows):
