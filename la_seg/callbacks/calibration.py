@@ -160,12 +160,16 @@ class InferenceCalibration(L.Callback):
                 )
                 low, high = (round(100 * share) for share in how["review_flag_share"])
                 share = f"{low} %" if low == high else f"{low}-{high} %"
+                review_below = f"{chosen['review_below']:.4f}"
+                if how["review_below_by_tta"]:
+                    review_below += (
+                        f" (a {self.review_quantile:g} quantile of {len(cases)} cases' agreement: it flags "
+                        f"{share} of cases like them on average)"
+                    )
                 rank_zero_info(
                     f"calibration on {len(cases)} validation cases: threshold {chosen['threshold']} ({why}), "
-                    f"postprocess {chosen['postprocess']}, review_below {chosen['review_below']:.4f}, "
-                    f"review_expected_dice {chosen['review_expected_dice']:.4f}{raised} (each a "
-                    f"{self.review_quantile:g} quantile of {len(cases)} cases: it flags {share} of cases "
-                    f"like them on average); stored in {path}"
+                    f"postprocess {chosen['postprocess']}, review_below {review_below}, "
+                    f"review_expected_dice {chosen['review_expected_dice']:.4f}{raised}; stored in {path}"
                 )
                 if failures:
                     rank_zero_warn(

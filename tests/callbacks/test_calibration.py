@@ -74,6 +74,7 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(
     shares = flag_share(len(record["how"]["validation_cases"]), 0.1)  # what such a level flags, on average
     assert record["how"]["review_flag_share"] == list(shares)
     line = next(line for line in caplog.text.splitlines() if "calibration on" in line)
+    assert f"quantile of {len(record['how']['validation_cases'])} cases' agreement" in line
     assert f"flags {round(100 * shares[0])}" in line and "% of cases like them on average" in line
     for tta, levels in agreements.items():  # judged on the voters' masks as delivered
         assert by_tta[tta] == pytest.approx(float(np.quantile(levels, 0.1)))
