@@ -660,7 +660,7 @@ def threshold_stability(
         drawn = np.zeros(len(ids), dtype=bool)
         drawn[rng.choice(len(ids), count, replace=False)] = True
         level = validation_quantile(values[drawn], quantile)
-        flagged = values[~drawn] < level
+        flagged = values[~drawn] < level  # la_seg.plausibility.disagreement_reasons, for an array
         levels.append(level)
         flagged_share.append(float(flagged.mean()))
         if bad[~drawn].any():
