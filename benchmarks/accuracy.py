@@ -607,6 +607,7 @@ def review_figures(report: dict, plain: dict, calibration: dict | None) -> dict:
     rho, p = spearmanr(
         [agreement[k]["mean_pairwise_dice"] for k in by_dice], [truth[k]["dice"] for k in by_dice]
     )
+    level = report["header"].get("inference", {}).get("review_below")
     return {
         "n": len(agreement),
         "flagged": flagged,
@@ -617,13 +618,13 @@ def review_figures(report: dict, plain: dict, calibration: dict | None) -> dict:
         "beyond_5pct_volume": sorted(beyond),
         "beyond_5pct_flagged": len(set(beyond) & set(flagged)),
         "spearman_agreement_vs_dice": {"rho": float(rho), "p_value": float(p)},
-        "review_below": report["header"].get("inference", {}).get("review_below"),
+        "review_below": level,
         "agreement_by_case": {k: agreement[k]["mean_pairwise_dice"] for k in sorted(agreement)},
         "threshold_stability": threshold_stability(
             {k: a["mean_pairwise_dice"] for k, a in agreement.items()},
             [k for k in agreement if abs(truth[k]["volume_error_pct"]) > VOLUME_LIMIT],
             calibration,
-            report["header"].get("inference", {}).get("review_below"),
+            level,
         ),
     }
 

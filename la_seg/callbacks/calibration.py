@@ -158,10 +158,10 @@ class InferenceCalibration(L.Callback):
                     if evidence
                     else f"as configured: validation shows no evidence against it at p < {self.evidence_p:g}"
                 )
-                low, high = (round(100 * share) for share in how["review_flag_share"])
-                share = f"{low} %" if low == high else f"{low}-{high} %"
                 review_below = f"{chosen['review_below']:.4f}"
                 if how["review_below_by_tta"]:
+                    low, high = (round(100 * share) for share in how["review_flag_share"])
+                    share = f"{low} %" if low == high else f"{low}-{high} %"
                     review_below += (
                         f" (a {self.review_quantile:g} quantile of {len(cases)} cases' agreement: it flags "
                         f"{share} of cases like them on average)"
