@@ -26,7 +26,8 @@ was trained for (`flips` and `rot180` with data.augmentation.hflip and vflip, `g
 range that reaches 0.8 and 1.2: their agreements differ in level, so each has its own threshold,
 `how.review_below_by_tta`, which test / predict take for the `model.tta` they run): a held-out case is
 flagged when its voters agree less than all but that fraction of the validation cases did. `review_below`
-itself is that of the configured model.tta (of `flips` for `none`, which an ensemble's members use); views
+itself is that of the configured model.tta (of `flips` for `none`, which an ensemble's members use), or the
+configured one where the model was not trained for those views (`how.review_below_voters` says which); views
 the model was not trained for get none (they show it slices it never saw, and test / predict refuse them).
 Likewise, with or without voters, `review_expected_dice` is the `review_quantile` quantile of the validation
 cases' expected Dice (la_seg.plausibility.expected_dice) at the chosen setting: a case is flagged when the
@@ -158,14 +159,7 @@ class InferenceCalibration(L.Callback):
                     if evidence
                     else f"as configured: validation shows no evidence against it at p < {self.evidence_p:g}"
                 )
-                review_below = f"{chosen['review_below']:.4f}"
-                if how["review_below_by_tta"]:
-                    low, high = (round(100 * share) for share in how["review_flag_share"])
-                    share = f"{low} %" if low == high else f"{low}-{high} %"
-                    review_below += (
-                        f" (a {self.review_quantile:g} quantile of {len(cases)} cases' agreement: it flags "
-                        f"{share} of cases like them on average)"
-                    )
+                review_below = describe_review_below(chosen["review_below"], how)
                 rank_zero_info(
                     f"calibration on {len(cases)} validation cases: threshold {chosen['threshold']} ({why}), "
                     f"postprocess {chosen['postprocess']}, review_below {review_below}, "
@@ -260,8 +254,8 @@ class InferenceCalibration(L.Callback):
                 for voters, agreement in zip(trained, by_voters, strict=True):
                     agreements[voters].append(agreement["mean_pairwise_dice"])
         by_tta = {v: validation_quantile(a, self.review_quantile) for v, a in agreements.items()}
-        quantile = by_tta.get(tta, by_tta.get("flips"))
-        review_below = quantile if quantile is not None else pl_module.review_below()
+        voters = review_voters(tta, by_tta)
+        review_below = by_tta[voters] if voters is not None else pl_module.review_below()
         doubt = expected[(threshold, post)]
         case_ids = [c.case_id for c in dataset.cases]
         dice = [round(d, 4) for d, _, _ in scores[(threshold, post)]]
@@ -298,10 +292,12 @@ class InferenceCalibration(L.Callback):
                 "model.tta the model was trained for: flips (identity, "
                 "flip X, flip Y, flip XY), rot180 (identity, flip XY), gamma (identity, gamma 0.8, gamma "
                 "1.2); review_below is that of the configured model.tta (flips for none)"
-                if quantile is not None
+                if voters is not None
                 else "kept as configured: the model was not trained for the test-time views of the "
                 "configured model.tta (flips for none), so their agreement says nothing",
                 "review_below_by_tta": by_tta,
+                # whose level review_below is (None: the configured one, the model not trained for them)
+                "review_below_voters": voters,
                 "review_quantile": self.review_quantile,
                 # between which shares of cases like the validation cases a level set so flags, on average
                 "review_flag_share": list(flag_share(len(case_ids), self.review_quantile)),
@@ -409,6 +405,41 @@ def validation_quantile(values: Sequence[float], quantile: float) -> float:
     linear between order statistics (with 6 cases and 0.1: halfway between the lowest two; flag_share says
     what share of cases like them falls below it)."""
     return float(np.quantile(values, quantile))
+
+
+def judging_voters(tta: str) -> str:
+    """The test-time views whose level the stored review_below is: the configured model.tta's, flips' for
+    none (an ensemble's members use that level)."""
+    return "flips" if tta == "none" else tta
+
+
+def review_voters(tta: str, calibrated: dict[str, float]) -> str | None:
+    """judging_voters(tta) where their level was calibrated; None where the model was not trained for those
+    views, so that review_below stays as configured."""
+    voters = judging_voters(tta)
+    return voters if voters in calibrated else None
+
+
+def describe_review_below(review_below: float, how: dict) -> str:
+    """review_below as fit's calibration line states it: whose quantile it is and what share of cases like
+    the validation cases it flags, or that it is the configured level and which model.tta have their own."""
+    text = f"{review_below:.4f}"
+    voters, calibrated = how.get("review_below_voters"), how.get("review_below_by_tta") or {}
+    if voters is not None:
+        low, high = (round(100 * share) for share in how["review_flag_share"])
+        share = f"{low} %" if low == high else f"{low}-{high} %"
+        cases = len(how["validation_cases"])
+        return (
+            f"{text} (a {how['review_quantile']:g} quantile of {cases} cases' agreement under tta {voters}: "
+            f"it flags {share} of cases like them on average)"
+        )
+    if calibrated:
+        others = ", ".join(f"{tta} {level:.4f}" for tta, level in calibrated.items())
+        return (
+            f"{text} (as configured: the model was not trained for tta {judging_voters(how['tta'])}; "
+            f"test / predict with a model.tta it was trained for take that one's level: {others})"
+        )
+    return text
 
 
 def flag_share(cases: int, quantile: float) -> tuple[float, float]:

@@ -13,9 +13,11 @@ from test_cli import TINY  # noqa: I001 (tests/ is on sys.path under pytest)
 from la_seg.callbacks.calibration import (
     InferenceCalibration,
     choose,
+    describe_review_below,
     doubt_level,
     evidence_against,
     flag_share,
+    review_voters,
     trained_for,
     validation_quantile,
 )
@@ -74,7 +76,8 @@ def test_fit_stores_settings_chosen_on_validation_and_test_uses_them(
     shares = flag_share(len(record["how"]["validation_cases"]), 0.1)  # what such a level flags, on average
     assert record["how"]["review_flag_share"] == list(shares)
     line = next(line for line in caplog.text.splitlines() if "calibration on" in line)
-    assert f"quantile of {len(record['how']['validation_cases'])} cases' agreement" in line
+    assert record["how"]["review_below_voters"] == "flips"  # model.tta none: an ensemble's members use it
+    assert f"quantile of {len(record['how']['validation_cases'])} cases' agreement under tta flips" in line
     assert f"flags {round(100 * shares[0])}" in line and "% of cases like them on average" in line
     for tta, levels in agreements.items():  # judged on the voters' masks as delivered
         assert by_tta[tta] == pytest.approx(float(np.quantile(levels, 0.1)))
@@ -222,6 +225,40 @@ def _table(rows):
 def _choose(table, dice_margin=0.01, evidence_p=1.0):
     """The rule as it was before evidence_p (1: every threshold competes) unless evidence_p is given."""
     return choose(table, 0.5, 0.001, dice_margin, 5.0, evidence_p)
+
+
+@pytest.mark.parametrize(
+    ("tta", "calibrated", "voters"),
+    [
+        ("none", {"flips": 0.95, "rot180": 0.97, "gamma": 0.98}, "flips"),  # trained with flips
+        ("rot180", {"flips": 0.95, "rot180": 0.97, "gamma": 0.98}, "rot180"),
+        ("none", {"gamma": 0.98}, None),  # the demo recipe: gamma, no flips
+        ("gamma", {"gamma": 0.98}, "gamma"),
+        ("none", {}, None),  # no augmentation at all
+    ],
+)
+def test_calibration_line_says_whose_level_review_below_is(tta, calibrated, voters):
+    """review_below is a quantile only where the model was trained for the views that judge by it; else the
+    configured level stands, and the line must not call it a quantile."""
+    assert review_voters(tta, calibrated) == voters
+    review_below = calibrated[voters] if voters else 0.9
+    how = {
+        "tta": tta,
+        "review_below_by_tta": calibrated,
+        "review_below_voters": voters,
+        "review_quantile": 0.1,
+        "review_flag_share": list(flag_share(6, 0.1)),
+        "validation_cases": list("abcdef"),
+    }
+    text = describe_review_below(review_below, how)
+    assert text.startswith(f"{review_below:.4f}")
+    assert ("quantile" in text) == (voters is not None)
+    if voters:
+        assert f"under tta {voters}: it flags 14-29 % of cases like them" in text
+    elif calibrated:  # the levels that test / predict would take with a model.tta it was trained for
+        assert "as configured" in text and all(f"{t} {level:.4f}" in text for t, level in calibrated.items())
+    else:
+        assert text == "0.9000"
 
 
 def test_choose_post_processing_first_then_the_threshold_that_gets_the_volumes_right():
