@@ -26,7 +26,7 @@ from la_seg.cli import main
 from la_seg.data.datamodule import LADataModule
 from la_seg.data.transforms import AugmentationConfig
 from la_seg.errors import DataError
-from la_seg.inference import POSTPROCESSING, Ensemble
+from la_seg.inference import POSTPROCESSING, REVIEW_BELOW, Ensemble
 
 
 @pytest.mark.slow
@@ -381,12 +381,14 @@ def test_review_threshold_is_calibrated_only_for_the_views_a_model_was_trained_f
 
 
 @pytest.mark.slow
-def test_calibration_sees_the_images_validation_saw(tmp_path, monkeypatch, synth_root):
+def test_calibration_sees_the_images_validation_saw(tmp_path, monkeypatch, synth_root, caplog):
     """With data.intensity_headroom 1.0 (not the default 1.5) calibration scores the validation volumes
-    normalised, laid out and resized as training and validation had them: one distinct image per case."""
+    normalised, laid out and resized as training and validation had them: one distinct image per case.
+    The demo recipe trains gamma, not flips: review_below stays as configured, and fit's line says so."""
     from la_seg.inference import Ensemble
 
     monkeypatch.chdir(tmp_path)
+    caplog.set_level("INFO")
     seen: dict[bytes, tuple] = {}
     segment = Ensemble.segment_volume
 
@@ -410,6 +412,15 @@ def test_calibration_sees_the_images_validation_saw(tmp_path, monkeypatch, synth
     run = tmp_path / "runs" / "demo" / "version_0"
     record = stored_calibration(torch.load(run / "checkpoints" / "best.ckpt", weights_only=True))
     assert len(record["how"]["validation_cases"]) == len(seen) >= 1
+    how = record["how"]
+    assert set(how["review_below_by_tta"]) == {"gamma"} and how["review_below_voters"] is None
+    assert record["settings"]["review_below"] == REVIEW_BELOW  # the configured level: flips never trained
+    line = next(line for line in caplog.text.splitlines() if "calibration on" in line)
+    assert "quantile of" not in line.split("review_expected_dice")[0]
+    assert (
+        f"review_below {REVIEW_BELOW:.4f} (as configured" in line
+        and f"gamma {how['review_below_by_tta']['gamma']:.4f}" in line
+    )
 
 
 def test_stray_pieces_that_post_processing_removes_do_not_veto_a_threshold(tmp_path, monkeypatch, synth_root):
