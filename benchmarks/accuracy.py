@@ -21,7 +21,7 @@ given several times tests those checkpoints as one ensemble the same way (the re
 seeds). Reports per geometry Dice, HD95 and the signed LA-volume error per case (mean, sd, worst, how many
 within +-5 % and beyond +-15 %), whether the issues' bars are met, how many of the cases flagged for review
 are among the worst, and for every case beyond +-15 % its cause: where its wrong voxels lie (the phantom's
-structures regenerated from its seed), and every case, whatever its volume, whose mask holds a neighbouring
+structures, regenerated from its seed), and every case, whatever its volume, whose mask holds a neighbouring
 chamber or vessel (NEIGHBOUR_LIMIT). Then `la-seg predict`s the held-out set and splits the masks' errors by
 how much of each voxel is LA (the phantoms' partial volume): how many voxels each grid leaves partly LA, how
 often the model is wrong on them, and the Dice a geometry would have at the best geometry's error rates (on
@@ -41,7 +41,9 @@ at most).
     python benchmarks/accuracy.py --causes RESULT.json   # causes re-derived from the run's saved masks
     python benchmarks/accuracy.py --shares RESULT.json   # partly-LA figures re-derived from them
 
-Data and runs stay in --work-dir (default /tmp/la-seg-accuracy) so that later runs reuse the phantoms;
+Data and runs stay in --work-dir (default /tmp/la-seg-accuracy) so that later runs reuse the phantoms
+(only the hearts a run uses are written) and the held-out phantoms' LA shares and structures (`truth/`,
+PhantomTruth: without them scoring regenerates each held-out phantom three times, 35 minutes on 2 cores);
 `--ckpt PATH` evaluates an existing checkpoint without training (several: their ensemble). Progress goes to
 stderr.
 """
@@ -49,20 +51,24 @@ stderr.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import math
 import os
 import sys
 import time
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy
 from scipy.ndimage import distance_transform_edt
 from scipy.stats import spearmanr
 
-from la_seg.atomic import write_json
+from la_seg.atomic import atomic_path, write_json
 from la_seg.callbacks.calibration import InferenceCalibration, validation_quantile
 from la_seg.checkpoints import (
     load_checkpoint,
@@ -71,6 +77,7 @@ from la_seg.checkpoints import (
     training_augmentation,
 )
 from la_seg.cli import main as la_seg
+from la_seg.data import synthetic
 from la_seg.data.io import read_label
 from la_seg.data.synthetic import (
     FAT_CODE,
@@ -207,17 +214,23 @@ def data_folder(training_style: str) -> str:
 
 def make_data(work: Path, args: argparse.Namespace) -> dict[str, list[str]]:
     """Phantoms of every geometry (reused when present): data_folder (train + val, seed 0, --training-style,
-    up to the last heart a geometry uses) and each family's held-out folder (seed 1); the train / val
-    split."""
+    the hearts a geometry uses) and each family's held-out folder (seed 1); the train / val split."""
     split: dict[str, list[str]] = {"train": [], "val": []}
     for j, prefix in enumerate(GEOMETRIES):
         train, val = training_hearts(args, j)
-        last = max([*train, *val])
-        write_phantoms(
-            work / data_folder(args.training_style), prefix, last, 0, args.training_style, args.heart_scale
-        )
+        for hearts in (train, val):
+            write_phantoms(
+                work / data_folder(args.training_style),
+                prefix,
+                hearts,
+                0,
+                args.training_style,
+                args.heart_scale,
+            )
         for folder, style in FAMILIES.values():
-            write_phantoms(work / folder, prefix, args.heldout, HELDOUT_SEED, style, args.heart_scale)
+            write_phantoms(
+                work / folder, prefix, range(1, args.heldout + 1), HELDOUT_SEED, style, args.heart_scale
+            )
         split["train"] += [f"{prefix}_{i}" for i in train]
         split["val"] += [f"{prefix}_{i}" for i in val]
     return split
@@ -248,17 +261,26 @@ def check_heart_scale(labels: list[Path], prefix: str, heart_scale: float) -> No
 
 
 def write_phantoms(
-    root: Path, prefix: str, cases: int, seed: int, style: str | Family, heart_scale: float = 1.0
+    root: Path, prefix: str, hearts: range, seed: int, style: str | Family, heart_scale: float = 1.0
 ) -> None:
-    """Geometry `prefix`'s first `cases` partial-volume phantoms of `seed` and `style` in `root`, unless all
-    are there already."""
+    """Geometry `prefix`'s partial-volume phantoms `hearts` (case numbers, a step-1 range) of `seed` and
+    `style` in `root`, unless all are there already; no others (another geometry's hearts: 20 s each)."""
     shape, spacing, anatomy_fov_mm = phantom_grid(prefix, heart_scale)
-    wanted = [root / f"{prefix}_{i}" / "atriumSegImgMO.nii.gz" for i in range(1, cases + 1)]
+    wanted = [root / f"{prefix}_{i}" / "atriumSegImgMO.nii.gz" for i in hearts]
     check_heart_scale(wanted, prefix, heart_scale)
     if not all(path.is_file() for path in wanted):
-        progress(f"writing {cases} {root.name} phantoms of geometry {prefix} {shape} at {spacing} mm")
+        progress(f"writing {len(hearts)} {root.name} phantoms of geometry {prefix} {shape} at {spacing} mm")
         write_dataset(
-            root, cases, seed, shape, spacing, True, anatomy_fov_mm, prefix=f"{prefix}_", style=style
+            root,
+            len(hearts),
+            seed,
+            shape,
+            spacing,
+            True,
+            anatomy_fov_mm,
+            f"{prefix}_",
+            style=style,
+            first=hearts.start,
         )
 
 
@@ -438,7 +460,61 @@ def predict(work: Path, args: argparse.Namespace, voters: Voters, folder: str) -
     return masks
 
 
-def share_figures(masks: Path, args: argparse.Namespace, style: str) -> dict:
+TRUTH_FOLDER = "truth"  # under work-dir: PhantomTruth's files
+
+
+@dataclass(frozen=True)
+class PhantomTruth:
+    """Each held-out phantom's LA share (synthetic.case_la_fraction) and structures (case_structures),
+    regenerated from its seed and kept in `folder` (None: not kept). Regenerating takes 10-20 s per case and
+    array, about 35 of a run's 45 minutes of scoring on 2 cores; the phantoms are the same in every run of a
+    work dir. A kept file stands only while the generator's source, numpy and scipy are the ones that wrote
+    it; otherwise it is regenerated and replaced."""
+
+    folder: Path | None = None
+
+    @classmethod
+    def of(cls, work: Path) -> PhantomTruth:
+        return cls(work / TRUTH_FOLDER)
+
+    def share(self, case_id: str, style: str, heart_scale: float) -> np.ndarray:
+        """How much of each voxel of held-out case `case_id` is LA (float32, 0..1)."""
+        return self._array("share", case_la_fraction, case_id, style, heart_scale)
+
+    def structures(self, case_id: str, style: str, heart_scale: float) -> np.ndarray:
+        """What lies at each voxel's centre of held-out case `case_id` (synthetic's structure codes)."""
+        return self._array("structures", case_structures, case_id, style, heart_scale)
+
+    def _array(self, kind: str, make: Callable, case_id: str, style: str, heart_scale: float) -> np.ndarray:
+        prefix, index = case_id.split("_")
+        drawn = (HELDOUT_SEED, int(index), *phantom_grid(prefix, heart_scale), style)
+        if self.folder is None:
+            return make(*drawn)
+        path = self.folder / str(style) / f"{kind}_{case_id}_{heart_scale:g}.npz"
+        key = generator_key(drawn)
+        try:
+            with np.load(path) as kept:
+                if str(kept["key"]) == key:
+                    return kept["array"]
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # none yet, or cut short
+            pass
+        array = make(*drawn)
+        with atomic_path(path) as temporary, temporary.open("wb") as file:
+            np.savez_compressed(file, key=np.array(key), array=array)
+        return array
+
+
+def generator_key(drawn: tuple) -> str:
+    """What a regenerated phantom array depends on: its draw (seed, index, grid, style), the generator's
+    source and the numpy and scipy that run it."""
+    source = inspect.getsource(synthetic)
+    parts = [repr(drawn), source, np.__version__, scipy.__version__]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def share_figures(
+    masks: Path, args: argparse.Namespace, style: str, truth: PhantomTruth = PhantomTruth()
+) -> dict:
     """Is a geometry's Dice gap its grid's or the model's? Per geometry: how many voxels the LA's boundary
     leaves partly LA (per LA voxel), the model's error rate on them by LA share (SHARE_BANDS) and its errors
     on whole voxels (% of the LA volume), and the Dice it would have if its partly-LA voxels were as often
@@ -448,16 +524,16 @@ def share_figures(masks: Path, args: argparse.Namespace, style: str) -> dict:
     volume), each as mean and sd over the cases. And what a through-plane stage could recover at most
     (`facing_slice_axis`): the partly-LA voxels whose LA surface faces the slice axis (the share's gradient
     within 45 degrees of it: the roof and floor a slice cuts obliquely), their errors, and the Dice if all of
-    them were right. The held-out phantoms' shares are regenerated from their seed (seconds per case)."""
+    them were right. The held-out phantoms' shares come from `truth`."""
     counts: dict[str, np.ndarray] = {}  # per case: LA voxels, whole FP, whole FN, then (n, wrong) per band
     cuts: dict[str, np.ndarray] = {}  # per case: effective LA-share cut, partly-LA volume error %
     facing: dict[str, np.ndarray] = {}  # per case: facing voxels, FP and FN among them, all FP, all FN
     for prefix in GEOMETRIES:
-        shape, spacing, anatomy_fov_mm = phantom_grid(prefix, args.heart_scale)
+        spacing = phantom_grid(prefix, args.heart_scale)[1]
         progress(f"LA share of every voxel of the {args.heldout} held-out phantoms of geometry {prefix}")
         rows, case_cuts, case_facing = [], [], []
         for i in range(1, args.heldout + 1):
-            share = case_la_fraction(HELDOUT_SEED, i, shape, spacing, anatomy_fov_mm, style)
+            share = truth.share(f"{prefix}_{i}", style, args.heart_scale)
             called = read_label(masks / f"{prefix}_{i}.nii.gz").data > 0
             reference = share >= 0.5
             wrong = called != reference
@@ -538,14 +614,16 @@ def facing_figures(la_voxels: np.ndarray, facing: np.ndarray) -> dict:
     }
 
 
-def wrong_voxels(masks: Path, case_id: str, style: str, heart_scale: float = 1.0) -> dict[str, float]:
+def wrong_voxels(
+    masks: Path, case_id: str, style: str, heart_scale: float = 1.0, truth: PhantomTruth = PhantomTruth()
+) -> dict[str, float]:
     """Where a predicted mask is wrong, as % of the reference LA volume: each structure called LA (the
-    phantom's structure at each voxel's centre, regenerated from its seed), the LA missed, and of that the
+    phantom's structure at each voxel's centre, from `truth`), the LA missed, and of that the
     LA missed within RIM_MM of the LA's boundary (a boundary drawn inside the LA rather than a part lost)."""
     prefix, index = case_id.split("_")
-    shape, spacing, anatomy_fov_mm = phantom_grid(prefix, heart_scale)
-    share = case_la_fraction(HELDOUT_SEED, int(index), shape, spacing, anatomy_fov_mm, style)
-    structures = case_structures(HELDOUT_SEED, int(index), shape, spacing, anatomy_fov_mm, style)
+    spacing = phantom_grid(case_id.split("_")[0], heart_scale)[1]
+    share = truth.share(case_id, style, heart_scale)
+    structures = truth.structures(case_id, style, heart_scale)
     called, reference = read_label(masks / f"{case_id}.nii.gz").data > 0, share >= 0.5
     la_voxels = int(reference.sum())
     wrong = {
@@ -559,7 +637,13 @@ def wrong_voxels(masks: Path, case_id: str, style: str, heart_scale: float = 1.0
     return wrong
 
 
-def causes(masks: Path, cases: list[dict], style: str, heart_scale: float = 1.0) -> dict[str, list[dict]]:
+def causes(
+    masks: Path,
+    cases: list[dict],
+    style: str,
+    heart_scale: float = 1.0,
+    truth: PhantomTruth = PhantomTruth(),
+) -> dict[str, list[dict]]:
     """Every held-out case's wrong voxels (`wrong_voxels`), read for two lists. `beyond_15pct`: each case
     whose LA volume is off by more than VOLUME_LIMIT %, with its cause, the largest share on the side of the
     error: what was called LA for too large a volume, LA missed for too small a one. `neighbour_called_la`:
@@ -568,7 +652,7 @@ def causes(masks: Path, cases: list[dict], style: str, heart_scale: float = 1.0)
     the mask wrong), with those neighbours."""
     beyond, neighbours = [], []
     for case in cases:
-        wrong = wrong_voxels(masks, case["case_id"], style, heart_scale)
+        wrong = wrong_voxels(masks, case["case_id"], style, heart_scale, truth)
         kept = {name: round(wrong[name], 1) for name in POOL_NAMES if wrong[name] >= NEIGHBOUR_LIMIT}
         if kept:
             neighbours.append({**case, "neighbours_pct_of_la": kept})
@@ -831,22 +915,22 @@ def evaluate_family(
         except DataError as refused:
             progress(f"no review flags: {refused}")
             review = {"note": f"no review flags: {refused}"}
-    masks = predict(work, args, voters, folder)
+    masks, truth = predict(work, args, voters, folder), PhantomTruth.of(work)
     figures = {
         "style": style,
         **plain,
-        "partial_volume": share_figures(masks, args, style),
+        "partial_volume": share_figures(masks, args, style, truth),
         "review": review,
         "members_alone": alone,
     }
-    add_causes(figures, masks, args.heart_scale)
+    add_causes(figures, masks, args.heart_scale, truth)
     figures["doubt"] = doubt_figures(report, figures)
     return figures
 
 
-def add_causes(figures: dict, masks: Path, heart_scale: float) -> None:
+def add_causes(figures: dict, masks: Path, heart_scale: float, truth: PhantomTruth) -> None:
     """A family's `causes` from `la-seg predict`'s masks, into its figures and its bar."""
-    found = causes(masks, figures["cases"], figures["style"], heart_scale)
+    found = causes(masks, figures["cases"], figures["style"], heart_scale, truth)
     figures.update(found)
     figures["done_when"]["neighbour_called_la"] = len(found["neighbour_called_la"])
 
@@ -857,8 +941,8 @@ def recause(path: Path) -> None:
     results written before a rule changed. A family whose phantoms the generator no longer draws (their
     structures would be other hearts') is left as written."""
     result = json.loads(path.read_text())
-    runs = Path(result["reports"]) if "reports" in result else run_folder(Path(result["checkpoint"]))
-    work = next(p.parent for p in runs.parents if p.name == "runs")  # work-dir/runs/NAME/version_N
+    work = work_dir_of(result)
+    truth = PhantomTruth.of(work)
     heart_scale = result.get("settings", {}).get("heart_scale", 1.0)  # 1 before round 21
     for family, figures in result["families"].items():
         folder = FAMILIES[family][0]
@@ -868,14 +952,20 @@ def recause(path: Path) -> None:
         changed = [
             c["case_id"]
             for c in figures["cases"]
-            if not drawn_as_now(work / folder, c, figures["style"], heart_scale)
+            if not drawn_as_now(work / folder, c, figures["style"], heart_scale, truth)
         ]
         if changed:
             progress(f"{family}: left as written: {changed[0]} is not what {figures['style']!r} draws now")
             continue
         progress(f"{family}: causes from {masks}")
-        add_causes(figures, masks, heart_scale)
+        add_causes(figures, masks, heart_scale, truth)
     write_json(path, result)
+
+
+def work_dir_of(result: dict) -> Path:
+    """The work dir of a result file's run (work-dir/runs/NAME/version_N)."""
+    runs = Path(result["reports"]) if "reports" in result else run_folder(Path(result["checkpoint"]))
+    return next(p.parent for p in runs.parents if p.name == "runs")
 
 
 def reshare(path: Path) -> None:
@@ -886,20 +976,19 @@ def reshare(path: Path) -> None:
     args = argparse.Namespace(
         heldout=settings["heldout_per_geometry"], heart_scale=settings.get("heart_scale", 1.0)
     )
+    truth = PhantomTruth.of(work_dir_of(result))
     for family, figures in result["families"].items():
         masks = Path(figures["partial_volume"]["masks"])
         if not masks.is_dir():
             raise SystemExit(f"{path}: the {family} masks its run saved are gone: {masks}")
         progress(f"{family}: partly-LA figures from {masks}")
-        figures["partial_volume"] = share_figures(masks, args, figures["style"])
+        figures["partial_volume"] = share_figures(masks, args, figures["style"], truth)
     write_json(path, result)
 
 
-def drawn_as_now(phantoms: Path, case: dict, style: str, heart_scale: float) -> bool:
+def drawn_as_now(phantoms: Path, case: dict, style: str, heart_scale: float, truth: PhantomTruth) -> bool:
     """Whether a run's phantom on disk has the LA that its style draws now."""
-    prefix, index = case["case_id"].split("_")
-    shape, spacing, anatomy_fov_mm = phantom_grid(prefix, heart_scale)
-    share = case_la_fraction(HELDOUT_SEED, int(index), shape, spacing, anatomy_fov_mm, style)
+    share = truth.share(case["case_id"], style, heart_scale)
     label = read_label(phantoms / case["case_id"] / "atriumSegImgMO.nii.gz").data
     return np.array_equal(label > 0, share >= 0.5)
 

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
         folder = variant_folder(work, index)
         for prefix in accuracy.GEOMETRIES:
             accuracy.write_phantoms(
-                folder, prefix, args.cases, accuracy.HELDOUT_SEED, family, args.heart_scale
+                folder, prefix, range(1, args.cases + 1), accuracy.HELDOUT_SEED, family, args.heart_scale
             )
         voters = accuracy.Voters.of([args.ckpt], work, test_args.name)
         report = accuracy.test(work, test_args, voters, [*data, "--data.test_root", str(folder)], [])

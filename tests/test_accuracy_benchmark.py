@@ -173,9 +173,10 @@ def test_facing_slice_axis_counts_the_roof_and_floor_a_through_plane_stage_could
         )
 
 
-def test_shares_are_re_derived_from_a_runs_saved_masks(accuracy, tmp_path):
+def test_shares_are_re_derived_from_a_runs_saved_masks(accuracy, tmp_path, monkeypatch):
     """`--shares`: a result file written before a partly-LA figure existed gets every family's figures again
-    from the masks its run saved, the same as a new run's, and keeps the rest."""
+    from the masks its run saved, the same as a new run's, and keeps the rest; the phantoms' shares it
+    regenerated stay in the run's work dir, so that a second rewrite regenerates nothing."""
     families = {}
     for family, (folder, style) in accuracy.FAMILIES.items():
         masks = tmp_path / f"{folder}_masks"
@@ -187,8 +188,19 @@ def test_shares_are_re_derived_from_a_runs_saved_masks(accuracy, tmp_path):
             )
         families[family] = {"style": style, "partial_volume": {"masks": str(masks)}, "overall": "kept"}
     result_file = tmp_path / "result.json"
-    result_file.write_text(json.dumps({"families": families, "settings": {"heldout_per_geometry": 1}}))
+    reports = tmp_path / "work" / "runs" / "x" / "version_0"
+    document = {"families": families, "settings": {"heldout_per_geometry": 1}, "reports": str(reports)}
+    result_file.write_text(json.dumps(document))
     accuracy.reshare(result_file)
+    first = json.loads(result_file.read_text())
+    kept = sorted(p.relative_to(tmp_path / "work") for p in (tmp_path / "work").rglob("*.npz"))
+    styles = [style for _, style in accuracy.FAMILIES.values()]
+    names = [Path("truth", style, f"share_{g}_1_1.npz") for style in styles for g in accuracy.GEOMETRIES]
+    assert kept == sorted(names)
+    monkeypatch.setattr(accuracy, "case_la_fraction", None)  # a second rewrite that regenerated would fail
+    accuracy.reshare(result_file)
+    assert json.loads(result_file.read_text()) == first
+    monkeypatch.undo()
     result = json.loads(result_file.read_text())
     args = argparse.Namespace(heldout=1, heart_scale=1.0)
     for family, figures in result["families"].items():
@@ -199,6 +211,37 @@ def test_shares_are_re_derived_from_a_runs_saved_masks(accuracy, tmp_path):
     shutil.rmtree(tmp_path / "test-varied_masks")
     with pytest.raises(SystemExit, match="masks its run saved are gone"):
         accuracy.reshare(result_file)
+
+
+def test_phantom_truth_is_the_generators_and_is_drawn_again_when_it_changed(accuracy, tmp_path, monkeypatch):
+    """A kept share or structures array is the generator's, per style and heart size; it is drawn again when
+    the generator (its source, numpy, scipy) is not the one that wrote it, or when its file was cut short."""
+    truth = accuracy.PhantomTruth.of(tmp_path)
+    for style in ("varied", "heldout"):
+        for scale in (1.0, 1.5):
+            drawn = (accuracy.HELDOUT_SEED, 2, *accuracy.phantom_grid("C", scale), style)
+            share, structures = truth.share("C_2", style, scale), truth.structures("C_2", style, scale)
+            assert np.array_equal(share, case_la_fraction(*drawn)) and share.dtype == np.float32
+            assert np.array_equal(structures, synthetic.case_structures(*drawn))
+    assert len(list(tmp_path.rglob("*.npz"))) == 8
+    calls = []
+
+    def counted(*drawn):
+        calls.append(drawn)
+        return case_la_fraction(*drawn)
+
+    monkeypatch.setattr(accuracy, "case_la_fraction", counted)
+    before = truth.share("C_2", "heldout", 1.0)
+    assert calls == []
+    monkeypatch.setattr(accuracy, "generator_key", lambda drawn: "another generator")
+    assert np.array_equal(truth.share("C_2", "heldout", 1.0), before) and len(calls) == 1
+    assert truth.share("C_2", "heldout", 1.0) is not None and len(calls) == 1  # the new key was kept
+    kept = tmp_path / "truth" / "heldout" / "share_C_2_1.npz"
+    kept.write_bytes(kept.read_bytes()[:100])
+    assert np.array_equal(truth.share("C_2", "heldout", 1.0), before) and len(calls) == 2
+    assert not list(tmp_path.rglob("*la-seg-tmp"))  # written whole or not at all
+    assert np.array_equal(accuracy.PhantomTruth().share("C_2", "heldout", 1.0), before)  # none kept
+    assert len(list(tmp_path.rglob("*.npz"))) == 8
 
 
 def _heart_c(accuracy, style, index):
@@ -285,7 +328,7 @@ def test_causes_are_re_derived_from_a_runs_saved_masks_unless_its_phantoms_chang
     ckpt.touch()
     families = {}
     for family, (folder, style) in accuracy.FAMILIES.items():
-        accuracy.write_phantoms(work / folder, "C", 1, accuracy.HELDOUT_SEED, style)
+        accuracy.write_phantoms(work / folder, "C", range(1, 2), accuracy.HELDOUT_SEED, style)
         masks = ckpt.parent.parent / f"{folder}_masks_20261204-000000"
         masks.mkdir()
         label = nib.load(work / folder / "C_1" / "atriumSegImgMO.nii.gz")
@@ -482,8 +525,8 @@ def test_distinct_hearts_give_every_training_and_validation_case_a_heart_of_its_
     accuracy, monkeypatch, tmp_path
 ):
     """By default case i of every geometry is heart i (phantom i of seed 0); --distinct-hearts keeps the
-    cases per geometry and the held-out sets but draws no heart twice, writing each geometry's phantoms up
-    to the last heart it uses."""
+    cases per geometry and the held-out sets but draws no heart twice, writing each geometry's phantoms of
+    the hearts it uses and no others."""
     written = []
     monkeypatch.setattr(accuracy, "write_phantoms", lambda root, *args: written.append((root.name, *args)))
     sizes = ["--train", "3", "--val", "2", "--heldout", "4", "--work-dir", str(tmp_path)]
@@ -501,16 +544,15 @@ def test_distinct_hearts_give_every_training_and_validation_case_a_heart_of_its_
         assert [c[0] for c in distinct[part]] == [c[0] for c in shared[part]]
     every = hearts(distinct["train"] + distinct["val"])
     assert len(set(every)) == len(every) == 15
-    data = {
-        prefix: cases for folder, prefix, cases, seed, *_ in written if folder == "data-varied" and seed == 0
-    }
-    assert data == {
-        g: max(hearts(c for c in distinct["train"] + distinct["val"] if c[0] == g)) for g in "ABC"
-    }
+    data = {g: [] for g in "ABC"}
+    for folder, prefix, cases, seed, *_ in written:
+        if folder == "data-varied" and seed == 0:
+            data[prefix] += cases
+    assert data == {g: hearts(c for c in distinct["train"] + distinct["val"] if c[0] == g) for g in "ABC"}
     assert [w for w in written if w[0] != "data-varied"] == [
         w for w in shared_written if w[0] != "data-varied"
     ]
-    assert {w[2] for w in shared_written if w[0] == "data-varied"} == {5}
+    assert {tuple(w[2]) for w in shared_written if w[0] == "data-varied"} == {(1, 2, 3), (4, 5)}
     with pytest.raises(SystemExit):
         accuracy.parse_args(["--folds", "2", "--distinct-hearts"])
 
@@ -531,13 +573,13 @@ def test_heart_scale_grows_the_heart_and_every_field_of_view_and_refuses_phantom
     volumes = {}
     for scale in (1.0, 1.5):
         root = tmp_path / f"scale{scale}"
-        accuracy.write_phantoms(root, "C", 1, accuracy.HELDOUT_SEED, "varied", scale)
+        accuracy.write_phantoms(root, "C", range(1, 2), accuracy.HELDOUT_SEED, "varied", scale)
         label = nib.load(root / "C_1" / "atriumSegImgMO.nii.gz")
         assert label.shape == accuracy.phantom_grid("C", scale)[0]
         volumes[scale] = (np.asarray(label.dataobj) > 0).sum()
     assert 2.5 < volumes[1.5] / volumes[1.0] < 4.5  # 1.5^3 = 3.4, up to the grid's rounding of a 4 mm slab
     with pytest.raises(SystemExit, match="C_1.*another --heart-scale"):
-        accuracy.write_phantoms(tmp_path / "scale1.5", "C", 2, accuracy.HELDOUT_SEED, "varied", 1.0)
+        accuracy.write_phantoms(tmp_path / "scale1.5", "C", range(1, 3), accuracy.HELDOUT_SEED, "varied", 1.0)
     assert not (tmp_path / "scale1.5" / "C_2").exists()
     written = []
     monkeypatch.setattr(accuracy, "write_phantoms", lambda root, *args: written.append(args))
@@ -559,7 +601,7 @@ def test_heldout_factors_draws_its_variants_at_the_runs_heart_size(load_benchmar
     accuracy = factors.accuracy
     (tmp_path / "split.json").write_text("{}")
     for prefix in accuracy.GEOMETRIES:
-        accuracy.write_phantoms(tmp_path / "data-varied", prefix, 1, 0, "varied", 1.0)
+        accuracy.write_phantoms(tmp_path / "data-varied", prefix, range(1, 2), 0, "varied", 1.0)
     args = factors.parse_args(["--ckpt", str(tmp_path / "best.ckpt"), "--work-dir", str(tmp_path)])
     assert args.heart_scale == accuracy.parse_args([]).heart_scale == 1.5
     with pytest.raises(SystemExit, match="A_1.*another --heart-scale"):

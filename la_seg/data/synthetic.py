@@ -474,10 +474,12 @@ def write_dataset(
     prefix: str = "train_",
     scar: float | None = None,
     style: str | Family = "classic",
+    first: int = 1,
 ) -> list[Path]:
     """Write `cases` phantoms as out/train_1..train_N/{enhanced,atriumSegImgMO}.nii.gz and return the folders.
 
-    Case i depends only on (seed, i) (`_case_rng`), so a larger data set extends a smaller one. Each case
+    Case i depends only on (seed, i) (`_case_rng`), so a larger data set extends a smaller one, and `first`
+    (the first case's i) writes cases of a data set without the ones before them. Each case
     folder appears complete (written beside, then renamed). Existing non-empty case folders are kept when they
     hold what these settings give (an interrupted run rerun, or more cases) and refused otherwise, rather
     than overwritten. `partial_volume`, `anatomy_fov_mm`, `scar` and `style`: see synthesize_case
@@ -487,9 +489,11 @@ def write_dataset(
     out = Path(out)
     if cases < 1:
         raise DataError(f"number of synthetic cases must be at least 1, got {cases}")
+    if first < 1:
+        raise DataError(f"the first synthetic case's number must be at least 1, got {first}")
     shape, spacing = _check_grid(shape, spacing)
     draw_physics(np.random.default_rng(0), style)  # an unknown style refused before anything is made
-    folders = [out / f"{prefix}{i}" for i in range(1, cases + 1)]
+    folders = [out / f"{prefix}{i}" for i in range(first, first + cases)]
     settings = (shape, spacing, partial_volume, anatomy_fov_mm, scar, style)
 
     def make(i: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
@@ -499,7 +503,7 @@ def write_dataset(
         return (case.image, label), grid_affine(shape, spacing, case.physics.grid_angle_deg)
 
     made = {}
-    for i, folder in enumerate(folders, start=1):  # checked before anything is written
+    for i, folder in enumerate(folders, start=first):  # checked before anything is written
         if folder.is_dir() and any(folder.iterdir()):
             made[i] = make(i)
             if not _holds(folder, *made[i]):
@@ -507,7 +511,7 @@ def write_dataset(
                     f"refusing to overwrite the non-empty case folder {folder}: it holds other data than "
                     "these settings give"
                 )
-    for i, folder in enumerate(folders, start=1):
+    for i, folder in enumerate(folders, start=first):
         if i in made:
             continue  # complete (renamed into place whole) and of these settings
         (image, label), affine = make(i)

@@ -76,6 +76,11 @@ def test_case_depends_on_seed_and_index_only(tmp_path):
     two = _files(write_dataset(tmp_path / "a", cases=2, seed=3, shape=SMALL))
     three = _files(write_dataset(tmp_path / "b", cases=3, seed=3, shape=SMALL))
     assert {k: v for k, v in three.items() if not k.startswith("train_3/")} == two
+    later = _files(write_dataset(tmp_path / "c", cases=2, seed=3, shape=SMALL, first=2))  # without case 1
+    assert later == {k: v for k, v in three.items() if not k.startswith("train_1/")}
+    with pytest.raises(DataError, match="first synthetic case's number must be at least 1, got 0"):
+        write_dataset(tmp_path / "d", cases=1, seed=3, shape=SMALL, first=0)
+    assert not (tmp_path / "d").exists()
 
 
 def test_la_pose_and_size_vary():
