@@ -43,7 +43,7 @@ at most).
 
 Data and runs stay in --work-dir (default /tmp/la-seg-accuracy) so that later runs reuse the phantoms
 (only the hearts a run uses are written) and the held-out phantoms' LA shares and structures (`truth/`,
-PhantomTruth: without them scoring regenerates each held-out phantom three times, 35 minutes on 2 cores);
+PhantomTruth: regenerating them took 9 of a run's 14 minutes of scoring on 2 cores);
 `--ckpt PATH` evaluates an existing checkpoint without training (several: their ensemble). Progress goes to
 stderr.
 """
@@ -466,10 +466,10 @@ TRUTH_FOLDER = "truth"  # under work-dir: PhantomTruth's files
 @dataclass(frozen=True)
 class PhantomTruth:
     """Each held-out phantom's LA share (synthetic.case_la_fraction) and structures (case_structures),
-    regenerated from its seed and kept in `folder` (None: not kept). Regenerating takes 10-20 s per case and
-    array, about 35 of a run's 45 minutes of scoring on 2 cores; the phantoms are the same in every run of a
-    work dir. A kept file stands only while the generator's source, numpy and scipy are the ones that wrote
-    it; otherwise it is regenerated and replaced."""
+    regenerated from its seed and kept in `folder` (None: not kept). Regenerating took about 9 of a run's
+    14 minutes of scoring on 2 cores (benchmarks/README.md, round 31), and the phantoms are the same in every
+    run of a work dir. A kept file stands only while the generator's source, numpy and scipy are the ones
+    that wrote it; otherwise it is regenerated and replaced."""
 
     folder: Path | None = None
 
