@@ -51,6 +51,7 @@ stderr.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import inspect
 import json
@@ -505,10 +506,15 @@ class PhantomTruth:
 
 
 def generator_key(drawn: tuple) -> str:
-    """What a regenerated phantom array depends on: its draw (seed, index, grid, style), the generator's
-    source and the numpy and scipy that run it."""
-    source = inspect.getsource(synthetic)
-    parts = [repr(drawn), source, np.__version__, scipy.__version__]
+    """What a regenerated phantom array depends on: its draw (seed, index, grid, style) and the generator
+    (generator_version)."""
+    return hashlib.sha256(f"{drawn!r}\n{generator_version()}".encode()).hexdigest()
+
+
+@functools.cache
+def generator_version() -> str:
+    """The generator's source and the numpy and scipy that run it, as one digest (read once per process)."""
+    parts = [inspect.getsource(synthetic), np.__version__, scipy.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -620,7 +626,6 @@ def wrong_voxels(
     """Where a predicted mask is wrong, as % of the reference LA volume: each structure called LA (the
     phantom's structure at each voxel's centre, from `truth`), the LA missed, and of that the
     LA missed within RIM_MM of the LA's boundary (a boundary drawn inside the LA rather than a part lost)."""
-    prefix, index = case_id.split("_")
     spacing = phantom_grid(case_id.split("_")[0], heart_scale)[1]
     share = truth.share(case_id, style, heart_scale)
     structures = truth.structures(case_id, style, heart_scale)
@@ -970,7 +975,7 @@ def work_dir_of(result: dict) -> Path:
 
 def reshare(path: Path) -> None:
     """Rewrite a result file's `share_figures` from the masks its run saved: for results written before a
-    figure was added (the phantoms' shares are regenerated from their seed, at the run's heart scale)."""
+    figure was added (the phantoms' shares from the run's work dir, PhantomTruth, at its heart scale)."""
     result = json.loads(path.read_text())
     settings = result["settings"]
     args = argparse.Namespace(
