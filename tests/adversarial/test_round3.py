@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -271,20 +270,53 @@ def test_a_config_alias_bomb_is_bounded(levels, la_seg, tmp_path, synth_root):
 
 
 # ---- interrupts: Ctrl-C like SIGTERM ---------------------------------------------------------------------
-def interrupted(argv: list[str], cwd: Path, started: Callable[[], bool]) -> Result:
-    """Run `la-seg ARGV` as a process and send it SIGINT (Ctrl-C) once `started()` holds."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# `la-seg` that pauses once `module.function` has returned AFTER times (LA_SEG_TEST_PAUSE holds "module
+# function AFTER marker"): it writes the marker file and waits there, so Ctrl-C lands mid-run on any machine,
+# however loaded (polling its output for progress once raced a run that finished first on two busy cores).
+PAUSING = """
+import importlib, os, time
+from pathlib import Path
+from la_seg.cli import main
+
+module_name, function, after, marker = os.environ["LA_SEG_TEST_PAUSE"].split()
+module = importlib.import_module(module_name)
+real, calls = getattr(module, function), []
+
+def pausing(*args, **kwargs):
+    result = real(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == int(after):
+        Path(marker).write_text(str(os.getpid()))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+    return result
+
+setattr(module, function, pausing)
+main()
+"""
+
+
+def interrupted(argv: list[str], cwd: Path, pause_after: tuple[str, str, int]) -> Result:
+    """Run `la-seg ARGV` as a process and send it SIGINT (Ctrl-C) where it pauses: once the function named by
+    PAUSE_AFTER (module, function, calls) has returned that many times."""
+    marker, script = cwd / "paused", cwd / "pausing.py"
+    script.write_text(PAUSING)
+    module, function, after = pause_after
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "LA_SEG_TEST_PAUSE": f"{module} {function} {after} {marker}"}  # fmt: skip
     env.pop("LA_SEG_DEBUG", None)
     # Ctrl-C as at a terminal, whose foreground command has SIGINT's default action even where this test
     # runs from a background job (which ignores SIGINT, and so would its children)
     default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    process = subprocess.Popen([sys.executable, "-m", "la_seg.cli", *map(str, argv)], cwd=cwd, env=env,
+    process = subprocess.Popen([sys.executable, str(script), *map(str, argv)], cwd=cwd, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=default_sigint)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while not started() and process.poll() is None and time.monotonic() < deadline:
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert marker.exists(), f"la-seg {argv[0]} never paused after {after} call(s) of {module}.{function}"
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=300)
     finally:
@@ -303,7 +335,9 @@ def stopped_by_sigint(result: Result) -> None:
 def test_ctrl_c_during_synth_then_a_rerun_completes(tmp_path):
     out = tmp_path / "out"
     synth = ["synth", "--out", out, "--cases", RACE_CASES]
-    stopped_by_sigint(interrupted(synth, tmp_path, lambda: (out / "train_2").exists()))
+    # after case 1 and case 2's image: Ctrl-C lands with a half-written case in its staging folder
+    stopped_by_sigint(interrupted(synth, tmp_path, ("la_seg.data.synthetic", "write_nifti", 3)))
+    assert (out / "train_1").is_dir() and not (out / "train_2").exists()
     assert not list(out.glob(".*partial")) and not (out / ".la-seg.lock").exists()
     rerun = la_seg_subprocess(synth, tmp_path)
     assert rerun.code == 0, rerun.err[-3000:]
@@ -315,7 +349,7 @@ def test_ctrl_c_during_synth_then_a_rerun_completes(tmp_path):
 def test_ctrl_c_during_export_then_a_rerun_completes(tmp_path, race_root):
     out = tmp_path / "raw"
     export = ["export-nnunet", "--data.root", race_root, "--out", out]
-    stopped_by_sigint(interrupted(export, tmp_path, lambda: any(out.glob(".Dataset501_LA.*/labelsTr/*"))))
+    stopped_by_sigint(interrupted(export, tmp_path, ("la_seg.nnunet", "write_case", 1)))
     assert not out.exists() or not list(out.iterdir()), "no staging folder, lock or partial export left"
     rerun = la_seg_subprocess(export, tmp_path)
     assert rerun.code == 0, rerun.err[-3000:]
