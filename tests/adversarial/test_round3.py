@@ -58,6 +58,13 @@ main()
 """
 
 
+def wait_for_file(path: Path, process: subprocess.Popen) -> None:
+    """Wait (up to 300 s) until the hooked la-seg PROCESS writes PATH, or ends without it."""
+    deadline = time.monotonic() + 300
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def second_while_first_holds(argv_a: list[str], argv_b: list[str], cwd: Path) -> list[tuple[int, Result]]:
     """Run `la-seg ARGV_A` and, while it holds its output folder, `la-seg ARGV_B`; (pid, result) of each."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -71,9 +78,7 @@ def second_while_first_holds(argv_a: list[str], argv_b: list[str], cwd: Path) ->
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
 
     first = start(argv_a, LA_SEG_TEST_HELD=str(held))
-    deadline = time.monotonic() + 300
-    while not held.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_file(held, first)
     second = start(argv_b)
     out, err = second.communicate(timeout=600)
     held.with_suffix(".release").touch()
@@ -313,9 +318,7 @@ def interrupted(argv: list[str], cwd: Path, pause_after: tuple[str, str, int]) -
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=default_sigint)  # fmt: skip
     try:
-        deadline = time.monotonic() + 300
-        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_file(marker, process)
         assert marker.exists(), f"la-seg {argv[0]} never paused after {after} call(s) of {module}.{function}"
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=300)
