@@ -620,3 +620,22 @@ def test_heldout_factors_draws_its_variants_at_the_runs_heart_size(load_benchmar
     assert result["heart_scale"] == 1.0
     with pytest.raises(SystemExit):
         factors.parse_args(["--ckpt", "x", "--heart-scale", "0"])
+
+
+def test_the_wide_training_style_is_the_training_familys_hearts_with_three_ranges_widened(accuracy):
+    """`--training-style wide` changes neighbours, warp and noise and nothing else: its case k is the training
+    family's case k (the same draws) wherever the three do not enter, and the held-out setting's ranges of the
+    three lie inside its own, while the held-out setting's veins stay unseen."""
+    wide = accuracy.TRAINING_STYLES["wide"]
+    widened = {"pull_mm", "warp_mm", "noise"}
+    for name in widened:
+        low, high = getattr(wide, name)
+        held = getattr(synthetic.HELDOUT, name)
+        assert low <= held[0] and held[1] <= high and (low, high) != getattr(synthetic.VARIED, name)
+    assert synthetic.HELDOUT.veins[0] not in wide.veins
+    for k in range(1, 5):
+        drawn, varied = synthetic.case_physics(0, k, wide), synthetic.case_physics(0, k, "varied")
+        same = {f.name for f in dataclasses.fields(drawn)} - widened
+        assert all(getattr(drawn, name) == getattr(varied, name) for name in same)
+        assert drawn.pull_mm >= varied.pull_mm and drawn.warp_mm >= varied.warp_mm
+    assert accuracy.parse_args(["--training-style", "wide"]).training_style == "wide"
